@@ -12,8 +12,9 @@ src_tar=$(ls /usr/src/linux-source-6.1.tar.* 2>/dev/null | head -1)
 src_ver=$(dpkg-query -W -f='${Version}' linux-source-6.1)
 key=$( (cat "$frag"; echo "$src_ver"; cat "$0") | sha256sum | cut -c1-16)
 out=$cache/kernel/$key
+link_current() { ln -sfn "$key" "$cache/kernel/current"; }
 if [ -f "$out/bzImage" ] && [ -f "$out/vmlinux" ]; then
-  echo "$out"; exit 0
+  link_current; echo "$out"; exit 0
 fi
 mkdir -p "$cache/kernel"
 work=$(mktemp -d "$cache/kernel/.build-$key.XXXXXX")
@@ -36,4 +37,5 @@ cp arch/x86/boot/bzImage vmlinux .config "$work/out/"
 mv .config "$work/out/config"
 rm -rf "$out"
 mv "$work/out" "$out"
+link_current
 echo "$out"

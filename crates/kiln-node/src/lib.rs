@@ -1,1 +1,8 @@
-//! placeholder
+//! The node agent: everything Kiln does on one host. Sandbox lifecycle over a
+//! `kiln_vmm::VmmDriver`, the state directory, and the host side of the guest
+//! agent protocol (`agent`).
+//!
+//! Must not depend on the server or CLI crates.
+#![forbid(unsafe_code)]
+
+pub mod agent;
