@@ -6,3 +6,5 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod paths;
+pub mod store;

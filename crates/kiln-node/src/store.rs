@@ -1,0 +1,326 @@
+//! Sandbox records in the state directory.
+//!
+//! Each sandbox has a directory `<state>/sandboxes/<id>/` holding
+//! `record.json` (written atomically: temp file, fsync, rename), its logs,
+//! its writable disk and the sockets of its VMM and supervisor. Whatever a
+//! `kiln` process acknowledged to its user is in a record before it says so.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::paths::Dirs;
+
+/// What a user asked for when creating a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// The image reference as the user gave it.
+    pub image: String,
+    /// Manifest digest of the image.
+    pub image_digest: String,
+    /// The image's read-only ext4 disk.
+    pub image_disk: PathBuf,
+    /// The command (after applying ENTRYPOINT/CMD).
+    pub argv: Vec<String>,
+    /// The whole environment, `K=V`.
+    pub env: Vec<String>,
+    pub cwd: Option<String>,
+    pub user: Option<String>,
+    pub tty: bool,
+    /// Keep the main process's stdin open for attach.
+    pub stdin: bool,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Size of the writable disk.
+    pub disk_mib: u32,
+    /// Seconds the main process may run; `None` = no limit.
+    pub timeout_secs: Option<u64>,
+    /// `auto`, `qemu` or `firecracker`.
+    pub driver: String,
+    /// Remove everything once the main process has exited and its status
+    /// was collected.
+    pub auto_remove: bool,
+}
+
+/// Where a sandbox is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum SandboxState {
+    /// The supervisor is booting the VM.
+    Creating,
+    /// The main process runs.
+    Running { main_pid: u32 },
+    /// The VM is paused.
+    Paused { main_pid: u32 },
+    /// The main process ended; the VM is gone.
+    Exited {
+        exit_code: i32,
+        signal: Option<i32>,
+        finished_at: u64,
+    },
+    /// The sandbox could not start, or its VM died.
+    Failed { error: String, exit_code: i32 },
+}
+
+impl SandboxState {
+    pub fn is_finished(&self) -> bool {
+        matches!(self, SandboxState::Exited { .. } | SandboxState::Failed { .. })
+    }
+
+    /// Short human label for `kiln ps`.
+    pub fn label(&self) -> String {
+        match self {
+            SandboxState::Creating => "creating".into(),
+            SandboxState::Running { .. } => "running".into(),
+            SandboxState::Paused { .. } => "paused".into(),
+            SandboxState::Exited { exit_code, .. } => format!("exited ({exit_code})"),
+            SandboxState::Failed { exit_code, .. } => format!("failed ({exit_code})"),
+        }
+    }
+}
+
+/// Everything Kiln knows about one sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub created_at: u64,
+    pub spec: SandboxSpec,
+    pub state: SandboxState,
+    /// The supervisor process (`kiln shim`), while it runs.
+    pub shim_pid: Option<u32>,
+    /// The VMM, as its driver recorded it.
+    pub vm: Option<serde_json::Value>,
+    /// Which driver runs it and why.
+    #[serde(default)]
+    pub driver: Option<String>,
+}
+
+/// Reading or writing the state directory failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no sandbox matches {0:?}")]
+    NotFound(String),
+    #[error("{prefix:?} matches several sandboxes: {matches:?}")]
+    Ambiguous { prefix: String, matches: Vec<String> },
+    #[error("cannot access {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("record {path} is corrupt")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A new random sandbox ID: 16 lower-case hex digits.
+pub fn new_id() -> String {
+    let mut b = [0u8; 8];
+    rand::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The sandboxes of one state directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dirs: Dirs,
+}
+
+impl Store {
+    pub fn new(dirs: Dirs) -> Store {
+        Store { dirs }
+    }
+
+    pub fn dirs(&self) -> &Dirs {
+        &self.dirs
+    }
+
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.dirs.sandbox(id)
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.dir(id).join("record.json")
+    }
+
+    /// Creates a sandbox directory and its first record.
+    pub fn create(&self, spec: SandboxSpec) -> Result<SandboxRecord, StoreError> {
+        let id = new_id();
+        let dir = self.dir(&id);
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let rec = SandboxRecord {
+            id,
+            created_at: now_secs(),
+            spec,
+            state: SandboxState::Creating,
+            shim_pid: None,
+            vm: None,
+            driver: None,
+        };
+        self.save(&rec)?;
+        Ok(rec)
+    }
+
+    /// Writes a record atomically.
+    pub fn save(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
+        let path = self.record_path(&rec.id);
+        let tmp = path.with_extension("json.tmp");
+        let body = serde_json::to_vec_pretty(rec).expect("records always serialize");
+        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&body).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        Ok(())
+    }
+
+    pub fn load(&self, id: &str) -> Result<SandboxRecord, StoreError> {
+        let path = self.record_path(id);
+        let body = fs::read(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                StoreError::NotFound(id.to_string())
+            } else {
+                StoreError::Io { path: path.clone(), source: e }
+            }
+        })?;
+        serde_json::from_slice(&body).map_err(|source| StoreError::Corrupt { path, source })
+    }
+
+    /// All sandbox IDs, in creation order.
+    pub fn ids(&self) -> Result<Vec<String>, StoreError> {
+        let dir = self.dirs.sandboxes();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(StoreError::Io { path: dir, source: e }),
+        };
+        let mut ids = vec![];
+        for e in rd {
+            let e = e.map_err(io(&dir))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if valid_id(&name) && e.path().join("record.json").is_file() {
+                ids.push(name);
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// All records (unreadable ones are skipped with a warning).
+    pub fn list(&self) -> Result<Vec<SandboxRecord>, StoreError> {
+        let mut out = vec![];
+        for id in self.ids()? {
+            match self.load(&id) {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::warn!(sandbox = %id, error = %e, "skipping unreadable sandbox record"),
+            }
+        }
+        out.sort_by_key(|r| r.created_at);
+        Ok(out)
+    }
+
+    /// Resolves a full ID or a unique prefix of one.
+    pub fn resolve(&self, prefix: &str) -> Result<String, StoreError> {
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::NotFound(prefix.to_string()));
+        }
+        let matches: Vec<String> = self.ids()?.into_iter().filter(|id| id.starts_with(prefix)).collect();
+        match matches.len() {
+            0 => Err(StoreError::NotFound(prefix.to_string())),
+            1 => Ok(matches.into_iter().next().expect("one match")),
+            _ if matches.iter().any(|m| m == prefix) => Ok(prefix.to_string()),
+            _ => Err(StoreError::Ambiguous {
+                prefix: prefix.to_string(),
+                matches,
+            }),
+        }
+    }
+
+    /// Deletes a sandbox directory and everything in it.
+    pub fn remove(&self, id: &str) -> Result<(), StoreError> {
+        let dir = self.dir(id);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::Io { path: dir, source: e }),
+        }
+    }
+}
+
+fn valid_id(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> SandboxSpec {
+        SandboxSpec {
+            image: "busybox".into(),
+            image_digest: "sha256:00".into(),
+            image_disk: "/nonexistent".into(),
+            argv: vec!["true".into()],
+            env: vec![],
+            cwd: None,
+            user: None,
+            tty: false,
+            stdin: false,
+            cpus: 1,
+            memory_mib: 256,
+            disk_mib: 1024,
+            timeout_secs: None,
+            driver: "auto".into(),
+            auto_remove: false,
+        }
+    }
+
+    #[test]
+    fn create_load_resolve_remove() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::new(Dirs::new(t.path().join("state"), t.path().join("cache")));
+        let a = store.create(spec()).unwrap();
+        let b = store.create(spec()).unwrap();
+        assert_eq!(store.list().unwrap().len(), 2);
+        assert_eq!(store.resolve(&a.id).unwrap(), a.id);
+        assert_eq!(store.resolve(&b.id[..10]).unwrap(), b.id);
+        assert!(matches!(store.resolve("zz"), Err(StoreError::NotFound(_))));
+        assert!(matches!(store.resolve("../x"), Err(StoreError::NotFound(_))));
+        let mut a2 = store.load(&a.id).unwrap();
+        a2.state = SandboxState::Running { main_pid: 7 };
+        store.save(&a2).unwrap();
+        assert_eq!(store.load(&a.id).unwrap().state, SandboxState::Running { main_pid: 7 });
+        store.remove(&a.id).unwrap();
+        assert!(matches!(store.load(&a.id), Err(StoreError::NotFound(_))));
+        assert_eq!(store.ids().unwrap(), vec![b.id.clone()]);
+    }
+
+    #[test]
+    fn corrupt_record_is_an_error_not_a_panic() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::new(Dirs::new(t.path().join("state"), t.path().join("cache")));
+        let a = store.create(spec()).unwrap();
+        fs::write(store.dir(&a.id).join("record.json"), b"{garbage").unwrap();
+        assert!(matches!(store.load(&a.id), Err(StoreError::Corrupt { .. })));
+        assert!(store.list().unwrap().is_empty());
+    }
+}
