@@ -318,7 +318,13 @@ impl Decoder {
                 return None;
             }
             self.buf.drain(..HEADER_LEN);
-            let payload: Vec<u8> = self.buf.drain(..len).collect();
+            // Copy slice-wise: byte-wise iteration is slow under TCG.
+            let mut payload = Vec::with_capacity(len);
+            let (a, b) = self.buf.as_slices();
+            let na = a.len().min(len);
+            payload.extend_from_slice(&a[..na]);
+            payload.extend_from_slice(&b[..len - na]);
+            self.buf.drain(..len);
             return Some(match Kind::from_u8(h[12]) {
                 Some(kind) => Decoded::Frame(Frame { kind, stream, payload }),
                 None => {
