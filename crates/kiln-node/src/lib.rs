@@ -6,5 +6,10 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod compose;
+pub mod ctl;
+pub mod logs;
 pub mod paths;
+// pub mod shim; (enabled once the agent client lands)
 pub mod store;
+// pub mod vm;

@@ -60,6 +60,9 @@ pub enum SandboxState {
         exit_code: i32,
         signal: Option<i32>,
         finished_at: u64,
+        /// The main process was killed because `--timeout` ran out.
+        #[serde(default)]
+        timed_out: bool,
     },
     /// The sandbox could not start, or its VM died.
     Failed { error: String, exit_code: i32 },
