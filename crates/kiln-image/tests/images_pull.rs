@@ -1,0 +1,228 @@
+//! Pulls from a real registry, OCI layouts and docker archives; the base disk is checked
+//! with debugfs.
+
+mod common;
+
+use std::time::Instant;
+
+use common::{debugfs, pull, store};
+use kiln_image::PullImageError;
+use kiln_testkit::{Registry, images};
+
+#[tokio::test]
+async fn busybox_from_oci_layout_then_cache_hit() -> anyhow::Result<()> {
+    common::init_tracing();
+    let layout = images::busybox()?;
+    let (_d, store) = store();
+    let t = Instant::now();
+    let img = pull(&store, &layout.image_ref()).await?;
+    let first = t.elapsed();
+    assert!(img.built);
+    assert_eq!(img.config.cmd, vec!["sh"]);
+    assert!(img.config.env.iter().any(|e| e.starts_with("PATH=")));
+    assert_eq!(img.manifest_digest, layout.manifest_digest()?);
+    let ls = debugfs(&img.disk, "ls -l /bin");
+    assert!(ls.contains("busybox"), "{ls}");
+    assert!(ls.contains(" sh"), "{ls}");
+    let passwd = debugfs(&img.disk, "cat /etc/passwd");
+    assert!(passwd.contains("app:x:1000:1000"), "{passwd}");
+    let stat = debugfs(&img.disk, "stat /home/app");
+    assert!(stat.contains("User:  1000"), "{stat}");
+
+    let t = Instant::now();
+    let again = pull(&store, &layout.image_ref()).await?;
+    let hit = t.elapsed();
+    assert!(!again.built);
+    assert_eq!(again.disk, img.disk);
+    eprintln!(
+        "busybox (oci layout): pull+convert {:.0} ms, cache hit {:.1} ms, disk {} bytes",
+        first.as_secs_f64() * 1e3,
+        hit.as_secs_f64() * 1e3,
+        img.size
+    );
+    assert!(hit.as_millis() < 500);
+    Ok(())
+}
+
+#[tokio::test]
+async fn registry_by_tag_and_by_digest_unknown_and_unreachable() -> anyhow::Result<()> {
+    common::init_tracing();
+    let layout = images::busybox()?;
+    let registry = Registry::start().await?;
+    registry.push_layout(&layout, "busybox", "1.35").await?;
+    let (_d, store) = store();
+
+    let t = Instant::now();
+    let img = pull(&store, &registry.reference("busybox", "1.35")).await?;
+    let first = t.elapsed();
+    assert!(img.built);
+    assert_eq!(img.config.cmd, vec!["sh"]);
+    assert!(debugfs(&img.disk, "ls -l /bin").contains("busybox"));
+
+    let t = Instant::now();
+    let by_digest = pull(
+        &store,
+        &format!("{}/busybox@{}", registry.host(), img.manifest_digest),
+    )
+    .await?;
+    let hit = t.elapsed();
+    assert!(!by_digest.built, "same digest must be a cache hit");
+    assert_eq!(by_digest.disk, img.disk);
+    eprintln!(
+        "busybox (registry): pull+convert {:.0} ms, cache hit by digest {:.1} ms",
+        first.as_secs_f64() * 1e3,
+        hit.as_secs_f64() * 1e3
+    );
+
+    // A fresh store pulling by digest builds from the registry.
+    let (_d2, store2) = common::store();
+    let img2 = pull(
+        &store2,
+        &format!("{}/busybox@{}", registry.host(), img.manifest_digest),
+    )
+    .await?;
+    assert!(img2.built);
+    assert_eq!(img2.manifest_digest, img.manifest_digest);
+
+    // A wrong pinned digest is refused.
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let err = pull(&store2, &format!("{}/busybox@{wrong}", registry.host()))
+        .await
+        .expect_err("unknown digest");
+    assert!(matches!(err, PullImageError::NotFound { .. }), "{err:#}");
+
+    let err = pull(&store, &registry.reference("busybox", "nope"))
+        .await
+        .expect_err("unknown tag");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "registry {} has no manifest for busybox:nope",
+            registry.host()
+        )
+    );
+    let err = pull(&store, &registry.reference("nothing/here", "latest"))
+        .await
+        .expect_err("unknown repo");
+    assert!(matches!(err, PullImageError::NotFound { .. }), "{err:#}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let err = pull(&store, &format!("127.0.0.1:{port}/busybox:latest"))
+        .await
+        .expect_err("nothing listens");
+    assert!(matches!(err, PullImageError::Unreachable { .. }), "{err:#}");
+    assert_eq!(
+        err.to_string(),
+        format!("registry 127.0.0.1:{port} is unreachable")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn docker_archive_input() -> anyhow::Result<()> {
+    common::init_tracing();
+    let layout = images::busybox()?;
+    let dir = tempfile::tempdir()?;
+    let archive = dir.path().join("busybox.tar");
+    layout.to_docker_archive(&archive, "busybox:1.35")?;
+    let (_d, store) = store();
+    let img = pull(&store, &format!("docker-archive:{}", archive.display())).await?;
+    assert!(img.built);
+    assert_eq!(img.config.cmd, vec!["sh"]);
+    assert!(debugfs(&img.disk, "ls -l /bin").contains("busybox"));
+    let again = pull(&store, &format!("docker-archive:{}", archive.display())).await?;
+    assert!(!again.built);
+    assert_eq!(again.manifest_digest, img.manifest_digest);
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_pulls_build_once() -> anyhow::Result<()> {
+    common::init_tracing();
+    let layout = images::busybox()?;
+    let registry = Registry::start().await?;
+    registry.push_layout(&layout, "busybox", "latest").await?;
+    let dir = tempfile::tempdir()?;
+    // Two stores on one cache dir: separate lock file descriptions, like two processes.
+    let a = kiln_image::ImageStore::open(dir.path())?;
+    let b = kiln_image::ImageStore::open(dir.path())?;
+    let r = registry.reference("busybox", "latest");
+    let (x, y) = tokio::join!(pull(&a, &r), pull(&b, &r));
+    let (x, y) = (x?, y?);
+    assert_eq!(x.disk, y.disk);
+    assert_eq!(
+        [x.built, y.built].iter().filter(|b| **b).count(),
+        1,
+        "exactly one pull builds"
+    );
+    assert_eq!(a.list()?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn list_remove_prune() -> anyhow::Result<()> {
+    common::init_tracing();
+    let layout = images::multilayer()?;
+    let (_d, store) = store();
+    let img = pull(&store, &layout.image_ref()).await?;
+    let listed = store.list()?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].manifest_digest, img.manifest_digest);
+    // Leave a stale work dir, as a killed pull would.
+    std::fs::create_dir(
+        store
+            .root()
+            .join("tmp")
+            .join(format!("{}.stale", &img.manifest_digest[7..])),
+    )?;
+    let report = store.prune()?;
+    assert_eq!(report.temp_dirs, 1);
+    assert!(report.images.is_empty(), "referenced image kept");
+    let removed = store.remove(&layout.image_ref())?;
+    assert_eq!(removed, vec![img.manifest_digest.clone()]);
+    assert!(!img.disk.exists());
+    common::assert_cache_empty(&store);
+    assert!(matches!(
+        store.remove(&layout.image_ref()),
+        Err(kiln_image::RemoveImageError::NotFound(_))
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn python_from_registry() -> anyhow::Result<()> {
+    common::init_tracing();
+    let t = Instant::now();
+    let layout = images::python()?;
+    eprintln!(
+        "python test image ready in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let registry = Registry::start().await?;
+    registry.push_layout(&layout, "python", "3").await?;
+    let (_d, store) = store();
+    let t = Instant::now();
+    let img = pull(&store, &registry.reference("python", "3")).await?;
+    let first = t.elapsed();
+    assert_eq!(img.config.cmd, vec!["python3"]);
+    let ls = debugfs(&img.disk, "ls -l /usr/bin");
+    assert!(ls.contains("python3"), "python3 missing from /usr/bin");
+    let root = debugfs(&img.disk, "ls -l /");
+    assert!(
+        root.contains("bin -> usr/bin") || root.contains("bin"),
+        "{root}"
+    );
+    let t = Instant::now();
+    let again = pull(&store, &registry.reference("python", "3")).await?;
+    let hit = t.elapsed();
+    assert!(!again.built);
+    eprintln!(
+        "python (registry): pull+convert {:.0} ms, cache hit {:.1} ms, disk {} MiB",
+        first.as_secs_f64() * 1e3,
+        hit.as_secs_f64() * 1e3,
+        img.size >> 20
+    );
+    Ok(())
+}
