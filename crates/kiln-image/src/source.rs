@@ -31,8 +31,9 @@ pub(crate) struct Resolved {
     pub digest: String,
 }
 
+#[allow(clippy::large_enum_variant)] // one per pull, never stored in bulk
 pub(crate) enum Source {
-    Registry(Box<RegistrySource>),
+    Registry(RegistrySource),
     Local(LocalSource),
 }
 
@@ -94,12 +95,12 @@ impl Source {
                     ),
                 };
                 let auth = docker_auth(&rref.registry, opts.docker_config.as_deref());
-                Ok(Source::Registry(Box::new(RegistrySource {
+                Ok(Source::Registry(RegistrySource {
                     client,
                     reference,
                     auth,
                     rref: rref.clone(),
-                })))
+                }))
             }
             ImageRef::OciLayout { path, tag } => {
                 let layout = |reason: String| PullImageError::Layout {
