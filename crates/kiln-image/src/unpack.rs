@@ -871,6 +871,11 @@ mod tests {
             self.b.append(&h, io::empty()).expect("append");
             self
         }
+        fn special(mut self, kind: tar::EntryType, name: &str) -> T {
+            let h = Self::header(kind, name, 0);
+            self.b.append(&h, io::empty()).expect("append");
+            self
+        }
         fn bytes(self) -> Vec<u8> {
             self.b.into_inner().expect("finish")
         }
@@ -1045,5 +1050,50 @@ mod tests {
         )
         .expect_err("too big");
         assert!(matches!(e, UnpackLayerError::EntryTooLarge { .. }), "{e}");
+    }
+
+    #[test]
+    fn devices_skipped_fifos_created_setuid_kept() {
+        use std::os::unix::fs::FileTypeExt;
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path().join("root");
+        fs::create_dir(&root).expect("mkdir");
+        let mut h = T::header(tar::EntryType::Regular, "suid", 1);
+        h.set_mode(0o4755);
+        h.set_uid(1000);
+        h.set_cksum();
+        let mut t = T::new()
+            .special(tar::EntryType::Char, "null")
+            .special(tar::EntryType::Block, "sda")
+            .special(tar::EntryType::Fifo, "pipe");
+        t.b.append(&h, &b"x"[..]).expect("append");
+        let stats = apply(&root, t).expect("applied");
+        assert_eq!(stats.skipped, 2);
+        assert!(!root.join("null").exists() && !root.join("sda").exists());
+        let m = fs::symlink_metadata(root.join("pipe")).expect("fifo");
+        assert!(m.file_type().is_fifo());
+        let m = fs::metadata(root.join("suid")).expect("suid");
+        assert_eq!(m.permissions().mode() & 0o7777, 0o4755);
+        assert_eq!(std::os::unix::fs::MetadataExt::uid(&m), 1000);
+    }
+
+    #[test]
+    fn hardlink_to_an_escaping_symlink_links_the_symlink_itself() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path().join("root");
+        fs::create_dir(&root).expect("mkdir");
+        apply(
+            &root,
+            T::new()
+                .link(tar::EntryType::Symlink, "s", "/etc/passwd")
+                .link(tar::EntryType::Link, "h", "s"),
+        )
+        .expect("applied");
+        let m = fs::symlink_metadata(root.join("h")).expect("lstat");
+        assert!(
+            m.file_type().is_symlink(),
+            "h must be the symlink, not the host file"
+        );
+        assert_eq!(std::os::unix::fs::MetadataExt::nlink(&m), 2);
     }
 }

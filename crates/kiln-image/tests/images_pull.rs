@@ -226,3 +226,79 @@ async fn python_from_registry() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn multi_platform_index_selects_linux_amd64() -> anyhow::Result<()> {
+    common::init_tracing();
+    let busybox = images::busybox()?;
+    let registry = Registry::start().await?;
+    let dir = tempfile::tempdir()?;
+    let other = images::unique_small(&dir.path().join("other"), "arm64")?;
+    let amd64 = registry.push_raw(&busybox, "multi", "amd64").await?;
+    let arm64 = registry.push_raw(&other, "multi", "arm64").await?;
+    let size = |l: &images::OciLayout| l.manifest().map(|(_, b)| b.len());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": arm64,
+             "size": size(&other)?, "platform": {"os": "linux", "architecture": "arm64"}},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": amd64,
+             "size": size(&busybox)?, "platform": {"os": "linux", "architecture": "amd64"}},
+        ],
+    });
+    registry
+        .put_manifest(
+            "multi",
+            "latest",
+            "application/vnd.oci.image.index.v1+json",
+            serde_json::to_vec(&index)?,
+        )
+        .await?;
+    let (_d, store) = store();
+    let img = pull(&store, &registry.reference("multi", "latest")).await?;
+    assert_eq!(img.manifest_digest, amd64);
+    assert_eq!(img.config.cmd, vec!["sh"]);
+
+    let opts = kiln_image::PullOptions {
+        platform: kiln_image::Platform {
+            os: "linux".into(),
+            architecture: "s390x".into(),
+            variant: None,
+        },
+        ..Default::default()
+    };
+    let r = kiln_image::ImageRef::parse(&registry.reference("multi", "latest"))?;
+    let err = store
+        .pull(&r, &opts, &kiln_image::NoProgress)
+        .await
+        .expect_err("no such platform");
+    assert!(matches!(err, PullImageError::NoPlatform { .. }), "{err:#}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn cancelled_pull_leaves_no_entry() -> anyhow::Result<()> {
+    common::init_tracing();
+    let layout = images::python()?;
+    let (d, store) = store();
+    let r = kiln_image::ImageRef::parse(&layout.image_ref())?;
+    let opts = kiln_image::PullOptions::default();
+    // Stop the pull midway, as Ctrl-C would.
+    let res = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        store.pull(&r, &opts, &kiln_image::NoProgress),
+    )
+    .await;
+    assert!(res.is_err(), "pull should still be running after 300 ms");
+    assert!(store.list()?.is_empty());
+    assert_eq!(std::fs::read_dir(store.root().join("sha256"))?.count(), 0);
+    // Let the detached unpack thread notice its directory is gone, then reopen.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let store = kiln_image::ImageStore::open(d.path())?;
+    let _ = store.prune()?;
+    assert_eq!(std::fs::read_dir(store.root().join("tmp"))?.count(), 0);
+    let img = pull(&store, &layout.image_ref()).await?;
+    assert!(img.built);
+    Ok(())
+}
