@@ -74,6 +74,19 @@ async fn registry_by_tag_and_by_digest_unknown_and_unreachable() -> anyhow::Resu
         hit.as_secs_f64() * 1e3
     );
 
+    // Docker v2 schema 2 manifest and media types.
+    registry
+        .push_layout_docker(&layout, "docker/busybox", "v2")
+        .await?;
+    let docker = pull(&store, &registry.reference("docker/busybox", "v2")).await?;
+    assert!(
+        docker.built,
+        "a different manifest digest builds its own disk"
+    );
+    assert_ne!(docker.manifest_digest, img.manifest_digest);
+    assert_eq!(docker.config.cmd, vec!["sh"]);
+    assert!(debugfs(&docker.disk, "ls -l /bin").contains("busybox"));
+
     // A fresh store pulling by digest builds from the registry.
     let (_d2, store2) = common::store();
     let img2 = pull(
@@ -300,5 +313,49 @@ async fn cancelled_pull_leaves_no_entry() -> anyhow::Result<()> {
     assert_eq!(std::fs::read_dir(store.root().join("tmp"))?.count(), 0);
     let img = pull(&store, &layout.image_ref()).await?;
     assert!(img.built);
+    Ok(())
+}
+
+#[tokio::test]
+async fn basic_auth_from_docker_config() -> anyhow::Result<()> {
+    common::init_tracing();
+    let layout = images::busybox()?;
+    let registry = Registry::start_with_auth("kiln", "s3cret").await?;
+    registry
+        .push_layout_as(&layout, "private/busybox", "1", Some("kiln:s3cret"))
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let r = kiln_image::ImageRef::parse(&registry.reference("private/busybox", "1"))?;
+    let (_d, store) = store();
+
+    let empty = dir.path().join("none.json");
+    std::fs::write(&empty, "{}")?;
+    let anonymous = kiln_image::PullOptions {
+        docker_config: Some(empty),
+        ..Default::default()
+    };
+    let err = store
+        .pull(&r, &anonymous, &kiln_image::NoProgress)
+        .await
+        .expect_err("needs credentials");
+    assert!(
+        matches!(err, PullImageError::Unauthorized { .. }),
+        "{err:#} {err:?}"
+    );
+
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::to_vec(&serde_json::json!({
+            "auths": {registry.host(): {"auth": "a2lsbjpzM2NyZXQ="}}
+        }))?,
+    )?;
+    let with_creds = kiln_image::PullOptions {
+        docker_config: Some(config),
+        ..Default::default()
+    };
+    let img = store.pull(&r, &with_creds, &kiln_image::NoProgress).await?;
+    assert!(img.built);
+    assert_eq!(img.config.cmd, vec!["sh"]);
     Ok(())
 }

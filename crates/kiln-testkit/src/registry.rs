@@ -25,6 +25,16 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry (filesystem storage, delete enabled) and waits until `/v2/` answers.
     pub async fn start() -> Result<Registry> {
+        Self::start_inner(None).await
+    }
+
+    /// Like [`Registry::start`], with HTTP basic auth (htpasswd) for one user.
+    /// The raw push helpers are not authenticated: push with skopeo `--dest-creds`.
+    pub async fn start_with_auth(user: &str, password: &str) -> Result<Registry> {
+        Self::start_inner(Some((user, password))).await
+    }
+
+    async fn start_inner(auth: Option<(&str, &str)>) -> Result<Registry> {
         let dir = tempfile::Builder::new()
             .prefix("kiln-registry.")
             .tempdir()?;
@@ -39,6 +49,20 @@ impl Registry {
                 storage.display()
             ),
         )?;
+        if let Some((user, password)) = auth {
+            let hash = bcrypt::hash(password, 5)?;
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, format!("{user}:{hash}\n"))?;
+            let mut f = std::fs::OpenOptions::new().append(true).open(&config)?;
+            std::io::Write::write_all(
+                &mut f,
+                format!(
+                    "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+                    htpasswd.display()
+                )
+                .as_bytes(),
+            )?;
+        }
         let log = std::fs::File::create(dir.path().join("registry.log"))?;
         let child = Command::new(REGISTRY_BIN)
             .arg("serve")
@@ -64,7 +88,7 @@ impl Registry {
                 );
             }
             if let Ok(r) = reg.http.get(format!("{}/v2/", reg.base())).send().await
-                && r.status().is_success()
+                && (r.status().is_success() || (auth.is_some() && r.status().as_u16() == 401))
             {
                 break;
             }
@@ -104,10 +128,47 @@ impl Registry {
 
     /// Pushes an OCI layout with `skopeo copy` (validates everything on the way).
     pub async fn push_layout(&self, layout: &OciLayout, name: &str, tag: &str) -> Result<()> {
+        self.push_layout_as(layout, name, tag, None).await
+    }
+
+    /// Pushes converting to Docker v2 schema 2 (Docker media types, gzip layers).
+    pub async fn push_layout_docker(
+        &self,
+        layout: &OciLayout,
+        name: &str,
+        tag: &str,
+    ) -> Result<()> {
+        self.skopeo_push(layout, name, tag, &["--format=v2s2"])
+            .await
+    }
+
+    /// [`Registry::push_layout`] with `user:password` credentials.
+    pub async fn push_layout_as(
+        &self,
+        layout: &OciLayout,
+        name: &str,
+        tag: &str,
+        creds: Option<&str>,
+    ) -> Result<()> {
+        let creds = creds.map(|c| format!("--dest-creds={c}"));
+        let extra: Vec<&str> = creds.iter().map(String::as_str).collect();
+        self.skopeo_push(layout, name, tag, &extra).await
+    }
+
+    async fn skopeo_push(
+        &self,
+        layout: &OciLayout,
+        name: &str,
+        tag: &str,
+        extra: &[&str],
+    ) -> Result<()> {
         let src = format!("oci:{}:{}", layout.dir.display(), layout.tag);
         let dst = format!("docker://{}", self.reference(name, tag));
-        let out = tokio::process::Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false", &src, &dst])
+        let mut cmd = tokio::process::Command::new("skopeo");
+        cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        cmd.args(extra);
+        let out = cmd
+            .args([&src, &dst])
             .output()
             .await
             .context("cannot run skopeo")?;
