@@ -359,3 +359,65 @@ async fn basic_auth_from_docker_config() -> anyhow::Result<()> {
     assert_eq!(img.config.cmd, vec!["sh"]);
     Ok(())
 }
+
+#[derive(Default)]
+struct Counting {
+    events: std::sync::Mutex<Vec<String>>,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl kiln_image::Progress for Counting {
+    fn start(&self, phase: &kiln_image::PullPhase, total: Option<u64>) {
+        let mut e = self.events.lock().expect("lock");
+        e.push(format!("start {phase:?} {total:?}"));
+    }
+    fn advance(&self, bytes: u64) {
+        self.bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn finish(&self, phase: &kiln_image::PullPhase) {
+        let mut e = self.events.lock().expect("lock");
+        e.push(format!("finish {phase:?}"));
+    }
+}
+
+#[tokio::test]
+async fn progress_reports_phases_and_bytes() -> anyhow::Result<()> {
+    common::init_tracing();
+    let layout = images::multilayer()?;
+    let registry = Registry::start().await?;
+    registry.push_raw(&layout, "multi", "v1").await?;
+    let (_d, store) = store();
+    let progress = Counting::default();
+    let r = kiln_image::ImageRef::parse(&registry.reference("multi", "v1"))?;
+    let img = store
+        .pull(&r, &kiln_image::PullOptions::default(), &progress)
+        .await?;
+    let (_, manifest) = layout.manifest()?;
+    let v: serde_json::Value = serde_json::from_slice(&manifest)?;
+    let total: u64 = v["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["size"].as_u64().expect("size"))
+        .sum::<u64>()
+        + v["config"]["size"].as_u64().expect("size");
+    assert_eq!(
+        progress.bytes.load(std::sync::atomic::Ordering::Relaxed),
+        total
+    );
+    let events = progress.events.lock().expect("lock").clone();
+    assert_eq!(
+        events.first().map(String::as_str),
+        Some("start Resolve None")
+    );
+    assert_eq!(events.last().map(String::as_str), Some("finish BuildDisk"));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.starts_with("start Download"))
+            .count(),
+        img.layers.len()
+    );
+    Ok(())
+}
