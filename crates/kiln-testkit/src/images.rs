@@ -503,48 +503,64 @@ pub fn debian_mirror() -> Result<String> {
             .collect();
         files.sort();
         for f in files {
-            let text = fs::read_to_string(&f)?;
-            for stanza in text.split("\n\n") {
-                let mut fields: HashMap<String, String> = HashMap::new();
-                for line in stanza.lines() {
-                    if line.starts_with('#') {
-                        continue;
-                    }
-                    if let Some((k, v)) = line.split_once(':') {
-                        fields.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-                    }
-                }
-                let suites = fields.get("suites").map(String::as_str).unwrap_or("");
-                let types = fields.get("types").map(String::as_str).unwrap_or("deb");
-                if types.split_whitespace().any(|t| t == "deb")
-                    && suites.split_whitespace().any(|s| s == "bookworm")
-                    && let Some(uri) = fields.get("uris").and_then(|u| u.split_whitespace().next())
-                {
-                    return Ok(uri.to_owned());
-                }
+            if let Some(uri) = mirror_from_deb822(&fs::read_to_string(&f)?, "bookworm") {
+                return Ok(uri);
             }
         }
     }
-    if let Ok(text) = fs::read_to_string("/etc/apt/sources.list") {
-        for line in text.lines() {
-            let mut words = line.split_whitespace().filter(|w| !w.starts_with('['));
-            if words.next() != Some("deb") {
-                continue;
-            }
-            // Skip a bracketed options block spanning several words.
-            let rest: Vec<&str> = line
-                .split_whitespace()
-                .skip(1)
-                .skip_while(|w| w.starts_with('[') || w.ends_with(']') && !w.contains("://"))
-                .collect();
-            if rest.len() >= 2 && rest[1] == "bookworm" {
-                return Ok(rest[0].to_owned());
-            }
-        }
+    if let Ok(text) = fs::read_to_string("/etc/apt/sources.list")
+        && let Some(uri) = mirror_from_one_line(&text, "bookworm")
+    {
+        return Ok(uri);
     }
     bail!(
         "no apt source for bookworm in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list"
     )
+}
+
+/// The first `URIs:` of a deb822 stanza of type `deb` whose `Suites:` include `suite`.
+pub fn mirror_from_deb822(text: &str, suite: &str) -> Option<String> {
+    for stanza in text.split("\n\n") {
+        let mut fields: HashMap<String, String> = HashMap::new();
+        for line in stanza.lines() {
+            if line.trim_start().starts_with('#') {
+                continue;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                fields.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+            }
+        }
+        let enabled = fields.get("enabled").is_none_or(|e| e != "no");
+        let types = fields.get("types").map(String::as_str).unwrap_or("");
+        let suites = fields.get("suites").map(String::as_str).unwrap_or("");
+        if enabled
+            && types.split_whitespace().any(|t| t == "deb")
+            && suites.split_whitespace().any(|s| s == suite)
+            && let Some(uri) = fields.get("uris").and_then(|u| u.split_whitespace().next())
+        {
+            return Some(uri.to_owned());
+        }
+    }
+    None
+}
+
+/// The URI of the first `deb [options] URI SUITE …` line for `suite`.
+pub fn mirror_from_one_line(text: &str, suite: &str) -> Option<String> {
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("deb") {
+            continue;
+        }
+        let mut rest: Vec<&str> = words.collect();
+        if rest.first().is_some_and(|w| w.starts_with('[')) {
+            let close = rest.iter().position(|w| w.ends_with(']'))?;
+            rest.drain(..=close);
+        }
+        if rest.len() >= 2 && rest[1] == suite {
+            return Some(rest[0].to_owned());
+        }
+    }
+    None
 }
 
 /// Directories emptied in the python image to keep it small.
@@ -944,4 +960,37 @@ pub fn unique_small(dir: &Path, seed: &str) -> Result<OciLayout> {
     )?;
     let labels: BTreeMap<&str, &str> = [("seed", seed)].into_iter().collect();
     w.finish(json!({"Cmd": ["sh"], "Labels": labels}), "latest")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirrors_from_apt_sources() {
+        let deb822 = "Types: deb\nURIs: http://apt.invalid/debian-security\nSuites: bookworm-security\n\nTypes: deb deb-src\n# comment: yes\nURIs: http://apt.invalid/debian\nSuites: bookworm bookworm-updates\nComponents: main\n";
+        assert_eq!(
+            mirror_from_deb822(deb822, "bookworm").as_deref(),
+            Some("http://apt.invalid/debian")
+        );
+        assert_eq!(mirror_from_deb822(deb822, "trixie"), None);
+        let one = "# deb http://old.invalid/debian bookworm main\ndeb [arch=amd64 signed-by=/k.gpg] http://apt.invalid/debian bookworm main\n";
+        assert_eq!(
+            mirror_from_one_line(one, "bookworm").as_deref(),
+            Some("http://apt.invalid/debian")
+        );
+    }
+
+    #[test]
+    fn tar_names_are_written_raw() {
+        let bytes = Tar::new().file("../../x", 0o644, b"x").bytes();
+        let mut ar = tar::Archive::new(&bytes[..]);
+        let e = ar
+            .entries()
+            .expect("entries")
+            .next()
+            .expect("one")
+            .expect("ok");
+        assert_eq!(&*e.path_bytes(), b"../../x");
+    }
 }
