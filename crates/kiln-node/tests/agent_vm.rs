@@ -277,6 +277,14 @@ async fn story() {
         20.0 / took.as_secs_f64()
     );
     drop(data);
+    let t0 = Instant::now();
+    let (out, _, st) = {
+        let p = client.exec(req(&["cat", "/tmp/big"])).await.unwrap();
+        p.wait_with_output().await.unwrap()
+    };
+    assert_eq!((out.len(), st.code), (20 << 20, Some(0)));
+    eprintln!("phase 20 MiB, fast consumer: {:.2} s", t0.elapsed().as_secs_f64());
+    drop(out);
 
     eprintln!("phase copy_in/copy_out 50 MiB");
     let host_dir = vm.dir.join("copy");
@@ -348,6 +356,24 @@ async fn story() {
     let p = client.attach(pid, false).await.expect("attach");
     let (out, err, st) = p.wait_with_output().await.unwrap();
     assert_eq!((out.as_slice(), err.as_slice(), st.code), (&b"after\n"[..], &b"more\n"[..], Some(7)));
+
+    eprintln!("phase detached output beyond the 8 MiB bound is held back, not lost");
+    let (out, _, _) = run(&client, req(&["sh", "-c", "head -c 12582912 /tmp/big | sha256sum"])).await;
+    let want = out.split_whitespace().next().unwrap().to_string();
+    let p = client.exec(req(&["sh", "-c", "sleep 1; head -c 12582912 /tmp/big; echo done >&2"])).await.unwrap();
+    let pid = p.pid();
+    drop(p);
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (client, _) = connect(&sock).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let list = client.processes().await.unwrap();
+    let info = list.iter().find(|p| p.pid == pid).expect("writer still known");
+    assert!(info.exit.is_none(), "the writer must be blocked on its pipe, not finished: {info:?}");
+    let p = client.attach(pid, false).await.expect("attach");
+    let (out, err, st) = p.wait_with_output().await.unwrap();
+    assert_eq!((out.len(), err.as_slice(), st.code), (12 << 20, &b"done\n"[..], Some(0)));
+    assert_eq!(sha256_bytes(&out), want);
 
     eprintln!("phase main process and shutdown");
     let mut r = req(&["sh", "-c", "echo main; exit 5"]);
