@@ -138,7 +138,10 @@ fn header_crc(h: &[u8]) -> u32 {
 /// Encodes a frame header. Fails if `len` exceeds `MAX_PAYLOAD`.
 pub fn encode_header(kind: Kind, stream: u32, len: usize) -> Result<[u8; HEADER_LEN], FrameError> {
     if len > MAX_PAYLOAD {
-        return Err(FrameError::TooLarge { len, max: MAX_PAYLOAD });
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_PAYLOAD,
+        });
     }
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC);
@@ -167,7 +170,10 @@ pub fn encode_json<T: Serialize>(kind: Kind, stream: u32, msg: &T) -> Result<Vec
         reason: e.to_string(),
     })?;
     if body.len() > MAX_CONTROL {
-        return Err(FrameError::TooLarge { len: body.len(), max: MAX_CONTROL });
+        return Err(FrameError::TooLarge {
+            len: body.len(),
+            max: MAX_CONTROL,
+        });
     }
     encode(kind, stream, &body)
 }
@@ -205,17 +211,23 @@ impl Frame {
     /// Parses a JSON control payload, bounded by `MAX_CONTROL`.
     pub fn json<'a, T: Deserialize<'a>>(&'a self, what: &'static str) -> Result<T, FrameError> {
         if self.payload.len() > MAX_CONTROL {
-            return Err(FrameError::TooLarge { len: self.payload.len(), max: MAX_CONTROL });
+            return Err(FrameError::TooLarge {
+                len: self.payload.len(),
+                max: MAX_CONTROL,
+            });
         }
-        serde_json::from_slice(&self.payload).map_err(|e| FrameError::Json { what, reason: e.to_string() })
+        serde_json::from_slice(&self.payload).map_err(|e| FrameError::Json {
+            what,
+            reason: e.to_string(),
+        })
     }
 
     /// Splits a `Data` payload into its channel and bytes.
     pub fn data(&self) -> Result<(Channel, &[u8]), FrameError> {
-        let (&c, rest) = self
-            .payload
-            .split_first()
-            .ok_or(FrameError::Malformed { kind: self.kind, len: 0 })?;
+        let (&c, rest) = self.payload.split_first().ok_or(FrameError::Malformed {
+            kind: self.kind,
+            len: 0,
+        })?;
         let ch = Channel::from_u8(c).ok_or(FrameError::UnknownChannel(c))?;
         Ok((ch, rest))
     }
@@ -224,7 +236,10 @@ impl Frame {
     pub fn eof(&self) -> Result<Channel, FrameError> {
         match self.payload.as_slice() {
             [c] => Channel::from_u8(*c).ok_or(FrameError::UnknownChannel(*c)),
-            p => Err(FrameError::Malformed { kind: self.kind, len: p.len() }),
+            p => Err(FrameError::Malformed {
+                kind: self.kind,
+                len: p.len(),
+            }),
         }
     }
 
@@ -235,7 +250,10 @@ impl Frame {
                 let ch = Channel::from_u8(*c).ok_or(FrameError::UnknownChannel(*c))?;
                 Ok((ch, u32::from_le_bytes([*a, *b, *d, *e])))
             }
-            p => Err(FrameError::Malformed { kind: self.kind, len: p.len() }),
+            p => Err(FrameError::Malformed {
+                kind: self.kind,
+                len: p.len(),
+            }),
         }
     }
 }
@@ -312,7 +330,10 @@ impl Decoder {
             if len > MAX_PAYLOAD {
                 self.buf.drain(..HEADER_LEN);
                 self.discarded += HEADER_LEN as u64;
-                return Some(Decoded::Invalid(FrameError::TooLarge { len, max: MAX_PAYLOAD }));
+                return Some(Decoded::Invalid(FrameError::TooLarge {
+                    len,
+                    max: MAX_PAYLOAD,
+                }));
             }
             if self.buf.len() < HEADER_LEN + len {
                 return None;
@@ -326,7 +347,11 @@ impl Decoder {
             payload.extend_from_slice(&b[..len - na]);
             self.buf.drain(..len);
             return Some(match Kind::from_u8(h[12]) {
-                Some(kind) => Decoded::Frame(Frame { kind, stream, payload }),
+                Some(kind) => Decoded::Frame(Frame {
+                    kind,
+                    stream,
+                    payload,
+                }),
                 None => {
                     self.discarded += (HEADER_LEN + len) as u64;
                     Decoded::Invalid(FrameError::UnknownKind(h[12]))
@@ -547,11 +572,17 @@ mod tests {
             frames.extend(decode_all(&mut d));
         }
         assert_eq!(frames.len(), 3);
-        let Decoded::Frame(f) = &frames[0] else { panic!() };
+        let Decoded::Frame(f) = &frames[0] else {
+            panic!()
+        };
         assert_eq!(f.data().unwrap(), (Channel::Stdout, &b"hello"[..]));
-        let Decoded::Frame(f) = &frames[1] else { panic!() };
+        let Decoded::Frame(f) = &frames[1] else {
+            panic!()
+        };
         assert_eq!(f.eof().unwrap(), Channel::Stdout);
-        let Decoded::Frame(f) = &frames[2] else { panic!() };
+        let Decoded::Frame(f) = &frames[2] else {
+            panic!()
+        };
         assert_eq!(f.credit().unwrap(), (Channel::Stdin, 4096));
         assert_eq!(d.discarded(), 0);
     }
@@ -562,7 +593,15 @@ mod tests {
         let full = encode_data(1, Channel::Stdout, &[0xAB; 100]).unwrap();
         d.feed(b"garbage KLN\x01 more garbage");
         d.feed(&full[..50]); // a frame cut in half
-        let hello = encode_json(Kind::Hello, 0, &Hello { version: 1, session: 9 }).unwrap();
+        let hello = encode_json(
+            Kind::Hello,
+            0,
+            &Hello {
+                version: 1,
+                session: 9,
+            },
+        )
+        .unwrap();
         d.feed(&hello);
         // The cut frame's declared length swallows the first Hello (and part
         // of the next), which is why the host repeats Hello until it is
@@ -574,7 +613,9 @@ mod tests {
         let hellos: Vec<_> = frames2
             .iter()
             .filter_map(|f| match f {
-                Decoded::Frame(f) if f.kind == Kind::Hello => Some(f.json::<Hello>("hello").unwrap()),
+                Decoded::Frame(f) if f.kind == Kind::Hello => {
+                    Some(f.json::<Hello>("hello").unwrap())
+                }
                 _ => None,
             })
             .collect();
@@ -592,32 +633,68 @@ mod tests {
         let mut d = Decoder::new();
         d.feed(&h);
         d.feed(&[0; 10]);
-        assert_eq!(d.next_frame(), Some(Decoded::Invalid(FrameError::UnknownKind(200))));
+        assert_eq!(
+            d.next_frame(),
+            Some(Decoded::Invalid(FrameError::UnknownKind(200)))
+        );
         assert!(encode_header(Kind::Data, 1, MAX_PAYLOAD + 1).is_err());
         let mut h = encode_header(Kind::Data, 1, 0).unwrap();
         h[4..8].copy_from_slice(&(u32::MAX).to_le_bytes());
         let crc = header_crc(&h);
         h[16..20].copy_from_slice(&crc.to_le_bytes());
         d.feed(&h);
-        assert!(matches!(d.next_frame(), Some(Decoded::Invalid(FrameError::TooLarge { .. }))));
+        assert!(matches!(
+            d.next_frame(),
+            Some(Decoded::Invalid(FrameError::TooLarge { .. }))
+        ));
     }
 
     #[test]
     fn malformed_payloads_are_errors() {
-        let f = Frame { kind: Kind::Credit, stream: 1, payload: vec![1, 2] };
+        let f = Frame {
+            kind: Kind::Credit,
+            stream: 1,
+            payload: vec![1, 2],
+        };
         assert!(f.credit().is_err());
-        let f = Frame { kind: Kind::Data, stream: 1, payload: vec![] };
+        let f = Frame {
+            kind: Kind::Data,
+            stream: 1,
+            payload: vec![],
+        };
         assert!(f.data().is_err());
-        let f = Frame { kind: Kind::Data, stream: 1, payload: vec![9, 1] };
+        let f = Frame {
+            kind: Kind::Data,
+            stream: 1,
+            payload: vec![9, 1],
+        };
         assert_eq!(f.data(), Err(FrameError::UnknownChannel(9)));
-        let f = Frame { kind: Kind::Response, stream: 1, payload: b"{not json".to_vec() };
+        let f = Frame {
+            kind: Kind::Response,
+            stream: 1,
+            payload: b"{not json".to_vec(),
+        };
         assert!(f.json::<Response>("response").is_err());
     }
 
     #[test]
     fn exit_status_shell_code() {
-        assert_eq!(ExitStatus { code: Some(3), signal: None }.shell_code(), 3);
-        assert_eq!(ExitStatus { code: None, signal: Some(9) }.shell_code(), 137);
+        assert_eq!(
+            ExitStatus {
+                code: Some(3),
+                signal: None
+            }
+            .shell_code(),
+            3
+        );
+        assert_eq!(
+            ExitStatus {
+                code: None,
+                signal: Some(9)
+            }
+            .shell_code(),
+            137
+        );
     }
 
     #[test]

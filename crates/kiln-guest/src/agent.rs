@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_api::proto::{
-    self, Channel, Configure, Decoded, ErrorKind, Event, ExecRequest, ExitStatus, Frame, Hello, HelloAck,
-    INITIAL_WINDOW, Kind, MAX_CONTROL, MAX_DATA_CHUNK, ProcessInfo, Request, Response,
+    self, Channel, Configure, Decoded, ErrorKind, Event, ExecRequest, ExitStatus, Frame, Hello,
+    HelloAck, INITIAL_WINDOW, Kind, MAX_CONTROL, MAX_DATA_CHUNK, ProcessInfo, Request, Response,
 };
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
@@ -64,11 +64,19 @@ struct OutPipe {
 
 impl OutPipe {
     fn new(ch: Channel, fd: OwnedFd) -> Self {
-        OutPipe { ch, fd: Some(fd), buf: VecDeque::new(), credit: INITIAL_WINDOW.into(), eof_sent: false }
+        OutPipe {
+            ch,
+            fd: Some(fd),
+            buf: VecDeque::new(),
+            credit: INITIAL_WINDOW.into(),
+            eof_sent: false,
+        }
     }
     fn room(&self, attached: bool) -> usize {
         let cap = if attached {
-            usize::try_from(self.credit).unwrap_or(usize::MAX).min(DETACHED_BOUND)
+            usize::try_from(self.credit)
+                .unwrap_or(usize::MAX)
+                .min(DETACHED_BOUND)
         } else {
             DETACHED_BOUND
         };
@@ -112,12 +120,22 @@ struct InPipe {
 
 impl InPipe {
     fn new(ch: Channel, fd: OwnedFd) -> Self {
-        InPipe { ch, fd: Some(fd), buf: VecDeque::new(), window: INITIAL_WINDOW.into(), owed: 0, eof: false }
+        InPipe {
+            ch,
+            fd: Some(fd),
+            buf: VecDeque::new(),
+            window: INITIAL_WINDOW.into(),
+            owed: 0,
+            eof: false,
+        }
     }
     fn data(&mut self, bytes: &[u8]) -> Result<(), String> {
         let n = bytes.len() as u64;
         if n > self.window {
-            return Err(format!("{} bytes beyond the {} of credit left", n, self.window));
+            return Err(format!(
+                "{} bytes beyond the {} of credit left",
+                n, self.window
+            ));
         }
         self.window -= n;
         if self.fd.is_some() {
@@ -248,7 +266,10 @@ fn set_cloexec(fd: &OwnedFd) -> nix::Result<()> {
 }
 
 fn err(kind: ErrorKind, message: impl Into<String>) -> Response {
-    Response::Error { kind, message: message.into() }
+    Response::Error {
+        kind,
+        message: message.into(),
+    }
 }
 
 impl Agent {
@@ -277,7 +298,10 @@ impl Agent {
             wake_w: Arc::new(wake_w),
             results: Arc::new(Mutex::new(Vec::new())),
             scratch: vec![0; CHAN_READ],
-            bad_frames: RateLimit { window: Instant::now(), count: 0 },
+            bad_frames: RateLimit {
+                window: Instant::now(),
+                count: 0,
+            },
         })
     }
 
@@ -404,7 +428,8 @@ impl Agent {
                 revents.push(f.revents().unwrap_or(PollFlags::empty()));
             }
         }
-        let ready = PollFlags::POLLIN | PollFlags::POLLOUT | PollFlags::POLLHUP | PollFlags::POLLERR;
+        let ready =
+            PollFlags::POLLIN | PollFlags::POLLOUT | PollFlags::POLLHUP | PollFlags::POLLERR;
         for (tag, ev) in tags.into_iter().zip(revents) {
             if !ev.intersects(ready) {
                 continue;
@@ -447,7 +472,9 @@ impl Agent {
     }
 
     fn on_accept(&mut self) {
-        let Transport::Vsock(l) = &self.transport else { return };
+        let Transport::Vsock(l) = &self.transport else {
+            return;
+        };
         match sys::accept(l) {
             Ok(fd) => {
                 // A new connection replaces the old one; the session starts
@@ -561,10 +588,22 @@ impl Agent {
         loop {
             match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => {
-                    self.record_exit(pid, ExitStatus { code: Some(code), signal: None });
+                    self.record_exit(
+                        pid,
+                        ExitStatus {
+                            code: Some(code),
+                            signal: None,
+                        },
+                    );
                 }
                 Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                    self.record_exit(pid, ExitStatus { code: None, signal: Some(sig as i32) });
+                    self.record_exit(
+                        pid,
+                        ExitStatus {
+                            code: None,
+                            signal: Some(sig as i32),
+                        },
+                    );
                 }
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
                 Ok(_) => continue,
@@ -632,7 +671,10 @@ impl Agent {
                 if let Ok((ch, n)) = f.credit()
                     && let Some(o) = self.output_of(f.stream, ch)
                 {
-                    o.credit = o.credit.saturating_add(n.into()).min(u64::from(u32::MAX) * 4);
+                    o.credit = o
+                        .credit
+                        .saturating_add(n.into())
+                        .min(u64::from(u32::MAX) * 4);
                 }
             }
             Kind::Close => {
@@ -663,9 +705,17 @@ impl Agent {
 
     fn output_of(&mut self, stream: u32, ch: Channel) -> Option<&mut OutPipe> {
         if let Some(pid) = self.streams.get(&stream) {
-            self.procs.get_mut(pid)?.outs.iter_mut().find(|o| o.ch == ch)
+            self.procs
+                .get_mut(pid)?
+                .outs
+                .iter_mut()
+                .find(|o| o.ch == ch)
         } else {
-            self.copies.get_mut(&stream)?.output.as_mut().filter(|o| o.ch == ch)
+            self.copies
+                .get_mut(&stream)?
+                .output
+                .as_mut()
+                .filter(|o| o.ch == ch)
         }
     }
 
@@ -699,11 +749,14 @@ impl Agent {
             self.session = Some(h.session);
         }
         self.quiesce_mark = None;
-        let main = self.main_pid.and_then(|pid| self.procs.get(&pid)).map(|p| ProcessInfo {
-            pid: self.main_pid.unwrap_or_default(),
-            argv: p.argv.clone(),
-            exit: p.exit,
-        });
+        let main = self
+            .main_pid
+            .and_then(|pid| self.procs.get(&pid))
+            .map(|p| ProcessInfo {
+                pid: self.main_pid.unwrap_or_default(),
+                argv: p.argv.clone(),
+                exit: p.exit,
+            });
         let ack = HelloAck {
             version: proto::VERSION,
             session: h.session,
@@ -757,11 +810,16 @@ impl Agent {
             }
             Request::Resize { pid, rows, cols } => {
                 let r = match self.procs.get(&pid).and_then(|p| p.pty.as_ref()) {
-                    Some(fd) => match sys::set_winsize(std::os::fd::AsRawFd::as_raw_fd(fd), rows, cols) {
-                        Ok(()) => Response::Ok,
-                        Err(e) => err(ErrorKind::Internal, format!("resize: {e}")),
-                    },
-                    None => err(ErrorKind::NoSuchProcess, format!("no tty process with pid {pid}")),
+                    Some(fd) => {
+                        match sys::set_winsize(std::os::fd::AsRawFd::as_raw_fd(fd), rows, cols) {
+                            Ok(()) => Response::Ok,
+                            Err(e) => err(ErrorKind::Internal, format!("resize: {e}")),
+                        }
+                    }
+                    None => err(
+                        ErrorKind::NoSuchProcess,
+                        format!("no tty process with pid {pid}"),
+                    ),
                 };
                 self.respond(s, &r);
             }
@@ -771,7 +829,11 @@ impl Agent {
                 let mut processes: Vec<ProcessInfo> = self
                     .procs
                     .iter()
-                    .map(|(pid, p)| ProcessInfo { pid: *pid, argv: p.argv.clone(), exit: p.exit })
+                    .map(|(pid, p)| ProcessInfo {
+                        pid: *pid,
+                        argv: p.argv.clone(),
+                        exit: p.exit,
+                    })
                     .collect();
                 // Keep the answer within the control message limit.
                 while serde_json::to_vec(&processes).map_or(0, |v| v.len()) > MAX_CONTROL - 256 {
@@ -796,7 +858,10 @@ impl Agent {
             return err(ErrorKind::Invalid, format!("invalid signal {signal}"));
         };
         let Some(p) = self.procs.get(&pid).filter(|p| p.exit.is_none()) else {
-            return err(ErrorKind::NoSuchProcess, format!("no running process with pid {pid}"));
+            return err(
+                ErrorKind::NoSuchProcess,
+                format!("no running process with pid {pid}"),
+            );
         };
         let target = if p.tty { -(pid as i32) } else { pid as i32 };
         match kill(Pid::from_raw(target), sig) {
@@ -807,7 +872,13 @@ impl Agent {
 
     fn attach(&mut self, s: u32, pid: u32, stdin: bool) {
         let Some(p) = self.procs.get_mut(&pid) else {
-            self.respond(s, &err(ErrorKind::NoSuchProcess, format!("no process with pid {pid}")));
+            self.respond(
+                s,
+                &err(
+                    ErrorKind::NoSuchProcess,
+                    format!("no process with pid {pid}"),
+                ),
+            );
             self.queue(proto::encode_close(s));
             return;
         };
@@ -839,18 +910,31 @@ impl Agent {
             .map_err(|x| (ErrorKind::NoSuchUser, x.to_string()))?;
         let cwd = PathBuf::from(e.cwd.as_deref().filter(|c| !c.is_empty()).unwrap_or("/"));
         if !cwd.is_absolute() {
-            return Err((ErrorKind::Path, format!("working directory {} is not absolute", cwd.display())));
+            return Err((
+                ErrorKind::Path,
+                format!("working directory {} is not absolute", cwd.display()),
+            ));
         }
         if !cwd.exists() {
-            std::fs::create_dir_all(&cwd)
-                .map_err(|x| (ErrorKind::Path, format!("creating working directory {}: {x}", cwd.display())))?;
+            std::fs::create_dir_all(&cwd).map_err(|x| {
+                (
+                    ErrorKind::Path,
+                    format!("creating working directory {}: {x}", cwd.display()),
+                )
+            })?;
             let _ = chown(&cwd, Some(id.uid), Some(id.gid));
         } else if !cwd.is_dir() {
-            return Err((ErrorKind::Path, format!("working directory {} is not a directory", cwd.display())));
+            return Err((
+                ErrorKind::Path,
+                format!("working directory {} is not a directory", cwd.display()),
+            ));
         }
         let prog = crate::lookup::find_program(argv0, &e.env, &cwd)?;
         let mut cmd = Command::new(&prog);
-        cmd.arg0(argv0).args(&e.argv[1..]).env_clear().current_dir(&cwd);
+        cmd.arg0(argv0)
+            .args(&e.argv[1..])
+            .env_clear()
+            .current_dir(&cwd);
         for kv in &e.env {
             if let Some((k, v)) = kv.split_once('=')
                 && !k.is_empty()
@@ -873,8 +957,13 @@ impl Agent {
             set_cloexec(&p.master).map_err(|x| ioerr("fcntl", x))?;
             set_cloexec(&p.slave).map_err(|x| ioerr("fcntl", x))?;
             set_nonblock(&p.master).map_err(|x| ioerr("fcntl", x))?;
-            let dup = |fd: &OwnedFd| fd.try_clone().map_err(|x| (ErrorKind::Internal, format!("dup: {x}")));
-            cmd.stdin(Stdio::from(dup(&p.slave)?)).stdout(Stdio::from(dup(&p.slave)?)).stderr(Stdio::from(p.slave));
+            let dup = |fd: &OwnedFd| {
+                fd.try_clone()
+                    .map_err(|x| (ErrorKind::Internal, format!("dup: {x}")))
+            };
+            cmd.stdin(Stdio::from(dup(&p.slave)?))
+                .stdout(Stdio::from(dup(&p.slave)?))
+                .stderr(Stdio::from(p.slave));
             outs.push(OutPipe::new(Channel::Stdout, dup(&p.master)?));
             if e.stdin {
                 input = Some(InPipe::new(Channel::Stdin, dup(&p.master)?));
@@ -911,7 +1000,9 @@ impl Agent {
         let child = cmd.spawn().map_err(|x| {
             let kind = match x.raw_os_error() {
                 Some(libc::ENOENT) => ErrorKind::NotFound,
-                Some(libc::EACCES) | Some(libc::ENOEXEC) | Some(libc::EISDIR) => ErrorKind::NotExecutable,
+                Some(libc::EACCES) | Some(libc::ENOEXEC) | Some(libc::EISDIR) => {
+                    ErrorKind::NotExecutable
+                }
                 _ => ErrorKind::Internal,
             };
             (kind, format!("exec: \"{argv0}\": {x}"))
@@ -925,27 +1016,44 @@ impl Agent {
         }
         self.procs.insert(
             pid,
-            Proc { argv: e.argv.clone(), main: e.main, tty: e.tty, outs, input, pty, exit: None, stream: None },
+            Proc {
+                argv: e.argv.clone(),
+                main: e.main,
+                tty: e.tty,
+                outs,
+                input,
+                pty,
+                exit: None,
+                stream: None,
+            },
         );
         Ok(pid)
     }
 
-    fn spawn_worker(&mut self, f: impl FnOnce() -> Result<(), (ErrorKind, String)> + Send + 'static) -> u64 {
+    fn spawn_worker(
+        &mut self,
+        f: impl FnOnce() -> Result<(), (ErrorKind, String)> + Send + 'static,
+    ) -> u64 {
         let id = self.next_job;
         self.next_job += 1;
         let results = Arc::clone(&self.results);
         let wake = Arc::clone(&self.wake_w);
-        let spawned = std::thread::Builder::new().name("kiln-copy".into()).spawn(move || {
-            let r = f();
-            if let Ok(mut v) = results.lock() {
-                v.push((id, r));
-            }
-            let _ = nix::unistd::write(wake.as_fd(), &[1]);
-        });
+        let spawned = std::thread::Builder::new()
+            .name("kiln-copy".into())
+            .spawn(move || {
+                let r = f();
+                if let Ok(mut v) = results.lock() {
+                    v.push((id, r));
+                }
+                let _ = nix::unistd::write(wake.as_fd(), &[1]);
+            });
         if let Err(e) = spawned
             && let Ok(mut v) = self.results.lock()
         {
-            v.push((id, Err((ErrorKind::Internal, format!("spawning a worker: {e}")))));
+            v.push((
+                id,
+                Err((ErrorKind::Internal, format!("spawning a worker: {e}"))),
+            ));
         }
         id
     }
@@ -970,22 +1078,35 @@ impl Agent {
             let _ = std::io::copy(&mut reader, &mut std::io::sink());
             match res {
                 Ok(_) => Ok(()),
-                Err(crate::copy::CopyError::NotADirectory(d)) => {
-                    Err((ErrorKind::Path, format!("destination {d} is not a directory")))
-                }
+                Err(crate::copy::CopyError::NotADirectory(d)) => Err((
+                    ErrorKind::Path,
+                    format!("destination {d} is not a directory"),
+                )),
                 Err(e) => Err((ErrorKind::Invalid, e.to_string())),
             }
         });
         self.copies.insert(
             s,
-            CopyJob { id, input: Some(InPipe::new(Channel::Tar, w)), output: None, result: None, responded: false },
+            CopyJob {
+                id,
+                input: Some(InPipe::new(Channel::Tar, w)),
+                output: None,
+                result: None,
+                responded: false,
+            },
         );
     }
 
     fn copy_out(&mut self, s: u32, path: String) {
         let p = PathBuf::from(&path);
         if !p.is_absolute() || std::fs::symlink_metadata(&p).is_err() {
-            self.respond(s, &err(ErrorKind::Path, format!("{path}: no such file or directory")));
+            self.respond(
+                s,
+                &err(
+                    ErrorKind::Path,
+                    format!("{path}: no such file or directory"),
+                ),
+            );
             self.queue(proto::encode_close(s));
             return;
         }
@@ -1007,7 +1128,13 @@ impl Agent {
         self.respond(s, &Response::Ok);
         self.copies.insert(
             s,
-            CopyJob { id, input: None, output: Some(OutPipe::new(Channel::Tar, r)), result: None, responded: true },
+            CopyJob {
+                id,
+                input: None,
+                output: Some(OutPipe::new(Channel::Tar, r)),
+                result: None,
+                responded: true,
+            },
         );
     }
 
@@ -1076,7 +1203,10 @@ impl Agent {
                 if !j.responded {
                     let r = match res {
                         Ok(()) => Response::Ok,
-                        Err((k, m)) => Response::Error { kind: *k, message: m.clone() },
+                        Err((k, m)) => Response::Error {
+                            kind: *k,
+                            message: m.clone(),
+                        },
                     };
                     if let Ok(f) = proto::encode_json(Kind::Response, *s, &r) {
                         frames.push(f);
@@ -1152,7 +1282,9 @@ fn configure(c: &Configure) -> Result<(), String> {
         nix::unistd::sethostname(&c.hostname).map_err(|e| format!("sethostname: {e}"))?;
         let _ = std::fs::write("/etc/hostname", format!("{}\n", c.hostname));
         if let Ok(hosts) = std::fs::read_to_string("/etc/hosts")
-            && !hosts.lines().any(|l| l.split_whitespace().skip(1).any(|n| n == c.hostname))
+            && !hosts
+                .lines()
+                .any(|l| l.split_whitespace().skip(1).any(|n| n == c.hostname))
         {
             let line = format!("127.0.1.1\t{}\n", c.hostname);
             let _ = std::fs::OpenOptions::new()
@@ -1160,7 +1292,10 @@ fn configure(c: &Configure) -> Result<(), String> {
                 .open("/etc/hosts")
                 .and_then(|mut f| f.write_all(line.as_bytes()));
         } else if std::fs::metadata("/etc/hosts").is_err() {
-            let _ = std::fs::write("/etc/hosts", format!("127.0.0.1\tlocalhost\n127.0.1.1\t{}\n", c.hostname));
+            let _ = std::fs::write(
+                "/etc/hosts",
+                format!("127.0.0.1\tlocalhost\n127.0.1.1\t{}\n", c.hostname),
+            );
         }
     }
     if !c.entropy.is_empty() {
@@ -1171,7 +1306,8 @@ fn configure(c: &Configure) -> Result<(), String> {
             .write(true)
             .open("/dev/random")
             .map_err(|e| format!("opening /dev/random: {e}"))?;
-        sys::add_entropy(&OwnedFd::from(random), &bytes).map_err(|e| format!("RNDADDENTROPY: {e}"))?;
+        sys::add_entropy(&OwnedFd::from(random), &bytes)
+            .map_err(|e| format!("RNDADDENTROPY: {e}"))?;
     }
     if c.time_unix_ns > 0 {
         let ts = nix::sys::time::TimeSpec::new(
@@ -1194,4 +1330,83 @@ pub fn find_serial_port() -> Option<PathBuf> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(frames: &[Vec<u8>]) -> Vec<Frame> {
+        let mut d = proto::Decoder::new();
+        for f in frames {
+            d.feed(f);
+        }
+        let mut out = vec![];
+        while let Some(Decoded::Frame(f)) = d.next_frame() {
+            out.push(f);
+        }
+        out
+    }
+
+    #[test]
+    fn output_is_read_only_within_credit_or_bound() {
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        set_nonblock(&r).unwrap();
+        nix::unistd::write(&w, &[7u8; 1000]).unwrap();
+        let mut o = OutPipe::new(Channel::Stdout, r);
+        o.credit = 100;
+        assert_eq!(o.room(true), 100);
+        let mut scratch = vec![0u8; 4096];
+        let room = o.room(true);
+        o.read_some(&mut scratch, room);
+        assert_eq!(o.buf.len(), 100);
+        assert_eq!(o.room(true), 0);
+        // Detached, the bound applies instead of the credit.
+        assert_eq!(o.room(false), DETACHED_BOUND - 100);
+        // Sending is limited by the credit too.
+        o.credit = 40;
+        let (mut budget, mut frames) = (usize::MAX, vec![]);
+        drain_out(5, &mut o, &mut budget, &mut frames);
+        let f = decode(&frames);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].data().unwrap().1.len(), 40);
+        assert_eq!((o.credit, o.buf.len()), (0, 60));
+        // EOF is reported only once everything was sent.
+        drop(w);
+        o.credit = 1000;
+        let room = o.room(true);
+        o.read_some(&mut scratch, room);
+        o.read_some(&mut scratch, room);
+        assert!(o.fd.is_none());
+        let mut frames = vec![];
+        drain_out(5, &mut o, &mut budget, &mut frames);
+        let f = decode(&frames);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[1].eof().unwrap(), Channel::Stdout);
+        assert!(o.done() && o.eof_sent);
+    }
+
+    #[test]
+    fn input_honours_the_window_and_grants_credit() {
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        set_nonblock(&w).unwrap();
+        let mut i = InPipe::new(Channel::Stdin, w);
+        i.window = 10;
+        assert!(i.data(&[1; 11]).is_err());
+        i.data(&[1; 10]).unwrap();
+        assert_eq!(i.window, 0);
+        i.write_some();
+        assert!(i.buf.is_empty());
+        let mut frames = vec![];
+        credit_in(3, &mut i, &mut frames);
+        let f = decode(&frames);
+        assert_eq!(f[0].credit().unwrap(), (Channel::Stdin, 10));
+        assert_eq!(i.window, 10);
+        i.eof = true;
+        i.maybe_close();
+        assert!(i.fd.is_none());
+        let mut got = vec![0u8; 64];
+        assert_eq!(nix::unistd::read(&r, &mut got).unwrap(), 10);
+        assert_eq!(nix::unistd::read(&r, &mut got).unwrap(), 0);
+    }
 }

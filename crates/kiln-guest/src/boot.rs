@@ -18,7 +18,10 @@ pub struct BootConfig {
 
 impl BootConfig {
     pub fn parse(cmdline: &str) -> BootConfig {
-        let mut c = BootConfig { channel: "serial".into(), ..Default::default() };
+        let mut c = BootConfig {
+            channel: "serial".into(),
+            ..Default::default()
+        };
         for word in cmdline.split_whitespace() {
             if let Some(v) = word.strip_prefix("kiln.root=") {
                 c.root = Some(v.to_string()).filter(|v| !v.is_empty());
@@ -52,7 +55,13 @@ pub enum BootError {
     Switch(#[source] nix::Error),
 }
 
-fn mnt(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), BootError> {
+fn mnt(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), BootError> {
     mkdir(target)?;
     mount(Some(src), target, Some(fstype), flags, data).map_err(|source| BootError::Mount {
         what: format!("{fstype} {src}"),
@@ -62,7 +71,11 @@ fn mnt(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>
 }
 
 fn mkdir(p: &str) -> Result<(), BootError> {
-    fs::create_dir_all(p).map_err(|source| BootError::Fs { what: "creating", path: p.into(), source })
+    fs::create_dir_all(p).map_err(|source| BootError::Fs {
+        what: "creating",
+        path: p.into(),
+        source,
+    })
 }
 
 /// Mounts /proc, /sys and /dev in the current root, and the rest when `full`.
@@ -70,7 +83,13 @@ fn mount_pseudo(full: bool) -> Result<(), BootError> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mnt("proc", "/proc", "proc", nosuid, None)?;
     mnt("sysfs", "/sys", "sysfs", nosuid, None)?;
-    mnt("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mnt(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
     if full { mount_extra() } else { Ok(()) }
 }
 
@@ -85,8 +104,20 @@ fn mount_extra() -> Result<(), BootError> {
     )?;
     let _ = fs::remove_file("/dev/ptmx");
     let _ = symlink("pts/ptmx", "/dev/ptmx");
-    mnt("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
-    mnt("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    mnt(
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    mnt(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
     for (link, target) in [
         ("/dev/fd", "/proc/self/fd"),
         ("/dev/stdin", "/proc/self/fd/0"),
@@ -96,8 +127,13 @@ fn mount_extra() -> Result<(), BootError> {
         let _ = symlink(target, link);
     }
     mkdir("/tmp")?;
-    fs::set_permissions("/tmp", fs::Permissions::from_mode(0o1777))
-        .map_err(|source| BootError::Fs { what: "chmod", path: "/tmp".into(), source })?;
+    fs::set_permissions("/tmp", fs::Permissions::from_mode(0o1777)).map_err(|source| {
+        BootError::Fs {
+            what: "chmod",
+            path: "/tmp".into(),
+            source,
+        }
+    })?;
     Ok(())
 }
 
@@ -105,8 +141,11 @@ fn mount_extra() -> Result<(), BootError> {
 /// Returns the configuration read from the kernel command line.
 pub fn boot() -> Result<BootConfig, BootError> {
     mount_pseudo(false)?;
-    let cmdline = fs::read_to_string("/proc/cmdline")
-        .map_err(|source| BootError::Fs { what: "reading", path: "/proc/cmdline".into(), source })?;
+    let cmdline = fs::read_to_string("/proc/cmdline").map_err(|source| BootError::Fs {
+        what: "reading",
+        path: "/proc/cmdline".into(),
+        source,
+    })?;
     let cfg = BootConfig::parse(&cmdline);
     let Some(root) = &cfg.root else {
         // No image: run in the initramfs itself.
@@ -117,7 +156,13 @@ pub fn boot() -> Result<BootConfig, BootError> {
     mnt(root, "/kiln/lower", "ext4", ro, None)?;
     match &cfg.rw {
         Some(rw) => mnt(rw, "/kiln/rw", "ext4", MsFlags::empty(), None)?,
-        None => mnt("tmpfs", "/kiln/rw", "tmpfs", MsFlags::empty(), Some("mode=0755"))?,
+        None => mnt(
+            "tmpfs",
+            "/kiln/rw",
+            "tmpfs",
+            MsFlags::empty(),
+            Some("mode=0755"),
+        )?,
     }
     mkdir("/kiln/rw/upper")?;
     mkdir("/kiln/rw/work")?;
@@ -131,7 +176,8 @@ pub fn boot() -> Result<BootConfig, BootError> {
     // The initramfs cannot be pivot_root'ed away: move the new root over /
     // and chroot into it (what switch_root does).
     nix::unistd::chdir("/kiln/root").map_err(BootError::Switch)?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(BootError::Switch)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(BootError::Switch)?;
     nix::unistd::chroot(".").map_err(BootError::Switch)?;
     nix::unistd::chdir("/").map_err(BootError::Switch)?;
     mount_pseudo(true)?;
@@ -144,7 +190,9 @@ mod tests {
 
     #[test]
     fn cmdline() {
-        let c = BootConfig::parse("console=ttyS0 quiet kiln.root=/dev/vda kiln.rw=/dev/vdb kiln.channel=vsock");
+        let c = BootConfig::parse(
+            "console=ttyS0 quiet kiln.root=/dev/vda kiln.rw=/dev/vdb kiln.channel=vsock",
+        );
         assert_eq!(c.root.as_deref(), Some("/dev/vda"));
         assert_eq!(c.rw.as_deref(), Some("/dev/vdb"));
         assert_eq!(c.channel, "vsock");

@@ -26,7 +26,10 @@ pub enum CopyError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CopyError + '_ {
-    move |source| CopyError::Io { path: path.display().to_string(), source }
+    move |source| CopyError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Normalises an archive member name into safe relative components, or
@@ -129,12 +132,20 @@ pub fn unpack(r: impl Read, dest: &Path) -> Result<u64, CopyError> {
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(io(&path))?;
         } else if kind.is_file() || kind == tar::EntryType::Continuous {
             remove_existing(&path)?;
-            let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(io(&path))?;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(io(&path))?;
             std::io::copy(&mut entry, &mut f).map_err(CopyError::Archive)?;
             f.flush().map_err(io(&path))?;
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(io(&path))?;
         } else if kind.is_symlink() {
-            let target = entry.link_name().map_err(CopyError::Archive)?.unwrap_or_default().into_owned();
+            let target = entry
+                .link_name()
+                .map_err(CopyError::Archive)?
+                .unwrap_or_default()
+                .into_owned();
             if !link_stays_inside(&rel, &target) {
                 return Err(CopyError::EscapingLink {
                     name: rel.display().to_string(),
@@ -144,14 +155,19 @@ pub fn unpack(r: impl Read, dest: &Path) -> Result<u64, CopyError> {
             remove_existing(&path)?;
             symlink(&target, &path).map_err(io(&path))?;
         } else if kind.is_hard_link() {
-            let target = entry.link_name().map_err(CopyError::Archive)?.unwrap_or_default().into_owned();
+            let target = entry
+                .link_name()
+                .map_err(CopyError::Archive)?
+                .unwrap_or_default()
+                .into_owned();
             let trel = safe_relative(&target).map_err(|_| CopyError::EscapingLink {
                 name: rel.display().to_string(),
                 target: target.display().to_string(),
             })?;
             prepare_parent(dest, &trel)?;
             let tpath = dest.join(&trel);
-            if fs::symlink_metadata(&tpath).is_ok_and(|m| m.file_type().is_symlink() || m.is_dir()) {
+            if fs::symlink_metadata(&tpath).is_ok_and(|m| m.file_type().is_symlink() || m.is_dir())
+            {
                 return Err(CopyError::UnsafePath(trel.display().to_string()));
             }
             remove_existing(&path)?;
@@ -162,7 +178,8 @@ pub fn unpack(r: impl Read, dest: &Path) -> Result<u64, CopyError> {
         }
         if let (Some(uid), Some(gid)) = (uid, gid) {
             // Best effort: ownership as recorded in the archive.
-            let _ = std::os::unix::fs::lchown(&path, u32::try_from(uid).ok(), u32::try_from(gid).ok());
+            let _ =
+                std::os::unix::fs::lchown(&path, u32::try_from(uid).ok(), u32::try_from(gid).ok());
             if !kind.is_symlink() {
                 let _ = fs::set_permissions(&path, fs::Permissions::from_mode(mode));
             }
@@ -176,7 +193,10 @@ pub fn unpack(r: impl Read, dest: &Path) -> Result<u64, CopyError> {
 /// Members are named after `path`'s last component.
 pub fn pack(path: &Path, w: impl Write) -> Result<(), CopyError> {
     let meta = fs::symlink_metadata(path).map_err(io(path))?;
-    let name = path.file_name().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let name = path
+        .file_name()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     let mut b = tar::Builder::new(w);
     b.follow_symlinks(false);
     if meta.is_dir() {
@@ -184,7 +204,10 @@ pub fn pack(path: &Path, w: impl Write) -> Result<(), CopyError> {
     } else {
         b.append_path_with_name(path, &name).map_err(io(path))?;
     }
-    b.into_inner().map_err(io(path))?.flush().map_err(io(path))?;
+    b.into_inner()
+        .map_err(io(path))?
+        .flush()
+        .map_err(io(path))?;
     Ok(())
 }
 
@@ -213,7 +236,10 @@ mod tests {
 
     #[test]
     fn relative_names() {
-        assert_eq!(safe_relative(Path::new("./a/./b")).unwrap(), PathBuf::from("a/b"));
+        assert_eq!(
+            safe_relative(Path::new("./a/./b")).unwrap(),
+            PathBuf::from("a/b")
+        );
         assert!(safe_relative(Path::new("a/../../b")).is_err());
         assert!(safe_relative(Path::new("/etc/passwd")).is_err());
     }
@@ -244,7 +270,10 @@ mod tests {
         // A symlink pre-existing inside dest is never followed.
         symlink(t.path(), dest.join("up")).unwrap();
         let via = tar_with(&[("up/evil", E::Regular, "", b"x")]);
-        assert!(matches!(unpack(&via[..], &dest), Err(CopyError::UnsafePath(_))));
+        assert!(matches!(
+            unpack(&via[..], &dest),
+            Err(CopyError::UnsafePath(_))
+        ));
         assert!(!t.path().join("evil").exists());
         assert!(!t.path().join("outside").exists());
     }
@@ -262,7 +291,13 @@ mod tests {
         fs::create_dir(&dest).unwrap();
         unpack(&buf[..], &dest).unwrap();
         assert_eq!(fs::read(dest.join("src/sub/f")).unwrap(), b"hello");
-        assert_eq!(fs::read_link(dest.join("src/l")).unwrap(), PathBuf::from("sub/f"));
-        assert!(matches!(unpack(&buf[..], &dest.join("src/sub/f")), Err(CopyError::NotADirectory(_))));
+        assert_eq!(
+            fs::read_link(dest.join("src/l")).unwrap(),
+            PathBuf::from("sub/f")
+        );
+        assert!(matches!(
+            unpack(&buf[..], &dest.join("src/sub/f")),
+            Err(CopyError::NotADirectory(_))
+        ));
     }
 }

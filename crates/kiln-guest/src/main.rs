@@ -60,7 +60,10 @@ fn main() {
     let transport = match cfg.channel.as_str() {
         "vsock" => match vsock_listener() {
             Ok(l) => agent::Transport::Vsock(l),
-            Err(e) => fatal(format_args!("listening on vsock port {}: {e}", kiln_api::proto::VSOCK_PORT)),
+            Err(e) => fatal(format_args!(
+                "listening on vsock port {}: {e}",
+                kiln_api::proto::VSOCK_PORT
+            )),
         },
         "serial" => {
             // Devices are probed before init runs; wait a little just in case.
@@ -94,7 +97,9 @@ fn main() {
 }
 
 fn vsock_listener() -> nix::Result<std::os::fd::OwnedFd> {
-    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, VsockAddr, bind, listen, socket};
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, VsockAddr, bind, listen, socket,
+    };
     use std::os::fd::AsRawFd;
     let fd = socket(
         AddressFamily::Vsock,
@@ -102,7 +107,10 @@ fn vsock_listener() -> nix::Result<std::os::fd::OwnedFd> {
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )?;
-    bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, kiln_api::proto::VSOCK_PORT))?;
+    bind(
+        fd.as_raw_fd(),
+        &VsockAddr::new(libc::VMADDR_CID_ANY, kiln_api::proto::VSOCK_PORT),
+    )?;
     listen(&fd, Backlog::new(4)?)?;
     Ok(fd)
 }

@@ -16,7 +16,8 @@ const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 pub fn add_entropy(random: &OwnedFd, bytes: &[u8]) -> std::io::Result<()> {
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
     let mut info: Vec<u32> = vec![0; 2 + bytes.len().div_ceil(4)];
-    let bits = i32::try_from(bytes.len() * 8).map_err(|_| std::io::Error::other("too much entropy"))?;
+    let bits =
+        i32::try_from(bytes.len() * 8).map_err(|_| std::io::Error::other("too much entropy"))?;
     let len = i32::try_from(bytes.len()).map_err(|_| std::io::Error::other("too much entropy"))?;
     info[0] = bits as u32;
     info[1] = len as u32;
@@ -29,16 +30,29 @@ pub fn add_entropy(random: &OwnedFd, bytes: &[u8]) -> std::io::Result<()> {
     // (`len`) bytes follow the 8-byte header inside the allocation; the
     // kernel only reads from it during the call.
     let r = unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) };
-    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Sets a terminal's window size.
 pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> std::io::Result<()> {
-    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which is a
     // valid local for the duration of the call.
     let r = unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
-    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// What the child does between fork and exec.

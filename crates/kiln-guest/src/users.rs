@@ -69,7 +69,12 @@ pub fn parse_group(text: &str) -> Vec<GroupEntry> {
                 gid: f[2].parse().ok()?,
                 members: f
                     .get(3)
-                    .map(|m| m.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
+                    .map(|m| {
+                        m.split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_string)
+                            .collect()
+                    })
                     .unwrap_or_default(),
             })
         })
@@ -78,7 +83,11 @@ pub fn parse_group(text: &str) -> Vec<GroupEntry> {
 
 /// Resolves `spec` (`user`, `uid`, `user:group`, `uid:gid`, or empty = root).
 /// A numeric uid absent from the passwd file runs with gid 0, like Docker.
-pub fn resolve(spec: &str, passwd: &[PasswdEntry], groups: &[GroupEntry]) -> Result<Identity, ResolveUserError> {
+pub fn resolve(
+    spec: &str,
+    passwd: &[PasswdEntry],
+    groups: &[GroupEntry],
+) -> Result<Identity, ResolveUserError> {
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
@@ -90,12 +99,16 @@ pub fn resolve(spec: &str, passwd: &[PasswdEntry], groups: &[GroupEntry]) -> Res
         return Err(ResolveUserError::Invalid(spec.to_string()));
     }
     let entry = match user.parse::<u32>() {
-        Ok(uid) => passwd.iter().find(|e| e.uid == uid).cloned().or(Some(PasswdEntry {
-            name: String::new(),
-            uid,
-            gid: 0,
-            home: "/".into(),
-        })),
+        Ok(uid) => passwd
+            .iter()
+            .find(|e| e.uid == uid)
+            .cloned()
+            .or(Some(PasswdEntry {
+                name: String::new(),
+                uid,
+                gid: 0,
+                home: "/".into(),
+            })),
         Err(_) => passwd.iter().find(|e| e.name == user).cloned(),
     }
     .ok_or_else(|| ResolveUserError::NoUser(user.to_string()))?;
@@ -118,7 +131,12 @@ pub fn resolve(spec: &str, passwd: &[PasswdEntry], groups: &[GroupEntry]) -> Res
             }
         }
     }
-    Ok(Identity { uid: entry.uid, gid, groups: sup, home: Some(entry.home).filter(|h| !h.is_empty()) })
+    Ok(Identity {
+        uid: entry.uid,
+        gid,
+        groups: sup,
+        home: Some(entry.home).filter(|h| !h.is_empty()),
+    })
 }
 
 /// Resolves `spec` against the files of the running root.
@@ -133,7 +151,8 @@ mod tests {
     use super::*;
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n# comment\nbroken line\nalice:x:1000:1000::/home/alice:/bin/sh\nbob:x:1001:100:Bob:/home/bob:/bin/sh\n";
-    const GROUP: &str = "root:x:0:\nusers:x:100:alice\nalice:x:1000:\nwheel:x:10:alice,bob\nbad:x:notanumber:\n";
+    const GROUP: &str =
+        "root:x:0:\nusers:x:100:alice\nalice:x:1000:\nwheel:x:10:alice,bob\nbad:x:notanumber:\n";
 
     fn r(spec: &str) -> Result<Identity, ResolveUserError> {
         resolve(spec, &parse_passwd(PASSWD), &parse_group(GROUP))
@@ -166,12 +185,18 @@ mod tests {
         let id = r("alice:wheel").unwrap();
         assert_eq!((id.uid, id.gid, id.groups.clone()), (1000, 10, vec![10]));
         assert_eq!(r("1000:55").unwrap().gid, 55);
-        assert_eq!(r("bob:nosuch"), Err(ResolveUserError::NoGroup("nosuch".into())));
+        assert_eq!(
+            r("bob:nosuch"),
+            Err(ResolveUserError::NoGroup("nosuch".into()))
+        );
     }
 
     #[test]
     fn errors() {
-        assert_eq!(r("mallory"), Err(ResolveUserError::NoUser("mallory".into())));
+        assert_eq!(
+            r("mallory"),
+            Err(ResolveUserError::NoUser("mallory".into()))
+        );
         assert!(matches!(r(":10"), Err(ResolveUserError::Invalid(_))));
         assert!(matches!(r("alice:"), Err(ResolveUserError::Invalid(_))));
     }

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use kiln_api::proto::{
-    self, Channel, Decoded, Decoder, ErrorKind, Event, ExecRequest, ExitStatus, Frame, Hello, HelloAck,
-    INITIAL_WINDOW, Kind, Request, Response,
+    self, Channel, Decoded, Decoder, ErrorKind, Event, ExecRequest, ExitStatus, Frame, Hello,
+    HelloAck, INITIAL_WINDOW, Kind, Request, Response,
 };
 use kiln_node::agent::{AgentClient, ConnectAgentError, ExecError, Output, StreamError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
@@ -51,7 +51,8 @@ impl FakeGuest {
     }
 
     async fn respond(&mut self, stream: u32, r: &Response) {
-        self.send(&proto::encode_json(Kind::Response, stream, r).unwrap()).await;
+        self.send(&proto::encode_json(Kind::Response, stream, r).unwrap())
+            .await;
     }
 
     /// Next request (skipping credit and close frames of other streams).
@@ -68,7 +69,11 @@ impl FakeGuest {
 async fn pair() -> (AgentClient, FakeGuest) {
     let (host, guest) = tokio::io::duplex(1 << 20);
     let (rd, wr) = tokio::io::split(guest);
-    let mut g = FakeGuest { rd, wr, dec: Decoder::new() };
+    let mut g = FakeGuest {
+        rd,
+        wr,
+        dec: Decoder::new(),
+    };
     let guest_task = tokio::spawn(async move {
         // Ignore the first Hello to exercise the repetition.
         let first = g.frame().await;
@@ -81,7 +86,8 @@ async fn pair() -> (AgentClient, FakeGuest) {
         };
         // Stale garbage and a frame of an earlier session precede the ack.
         g.send(b"\x00garbage KLN").await;
-        g.send(&proto::encode_data(99, Channel::Stdout, b"old").unwrap()).await;
+        g.send(&proto::encode_data(99, Channel::Stdout, b"old").unwrap())
+            .await;
         let ack = HelloAck {
             version: proto::VERSION,
             session: h.session,
@@ -89,10 +95,13 @@ async fn pair() -> (AgentClient, FakeGuest) {
             boot_id: "b".into(),
             main: None,
         };
-        g.send(&proto::encode_json(Kind::HelloAck, 0, &ack).unwrap()).await;
+        g.send(&proto::encode_json(Kind::HelloAck, 0, &ack).unwrap())
+            .await;
         g
     });
-    let (client, ack) = AgentClient::connect(host, Duration::from_secs(5)).await.unwrap();
+    let (client, ack) = AgentClient::connect(host, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(ack.agent, "fake");
     (client, guest_task.await.unwrap())
 }
@@ -126,21 +135,39 @@ async fn exec_demuxes_stdout_stderr_and_exit() {
     let (s, req) = g.request().await;
     assert!(matches!(req, Request::Exec(_)));
     g.respond(s, &Response::Started { pid: 42 }).await;
-    g.send(&proto::encode_data(s, Channel::Stdout, b"out").unwrap()).await;
+    g.send(&proto::encode_data(s, Channel::Stdout, b"out").unwrap())
+        .await;
     let mut p = h.await.unwrap().unwrap();
     assert_eq!(p.pid(), 42);
-    assert_eq!(p.recv().await.unwrap().unwrap(), Output::Stdout("out".into()));
+    assert_eq!(
+        p.recv().await.unwrap().unwrap(),
+        Output::Stdout("out".into())
+    );
     // Consuming returned the credit.
     let f = g.non_hello().await;
-    assert_eq!((f.kind, f.credit().unwrap()), (Kind::Credit, (Channel::Stdout, 3)));
-    g.send(&proto::encode_data(s, Channel::Stderr, b"err").unwrap()).await;
+    assert_eq!(
+        (f.kind, f.credit().unwrap()),
+        (Kind::Credit, (Channel::Stdout, 3))
+    );
+    g.send(&proto::encode_data(s, Channel::Stderr, b"err").unwrap())
+        .await;
     g.send(&proto::encode_eof(s, Channel::Stdout)).await;
     g.send(&proto::encode_eof(s, Channel::Stderr)).await;
-    let ev = Event::Exit { pid: 42, status: ExitStatus { code: Some(3), signal: None } };
-    g.send(&proto::encode_json(Kind::Event, s, &ev).unwrap()).await;
+    let ev = Event::Exit {
+        pid: 42,
+        status: ExitStatus {
+            code: Some(3),
+            signal: None,
+        },
+    };
+    g.send(&proto::encode_json(Kind::Event, s, &ev).unwrap())
+        .await;
     g.send(&proto::encode_close(s)).await;
     let (out, err, st) = p.wait_with_output().await.unwrap();
-    assert_eq!((out.as_slice(), err.as_slice(), st.code), (&b""[..], &b"err"[..], Some(3)));
+    assert_eq!(
+        (out.as_slice(), err.as_slice(), st.code),
+        (&b""[..], &b"err"[..], Some(3))
+    );
 }
 
 #[tokio::test]
@@ -150,7 +177,14 @@ async fn exec_errors_map_to_kinds() {
     let h = tokio::spawn(async move { c2.exec(exec_req(&["nosuch"], false)).await });
     let (s, _) = g.request().await;
     let msg = "exec: \"nosuch\": executable file not found in $PATH";
-    g.respond(s, &Response::Error { kind: ErrorKind::NotFound, message: msg.into() }).await;
+    g.respond(
+        s,
+        &Response::Error {
+            kind: ErrorKind::NotFound,
+            message: msg.into(),
+        },
+    )
+    .await;
     let e = h.await.unwrap().err().unwrap();
     assert!(matches!(e, ExecError::NotFound(_)));
     assert_eq!(e.shell_code(), Some(127));
@@ -170,11 +204,13 @@ async fn data_beyond_credit_fails_only_that_stream() {
     let mut sent = 0usize;
     while sent < INITIAL_WINDOW as usize {
         let n = chunk.len().min(INITIAL_WINDOW as usize - sent);
-        g.send(&proto::encode_data(s, Channel::Stdout, &chunk[..n]).unwrap()).await;
+        g.send(&proto::encode_data(s, Channel::Stdout, &chunk[..n]).unwrap())
+            .await;
         sent += n;
     }
     // One byte more is a violation.
-    g.send(&proto::encode_data(s, Channel::Stdout, b"!").unwrap()).await;
+    g.send(&proto::encode_data(s, Channel::Stdout, b"!").unwrap())
+        .await;
     // Let the reader see it all before the consumer returns any credit.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut got = 0usize;
@@ -212,17 +248,25 @@ async fn hostile_frames_are_contained() {
     let crc = crc32(&h[..16]);
     h[16..20].copy_from_slice(&crc.to_le_bytes());
     g.send(&h).await;
-    g.send(&proto::encode_data(12345, Channel::Stdout, b"who").unwrap()).await;
-    g.send(&proto::encode_json(Kind::Event, 777, &"nonsense").unwrap()).await;
-    g.send(&proto::encode(Kind::Request, 5, b"{}").unwrap()).await;
-    g.send(&proto::encode_credit(3, Channel::Stdin, u32::MAX)).await;
+    g.send(&proto::encode_data(12345, Channel::Stdout, b"who").unwrap())
+        .await;
+    g.send(&proto::encode_json(Kind::Event, 777, &"nonsense").unwrap())
+        .await;
+    g.send(&proto::encode(Kind::Request, 5, b"{}").unwrap())
+        .await;
+    g.send(&proto::encode_credit(3, Channel::Stdin, u32::MAX))
+        .await;
 
     // An exec whose response is malformed fails with a protocol error.
     let c2 = client.clone();
     let t = tokio::spawn(async move { c2.exec(exec_req(&["x"], false)).await });
     let (s, _) = g.request().await;
-    g.send(&proto::encode(Kind::Response, s, b"{\"type\":\"started\"").unwrap()).await;
-    assert!(matches!(t.await.unwrap(), Err(ExecError::Stream(StreamError::Protocol { .. }))));
+    g.send(&proto::encode(Kind::Response, s, b"{\"type\":\"started\"").unwrap())
+        .await;
+    assert!(matches!(
+        t.await.unwrap(),
+        Err(ExecError::Stream(StreamError::Protocol { .. }))
+    ));
 
     // Data before the response, an exit for the wrong pid.
     let c2 = client.clone();
@@ -232,7 +276,8 @@ async fn hostile_frames_are_contained() {
     let mut p = t.await.unwrap().unwrap();
     // Credit flooding on stdin is refused too (beyond the maximum).
     for _ in 0..100 {
-        g.send(&proto::encode_credit(s, Channel::Stdin, u32::MAX)).await;
+        g.send(&proto::encode_credit(s, Channel::Stdin, u32::MAX))
+            .await;
     }
     let r = p.recv().await.unwrap();
     assert!(matches!(r, Err(StreamError::Protocol { .. })), "{r:?}");
@@ -242,9 +287,19 @@ async fn hostile_frames_are_contained() {
     let (s, _) = g.request().await;
     g.respond(s, &Response::Started { pid: 9 }).await;
     let mut p = t.await.unwrap().unwrap();
-    let ev = Event::Exit { pid: 10, status: ExitStatus { code: Some(0), signal: None } };
-    g.send(&proto::encode_json(Kind::Event, s, &ev).unwrap()).await;
-    assert!(matches!(p.recv().await.unwrap(), Err(StreamError::Protocol { .. })));
+    let ev = Event::Exit {
+        pid: 10,
+        status: ExitStatus {
+            code: Some(0),
+            signal: None,
+        },
+    };
+    g.send(&proto::encode_json(Kind::Event, s, &ev).unwrap())
+        .await;
+    assert!(matches!(
+        p.recv().await.unwrap(),
+        Err(StreamError::Protocol { .. })
+    ));
     assert!(client.is_connected());
 }
 
@@ -299,7 +354,11 @@ fn crc32(b: &[u8]) -> u32 {
     for &x in b {
         crc ^= x as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

@@ -38,17 +38,30 @@ impl Drop for Vm {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
 fn sha256_file(p: &Path) -> String {
-    sh(Command::new("sha256sum").arg(p)).split_whitespace().next().unwrap().to_string()
+    sh(Command::new("sha256sum").arg(p))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 fn sha256_bytes(b: &[u8]) -> String {
@@ -61,17 +74,35 @@ fn sha256_bytes(b: &[u8]) -> String {
 
 fn build_rootfs(dir: &Path) -> PathBuf {
     let root = dir.join("rootfs");
-    for d in ["bin", "etc", "home/alice", "tmp", "proc", "sys", "dev", "run", "root"] {
+    for d in [
+        "bin",
+        "etc",
+        "home/alice",
+        "tmp",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "root",
+    ] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("Debian busybox-static at /bin/busybox");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("Debian busybox-static at /bin/busybox");
     let list = sh(Command::new("/bin/busybox").arg("--list"));
     for applet in list.lines().filter(|a| *a != "busybox") {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n")
-        .unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\nalice:x:1000:\nstaff:x:50:alice\n").unwrap();
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("etc/group"),
+        "root:x:0:\nalice:x:1000:\nstaff:x:50:alice\n",
+    )
+    .unwrap();
     std::fs::write(root.join("etc/hosts"), "127.0.0.1\tlocalhost\n").unwrap();
     let img = dir.join("root.ext4");
     sh(Command::new("mkfs.ext4")
@@ -85,15 +116,29 @@ fn build_rootfs(dir: &Path) -> PathBuf {
 async fn boot() -> (Vm, PathBuf, Instant) {
     let repo = repo_root();
     let kernel = dirs_home().join(".cache/kiln/kernel/current/bzImage");
-    assert!(kernel.exists(), "kernel missing at {}: run scripts/build-kernel.sh", kernel.display());
+    assert!(
+        kernel.exists(),
+        "kernel missing at {}: run scripts/build-kernel.sh",
+        kernel.display()
+    );
     let initramfs_dir = sh(&mut Command::new(repo.join("scripts/build-initramfs.sh")));
     let initramfs = PathBuf::from(initramfs_dir.trim()).join("initramfs.img");
-    let dir = std::env::temp_dir().join(format!("kiln-agent-vm-{}-{}", std::process::id(), rand::random::<u32>()));
+    let dir = std::env::temp_dir().join(format!(
+        "kiln-agent-vm-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut vm = Vm { dir: dir.clone(), qemu: None };
+    let mut vm = Vm {
+        dir: dir.clone(),
+        qemu: None,
+    };
     let root = build_rootfs(&dir);
     let rw = dir.join("rw.ext4");
-    std::fs::File::create(&rw).unwrap().set_len(512 << 20).unwrap();
+    std::fs::File::create(&rw)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
     sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&rw));
     let sock = dir.join("agent.sock");
     let started = Instant::now();
@@ -142,7 +187,9 @@ async fn connect(sock: &Path) -> (AgentClient, kiln_api::proto::HelloAck) {
             Err(e) => panic!("connecting to {}: {e}", sock.display()),
         }
     };
-    AgentClient::connect(stream, Duration::from_secs(60)).await.expect("agent handshake")
+    AgentClient::connect(stream, Duration::from_secs(60))
+        .await
+        .expect("agent handshake")
 }
 
 fn req(argv: &[&str]) -> ExecRequest {
@@ -162,24 +209,36 @@ fn req(argv: &[&str]) -> ExecRequest {
 async fn run(c: &AgentClient, r: ExecRequest) -> (String, String, ExitStatus) {
     let p = c.exec(r).await.expect("exec");
     let (o, e, s) = p.wait_with_output().await.expect("output");
-    (String::from_utf8_lossy(&o).into_owned(), String::from_utf8_lossy(&e).into_owned(), s)
+    (
+        String::from_utf8_lossy(&o).into_owned(),
+        String::from_utf8_lossy(&e).into_owned(),
+        s,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_end_to_end_on_qemu() {
-    tokio::time::timeout(Duration::from_secs(600), story()).await.expect("the story finishes within 10 min");
+    tokio::time::timeout(Duration::from_secs(600), story())
+        .await
+        .expect("the story finishes within 10 min");
 }
 
 async fn story() {
     let (mut vm, sock, spawned) = boot().await;
     let (client, ack) = connect(&sock).await;
     let ready = spawned.elapsed();
-    eprintln!("phase boot: HelloAck {:.0} ms after QEMU spawn ({})", ready.as_secs_f64() * 1000.0, ack.agent);
+    eprintln!(
+        "phase boot: HelloAck {:.0} ms after QEMU spawn ({})",
+        ready.as_secs_f64() * 1000.0,
+        ack.agent
+    );
     assert!(ack.main.is_none());
     client.ping().await.unwrap();
 
     eprintln!("phase configure");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
     client
         .configure(Configure {
             sandbox_id: "sb-test".into(),
@@ -195,9 +254,19 @@ async fn story() {
 
     eprintln!("phase hello/stderr/exit codes");
     let (out, err, st) = run(&client, req(&["echo", "hello world"])).await;
-    assert_eq!((out.as_str(), err.as_str(), st.code), ("hello world\n", "", Some(0)));
-    let (out, err, st) = run(&client, req(&["sh", "-c", "echo out; echo err >&2; exit 3"])).await;
-    assert_eq!((out.as_str(), err.as_str(), st.shell_code()), ("out\n", "err\n", 3));
+    assert_eq!(
+        (out.as_str(), err.as_str(), st.code),
+        ("hello world\n", "", Some(0))
+    );
+    let (out, err, st) = run(
+        &client,
+        req(&["sh", "-c", "echo out; echo err >&2; exit 3"]),
+    )
+    .await;
+    assert_eq!(
+        (out.as_str(), err.as_str(), st.shell_code()),
+        ("out\n", "err\n", 3)
+    );
     let (_, _, st) = run(&client, req(&["sh", "-c", "kill -9 $$"])).await;
     assert_eq!((st.signal, st.shell_code()), (Some(9), 137));
     let p = client.exec(req(&["sleep", "100"])).await.unwrap();
@@ -206,7 +275,11 @@ async fn story() {
     assert_eq!(st.shell_code(), 143);
 
     eprintln!("phase env/cwd/user");
-    let mut r = req(&["sh", "-c", "echo $FOO; pwd; id -u; id -g; id -G; echo ${HOME:-unset}"]);
+    let mut r = req(&[
+        "sh",
+        "-c",
+        "echo $FOO; pwd; id -u; id -g; id -G; echo ${HOME:-unset}",
+    ]);
     r.env.push("FOO=bar baz".into());
     r.cwd = Some("/work/new/dir".into());
     r.user = Some("alice".into());
@@ -218,11 +291,22 @@ async fn story() {
     assert_eq!(run(&client, r).await.0, "4242\n");
 
     eprintln!("phase not found");
-    let e = client.exec(req(&["nosuch"])).await.err().expect("nosuch fails");
+    let e = client
+        .exec(req(&["nosuch"]))
+        .await
+        .err()
+        .expect("nosuch fails");
     assert!(matches!(e, ExecError::NotFound(_)), "{e:?}");
-    assert_eq!(e.to_string(), "exec: \"nosuch\": executable file not found in $PATH");
+    assert_eq!(
+        e.to_string(),
+        "exec: \"nosuch\": executable file not found in $PATH"
+    );
     assert_eq!(e.shell_code(), Some(127));
-    let e = client.exec(req(&["/etc/passwd"])).await.err().expect("not executable");
+    let e = client
+        .exec(req(&["/etc/passwd"]))
+        .await
+        .err()
+        .expect("not executable");
     assert_eq!(e.shell_code(), Some(126), "{e:?}");
 
     eprintln!("phase stdin");
@@ -233,7 +317,10 @@ async fn story() {
     stdin.write(b"piped through cat\n").await.unwrap();
     stdin.close().await.unwrap();
     let (out, _, st) = p.wait_with_output().await.unwrap();
-    assert_eq!((out.as_slice(), st.code), (&b"piped through cat\n"[..], Some(0)));
+    assert_eq!(
+        (out.as_slice(), st.code),
+        (&b"piped through cat\n"[..], Some(0))
+    );
 
     eprintln!("phase tty");
     let mut r = req(&["sh", "-c", "tty; stty size; echo err >&2"]);
@@ -242,16 +329,29 @@ async fn story() {
     r.cols = Some(100);
     let (out, err, st) = run(&client, r).await;
     assert_eq!(st.code, Some(0));
-    assert!(out.contains("/dev/pts/") && out.contains("30 100") && out.contains("err"), "{out:?}");
+    assert!(
+        out.contains("/dev/pts/") && out.contains("30 100") && out.contains("err"),
+        "{out:?}"
+    );
     assert_eq!(err, "");
 
     eprintln!("phase 20 MiB output, slow consumer");
-    let (out, err, st) =
-        run(&client, req(&["sh", "-c", "head -c 20971520 /dev/urandom > /tmp/big && sha256sum /tmp/big"])).await;
+    let (out, err, st) = run(
+        &client,
+        req(&[
+            "sh",
+            "-c",
+            "head -c 20971520 /dev/urandom > /tmp/big && sha256sum /tmp/big",
+        ]),
+    )
+    .await;
     assert_eq!(st.code, Some(0), "{err}");
     let guest_hash = out.split_whitespace().next().unwrap().to_string();
     let t0 = Instant::now();
-    let mut p = client.exec(req(&["sh", "-c", "cat /tmp/big; echo stderr-only >&2"])).await.unwrap();
+    let mut p = client
+        .exec(req(&["sh", "-c", "cat /tmp/big; echo stderr-only >&2"]))
+        .await
+        .unwrap();
     let (mut data, mut errs) = (Vec::with_capacity(21 << 20), Vec::new());
     let mut items = 0u32;
     let status = loop {
@@ -283,14 +383,19 @@ async fn story() {
         p.wait_with_output().await.unwrap()
     };
     assert_eq!((out.len(), st.code), (20 << 20, Some(0)));
-    eprintln!("phase 20 MiB, fast consumer: {:.2} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "phase 20 MiB, fast consumer: {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
     drop(out);
 
     eprintln!("phase copy_in/copy_out 50 MiB");
     let host_dir = vm.dir.join("copy");
     std::fs::create_dir_all(&host_dir).unwrap();
     let big = host_dir.join("big.bin");
-    sh(Command::new("head").args(["-c", "52428800", "/dev/urandom"]).stdout(std::fs::File::create(&big).unwrap()));
+    sh(Command::new("head")
+        .args(["-c", "52428800", "/dev/urandom"])
+        .stdout(std::fs::File::create(&big).unwrap()));
     let host_hash = sha256_file(&big);
     let mut tar = tokio::process::Command::new("tar")
         .arg("-C")
@@ -302,7 +407,10 @@ async fn story() {
     let t0 = Instant::now();
     let (out, _, _) = run(&client, req(&["mkdir", "-p", "/data"])).await;
     assert_eq!(out, "");
-    client.copy_in("/data", tar.stdout.take().unwrap()).await.expect("copy_in");
+    client
+        .copy_in("/data", tar.stdout.take().unwrap())
+        .await
+        .expect("copy_in");
     assert!(tar.wait().await.unwrap().success());
     let copy_in_took = t0.elapsed();
     let (out, _, _) = run(&client, req(&["sha256sum", "/data/big.bin"])).await;
@@ -319,7 +427,9 @@ async fn story() {
         .spawn()
         .unwrap();
     let mut stdin = untar.stdin.take().unwrap();
-    tokio::io::copy(&mut reader, &mut stdin).await.expect("copy_out stream");
+    tokio::io::copy(&mut reader, &mut stdin)
+        .await
+        .expect("copy_out stream");
     stdin.shutdown().await.unwrap();
     drop(stdin);
     assert!(untar.wait().await.unwrap().success());
@@ -337,17 +447,28 @@ async fn story() {
     eprintln!("phase processes");
     let sleeper = client.exec(req(&["sleep", "30"])).await.unwrap();
     let list = client.processes().await.unwrap();
-    assert!(list.iter().any(|p| p.pid == sleeper.pid() && p.exit.is_none()), "{list:?}");
+    assert!(
+        list.iter()
+            .any(|p| p.pid == sleeper.pid() && p.exit.is_none()),
+        "{list:?}"
+    );
     client.signal(sleeper.pid(), 9).await.unwrap();
     drop(sleeper);
 
     eprintln!("phase detach and re-attach");
     let mut p = client
-        .exec(req(&["sh", "-c", "echo before; sleep 2; echo after; echo more >&2; exit 7"]))
+        .exec(req(&[
+            "sh",
+            "-c",
+            "echo before; sleep 2; echo after; echo more >&2; exit 7",
+        ]))
         .await
         .unwrap();
     let pid = p.pid();
-    assert_eq!(p.recv().await.unwrap().unwrap(), Output::Stdout("before\n".into()));
+    assert_eq!(
+        p.recv().await.unwrap().unwrap(),
+        Output::Stdout("before\n".into())
+    );
     drop(p);
     drop(client);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -355,12 +476,26 @@ async fn story() {
     tokio::time::sleep(Duration::from_millis(2500)).await; // output produced while detached
     let p = client.attach(pid, false).await.expect("attach");
     let (out, err, st) = p.wait_with_output().await.unwrap();
-    assert_eq!((out.as_slice(), err.as_slice(), st.code), (&b"after\n"[..], &b"more\n"[..], Some(7)));
+    assert_eq!(
+        (out.as_slice(), err.as_slice(), st.code),
+        (&b"after\n"[..], &b"more\n"[..], Some(7))
+    );
 
     eprintln!("phase detached output beyond the 8 MiB bound is held back, not lost");
-    let (out, _, _) = run(&client, req(&["sh", "-c", "head -c 12582912 /tmp/big | sha256sum"])).await;
+    let (out, _, _) = run(
+        &client,
+        req(&["sh", "-c", "head -c 12582912 /tmp/big | sha256sum"]),
+    )
+    .await;
     let want = out.split_whitespace().next().unwrap().to_string();
-    let p = client.exec(req(&["sh", "-c", "sleep 1; head -c 12582912 /tmp/big; echo done >&2"])).await.unwrap();
+    let p = client
+        .exec(req(&[
+            "sh",
+            "-c",
+            "sleep 1; head -c 12582912 /tmp/big; echo done >&2",
+        ]))
+        .await
+        .unwrap();
     let pid = p.pid();
     drop(p);
     drop(client);
@@ -368,11 +503,20 @@ async fn story() {
     let (client, _) = connect(&sock).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let list = client.processes().await.unwrap();
-    let info = list.iter().find(|p| p.pid == pid).expect("writer still known");
-    assert!(info.exit.is_none(), "the writer must be blocked on its pipe, not finished: {info:?}");
+    let info = list
+        .iter()
+        .find(|p| p.pid == pid)
+        .expect("writer still known");
+    assert!(
+        info.exit.is_none(),
+        "the writer must be blocked on its pipe, not finished: {info:?}"
+    );
     let p = client.attach(pid, false).await.expect("attach");
     let (out, err, st) = p.wait_with_output().await.unwrap();
-    assert_eq!((out.len(), err.as_slice(), st.code), (12 << 20, &b"done\n"[..], Some(0)));
+    assert_eq!(
+        (out.len(), err.as_slice(), st.code),
+        (12 << 20, &b"done\n"[..], Some(0))
+    );
     assert_eq!(sha256_bytes(&out), want);
 
     eprintln!("phase main process and shutdown");
@@ -393,7 +537,10 @@ async fn story() {
         if let Some(s) = q.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "QEMU still running 30 s after Shutdown");
+        assert!(
+            Instant::now() < deadline,
+            "QEMU still running 30 s after Shutdown"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     eprintln!("phase done: QEMU exited ({status})");

@@ -65,7 +65,13 @@ pub(crate) struct Demux {
 
 impl Demux {
     pub(crate) fn new() -> Self {
-        Demux { slots: HashMap::new(), next_stream: 1, closed: None, out: Vec::new(), warned: 0 }
+        Demux {
+            slots: HashMap::new(),
+            next_stream: 1,
+            closed: None,
+            out: Vec::new(),
+            warned: 0,
+        }
     }
 
     pub(crate) fn closed(&self) -> Option<&str> {
@@ -81,7 +87,9 @@ impl Demux {
         self.next_stream = self.next_stream.checked_add(1).ok_or(StreamError::Closed)?;
         let (tx, rx) = oneshot::channel();
         let (itx, irx) = mpsc::unbounded_channel();
-        let send_credit = spec.send.map(|c| (c, Arc::new(Semaphore::new(INITIAL_WINDOW as usize))));
+        let send_credit = spec
+            .send
+            .map(|c| (c, Arc::new(Semaphore::new(INITIAL_WINDOW as usize))));
         let opened = Opened {
             id,
             response: rx,
@@ -93,7 +101,11 @@ impl Demux {
             Slot {
                 response: Some(tx),
                 inbound: Some(itx),
-                recv_window: spec.recv.iter().map(|c| (*c, u64::from(INITIAL_WINDOW))).collect(),
+                recv_window: spec
+                    .recv
+                    .iter()
+                    .map(|c| (*c, u64::from(INITIAL_WINDOW)))
+                    .collect(),
                 send_credit,
                 pid: None,
                 exited: false,
@@ -132,8 +144,12 @@ impl Demux {
 
     /// The consumer took `n` bytes of `ch`: grant that much credit again.
     pub(crate) fn consumed(&mut self, id: u32, ch: Channel, n: usize) {
-        let Some(slot) = self.slots.get_mut(&id) else { return };
-        let Some(w) = slot.recv_window.iter_mut().find(|(c, _)| *c == ch) else { return };
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        let Some(w) = slot.recv_window.iter_mut().find(|(c, _)| *c == ch) else {
+            return;
+        };
         w.1 += n as u64;
         if self.closed.is_none() {
             self.out.push(proto::encode_credit(id, ch, n as u32));
@@ -225,11 +241,15 @@ impl Demux {
                 match &slot.send_credit {
                     Some((c, sem)) if *c == ch => {
                         if sem.available_permits().saturating_add(n as usize) > MAX_SEND_CREDIT {
-                            return self.violation(id, format!("credit beyond {MAX_SEND_CREDIT} bytes"));
+                            return self
+                                .violation(id, format!("credit beyond {MAX_SEND_CREDIT} bytes"));
                         }
                         sem.add_permits(n as usize);
                     }
-                    _ => self.violation(id, format!("credit for channel {ch:?}, which the host does not send")),
+                    _ => self.violation(
+                        id,
+                        format!("credit for channel {ch:?}, which the host does not send"),
+                    ),
                 }
             }
             _ if slot.response.is_some() => {
@@ -241,12 +261,18 @@ impl Demux {
                     Err(e) => return self.violation(id, e.to_string()),
                 };
                 let Some(w) = slot.recv_window.iter_mut().find(|(c, _)| *c == ch) else {
-                    return self.violation(id, format!("data on channel {ch:?}, which this stream does not carry"));
+                    return self.violation(
+                        id,
+                        format!("data on channel {ch:?}, which this stream does not carry"),
+                    );
                 };
                 let n = bytes.len() as u64;
                 if n > w.1 {
                     let left = w.1;
-                    return self.violation(id, format!("{n} bytes of {ch:?} with only {left} bytes of credit"));
+                    return self.violation(
+                        id,
+                        format!("{n} bytes of {ch:?} with only {left} bytes of credit"),
+                    );
                 }
                 w.1 -= n;
                 if n > 0
@@ -261,7 +287,10 @@ impl Demux {
                         let _ = i.send(Inbound::Eof);
                     }
                 }
-                Ok(ch) => self.violation(id, format!("EOF on channel {ch:?}, which this stream does not carry")),
+                Ok(ch) => self.violation(
+                    id,
+                    format!("EOF on channel {ch:?}, which this stream does not carry"),
+                ),
                 Err(e) => self.violation(id, e.to_string()),
             },
             Kind::Event => match f.json::<Event>("event") {

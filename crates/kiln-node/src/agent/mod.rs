@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_api::proto::{
-    self, Channel, Configure, Decoded, ErrorKind, ExecRequest, ExitStatus, Hello, HelloAck, Kind, MAX_DATA_CHUNK,
-    ProcessInfo, Request, Response,
+    self, Channel, Configure, Decoded, ErrorKind, ExecRequest, ExitStatus, Hello, HelloAck, Kind,
+    MAX_DATA_CHUNK, ProcessInfo, Request, Response,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -62,9 +62,16 @@ pub enum RequestError {
     #[error(transparent)]
     Stream(#[from] StreamError),
     #[error("guest agent refused {request}: {message} ({kind:?})")]
-    Refused { request: &'static str, kind: ErrorKind, message: String },
+    Refused {
+        request: &'static str,
+        kind: ErrorKind,
+        message: String,
+    },
     #[error("guest agent answered {request} with an unexpected {response}")]
-    Unexpected { request: &'static str, response: String },
+    Unexpected {
+        request: &'static str,
+        response: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +112,11 @@ pub enum CopyInError {
         source: std::io::Error,
     },
     #[error("guest refused to unpack into {dest}: {message} ({kind:?})")]
-    Refused { dest: String, kind: ErrorKind, message: String },
+    Refused {
+        dest: String,
+        kind: ErrorKind,
+        message: String,
+    },
     #[error(transparent)]
     Stream(#[from] StreamError),
     #[error("guest agent answered copy-in with an unexpected {0}")]
@@ -115,7 +126,11 @@ pub enum CopyInError {
 #[derive(Debug, thiserror::Error)]
 pub enum CopyOutError {
     #[error("guest cannot send {path}: {message} ({kind:?})")]
-    Refused { path: String, kind: ErrorKind, message: String },
+    Refused {
+        path: String,
+        kind: ErrorKind,
+        message: String,
+    },
     #[error(transparent)]
     Stream(#[from] StreamError),
     #[error("guest agent answered copy-out with an unexpected {0}")]
@@ -177,14 +192,19 @@ impl Inner {
     fn request(&self, req: &Request, spec: SlotSpec) -> Result<Opened, StreamError> {
         let opened = self.lock().open(spec)?;
         let id = opened.id;
-        let frame = proto::encode_json(Kind::Request, id, req)
-            .map_err(|e| StreamError::Protocol { stream: id, reason: format!("cannot encode the request: {e}") })?;
+        let frame =
+            proto::encode_json(Kind::Request, id, req).map_err(|e| StreamError::Protocol {
+                stream: id,
+                reason: format!("cannot encode the request: {e}"),
+            })?;
         self.send(frame)?;
         Ok(opened)
     }
 }
 
-async fn response(rx: oneshot::Receiver<Result<Response, StreamError>>) -> Result<Response, StreamError> {
+async fn response(
+    rx: oneshot::Receiver<Result<Response, StreamError>>,
+) -> Result<Response, StreamError> {
     rx.await.unwrap_or(Err(StreamError::Closed))
 }
 
@@ -219,8 +239,15 @@ impl AgentClient {
     ) -> Result<(AgentClient, HelloAck), ConnectAgentError> {
         let (mut rd, mut wr) = tokio::io::split(stream);
         let session: u64 = rand::random();
-        let hello = proto::encode_json(Kind::Hello, 0, &Hello { version: proto::VERSION, session })
-            .map_err(|e| ConnectAgentError::Io(std::io::Error::other(e)))?;
+        let hello = proto::encode_json(
+            Kind::Hello,
+            0,
+            &Hello {
+                version: proto::VERSION,
+                session,
+            },
+        )
+        .map_err(|e| ConnectAgentError::Io(std::io::Error::other(e)))?;
         let mut dec = proto::Decoder::new();
         let mut buf = vec![0u8; 64 << 10];
         let deadline = tokio::time::Instant::now() + timeout;
@@ -250,10 +277,16 @@ impl AgentClient {
             }
         };
         if ack.version != proto::VERSION {
-            return Err(ConnectAgentError::Version { guest: ack.version, host: proto::VERSION });
+            return Err(ConnectAgentError::Version {
+                guest: ack.version,
+                host: proto::VERSION,
+            });
         }
         let (tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-        let inner = Arc::new(Inner { demux: Mutex::new(Demux::new()), tx });
+        let inner = Arc::new(Inner {
+            demux: Mutex::new(Demux::new()),
+            tx,
+        });
         let rinner = Arc::clone(&inner);
         let reader = tokio::spawn(async move {
             let reason = loop {
@@ -264,7 +297,9 @@ impl AgentClient {
                             dm.on_frame(f);
                             rinner.flush(&mut dm);
                         }
-                        Decoded::Invalid(e) => tracing::debug!(error = %e, "skipped an invalid guest frame"),
+                        Decoded::Invalid(e) => {
+                            tracing::debug!(error = %e, "skipped an invalid guest frame")
+                        }
                     }
                 }
                 match rd.read(&mut buf).await {
@@ -297,8 +332,18 @@ impl AgentClient {
                 }
             }
         });
-        let tasks = Arc::new(Tasks { inner: Arc::clone(&inner), reader, writer });
-        Ok((AgentClient { inner, _tasks: tasks }, ack))
+        let tasks = Arc::new(Tasks {
+            inner: Arc::clone(&inner),
+            reader,
+            writer,
+        });
+        Ok((
+            AgentClient {
+                inner,
+                _tasks: tasks,
+            },
+            ack,
+        ))
     }
 
     /// Whether the transport is still up.
@@ -307,13 +352,23 @@ impl AgentClient {
     }
 
     async fn simple(&self, name: &'static str, req: Request) -> Result<Response, RequestError> {
-        let o = self.inner.request(&req, SlotSpec { recv: &[], send: None })?;
+        let o = self.inner.request(
+            &req,
+            SlotSpec {
+                recv: &[],
+                send: None,
+            },
+        )?;
         let id = o.id;
         let r = response(o.response).await;
         // The guest does not keep one-shot streams; no Close is needed.
         self.inner.lock().close_quietly(id);
         match r? {
-            Response::Error { kind, message } => Err(RequestError::Refused { request: name, kind, message }),
+            Response::Error { kind, message } => Err(RequestError::Refused {
+                request: name,
+                kind,
+                message,
+            }),
             other => Ok(other),
         }
     }
@@ -321,7 +376,10 @@ impl AgentClient {
     async fn expect_ok(&self, name: &'static str, req: Request) -> Result<(), RequestError> {
         match self.simple(name, req).await? {
             Response::Ok => Ok(()),
-            other => Err(RequestError::Unexpected { request: name, response: format!("{other:?}") }),
+            other => Err(RequestError::Unexpected {
+                request: name,
+                response: format!("{other:?}"),
+            }),
         }
     }
 
@@ -333,23 +391,31 @@ impl AgentClient {
     pub async fn ping(&self) -> Result<(), RequestError> {
         match self.simple("ping", Request::Ping).await? {
             Response::Pong => Ok(()),
-            other => Err(RequestError::Unexpected { request: "ping", response: format!("{other:?}") }),
+            other => Err(RequestError::Unexpected {
+                request: "ping",
+                response: format!("{other:?}"),
+            }),
         }
     }
 
     /// Sends `signal` to a process (its process group for a tty).
     pub async fn signal(&self, pid: u32, signal: i32) -> Result<(), RequestError> {
-        self.expect_ok("signal", Request::Signal { pid, signal }).await
+        self.expect_ok("signal", Request::Signal { pid, signal })
+            .await
     }
 
     pub async fn resize(&self, pid: u32, rows: u16, cols: u16) -> Result<(), RequestError> {
-        self.expect_ok("resize", Request::Resize { pid, rows, cols }).await
+        self.expect_ok("resize", Request::Resize { pid, rows, cols })
+            .await
     }
 
     pub async fn processes(&self) -> Result<Vec<ProcessInfo>, RequestError> {
         match self.simple("processes", Request::Processes).await? {
             Response::Processes { processes } => Ok(processes),
-            other => Err(RequestError::Unexpected { request: "processes", response: format!("{other:?}") }),
+            other => Err(RequestError::Unexpected {
+                request: "processes",
+                response: format!("{other:?}"),
+            }),
         }
     }
 
@@ -366,9 +432,15 @@ impl AgentClient {
     /// Starts a process.
     pub async fn exec(&self, req: ExecRequest) -> Result<Process, ExecError> {
         let stdin = req.stdin;
-        let recv: &'static [Channel] =
-            if req.tty { &[Channel::Stdout] } else { &[Channel::Stdout, Channel::Stderr] };
-        let spec = SlotSpec { recv, send: stdin.then_some(Channel::Stdin) };
+        let recv: &'static [Channel] = if req.tty {
+            &[Channel::Stdout]
+        } else {
+            &[Channel::Stdout, Channel::Stderr]
+        };
+        let spec = SlotSpec {
+            recv,
+            send: stdin.then_some(Channel::Stdin),
+        };
         let o = self.inner.request(&Request::Exec(req), spec)?;
         let id = o.id;
         match response(o.response).await? {
@@ -394,19 +466,30 @@ impl AgentClient {
     /// then its exit. Both stdout and stderr channels are accepted (a tty
     /// process uses stdout only).
     pub async fn attach(&self, pid: u32, stdin: bool) -> Result<Process, RequestError> {
-        let spec =
-            SlotSpec { recv: &[Channel::Stdout, Channel::Stderr], send: stdin.then_some(Channel::Stdin) };
+        let spec = SlotSpec {
+            recv: &[Channel::Stdout, Channel::Stderr],
+            send: stdin.then_some(Channel::Stdin),
+        };
         let o = self.inner.request(&Request::Attach { pid, stdin }, spec)?;
         let id = o.id;
         match response(o.response).await? {
-            Response::Started { pid: p } if p == pid => Ok(self.process(o.id, pid, o.inbound, o.send_credit)),
+            Response::Started { pid: p } if p == pid => {
+                Ok(self.process(o.id, pid, o.inbound, o.send_credit))
+            }
             Response::Error { kind, message } => {
                 self.inner.lock().close_quietly(id);
-                Err(RequestError::Refused { request: "attach", kind, message })
+                Err(RequestError::Refused {
+                    request: "attach",
+                    kind,
+                    message,
+                })
             }
             other => {
                 self.inner.close_stream(id);
-                Err(RequestError::Unexpected { request: "attach", response: format!("{other:?}") })
+                Err(RequestError::Unexpected {
+                    request: "attach",
+                    response: format!("{other:?}"),
+                })
             }
         }
     }
@@ -420,15 +503,38 @@ impl AgentClient {
     ) -> Process {
         self.inner.lock().set_pid(id, pid);
         let stdin = credit.map(|c| Stdin::new(Arc::clone(&self.inner), id, Channel::Stdin, c));
-        Process { pid, stdin, output: OutputStream { inner: Arc::clone(&self.inner), id, rx, done: false } }
+        Process {
+            pid,
+            stdin,
+            output: OutputStream {
+                inner: Arc::clone(&self.inner),
+                id,
+                rx,
+                done: false,
+            },
+        }
     }
 
     /// Unpacks the tar stream read from `tar` into the guest directory `dest`.
-    pub async fn copy_in<R: AsyncRead + Unpin>(&self, dest: &str, mut tar: R) -> Result<(), CopyInError> {
-        let spec = SlotSpec { recv: &[], send: Some(Channel::Tar) };
-        let o = self.inner.request(&Request::CopyIn { dest: dest.to_string() }, spec)?;
+    pub async fn copy_in<R: AsyncRead + Unpin>(
+        &self,
+        dest: &str,
+        mut tar: R,
+    ) -> Result<(), CopyInError> {
+        let spec = SlotSpec {
+            recv: &[],
+            send: Some(Channel::Tar),
+        };
+        let o = self.inner.request(
+            &Request::CopyIn {
+                dest: dest.to_string(),
+            },
+            spec,
+        )?;
         let (id, mut rx) = (o.id, o.response);
-        let Some(credit) = o.send_credit else { return Err(StreamError::Closed.into()) };
+        let Some(credit) = o.send_credit else {
+            return Err(StreamError::Closed.into());
+        };
         let mut w = Stdin::new(Arc::clone(&self.inner), id, Channel::Tar, credit);
         let mut buf = vec![0u8; MAX_DATA_CHUNK.min(128 << 10)];
         let mut early: Option<Result<Response, StreamError>> = None;
@@ -453,7 +559,11 @@ impl AgentClient {
         self.inner.lock().close_quietly(id);
         match r? {
             Response::Ok => Ok(()),
-            Response::Error { kind, message } => Err(CopyInError::Refused { dest: dest.to_string(), kind, message }),
+            Response::Error { kind, message } => Err(CopyInError::Refused {
+                dest: dest.to_string(),
+                kind,
+                message,
+            }),
             other => Err(CopyInError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -462,8 +572,16 @@ impl AgentClient {
     /// The reader fails with `UnexpectedEof` if the guest ends the stream
     /// without finishing the archive.
     pub async fn copy_out(&self, path: &str) -> Result<CopyOutReader, CopyOutError> {
-        let spec = SlotSpec { recv: &[Channel::Tar], send: None };
-        let o = self.inner.request(&Request::CopyOut { path: path.to_string() }, spec)?;
+        let spec = SlotSpec {
+            recv: &[Channel::Tar],
+            send: None,
+        };
+        let o = self.inner.request(
+            &Request::CopyOut {
+                path: path.to_string(),
+            },
+            spec,
+        )?;
         let id = o.id;
         match response(o.response).await? {
             Response::Ok => Ok(CopyOutReader {
@@ -475,7 +593,11 @@ impl AgentClient {
             }),
             Response::Error { kind, message } => {
                 self.inner.lock().close_quietly(id);
-                Err(CopyOutError::Refused { path: path.to_string(), kind, message })
+                Err(CopyOutError::Refused {
+                    path: path.to_string(),
+                    kind,
+                    message,
+                })
             }
             other => {
                 self.inner.close_stream(id);
@@ -599,7 +721,13 @@ pub struct Stdin {
 
 impl Stdin {
     fn new(inner: Arc<Inner>, id: u32, ch: Channel, credit: Arc<Semaphore>) -> Self {
-        Stdin { inner, id, ch, credit, closed: false }
+        Stdin {
+            inner,
+            id,
+            ch,
+            credit,
+            closed: false,
+        }
     }
 
     /// Sends `data`, waiting for credit as needed.
@@ -608,15 +736,30 @@ impl Stdin {
             return Err(StreamError::Closed);
         }
         while !data.is_empty() {
-            let want = data.len().min(MAX_DATA_CHUNK).min(proto::INITIAL_WINDOW as usize);
+            let want = data
+                .len()
+                .min(MAX_DATA_CHUNK)
+                .min(proto::INITIAL_WINDOW as usize);
             // Take what is available (at least one byte) to avoid waiting
             // for a whole chunk's worth of credit.
             let avail = self.credit.available_permits();
-            let n = if avail > 0 { want.min(avail) } else { 1.max(want.min(64 << 10)) };
-            let permit = self.credit.acquire_many(n as u32).await.map_err(|_| StreamError::Closed)?;
+            let n = if avail > 0 {
+                want.min(avail)
+            } else {
+                1.max(want.min(64 << 10))
+            };
+            let permit = self
+                .credit
+                .acquire_many(n as u32)
+                .await
+                .map_err(|_| StreamError::Closed)?;
             permit.forget();
-            let frame = proto::encode_data(self.id, self.ch, &data[..n])
-                .map_err(|e| StreamError::Protocol { stream: self.id, reason: e.to_string() })?;
+            let frame = proto::encode_data(self.id, self.ch, &data[..n]).map_err(|e| {
+                StreamError::Protocol {
+                    stream: self.id,
+                    reason: e.to_string(),
+                }
+            })?;
             self.inner.send(frame)?;
             data = &data[n..];
         }
@@ -648,7 +791,11 @@ pub struct CopyOutReader {
 }
 
 impl AsyncRead for CopyOutReader {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         loop {
             if !self.pending.is_empty() {
                 let n = self.pending.len().min(buf.remaining());
@@ -675,7 +822,10 @@ impl AsyncRead for CopyOutReader {
                 Poll::Ready(Some(Inbound::Exit(_))) => {}
                 Poll::Ready(Some(Inbound::Failed(e))) => {
                     self.state = 2;
-                    return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, e)));
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        e,
+                    )));
                 }
                 Poll::Ready(Some(Inbound::Closed)) | Poll::Ready(None) => {
                     self.state = 2;
