@@ -4,7 +4,9 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tracing::{debug, info};
 
@@ -34,6 +36,9 @@ pub enum BuildDiskError {
     /// `mkfs.ext4` could not be run.
     #[error("cannot run mkfs.ext4 (e2fsprogs 1.43 or newer is needed)")]
     Spawn(#[source] io::Error),
+    /// The build was cancelled.
+    #[error("base disk build cancelled")]
+    Cancelled,
     /// `mkfs.ext4` failed.
     #[error("mkfs.ext4 failed ({status}): {stderr}")]
     Mkfs {
@@ -85,7 +90,14 @@ pub fn measure(root: &Path) -> io::Result<TreeSize> {
 /// Builds a read-only ext4 image of `root` at `out` and returns its size in bytes.
 ///
 /// `uuid` (hex, 32 digits) makes the filesystem UUID and hash seed deterministic.
-pub fn build_ext4(root: &Path, out: &Path, label: &str, uuid: &str) -> Result<u64, BuildDiskError> {
+/// Setting `cancel` kills a running `mkfs.ext4`.
+pub fn build_ext4(
+    root: &Path,
+    out: &Path,
+    label: &str,
+    uuid: &str,
+    cancel: &AtomicBool,
+) -> Result<u64, BuildDiskError> {
     let tree = measure(root).map_err(|source| BuildDiskError::Measure {
         path: root.to_owned(),
         source,
@@ -115,7 +127,7 @@ pub fn build_ext4(root: &Path, out: &Path, label: &str, uuid: &str) -> Result<u6
             })?;
         drop(file);
         debug!(size, inodes, attempt, "running mkfs.ext4");
-        let output = Command::new("mkfs.ext4")
+        let mut output = Command::new("mkfs.ext4")
             .args([
                 "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0",
             ])
@@ -134,8 +146,22 @@ pub fn build_ext4(root: &Path, out: &Path, label: &str, uuid: &str) -> Result<u6
             .arg(root)
             .arg(out)
             .env("E2FSPROGS_FAKE_TIME", "1")
-            .output()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
             .map_err(BuildDiskError::Spawn)?;
+        let output = loop {
+            if cancel.load(Ordering::Relaxed) {
+                let _ = output.kill();
+                let _ = output.wait();
+                return Err(BuildDiskError::Cancelled);
+            }
+            match output.try_wait().map_err(BuildDiskError::Spawn)? {
+                Some(_) => break output.wait_with_output().map_err(BuildDiskError::Spawn)?,
+                None => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
         if output.status.success() {
             info!(size, inodes, "built ext4 base disk");
             return Ok(size);

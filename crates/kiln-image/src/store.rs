@@ -9,7 +9,10 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -335,6 +338,15 @@ pub struct ImageStore {
     root: PathBuf,
 }
 
+/// Sets its flag when dropped (also when the pull future is dropped midway).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -465,8 +477,13 @@ impl ImageStore {
             let holder_gone = hex.len() != 64 || lock.is_some();
             if holder_gone && !name.starts_with("archive.") {
                 info!(dir = %e.path().display(), "removing a stale image work directory");
-                fs::remove_dir_all(e.path())?;
-                removed += 1;
+                match fs::remove_dir_all(e.path()) {
+                    Ok(()) => removed += 1,
+                    // A cancelled worker may still be finishing; the next prune gets it.
+                    Err(err) => {
+                        warn!(dir = %e.path().display(), error = %err, "cannot remove a stale work directory")
+                    }
+                }
             } else if name.starts_with("archive.") {
                 // Archive scratch dirs belong to a pull in progress unless older than a day.
                 let old = e
@@ -597,6 +614,11 @@ impl ImageStore {
             .tempdir_in(self.root.join("tmp"))
             .map_err(cache_err(self.root.join("tmp")))?;
         let m = &resolved.manifest;
+        // Declared after `work`, so dropped first: a cancelled pull stops its blocking
+        // workers before its work dir is removed.
+        let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
+        let mut unpack_opts = opts.unpack.clone();
+        unpack_opts.cancel = cancel.0.clone();
 
         // Config.
         source::size_limit("config", &m.config, source::MAX_DOCUMENT)?;
@@ -658,7 +680,7 @@ impl ImageStore {
                 blob.clone(),
                 l.digest.clone(),
                 diff_ids.get(i).cloned(),
-                opts.unpack.clone(),
+                unpack_opts.clone(),
             );
             let stats = tokio::task::spawn_blocking(move || {
                 unpack::unpack_layer_file(
@@ -683,8 +705,9 @@ impl ImageStore {
         let out = work.path().join("out");
         fs::create_dir(&out).map_err(cache_err(out.clone()))?;
         let (root2, disk_path, uuid) = (rootfs.clone(), out.join(DISK_FILE), hex[..32].to_owned());
+        let flag = cancel.0.clone();
         let size = tokio::task::spawn_blocking(move || {
-            disk::build_ext4(&root2, &disk_path, "kiln-image", &uuid)
+            disk::build_ext4(&root2, &disk_path, "kiln-image", &uuid, &flag)
         })
         .await
         .map_err(|e| PullImageError::Internal(e.to_string()))??;
@@ -701,7 +724,9 @@ impl ImageStore {
         let bytes =
             serde_json::to_vec_pretty(&rec).map_err(|e| PullImageError::Internal(e.to_string()))?;
         write_atomic(&out.join(META_FILE), &bytes).map_err(cache_err(out.join(META_FILE)))?;
-        fs::File::open(out.join(DISK_FILE))
+        // Read-only from here on: every sandbox of this image shares it.
+        fs::set_permissions(out.join(DISK_FILE), fs::Permissions::from_mode(0o444))
+            .and_then(|()| fs::File::open(out.join(DISK_FILE)))
             .and_then(|f| f.sync_all())
             .map_err(cache_err(out.join(DISK_FILE)))?;
         let final_dir = self.image_dir(&hex);

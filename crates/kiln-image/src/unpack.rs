@@ -21,6 +21,8 @@ use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::sys::stat::UtimensatFlags;
 use nix::sys::time::TimeSpec;
@@ -36,6 +38,8 @@ const MAX_SYMLINK_HOPS: u32 = 40;
 /// Limits applied while unpacking.
 #[derive(Debug, Clone)]
 pub struct UnpackOptions {
+    /// Set to stop an unpack in progress (checked between entries).
+    pub cancel: Arc<AtomicBool>,
     /// Largest regular file one entry may declare. Default 8 GiB.
     pub max_entry_size: u64,
     /// Most uncompressed bytes one layer may expand to. Default 32 GiB.
@@ -45,6 +49,7 @@ pub struct UnpackOptions {
 impl Default for UnpackOptions {
     fn default() -> Self {
         UnpackOptions {
+            cancel: Arc::new(AtomicBool::new(false)),
             max_entry_size: 8 << 30,
             max_layer_uncompressed: 32 << 30,
         }
@@ -164,6 +169,12 @@ pub enum UnpackLayerError {
         layer: String,
         /// Limit.
         limit: u64,
+    },
+    /// The unpack was cancelled.
+    #[error("layer {layer}: unpack cancelled")]
+    Cancelled {
+        /// Layer digest.
+        layer: String,
     },
     /// An entry's owner does not fit a Linux uid/gid.
     #[error("layer {layer} entry {entry:?} has owner {uid}:{gid}, out of range")]
@@ -382,6 +393,11 @@ impl Layer<'_> {
     ) -> Result<(), UnpackLayerError> {
         let entries = archive.entries().map_err(|source| self.corrupt(source))?;
         for entry in entries {
+            if self.opts.cancel.load(Ordering::Relaxed) {
+                return Err(UnpackLayerError::Cancelled {
+                    layer: self.layer.to_owned(),
+                });
+            }
             let mut entry = entry.map_err(|source| self.corrupt(source))?;
             self.apply(&mut entry)?;
         }
