@@ -1,6 +1,8 @@
 //! The agent client against an in-process fake guest speaking the protocol
 //! over `tokio::io::duplex`: demultiplexing, credit, and a hostile guest.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers panic on failure by design
+
 use std::time::Duration;
 
 use kiln_api::proto::{

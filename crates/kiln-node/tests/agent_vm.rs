@@ -7,6 +7,8 @@
 //! `scripts/build-kernel.sh`, Debian's busybox-static at `/bin/busybox`,
 //! `mkfs.ext4`, `cpio`, `tar`, `sha256sum`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers panic on failure by design
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -361,7 +363,7 @@ async fn story() {
             Output::Exit(s) => break s,
         }
         items += 1;
-        if items % 8 == 0 {
+        if items.is_multiple_of(8) {
             // A deliberately slow consumer: the guest must wait for credit.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
