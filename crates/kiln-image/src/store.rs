@@ -30,6 +30,8 @@ use crate::{Progress, PullPhase};
 
 const DISK_FILE: &str = "disk.ext4";
 const META_FILE: &str = "image.json";
+/// Most layers an image may have (overlay-based runtimes stop near 128).
+const MAX_LAYERS: usize = 500;
 
 /// Options for [`ImageStore::pull`].
 #[derive(Debug, Clone)]
@@ -643,7 +645,16 @@ impl ImageStore {
                 reason: format!("{} diff_ids for {} layers", diff_ids.len(), m.layers.len()),
             });
         }
-        // Check every declared size and type before transferring anything.
+        // Check the layer count, every declared size and type before transferring anything.
+        if m.layers.len() > MAX_LAYERS {
+            return Err(PullImageError::MalformedManifest {
+                reference: source.what(),
+                reason: format!(
+                    "{} layers, more than the {MAX_LAYERS} allowed",
+                    m.layers.len()
+                ),
+            });
+        }
         for l in &m.layers {
             source::size_limit("layer", l, opts.max_layer_size)?;
             source::layer_compression(l)?;
