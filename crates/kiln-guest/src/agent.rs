@@ -42,7 +42,7 @@ const READ_CHUNK: usize = 64 << 10;
 /// Largest single read from the host channel.
 const CHAN_READ: usize = 256 << 10;
 /// Retry interval while the serial port's host end is disconnected.
-const HOST_DOWN_RETRY: Duration = Duration::from_millis(20);
+const HOST_DOWN_RETRY: Duration = Duration::from_millis(10);
 
 /// Where the host channel comes from.
 pub enum Transport {
@@ -493,8 +493,16 @@ impl Agent {
 
     fn conn_lost(&mut self) {
         match self.transport {
-            // The port stays open; poll it again a little later.
-            Transport::Serial(_) => self.host_down_until = Some(Instant::now() + HOST_DOWN_RETRY),
+            // The port stays open; poll it again a little later. The host
+            // end is known to be gone: stop spending credit on it (output
+            // stays buffered for the next host's Attach).
+            Transport::Serial(_) => {
+                self.host_down_until = Some(Instant::now() + HOST_DOWN_RETRY);
+                if self.session.is_some() {
+                    self.detach_all();
+                    self.session = None;
+                }
+            }
             Transport::Vsock(_) => {
                 self.conn = None;
                 self.detach_all();
@@ -882,6 +890,12 @@ impl Agent {
             self.queue(proto::encode_close(s));
             return;
         };
+        if stdin && p.input.as_ref().is_none_or(|i| i.fd.is_none()) {
+            let r = err(ErrorKind::Invalid, format!("process {pid} has no open stdin"));
+            self.respond(s, &r);
+            self.queue(proto::encode_close(s));
+            return;
+        }
         let old = p.stream.replace(s);
         for o in &mut p.outs {
             o.reset_for_attach();
