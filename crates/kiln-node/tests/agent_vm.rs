@@ -521,11 +521,44 @@ async fn story() {
     );
     assert_eq!(sha256_bytes(&out), want);
 
-    eprintln!("phase main process and shutdown");
-    let mut r = req(&["sh", "-c", "echo main; exit 5"]);
+    eprintln!("phase orphans are reaped");
+    run(&client, req(&["sh", "-c", "(sleep 0.2 &); true"])).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (out, _, _) = run(
+        &client,
+        req(&["sh", "-c", "cat /proc/[0-9]*/stat | grep -c ') Z '"]),
+    )
+    .await;
+    assert_eq!(out, "0\n", "zombies left");
+
+    eprintln!("phase quiesce");
+    client.quiesce().await.unwrap();
+    let quiet = tokio::time::timeout(Duration::from_millis(500), client.ping()).await;
+    assert!(
+        quiet.is_err(),
+        "the guest answered while quiesced: {quiet:?}"
+    );
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (client, _) = connect(&sock).await;
+    client.ping().await.unwrap();
+
+    eprintln!("phase main process, SIGTERM to PID 1 forwarded, shutdown");
+    let mut r = req(&[
+        "sh",
+        "-c",
+        "trap 'exit 5' TERM; echo main; while :; do sleep 0.1; done",
+    ]);
     r.main = true;
-    let (out, _, st) = run(&client, r).await;
-    assert_eq!((out.as_str(), st.code), ("main\n", Some(5)));
+    let mut main = client.exec(r).await.unwrap();
+    assert_eq!(
+        main.recv().await.unwrap().unwrap(),
+        Output::Stdout("main\n".into())
+    );
+    let (_, err, st) = run(&client, req(&["kill", "-TERM", "1"])).await;
+    assert_eq!(st.code, Some(0), "{err}");
+    let (out, _, st) = main.wait_with_output().await.unwrap();
+    assert_eq!((out.as_slice(), st.code), (&b""[..], Some(5)));
     // A new connection still sees the main process's status.
     drop(client);
     tokio::time::sleep(Duration::from_millis(200)).await;
