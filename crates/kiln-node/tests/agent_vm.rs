@@ -442,6 +442,13 @@ async fn story() {
         copy_in_took.as_secs_f64(),
         copy_out_took.as_secs_f64()
     );
+    // A directory comes out as a tree.
+    let mut reader = client.copy_out("/home").await.expect("copy_out of a directory");
+    let mut tarball = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut tarball).await.unwrap();
+    std::fs::write(vm.dir.join("home.tar"), &tarball).unwrap();
+    let listing = sh(Command::new("tar").arg("-tf").arg(vm.dir.join("home.tar")));
+    assert!(listing.lines().any(|l| l.trim_end_matches('/') == "home/alice"), "{listing}");
     assert!(client.copy_out("/no/such").await.is_err());
     let bad = client.copy_in("/data/big.bin", &b"not a tar"[..]).await;
     assert!(bad.is_err());
