@@ -219,6 +219,8 @@ pub struct Agent {
     transport: Transport,
     conn: Option<OwnedFd>,
     host_down_until: Option<Instant>,
+    /// Consecutive reads that found the serial host end disconnected.
+    down_strikes: u8,
     out: Vec<u8>,
     out_pos: usize,
     /// While quiesced, bytes up to here may still be written.
@@ -282,6 +284,7 @@ impl Agent {
             transport,
             conn: None,
             host_down_until: None,
+            down_strikes: 0,
             out: Vec::new(),
             out_pos: 0,
             quiesce_mark: None,
@@ -493,12 +496,15 @@ impl Agent {
 
     fn conn_lost(&mut self) {
         match self.transport {
-            // The port stays open; poll it again a little later. The host
-            // end is known to be gone: stop spending credit on it (output
-            // stays buffered for the next host's Attach).
+            // The port stays open; poll it again a little later. If the host
+            // end is still gone at the next look, stop spending credit on it
+            // (output stays buffered for the next host's Attach). One look
+            // is not enough: the port-open notice of a new host can trail
+            // the host's first bytes.
             Transport::Serial(_) => {
                 self.host_down_until = Some(Instant::now() + HOST_DOWN_RETRY);
-                if self.session.is_some() {
+                self.down_strikes = self.down_strikes.saturating_add(1);
+                if self.down_strikes >= 2 && self.session.is_some() {
                     self.detach_all();
                     self.session = None;
                 }
@@ -520,6 +526,7 @@ impl Agent {
             match nix::unistd::read(c, &mut self.scratch) {
                 Ok(0) => self.conn_lost(),
                 Ok(n) => {
+                    self.down_strikes = 0;
                     self.dec.feed(&self.scratch[..n]);
                     while let Some(d) = self.dec.next_frame() {
                         match d {
