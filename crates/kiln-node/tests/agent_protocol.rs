@@ -365,3 +365,68 @@ fn crc32(b: &[u8]) -> u32 {
     }
     !crc
 }
+
+#[tokio::test]
+async fn copy_out_without_eof_is_an_error_and_copy_in_stops_on_refusal() {
+    let (client, mut g) = pair().await;
+    let c2 = client.clone();
+    let t = tokio::spawn(async move {
+        let mut r = c2.copy_out("/x").await.unwrap();
+        let mut v = Vec::new();
+        let res = tokio::io::AsyncReadExt::read_to_end(&mut r, &mut v).await;
+        (v, res)
+    });
+    let (s, req) = g.request().await;
+    assert_eq!(req, Request::CopyOut { path: "/x".into() });
+    g.respond(s, &Response::Ok).await;
+    g.send(&proto::encode_data(s, Channel::Tar, b"partial").unwrap())
+        .await;
+    g.send(&proto::encode_close(s)).await;
+    let (v, res) = t.await.unwrap();
+    assert_eq!(v, b"partial");
+    assert_eq!(res.unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
+
+    // Data on the wrong channel of a copy-out fails it.
+    let c2 = client.clone();
+    let t = tokio::spawn(async move {
+        let mut r = c2.copy_out("/y").await.unwrap();
+        let mut v = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut r, &mut v).await
+    });
+    let (s, _) = g.request().await;
+    g.respond(s, &Response::Ok).await;
+    g.send(&proto::encode_data(s, Channel::Stdout, b"nope").unwrap())
+        .await;
+    assert!(t.await.unwrap().is_err());
+
+    // The guest refuses a copy-in early: the host stops sending and reports it.
+    let c2 = client.clone();
+    let t = tokio::spawn(async move {
+        // An endless tar source: only the refusal can end this call.
+        let endless = tokio::io::repeat(0);
+        c2.copy_in("/file", endless).await
+    });
+    let (s, req) = g.request().await;
+    assert_eq!(
+        req,
+        Request::CopyIn {
+            dest: "/file".into()
+        }
+    );
+    g.respond(
+        s,
+        &Response::Error {
+            kind: ErrorKind::Path,
+            message: "destination /file is not a directory".into(),
+        },
+    )
+    .await;
+    let e = tokio::time::timeout(Duration::from_secs(5), t)
+        .await
+        .expect("copy_in ends")
+        .unwrap();
+    assert!(
+        matches!(e, Err(kiln_node::agent::CopyInError::Refused { .. })),
+        "{e:?}"
+    );
+}

@@ -391,6 +391,26 @@ async fn story() {
     );
     drop(out);
 
+    eprintln!("phase stdout and stderr concurrently, never mixed");
+    let (out, _, _) = run(
+        &client,
+        req(&["sh", "-c", "head -c 5242880 /tmp/big | sha256sum"]),
+    )
+    .await;
+    let want = out.split_whitespace().next().unwrap().to_string();
+    let p = client
+        .exec(req(&[
+            "sh",
+            "-c",
+            "head -c 5242880 /tmp/big >&2 & head -c 5242880 /tmp/big; wait",
+        ]))
+        .await
+        .unwrap();
+    let (out, err, st) = p.wait_with_output().await.unwrap();
+    assert_eq!((out.len(), err.len(), st.code), (5 << 20, 5 << 20, Some(0)));
+    assert_eq!(sha256_bytes(&out), want);
+    assert_eq!(sha256_bytes(&err), want);
+
     eprintln!("phase copy_in/copy_out 50 MiB");
     let host_dir = vm.dir.join("copy");
     std::fs::create_dir_all(&host_dir).unwrap();
@@ -443,12 +463,22 @@ async fn story() {
         copy_out_took.as_secs_f64()
     );
     // A directory comes out as a tree.
-    let mut reader = client.copy_out("/home").await.expect("copy_out of a directory");
+    let mut reader = client
+        .copy_out("/home")
+        .await
+        .expect("copy_out of a directory");
     let mut tarball = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut tarball).await.unwrap();
+    tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut tarball)
+        .await
+        .unwrap();
     std::fs::write(vm.dir.join("home.tar"), &tarball).unwrap();
     let listing = sh(Command::new("tar").arg("-tf").arg(vm.dir.join("home.tar")));
-    assert!(listing.lines().any(|l| l.trim_end_matches('/') == "home/alice"), "{listing}");
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.trim_end_matches('/') == "home/alice"),
+        "{listing}"
+    );
     assert!(client.copy_out("/no/such").await.is_err());
     let bad = client.copy_in("/data/big.bin", &b"not a tar"[..]).await;
     assert!(bad.is_err());
