@@ -480,6 +480,28 @@ async fn story() {
         "{listing}"
     );
     assert!(client.copy_out("/no/such").await.is_err());
+    // A hostile archive cannot write outside the destination.
+    for (name, kind, link) in [
+        ("../escape", b'0', ""),
+        ("up", b'2', "../.."),
+        ("abs", b'2', "/etc"),
+    ] {
+        let evil = tar_entry(name, kind, link, b"pwned");
+        let r = client.copy_in("/data", &evil[..]).await;
+        let msg = r.expect_err("a hostile member is refused").to_string();
+        assert!(
+            msg.contains("unsafe path") || msg.contains("escapes the destination"),
+            "{name}: {msg}"
+        );
+    }
+    let (out, _, _) = run(
+        &client,
+        req(&["sh", "-c", "ls /escape /data/up /data/abs 2>&1 | wc -l"]),
+    )
+    .await;
+    assert_eq!(out.trim(), "3", "error lines for three missing files");
+    let (out, _, _) = run(&client, req(&["ls", "/escape"])).await;
+    assert_eq!(out, "");
     let bad = client.copy_in("/data/big.bin", &b"not a tar"[..]).await;
     assert!(bad.is_err());
 
@@ -616,4 +638,30 @@ async fn story() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     eprintln!("phase done: QEMU exited ({status})");
+}
+
+/// A one-member ustar archive with any name (no sanitising, on purpose).
+fn tar_entry(name: &str, kind: u8, link: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..108].copy_from_slice(b"0000644\0");
+    h[108..116].copy_from_slice(b"0000000\0");
+    h[116..124].copy_from_slice(b"0000000\0");
+    let size = if kind == b'0' { data.len() } else { 0 };
+    h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    h[136..148].copy_from_slice(b"00000000000\0");
+    h[156] = kind;
+    h[157..157 + link.len()].copy_from_slice(link.as_bytes());
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let mut out = h.to_vec();
+    if size > 0 {
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.extend_from_slice(&[0u8; 1024]);
+    out
 }
