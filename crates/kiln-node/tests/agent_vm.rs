@@ -115,7 +115,9 @@ fn build_rootfs(dir: &Path) -> PathBuf {
     img
 }
 
-async fn boot() -> (Vm, PathBuf, Instant) {
+/// Boots a VM; `with_disks: false` boots without `kiln.root` (kiln-init
+/// stays in the initramfs).
+async fn boot(with_disks: bool) -> (Vm, PathBuf, Instant) {
     let repo = repo_root();
     let kernel = dirs_home().join(".cache/kiln/kernel/current/bzImage");
     assert!(
@@ -135,40 +137,63 @@ async fn boot() -> (Vm, PathBuf, Instant) {
         dir: dir.clone(),
         qemu: None,
     };
-    let root = build_rootfs(&dir);
-    let rw = dir.join("rw.ext4");
-    std::fs::File::create(&rw)
-        .unwrap()
-        .set_len(512 << 20)
-        .unwrap();
-    sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&rw));
     let sock = dir.join("agent.sock");
-    let started = Instant::now();
-    let qemu = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm,acpi=off,rtc=on", "-accel", "tcg", "-bios", "/usr/share/qemu/qboot.rom"])
-        .args(["-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .arg("-serial")
-        .arg(format!("file:{}", dir.join("console.log").display()))
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initramfs)
-        .arg("-append")
-        .arg("console=ttyS0 reboot=t panic=-1 quiet kiln.root=/dev/vda kiln.rw=/dev/vdb kiln.channel=serial")
-        .arg("-drive")
-        .arg(format!("id=d0,file={},format=raw,if=none,read-only=on", root.display()))
-        .args(["-device", "virtio-blk-device,drive=d0"])
-        .arg("-drive")
-        .arg(format!("id=d1,file={},format=raw,if=none", rw.display()))
-        .args(["-device", "virtio-blk-device,drive=d1", "-device", "virtio-serial-device"])
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-M",
+        "microvm,acpi=off,rtc=on",
+        "-accel",
+        "tcg",
+        "-bios",
+        "/usr/share/qemu/qboot.rom",
+    ])
+    .args([
+        "-m",
+        "256",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+    ])
+    .arg("-serial")
+    .arg(format!("file:{}", dir.join("console.log").display()))
+    .arg("-kernel")
+    .arg(&kernel)
+    .arg("-initrd")
+    .arg(&initramfs)
+    .arg("-append");
+    if with_disks {
+        let root = build_rootfs(&dir);
+        let rw = dir.join("rw.ext4");
+        std::fs::File::create(&rw)
+            .unwrap()
+            .set_len(512 << 20)
+            .unwrap();
+        sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&rw));
+        cmd.arg("console=ttyS0 reboot=t panic=-1 quiet kiln.root=/dev/vda kiln.rw=/dev/vdb kiln.channel=serial")
+            .arg("-drive")
+            .arg(format!("id=d0,file={},format=raw,if=none,read-only=on", root.display()))
+            .args(["-device", "virtio-blk-device,drive=d0"])
+            .arg("-drive")
+            .arg(format!("id=d1,file={},format=raw,if=none", rw.display()))
+            .args(["-device", "virtio-blk-device,drive=d1"]);
+    } else {
+        cmd.arg("console=ttyS0 reboot=t panic=-1 quiet kiln.channel=serial");
+    }
+    cmd.args(["-device", "virtio-serial-device"])
         .arg("-chardev")
-        .arg(format!("socket,id=agent,path={},server=on,wait=off", sock.display()))
+        .arg(format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            sock.display()
+        ))
         .args(["-device", "virtserialport,chardev=agent,name=kiln.agent"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawning qemu-system-x86_64");
+        .stderr(Stdio::inherit());
+    let started = Instant::now();
+    let qemu = cmd.spawn().expect("spawning qemu-system-x86_64");
     vm.qemu = Some(qemu);
     (vm, sock, started)
 }
@@ -225,8 +250,61 @@ async fn agent_end_to_end_on_qemu() {
         .expect("the story finishes within 10 min");
 }
 
+/// Without `kiln.root`, kiln-init serves from the initramfs: a binary copied
+/// in runs there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_in_initramfs_without_root_disk() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let (mut vm, sock, _) = boot(false).await;
+        let (client, _) = connect(&sock).await;
+        let e = client
+            .exec(req(&["sh", "-c", "true"]))
+            .await
+            .err()
+            .expect("no shell in the initramfs");
+        assert!(matches!(e, ExecError::NotFound(_)), "{e:?}");
+        let staging = vm.dir.join("bb");
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::copy("/bin/busybox", staging.join("busybox")).unwrap();
+        sh(Command::new("tar")
+            .arg("-C")
+            .arg(&staging)
+            .args(["-cf", "bb.tar", "busybox"])
+            .current_dir(&vm.dir));
+        let bytes = std::fs::read(vm.dir.join("bb.tar")).unwrap();
+        client
+            .copy_in("/tmp", &bytes[..])
+            .await
+            .expect("copy_in into the initramfs");
+        let (out, _, st) = run(
+            &client,
+            req(&[
+                "/tmp/busybox",
+                "sh",
+                "-c",
+                "echo in-initramfs; cat /proc/1/cmdline",
+            ]),
+        )
+        .await;
+        assert_eq!(st.code, Some(0));
+        assert!(out.starts_with("in-initramfs\n/init"), "{out:?}");
+        client.shutdown().await.unwrap();
+        let mut q = vm.qemu.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while q.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "QEMU still running after Shutdown"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("finishes within 5 min");
+}
+
 async fn story() {
-    let (mut vm, sock, spawned) = boot().await;
+    let (mut vm, sock, spawned) = boot(true).await;
     let (client, ack) = connect(&sock).await;
     let ready = spawned.elapsed();
     eprintln!(
