@@ -1,1 +1,425 @@
-//! placeholder
+//! VMM drivers for Kiln: one [`VmmDriver`] trait with a capability table, and
+//! two implementations, QEMU `microvm` driven over QMP ([`qemu`]) and
+//! Firecracker driven over its HTTP API on a Unix socket ([`firecracker`]).
+//!
+//! The crate owns the VMM *process*: spawning it detached (it outlives the Kiln
+//! process that started it), the per-VM runtime directory (sockets, pid file,
+//! console log, memory file), re-attaching from a persisted [`VmRecord`], and
+//! removing everything it created. It also ships a driver conformance suite
+//! ([`conformance`]) and the builder of a tiny bare-metal test guest
+//! ([`testguest`]).
+//!
+//! It must not depend on the node, server or image crates: it knows nothing
+//! about sandboxes, images or the agent protocol, only VMs and byte streams.
+
+pub mod conformance;
+pub mod firecracker;
+mod host;
+mod process;
+pub mod qemu;
+pub mod qmp;
+pub mod testguest;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixStream;
+
+pub use host::{
+    Accel, DriverChoice, DriverConfig, HostInfo, KvmKind, SelectDriverError, Selection, detect,
+    select,
+};
+
+/// Which VMM a driver runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverKind {
+    Qemu,
+    Firecracker,
+}
+
+impl std::fmt::Display for DriverKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DriverKind::Qemu => "qemu",
+            DriverKind::Firecracker => "firecracker",
+        })
+    }
+}
+
+/// What a driver can do. Kiln checks this before asking for a feature, so an
+/// unsupported operation is a scheduling decision, not a runtime surprise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Pause and resume the vCPUs.
+    pub pause: bool,
+    /// Write memory + device state to a directory ([`Vm::snapshot`]).
+    pub snapshot: bool,
+    /// Start a VM from such a directory ([`VmmDriver::restore`]).
+    pub restore: bool,
+    /// Live migration with pre-copy of memory while the guest runs.
+    pub live_migration_precopy: bool,
+    /// Restored memory is mapped copy-on-write from the snapshot file, so
+    /// forks of one snapshot share pages.
+    pub cow_restore: bool,
+    /// virtio-fs through vhost-user (virtiofsd).
+    pub virtio_fs: bool,
+    /// Guest channel transport used by [`Vm::connect_agent`].
+    pub agent_transport: AgentTransport,
+}
+
+/// How the guest agent channel is carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentTransport {
+    /// A virtio-serial port on a Unix-socket chardev (QEMU); the guest sees
+    /// `/dev/virtio-ports/kiln.agent`.
+    VirtioSerial,
+    /// Firecracker's hybrid vsock: guest CID 3, the guest listens on
+    /// [`AGENT_VSOCK_PORT`].
+    HybridVsock,
+}
+
+/// Name of the guest agent's virtio-serial port (QEMU).
+pub const AGENT_PORT_NAME: &str = "kiln.agent";
+/// Vsock port the guest agent listens on (Firecracker).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// Guest CID given to Firecracker's vsock device.
+pub const GUEST_CID: u32 = 3;
+/// Smallest guest memory the drivers accept.
+pub const MIN_MEMORY_MIB: u32 = 16;
+
+/// Everything needed to boot one microVM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Identifier used in logs and as the VMM's name/id.
+    pub id: String,
+    /// Per-VM runtime directory, created if missing. The driver puts its
+    /// sockets, pid file, stderr log and memory file here, and
+    /// [`Vm::cleanup`] removes them all.
+    pub dir: PathBuf,
+    /// Guest kernel. QEMU: a bzImage or an ELF with a PVH note. Firecracker:
+    /// an uncompressed ELF (`vmlinux`, or an ELF with a PVH note).
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line; the driver adds its own console arguments.
+    pub cmdline: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub disks: Vec<DiskSpec>,
+    /// Add the guest agent channel (see [`Capabilities::agent_transport`]).
+    pub agent_channel: bool,
+    /// Where the guest's serial console is written. The driver creates the
+    /// file and [`Vm::cleanup`] removes it: read it before cleaning up.
+    pub console_log: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// What the node persists about a running VM so that a restarted Kiln process
+/// can re-attach to it with [`VmmDriver::attach`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub driver: DriverKind,
+    pub id: String,
+    pub pid: i32,
+    /// Field 22 of `/proc/PID/stat` (clock ticks since boot): tells a reused
+    /// pid from the VMM we started.
+    pub start_time: u64,
+    pub dir: PathBuf,
+    /// QMP socket (QEMU) or API socket (Firecracker).
+    pub control_socket: PathBuf,
+    /// Host end of the guest channel, if the VM has one.
+    pub agent_socket: Option<PathBuf>,
+    pub console_log: PathBuf,
+    /// Every file and socket the driver created for this VM; removed by
+    /// [`Vm::cleanup`].
+    pub files: Vec<PathBuf>,
+}
+
+/// Observed state of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmStatus {
+    Running,
+    Paused,
+    /// The VMM is up but the guest is neither running nor paused (booting,
+    /// migrating, shut down, in error). The string is the VMM's own word.
+    Other(String),
+    /// The VMM process is gone.
+    Exited,
+}
+
+/// Where a snapshot was written and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub dir: PathBuf,
+    pub driver: DriverKind,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// How long the guest was stopped for the device state to be written
+    /// (memory copy included).
+    pub downtime: Duration,
+}
+
+/// Versions and the accelerator a driver runs with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriverInfo {
+    pub kind: DriverKind,
+    pub binary: PathBuf,
+    pub version: String,
+    pub accel: Accel,
+}
+
+/// A VMM driver. Object-safe: Kiln holds an `Arc<dyn VmmDriver>` chosen by
+/// [`select`].
+#[async_trait]
+pub trait VmmDriver: Send + Sync {
+    fn info(&self) -> &DriverInfo;
+    fn kind(&self) -> DriverKind {
+        self.info().kind
+    }
+    fn capabilities(&self) -> Capabilities;
+    /// Spawn a detached VMM for `spec` and start the guest. Returns once the
+    /// VMM is running the guest. On error nothing is left behind: no process,
+    /// no file the driver created.
+    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, StartVmError>;
+    /// Re-attach to a VMM started earlier, possibly by another process.
+    async fn attach(&self, record: &VmRecord) -> Result<Box<dyn Vm>, AttachVmError>;
+    /// Start a new VM from a snapshot directory written by [`Vm::snapshot`].
+    /// `spec` gives the new VM's identity and runtime dir; its cpus, memory
+    /// and devices must match the snapshot's.
+    async fn restore(
+        &self,
+        snapshot_dir: &Path,
+        spec: &VmSpec,
+    ) -> Result<Box<dyn Vm>, RestoreVmError>;
+}
+
+/// A running (or once running) microVM.
+#[async_trait]
+pub trait Vm: Send + Sync {
+    fn id(&self) -> &str;
+    fn pid(&self) -> i32;
+    /// Record to persist; enough for [`VmmDriver::attach`].
+    fn record(&self) -> VmRecord;
+    async fn pause(&self) -> Result<(), ControlVmError>;
+    async fn resume(&self) -> Result<(), ControlVmError>;
+    async fn status(&self) -> Result<VmStatus, ControlVmError>;
+    /// A connected byte stream to the guest channel. QEMU: the chardev is a
+    /// server that accepts one client at a time; a second connection waits
+    /// (its bytes queue) until the first one closes. Firecracker: after the
+    /// `CONNECT`/`OK` exchange, each call is a new guest connection.
+    async fn connect_agent(&self) -> Result<UnixStream, ConnectAgentError>;
+    /// Wait until the VMM process exits (works for a VMM that is not our
+    /// child, by polling `/proc`).
+    async fn wait(&self);
+    /// Shut down: give the guest `grace` to exit by itself (the node asks it
+    /// over the agent channel first), then ask the VMM to quit, then kill.
+    async fn stop(&self, grace: Duration) -> Result<(), StopVmError>;
+    /// SIGKILL the VMM and wait for it to be gone.
+    async fn kill(&self) -> Result<(), StopVmError>;
+    /// Kill the VMM if it still runs and remove every socket, pid file and
+    /// file the driver created (console log and memory file included).
+    async fn cleanup(&self) -> Result<(), CleanupVmError>;
+    /// Stop the vCPUs and write memory + device state into `dest_dir`
+    /// (created). The VM stays paused; [`Vm::resume`] continues it.
+    async fn snapshot(&self, dest_dir: &Path) -> Result<SnapshotInfo, SnapshotVmError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartVmError {
+    #[error("invalid VM spec: {0}")]
+    InvalidSpec(String),
+    #[error("{what} {path} does not exist or is not a readable file")]
+    MissingFile { what: &'static str, path: PathBuf },
+    #[error("cannot prepare the VM directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot spawn {binary}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VMM exited during start-up ({status}); its stderr: {stderr}")]
+    Exited { status: String, stderr: String },
+    #[error("the VMM did not open its control socket {path} within {timeout:?}")]
+    SocketTimeout { path: PathBuf, timeout: Duration },
+    #[error("the VMM refused the configuration: {0}")]
+    Configure(String),
+    #[error("control channel failed during start-up")]
+    Control(#[source] ControlVmError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachVmError {
+    #[error("the record is for driver {record}, not {driver}")]
+    WrongDriver {
+        record: DriverKind,
+        driver: DriverKind,
+    },
+    #[error("the VMM (pid {pid}) is gone")]
+    Gone { pid: i32 },
+    #[error("cannot connect to the VMM's control socket {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control channel failed while attaching")]
+    Control(#[source] ControlVmError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreVmError {
+    #[error("{0} does not support restoring snapshots")]
+    Unsupported(DriverKind),
+    #[error("cannot read the snapshot in {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the snapshot does not fit the VM spec: {0}")]
+    Mismatch(String),
+    #[error("cannot start the VMM for the restore")]
+    Start(#[source] StartVmError),
+    #[error("the VMM failed to load the snapshot: {0}")]
+    Load(String),
+}
+
+/// A failure talking to a VMM's control channel (QMP or the HTTP API).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlVmError {
+    #[error("the VMM is gone")]
+    Gone,
+    #[error("control socket I/O failed")]
+    Io(#[source] std::io::Error),
+    #[error("the VMM sent something unexpected: {0}")]
+    Protocol(String),
+    #[error("the VMM refused {command}: {message}")]
+    Refused { command: String, message: String },
+    #[error("no answer to {command} within {timeout:?}")]
+    Timeout { command: String, timeout: Duration },
+    #[error("{0} is not supported by this driver")]
+    Unsupported(&'static str),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectAgentError {
+    #[error("this VM has no agent channel")]
+    NoChannel,
+    #[error("cannot connect to the agent socket {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the vsock handshake failed: {0}")]
+    Handshake(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StopVmError {
+    #[error("cannot signal pid {pid}")]
+    Signal {
+        pid: i32,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("the VMM (pid {pid}) is still alive {waited:?} after SIGKILL")]
+    StillAlive { pid: i32, waited: Duration },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupVmError {
+    #[error("cannot stop the VMM")]
+    Stop(#[source] StopVmError),
+    #[error("cannot remove {path}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotVmError {
+    #[error("{0} snapshots are not supported")]
+    Unsupported(DriverKind),
+    #[error("cannot write the snapshot into {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control channel failed during the snapshot")]
+    Control(#[source] ControlVmError),
+    #[error("the VMM failed to write the snapshot: {0}")]
+    Failed(String),
+}
+
+/// Check a spec before anything is spawned; shared by the drivers.
+pub(crate) fn validate_spec(spec: &VmSpec) -> Result<(), StartVmError> {
+    if spec.id.is_empty()
+        || spec.id.len() > 64
+        || !spec
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(StartVmError::InvalidSpec(format!(
+            "id {:?} must be 1-64 characters of [A-Za-z0-9._-]",
+            spec.id
+        )));
+    }
+    if spec.cpus == 0 || spec.cpus > 64 {
+        return Err(StartVmError::InvalidSpec(format!(
+            "cpus = {} (must be 1-64)",
+            spec.cpus
+        )));
+    }
+    if spec.memory_mib < MIN_MEMORY_MIB || spec.memory_mib > 1 << 20 {
+        return Err(StartVmError::InvalidSpec(format!(
+            "memory_mib = {} (must be {MIN_MEMORY_MIB}-{})",
+            spec.memory_mib,
+            1 << 20
+        )));
+    }
+    let file = |what: &'static str, path: &Path| {
+        if std::fs::File::open(path)
+            .and_then(|f| f.metadata())
+            .is_ok_and(|m| m.is_file())
+        {
+            Ok(())
+        } else {
+            Err(StartVmError::MissingFile {
+                what,
+                path: path.to_owned(),
+            })
+        }
+    };
+    file("kernel", &spec.kernel)?;
+    if let Some(initrd) = &spec.initrd {
+        file("initrd", initrd)?;
+    }
+    for disk in &spec.disks {
+        file("disk", &disk.path)?;
+    }
+    if spec.cmdline.contains('\n') || spec.cmdline.len() > 2048 {
+        return Err(StartVmError::InvalidSpec(
+            "cmdline must be one line of at most 2048 bytes".into(),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,784 @@
+//! QEMU `microvm` driver, controlled over QMP.
+//!
+//! One `qemu-system-x86_64` per VM, started detached with `-S`; once QMP
+//! answers the driver sends `cont`. Guest RAM is a file in the VM dir
+//! (`memory-backend-file`, `share=on`) so that a snapshot is only the device
+//! state (`migrate` to a file with `x-ignore-shared`) plus a sparse copy of
+//! that file, and a restore maps the copy `share=off` (copy-on-write).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::net::UnixStream;
+use tracing::Instrument;
+
+use crate::host::{SelectDriverError, check_qemu_version};
+use crate::process::{VmmProcess, connect_when_ready, read_tail, remove_files, spawn_detached};
+use crate::qmp::QmpClient;
+use crate::{
+    AGENT_PORT_NAME, Accel, AgentTransport, AttachVmError, Capabilities, CleanupVmError,
+    ConnectAgentError, ControlVmError, DriverInfo, DriverKind, RestoreVmError, SnapshotInfo,
+    SnapshotVmError, StartVmError, StopVmError, Vm, VmRecord, VmSpec, VmStatus, VmmDriver,
+};
+
+/// How long QEMU has to open its QMP socket.
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `quit` has before SIGKILL.
+const QUIT_GRACE: Duration = Duration::from_secs(2);
+/// How long a snapshot write or load may take.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Name of the snapshot metadata file.
+pub const SNAPSHOT_META: &str = "snapshot.json";
+/// Device state file in a snapshot dir.
+pub const SNAPSHOT_STATE: &str = "state";
+/// Guest RAM file in a snapshot dir (and in a VM dir).
+pub const MEMORY_FILE: &str = "memory";
+
+/// The QEMU microvm driver.
+#[derive(Debug, Clone)]
+pub struct QemuDriver {
+    info: DriverInfo,
+    firmware: PathBuf,
+}
+
+/// Where a QEMU VM keeps its runtime files.
+#[derive(Debug, Clone)]
+struct Paths {
+    qmp: PathBuf,
+    agent: PathBuf,
+    pid: PathBuf,
+    stderr: PathBuf,
+    memory: PathBuf,
+}
+
+impl Paths {
+    fn new(dir: &Path) -> Self {
+        Paths {
+            qmp: dir.join("qmp.sock"),
+            agent: dir.join("agent.sock"),
+            pid: dir.join("qemu.pid"),
+            stderr: dir.join("qemu.stderr"),
+            memory: dir.join(MEMORY_FILE),
+        }
+    }
+}
+
+/// How the guest RAM is provided and whether the VM boots or loads state.
+#[derive(Debug, Clone)]
+enum Mode {
+    /// Cold boot; RAM file created in the VM dir, shared.
+    Boot,
+    /// Restore: RAM mapped privately from a snapshot's file; wait for
+    /// `migrate-incoming`.
+    Incoming { memory: PathBuf },
+}
+
+/// Snapshot metadata kept beside the state and memory files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SnapshotMeta {
+    driver: DriverKind,
+    qemu_version: String,
+    cpus: u32,
+    memory_mib: u32,
+    disks: usize,
+    agent_channel: bool,
+}
+
+impl QemuDriver {
+    /// A driver for `binary` (whose `--version` line is `version`), booting
+    /// with `firmware` (qboot) under `accel`. Refuses QEMU older than 10.0.
+    pub fn new(
+        binary: PathBuf,
+        firmware: PathBuf,
+        accel: Accel,
+        version: &str,
+    ) -> Result<Self, SelectDriverError> {
+        check_qemu_version(version)?;
+        Ok(QemuDriver {
+            info: DriverInfo {
+                kind: DriverKind::Qemu,
+                binary,
+                version: version.to_owned(),
+                accel,
+            },
+            firmware,
+        })
+    }
+
+    /// Detect QEMU on this host (`KILN_QEMU_BIN` or `PATH`) with `accel`.
+    pub fn detect(accel: Accel) -> Result<Self, SelectDriverError> {
+        let host = crate::detect(&crate::DriverConfig::default());
+        let version = host
+            .qemu
+            .version
+            .map_err(|reason| SelectDriverError::QemuMissing {
+                path: host.qemu.path.clone(),
+                reason,
+            })?;
+        Self::new(host.qemu.path, host.qemu_firmware, accel, &version)
+    }
+
+    fn args(&self, spec: &VmSpec, paths: &Paths, mode: &Mode) -> Vec<String> {
+        qemu_args(spec, paths, mode, self.info.accel, &self.firmware)
+    }
+
+    async fn launch(&self, spec: &VmSpec, mode: Mode) -> Result<(QemuVm, Duration), StartVmError> {
+        crate::validate_spec(spec)?;
+        if !self.firmware.is_file() {
+            return Err(StartVmError::MissingFile {
+                what: "firmware",
+                path: self.firmware.clone(),
+            });
+        }
+        let paths = Paths::new(&spec.dir);
+        std::fs::create_dir_all(&spec.dir).map_err(|source| StartVmError::Dir {
+            path: spec.dir.clone(),
+            source,
+        })?;
+        let mut files = vec![
+            paths.qmp.clone(),
+            paths.pid.clone(),
+            paths.stderr.clone(),
+            spec.console_log.clone(),
+        ];
+        if spec.agent_channel {
+            files.push(paths.agent.clone());
+        }
+        if matches!(mode, Mode::Boot) {
+            files.push(paths.memory.clone());
+        }
+        // Leftovers of an earlier VM in this dir would confuse QEMU.
+        remove_files(&files).map_err(|e| StartVmError::Dir {
+            path: spec.dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let args = self.args(spec, &paths, &mode);
+        tracing::debug!(binary = %self.info.binary.display(), ?args, "spawning QEMU");
+        let spawned = Instant::now();
+        let process = spawn_detached(&self.info.binary, &args, &paths.stderr)?;
+        let result = async {
+            let stream =
+                connect_when_ready(&paths.qmp, &process, QMP_TIMEOUT, &paths.stderr).await?;
+            match QmpClient::handshake(stream).await {
+                Ok(qmp) => Ok(qmp),
+                // QEMU opens QMP before it loads the kernel; a refused kernel
+                // shows up as QMP hanging up and the process exiting.
+                Err(e) => Err(if process.wait_timeout(Duration::from_millis(500)).await {
+                    StartVmError::Exited {
+                        status: "exited".into(),
+                        stderr: read_tail(&paths.stderr),
+                    }
+                } else {
+                    StartVmError::Control(e)
+                }),
+            }
+        }
+        .await;
+        let qmp = match result {
+            Ok(qmp) => qmp,
+            Err(e) => {
+                let _ = process.kill().await;
+                let _ = remove_files(&files);
+                return Err(e);
+            }
+        };
+        let qmp_ready = spawned.elapsed();
+        tracing::debug!(pid = process.pid, ?qmp_ready, "QMP ready");
+        let vm = QemuVm {
+            record: VmRecord {
+                driver: DriverKind::Qemu,
+                id: spec.id.clone(),
+                pid: process.pid,
+                start_time: process.start_time,
+                dir: spec.dir.clone(),
+                control_socket: paths.qmp.clone(),
+                agent_socket: spec.agent_channel.then(|| paths.agent.clone()),
+                console_log: spec.console_log.clone(),
+                files,
+            },
+            process,
+            qmp: Arc::new(qmp),
+            memory: match mode {
+                Mode::Boot => paths.memory,
+                Mode::Incoming { memory } => memory,
+            },
+            memory_mib: spec.memory_mib,
+            cpus: spec.cpus,
+            disks: spec.disks.len(),
+        };
+        Ok((vm, qmp_ready))
+    }
+}
+
+/// Escape a value for QEMU's `key=value,…` option syntax.
+fn opt(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+fn qemu_args(
+    spec: &VmSpec,
+    paths: &Paths,
+    mode: &Mode,
+    accel: Accel,
+    firmware: &Path,
+) -> Vec<String> {
+    let (mem_path, share) = match mode {
+        Mode::Boot => (&paths.memory, "on"),
+        Mode::Incoming { memory } => (memory, "off"),
+    };
+    let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1");
+    if !spec.cmdline.trim().is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(spec.cmdline.trim());
+    }
+    let mut args: Vec<String> = vec![
+        "-name".into(),
+        format!(
+            "kiln-{},process=kiln-{}",
+            spec.id.replace(',', ",,"),
+            spec.id.replace(',', ",,")
+        ),
+        "-M".into(),
+        "microvm,acpi=off,rtc=on,memory-backend=mem".into(),
+        "-accel".into(),
+        accel.to_string(),
+        "-cpu".into(),
+        if accel == Accel::Kvm { "host" } else { "max" }.into(),
+        "-bios".into(),
+        firmware.display().to_string(),
+        "-m".into(),
+        format!("{}M", spec.memory_mib),
+        "-object".into(),
+        format!(
+            "memory-backend-file,id=mem,size={}M,mem-path={},share={share}",
+            spec.memory_mib,
+            opt(mem_path)
+        ),
+        "-smp".into(),
+        spec.cpus.to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-serial".into(),
+        format!("file:{}", spec.console_log.display()),
+        "-kernel".into(),
+        spec.kernel.display().to_string(),
+        "-append".into(),
+        cmdline,
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", opt(&paths.qmp)),
+        "-pidfile".into(),
+        paths.pid.display().to_string(),
+    ];
+    if let Some(initrd) = &spec.initrd {
+        args.extend(["-initrd".into(), initrd.display().to_string()]);
+    }
+    for (i, disk) in spec.disks.iter().enumerate() {
+        args.extend([
+            "-drive".into(),
+            format!(
+                "id=d{i},file={},format=raw,if=none,read-only={}",
+                opt(&disk.path),
+                if disk.read_only { "on" } else { "off" }
+            ),
+            "-device".into(),
+            format!("virtio-blk-device,drive=d{i}"),
+        ]);
+    }
+    if spec.agent_channel {
+        args.extend([
+            "-device".into(),
+            "virtio-serial-device".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                opt(&paths.agent)
+            ),
+            "-device".into(),
+            format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+        ]);
+    }
+    match mode {
+        Mode::Boot => args.push("-S".into()),
+        Mode::Incoming { .. } => args.extend(["-incoming".into(), "defer".into()]),
+    }
+    args
+}
+
+#[async_trait]
+impl VmmDriver for QemuDriver {
+    fn info(&self) -> &DriverInfo {
+        &self.info
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            pause: true,
+            snapshot: true,
+            restore: true,
+            live_migration_precopy: true,
+            cow_restore: true,
+            virtio_fs: true,
+            agent_transport: AgentTransport::VirtioSerial,
+        }
+    }
+
+    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, StartVmError> {
+        let span = tracing::info_span!("qemu_start", vm = %spec.id);
+        async {
+            let (vm, qmp_ready) = self.launch(spec, Mode::Boot).await?;
+            if let Err(e) = vm.qmp.execute("cont", None).await {
+                let _ = vm.cleanup().await;
+                return Err(StartVmError::Control(e));
+            }
+            tracing::info!(pid = vm.process.pid, ?qmp_ready, "QEMU VM started");
+            Ok(Box::new(vm) as Box<dyn Vm>)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn attach(&self, record: &VmRecord) -> Result<Box<dyn Vm>, AttachVmError> {
+        if record.driver != DriverKind::Qemu {
+            return Err(AttachVmError::WrongDriver {
+                record: record.driver,
+                driver: DriverKind::Qemu,
+            });
+        }
+        let process = VmmProcess {
+            pid: record.pid,
+            start_time: record.start_time,
+        };
+        if !process.alive() {
+            return Err(AttachVmError::Gone { pid: record.pid });
+        }
+        let stream = UnixStream::connect(&record.control_socket)
+            .await
+            .map_err(|source| AttachVmError::Connect {
+                path: record.control_socket.clone(),
+                source,
+            })?;
+        let qmp = QmpClient::handshake(stream)
+            .await
+            .map_err(AttachVmError::Control)?;
+        let (memory_mib, cpus, memory) = describe(&qmp).await;
+        Ok(Box::new(QemuVm {
+            record: record.clone(),
+            process,
+            qmp: Arc::new(qmp),
+            memory: memory.unwrap_or_else(|| record.dir.join(MEMORY_FILE)),
+            memory_mib,
+            cpus,
+            disks: 0,
+        }))
+    }
+
+    async fn restore(
+        &self,
+        snapshot_dir: &Path,
+        spec: &VmSpec,
+    ) -> Result<Box<dyn Vm>, RestoreVmError> {
+        let meta_path = snapshot_dir.join(SNAPSHOT_META);
+        let meta: SnapshotMeta = std::fs::read(&meta_path)
+            .map_err(|source| RestoreVmError::Read {
+                path: meta_path.clone(),
+                source,
+            })
+            .and_then(|bytes| {
+                serde_json::from_slice(&bytes).map_err(|e| RestoreVmError::Read {
+                    path: meta_path.clone(),
+                    source: std::io::Error::other(e),
+                })
+            })?;
+        if meta.driver != DriverKind::Qemu
+            || meta.cpus != spec.cpus
+            || meta.memory_mib != spec.memory_mib
+            || meta.disks != spec.disks.len()
+            || meta.agent_channel != spec.agent_channel
+        {
+            return Err(RestoreVmError::Mismatch(format!(
+                "snapshot has driver {}, {} cpus, {} MiB, {} disks, agent channel {}; spec has {} cpus, {} MiB, {} disks, agent channel {}",
+                meta.driver,
+                meta.cpus,
+                meta.memory_mib,
+                meta.disks,
+                meta.agent_channel,
+                spec.cpus,
+                spec.memory_mib,
+                spec.disks.len(),
+                spec.agent_channel
+            )));
+        }
+        let memory = snapshot_dir.join(MEMORY_FILE);
+        let state = snapshot_dir.join(SNAPSHOT_STATE);
+        for path in [&memory, &state] {
+            if !path.is_file() {
+                return Err(RestoreVmError::Read {
+                    path: path.clone(),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                });
+            }
+        }
+        let (vm, _) = self
+            .launch(spec, Mode::Incoming { memory })
+            .await
+            .map_err(RestoreVmError::Start)?;
+        let loaded = async {
+            vm.qmp
+                .execute(
+                    "migrate-set-capabilities",
+                    Some(
+                        json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+                    ),
+                )
+                .await?;
+            vm.qmp
+                .execute(
+                    "migrate-incoming",
+                    Some(json!({"uri": format!("file:{}", state.display())})),
+                )
+                .await?;
+            wait_migration(&vm.qmp).await?;
+            vm.qmp.execute("cont", None).await?;
+            Ok::<_, ControlVmError>(())
+        }
+        .await;
+        if let Err(e) = loaded {
+            let stderr = read_tail(&spec.dir.join("qemu.stderr"));
+            let _ = vm.cleanup().await;
+            return Err(RestoreVmError::Load(format!("{e}; QEMU stderr: {stderr}")));
+        }
+        tracing::info!(vm = %spec.id, pid = vm.process.pid, "QEMU VM restored");
+        Ok(Box::new(vm))
+    }
+}
+
+/// Wait until the current migration (in or out) completes.
+async fn wait_migration(qmp: &QmpClient) -> Result<(), ControlVmError> {
+    let deadline = Instant::now() + MIGRATE_TIMEOUT;
+    loop {
+        let info = qmp.execute("query-migrate", None).await?;
+        match info["status"].as_str() {
+            Some("completed") => return Ok(()),
+            Some("failed") | Some("cancelled") => {
+                return Err(ControlVmError::Refused {
+                    command: "migrate".into(),
+                    message: info["error-desc"]
+                        .as_str()
+                        .unwrap_or("migration failed")
+                        .to_owned(),
+                });
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(ControlVmError::Timeout {
+                command: "migrate".into(),
+                timeout: MIGRATE_TIMEOUT,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Memory size, vCPU count and RAM file of a running VM, asked over QMP.
+async fn describe(qmp: &QmpClient) -> (u32, u32, Option<PathBuf>) {
+    let memory_mib = qmp
+        .execute("query-memory-size-summary", None)
+        .await
+        .ok()
+        .and_then(|v| v["base-memory"].as_u64())
+        .and_then(|b| u32::try_from(b >> 20).ok())
+        .unwrap_or(0);
+    let cpus = qmp
+        .execute("query-cpus-fast", None)
+        .await
+        .ok()
+        .and_then(|v| v.as_array().map(|a| a.len()))
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(0);
+    let memory = qmp
+        .execute(
+            "qom-get",
+            Some(json!({"path": "/objects/mem", "property": "mem-path"})),
+        )
+        .await
+        .ok()
+        .and_then(|v| v.as_str().map(PathBuf::from));
+    (memory_mib, cpus, memory)
+}
+
+/// A QEMU microVM.
+pub struct QemuVm {
+    record: VmRecord,
+    process: VmmProcess,
+    qmp: Arc<QmpClient>,
+    /// RAM file backing the guest (in the VM dir, or a snapshot's).
+    memory: PathBuf,
+    memory_mib: u32,
+    cpus: u32,
+    disks: usize,
+}
+
+impl QemuVm {
+    /// The QMP session, for callers that need more than the trait offers
+    /// (live migration, hot-plug).
+    pub fn qmp(&self) -> &QmpClient {
+        &self.qmp
+    }
+
+    async fn control(&self, command: &str) -> Result<serde_json::Value, ControlVmError> {
+        if !self.process.alive() {
+            return Err(ControlVmError::Gone);
+        }
+        self.qmp.execute(command, None).await
+    }
+
+    async fn write_snapshot(&self, dest: &Path) -> Result<SnapshotInfo, SnapshotVmError> {
+        let write_err = |source| SnapshotVmError::Write {
+            path: dest.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dest).map_err(write_err)?;
+        let state = dest.join(SNAPSHOT_STATE);
+        let _ = std::fs::remove_file(&state);
+        let stopped = Instant::now();
+        self.control("stop")
+            .await
+            .map_err(SnapshotVmError::Control)?;
+        self.qmp
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
+            )
+            .await
+            .map_err(SnapshotVmError::Control)?;
+        self.qmp
+            .execute(
+                "migrate",
+                Some(json!({"uri": format!("file:{}", state.display())})),
+            )
+            .await
+            .map_err(SnapshotVmError::Control)?;
+        wait_migration(&self.qmp)
+            .await
+            .map_err(|e| SnapshotVmError::Failed(e.to_string()))?;
+        // The vCPUs are stopped, so the RAM file is stable: copy it sparsely.
+        let memory_dest = dest.join(MEMORY_FILE);
+        let _ = std::fs::remove_file(&memory_dest);
+        let out = tokio::process::Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&self.memory)
+            .arg(&memory_dest)
+            .output()
+            .await
+            .map_err(write_err)?;
+        if !out.status.success() {
+            return Err(SnapshotVmError::Failed(format!(
+                "copying guest memory {} failed: {}",
+                self.memory.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let downtime = stopped.elapsed();
+        let meta = SnapshotMeta {
+            driver: DriverKind::Qemu,
+            qemu_version: format!(
+                "{}.{}.{}",
+                self.qmp.version.0, self.qmp.version.1, self.qmp.version.2
+            ),
+            cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            disks: self.disks,
+            agent_channel: self.record.agent_socket.is_some(),
+        };
+        let meta_bytes =
+            serde_json::to_vec_pretty(&meta).map_err(|e| SnapshotVmError::Failed(e.to_string()))?;
+        std::fs::write(dest.join(SNAPSHOT_META), meta_bytes).map_err(write_err)?;
+        Ok(SnapshotInfo {
+            dir: dest.to_owned(),
+            driver: DriverKind::Qemu,
+            memory_mib: self.memory_mib,
+            cpus: self.cpus,
+            downtime,
+        })
+    }
+}
+
+#[async_trait]
+impl Vm for QemuVm {
+    fn id(&self) -> &str {
+        &self.record.id
+    }
+
+    fn pid(&self) -> i32 {
+        self.process.pid
+    }
+
+    fn record(&self) -> VmRecord {
+        self.record.clone()
+    }
+
+    async fn pause(&self) -> Result<(), ControlVmError> {
+        self.control("stop").await.map(drop)
+    }
+
+    async fn resume(&self) -> Result<(), ControlVmError> {
+        self.control("cont").await.map(drop)
+    }
+
+    async fn status(&self) -> Result<VmStatus, ControlVmError> {
+        if !self.process.alive() {
+            return Ok(VmStatus::Exited);
+        }
+        match self.qmp.execute("query-status", None).await {
+            Ok(v) => Ok(match v["status"].as_str() {
+                Some("running") => VmStatus::Running,
+                Some("paused") => VmStatus::Paused,
+                Some(other) => VmStatus::Other(other.to_owned()),
+                None => return Err(ControlVmError::Protocol(format!("query-status said {v}"))),
+            }),
+            Err(ControlVmError::Gone) => {
+                // QEMU closes QMP as it exits; give /proc a moment to agree.
+                if self.process.wait_timeout(Duration::from_millis(500)).await {
+                    Ok(VmStatus::Exited)
+                } else {
+                    Err(ControlVmError::Gone)
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn connect_agent(&self) -> Result<UnixStream, ConnectAgentError> {
+        let path = self
+            .record
+            .agent_socket
+            .as_ref()
+            .ok_or(ConnectAgentError::NoChannel)?;
+        UnixStream::connect(path)
+            .await
+            .map_err(|source| ConnectAgentError::Connect {
+                path: path.clone(),
+                source,
+            })
+    }
+
+    async fn wait(&self) {
+        self.process.wait().await;
+    }
+
+    async fn stop(&self, grace: Duration) -> Result<(), StopVmError> {
+        if self.process.wait_timeout(grace).await {
+            return Ok(());
+        }
+        // microvm without ACPI has no power button: ask QEMU itself to quit.
+        let _ = self.qmp.execute_timeout("quit", None, QUIT_GRACE).await;
+        if self.process.wait_timeout(QUIT_GRACE).await {
+            return Ok(());
+        }
+        tracing::warn!(pid = self.process.pid, "QEMU ignored quit; killing it");
+        self.process.kill().await
+    }
+
+    async fn kill(&self) -> Result<(), StopVmError> {
+        self.process.kill().await
+    }
+
+    async fn cleanup(&self) -> Result<(), CleanupVmError> {
+        self.process.kill().await.map_err(CleanupVmError::Stop)?;
+        remove_files(&self.record.files)
+    }
+
+    async fn snapshot(&self, dest_dir: &Path) -> Result<SnapshotInfo, SnapshotVmError> {
+        let span = tracing::info_span!("qemu_snapshot", vm = %self.record.id);
+        self.write_snapshot(dest_dir).instrument(span).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DiskSpec;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: "t1".into(),
+            dir: "/run/kiln/vms/t1".into(),
+            kernel: "/k/bzImage".into(),
+            initrd: Some("/k/initrd".into()),
+            cmdline: "quiet".into(),
+            cpus: 2,
+            memory_mib: 256,
+            disks: vec![
+                DiskSpec {
+                    path: "/d/base,1.ext4".into(),
+                    read_only: true,
+                },
+                DiskSpec {
+                    path: "/d/rw.ext4".into(),
+                    read_only: false,
+                },
+            ],
+            agent_channel: true,
+            console_log: "/run/kiln/vms/t1/console.log".into(),
+        }
+    }
+
+    #[test]
+    fn boot_command_line() {
+        let s = spec();
+        let args = qemu_args(
+            &s,
+            &Paths::new(&s.dir),
+            &Mode::Boot,
+            Accel::Tcg,
+            Path::new("/q.rom"),
+        );
+        let joined = args.join(" ");
+        for needle in [
+            "-M microvm,acpi=off,rtc=on,memory-backend=mem",
+            "-accel tcg",
+            "-bios /q.rom",
+            "memory-backend-file,id=mem,size=256M,mem-path=/run/kiln/vms/t1/memory,share=on",
+            "-smp 2",
+            "-append console=ttyS0 reboot=t panic=-1 quiet",
+            "id=d0,file=/d/base,,1.ext4,format=raw,if=none,read-only=on",
+            "id=d1,file=/d/rw.ext4,format=raw,if=none,read-only=off",
+            "virtserialport,chardev=agent,name=kiln.agent",
+            "-qmp unix:/run/kiln/vms/t1/qmp.sock,server=on,wait=off",
+            "-initrd /k/initrd",
+            "-no-reboot",
+        ] {
+            assert!(joined.contains(needle), "{needle} missing from {joined}");
+        }
+        assert_eq!(args.last().map(String::as_str), Some("-S"));
+    }
+
+    #[test]
+    fn restore_command_line_maps_memory_privately() {
+        let s = spec();
+        let args = qemu_args(
+            &s,
+            &Paths::new(&s.dir),
+            &Mode::Incoming {
+                memory: "/snap/memory".into(),
+            },
+            Accel::Kvm,
+            Path::new("/q.rom"),
+        );
+        let joined = args.join(" ");
+        assert!(
+            joined.contains("mem-path=/snap/memory,share=off"),
+            "{joined}"
+        );
+        assert!(joined.ends_with("-incoming defer"), "{joined}");
+        assert!(joined.contains("-cpu host"), "{joined}");
+    }
+}
