@@ -326,10 +326,10 @@ impl Selection {
                 self.accel,
                 &self.version,
             )?),
-            DriverKind::Firecracker => {
-                let _ = FirecrackerDriver::new(self.binary.clone(), self.version.clone());
-                return Err(SelectDriverError::FirecrackerNotConfigured);
-            }
+            DriverKind::Firecracker => Arc::new(FirecrackerDriver::new(
+                self.binary.clone(),
+                self.version.clone(),
+            )),
         })
     }
 }

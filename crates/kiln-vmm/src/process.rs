@@ -84,14 +84,22 @@ fn parse_stat(text: &str) -> Option<(char, u64)> {
     Some((state, start))
 }
 
-/// Spawn `binary args` detached: its own session, stdin and stdout on
-/// /dev/null, stderr to `stderr_path`. The child is reaped in the background
+/// Spawn `binary args` detached: its own session, stdin on /dev/null, stdout
+/// to `stdout_path` (or /dev/null), stderr to `stderr_path`. The child is reaped in the background
 /// while this process runs; it outlives this process.
 pub(crate) fn spawn_detached(
     binary: &Path,
     args: &[String],
     stderr_path: &Path,
+    stdout_path: Option<&Path>,
 ) -> Result<VmmProcess, StartVmError> {
+    let stdout = match stdout_path {
+        Some(path) => Stdio::from(File::create(path).map_err(|source| StartVmError::Dir {
+            path: path.to_owned(),
+            source,
+        })?),
+        None => Stdio::null(),
+    };
     let stderr = File::create(stderr_path).map_err(|source| StartVmError::Dir {
         path: stderr_path.to_owned(),
         source,
@@ -100,7 +108,7 @@ pub(crate) fn spawn_detached(
     command
         .args(args)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::from(stderr))
         .kill_on_drop(false);
     new_session(command.as_std_mut());

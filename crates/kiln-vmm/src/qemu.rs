@@ -159,7 +159,7 @@ impl QemuDriver {
         let args = self.args(spec, &paths, &mode);
         tracing::debug!(binary = %self.info.binary.display(), ?args, "spawning QEMU");
         let spawned = Instant::now();
-        let process = spawn_detached(&self.info.binary, &args, &paths.stderr)?;
+        let process = spawn_detached(&self.info.binary, &args, &paths.stderr, None)?;
         let result = async {
             let stream =
                 connect_when_ready(&paths.qmp, &process, QMP_TIMEOUT, &paths.stderr).await?;
