@@ -575,13 +575,20 @@ impl VmmDriver for FirecrackerDriver {
             .await
             .ok()
             .and_then(|b| serde_json::from_slice::<MachineConfiguration>(&b).ok());
+        let disks = api
+            .request::<()>(Method::GET, "/vm/config", None, REQUEST_TIMEOUT)
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["drives"].as_array().map(|a| a.len()))
+            .unwrap_or(0);
         Ok(Box::new(FirecrackerVm {
             record: record.clone(),
             process,
             api,
             cpus: config.as_ref().map_or(0, |c| c.vcpu_count),
             memory_mib: config.as_ref().map_or(0, |c| c.mem_size_mib),
-            disks: 0,
+            disks,
             version: info.vmm_version,
         }))
     }

@@ -367,7 +367,7 @@ impl VmmDriver for QemuDriver {
         let qmp = QmpClient::handshake(stream)
             .await
             .map_err(AttachVmError::Control)?;
-        let (memory_mib, cpus, memory) = describe(&qmp).await;
+        let (memory_mib, cpus, memory, disks) = describe(&qmp).await;
         Ok(Box::new(QemuVm {
             record: record.clone(),
             process,
@@ -375,7 +375,7 @@ impl VmmDriver for QemuDriver {
             memory: memory.unwrap_or_else(|| record.dir.join(MEMORY_FILE)),
             memory_mib,
             cpus,
-            disks: 0,
+            disks,
         }))
     }
 
@@ -425,6 +425,7 @@ impl VmmDriver for QemuDriver {
                 });
             }
         }
+        let spawned = Instant::now();
         let (vm, _) = self
             .launch(spec, Mode::Incoming { memory })
             .await
@@ -454,7 +455,7 @@ impl VmmDriver for QemuDriver {
             let _ = vm.cleanup().await;
             return Err(RestoreVmError::Load(format!("{e}; QEMU stderr: {stderr}")));
         }
-        tracing::info!(vm = %spec.id, pid = vm.process.pid, "QEMU VM restored");
+        tracing::info!(vm = %spec.id, pid = vm.process.pid, elapsed = ?spawned.elapsed(), "QEMU VM restored");
         Ok(Box::new(vm))
     }
 }
@@ -487,8 +488,9 @@ async fn wait_migration(qmp: &QmpClient) -> Result<(), ControlVmError> {
     }
 }
 
-/// Memory size, vCPU count and RAM file of a running VM, asked over QMP.
-async fn describe(qmp: &QmpClient) -> (u32, u32, Option<PathBuf>) {
+/// Memory size, vCPU count, RAM file and disk count of a running VM, asked
+/// over QMP.
+async fn describe(qmp: &QmpClient) -> (u32, u32, Option<PathBuf>, usize) {
     let memory_mib = qmp
         .execute("query-memory-size-summary", None)
         .await
@@ -511,7 +513,13 @@ async fn describe(qmp: &QmpClient) -> (u32, u32, Option<PathBuf>) {
         .await
         .ok()
         .and_then(|v| v.as_str().map(PathBuf::from));
-    (memory_mib, cpus, memory)
+    let disks = qmp
+        .execute("query-block", None)
+        .await
+        .ok()
+        .and_then(|v| v.as_array().map(|a| a.len()))
+        .unwrap_or(0);
+    (memory_mib, cpus, memory, disks)
 }
 
 /// A QEMU microVM.
