@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::process::proc_stat;
+use crate::process::{proc_session, proc_stat};
 use crate::testguest::counters;
 use crate::{
     AgentTransport, AttachVmError, DiskSpec, StartVmError, Vm, VmSpec, VmStatus, VmmDriver,
@@ -246,6 +246,19 @@ async fn lifecycle(
     expect_status("boot", vm, VmStatus::Running).await?;
     if !pid_alive(vm.pid()) {
         return Err(fail("boot", "the VMM pid is not alive"));
+    }
+    // Detached: the VMM leads its own session, so it outlives ours.
+    let own = i32::try_from(std::process::id())
+        .ok()
+        .and_then(proc_session);
+    if proc_session(vm.pid()) != Some(vm.pid()) || own == Some(vm.pid()) {
+        return Err(fail(
+            "boot",
+            format!(
+                "the VMM is not detached: session {:?}, ours {own:?}",
+                proc_session(vm.pid())
+            ),
+        ));
     }
     report.passed.push("boot");
 

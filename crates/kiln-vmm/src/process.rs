@@ -67,6 +67,14 @@ impl VmmProcess {
     }
 }
 
+/// Session id (field 6) from `/proc/PID/stat`.
+pub(crate) fn proc_session(pid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    // `rest` starts at field 3; the session is field 6.
+    rest.split_ascii_whitespace().nth(3)?.parse().ok()
+}
+
 /// State letter and start time (field 22) from `/proc/PID/stat`.
 pub(crate) fn proc_stat(pid: i32) -> Option<(char, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -220,6 +228,7 @@ mod tests {
         let pid = i32::try_from(std::process::id()).expect("pid fits");
         let (state, start) = proc_stat(pid).expect("own stat");
         assert_ne!(state, 'Z');
+        assert!(proc_session(pid).is_some());
         assert!(
             VmmProcess {
                 pid,
