@@ -115,3 +115,76 @@ async fn firecracker_conformance_skipped_without_binary() {
         print_report("firecracker linux", &report);
     }
 }
+
+/// Helper run in a child process by `vmm_outlives_the_process_that_started_it`:
+/// starts a VM, writes its record, and exits without stopping it.
+#[tokio::test]
+#[ignore = "helper: run by vmm_outlives_the_process_that_started_it"]
+async fn helper_start_vm_and_exit() {
+    let (Some(dir), Some(elf)) = (
+        std::env::var_os("KILN_VMM_HELPER_DIR"),
+        std::env::var_os("KILN_VMM_HELPER_ELF"),
+    ) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let guest = Guest::baremetal(PathBuf::from(elf));
+    let spec = kiln_vmm::VmSpec {
+        id: "outlives".into(),
+        dir: dir.join("vm"),
+        kernel: guest.kernel.clone(),
+        initrd: None,
+        cmdline: String::new(),
+        cpus: 1,
+        memory_mib: guest.memory_mib,
+        disks: vec![],
+        agent_channel: true,
+        console_log: dir.join("vm/console.log"),
+    };
+    let vm = qemu_tcg().start(&spec).await.expect("start");
+    let record = serde_json::to_vec(&vm.record()).expect("record");
+    std::fs::write(dir.join("record.json"), record).expect("write record");
+}
+
+/// A real restart: another process starts the VM and exits; this one
+/// re-attaches from the persisted record and controls the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmm_outlives_the_process_that_started_it() {
+    init_tracing();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let _reaper = VmmReaper::new(tmp.path());
+    let elf = kiln_vmm::testguest::build(&tmp.path().join("guest")).expect("build the guest");
+    let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "helper_start_vm_and_exit",
+            "--ignored",
+            "--quiet",
+        ])
+        .env("KILN_VMM_HELPER_DIR", tmp.path())
+        .env("KILN_VMM_HELPER_ELF", &elf)
+        .status()
+        .expect("run the helper");
+    assert!(status.success(), "helper failed: {status}");
+    let record: kiln_vmm::VmRecord = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("record.json")).expect("record written"),
+    )
+    .expect("record parses");
+    let driver = qemu_tcg();
+    let vm = driver
+        .attach(&record)
+        .await
+        .expect("attach after the starter exited");
+    assert_eq!(
+        vm.status().await.expect("status"),
+        kiln_vmm::VmStatus::Running
+    );
+    vm.pause().await.expect("pause");
+    assert_eq!(
+        vm.status().await.expect("status"),
+        kiln_vmm::VmStatus::Paused
+    );
+    vm.resume().await.expect("resume");
+    vm.cleanup().await.expect("cleanup");
+    assert!(conformance::leftovers(&record.dir).is_empty());
+}
