@@ -320,12 +320,19 @@ impl Selection {
     /// Build the selected driver.
     pub fn driver(&self, host: &HostInfo) -> Result<Arc<dyn VmmDriver>, SelectDriverError> {
         Ok(match self.kind {
-            DriverKind::Qemu => Arc::new(QemuDriver::new(
-                self.binary.clone(),
-                host.qemu_firmware.clone(),
-                self.accel,
-                &self.version,
-            )?),
+            DriverKind::Qemu => {
+                let driver = QemuDriver::new(
+                    self.binary.clone(),
+                    host.qemu_firmware.clone(),
+                    self.accel,
+                    &self.version,
+                )?;
+                Arc::new(if self.accel == Accel::Kvm && host.kvm == KvmKind::Pvm {
+                    driver.with_cpu_model(crate::qemu::PVM_CPU_MODEL)
+                } else {
+                    driver
+                })
+            }
             DriverKind::Firecracker => Arc::new(FirecrackerDriver::new(
                 self.binary.clone(),
                 self.version.clone(),

@@ -43,6 +43,7 @@ pub const MEMORY_FILE: &str = "memory";
 pub struct QemuDriver {
     info: DriverInfo,
     firmware: PathBuf,
+    cpu_model: String,
 }
 
 /// Where a QEMU VM keeps its runtime files.
@@ -106,7 +107,14 @@ impl QemuDriver {
                 accel,
             },
             firmware,
+            cpu_model: default_cpu_model(accel).to_owned(),
         })
+    }
+
+    /// Use another `-cpu` model (default: `host` under KVM, `max` under TCG).
+    pub fn with_cpu_model(mut self, model: impl Into<String>) -> Self {
+        self.cpu_model = model.into();
+        self
     }
 
     /// Detect QEMU on this host (`KILN_QEMU_BIN` or `PATH`) with `accel`.
@@ -119,11 +127,23 @@ impl QemuDriver {
                 path: host.qemu.path.clone(),
                 reason,
             })?;
-        Self::new(host.qemu.path, host.qemu_firmware, accel, &version)
+        let driver = Self::new(host.qemu.path, host.qemu_firmware, accel, &version)?;
+        Ok(if accel == Accel::Kvm && host.kvm == crate::KvmKind::Pvm {
+            driver.with_cpu_model(PVM_CPU_MODEL)
+        } else {
+            driver
+        })
     }
 
     fn args(&self, spec: &VmSpec, paths: &Paths, mode: &Mode) -> Vec<String> {
-        qemu_args(spec, paths, mode, self.info.accel, &self.firmware)
+        qemu_args(
+            spec,
+            paths,
+            mode,
+            self.info.accel,
+            &self.firmware,
+            &self.cpu_model,
+        )
     }
 
     async fn launch(&self, spec: &VmSpec, mode: Mode) -> Result<(QemuVm, Duration), StartVmError> {
@@ -219,12 +239,25 @@ fn opt(path: &Path) -> String {
     path.display().to_string().replace(',', ",,")
 }
 
+/// `-cpu` model used when none is configured.
+pub fn default_cpu_model(accel: Accel) -> &'static str {
+    match accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    }
+}
+
+/// `-cpu` model for KVM on a `kvm_pvm` host: it cannot set
+/// IA32_ARCH_CAPABILITIES (MSR 0x10a), which `host` exposes.
+pub const PVM_CPU_MODEL: &str = "host,-arch-capabilities";
+
 fn qemu_args(
     spec: &VmSpec,
     paths: &Paths,
     mode: &Mode,
     accel: Accel,
     firmware: &Path,
+    cpu_model: &str,
 ) -> Vec<String> {
     let (mem_path, share) = match mode {
         Mode::Boot => (&paths.memory, "on"),
@@ -247,7 +280,7 @@ fn qemu_args(
         "-accel".into(),
         accel.to_string(),
         "-cpu".into(),
-        if accel == Accel::Kvm { "host" } else { "max" }.into(),
+        cpu_model.into(),
         "-bios".into(),
         firmware.display().to_string(),
         "-m".into(),
@@ -748,6 +781,7 @@ mod tests {
             &Mode::Boot,
             Accel::Tcg,
             Path::new("/q.rom"),
+            "max",
         );
         let joined = args.join(" ");
         for needle in [
@@ -780,6 +814,7 @@ mod tests {
             },
             Accel::Kvm,
             Path::new("/q.rom"),
+            "host",
         );
         let joined = args.join(" ");
         assert!(

@@ -59,6 +59,31 @@ async fn qemu_tcg_baremetal_conformance() {
     assert!(report.passed.contains(&"snapshot_restore"));
 }
 
+/// QEMU with KVM and the bare-metal guest: on hardware KVM, and also on
+/// `kvm_pvm` hosts, whose software KVM runs this guest (not Linux).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_kvm_baremetal_conformance() {
+    init_tracing();
+    let host = kiln_vmm::detect(&DriverConfig::default());
+    if host.kvm == kiln_vmm::KvmKind::Absent {
+        eprintln!("SKIPPED: QEMU/KVM conformance: /dev/kvm is absent");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let _reaper = VmmReaper::new(tmp.path());
+    let elf = kiln_vmm::testguest::build(&tmp.path().join("guest")).expect("build the guest");
+    let driver: Arc<dyn VmmDriver> =
+        Arc::new(QemuDriver::detect(Accel::Kvm).expect("QEMU 10 is installed"));
+    let report = conformance::run(
+        driver.as_ref(),
+        &Guest::baremetal(elf),
+        &tmp.path().join("vms"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    print_report("qemu/kvm baremetal", &report);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_tcg_linux_conformance() {
     init_tracing();
