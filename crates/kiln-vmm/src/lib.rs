@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
 pub use host::{
-    Accel, DriverChoice, DriverConfig, HostInfo, KvmKind, SelectDriverError, Selection, detect,
-    select,
+    Accel, Binary, DEFAULT_QBOOT, DriverChoice, DriverConfig, HostInfo, KvmKind, MIN_QEMU,
+    SelectDriverError, Selection, detect, select,
 };
 
 /// Which VMM a driver runs.
