@@ -41,6 +41,8 @@ const OUTQ_HIGH: usize = 512 << 10;
 const READ_CHUNK: usize = 64 << 10;
 /// Largest single read from the host channel.
 const CHAN_READ: usize = 256 << 10;
+/// How long the main process's pipes may outlive it.
+const MAIN_LINGER: Duration = Duration::from_millis(250);
 /// Retry interval while the serial port's host end is disconnected.
 const HOST_DOWN_RETRY: Duration = Duration::from_millis(10);
 
@@ -190,6 +192,10 @@ struct Proc {
     pty: Option<OwnedFd>,
     exit: Option<ExitStatus>,
     stream: Option<u32>,
+    /// Main process only: when it exited, how long its pipes may stay open
+    /// (held by background children) before they are closed and the exit
+    /// is reported. Other processes wait for their pipes, like `docker exec`.
+    linger_until: Option<Instant>,
 }
 
 struct CopyJob {
@@ -356,6 +362,30 @@ impl Agent {
         if self.host_down_until.is_some_and(|t| now >= t) {
             self.host_down_until = None;
         }
+        let mut expired = false;
+        for p in self.procs.values_mut() {
+            if p.linger_until.is_some_and(|t| now >= t) {
+                p.linger_until = None;
+                expired = true;
+                // Take what is readable now, then stop waiting for writers
+                // that outlived the main process.
+                for o in &mut p.outs {
+                    while o.fd.is_some() && o.buf.len() < DETACHED_BOUND {
+                        let before = o.buf.len();
+                        o.read_some(&mut self.scratch, DETACHED_BOUND - before);
+                        if o.buf.len() == before {
+                            break;
+                        }
+                    }
+                    o.fd = None;
+                }
+            }
+        }
+        if expired {
+            // Report what the expiry finished before blocking in poll.
+            self.pump();
+            return;
+        }
         let mut tags: Vec<Tag> = Vec::new();
         let mut revents: Vec<PollFlags> = Vec::new();
         {
@@ -411,7 +441,13 @@ impl Agent {
                     tags.push(Tag::CopyIn(*s));
                 }
             }
-            let timeout = match self.host_down_until {
+            let wake_at = self
+                .procs
+                .values()
+                .filter_map(|p| p.linger_until)
+                .chain(self.host_down_until)
+                .min();
+            let timeout = match wake_at {
                 Some(t) => {
                     let ms = t.saturating_duration_since(now).as_millis().clamp(1, 1000);
                     PollTimeout::try_from(ms as i32).unwrap_or(PollTimeout::NONE)
@@ -632,6 +668,9 @@ impl Agent {
         let pid = pid.as_raw() as u32;
         if let Some(p) = self.procs.get_mut(&pid) {
             p.exit = Some(status);
+            if p.main {
+                p.linger_until = Some(Instant::now() + MAIN_LINGER);
+            }
             // The process is gone: whatever host stdin is pending goes nowhere.
             if let Some(i) = p.input.as_mut() {
                 i.fd = None;
@@ -898,7 +937,10 @@ impl Agent {
             return;
         };
         if stdin && p.input.as_ref().is_none_or(|i| i.fd.is_none()) {
-            let r = err(ErrorKind::Invalid, format!("process {pid} has no open stdin"));
+            let r = err(
+                ErrorKind::Invalid,
+                format!("process {pid} has no open stdin"),
+            );
             self.respond(s, &r);
             self.queue(proto::encode_close(s));
             return;
@@ -1046,6 +1088,7 @@ impl Agent {
                 pty,
                 exit: None,
                 stream: None,
+                linger_until: None,
             },
         );
         Ok(pid)
