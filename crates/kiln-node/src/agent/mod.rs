@@ -740,20 +740,21 @@ impl Stdin {
                 .len()
                 .min(MAX_DATA_CHUNK)
                 .min(proto::INITIAL_WINDOW as usize);
-            // Take what is available (at least one byte) to avoid waiting
-            // for a whole chunk's worth of credit.
-            let avail = self.credit.available_permits();
-            let n = if avail > 0 {
-                want.min(avail)
-            } else {
-                1.max(want.min(64 << 10))
-            };
-            let permit = self
-                .credit
-                .acquire_many(n as u32)
+            // Wait for one byte of credit, then take whatever else is
+            // available: never wait for a chunk's worth that may not come.
+            self.credit
+                .acquire()
                 .await
-                .map_err(|_| StreamError::Closed)?;
-            permit.forget();
+                .map_err(|_| StreamError::Closed)?
+                .forget();
+            let mut n = 1;
+            let extra = (want - 1).min(self.credit.available_permits());
+            if extra > 0
+                && let Ok(p) = self.credit.try_acquire_many(extra as u32)
+            {
+                p.forget();
+                n += extra;
+            }
             let frame = proto::encode_data(self.id, self.ch, &data[..n]).map_err(|e| {
                 StreamError::Protocol {
                     stream: self.id,
