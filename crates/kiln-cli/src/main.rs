@@ -1,1 +1,241 @@
-fn main() {}
+//! `kiln`: run OCI images as commands in microVMs.
+//!
+//! One binary: the user commands, and `kiln shim`, the per-sandbox
+//! supervisor the commands start (hidden; not for users).
+
+mod attach;
+mod bench;
+mod commands;
+mod images;
+mod info;
+mod term;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Run OCI images as commands in hardware-isolated microVMs.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, propagate_version = true)]
+struct Cli {
+    /// Log verbosity for Kiln's own messages (error, warn, info, debug, trace).
+    #[arg(long, global = true, env = "KILN_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a command in a new sandbox.
+    Run(RunArgs),
+    /// List sandboxes.
+    Ps {
+        /// Include sandboxes that have ended.
+        #[arg(short, long)]
+        all: bool,
+        /// Only print IDs.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Run a command in a running sandbox.
+    Exec(ExecArgs),
+    /// Copy files between a sandbox and the host: `kiln cp ID:/path LOCAL` or
+    /// `kiln cp LOCAL ID:/path` (`-` for a tar stream on stdin/stdout).
+    Cp { src: String, dst: String },
+    /// Print a sandbox's output.
+    Logs {
+        /// Keep following the output until the sandbox ends.
+        #[arg(short, long)]
+        follow: bool,
+        id: String,
+    },
+    /// Stop sandboxes: SIGTERM to the main process, SIGKILL after the grace time.
+    Stop {
+        /// Seconds to wait before SIGKILL.
+        #[arg(short = 't', long = "time", default_value_t = 10)]
+        time: u64,
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Remove sandboxes.
+    Rm {
+        /// Kill running sandboxes first.
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Wait until sandboxes end; print their exit codes.
+    Wait {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Pause a sandbox's VM (it uses no CPU while paused).
+    Pause { id: String },
+    /// Resume a paused sandbox.
+    Resume { id: String },
+    /// Manage images.
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+    },
+    /// Show which VMM and acceleration Kiln uses, and why.
+    Info {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// VMM driver to evaluate.
+        #[arg(long, default_value = "auto")]
+        driver: String,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: commands::BenchCommand,
+    },
+    /// The per-sandbox supervisor (started by `kiln run`).
+    #[command(hide = true)]
+    Shim { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImagesCommand {
+    /// Pull an image and convert it to a disk.
+    Pull {
+        image: String,
+        /// Registries to reach over plain HTTP (host[:port]).
+        #[arg(long = "insecure-registry")]
+        insecure: Vec<String>,
+    },
+    /// List cached images.
+    Ls {
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Remove cached images.
+    Rm {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Remove what no image needs (partial downloads, stale temporaries).
+    Prune,
+}
+
+/// Options shared by `run` and `exec`.
+#[derive(Debug, Args, Clone)]
+pub struct ProcessArgs {
+    /// Set an environment variable (`KEY=VALUE`, or `KEY` to copy it from here).
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Read environment variables from a file.
+    #[arg(long = "env-file")]
+    env_file: Vec<PathBuf>,
+    /// Working directory inside the sandbox.
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
+    /// User: name, uid, uid:gid or name:group.
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    /// Keep stdin open and forward it.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Allocate a pseudo-terminal.
+    #[arg(short = 't', long)]
+    tty: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    /// The image (also accepted as the first positional argument).
+    #[arg(long = "image")]
+    image_flag: Option<String>,
+    #[command(flatten)]
+    process: ProcessArgs,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long = "memory", short = 'm', default_value_t = 256)]
+    memory: u32,
+    /// Size of the writable disk in MiB.
+    #[arg(long, default_value_t = 4096)]
+    disk: u32,
+    /// Kill the main process after this many seconds (paused time not counted).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// VMM driver: auto, qemu or firecracker.
+    #[arg(long, default_value = "auto")]
+    driver: String,
+    /// Run in the background and print the sandbox ID.
+    #[arg(short = 'd', long)]
+    detach: bool,
+    /// Remove the sandbox when it ends.
+    #[arg(long)]
+    rm: bool,
+    /// Override the image's ENTRYPOINT ("" clears it).
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Registries to reach over plain HTTP (host[:port]).
+    #[arg(long = "insecure-registry")]
+    insecure: Vec<String>,
+    /// When to contact the registry: missing (use the cached image if any), always, never.
+    #[arg(long, value_enum, default_value = "missing")]
+    pull: images::PullPolicy,
+    /// Print what happens (image, driver, timings) on stderr.
+    #[arg(short = 'v', long)]
+    verbose: bool,
+    /// IMAGE [-- CMD [ARGS...]]
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    rest: Vec<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    process: ProcessArgs,
+    /// Re-attach to a process started earlier with `exec` (its output
+    /// produced meanwhile is replayed).
+    #[arg(long, value_name = "PID")]
+    attach: Option<u32>,
+    /// Start the process and print its PID instead of attaching.
+    #[arg(short = 'd', long)]
+    detach: bool,
+    /// ID [-- CMD [ARGS...]]
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    rest: Vec<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kiln: cannot start the async runtime: {e}");
+            std::process::exit(125);
+        }
+    };
+    let code = rt.block_on(async move {
+        match commands::dispatch(cli.command).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("kiln: {e:#}");
+                125
+            }
+        }
+    });
+    // Do not wait for blocked stdin readers.
+    rt.shutdown_timeout(std::time::Duration::from_millis(10));
+    std::process::exit(code);
+}

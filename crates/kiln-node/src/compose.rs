@@ -66,7 +66,10 @@ pub fn compose(
     ov: &Overrides,
     host_env: impl Fn(&str) -> Option<String>,
 ) -> Result<Composed, ComposeError> {
-    let entrypoint = ov.entrypoint.clone().unwrap_or_else(|| image.entrypoint.clone());
+    let entrypoint = ov
+        .entrypoint
+        .clone()
+        .unwrap_or_else(|| image.entrypoint.clone());
     let cmd = if !ov.args.is_empty() {
         ov.args.clone()
     } else if ov.entrypoint.is_some() {
@@ -111,7 +114,6 @@ pub fn compose(
             user_env.push((k, v));
         }
     }
-    let mut env = env;
     let mut upsert = |k: String, v: String, replace: bool| {
         if let Some(e) = env.iter_mut().find(|(ek, _)| *ek == k) {
             if replace {
@@ -129,11 +131,19 @@ pub fn compose(
     if ov.tty {
         upsert("TERM".into(), "xterm".into(), false);
     }
-    let cwd = match ov.workdir.clone().or_else(|| image.working_dir.clone().filter(|w| !w.is_empty())) {
+    let cwd = match ov
+        .workdir
+        .clone()
+        .or_else(|| image.working_dir.clone().filter(|w| !w.is_empty()))
+    {
         Some(w) if !w.starts_with('/') => return Err(ComposeError::BadWorkdir(w)),
         other => other,
     };
-    let user = ov.user.clone().or_else(|| image.user.clone()).filter(|u| !u.is_empty());
+    let user = ov
+        .user
+        .clone()
+        .or_else(|| image.user.clone())
+        .filter(|u| !u.is_empty());
     Ok(Composed {
         argv,
         env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
@@ -190,7 +200,10 @@ mod tests {
     fn args_replace_cmd_and_entrypoint_override_drops_cmd() {
         let mut o = ov();
         o.args = vec!["a".into(), "b".into()];
-        assert_eq!(compose(&img(), &o, |_| None).unwrap().argv, ["/entry", "-x", "a", "b"]);
+        assert_eq!(
+            compose(&img(), &o, |_| None).unwrap().argv,
+            ["/entry", "-x", "a", "b"]
+        );
         let mut o = ov();
         o.entrypoint = Some(vec!["/bin/sh".into()]);
         assert_eq!(compose(&img(), &o, |_| None).unwrap().argv, ["/bin/sh"]);
@@ -198,22 +211,42 @@ mod tests {
         o.args = vec!["echo".into(), "hi".into()];
         assert_eq!(compose(&img(), &o, |_| None).unwrap().argv, ["echo", "hi"]);
         let empty = ImageDefaults::default();
-        assert_eq!(compose(&empty, &ov(), |_| None), Err(ComposeError::NoCommand));
+        assert_eq!(
+            compose(&empty, &ov(), |_| None),
+            Err(ComposeError::NoCommand)
+        );
     }
 
     #[test]
     fn env_order_and_host_passthrough() {
         let mut o = ov();
-        o.env = vec!["A=file".into(), "A=flag".into(), "C".into(), "MISSING".into(), "D=x=y".into()];
+        o.env = vec![
+            "A=file".into(),
+            "A=flag".into(),
+            "C".into(),
+            "MISSING".into(),
+            "D=x=y".into(),
+        ];
         o.tty = true;
         let c = compose(&img(), &o, |k| (k == "C").then(|| "from-host".to_string())).unwrap();
         assert_eq!(
             c.env,
-            ["A=flag", "PATH=/img/bin", "B=2", "C=from-host", "D=x=y", "HOSTNAME=h", "TERM=xterm"]
+            [
+                "A=flag",
+                "PATH=/img/bin",
+                "B=2",
+                "C=from-host",
+                "D=x=y",
+                "HOSTNAME=h",
+                "TERM=xterm"
+            ]
         );
         let mut o = ov();
         o.env = vec!["=bad".into()];
-        assert!(matches!(compose(&img(), &o, |_| None), Err(ComposeError::BadEnv(_))));
+        assert!(matches!(
+            compose(&img(), &o, |_| None),
+            Err(ComposeError::BadEnv(_))
+        ));
     }
 
     #[test]
@@ -227,7 +260,10 @@ mod tests {
         assert_eq!(c.cwd, None);
         assert_eq!(c.user, None);
         i.working_dir = Some("rel".into());
-        assert!(matches!(compose(&i, &ov(), |_| None), Err(ComposeError::BadWorkdir(_))));
+        assert!(matches!(
+            compose(&i, &ov(), |_| None),
+            Err(ComposeError::BadWorkdir(_))
+        ));
     }
 
     #[test]

@@ -56,9 +56,17 @@ pub enum CtlRequest {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CtlResponse {
     Ok,
-    Started { pid: u32 },
-    Exited { exit_code: i32, signal: Option<i32> },
-    Error { message: String, exit_code: Option<i32> },
+    Started {
+        pid: u32,
+    },
+    Exited {
+        exit_code: i32,
+        signal: Option<i32>,
+    },
+    Error {
+        message: String,
+        exit_code: Option<i32>,
+    },
 }
 
 /// A control connection failed.
@@ -135,14 +143,16 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     pub async fn json<T: Serialize>(&mut self, kind: Kind, msg: &T) -> Result<(), CtlError> {
-        let f = proto::encode_json(kind, STREAM, msg).map_err(|e| CtlError::Protocol(e.to_string()))?;
+        let f =
+            proto::encode_json(kind, STREAM, msg).map_err(|e| CtlError::Protocol(e.to_string()))?;
         self.raw(&f).await
     }
 
     /// Sends bytes as as many `Data` frames as needed.
     pub async fn data(&mut self, ch: proto::Channel, bytes: &[u8]) -> Result<(), CtlError> {
         for chunk in bytes.chunks(proto::MAX_DATA_CHUNK) {
-            let f = proto::encode_data(STREAM, ch, chunk).map_err(|e| CtlError::Protocol(e.to_string()))?;
+            let f = proto::encode_data(STREAM, ch, chunk)
+                .map_err(|e| CtlError::Protocol(e.to_string()))?;
             self.raw(&f).await?;
         }
         Ok(())
@@ -167,10 +177,12 @@ pub struct CtlConn {
 impl CtlConn {
     /// Connects and sends `req`; returns the supervisor's first answer.
     pub async fn open(sock: &Path, req: &CtlRequest) -> Result<(CtlConn, CtlResponse), CtlError> {
-        let s = UnixStream::connect(sock).await.map_err(|source| CtlError::Connect {
-            path: sock.display().to_string(),
-            source,
-        })?;
+        let s = UnixStream::connect(sock)
+            .await
+            .map_err(|source| CtlError::Connect {
+                path: sock.display().to_string(),
+                source,
+            })?;
         let (r, mut w) = s.into_split();
         let mut line = serde_json::to_vec(req).expect("requests always serialize");
         line.push(b'\n');
@@ -179,15 +191,18 @@ impl CtlConn {
             reader: FrameReader::new(r),
             writer: FrameWriter::new(w),
         };
-        let first = conn
-            .reader
-            .next()
-            .await?
-            .ok_or_else(|| CtlError::Protocol("supervisor closed the connection without answering".into()))?;
+        let first = conn.reader.next().await?.ok_or_else(|| {
+            CtlError::Protocol("supervisor closed the connection without answering".into())
+        })?;
         if first.kind != Kind::Response {
-            return Err(CtlError::Protocol(format!("expected a response, got {:?}", first.kind)));
+            return Err(CtlError::Protocol(format!(
+                "expected a response, got {:?}",
+                first.kind
+            )));
         }
-        let resp: CtlResponse = first.json("control response").map_err(|e| CtlError::Protocol(e.to_string()))?;
+        let resp: CtlResponse = first
+            .json("control response")
+            .map_err(|e| CtlError::Protocol(e.to_string()))?;
         Ok((conn, resp))
     }
 }
@@ -197,7 +212,10 @@ impl CtlConn {
 pub async fn read_request(r: &mut OwnedReadHalf) -> Result<(CtlRequest, Vec<u8>), CtlError> {
     let mut br = BufReader::new(r);
     let mut line = Vec::new();
-    let n = (&mut br).take(MAX_REQUEST_LINE as u64).read_until(b'\n', &mut line).await?;
+    let n = (&mut br)
+        .take(MAX_REQUEST_LINE as u64)
+        .read_until(b'\n', &mut line)
+        .await?;
     if n == 0 || line.last() != Some(&b'\n') {
         return Err(CtlError::Protocol("no complete request line".into()));
     }

@@ -10,6 +10,6 @@ pub mod compose;
 pub mod ctl;
 pub mod logs;
 pub mod paths;
-// pub mod shim; (enabled once the agent client lands)
+pub mod shim;
 pub mod store;
-// pub mod vm;
+pub mod vm;

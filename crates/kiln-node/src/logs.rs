@@ -28,7 +28,10 @@ pub struct LogWriter {
 impl LogWriter {
     /// Opens (creating) the log for appending.
     pub fn open(path: &Path) -> std::io::Result<LogWriter> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
         let len = file.metadata()?.len();
         Ok(LogWriter { file, len })
     }
@@ -116,7 +119,10 @@ impl LogReader {
     }
 
     /// Reads to the end of the file as it is now.
-    pub fn read_to_end(&mut self, f: impl FnMut(LogStream, &[u8]) -> std::io::Result<()>) -> Result<(), ReadLogError> {
+    pub fn read_to_end(
+        &mut self,
+        f: impl FnMut(LogStream, &[u8]) -> std::io::Result<()>,
+    ) -> Result<(), ReadLogError> {
         let end = self.file.metadata()?.len();
         self.read_until(end, f)
     }
@@ -133,7 +139,8 @@ mod tests {
         let mut w = LogWriter::open(&p).unwrap();
         w.append(LogStream::Stdout, b"out1").unwrap();
         let mid = w.append(LogStream::Stderr, b"err1").unwrap();
-        w.append(LogStream::Stdout, &vec![7u8; MAX_RECORD + 10]).unwrap();
+        w.append(LogStream::Stdout, &vec![7u8; MAX_RECORD + 10])
+            .unwrap();
         let mut r = LogReader::open(&p, 0).unwrap();
         let mut got = vec![];
         r.read_until(mid, |s, b| {
@@ -141,7 +148,13 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(got, vec![(LogStream::Stdout, b"out1".to_vec()), (LogStream::Stderr, b"err1".to_vec())]);
+        assert_eq!(
+            got,
+            vec![
+                (LogStream::Stdout, b"out1".to_vec()),
+                (LogStream::Stderr, b"err1".to_vec())
+            ]
+        );
         let mut n = 0;
         r.read_to_end(|s, b| {
             assert_eq!(s, LogStream::Stdout);
@@ -158,6 +171,9 @@ mod tests {
         let p = t.path().join("output.log");
         std::fs::write(&p, [9u8, 1, 0, 0, 0, 0]).unwrap();
         let mut r = LogReader::open(&p, 0).unwrap();
-        assert!(matches!(r.read_to_end(|_, _| Ok(())), Err(ReadLogError::Corrupt(0))));
+        assert!(matches!(
+            r.read_to_end(|_, _| Ok(())),
+            Err(ReadLogError::Corrupt(0))
+        ));
     }
 }

@@ -18,7 +18,9 @@ pub struct Dirs {
 }
 
 fn env_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 fn home() -> PathBuf {
@@ -90,7 +92,9 @@ pub struct GuestArtifacts {
 
 /// The guest kernel or initramfs is missing.
 #[derive(Debug, thiserror::Error)]
-#[error("{what} not found at {path}; run scripts/quickstart.sh (or scripts/build-kernel.sh and scripts/build-initramfs.sh) first")]
+#[error(
+    "{what} not found at {path}; run scripts/quickstart.sh (or scripts/build-kernel.sh and scripts/build-initramfs.sh) first"
+)]
 pub struct MissingArtifact {
     pub what: &'static str,
     pub path: PathBuf,
@@ -102,13 +106,17 @@ impl GuestArtifacts {
     pub fn locate(dirs: &Dirs) -> Result<GuestArtifacts, MissingArtifact> {
         let bzimage = env_path("KILN_KERNEL").unwrap_or_else(|| dirs.kernel_dir().join("bzImage"));
         let vmlinux = bzimage.with_file_name("vmlinux");
-        let initramfs = env_path("KILN_INITRAMFS").unwrap_or_else(|| dirs.initramfs_dir().join("initramfs.img"));
+        let initramfs = env_path("KILN_INITRAMFS")
+            .unwrap_or_else(|| dirs.initramfs_dir().join("initramfs.img"));
         let init_binary = initramfs.with_file_name("kiln-init");
         let check = |what, p: &Path| {
             if p.is_file() {
                 Ok(())
             } else {
-                Err(MissingArtifact { what, path: p.to_path_buf() })
+                Err(MissingArtifact {
+                    what,
+                    path: p.to_path_buf(),
+                })
             }
         };
         check("the guest kernel", &bzimage)?;

@@ -70,7 +70,10 @@ pub enum SandboxState {
 
 impl SandboxState {
     pub fn is_finished(&self) -> bool {
-        matches!(self, SandboxState::Exited { .. } | SandboxState::Failed { .. })
+        matches!(
+            self,
+            SandboxState::Exited { .. } | SandboxState::Failed { .. }
+        )
     }
 
     /// Short human label for `kiln ps`.
@@ -107,7 +110,10 @@ pub enum StoreError {
     #[error("no sandbox matches {0:?}")]
     NotFound(String),
     #[error("{prefix:?} matches several sandboxes: {matches:?}")]
-    Ambiguous { prefix: String, matches: Vec<String> },
+    Ambiguous {
+        prefix: String,
+        matches: Vec<String>,
+    },
     #[error("cannot access {path}")]
     Io {
         path: PathBuf,
@@ -202,7 +208,10 @@ impl Store {
             if e.kind() == std::io::ErrorKind::NotFound {
                 StoreError::NotFound(id.to_string())
             } else {
-                StoreError::Io { path: path.clone(), source: e }
+                StoreError::Io {
+                    path: path.clone(),
+                    source: e,
+                }
             }
         })?;
         serde_json::from_slice(&body).map_err(|source| StoreError::Corrupt { path, source })
@@ -214,7 +223,12 @@ impl Store {
         let rd = match fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-            Err(e) => return Err(StoreError::Io { path: dir, source: e }),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    path: dir,
+                    source: e,
+                });
+            }
         };
         let mut ids = vec![];
         for e in rd {
@@ -234,7 +248,9 @@ impl Store {
         for id in self.ids()? {
             match self.load(&id) {
                 Ok(r) => out.push(r),
-                Err(e) => tracing::warn!(sandbox = %id, error = %e, "skipping unreadable sandbox record"),
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, error = %e, "skipping unreadable sandbox record")
+                }
             }
         }
         out.sort_by_key(|r| r.created_at);
@@ -246,7 +262,11 @@ impl Store {
         if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(StoreError::NotFound(prefix.to_string()));
         }
-        let matches: Vec<String> = self.ids()?.into_iter().filter(|id| id.starts_with(prefix)).collect();
+        let matches: Vec<String> = self
+            .ids()?
+            .into_iter()
+            .filter(|id| id.starts_with(prefix))
+            .collect();
         match matches.len() {
             0 => Err(StoreError::NotFound(prefix.to_string())),
             1 => Ok(matches.into_iter().next().expect("one match")),
@@ -264,7 +284,10 @@ impl Store {
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StoreError::Io { path: dir, source: e }),
+            Err(e) => Err(StoreError::Io {
+                path: dir,
+                source: e,
+            }),
         }
     }
 }
@@ -307,11 +330,17 @@ mod tests {
         assert_eq!(store.resolve(&a.id).unwrap(), a.id);
         assert_eq!(store.resolve(&b.id[..10]).unwrap(), b.id);
         assert!(matches!(store.resolve("zz"), Err(StoreError::NotFound(_))));
-        assert!(matches!(store.resolve("../x"), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            store.resolve("../x"),
+            Err(StoreError::NotFound(_))
+        ));
         let mut a2 = store.load(&a.id).unwrap();
         a2.state = SandboxState::Running { main_pid: 7 };
         store.save(&a2).unwrap();
-        assert_eq!(store.load(&a.id).unwrap().state, SandboxState::Running { main_pid: 7 });
+        assert_eq!(
+            store.load(&a.id).unwrap().state,
+            SandboxState::Running { main_pid: 7 }
+        );
         store.remove(&a.id).unwrap();
         assert!(matches!(store.load(&a.id), Err(StoreError::NotFound(_))));
         assert_eq!(store.ids().unwrap(), vec![b.id.clone()]);

@@ -1,0 +1,524 @@
+//! Streaming between the user's terminal and a sandbox: `run` (attached),
+//! `exec`, `exec --attach`, `logs -f` and `cp`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use kiln_api::proto::{self, Channel, ExecRequest, Kind, Request};
+use kiln_node::ctl::{CtlConn, CtlRequest, CtlResponse};
+use kiln_node::store::Store;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::term;
+
+/// What the input side sends to the supervisor.
+enum Input {
+    Data(Vec<u8>),
+    Eof,
+    Signal(i32),
+    Resize(u16, u16),
+}
+
+/// Follows the main process of the sandbox behind `sock`.
+pub async fn attach_main(sock: &Path, stdin: bool, tty: bool, replay: bool) -> Result<i32> {
+    let (conn, resp) = CtlConn::open(sock, &CtlRequest::Attach { stdin, replay }).await?;
+    let pid = match resp {
+        CtlResponse::Started { pid } => pid,
+        CtlResponse::Error { message, exit_code } => {
+            eprintln!("kiln: {message}");
+            return Ok(exit_code.unwrap_or(125));
+        }
+        other => bail!("unexpected answer from the supervisor: {other:?}"),
+    };
+    stream(sock, conn, pid, stdin, tty, true).await
+}
+
+/// Starts a process with `exec` and streams it.
+pub async fn exec(
+    sock: &Path,
+    req: ExecRequest,
+    stdin: bool,
+    tty: bool,
+    detach: bool,
+) -> Result<i32> {
+    let (conn, resp) = CtlConn::open(sock, &CtlRequest::Exec(req)).await?;
+    let pid = match resp {
+        CtlResponse::Started { pid } => pid,
+        CtlResponse::Error { message, exit_code } => {
+            eprintln!("kiln: {message}");
+            return Ok(exit_code.unwrap_or(125));
+        }
+        other => bail!("unexpected answer from the supervisor: {other:?}"),
+    };
+    if detach {
+        println!("{pid}");
+        return Ok(0);
+    }
+    stream(sock, conn, pid, stdin, tty, false).await
+}
+
+/// Re-attaches to an exec'd process.
+pub async fn exec_attach(sock: &Path, pid: u32, stdin: bool, tty: bool) -> Result<i32> {
+    let (conn, resp) = CtlConn::open(sock, &CtlRequest::AttachExec { pid, stdin }).await?;
+    match resp {
+        CtlResponse::Started { .. } => {}
+        CtlResponse::Error { message, exit_code } => {
+            eprintln!("kiln: {message}");
+            return Ok(exit_code.unwrap_or(125));
+        }
+        other => bail!("unexpected answer from the supervisor: {other:?}"),
+    }
+    stream(sock, conn, pid, stdin, tty, false).await
+}
+
+async fn stream(
+    sock: &Path,
+    conn: CtlConn,
+    pid: u32,
+    stdin: bool,
+    tty: bool,
+    main: bool,
+) -> Result<i32> {
+    let CtlConn {
+        mut reader,
+        mut writer,
+    } = conn;
+    let _raw = if tty { term::RawMode::enable() } else { None };
+    let (tx, mut rx) = mpsc::channel::<Input>(16);
+    // Writer task: everything the user sends.
+    let writer_task = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            let r = match msg {
+                Input::Data(b) => writer.data(Channel::Stdin, &b).await,
+                Input::Eof => writer.eof(Channel::Stdin).await,
+                Input::Signal(signal) => {
+                    writer
+                        .json(Kind::Request, &Request::Signal { pid, signal })
+                        .await
+                }
+                Input::Resize(rows, cols) => {
+                    writer
+                        .json(Kind::Request, &Request::Resize { pid, rows, cols })
+                        .await
+                }
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+        writer
+    });
+    if stdin {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut inp = tokio::io::stdin();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match inp.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(Input::Eof).await;
+                        break;
+                    }
+                    Ok(n) => {
+                        if tx.send(Input::Data(buf[..n].to_vec())).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    // Signals: the first Ctrl-C (or SIGTERM) goes to the process; a second
+    // Ctrl-C tears the sandbox down (for `run`) or detaches (for `exec`).
+    {
+        let tx = tx.clone();
+        let sock = sock.to_path_buf();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term), Ok(mut winch)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::window_change()),
+            ) else {
+                return;
+            };
+            let mut interrupts = 0;
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {
+                        interrupts += 1;
+                        if interrupts == 1 {
+                            let _ = tx.send(Input::Signal(2)).await;
+                        } else {
+                            if main {
+                                eprintln!("kiln: second interrupt, tearing the sandbox down");
+                                let _ = CtlConn::open(&sock, &CtlRequest::Kill).await;
+                            }
+                            std::process::exit(130);
+                        }
+                    }
+                    _ = term.recv() => { let _ = tx.send(Input::Signal(15)).await; }
+                    _ = winch.recv() => {
+                        if let (Some(r), Some(c)) = term::size() {
+                            let _ = tx.send(Input::Resize(r, c)).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut out = tokio::io::stdout();
+    let mut err = tokio::io::stderr();
+    let code = loop {
+        let Some(f) = reader.next().await? else {
+            bail!("the sandbox supervisor closed the connection before the process ended");
+        };
+        match f.kind {
+            Kind::Data => {
+                let (ch, bytes) = f.data()?;
+                match ch {
+                    Channel::Stdout => {
+                        out.write_all(bytes).await?;
+                        out.flush().await?;
+                    }
+                    Channel::Stderr => {
+                        err.write_all(bytes).await?;
+                        err.flush().await?;
+                    }
+                    _ => {}
+                }
+            }
+            Kind::Event => {
+                if let Ok(proto::Event::Exit { status, .. }) = f.json::<proto::Event>("event") {
+                    break status.shell_code();
+                }
+            }
+            _ => {}
+        }
+    };
+    writer_task.abort();
+    Ok(code)
+}
+
+/// `ID:/path` or a local path.
+enum Loc {
+    Sandbox(String, String),
+    Local(PathBuf),
+}
+
+fn parse_loc(s: &str) -> Loc {
+    if let Some((id, path)) = s.split_once(':')
+        && !id.is_empty()
+        && !id.contains('/')
+        && id.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return Loc::Sandbox(id.to_string(), path.to_string());
+    }
+    Loc::Local(PathBuf::from(s))
+}
+
+/// `kiln cp`.
+pub async fn cp(store: &Store, src: &str, dst: &str) -> Result<i32> {
+    match (parse_loc(src), parse_loc(dst)) {
+        (Loc::Sandbox(id, path), Loc::Local(local)) => {
+            let (_, sock) = crate::commands::running_socket(store, &id)?;
+            copy_out(&sock, &path, &local).await?;
+            Ok(0)
+        }
+        (Loc::Local(local), Loc::Sandbox(id, path)) => {
+            let (_, sock) = crate::commands::running_socket(store, &id)?;
+            copy_in(&sock, &local, &path).await?;
+            Ok(0)
+        }
+        _ => bail!("kiln cp needs exactly one side in a sandbox: ID:/path"),
+    }
+}
+
+/// Splits a guest destination into (directory, name): `dir/` keeps the
+/// source's name, anything else names the copy.
+fn guest_target(path: &str, src_name: &str) -> Result<(String, String)> {
+    if !path.starts_with('/') {
+        bail!("the path in the sandbox must be absolute: {path:?}");
+    }
+    if path.ends_with('/') {
+        return Ok((path.to_string(), src_name.to_string()));
+    }
+    let p = Path::new(path);
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| n != "..")
+        .context("the destination has no file name")?;
+    let dir = p
+        .parent()
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "/".into());
+    Ok((dir, name))
+}
+
+async fn copy_in(sock: &Path, local: &Path, path: &str) -> Result<()> {
+    let from_stdin = local == Path::new("-");
+    let (dest, name) = if from_stdin {
+        (path.to_string(), String::new())
+    } else {
+        let src_name = local
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .with_context(|| format!("{} has no file name", local.display()))?;
+        guest_target(path, &src_name)?
+    };
+    let meta = if from_stdin {
+        None
+    } else {
+        Some(std::fs::metadata(local).with_context(|| format!("cannot read {}", local.display()))?)
+    };
+    let (conn, resp) = CtlConn::open(sock, &CtlRequest::CopyIn { dest: dest.clone() }).await?;
+    match resp {
+        CtlResponse::Ok => {}
+        CtlResponse::Error { message, .. } => bail!("{message}"),
+        other => bail!("unexpected answer from the supervisor: {other:?}"),
+    }
+    let CtlConn {
+        mut reader,
+        mut writer,
+    } = conn;
+    // The tar stream is produced on a blocking thread and sent in chunks.
+    let (tx, mut rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+    let local = local.to_path_buf();
+    let producer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let w = ChunkWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(CHUNK),
+        };
+        if from_stdin {
+            let mut w = w;
+            std::io::copy(&mut std::io::stdin().lock(), &mut w)?;
+            w.finish()
+        } else {
+            let mut b = tar::Builder::new(w);
+            b.follow_symlinks(false);
+            if meta.is_some_and(|m| m.is_dir()) {
+                b.append_dir_all(&name, &local)?;
+            } else {
+                b.append_path_with_name(&local, &name)?;
+            }
+            let w = b.into_inner()?;
+            w.finish()
+        }
+    });
+    while let Some(chunk) = rx.recv().await {
+        let chunk = chunk?;
+        writer.data(Channel::Tar, &chunk).await?;
+    }
+    producer
+        .await
+        .context("tar producer failed")?
+        .context("cannot read the files to copy")?;
+    writer.eof(Channel::Tar).await?;
+    // The supervisor answers once the guest wrote everything.
+    let f = reader
+        .next()
+        .await?
+        .context("the supervisor closed the connection before the copy finished")?;
+    let resp: CtlResponse = f.json("copy result")?;
+    match resp {
+        CtlResponse::Ok => Ok(()),
+        CtlResponse::Error { message, .. } => bail!("copy into {dest} failed: {message}"),
+        other => bail!("unexpected answer from the supervisor: {other:?}"),
+    }
+}
+
+const CHUNK: usize = 256 * 1024;
+
+/// A `Write` that sends fixed-size chunks to an async consumer.
+struct ChunkWriter {
+    tx: mpsc::Sender<std::io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn flush_buf(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "copy aborted"))
+    }
+
+    fn finish(mut self) -> std::io::Result<()> {
+        self.flush_buf()
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= CHUNK {
+            self.flush_buf()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn copy_out(sock: &Path, path: &str, local: &Path) -> Result<()> {
+    let (conn, resp) = CtlConn::open(
+        sock,
+        &CtlRequest::CopyOut {
+            path: path.to_string(),
+        },
+    )
+    .await?;
+    match resp {
+        CtlResponse::Ok => {}
+        CtlResponse::Error { message, .. } => bail!("{message}"),
+        other => bail!("unexpected answer from the supervisor: {other:?}"),
+    }
+    let CtlConn { mut reader, .. } = conn;
+    let to_stdout = local == Path::new("-");
+    // Where the top-level entry goes: into an existing directory under its
+    // own name, or to `local` itself.
+    let (target_dir, rename) = if to_stdout {
+        (PathBuf::new(), None)
+    } else if local.is_dir() {
+        (local.to_path_buf(), None)
+    } else {
+        let parent = local
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            bail!("{} is not a directory", parent.display());
+        }
+        let name = local
+            .file_name()
+            .context("the local destination has no file name")?;
+        (parent.to_path_buf(), Some(name.to_os_string()))
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    let consumer = tokio::task::spawn_blocking(move || -> Result<()> {
+        let r = ChunkReader {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+        };
+        if to_stdout {
+            let mut r = r;
+            std::io::copy(&mut r, &mut std::io::stdout().lock())?;
+            return Ok(());
+        }
+        unpack_from_guest(r, &target_dir, rename.as_deref())
+    });
+    let mut ok = false;
+    while let Some(f) = reader.next().await? {
+        match f.kind {
+            Kind::Data => {
+                let (_, bytes) = f.data()?;
+                if tx.send(bytes.to_vec()).is_err() {
+                    break;
+                }
+            }
+            Kind::Eof => {
+                ok = true;
+                break;
+            }
+            Kind::Response => {
+                if let Ok(CtlResponse::Error { message, .. }) = f.json::<CtlResponse>("copy result")
+                {
+                    bail!("copy out of {path} failed: {message}");
+                }
+            }
+            _ => {}
+        }
+    }
+    drop(tx);
+    consumer.await.context("tar consumer failed")??;
+    if !ok {
+        bail!("the copy of {path} ended early");
+    }
+    Ok(())
+}
+
+struct ChunkReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.cur.len() {
+            match self.rx.recv() {
+                Ok(c) => {
+                    self.cur = c;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Unpacks a tar stream from a guest (hostile input) into `dir`, renaming
+/// the top-level entry to `rename` if given. `tar`'s `unpack_in` refuses
+/// entries that would land outside the directory it unpacks into; we unpack
+/// into a fresh temporary directory inside `dir` and move the result.
+fn unpack_from_guest(
+    r: impl std::io::Read,
+    dir: &Path,
+    rename: Option<&std::ffi::OsStr>,
+) -> Result<()> {
+    let tmp = tempfile::Builder::new()
+        .prefix(".kiln-cp-")
+        .tempdir_in(dir)
+        .with_context(|| format!("cannot create a temporary directory in {}", dir.display()))?;
+    let mut ar = tar::Archive::new(r);
+    ar.set_preserve_permissions(true);
+    let mut top: Option<std::ffi::OsString> = None;
+    for entry in ar.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        let mut comps = path
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir));
+        let Some(std::path::Component::Normal(first)) = comps.next() else {
+            bail!("the sandbox sent an unsafe path {:?}", path);
+        };
+        match &top {
+            None => top = Some(first.to_os_string()),
+            Some(t) if t.as_os_str() != first => {
+                bail!("the sandbox sent a tar stream with more than one top-level entry")
+            }
+            _ => {}
+        }
+        if !entry.unpack_in(tmp.path())? {
+            bail!("the sandbox sent an unsafe path {:?}", path);
+        }
+    }
+    let Some(top) = top else {
+        bail!("the sandbox sent an empty tar stream");
+    };
+    let name = rename
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| top.clone());
+    let target = dir.join(&name);
+    if target.is_dir() && !target.is_symlink() {
+        // Replacing a directory: only an empty one, like `cp -r` would not.
+        let _ = std::fs::remove_dir(&target);
+    }
+    std::fs::rename(tmp.path().join(&top), &target)
+        .with_context(|| format!("cannot move the copy to {}", target.display()))?;
+    Ok(())
+}

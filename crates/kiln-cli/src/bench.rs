@@ -1,0 +1,271 @@
+//! `kiln bench`: benchmarks that print a table and write JSON. Tests assert
+//! behaviour; these report numbers.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use kiln_node::agent::AgentClient;
+use kiln_node::paths::{Dirs, GuestArtifacts};
+use kiln_node::store::Store;
+use kiln_vmm::{DiskSpec, VmSpec};
+use serde_json::json;
+
+use crate::commands::BenchCommand;
+
+/// Percentiles of a sample, in milliseconds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    pub n: usize,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+}
+
+pub fn stats(samples: &[Duration]) -> Stats {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let pick = |q: f64| {
+        if ms.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((ms.len() as f64 - 1.0) * q).round() as usize;
+        ms[i.min(ms.len() - 1)]
+    };
+    Stats {
+        n: ms.len(),
+        p50_ms: pick(0.5),
+        p90_ms: pick(0.9),
+        p99_ms: pick(0.99),
+        min_ms: ms.first().copied().unwrap_or(f64::NAN),
+        max_ms: ms.last().copied().unwrap_or(f64::NAN),
+    }
+}
+
+pub async fn bench(store: &Store, cmd: BenchCommand) -> Result<i32> {
+    match cmd {
+        BenchCommand::Cold {
+            image,
+            runs,
+            json: out,
+            driver,
+        } => cold(store, image, runs, &out, &driver).await,
+    }
+}
+
+fn kiln_exe() -> Result<std::path::PathBuf> {
+    std::env::current_exe().context("cannot find the kiln executable")
+}
+
+async fn cold(
+    store: &Store,
+    image: Option<String>,
+    runs: usize,
+    out: &std::path::Path,
+    driver: &str,
+) -> Result<i32> {
+    let Some(image) = image else {
+        bail!(
+            "give the image to benchmark with --image (scripts/quickstart.sh prints a local one)"
+        );
+    };
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let choice = kiln_node::vm::parse_driver(driver)?;
+    let (drv, sel) = kiln_node::vm::driver_for(choice)?;
+    eprintln!("driver: {} with {} ({})", sel.kind, sel.accel, sel.reason);
+
+    // 1. Pull + convert into an empty cache.
+    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let cold_store = Store::new(Dirs::new(
+        scratch.path().join("state"),
+        scratch.path().join("cache"),
+    ));
+    let t = Instant::now();
+    crate::images::pull(
+        &cold_store,
+        &image,
+        &[],
+        false,
+        crate::images::PullPolicy::Always,
+    )
+    .await?;
+    let pull = t.elapsed();
+    let img = crate::images::pull(
+        store,
+        &image,
+        &[],
+        false,
+        crate::images::PullPolicy::Missing,
+    )
+    .await?;
+
+    // 2. VMM spawn → agent ready (the driver and the agent handshake alone).
+    let artifacts = GuestArtifacts::locate(store.dirs())?;
+    let mut ready = Vec::new();
+    for i in 0..runs {
+        let dir = scratch.path().join(format!("vm{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let rw = dir.join("rw.ext4");
+        kiln_node::vm::make_writable_disk(&rw, 256).await?;
+        let spec = VmSpec {
+            id: format!("bench{i}"),
+            dir: dir.join("vm"),
+            kernel: match sel.kind {
+                kiln_vmm::DriverKind::Qemu => artifacts.bzimage.clone(),
+                kiln_vmm::DriverKind::Firecracker => artifacts.vmlinux.clone(),
+            },
+            initrd: Some(artifacts.initramfs.clone()),
+            cmdline: kiln_node::vm::kernel_cmdline(drv.capabilities().agent_transport),
+            cpus: 1,
+            memory_mib: 256,
+            disks: vec![
+                DiskSpec {
+                    path: img.disk.clone(),
+                    read_only: true,
+                },
+                DiskSpec {
+                    path: rw,
+                    read_only: false,
+                },
+            ],
+            agent_channel: true,
+            console_log: dir.join("vm/console.log"),
+        };
+        let t = Instant::now();
+        let vm = drv.start(&spec).await?;
+        let stream = vm.connect_agent().await?;
+        let (agent, _) = AgentClient::connect(stream, Duration::from_secs(60)).await?;
+        ready.push(t.elapsed());
+        let _ = agent.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), vm.wait()).await;
+        let _ = vm.cleanup().await;
+    }
+
+    // 3. `kiln run` → first output byte, as a user sees it.
+    let exe = kiln_exe()?;
+    let mut first_byte = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let mut child = Command::new(&exe)
+            .args([
+                "run", "--rm", "--driver", driver, &image, "--", "echo", "ready",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut b = [0u8; 1];
+        let n = tokio::task::spawn_blocking(move || stdout.read(&mut b)).await??;
+        let d = t.elapsed();
+        let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+        if n == 0 || !status.success() {
+            bail!("kiln run failed during the benchmark ({status})");
+        }
+        first_byte.push(d);
+    }
+
+    // 4. Host memory of one idle sandbox (VMM + supervisor), proportional set size.
+    let output = Command::new(&exe)
+        .args([
+            "run", "-d", "--driver", driver, &image, "--", "sleep", "3600",
+        ])
+        .output()?;
+    if !output.status.success() {
+        bail!(
+            "cannot start the idle sandbox: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let id = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rec = store.load(&id)?;
+    let vmm_pid = rec
+        .vm
+        .as_ref()
+        .and_then(|v| v.get("pid"))
+        .and_then(|p| p.as_i64())
+        .context("the idle sandbox has no VMM pid")?;
+    let vmm_pss = pss_kib(vmm_pid as u32);
+    let shim_pss = rec.shim_pid.map(pss_kib).unwrap_or(0);
+    let _ = Command::new(&exe).args(["rm", "-f", &id]).output();
+
+    let r = stats(&ready);
+    let f = stats(&first_byte);
+    println!(
+        "kiln bench cold — driver {} ({}), {} runs",
+        sel.kind, sel.accel, runs
+    );
+    println!(
+        "{:<40} {:>10} {:>10} {:>10}",
+        "measurement", "p50 ms", "p90 ms", "max ms"
+    );
+    println!(
+        "{:<40} {:>10.1} {:>10} {:>10}",
+        "image pull + convert (empty cache)",
+        pull.as_secs_f64() * 1000.0,
+        "-",
+        "-"
+    );
+    println!(
+        "{:<40} {:>10.1} {:>10.1} {:>10.1}",
+        "VMM spawn -> agent ready", r.p50_ms, r.p90_ms, r.max_ms
+    );
+    println!(
+        "{:<40} {:>10.1} {:>10.1} {:>10.1}",
+        "kiln run -> first output byte", f.p50_ms, f.p90_ms, f.max_ms
+    );
+    println!(
+        "{:<40} {:>10} KiB (VMM {} + supervisor {})",
+        "idle sandbox host memory (PSS)",
+        vmm_pss + shim_pss,
+        vmm_pss,
+        shim_pss
+    );
+    let v = json!({
+        "benchmark": "cold",
+        "driver": sel.kind.to_string(),
+        "accel": sel.accel.to_string(),
+        "runs": runs,
+        "image": image,
+        "pull_convert_ms": pull.as_secs_f64() * 1000.0,
+        "spawn_to_agent_ready": r,
+        "run_to_first_byte": f,
+        "idle_pss_kib": { "vmm": vmm_pss, "supervisor": shim_pss, "total": vmm_pss + shim_pss },
+    });
+    std::fs::write(out, serde_json::to_vec_pretty(&v)?)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(0)
+}
+
+/// Proportional set size of a process, KiB (0 if unreadable).
+pub fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let s: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        let st = stats(&s);
+        assert_eq!(st.n, 100);
+        assert!((st.p50_ms - 51.0).abs() < 1.01);
+        assert!((st.p90_ms - 90.0).abs() < 1.01);
+        assert_eq!(st.max_ms, 100.0);
+    }
+}

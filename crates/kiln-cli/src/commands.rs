@@ -1,0 +1,546 @@
+//! The user commands.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Subcommand;
+use kiln_api::proto::ExecRequest;
+use kiln_node::compose::{self, Overrides};
+use kiln_node::ctl::{CtlConn, CtlRequest, CtlResponse};
+use kiln_node::paths::Dirs;
+use kiln_node::shim::{self, ReadyLine};
+use kiln_node::store::{SandboxRecord, SandboxSpec, SandboxState, Store};
+
+use crate::{Command, ExecArgs, ProcessArgs, RunArgs, attach, images};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Cold starts: image pull+convert, VMM spawn → agent ready, `kiln run` →
+    /// first output byte, idle sandbox memory.
+    Cold {
+        /// Image to run (default: the test busybox image).
+        #[arg(long)]
+        image: Option<String>,
+        /// Runs per measurement.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "bench-cold.json")]
+        json: PathBuf,
+        #[arg(long, default_value = "auto")]
+        driver: String,
+    },
+}
+
+pub async fn dispatch(cmd: Command) -> Result<i32> {
+    let store = Store::new(Dirs::from_env());
+    match cmd {
+        Command::Run(args) => run(&store, args).await,
+        Command::Ps { all, quiet } => ps(&store, all, quiet),
+        Command::Exec(args) => exec(&store, args).await,
+        Command::Cp { src, dst } => attach::cp(&store, &src, &dst).await,
+        Command::Logs { follow, id } => logs(&store, &id, follow).await,
+        Command::Stop { time, ids } => {
+            let mut code = 0;
+            for id in ids {
+                if let Err(e) = stop(&store, &id, time).await {
+                    eprintln!("kiln: {e:#}");
+                    code = 1;
+                } else {
+                    println!("{id}");
+                }
+            }
+            Ok(code)
+        }
+        Command::Rm { force, ids } => {
+            let mut code = 0;
+            for id in ids {
+                if let Err(e) = rm(&store, &id, force).await {
+                    eprintln!("kiln: {e:#}");
+                    code = 1;
+                } else {
+                    println!("{id}");
+                }
+            }
+            Ok(code)
+        }
+        Command::Wait { ids } => {
+            let mut code = 0;
+            for id in ids {
+                match wait(&store, &id).await {
+                    Ok(c) => println!("{c}"),
+                    Err(e) => {
+                        eprintln!("kiln: {e:#}");
+                        code = 1;
+                    }
+                }
+            }
+            Ok(code)
+        }
+        Command::Pause { id } => simple(&store, &id, CtlRequest::Pause).await,
+        Command::Resume { id } => simple(&store, &id, CtlRequest::Resume).await,
+        Command::Images { command } => images::dispatch(&store, command).await,
+        Command::Info { json, driver } => crate::info::info(&store, json, &driver).await,
+        Command::Bench { command } => crate::bench::bench(&store, command).await,
+        Command::Shim { id } => {
+            // The supervisor must not die with the terminal or the command
+            // that started it: leave its session. Fails only if we already
+            // lead one, which is fine.
+            let _ = nix::unistd::setsid();
+            shim::run(store, id, std::io::stdout()).await?;
+            Ok(0)
+        }
+    }
+}
+
+fn read_env_files(p: &ProcessArgs) -> Result<Vec<String>> {
+    let mut env = Vec::new();
+    for f in &p.env_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read env file {}", f.display()))?;
+        env.extend(compose::parse_env_file(&text));
+    }
+    env.extend(p.env.iter().cloned());
+    Ok(env)
+}
+
+/// `IMAGE [-- CMD ARGS...]` (or `--image IMAGE [-- CMD ...]`).
+fn split_image_and_cmd(args: &RunArgs) -> Result<(String, Vec<String>)> {
+    let mut rest = args.rest.clone();
+    let image = match &args.image_flag {
+        Some(i) => i.clone(),
+        None => {
+            if rest.is_empty() || rest[0] == "--" {
+                bail!("no image given: kiln run IMAGE [-- CMD [ARGS...]]");
+            }
+            rest.remove(0)
+        }
+    };
+    if rest.first().map(String::as_str) == Some("--") {
+        rest.remove(0);
+    }
+    Ok((image, rest))
+}
+
+async fn run(store: &Store, args: RunArgs) -> Result<i32> {
+    let t0 = Instant::now();
+    let (image_ref, cmd) = split_image_and_cmd(&args)?;
+    if args.memory < kiln_vmm::MIN_MEMORY_MIB {
+        bail!(
+            "--memory {} is too small: a sandbox needs at least {} MiB",
+            args.memory,
+            kiln_vmm::MIN_MEMORY_MIB
+        );
+    }
+    if args.cpus == 0 || args.cpus > 64 {
+        bail!("--cpus {} is out of range (1 to 64)", args.cpus);
+    }
+    if args.disk < 16 {
+        bail!("--disk {} is too small: at least 16 MiB", args.disk);
+    }
+    let image = images::pull(store, &image_ref, &args.insecure, args.verbose, args.pull).await?;
+    if args.verbose {
+        eprintln!(
+            "kiln: image {} ({}) ready in {} ms",
+            image_ref,
+            image.digest,
+            t0.elapsed().as_millis()
+        );
+    }
+    let env = read_env_files(&args.process)?;
+    let ov = Overrides {
+        entrypoint: args.entrypoint.as_ref().map(|e| {
+            if e.is_empty() {
+                vec![]
+            } else {
+                vec![e.clone()]
+            }
+        }),
+        args: cmd,
+        env,
+        workdir: args.process.workdir.clone(),
+        user: args.process.user.clone(),
+        tty: args.process.tty,
+        // Replaced below once the ID is known.
+        hostname: String::new(),
+    };
+    let composed = compose::compose(&image.defaults, &ov, |k| std::env::var(k).ok())?;
+    let spec = SandboxSpec {
+        image: image_ref.clone(),
+        image_digest: image.digest.clone(),
+        image_disk: image.disk.clone(),
+        argv: composed.argv,
+        env: composed.env,
+        cwd: composed.cwd,
+        user: composed.user,
+        tty: args.process.tty,
+        stdin: args.process.interactive,
+        cpus: args.cpus,
+        memory_mib: args.memory,
+        disk_mib: args.disk,
+        timeout_secs: args.timeout,
+        driver: args.driver.clone(),
+        auto_remove: args.rm,
+    };
+    let mut rec = store.create(spec)?;
+    // HOSTNAME is the sandbox's hostname: its short ID.
+    let host = hostname_of(&rec.id);
+    for e in rec.spec.env.iter_mut() {
+        if e == "HOSTNAME=" {
+            *e = format!("HOSTNAME={host}");
+        }
+    }
+    store.save(&rec)?;
+    let ready = spawn_shim(store, &rec).await?;
+    if args.verbose {
+        eprintln!(
+            "kiln: sandbox {} running on {} ({} ms after the command started)",
+            rec.id,
+            ready.driver.as_deref().unwrap_or("?"),
+            t0.elapsed().as_millis()
+        );
+    }
+    if !ready.ok {
+        let msg = ready
+            .error
+            .unwrap_or_else(|| "the sandbox failed to start".into());
+        eprintln!("kiln: {msg}");
+        return Ok(ready.exit_code.unwrap_or(125));
+    }
+    if args.detach {
+        println!("{}", rec.id);
+        return Ok(0);
+    }
+    let sock = store.dir(&rec.id).join("ctl.sock");
+    attach::attach_main(&sock, args.process.interactive, args.process.tty, true).await
+}
+
+pub fn hostname_of(id: &str) -> String {
+    id.chars().take(12).collect()
+}
+
+/// Starts `kiln shim ID` detached and waits for its ready line.
+async fn spawn_shim(store: &Store, rec: &SandboxRecord) -> Result<ReadyLine> {
+    let exe = std::env::current_exe().context("cannot find the kiln executable")?;
+    let dir = store.dir(&rec.id);
+    let log =
+        std::fs::File::create(dir.join("shim.log")).context("cannot create the supervisor log")?;
+    let mut child = std::process::Command::new(exe)
+        .arg("shim")
+        .arg(&rec.id)
+        .env("KILN_STATE_DIR", &store.dirs().state)
+        .env("KILN_CACHE_DIR", &store.dirs().cache)
+        .env(
+            "KILN_LOG",
+            std::env::var("KILN_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .context("cannot start the sandbox supervisor")?;
+    let stdout = child.stdout.take().expect("stdout was piped");
+    let id = rec.id.clone();
+    let shim_log = dir.join("shim.log");
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        let n = BufReader::new(stdout).read_line(&mut line)?;
+        Ok::<_, std::io::Error>((n, line))
+    })
+    .await
+    .context("supervisor reader failed")?
+    .context("cannot read from the sandbox supervisor")?;
+    // The supervisor lives on; reap it in the background if we outlive it.
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    if line.0 == 0 {
+        let tail = std::fs::read_to_string(&shim_log).unwrap_or_default();
+        let last = tail
+            .lines()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
+        bail!("the supervisor of sandbox {id} exited before the sandbox started:\n{last}");
+    }
+    serde_json::from_str(line.1.trim())
+        .context("the sandbox supervisor sent a malformed ready line")
+}
+
+fn ps(store: &Store, all: bool, quiet: bool) -> Result<i32> {
+    let recs = store.list()?;
+    let mut out = std::io::stdout().lock();
+    if !quiet {
+        writeln!(
+            out,
+            "{:<16}  {:<24}  {:<28}  {:<12}  COMMAND",
+            "ID", "IMAGE", "STATUS", "CREATED"
+        )?;
+    }
+    for r in recs {
+        let r = refresh(store, r);
+        if !all && r.state.is_finished() {
+            continue;
+        }
+        if quiet {
+            writeln!(out, "{}", r.id)?;
+            continue;
+        }
+        let cmd = r.spec.argv.join(" ");
+        let cmd: String = cmd.chars().take(40).collect();
+        writeln!(
+            out,
+            "{:<16}  {:<24}  {:<28}  {:<12}  {}",
+            r.id,
+            truncate(&r.spec.image, 24),
+            r.state.label(),
+            ago(r.created_at),
+            cmd
+        )?;
+    }
+    Ok(0)
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let t: String = s.chars().take(n - 1).collect();
+        format!("{t}…")
+    }
+}
+
+fn ago(t: u64) -> String {
+    let d = kiln_node::store::now_secs().saturating_sub(t);
+    match d {
+        0..=59 => format!("{d}s ago"),
+        60..=3599 => format!("{}m ago", d / 60),
+        3600..=86399 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86400),
+    }
+}
+
+/// A record whose supervisor died without recording an end is reported as
+/// failed (its VM, if any, is left for `rm` to clean up).
+fn refresh(store: &Store, mut r: SandboxRecord) -> SandboxRecord {
+    if r.state.is_finished() {
+        return r;
+    }
+    let alive = r.shim_pid.is_some_and(pid_alive);
+    if !alive {
+        // Re-read: the supervisor may have just finished.
+        if let Ok(again) = store.load(&r.id)
+            && (again.state.is_finished() || again.shim_pid.is_some_and(pid_alive))
+        {
+            return again;
+        }
+        r.state = SandboxState::Failed {
+            error: "the sandbox supervisor is gone".into(),
+            exit_code: 255,
+        };
+    }
+    r
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+/// The control socket of a running sandbox.
+pub fn running_socket(store: &Store, id: &str) -> Result<(String, PathBuf)> {
+    let id = store.resolve(id)?;
+    let rec = refresh(store, store.load(&id)?);
+    match rec.state {
+        SandboxState::Running { .. } | SandboxState::Paused { .. } => {}
+        SandboxState::Creating => bail!("sandbox {id} is still starting"),
+        other => bail!("sandbox {id} is not running ({})", other.label()),
+    }
+    Ok((id.clone(), store.dir(&id).join("ctl.sock")))
+}
+
+async fn exec(store: &Store, args: ExecArgs) -> Result<i32> {
+    let mut rest = args.rest.clone();
+    let id = rest.remove(0);
+    if rest.first().map(String::as_str) == Some("--") {
+        rest.remove(0);
+    }
+    let (id, sock) = running_socket(store, &id)?;
+    if let Some(pid) = args.attach {
+        return attach::exec_attach(&sock, pid, args.process.interactive, args.process.tty).await;
+    }
+    if rest.is_empty() {
+        bail!("no command given: kiln exec ID -- CMD [ARGS...]");
+    }
+    let rec = store.load(&id)?;
+    // Like `docker exec`: the sandbox's environment, then -e / --env-file.
+    let env_over = read_env_files(&args.process)?;
+    let ov = Overrides {
+        entrypoint: Some(vec![]),
+        args: rest,
+        env: env_over,
+        workdir: args.process.workdir.clone(),
+        user: args.process.user.clone(),
+        tty: args.process.tty,
+        hostname: hostname_of(&id),
+    };
+    let base = compose::ImageDefaults {
+        env: rec.spec.env.clone(),
+        working_dir: rec.spec.cwd.clone(),
+        user: rec.spec.user.clone(),
+        ..Default::default()
+    };
+    let c = compose::compose(&base, &ov, |k| std::env::var(k).ok())?;
+    let (rows, cols) = if args.process.tty {
+        crate::term::size()
+    } else {
+        (None, None)
+    };
+    let req = ExecRequest {
+        argv: c.argv,
+        env: c.env,
+        cwd: c.cwd,
+        user: c.user,
+        tty: args.process.tty,
+        rows,
+        cols,
+        stdin: args.process.interactive,
+        main: false,
+    };
+    attach::exec(
+        &sock,
+        req,
+        args.process.interactive,
+        args.process.tty,
+        args.detach,
+    )
+    .await
+}
+
+async fn logs(store: &Store, id: &str, follow: bool) -> Result<i32> {
+    let id = store.resolve(id)?;
+    let rec = refresh(store, store.load(&id)?);
+    let sock = store.dir(&id).join("ctl.sock");
+    if follow && !rec.state.is_finished() && sock.exists() {
+        attach::attach_main(&sock, false, false, true).await?;
+        return Ok(0);
+    }
+    let path = store.dir(&id).join("output.log");
+    if !path.exists() {
+        return Ok(0);
+    }
+    let mut r = kiln_node::logs::LogReader::open(&path, 0)?;
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    r.read_to_end(|s, b| match s {
+        kiln_node::logs::LogStream::Stdout => out.write_all(b),
+        kiln_node::logs::LogStream::Stderr => err.write_all(b),
+    })?;
+    out.flush()?;
+    Ok(0)
+}
+
+async fn stop(store: &Store, id: &str, grace: u64) -> Result<()> {
+    let id = store.resolve(id)?;
+    let rec = refresh(store, store.load(&id)?);
+    if rec.state.is_finished() {
+        return Ok(());
+    }
+    let sock = store.dir(&id).join("ctl.sock");
+    let (_conn, resp) = CtlConn::open(&sock, &CtlRequest::Stop { grace_secs: grace }).await?;
+    match resp {
+        CtlResponse::Exited { .. } | CtlResponse::Ok => {}
+        CtlResponse::Error { message, .. } => bail!("cannot stop {id}: {message}"),
+        CtlResponse::Started { .. } => bail!("unexpected answer from the supervisor of {id}"),
+    }
+    wait_supervisor_gone(store, &id, Duration::from_secs(30)).await
+}
+
+async fn wait_supervisor_gone(store: &Store, id: &str, limit: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        match store.load(id) {
+            Ok(r) if r.shim_pid.is_some_and(pid_alive) => {}
+            _ => return Ok(()),
+        }
+        if t0.elapsed() > limit {
+            bail!(
+                "the supervisor of sandbox {id} did not finish within {} s",
+                limit.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn rm(store: &Store, id: &str, force: bool) -> Result<()> {
+    let id = store.resolve(id)?;
+    let rec = refresh(store, store.load(&id)?);
+    let running = matches!(
+        rec.state,
+        SandboxState::Running { .. } | SandboxState::Paused { .. } | SandboxState::Creating
+    );
+    if running {
+        if !force {
+            bail!("sandbox {id} is running: stop it first or use rm -f");
+        }
+        let sock = store.dir(&id).join("ctl.sock");
+        if matches!(rec.state, SandboxState::Paused { .. }) {
+            let _ = CtlConn::open(&sock, &CtlRequest::Resume).await;
+        }
+        if let Err(e) = CtlConn::open(&sock, &CtlRequest::Kill).await {
+            tracing::warn!(error = %e, "supervisor unreachable; killing the VM directly");
+        }
+        wait_supervisor_gone(store, &id, Duration::from_secs(30)).await?;
+    }
+    // Whatever is left (a supervisor that died): kill its VM from the record.
+    let rec = store.load(&id)?;
+    if let Some(vm) = rec.vm.clone() {
+        kiln_node::vm::destroy_recorded(vm).await;
+    }
+    store.remove(&id)?;
+    Ok(())
+}
+
+async fn wait(store: &Store, id: &str) -> Result<i32> {
+    let id = store.resolve(id)?;
+    loop {
+        let rec = refresh(store, store.load(&id)?);
+        match rec.state {
+            SandboxState::Exited { exit_code, .. } | SandboxState::Failed { exit_code, .. } => {
+                return Ok(exit_code);
+            }
+            _ => {}
+        }
+        let sock = store.dir(&id).join("ctl.sock");
+        match CtlConn::open(&sock, &CtlRequest::Wait).await {
+            Ok((_, CtlResponse::Exited { exit_code, .. })) => return Ok(exit_code),
+            Ok((_, other)) => {
+                return Err(anyhow!("unexpected answer from the supervisor: {other:?}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+async fn simple(store: &Store, id: &str, req: CtlRequest) -> Result<i32> {
+    let (id, sock) = running_socket(store, id)?;
+    let (_c, resp) = CtlConn::open(&sock, &req).await?;
+    match resp {
+        CtlResponse::Ok => {
+            println!("{id}");
+            Ok(0)
+        }
+        CtlResponse::Error { message, .. } => bail!("{message}"),
+        other => bail!("unexpected answer from the supervisor: {other:?}"),
+    }
+}

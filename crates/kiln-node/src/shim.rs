@@ -1,0 +1,763 @@
+//! The sandbox supervisor (`kiln shim ID`): one small process per sandbox,
+//! detached from the `kiln` command that created it, so the sandbox outlives
+//! that command and any other `kiln` process can use it.
+//!
+//! It boots the VM through a `VmmDriver`, holds the guest agent connection
+//! (a QEMU socket chardev takes one client at a time, so exactly one holder
+//! is needed), starts the main process, appends its output to
+//! `output.log`, serves `ctl.sock` for `kiln attach/exec/cp/stop/wait/…`,
+//! enforces the timeout, and when the main process ends records its status,
+//! powers the VM off and removes every socket and file the VM used.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_api::proto::{self, Channel, ExecRequest, Kind, Request};
+use serde::{Deserialize, Serialize};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinSet;
+use tracing::{info, instrument, warn};
+
+use crate::agent::{self, AgentClient, Output, Process, Stdin};
+use crate::ctl::{self, CtlRequest, CtlResponse, FrameReader, FrameWriter};
+use crate::logs::{LogReader, LogStream, LogWriter};
+use crate::paths::GuestArtifacts;
+use crate::store::{SandboxRecord, SandboxState, Store, now_secs};
+use crate::vm::{self, VmHandle};
+
+/// How long the guest agent may take to answer after the VMM started. TCG
+/// boots take about a second; a loaded CI machine is much slower.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a powered-off guest may take to make its VMM exit.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The one line the supervisor prints on its stdout once the sandbox runs
+/// (or could not start), for the `kiln` command that spawned it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReadyLine {
+    pub ok: bool,
+    #[serde(default)]
+    pub main_pid: Option<u32>,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// Which driver runs the sandbox and why.
+    #[serde(default)]
+    pub driver: Option<String>,
+}
+
+/// The supervisor could not start the sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Artifacts(#[from] crate::paths::MissingArtifact),
+    #[error(transparent)]
+    Vm(#[from] vm::StartSandboxVmError),
+    #[error("the guest agent did not come up")]
+    Agent(#[source] agent::ConnectAgentError),
+    #[error("{message}")]
+    Exec { message: String, exit_code: i32 },
+    #[error("cannot serve {path}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the output log")]
+    Log(#[source] std::io::Error),
+}
+
+impl ShimError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            ShimError::Exec { exit_code, .. } => *exit_code,
+            _ => 125,
+        }
+    }
+}
+
+/// What the main process's watchers see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MainState {
+    /// Bytes of complete records in output.log.
+    log_len: u64,
+    /// Set once the main process ended.
+    exit: Option<(i32, Option<i32>)>,
+}
+
+struct Shim {
+    store: Store,
+    id: String,
+    dir: PathBuf,
+    agent: AgentClient,
+    vm: Mutex<VmHandle>,
+    main_pid: u32,
+    main_stdin: Mutex<Option<Stdin>>,
+    state: watch::Sender<MainState>,
+    paused: Mutex<Option<Instant>>,
+}
+
+/// Runs the supervisor of sandbox `id` until the sandbox has ended.
+/// `ready` receives one JSON `ReadyLine` once the main process started.
+#[instrument(skip_all, fields(sandbox = %id))]
+pub async fn run(
+    store: Store,
+    id: String,
+    mut ready: impl std::io::Write,
+) -> Result<(), ShimError> {
+    let started = Instant::now();
+    let mut rec = store.load(&id)?;
+    rec.shim_pid = Some(std::process::id());
+    store.save(&rec)?;
+    match start(&store, &mut rec).await {
+        Ok((shim, process, log, listener)) => {
+            let line = ReadyLine {
+                ok: true,
+                main_pid: Some(shim.main_pid),
+                error: None,
+                exit_code: None,
+                driver: rec.driver.clone(),
+            };
+            let _ = writeln!(
+                ready,
+                "{}",
+                serde_json::to_string(&line).expect("serializes")
+            );
+            let _ = ready.flush();
+            drop(ready);
+            info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "sandbox running"
+            );
+            supervise(
+                Arc::new(shim),
+                process,
+                log,
+                listener,
+                rec.spec.timeout_secs,
+            )
+            .await
+        }
+        Err(e) => {
+            let message = format!("{e:#}");
+            let chain = error_chain(&e);
+            warn!(error = %chain, "sandbox failed to start");
+            let code = e.exit_code();
+            rec.state = SandboxState::Failed {
+                error: chain.clone(),
+                exit_code: code,
+            };
+            rec.shim_pid = None;
+            store.save(&rec)?;
+            let line = ReadyLine {
+                ok: false,
+                main_pid: None,
+                error: Some(if matches!(e, ShimError::Exec { .. }) {
+                    message
+                } else {
+                    chain
+                }),
+                exit_code: Some(code),
+                driver: rec.driver.clone(),
+            };
+            let _ = writeln!(
+                ready,
+                "{}",
+                serde_json::to_string(&line).expect("serializes")
+            );
+            if rec.spec.auto_remove {
+                store.remove(&id)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+async fn start(
+    store: &Store,
+    rec: &mut SandboxRecord,
+) -> Result<(Shim, Process, LogWriter, UnixListener), ShimError> {
+    let dir = store.dir(&rec.id);
+    let artifacts = GuestArtifacts::locate(store.dirs())?;
+    let vm = vm::start_sandbox_vm(store, rec, &artifacts).await?;
+    // From here on, a failure must tear the VM down again.
+    let result = async {
+        let stream = vm
+            .connect_agent()
+            .await
+            .map_err(|e| ShimError::Vm(vm::StartSandboxVmError::Vmm(e)))?;
+        let (agent, _ack) = AgentClient::connect(stream, AGENT_TIMEOUT)
+            .await
+            .map_err(ShimError::Agent)?;
+        agent
+            .configure(vm::identity(&rec.id))
+            .await
+            .map_err(|e| ShimError::Exec {
+                message: format!("configuring the guest failed: {e}"),
+                exit_code: 125,
+            })?;
+        let req = ExecRequest {
+            argv: rec.spec.argv.clone(),
+            env: rec.spec.env.clone(),
+            cwd: rec.spec.cwd.clone(),
+            user: rec.spec.user.clone(),
+            tty: rec.spec.tty,
+            rows: None,
+            cols: None,
+            stdin: rec.spec.stdin,
+            main: true,
+        };
+        let process = agent.exec(req).await.map_err(|e| ShimError::Exec {
+            exit_code: e.shell_code().unwrap_or(125),
+            message: e.to_string(),
+        })?;
+        Ok::<_, ShimError>((agent, process))
+    }
+    .await;
+    let (agent, mut process) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            vm.kill().await;
+            vm.cleanup().await;
+            return Err(e);
+        }
+    };
+    let sock = dir.join("ctl.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener =
+        UnixListener::bind(&sock).map_err(|source| ShimError::Listen { path: sock, source })?;
+    rec.state = SandboxState::Running {
+        main_pid: process.pid(),
+    };
+    store.save(rec)?;
+    let log = LogWriter::open(&dir.join("output.log")).map_err(ShimError::Log)?;
+    let (state, _) = watch::channel(MainState {
+        log_len: log.len(),
+        exit: None,
+    });
+    let shim = Shim {
+        store: store.clone(),
+        id: rec.id.clone(),
+        dir,
+        agent,
+        vm: Mutex::new(vm),
+        main_pid: process.pid(),
+        main_stdin: Mutex::new(process.take_stdin()),
+        state,
+        paused: Mutex::new(None),
+    };
+    Ok((shim, process, log, listener))
+}
+
+/// Runs until the main process has ended and the VM is gone.
+async fn supervise(
+    shim: Arc<Shim>,
+    mut process: Process,
+    mut log: LogWriter,
+    listener: UnixListener,
+    timeout_secs: Option<u64>,
+) -> Result<(), ShimError> {
+    let mut clients = JoinSet::new();
+    let mut timed_out = false;
+    let deadline = timeout_secs.map(Duration::from_secs);
+    let mut ran = Duration::ZERO;
+    let mut last_tick = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let status = loop {
+        tokio::select! {
+            out = process.recv() => match out {
+                Some(Ok(Output::Stdout(b))) => {
+                    let len = log.append(LogStream::Stdout, &b).map_err(ShimError::Log)?;
+                    shim.state.send_modify(|s| s.log_len = len);
+                }
+                Some(Ok(Output::Stderr(b))) => {
+                    let len = log.append(LogStream::Stderr, &b).map_err(ShimError::Log)?;
+                    shim.state.send_modify(|s| s.log_len = len);
+                }
+                Some(Ok(Output::Exit(st))) => break Some(st),
+                Some(Err(e)) => {
+                    warn!(error = %e, "the main process's output stream failed");
+                    break None;
+                }
+                None => break None,
+            },
+            conn = listener.accept() => {
+                if let Ok((stream, _)) = conn {
+                    let shim = shim.clone();
+                    clients.spawn(async move {
+                        if let Err(e) = serve(shim, stream).await {
+                            tracing::debug!(error = %e, "control connection ended");
+                        }
+                    });
+                }
+            }
+            _ = tick.tick() => {
+                // Paused time does not count against the timeout.
+                let now = Instant::now();
+                if shim.paused.lock().await.is_none() {
+                    ran += now - last_tick;
+                }
+                last_tick = now;
+                if let Some(d) = deadline
+                    && ran >= d && !timed_out
+                {
+                    warn!(timeout_secs = d.as_secs(), "timeout reached, killing the main process");
+                    timed_out = true;
+                    let _ = shim.agent.signal(shim.main_pid, 9).await;
+                }
+            }
+            Some(_) = clients.join_next(), if !clients.is_empty() => {}
+        }
+    };
+    let (exit_code, signal) = match status {
+        Some(st) => (st.shell_code(), st.signal),
+        None => {
+            warn!("the agent connection closed before the main process exited");
+            (255, None)
+        }
+    };
+    info!(exit_code, "main process ended");
+    // Record the status first: it is what `kiln wait` and `kiln ps` report.
+    let mut rec = shim.store.load(&shim.id)?;
+    rec.state = if status.is_some() {
+        SandboxState::Exited {
+            exit_code,
+            signal,
+            finished_at: now_secs(),
+            timed_out,
+        }
+    } else {
+        SandboxState::Failed {
+            error: "the guest agent connection was lost".into(),
+            exit_code,
+        }
+    };
+    shim.store.save(&rec)?;
+    shim.state
+        .send_modify(|s| s.exit = Some((exit_code, signal)));
+    // Power the guest off and make sure its VMM is gone.
+    let _ = tokio::time::timeout(Duration::from_secs(2), shim.agent.shutdown()).await;
+    {
+        let vm = shim.vm.lock().await;
+        if tokio::time::timeout(SHUTDOWN_GRACE, vm.wait())
+            .await
+            .is_err()
+        {
+            warn!("the VMM did not exit after the guest powered off; killing it");
+            vm.kill().await;
+        }
+        vm.cleanup().await;
+    }
+    let _ = std::fs::remove_file(shim.dir.join("ctl.sock"));
+    drop(listener);
+    // Let attached clients drain the log and see the exit.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while clients.join_next().await.is_some() {}
+    })
+    .await;
+    let mut rec = shim.store.load(&shim.id)?;
+    rec.shim_pid = None;
+    rec.vm = None;
+    shim.store.save(&rec)?;
+    if rec.spec.auto_remove {
+        shim.store.remove(&shim.id)?;
+    }
+    Ok(())
+}
+
+/// Serves one control connection.
+async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError> {
+    let (mut r, w) = stream.into_split();
+    let (req, rest) = ctl::read_request(&mut r).await?;
+    let mut reader = FrameReader::with_buffered(r, &rest);
+    let mut writer = FrameWriter::new(w);
+    match req {
+        CtlRequest::Attach { stdin, replay } => {
+            attach_main(&shim, reader, writer, stdin, replay).await
+        }
+        CtlRequest::Exec(req) => match shim.agent.exec(req).await {
+            Ok(p) => {
+                writer
+                    .json(Kind::Response, &CtlResponse::Started { pid: p.pid() })
+                    .await?;
+                relay_process(&shim, p, reader, writer).await
+            }
+            Err(e) => {
+                let resp = CtlResponse::Error {
+                    message: e.to_string(),
+                    exit_code: Some(e.shell_code().unwrap_or(125)),
+                };
+                writer.json(Kind::Response, &resp).await
+            }
+        },
+        CtlRequest::AttachExec { pid, stdin } => match shim.agent.attach(pid, stdin).await {
+            Ok(p) => {
+                writer
+                    .json(Kind::Response, &CtlResponse::Started { pid: p.pid() })
+                    .await?;
+                relay_process(&shim, p, reader, writer).await
+            }
+            Err(e) => reply_error(&mut writer, e.to_string()).await,
+        },
+        CtlRequest::CopyIn { dest } => {
+            let (tx, rx) = tokio::io::duplex(256 * 1024);
+            let agent = shim.agent.clone();
+            let copy = tokio::spawn(async move { agent.copy_in(&dest, rx).await });
+            let mut tx = Some(tx);
+            writer.json(Kind::Response, &CtlResponse::Ok).await?;
+            while let Some(f) = reader.next().await? {
+                match f.kind {
+                    Kind::Data => {
+                        let (_, bytes) = f
+                            .data()
+                            .map_err(|e| ctl::CtlError::Protocol(e.to_string()))?;
+                        if let Some(t) = tx.as_mut() {
+                            use tokio::io::AsyncWriteExt;
+                            if t.write_all(bytes).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Kind::Eof => break,
+                    _ => {}
+                }
+            }
+            drop(tx.take());
+            let result = match copy.await {
+                Ok(Ok(())) => CtlResponse::Ok,
+                Ok(Err(e)) => CtlResponse::Error {
+                    message: e.to_string(),
+                    exit_code: None,
+                },
+                Err(e) => CtlResponse::Error {
+                    message: format!("copy task failed: {e}"),
+                    exit_code: None,
+                },
+            };
+            writer.json(Kind::Response, &result).await
+        }
+        CtlRequest::CopyOut { path } => match shim.agent.copy_out(&path).await {
+            Ok(mut rd) => {
+                use tokio::io::AsyncReadExt;
+                writer.json(Kind::Response, &CtlResponse::Ok).await?;
+                let mut buf = vec![0u8; proto::MAX_DATA_CHUNK];
+                loop {
+                    let n = rd.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    writer.data(Channel::Tar, &buf[..n]).await?;
+                }
+                writer.eof(Channel::Tar).await
+            }
+            Err(e) => reply_error(&mut writer, e.to_string()).await,
+        },
+        CtlRequest::Signal { signal } => match shim.agent.signal(shim.main_pid, signal).await {
+            Ok(()) => writer.json(Kind::Response, &CtlResponse::Ok).await,
+            Err(e) => reply_error(&mut writer, e.to_string()).await,
+        },
+        CtlRequest::Stop { grace_secs } => {
+            let _ = shim.agent.signal(shim.main_pid, 15).await;
+            let st = wait_exit(&shim, Some(Duration::from_secs(grace_secs))).await;
+            let st = match st {
+                Some(st) => st,
+                None => {
+                    let _ = shim.agent.signal(shim.main_pid, 9).await;
+                    wait_exit(&shim, Some(Duration::from_secs(30)))
+                        .await
+                        .unwrap_or((137, Some(9)))
+                }
+            };
+            writer
+                .json(
+                    Kind::Response,
+                    &CtlResponse::Exited {
+                        exit_code: st.0,
+                        signal: st.1,
+                    },
+                )
+                .await
+        }
+        CtlRequest::Kill => {
+            let _ = shim.agent.signal(shim.main_pid, 9).await;
+            let st = wait_exit(&shim, Some(Duration::from_secs(30)))
+                .await
+                .unwrap_or((137, Some(9)));
+            writer
+                .json(
+                    Kind::Response,
+                    &CtlResponse::Exited {
+                        exit_code: st.0,
+                        signal: st.1,
+                    },
+                )
+                .await
+        }
+        CtlRequest::Wait => {
+            let st = wait_exit(&shim, None).await.unwrap_or((255, None));
+            writer
+                .json(
+                    Kind::Response,
+                    &CtlResponse::Exited {
+                        exit_code: st.0,
+                        signal: st.1,
+                    },
+                )
+                .await
+        }
+        CtlRequest::Pause => {
+            let r = shim.vm.lock().await.pause().await;
+            match r {
+                Ok(()) => {
+                    *shim.paused.lock().await = Some(Instant::now());
+                    set_paused(&shim, true);
+                    writer.json(Kind::Response, &CtlResponse::Ok).await
+                }
+                Err(e) => reply_error(&mut writer, e.to_string()).await,
+            }
+        }
+        CtlRequest::Resume => {
+            let r = shim.vm.lock().await.resume().await;
+            match r {
+                Ok(()) => {
+                    *shim.paused.lock().await = None;
+                    set_paused(&shim, false);
+                    writer.json(Kind::Response, &CtlResponse::Ok).await
+                }
+                Err(e) => reply_error(&mut writer, e.to_string()).await,
+            }
+        }
+    }
+}
+
+fn set_paused(shim: &Shim, paused: bool) {
+    if let Ok(mut rec) = shim.store.load(&shim.id) {
+        if rec.state.is_finished() {
+            return;
+        }
+        rec.state = if paused {
+            SandboxState::Paused {
+                main_pid: shim.main_pid,
+            }
+        } else {
+            SandboxState::Running {
+                main_pid: shim.main_pid,
+            }
+        };
+        if let Err(e) = shim.store.save(&rec) {
+            warn!(error = %e, "cannot record the pause state");
+        }
+    }
+}
+
+async fn reply_error(
+    writer: &mut FrameWriter<tokio::net::unix::OwnedWriteHalf>,
+    message: String,
+) -> Result<(), ctl::CtlError> {
+    writer
+        .json(
+            Kind::Response,
+            &CtlResponse::Error {
+                message,
+                exit_code: None,
+            },
+        )
+        .await
+}
+
+/// Waits for the main process to end (at most `limit`).
+async fn wait_exit(shim: &Shim, limit: Option<Duration>) -> Option<(i32, Option<i32>)> {
+    let mut rx = shim.state.subscribe();
+    let fut = async {
+        loop {
+            if let Some(st) = rx.borrow_and_update().exit {
+                return Some(st);
+            }
+            if rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    };
+    match limit {
+        Some(d) => tokio::time::timeout(d, fut).await.ok().flatten(),
+        None => fut.await,
+    }
+}
+
+/// Streams the main process's output log to a client, and the client's
+/// stdin (and signals) to the main process.
+async fn attach_main(
+    shim: &Arc<Shim>,
+    mut reader: FrameReader<tokio::net::unix::OwnedReadHalf>,
+    mut writer: FrameWriter<tokio::net::unix::OwnedWriteHalf>,
+    stdin: bool,
+    replay: bool,
+) -> Result<(), ctl::CtlError> {
+    let path = shim.dir.join("output.log");
+    let mut rx = shim.state.subscribe();
+    let start = if replay { 0 } else { rx.borrow().log_len };
+    let mut log = LogReader::open(&path, start)?;
+    writer
+        .json(Kind::Response, &CtlResponse::Started { pid: shim.main_pid })
+        .await?;
+    // Client → main process.
+    let input = {
+        let shim = shim.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(f)) = reader.next().await {
+                match f.kind {
+                    Kind::Data if stdin => {
+                        if let Ok((Channel::Stdin, bytes)) = f.data() {
+                            let mut guard = shim.main_stdin.lock().await;
+                            if let Some(s) = guard.as_mut()
+                                && s.write(bytes).await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                    }
+                    Kind::Eof if stdin => {
+                        if let Some(s) = shim.main_stdin.lock().await.take() {
+                            let _ = s.close().await;
+                        }
+                    }
+                    Kind::Request => match f.json::<Request>("control request") {
+                        Ok(Request::Signal { signal, .. }) => {
+                            let _ = shim.agent.signal(shim.main_pid, signal).await;
+                        }
+                        Ok(Request::Resize { rows, cols, .. }) => {
+                            let _ = shim.agent.resize(shim.main_pid, rows, cols).await;
+                        }
+                        _ => {}
+                    },
+                    _ => {}
+                }
+            }
+        })
+    };
+    let result = async {
+        loop {
+            let st = *rx.borrow_and_update();
+            let mut chunks: Vec<(LogStream, Vec<u8>)> = Vec::new();
+            log.read_until(st.log_len, |s, b| {
+                chunks.push((s, b.to_vec()));
+                Ok(())
+            })
+            .map_err(|e| ctl::CtlError::Protocol(e.to_string()))?;
+            for (s, b) in chunks {
+                let ch = if s == LogStream::Stdout {
+                    Channel::Stdout
+                } else {
+                    Channel::Stderr
+                };
+                writer.data(ch, &b).await?;
+            }
+            if let Some((code, signal)) = st.exit
+                && log.offset() >= st.log_len
+            {
+                let ev = proto::Event::Exit {
+                    pid: shim.main_pid,
+                    status: proto::ExitStatus {
+                        code: if signal.is_some() { None } else { Some(code) },
+                        signal,
+                    },
+                };
+                writer.json(Kind::Event, &ev).await?;
+                let _ = writer.shutdown().await;
+                return Ok(());
+            }
+            if rx.changed().await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    input.abort();
+    result
+}
+
+/// Relays an exec'd process between the agent and a control client.
+async fn relay_process(
+    shim: &Arc<Shim>,
+    mut p: Process,
+    mut reader: FrameReader<tokio::net::unix::OwnedReadHalf>,
+    mut writer: FrameWriter<tokio::net::unix::OwnedWriteHalf>,
+) -> Result<(), ctl::CtlError> {
+    let pid = p.pid();
+    let stdin = p.take_stdin();
+    let input = {
+        let shim = shim.clone();
+        tokio::spawn(async move {
+            let mut stdin = stdin;
+            while let Ok(Some(f)) = reader.next().await {
+                match f.kind {
+                    Kind::Data => {
+                        if let (Ok((Channel::Stdin, bytes)), Some(s)) = (f.data(), stdin.as_mut())
+                            && s.write(bytes).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Kind::Eof => {
+                        if let Some(s) = stdin.take() {
+                            let _ = s.close().await;
+                        }
+                    }
+                    Kind::Request => match f.json::<Request>("control request") {
+                        Ok(Request::Signal { signal, .. }) => {
+                            let _ = shim.agent.signal(pid, signal).await;
+                        }
+                        Ok(Request::Resize { rows, cols, .. }) => {
+                            let _ = shim.agent.resize(pid, rows, cols).await;
+                        }
+                        _ => {}
+                    },
+                    _ => {}
+                }
+            }
+        })
+    };
+    let result = async {
+        while let Some(out) = p.recv().await {
+            let out = out.map_err(|e| ctl::CtlError::Protocol(e.to_string()))?;
+            match out {
+                Output::Stdout(b) => writer.data(Channel::Stdout, &b).await?,
+                Output::Stderr(b) => writer.data(Channel::Stderr, &b).await?,
+                Output::Exit(status) => {
+                    writer
+                        .json(Kind::Event, &proto::Event::Exit { pid, status })
+                        .await?;
+                    let _ = writer.shutdown().await;
+                    return Ok(());
+                }
+            }
+        }
+        Err(ctl::CtlError::Protocol(
+            "the guest agent connection closed".into(),
+        ))
+    }
+    .await;
+    input.abort();
+    result
+}
+
+/// Path of a sandbox's control socket.
+pub fn ctl_socket(dir: &Path) -> PathBuf {
+    dir.join("ctl.sock")
+}

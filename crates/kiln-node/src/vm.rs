@@ -1,0 +1,259 @@
+//! A sandbox's VM: driver selection, its disks, and the boot contract with
+//! `kiln-init` (the kernel command line documented in
+//! `docs/guest-protocol.md`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use kiln_api::proto::Configure;
+use kiln_vmm::{
+    AgentTransport, DiskSpec, DriverChoice, DriverConfig, DriverKind, Vm, VmRecord, VmSpec,
+    VmmDriver,
+};
+use tokio::net::UnixStream;
+use tracing::{info, warn};
+
+use crate::paths::GuestArtifacts;
+use crate::store::{SandboxRecord, Store};
+
+/// The sandbox's VM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartSandboxVmError {
+    #[error("unknown driver {0:?}: use auto, qemu or firecracker")]
+    UnknownDriver(String),
+    #[error("no usable VMM driver")]
+    Select(#[from] kiln_vmm::SelectDriverError),
+    #[error("cannot create the writable disk {path}: {reason}")]
+    Disk { path: PathBuf, reason: String },
+    #[error("the image disk {0} is missing; pull the image again")]
+    ImageDisk(PathBuf),
+    #[error("the VMM failed to start")]
+    Start(#[from] kiln_vmm::StartVmError),
+    #[error("cannot reach the guest agent channel")]
+    Vmm(#[from] kiln_vmm::ConnectAgentError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Parses `auto`, `qemu`, `firecracker`.
+pub fn parse_driver(s: &str) -> Result<DriverChoice, StartSandboxVmError> {
+    match s {
+        "auto" | "" => Ok(DriverChoice::Auto),
+        "qemu" => Ok(DriverChoice::Qemu),
+        "firecracker" => Ok(DriverChoice::Firecracker),
+        other => Err(StartSandboxVmError::UnknownDriver(other.to_string())),
+    }
+}
+
+/// Chooses and builds the driver for `choice` on this host.
+pub fn driver_for(
+    choice: DriverChoice,
+) -> Result<(Arc<dyn VmmDriver>, kiln_vmm::Selection), StartSandboxVmError> {
+    let host = kiln_vmm::detect(&DriverConfig::default());
+    let sel = kiln_vmm::select(choice, &host)?;
+    let driver = sel.driver(&host)?;
+    Ok((driver, sel))
+}
+
+/// A running sandbox VM.
+pub struct VmHandle {
+    vm: Box<dyn Vm>,
+    console: PathBuf,
+    keep_console: PathBuf,
+}
+
+impl VmHandle {
+    pub fn record(&self) -> VmRecord {
+        self.vm.record()
+    }
+
+    pub async fn connect_agent(&self) -> Result<UnixStream, kiln_vmm::ConnectAgentError> {
+        self.vm.connect_agent().await
+    }
+
+    pub async fn pause(&self) -> Result<(), kiln_vmm::ControlVmError> {
+        self.vm.pause().await
+    }
+
+    pub async fn resume(&self) -> Result<(), kiln_vmm::ControlVmError> {
+        self.vm.resume().await
+    }
+
+    /// Waits until the VMM has exited.
+    pub async fn wait(&self) {
+        self.vm.wait().await
+    }
+
+    /// Kills the VMM (errors are logged: there is nothing else to do).
+    pub async fn kill(&self) {
+        if let Err(e) = self.vm.kill().await {
+            warn!(error = %e, "cannot kill the VMM");
+        }
+    }
+
+    /// Keeps the console log in the sandbox directory, then removes every
+    /// file and socket of the VM.
+    pub async fn cleanup(&self) {
+        if self.console.exists() {
+            let _ = std::fs::copy(&self.console, &self.keep_console);
+        }
+        if let Err(e) = self.vm.cleanup().await {
+            warn!(error = %e, "cannot clean up the VM");
+        }
+    }
+}
+
+/// Kernel command line of a sandbox guest (the boot contract with
+/// `kiln-init`): the image disk is the first virtio-blk device, the
+/// writable disk the second.
+pub fn kernel_cmdline(transport: AgentTransport) -> String {
+    let channel = match transport {
+        AgentTransport::VirtioSerial => "serial",
+        AgentTransport::HybridVsock => "vsock",
+    };
+    format!("kiln.root=/dev/vda kiln.rw=/dev/vdb kiln.channel={channel}")
+}
+
+/// Creates a sparse, formatted writable disk of `mib` MiB.
+pub async fn make_writable_disk(path: &Path, mib: u32) -> Result<(), StartSandboxVmError> {
+    let path = path.to_path_buf();
+    let p2 = path.clone();
+    let res = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let f = std::fs::File::create(&p2).map_err(|e| e.to_string())?;
+        f.set_len(u64::from(mib) * 1024 * 1024)
+            .map_err(|e| e.to_string())?;
+        drop(f);
+        let out = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "kiln-rw", "-m", "0"])
+            .args([
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
+            ])
+            .arg(&p2)
+            .output()
+            .map_err(|e| format!("cannot run mkfs.ext4: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mkfs.ext4 failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    res.map_err(|reason| {
+        let _ = std::fs::remove_file(&path);
+        StartSandboxVmError::Disk { path, reason }
+    })
+}
+
+/// Boots the VM of a sandbox and records it.
+pub async fn start_sandbox_vm(
+    store: &Store,
+    rec: &mut SandboxRecord,
+    artifacts: &GuestArtifacts,
+) -> Result<VmHandle, StartSandboxVmError> {
+    let dir = store.dir(&rec.id);
+    if !rec.spec.image_disk.is_file() {
+        return Err(StartSandboxVmError::ImageDisk(rec.spec.image_disk.clone()));
+    }
+    let (driver, sel) = driver_for(parse_driver(&rec.spec.driver)?)?;
+    info!(driver = %sel.kind, accel = %sel.accel, reason = %sel.reason, "VMM driver selected");
+    rec.driver = Some(format!("{} ({}): {}", sel.kind, sel.accel, sel.reason));
+    store.save(rec)?;
+    let rw = dir.join("rw.ext4");
+    if !rw.exists() {
+        make_writable_disk(&rw, rec.spec.disk_mib).await?;
+    }
+    let caps = driver.capabilities();
+    let vm_dir = dir.join("vm");
+    let console = vm_dir.join("console.log");
+    let kernel = match sel.kind {
+        DriverKind::Qemu => artifacts.bzimage.clone(),
+        DriverKind::Firecracker => artifacts.vmlinux.clone(),
+    };
+    let spec = VmSpec {
+        id: rec.id.clone(),
+        dir: vm_dir,
+        kernel,
+        initrd: Some(artifacts.initramfs.clone()),
+        cmdline: kernel_cmdline(caps.agent_transport),
+        cpus: rec.spec.cpus,
+        memory_mib: rec.spec.memory_mib,
+        disks: vec![
+            DiskSpec {
+                path: rec.spec.image_disk.clone(),
+                read_only: true,
+            },
+            DiskSpec {
+                path: rw,
+                read_only: false,
+            },
+        ],
+        agent_channel: true,
+        console_log: console.clone(),
+    };
+    let vm = driver.start(&spec).await?;
+    rec.vm = Some(serde_json::to_value(vm.record()).expect("records serialize"));
+    store.save(rec)?;
+    Ok(VmHandle {
+        vm,
+        console,
+        keep_console: dir.join("console.log"),
+    })
+}
+
+/// The identity pushed to a guest after boot or restore.
+pub fn identity(id: &str) -> Configure {
+    let mut entropy = [0u8; 64];
+    rand::fill(&mut entropy);
+    Configure {
+        sandbox_id: id.to_string(),
+        hostname: id.chars().take(12).collect(),
+        entropy: base64::engine::general_purpose::STANDARD.encode(entropy),
+        time_unix_ns: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    }
+}
+
+/// Kills and cleans up a VM known only from its record (its supervisor is
+/// gone). Best effort: errors are logged.
+pub async fn destroy_recorded(vm: serde_json::Value) {
+    let rec: VmRecord = match serde_json::from_value(vm) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "unreadable VM record");
+            return;
+        }
+    };
+    let choice = match rec.driver {
+        DriverKind::Qemu => DriverChoice::Qemu,
+        DriverKind::Firecracker => DriverChoice::Firecracker,
+    };
+    let driver = match driver_for(choice) {
+        Ok((d, _)) => d,
+        Err(e) => {
+            warn!(error = %e, "no driver to clean up the VM with");
+            return;
+        }
+    };
+    match driver.attach(&rec).await {
+        Ok(vm) => {
+            let _ = vm.kill().await;
+            let _ = vm.cleanup().await;
+        }
+        Err(kiln_vmm::AttachVmError::Gone { .. }) => {
+            for f in &rec.files {
+                let _ = std::fs::remove_file(f);
+            }
+            let _ = std::fs::remove_dir_all(&rec.dir);
+        }
+        Err(e) => warn!(error = %e, "cannot attach to the recorded VM"),
+    }
+}
