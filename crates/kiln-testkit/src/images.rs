@@ -192,6 +192,36 @@ impl LayoutWriter {
         Ok(digest)
     }
 
+    /// Appends every layer of another layout (blobs copied, descriptors and
+    /// diff IDs kept), e.g. to build an image on top of the busybox one.
+    pub fn copy_layers(&mut self, from: &OciLayout) -> Result<()> {
+        let (_, bytes) = from.manifest()?;
+        let manifest: serde_json::Value = serde_json::from_slice(&bytes)?;
+        let cfg_digest = manifest["config"]["digest"]
+            .as_str()
+            .context("config digest")?;
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&fs::read(from.blob_path(cfg_digest))?)?;
+        let layers = manifest["layers"].as_array().context("layers")?;
+        let diff_ids = cfg["rootfs"]["diff_ids"].as_array().context("diff_ids")?;
+        if layers.len() != diff_ids.len() {
+            bail!("{} layers but {} diff_ids", layers.len(), diff_ids.len());
+        }
+        for (l, d) in layers.iter().zip(diff_ids) {
+            let digest = l["digest"].as_str().context("layer digest")?;
+            fs::copy(
+                from.blob_path(digest),
+                self.dir
+                    .join("blobs/sha256")
+                    .join(digest.trim_start_matches("sha256:")),
+            )?;
+            self.layers.push(l.clone());
+            self.diff_ids
+                .push(d.as_str().context("diff_id")?.to_owned());
+        }
+        Ok(())
+    }
+
     /// The layer descriptors so far (editable, for hostile manifests).
     pub fn layers_mut(&mut self) -> &mut Vec<serde_json::Value> {
         &mut self.layers

@@ -53,7 +53,15 @@ pub enum ConnectAgentError {
     Closed,
     #[error("guest agent speaks protocol version {guest}, the host speaks {host}")]
     Version { guest: u32, host: u32 },
+    #[error(
+        "the guest sent {0} bytes on the agent channel without a valid handshake (not a Kiln agent, or a hostile guest)"
+    )]
+    Garbage(usize),
 }
+
+/// Bytes a guest may send before its handshake answer. A real agent sends
+/// a few hundred (answers to earlier Hellos); anything near this is noise.
+const HANDSHAKE_BYTE_LIMIT: usize = 4 << 20;
 
 /// Failure of a simple request (configure, signal, resize, processes,
 /// quiesce, shutdown, ping, attach).
@@ -251,6 +259,7 @@ impl AgentClient {
         let mut dec = proto::Decoder::new();
         let mut buf = vec![0u8; 64 << 10];
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut received = 0usize;
         let ack = 'outer: loop {
             if tokio::time::Instant::now() >= deadline {
                 return Err(ConnectAgentError::Timeout(timeout));
@@ -261,7 +270,13 @@ impl AgentClient {
                 match tokio::time::timeout_at(tick, rd.read(&mut buf)).await {
                     Err(_) => break,
                     Ok(Ok(0)) => return Err(ConnectAgentError::Closed),
-                    Ok(Ok(n)) => dec.feed(&buf[..n]),
+                    Ok(Ok(n)) => {
+                        received += n;
+                        if received > HANDSHAKE_BYTE_LIMIT {
+                            return Err(ConnectAgentError::Garbage(received));
+                        }
+                        dec.feed(&buf[..n]);
+                    }
                     Ok(Err(e)) => return Err(ConnectAgentError::Io(e)),
                 }
                 while let Some(d) = dec.next_frame() {

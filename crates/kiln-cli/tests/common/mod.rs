@@ -1,0 +1,245 @@
+//! Shared harness of the end-to-end tests: each test gets its own state
+//! directory (so sandboxes never mix) and the shared cache (kernel,
+//! initramfs, images), and drives the real `kiln` binary as a user would.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+pub struct Kiln {
+    pub state: tempfile::TempDir,
+    pub bin: PathBuf,
+    /// A private image cache (kernel and initramfs still come from the
+    /// shared one), for tests that check what a failure leaves in it.
+    pub cache: Option<tempfile::TempDir>,
+}
+
+/// The shared cache (`KILN_CACHE_DIR` or `~/.cache/kiln`).
+pub fn shared_cache() -> PathBuf {
+    kiln_testkit::images::cache_dir()
+}
+
+impl Kiln {
+    pub fn new() -> Kiln {
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+        Kiln {
+            state: tempfile::Builder::new()
+                .prefix("kiln-e2e-")
+                .tempdir_in("/tmp")
+                .expect("temp state dir"),
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_kiln")),
+            cache: None,
+        }
+    }
+
+    /// A harness whose image cache is private to the test.
+    pub fn with_own_cache() -> Kiln {
+        let mut k = Kiln::new();
+        k.cache = Some(
+            tempfile::Builder::new()
+                .prefix("kiln-e2e-cache-")
+                .tempdir_in("/tmp")
+                .expect("temp cache dir"),
+        );
+        k
+    }
+
+    /// The image cache directory this harness uses.
+    pub fn cache_dir(&self) -> PathBuf {
+        match &self.cache {
+            Some(c) => c.path().to_path_buf(),
+            None => shared_cache(),
+        }
+    }
+
+    /// Every file under the private image cache's `images/` (partial
+    /// entries, temporaries), excluding lock files.
+    pub fn cached_image_files(&self) -> Vec<PathBuf> {
+        let mut out = vec![];
+        walk(&self.cache_dir().join("images"), &mut out);
+        out.retain(|p| !p.components().any(|c| c.as_os_str() == "locks"));
+        out
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// A `kiln` command with this test's state directory.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.env("KILN_STATE_DIR", self.state.path());
+        if let Some(cache) = &self.cache {
+            let shared = shared_cache();
+            c.env("KILN_CACHE_DIR", cache.path());
+            c.env("KILN_KERNEL", shared.join("kernel/current/bzImage"));
+            c.env(
+                "KILN_INITRAMFS",
+                shared.join("initramfs/current/initramfs.img"),
+            );
+        }
+        c.env_remove("KILN_LOG");
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `kiln ARGS` and returns its output.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let out = self.cmd().args(args).output().expect("kiln runs");
+        tracing::info!(
+            ?args,
+            code = ?out.status.code(),
+            stderr = %String::from_utf8_lossy(&out.stderr),
+            "kiln finished"
+        );
+        out
+    }
+
+    /// Runs `kiln ARGS` feeding `input` on stdin.
+    pub fn run_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .cmd()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln runs");
+        let mut stdin = child.stdin.take().expect("piped");
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let out = child.wait_with_output().expect("kiln finishes");
+        let _ = writer.join();
+        out
+    }
+
+    /// Processes (VMMs, supervisors) that still mention this state directory.
+    pub fn leftover_processes(&self) -> Vec<String> {
+        let needle = self.state.path().to_string_lossy().into_owned();
+        let mut found = vec![];
+        let me = std::process::id();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let env_entry = format!("KILN_STATE_DIR={needle}\0");
+            if text.contains(&format!("{needle}/"))
+                || String::from_utf8_lossy(&environ).contains(&env_entry)
+            {
+                found.push(format!("{pid}: {text}"));
+            }
+        }
+        found
+    }
+
+    /// Sockets and VM files (anything under a sandbox's `vm/`) left under
+    /// the state directory. Ended sandboxes keep their record, output log
+    /// and writable disk until `kiln rm`, like containers.
+    pub fn leftover_files(&self) -> Vec<PathBuf> {
+        use std::os::unix::fs::FileTypeExt;
+        let mut out = vec![];
+        walk(self.state.path(), &mut out);
+        out.retain(|p| {
+            let sock = std::fs::symlink_metadata(p)
+                .map(|m| m.file_type().is_socket())
+                .unwrap_or(false);
+            sock || p.components().any(|c| c.as_os_str() == "vm")
+        });
+        out
+    }
+
+    /// Everything under the state directory.
+    pub fn all_state_files(&self) -> Vec<PathBuf> {
+        let mut out = vec![];
+        walk(self.state.path(), &mut out);
+        out
+    }
+
+    /// Asserts that no VMM or supervisor process, socket or VM file is left.
+    pub fn assert_clean(&self) {
+        let procs = self.leftover_processes();
+        assert!(procs.is_empty(), "processes left behind: {procs:#?}");
+        let files = self.leftover_files();
+        assert!(files.is_empty(), "files left behind: {files:#?}");
+    }
+}
+
+impl Drop for Kiln {
+    fn drop(&mut self) {
+        // Remove every sandbox, then kill anything still alive.
+        if let Ok(out) = self.cmd().args(["ps", "-a", "-q"]).output() {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = self.cmd().args(["rm", "-f", id]).output();
+            }
+        }
+        for p in self.leftover_processes() {
+            if let Some(pid) = p.split(':').next().and_then(|s| s.parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+        let path = e.path();
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_dir() {
+            walk(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+/// Asserts the command failed with one clear line on stderr that contains `needle`.
+pub fn assert_one_line_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_ne!(code(o), 0, "expected a failure; stdout: {}", stdout(o));
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "expected one line, got: {err}"
+    );
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "expected {needle:?} in: {err}"
+    );
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+/// The busybox test image (an OCI layout built by the testkit), as a
+/// `kiln run` reference.
+pub fn busybox() -> String {
+    static IMG: OnceLock<String> = OnceLock::new();
+    IMG.get_or_init(|| {
+        kiln_testkit::images::busybox()
+            .expect("the busybox test image builds")
+            .image_ref()
+    })
+    .clone()
+}

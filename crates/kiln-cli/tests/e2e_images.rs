@@ -1,0 +1,229 @@
+//! Images end to end: every kind of image source, a real local registry,
+//! layered images, and `kiln images`.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Kiln, busybox, code, stderr, stdout};
+use kiln_testkit::images::{self, LayoutWriter};
+use kiln_testkit::registry::Registry;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The digest the registry serves for a reference, asked with skopeo (not
+/// with Kiln, whose answer is what the test checks).
+fn registry_digest(reference: &str) -> String {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
+        .arg(format!("docker://{reference}"))
+        .output()
+        .expect("skopeo runs");
+    assert!(
+        out.status.success(),
+        "skopeo inspect: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn registry_by_tag_and_by_digest() {
+    let rt = runtime();
+    let reg = rt.block_on(Registry::start()).expect("registry starts");
+    let bb = images::busybox().expect("busybox image");
+    rt.block_on(reg.push_layout(&bb, "tools/busybox", "1.0"))
+        .expect("push");
+    let by_tag = reg.reference("tools/busybox", "1.0");
+    let digest = registry_digest(&by_tag);
+    assert!(digest.starts_with("sha256:"), "{digest}");
+
+    let k = Kiln::with_own_cache();
+    let out = k.run(&["run", &by_tag, "--", "echo", "pulled by tag"]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), "pulled by tag\n");
+
+    let by_digest = format!("{}/tools/busybox@{digest}", reg.host());
+    let out = k.run(&["run", &by_digest, "--", "echo", "pulled by digest"]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), "pulled by digest\n");
+
+    // `kiln images pull` prints the manifest digest the registry serves.
+    let out = k.run(&["images", "pull", &by_tag]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), digest);
+    // Not a terminal: no progress bar noise.
+    assert_eq!(stderr(&out), "");
+
+    // A Docker v2 (schema 2) manifest with gzip layers works too.
+    rt.block_on(reg.push_layout_docker(&bb, "tools/busybox-docker", "1.0"))
+        .expect("push docker");
+    let out = k.run(&[
+        "run",
+        &reg.reference("tools/busybox-docker", "1.0"),
+        "--",
+        "echo",
+        "docker media types",
+    ]);
+    assert_eq!(
+        stdout(&out),
+        "docker media types\n",
+        "stderr: {}",
+        stderr(&out)
+    );
+    k.assert_clean();
+}
+
+#[test]
+fn oci_layout_and_docker_archive() {
+    let k = Kiln::with_own_cache();
+    let bb = images::busybox().expect("busybox image");
+    let out = k.run(&["run", &bb.image_ref(), "--", "echo", "from a layout"]);
+    assert_eq!(stdout(&out), "from a layout\n", "stderr: {}", stderr(&out));
+    // Without a tag: the layout's only image.
+    let out = k.run(&[
+        "run",
+        &format!("oci:{}", bb.dir.display()),
+        "--",
+        "echo",
+        "untagged",
+    ]);
+    assert_eq!(stdout(&out), "untagged\n", "stderr: {}", stderr(&out));
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let archive = dir.path().join("busybox.tar");
+    bb.to_docker_archive(&archive, "busybox:saved")
+        .expect("docker-archive");
+    let out = k.run(&[
+        "run",
+        &format!("docker-archive:{}", archive.display()),
+        "--",
+        "echo",
+        "from docker save",
+    ]);
+    assert_eq!(
+        stdout(&out),
+        "from docker save\n",
+        "stderr: {}",
+        stderr(&out)
+    );
+    k.assert_clean();
+}
+
+#[test]
+fn layers_with_whiteouts_give_the_right_tree() {
+    let k = Kiln::with_own_cache();
+    // busybox underneath (for the tools), then the three layers of the
+    // testkit's multi-layer image: gzip, zstd and plain, with whiteouts, an
+    // opaque directory, hardlinks, a symlink, setuid and ownership.
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut w = LayoutWriter::new(&dir.path().join("layout")).expect("layout");
+    w.copy_layers(&images::busybox().expect("busybox"))
+        .expect("busybox layers");
+    w.copy_layers(&images::multilayer().expect("multilayer"))
+        .expect("multilayer layers");
+    let layout = w
+        .finish(
+            serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]}),
+            "v1",
+        )
+        .expect("finish");
+    let script = r#"
+        for p in /etc/keep.conf /etc/gone.conf /opq/old1 /opq/sub /opq/new /emptied/x /replaced /late; do
+            if [ -e $p ]; then echo "$p exists"; else echo "$p absent"; fi
+        done
+        echo "keep=$(cat /etc/keep.conf) replaced=$(cat /replaced) late=$(cat /late) new=$(cat /opq/new)"
+        echo "opq: $(ls -A /opq | tr '\n' ' ')"
+        echo "emptied: $(ls -A /emptied | wc -l)"
+        echo "link -> $(readlink /data/link): $(cat /data/link)"
+        [ "$(stat -c %i /data/hard)" = "$(stat -c %i /data/base.txt)" ] && echo "hardlink shared"
+        [ "$(stat -c %i /bin/tool)" = "$(stat -c %i /bin/tool-link)" ] && echo "tool hardlink shared"
+        stat -c '%n %a %u:%g' /bin/tool /data/base.txt
+        echo "busybox still here: $(ls /bin/busybox)"
+    "#;
+    let out = k.run(&["run", &layout.image_ref(), "--", "sh", "-c", script]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    let expected = "\
+/etc/keep.conf exists
+/etc/gone.conf absent
+/opq/old1 absent
+/opq/sub absent
+/opq/new exists
+/emptied/x absent
+/replaced exists
+/late exists
+keep=keep replaced=v2 late=late new=new
+opq: new 
+emptied: 0
+link -> base.txt: base
+hardlink shared
+tool hardlink shared
+/bin/tool 4755 0:0
+/data/base.txt 644 1000:1000
+busybox still here: /bin/busybox
+";
+    assert_eq!(stdout(&out), expected);
+    k.assert_clean();
+}
+
+#[test]
+fn python3_in_a_debian_image() {
+    let k = Kiln::new();
+    let py = images::python().expect("the Debian python3 image builds (debootstrap)");
+    let out = k.run(&[
+        "run",
+        &py.image_ref(),
+        "--",
+        "python3",
+        "-c",
+        "import sys, hashlib; print(sys.version_info[0], hashlib.sha256(b'kiln').hexdigest()[:12])",
+    ]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), format!("3 {}\n", sha12(b"kiln")));
+    k.assert_clean();
+}
+
+fn sha12(b: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(b))[..12].to_string()
+}
+
+#[test]
+fn images_ls_rm_prune() {
+    let k = Kiln::with_own_cache();
+    let bb = busybox();
+    let out = k.run(&["images", "pull", &bb]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    let digest = stdout(&out).trim().to_string();
+    let out = k.run(&["images", "ls"]);
+    assert!(
+        stdout(&out).contains(&digest[7..19]),
+        "ls: {}",
+        stdout(&out)
+    );
+    let out = k.run(&["images", "ls", "-q"]);
+    assert_eq!(stdout(&out).trim(), digest);
+    let out = k.run(&["images", "rm", &digest]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    let out = k.run(&["images", "ls", "-q"]);
+    assert_eq!(stdout(&out).trim(), "");
+    let out = k.run(&[
+        "images",
+        "rm",
+        "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+    ]);
+    assert_ne!(code(&out), 0);
+    let out = k.run(&["images", "prune"]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert!(
+        k.cached_image_files().is_empty(),
+        "{:?}",
+        k.cached_image_files()
+    );
+}
