@@ -215,7 +215,21 @@ async fn run(store: &Store, args: RunArgs) -> Result<i32> {
         return Ok(0);
     }
     let sock = store.dir(&rec.id).join("ctl.sock");
-    attach::attach_main(&sock, args.process.interactive, args.process.tty, true).await
+    let code = attach::attach_main(&sock, args.process.interactive, args.process.tty, true).await?;
+    // The sandbox has ended; return once its VM is gone too, so nothing of
+    // it outlives this command.
+    if let Err(e) = wait_supervisor_gone(store, &rec.id, Duration::from_secs(30)).await {
+        eprintln!("kiln: {e:#}");
+    }
+    if let Ok(r) = store.load(&rec.id)
+        && let SandboxState::Exited { timed_out: true, .. } = r.state
+    {
+        eprintln!(
+            "kiln: the command was killed after its --timeout of {} s",
+            args.timeout.unwrap_or(0)
+        );
+    }
+    Ok(code)
 }
 
 pub fn hostname_of(id: &str) -> String {

@@ -1005,6 +1005,10 @@ impl Agent {
                 cmd.env(k, v);
             }
         }
+        // Like Docker: HOME comes from the user's passwd entry unless set.
+        if !e.env.iter().any(|kv| kv.starts_with("HOME=")) {
+            cmd.env("HOME", id.home.as_deref().unwrap_or("/"));
+        }
         let ioerr = |what: &str, x: nix::Error| (ErrorKind::Internal, format!("{what}: {x}"));
         let mut outs = Vec::new();
         let mut input = None;
