@@ -87,7 +87,7 @@ fn wrong_layer_digest() {
 
 #[test]
 fn wrong_layer_size() {
-    hostile(Hostile::WrongLayerSize, "size");
+    hostile(Hostile::WrongLayerSize, "the manifest says");
 }
 
 #[test]
@@ -147,7 +147,7 @@ fn hardlink_escape_layers() {
 
 #[test]
 fn huge_declared_sizes() {
-    hostile(Hostile::HugeDeclaredSize, "size");
+    hostile(Hostile::HugeDeclaredSize, "byte limit");
     hostile(Hostile::HugeEntry, "bytes");
 }
 
