@@ -507,6 +507,11 @@ pub struct ExecRequest {
     /// status and waits for `Shutdown`.
     #[serde(default)]
     pub main: bool,
+    /// Start without attaching: the guest answers `Started` and closes the
+    /// stream; the process's output waits in the guest (its pipes fill and
+    /// it blocks) until a host sends `Attach`, so nothing is lost.
+    #[serde(default)]
+    pub detached: bool,
 }
 
 /// guest → host: the answer to a `Request`.
@@ -709,6 +714,7 @@ mod tests {
             cols: None,
             stdin: true,
             main: true,
+            detached: false,
         });
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.starts_with(r#"{"type":"exec""#), "{s}");

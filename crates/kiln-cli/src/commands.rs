@@ -194,7 +194,7 @@ async fn run(store: &Store, args: RunArgs) -> Result<i32> {
         }
     }
     store.save(&rec)?;
-    let ready = spawn_shim(store, &rec).await?;
+    let (ready, shim_pid) = spawn_shim(store, &rec).await?;
     if args.verbose {
         eprintln!(
             "kiln: sandbox {} running on {} ({} ms after the command started)",
@@ -218,11 +218,15 @@ async fn run(store: &Store, args: RunArgs) -> Result<i32> {
     let code = attach::attach_main(&sock, args.process.interactive, args.process.tty, true).await?;
     // The sandbox has ended; return once its VM is gone too, so nothing of
     // it outlives this command.
-    if let Err(e) = wait_supervisor_gone(store, &rec.id, Duration::from_secs(30)).await {
+    if let Err(e) =
+        wait_supervisor_gone(store, &rec.id, Duration::from_secs(30), Some(shim_pid)).await
+    {
         eprintln!("kiln: {e:#}");
     }
     if let Ok(r) = store.load(&rec.id)
-        && let SandboxState::Exited { timed_out: true, .. } = r.state
+        && let SandboxState::Exited {
+            timed_out: true, ..
+        } = r.state
     {
         eprintln!(
             "kiln: the command was killed after its --timeout of {} s",
@@ -237,7 +241,7 @@ pub fn hostname_of(id: &str) -> String {
 }
 
 /// Starts `kiln shim ID` detached and waits for its ready line.
-async fn spawn_shim(store: &Store, rec: &SandboxRecord) -> Result<ReadyLine> {
+async fn spawn_shim(store: &Store, rec: &SandboxRecord) -> Result<(ReadyLine, u32)> {
     let exe = std::env::current_exe().context("cannot find the kiln executable")?;
     let dir = store.dir(&rec.id);
     let log =
@@ -256,6 +260,7 @@ async fn spawn_shim(store: &Store, rec: &SandboxRecord) -> Result<ReadyLine> {
         .stderr(Stdio::from(log))
         .spawn()
         .context("cannot start the sandbox supervisor")?;
+    let shim_pid = child.id();
     let stdout = child.stdout.take().expect("stdout was piped");
     let id = rec.id.clone();
     let shim_log = dir.join("shim.log");
@@ -284,8 +289,9 @@ async fn spawn_shim(store: &Store, rec: &SandboxRecord) -> Result<ReadyLine> {
             .join("\n");
         bail!("the supervisor of sandbox {id} exited before the sandbox started:\n{last}");
     }
-    serde_json::from_str(line.1.trim())
-        .context("the sandbox supervisor sent a malformed ready line")
+    let ready = serde_json::from_str(line.1.trim())
+        .context("the sandbox supervisor sent a malformed ready line")?;
+    Ok((ready, shim_pid))
 }
 
 fn ps(store: &Store, all: bool, quiet: bool) -> Result<i32> {
@@ -429,6 +435,7 @@ async fn exec(store: &Store, args: ExecArgs) -> Result<i32> {
         cols,
         stdin: args.process.interactive,
         main: false,
+        detached: args.detach,
     };
     attach::exec(
         &sock,
@@ -476,14 +483,27 @@ async fn stop(store: &Store, id: &str, grace: u64) -> Result<()> {
         CtlResponse::Error { message, .. } => bail!("cannot stop {id}: {message}"),
         CtlResponse::Started { .. } => bail!("unexpected answer from the supervisor of {id}"),
     }
-    wait_supervisor_gone(store, &id, Duration::from_secs(30)).await
+    wait_supervisor_gone(store, &id, Duration::from_secs(30), None).await
 }
 
-async fn wait_supervisor_gone(store: &Store, id: &str, limit: Duration) -> Result<()> {
+async fn wait_supervisor_gone(
+    store: &Store,
+    id: &str,
+    limit: Duration,
+    known_pid: Option<u32>,
+) -> Result<()> {
     let t0 = Instant::now();
+    // Remember the pid: with --rm the supervisor removes the record just
+    // before it exits.
+    let mut last_pid = known_pid;
     loop {
-        match store.load(id) {
-            Ok(r) if r.shim_pid.is_some_and(pid_alive) => {}
+        if let Ok(r) = store.load(id)
+            && r.shim_pid.is_some()
+        {
+            last_pid = r.shim_pid;
+        }
+        match last_pid {
+            Some(pid) if pid_alive(pid) => {}
             _ => return Ok(()),
         }
         if t0.elapsed() > limit {
@@ -514,7 +534,7 @@ async fn rm(store: &Store, id: &str, force: bool) -> Result<()> {
         if let Err(e) = CtlConn::open(&sock, &CtlRequest::Kill).await {
             tracing::warn!(error = %e, "supervisor unreachable; killing the VM directly");
         }
-        wait_supervisor_gone(store, &id, Duration::from_secs(30)).await?;
+        wait_supervisor_gone(store, &id, Duration::from_secs(30), None).await?;
     }
     // Whatever is left (a supervisor that died): kill its VM from the record.
     let rec = store.load(&id)?;
@@ -525,25 +545,28 @@ async fn rm(store: &Store, id: &str, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// Waits until the sandbox has ended and its VM is gone; its exit code.
 async fn wait(store: &Store, id: &str) -> Result<i32> {
     let id = store.resolve(id)?;
-    loop {
+    let code = loop {
         let rec = refresh(store, store.load(&id)?);
         match rec.state {
             SandboxState::Exited { exit_code, .. } | SandboxState::Failed { exit_code, .. } => {
-                return Ok(exit_code);
+                break exit_code;
             }
             _ => {}
         }
         let sock = store.dir(&id).join("ctl.sock");
         match CtlConn::open(&sock, &CtlRequest::Wait).await {
-            Ok((_, CtlResponse::Exited { exit_code, .. })) => return Ok(exit_code),
+            Ok((_, CtlResponse::Exited { exit_code, .. })) => break exit_code,
             Ok((_, other)) => {
                 return Err(anyhow!("unexpected answer from the supervisor: {other:?}"));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
-    }
+    };
+    wait_supervisor_gone(store, &id, Duration::from_secs(60), None).await?;
+    Ok(code)
 }
 
 async fn simple(store: &Store, id: &str, req: CtlRequest) -> Result<i32> {

@@ -342,7 +342,8 @@ fn cp_directories_and_errors() {
     std::fs::create_dir_all(tree.join("sub")).expect("mkdir");
     std::fs::write(tree.join("a.txt"), "A").expect("write");
     std::fs::write(tree.join("sub/b.txt"), "B").expect("write");
-    let out = k.run(&["cp", tree.to_str().expect("utf-8"), &format!("{id}:/srv/")]);
+    // Into an existing directory (trailing slash): keeps the name.
+    let out = k.run(&["cp", tree.to_str().expect("utf-8"), &format!("{id}:/tmp/")]);
     assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
     let out = k.run(&[
         "exec",
@@ -350,13 +351,33 @@ fn cp_directories_and_errors() {
         "--",
         "sh",
         "-c",
-        "cat /srv/tree/a.txt /srv/tree/sub/b.txt",
+        "cat /tmp/tree/a.txt /tmp/tree/sub/b.txt",
     ]);
     assert_eq!(stdout(&out), "AB");
+    // To a new name.
+    let out = k.run(&["cp", tree.to_str().expect("utf-8"), &format!("{id}:/srv")]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    let out = k.run(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "cat /srv/a.txt /srv/sub/b.txt",
+    ]);
+    assert_eq!(stdout(&out), "AB");
+    // Into a directory that does not exist: refused, like docker cp.
+    let out = k.run(&[
+        "cp",
+        tree.to_str().expect("utf-8"),
+        &format!("{id}:/nowhere/"),
+    ]);
+    assert_ne!(code(&out), 0);
+    assert!(stderr(&out).contains("/nowhere/"), "{}", stderr(&out));
     let back = dir.path().join("back");
     let out = k.run(&[
         "cp",
-        &format!("{id}:/srv/tree"),
+        &format!("{id}:/tmp/tree"),
         back.to_str().expect("utf-8"),
     ]);
     assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));

@@ -845,6 +845,10 @@ impl Agent {
                 self.respond(s, &r);
             }
             Request::Exec(e) => match self.exec(&e) {
+                Ok(pid) if e.detached => {
+                    self.respond(s, &Response::Started { pid });
+                    self.queue(proto::encode_close(s));
+                }
                 Ok(pid) => {
                     self.respond(s, &Response::Started { pid });
                     if let Some(p) = self.procs.get_mut(&pid) {

@@ -222,6 +222,7 @@ async fn start(
             cols: None,
             stdin: rec.spec.stdin,
             main: true,
+            detached: false,
         };
         let process = agent.exec(req).await.map_err(|e| ShimError::Exec {
             exit_code: e.shell_code().unwrap_or(125),
@@ -391,6 +392,20 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
         CtlRequest::Attach { stdin, replay } => {
             attach_main(&shim, reader, writer, stdin, replay).await
         }
+        CtlRequest::Exec(req) if req.detached => match shim.agent.exec_detached(req).await {
+            Ok(pid) => {
+                writer
+                    .json(Kind::Response, &CtlResponse::Started { pid })
+                    .await
+            }
+            Err(e) => {
+                let resp = CtlResponse::Error {
+                    message: e.to_string(),
+                    exit_code: Some(e.shell_code().unwrap_or(125)),
+                };
+                writer.json(Kind::Response, &resp).await
+            }
+        },
         CtlRequest::Exec(req) => match shim.agent.exec(req).await {
             Ok(p) => {
                 writer

@@ -96,6 +96,7 @@ async fn pair() -> (AgentClient, FakeGuest) {
             agent: "fake".into(),
             boot_id: "b".into(),
             main: None,
+            detached: false,
         };
         g.send(&proto::encode_json(Kind::HelloAck, 0, &ack).unwrap())
             .await;
@@ -119,6 +120,7 @@ fn exec_req(argv: &[&str], stdin: bool) -> ExecRequest {
         cols: None,
         stdin,
         main: false,
+        detached: false,
     }
 }
 

@@ -230,6 +230,7 @@ fn req(argv: &[&str]) -> ExecRequest {
         cols: None,
         stdin: false,
         main: false,
+        detached: false,
     }
 }
 

@@ -476,6 +476,30 @@ impl AgentClient {
         }
     }
 
+    /// Starts a process without attaching to it (`req.detached` is set):
+    /// its output waits in the guest until [`AgentClient::attach`].
+    pub async fn exec_detached(&self, mut req: ExecRequest) -> Result<u32, ExecError> {
+        req.detached = true;
+        let spec = SlotSpec {
+            recv: &[],
+            send: None,
+        };
+        let o = self.inner.request(&Request::Exec(req), spec)?;
+        let id = o.id;
+        let result = match response(o.response).await? {
+            Response::Started { pid } => Ok(pid),
+            Response::Error { kind, message } => Err(match kind {
+                ErrorKind::NotFound => ExecError::NotFound(message),
+                ErrorKind::NotExecutable => ExecError::NotExecutable(message),
+                ErrorKind::NoSuchUser => ExecError::NoSuchUser(message),
+                kind => ExecError::Refused { kind, message },
+            }),
+            other => Err(ExecError::Unexpected(format!("{other:?}"))),
+        };
+        self.inner.lock().close_quietly(id);
+        result
+    }
+
     /// Re-attaches to a process started earlier (by this or an earlier
     /// connection): output produced meanwhile comes first, then live output,
     /// then its exit. Both stdout and stderr channels are accepted (a tty
