@@ -96,7 +96,6 @@ async fn pair() -> (AgentClient, FakeGuest) {
             agent: "fake".into(),
             boot_id: "b".into(),
             main: None,
-            detached: false,
         };
         g.send(&proto::encode_json(Kind::HelloAck, 0, &ack).unwrap())
             .await;
