@@ -154,6 +154,13 @@ async fn stream(
                             if main {
                                 eprintln!("kiln: second interrupt, tearing the sandbox down");
                                 let _ = CtlConn::open(&sock, &CtlRequest::Kill).await;
+                                // The supervisor removes its socket once the VM is gone.
+                                for _ in 0..600 {
+                                    if !sock.exists() {
+                                        break;
+                                    }
+                                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                                }
                             }
                             std::process::exit(130);
                         }

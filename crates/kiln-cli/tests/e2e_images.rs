@@ -227,3 +227,39 @@ fn images_ls_rm_prune() {
         k.cached_image_files()
     );
 }
+
+#[test]
+fn private_registry_with_credentials_from_docker_config() {
+    let rt = runtime();
+    let reg = rt
+        .block_on(Registry::start_with_auth("kiln", "s3cret"))
+        .expect("registry starts");
+    let bb = images::busybox().expect("busybox image");
+    rt.block_on(reg.push_layout_as(&bb, "private/busybox", "1", Some("kiln:s3cret")))
+        .expect("push");
+    let reference = reg.reference("private/busybox", "1");
+    let k = Kiln::with_own_cache();
+    let dir = tempfile::tempdir().expect("tmp");
+    // No credentials: refused, clearly.
+    std::fs::create_dir_all(dir.path().join("anon")).expect("mkdir");
+    std::fs::write(dir.path().join("anon/config.json"), "{}").expect("write");
+    let out = k
+        .cmd()
+        .env("DOCKER_CONFIG", dir.path().join("anon"))
+        .args(["run", &reference, "--", "true"])
+        .output()
+        .expect("kiln runs");
+    common::assert_one_line_error(&out, "refused access");
+    // Credentials in the Docker config (base64 of kiln:s3cret).
+    std::fs::create_dir_all(dir.path().join("creds")).expect("mkdir");
+    let config = serde_json::json!({"auths": {reg.host(): {"auth": "a2lsbjpzM2NyZXQ="}}});
+    std::fs::write(dir.path().join("creds/config.json"), config.to_string()).expect("write");
+    let out = k
+        .cmd()
+        .env("DOCKER_CONFIG", dir.path().join("creds"))
+        .args(["run", &reference, "--", "echo", "authenticated"])
+        .output()
+        .expect("kiln runs");
+    assert_eq!(stdout(&out), "authenticated\n", "stderr: {}", stderr(&out));
+    k.assert_clean();
+}

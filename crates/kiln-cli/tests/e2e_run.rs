@@ -329,3 +329,32 @@ fn files_written_stay_inside_the_sandbox() {
     assert_eq!(stdout(&out), "clean\n");
     k.assert_clean();
 }
+
+#[test]
+fn tty_gives_the_process_a_terminal() {
+    let k = Kiln::new();
+    let img = busybox();
+    let out = k.run(&[
+        "run",
+        "-t",
+        &img,
+        "--",
+        "sh",
+        "-c",
+        "test -t 0 && test -t 1 && echo is-a-tty; stty size",
+    ]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    let text = stdout(&out).replace('\r', "");
+    assert!(text.starts_with("is-a-tty\n"), "{text:?}");
+    // Without -t: pipes.
+    let out = k.run(&[
+        "run",
+        &img,
+        "--",
+        "sh",
+        "-c",
+        "test -t 1 && echo tty || echo pipe",
+    ]);
+    assert_eq!(stdout(&out), "pipe\n");
+    k.assert_clean();
+}

@@ -456,3 +456,45 @@ fn ctrl_c_is_forwarded_to_the_process() {
     assert_eq!(status.code(), Some(9));
     k.assert_clean();
 }
+
+#[test]
+fn second_ctrl_c_tears_the_sandbox_down() {
+    let k = Kiln::new();
+    let mut child = k
+        .cmd()
+        .args([
+            "run",
+            &busybox(),
+            "--",
+            "sh",
+            "-c",
+            "trap '' INT; echo ready; while true; do sleep 0.1; done",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut buf = [0u8; 6];
+    out.read_exact(&mut buf).expect("ready");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("signal");
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("signal");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(130));
+    // The supervisor finishes its teardown within moments.
+    let t = Instant::now();
+    while !(k.leftover_processes().is_empty() && k.leftover_files().is_empty())
+        && t.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    k.assert_clean();
+    let out = k.run(&["ps", "-a"]);
+    assert!(
+        stdout(&out).contains("exited (137)"),
+        "ps: {}",
+        stdout(&out)
+    );
+}
