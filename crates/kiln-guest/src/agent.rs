@@ -900,6 +900,9 @@ impl Agent {
                 self.respond(s, &Response::Processes { processes });
             }
             Request::Quiesce => {
+                // A snapshot follows: put dirty file data on the disks first,
+                // so the writable disk is consistent on its own too.
+                nix::unistd::sync();
                 self.respond(s, &Response::Ok);
                 self.quiesce_mark = Some(self.out.len());
             }
@@ -1378,8 +1381,17 @@ fn configure(c: &Configure) -> Result<(), String> {
             .write(true)
             .open("/dev/random")
             .map_err(|e| format!("opening /dev/random: {e}"))?;
-        sys::add_entropy(&OwnedFd::from(random), &bytes)
-            .map_err(|e| format!("RNDADDENTROPY: {e}"))?;
+        let random = OwnedFd::from(random);
+        sys::add_entropy(&random, &bytes).map_err(|e| format!("RNDADDENTROPY: {e}"))?;
+        // After a restore every fork holds the same CRNG state: re-key it
+        // from the pool that now holds this fork's own entropy.
+        // ENODATA: the CRNG is not ready yet, so it will seed from the pool
+        // when it becomes ready; nothing to do.
+        match sys::reseed_crng(&random) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(e) => return Err(format!("RNDRESEEDCRNG: {e}")),
+        }
     }
     if c.time_unix_ns > 0 {
         let ts = nix::sys::time::TimeSpec::new(

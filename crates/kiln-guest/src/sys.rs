@@ -37,6 +37,23 @@ pub fn add_entropy(random: &OwnedFd, bytes: &[u8]) -> std::io::Result<()> {
     }
 }
 
+/// `RNDRESEEDCRNG` = `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Makes the kernel re-key its CRNG from the input pool now. Crediting
+/// entropy alone does not: once the CRNG is ready it reseeds on a timer (up
+/// to 60 s), so two forks of one snapshot would read the same `/dev/urandom`
+/// bytes until then.
+pub fn reseed_crng(random: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: RNDRESEEDCRNG takes no argument and touches no user memory.
+    let r = unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// Sets a terminal's window size.
 pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> std::io::Result<()> {
     let ws = libc::winsize {
