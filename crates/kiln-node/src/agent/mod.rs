@@ -157,6 +157,10 @@ pub enum Output {
 struct Inner {
     demux: Mutex<Demux>,
     tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// This connection's session (sent in every `Hello`).
+    session: u64,
+    /// Counts the guest's `HelloAck`s for `session` after the handshake.
+    acks: tokio::sync::watch::Sender<u64>,
 }
 
 impl Inner {
@@ -301,6 +305,8 @@ impl AgentClient {
         let inner = Arc::new(Inner {
             demux: Mutex::new(Demux::new()),
             tx,
+            session,
+            acks: tokio::sync::watch::Sender::new(0),
         });
         let rinner = Arc::clone(&inner);
         let reader = tokio::spawn(async move {
@@ -308,6 +314,12 @@ impl AgentClient {
                 while let Some(d) = dec.next_frame() {
                     match d {
                         Decoded::Frame(f) => {
+                            if f.kind == Kind::HelloAck
+                                && f.json::<HelloAck>("hello ack")
+                                    .is_ok_and(|a| a.session == rinner.session)
+                            {
+                                rinner.acks.send_modify(|n| *n += 1);
+                            }
                             let mut dm = rinner.lock();
                             dm.on_frame(f);
                             rinner.flush(&mut dm);
@@ -434,9 +446,46 @@ impl AgentClient {
         }
     }
 
-    /// Stops all guest sending until the next connection (before a snapshot).
+    /// Syncs the guest's disks and stops all guest sending until the next
+    /// `Hello` (before a snapshot; see [`AgentClient::resume_session`]).
     pub async fn quiesce(&self) -> Result<(), RequestError> {
         self.expect_ok("quiesce", Request::Quiesce).await
+    }
+
+    /// Ends a `quiesce` without starting a new session: repeats `Hello` with
+    /// this connection's session (every 30 ms) until the guest acknowledges
+    /// it. Streams stay attached; output held back meanwhile follows.
+    pub async fn resume_session(&self, timeout: Duration) -> Result<(), RequestError> {
+        let hello = proto::encode_json(
+            Kind::Hello,
+            0,
+            &Hello {
+                version: proto::VERSION,
+                session: self.inner.session,
+            },
+        )
+        .map_err(|e| StreamError::Protocol {
+            stream: 0,
+            reason: format!("cannot encode hello: {e}"),
+        })?;
+        let mut rx = self.inner.acks.subscribe();
+        rx.borrow_and_update();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.inner.send(hello.clone())?;
+            let tick = (tokio::time::Instant::now() + HELLO_INTERVAL).min(deadline);
+            match tokio::time::timeout_at(tick, rx.changed()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(_)) => return Err(StreamError::Closed.into()),
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    return Err(RequestError::Unexpected {
+                        request: "hello",
+                        response: format!("no acknowledgement within {timeout:?}"),
+                    });
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     /// Syncs and powers the guest off; the VMM process exits afterwards.
