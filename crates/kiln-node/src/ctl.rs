@@ -49,6 +49,14 @@ pub enum CtlRequest {
     Pause,
     /// Resumes the VM.
     Resume,
+    /// Snapshots the sandbox into the staging directory `dest` (driver
+    /// snapshot in `vm/`, the writable disk, `manifest.json` naming it
+    /// `name`). The sandbox goes on running (or stays paused).
+    Snapshot {
+        dest: std::path::PathBuf,
+        name: String,
+        ephemeral: bool,
+    },
 }
 
 /// The supervisor's first answer on a control connection.

@@ -11,5 +11,6 @@ pub mod ctl;
 pub mod logs;
 pub mod paths;
 pub mod shim;
+pub mod snapshot;
 pub mod store;
 pub mod vm;

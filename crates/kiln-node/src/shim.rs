@@ -58,6 +58,16 @@ pub enum ShimError {
     Artifacts(#[from] crate::paths::MissingArtifact),
     #[error(transparent)]
     Vm(#[from] vm::StartSandboxVmError),
+    #[error(transparent)]
+    Restore(#[from] vm::RestoreSandboxVmError),
+    #[error("the restored guest reports no main process")]
+    NoMain,
+    #[error("cannot re-attach to the main process {pid} of the restored guest")]
+    Reattach {
+        pid: u32,
+        #[source]
+        source: agent::RequestError,
+    },
     #[error("the guest agent did not come up")]
     Agent(#[source] agent::ConnectAgentError),
     #[error("{message}")]
@@ -170,11 +180,20 @@ pub async fn run(
                 "{}",
                 serde_json::to_string(&line).expect("serializes")
             );
+            release_snapshot(&store, &rec);
             if rec.spec.auto_remove {
                 store.remove(&id)?;
             }
             Ok(())
         }
+    }
+}
+
+/// A restored sandbox no longer maps its snapshot's memory once its VM is
+/// gone: drop its registration (a fork's snapshot goes with its last user).
+fn release_snapshot(store: &Store, rec: &SandboxRecord) {
+    if let Some(name) = &rec.restored_from {
+        crate::snapshot::SnapshotStore::new(store.dirs()).release_user(name, &rec.id);
     }
 }
 
@@ -195,14 +214,24 @@ async fn start(
 ) -> Result<(Shim, Process, LogWriter, UnixListener), ShimError> {
     let dir = store.dir(&rec.id);
     let artifacts = GuestArtifacts::locate(store.dirs())?;
-    let vm = vm::start_sandbox_vm(store, rec, &artifacts).await?;
+    let restore_from = rec.restored_from.clone();
+    let vm = match &restore_from {
+        None => vm::start_sandbox_vm(store, rec, &artifacts).await?,
+        Some(name) => {
+            let snapshots = crate::snapshot::SnapshotStore::new(store.dirs());
+            vm::restore_sandbox_vm(store, rec, &artifacts, &snapshots, name).await?
+        }
+    };
     // From here on, a failure must tear the VM down again.
     let result = async {
         let stream = vm
             .connect_agent()
             .await
             .map_err(|e| ShimError::Vm(vm::StartSandboxVmError::Vmm(e)))?;
-        let (agent, _ack) = AgentClient::connect(stream, AGENT_TIMEOUT)
+        // A restored guest answers for this new session once its agent sees
+        // the Hello (the Hello is repeated until then; the guest drops the
+        // session of the snapshot's supervisor and un-quiesces).
+        let (agent, ack) = AgentClient::connect(stream, AGENT_TIMEOUT)
             .await
             .map_err(ShimError::Agent)?;
         agent
@@ -212,6 +241,16 @@ async fn start(
                 message: format!("configuring the guest failed: {e}"),
                 exit_code: 125,
             })?;
+        if restore_from.is_some() {
+            // The main process runs already: follow it again (its output
+            // held in the guest meanwhile comes first).
+            let pid = ack.main.as_ref().map(|m| m.pid).ok_or(ShimError::NoMain)?;
+            let process = agent
+                .attach(pid, rec.spec.stdin)
+                .await
+                .map_err(|source| ShimError::Reattach { pid, source })?;
+            return Ok::<_, ShimError>((agent, process));
+        }
         let req = ExecRequest {
             argv: rec.spec.argv.clone(),
             env: rec.spec.env.clone(),
@@ -376,6 +415,7 @@ async fn supervise(
     rec.shim_pid = None;
     rec.vm = None;
     shim.store.save(&rec)?;
+    release_snapshot(&shim.store, &rec);
     if rec.spec.auto_remove {
         shim.store.remove(&shim.id)?;
     }
@@ -547,6 +587,14 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
                 Err(e) => reply_error(&mut writer, e.to_string()).await,
             }
         }
+        CtlRequest::Snapshot {
+            dest,
+            name,
+            ephemeral,
+        } => match snapshot(&shim, &dest, name, ephemeral).await {
+            Ok(()) => writer.json(Kind::Response, &CtlResponse::Ok).await,
+            Err(e) => reply_error(&mut writer, error_chain(&e)).await,
+        },
         CtlRequest::Resume => {
             let r = shim.vm.lock().await.resume().await;
             match r {
@@ -559,6 +607,132 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
             }
         }
     }
+}
+
+/// Snapshotting a sandbox failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotSandboxError {
+    #[error("the snapshot directory {0} is not a staging directory of this host")]
+    Dest(PathBuf),
+    #[error("the guest agent did not quiesce")]
+    Quiesce(#[source] agent::RequestError),
+    #[error("the guest agent did not quiesce within {0:?}")]
+    QuiesceTimeout(Duration),
+    #[error("the VMM failed to snapshot the VM")]
+    Vm(#[source] kiln_vmm::SnapshotVmError),
+    #[error(transparent)]
+    Write(#[from] crate::snapshot::CreateSnapshotError),
+    #[error(transparent)]
+    Artifacts(#[from] crate::paths::MissingArtifact),
+    #[error("cannot hash the guest artifacts")]
+    Hash(#[source] std::io::Error),
+    #[error("cannot resume the VM after the snapshot")]
+    Resume(#[source] kiln_vmm::ControlVmError),
+    #[error("the guest agent did not come back after the snapshot")]
+    Reconnect(#[source] agent::RequestError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// How long the guest may take to sync its disks for a snapshot.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Writes a snapshot of the sandbox into the staging directory `dest`:
+/// quiesce the agent (the guest syncs its disks and stops sending, so no
+/// frame is cut), driver snapshot (the vCPUs stop; memory + device state),
+/// sparse copy of the writable disk while the vCPUs are still stopped (the
+/// disk must match the memory image exactly: the guest's page cache refers
+/// to it), resume, then hash everything into the manifest with the guest
+/// running again. A paused sandbox is not quiesced (its guest cannot
+/// answer) and stays paused; the agent protocol resynchronises on a cut
+/// frame after a restore.
+async fn snapshot(
+    shim: &Shim,
+    dest: &Path,
+    name: String,
+    ephemeral: bool,
+) -> Result<(), SnapshotSandboxError> {
+    let snapshots = crate::snapshot::SnapshotStore::new(shim.store.dirs());
+    let staging_ok = dest.parent() == Some(snapshots.root())
+        && dest
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(".staging-"));
+    if !staging_ok {
+        return Err(SnapshotSandboxError::Dest(dest.to_path_buf()));
+    }
+    // Holding the VM lock keeps pause/resume out until the VM is consistent.
+    let vm = shim.vm.lock().await;
+    let was_paused = shim.paused.lock().await.is_some();
+    let t0 = Instant::now();
+    if !was_paused {
+        match tokio::time::timeout(QUIESCE_TIMEOUT, shim.agent.quiesce()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(SnapshotSandboxError::Quiesce(e)),
+            Err(_) => return Err(SnapshotSandboxError::QuiesceTimeout(QUIESCE_TIMEOUT)),
+        }
+    }
+    let quiesced = t0.elapsed();
+    let written = async {
+        let info = vm
+            .snapshot(&dest.join(crate::snapshot::VM_DIR))
+            .await
+            .map_err(SnapshotSandboxError::Vm)?;
+        crate::snapshot::sparse_copy(
+            &shim.dir.join(crate::snapshot::RW_DISK),
+            &dest.join(crate::snapshot::RW_DISK),
+        )
+        .await?;
+        Ok::<_, SnapshotSandboxError>(info)
+    }
+    .await;
+    let stopped = t0.elapsed() - quiesced;
+    // Whatever happened, a sandbox that ran goes on running.
+    let resumed = if was_paused {
+        Ok(())
+    } else {
+        match vm.resume().await {
+            Ok(()) => shim
+                .agent
+                .resume_session(AGENT_TIMEOUT)
+                .await
+                .map_err(SnapshotSandboxError::Reconnect),
+            Err(e) => Err(SnapshotSandboxError::Resume(e)),
+        }
+    };
+    drop(vm);
+    let info = written?;
+    resumed?;
+    let rec = shim.store.load(&shim.id)?;
+    let artifacts = GuestArtifacts::locate(shim.store.dirs())?;
+    let driver = shim.vm.lock().await.driver().clone();
+    let dest = dest.to_path_buf();
+    let parts = crate::snapshot::ManifestParts {
+        name,
+        source: shim.id.clone(),
+        ephemeral,
+        guest: crate::snapshot::guest_digests(&artifacts, driver.kind)
+            .map_err(SnapshotSandboxError::Hash)?,
+        driver,
+        spec: rec.spec,
+        main_pid: shim.main_pid,
+        downtime_ms: info.downtime.as_millis() as u64,
+    };
+    let hashed = Instant::now();
+    let m = tokio::task::spawn_blocking(move || crate::snapshot::write_manifest(&dest, parts))
+        .await
+        .map_err(|e| {
+            SnapshotSandboxError::Hash(std::io::Error::other(format!("hashing task failed: {e}")))
+        })??;
+    info!(
+        snapshot = %m.name,
+        quiesce_ms = quiesced.as_millis() as u64,
+        vm_stopped_ms = stopped.as_millis() as u64,
+        driver_downtime_ms = m.downtime_ms,
+        hash_ms = hashed.elapsed().as_millis() as u64,
+        bytes = m.total_size(),
+        "snapshot written"
+    );
+    Ok(())
 }
 
 fn set_paused(shim: &Shim, paused: bool) {

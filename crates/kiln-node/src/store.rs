@@ -102,6 +102,10 @@ pub struct SandboxRecord {
     /// Which driver runs it and why.
     #[serde(default)]
     pub driver: Option<String>,
+    /// The snapshot it was restored from (`kiln restore`, `kiln fork`):
+    /// its supervisor restores that snapshot instead of booting.
+    #[serde(default)]
+    pub restored_from: Option<String>,
 }
 
 /// Reading or writing the state directory failed.
@@ -185,6 +189,7 @@ impl Store {
             shim_pid: None,
             vm: None,
             driver: None,
+            restored_from: None,
         };
         self.save(&rec)?;
         Ok(rec)

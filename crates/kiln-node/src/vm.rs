@@ -37,6 +37,23 @@ pub enum StartSandboxVmError {
     Store(#[from] crate::store::StoreError),
 }
 
+/// A sandbox's VM could not be restored from a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreSandboxVmError {
+    #[error(transparent)]
+    Select(#[from] StartSandboxVmError),
+    #[error(transparent)]
+    Verify(#[from] crate::snapshot::VerifySnapshotError),
+    #[error("cannot hash the guest artifacts")]
+    Artifacts(#[source] std::io::Error),
+    #[error("cannot copy the snapshot's writable disk")]
+    Disk(#[source] crate::snapshot::CreateSnapshotError),
+    #[error("the VMM failed to restore the snapshot")]
+    Restore(#[from] kiln_vmm::RestoreVmError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
 /// Parses `auto`, `qemu`, `firecracker`.
 pub fn parse_driver(s: &str) -> Result<DriverChoice, StartSandboxVmError> {
     match s {
@@ -60,6 +77,7 @@ pub fn driver_for(
 /// A running sandbox VM.
 pub struct VmHandle {
     vm: Box<dyn Vm>,
+    driver: kiln_vmm::DriverInfo,
     console: PathBuf,
     keep_console: PathBuf,
 }
@@ -67,6 +85,20 @@ pub struct VmHandle {
 impl VmHandle {
     pub fn record(&self) -> VmRecord {
         self.vm.record()
+    }
+
+    /// The driver that runs the VM.
+    pub fn driver(&self) -> &kiln_vmm::DriverInfo {
+        &self.driver
+    }
+
+    /// Stops the vCPUs and writes memory + device state into `dest`; the VM
+    /// stays paused.
+    pub async fn snapshot(
+        &self,
+        dest: &Path,
+    ) -> Result<kiln_vmm::SnapshotInfo, kiln_vmm::SnapshotVmError> {
+        self.vm.snapshot(dest).await
     }
 
     pub async fn connect_agent(&self) -> Result<UnixStream, kiln_vmm::ConnectAgentError> {
@@ -169,14 +201,35 @@ pub async fn start_sandbox_vm(
     if !rw.exists() {
         make_writable_disk(&rw, rec.spec.disk_mib).await?;
     }
+    let spec = sandbox_vm_spec(&*driver, rec, artifacts, &dir, rw);
+    let vm = driver.start(&spec).await?;
+    rec.vm = Some(serde_json::to_value(vm.record()).expect("records serialize"));
+    store.save(rec)?;
+    Ok(VmHandle {
+        vm,
+        driver: driver.info().clone(),
+        console: spec.console_log,
+        keep_console: dir.join("console.log"),
+    })
+}
+
+/// The VM of a sandbox: the same for a boot and a restore (a restore must
+/// recreate the devices the snapshot was taken with).
+fn sandbox_vm_spec(
+    driver: &dyn VmmDriver,
+    rec: &SandboxRecord,
+    artifacts: &GuestArtifacts,
+    dir: &Path,
+    rw: PathBuf,
+) -> VmSpec {
     let caps = driver.capabilities();
     let vm_dir = dir.join("vm");
     let console = vm_dir.join("console.log");
-    let kernel = match sel.kind {
+    let kernel = match driver.kind() {
         DriverKind::Qemu => artifacts.bzimage.clone(),
         DriverKind::Firecracker => artifacts.vmlinux.clone(),
     };
-    let spec = VmSpec {
+    VmSpec {
         id: rec.id.clone(),
         dir: vm_dir,
         kernel,
@@ -195,14 +248,52 @@ pub async fn start_sandbox_vm(
             },
         ],
         agent_channel: true,
-        console_log: console.clone(),
+        console_log: console,
+    }
+}
+
+/// Restores the VM of a sandbox from snapshot `name`: checks the snapshot
+/// against this host's guest artifacts and driver (not the file digests:
+/// `kiln restore` checked those before creating the sandbox), copies its
+/// writable disk, and has the driver load it. The VM runs on return.
+pub async fn restore_sandbox_vm(
+    store: &Store,
+    rec: &mut SandboxRecord,
+    artifacts: &GuestArtifacts,
+    snapshots: &crate::snapshot::SnapshotStore,
+    name: &str,
+) -> Result<VmHandle, RestoreSandboxVmError> {
+    let dir = store.dir(&rec.id);
+    let manifest = snapshots.manifest(name)?;
+    let choice = match manifest.driver.kind {
+        DriverKind::Qemu => DriverChoice::Qemu,
+        DriverKind::Firecracker => DriverChoice::Firecracker,
     };
-    let vm = driver.start(&spec).await?;
+    let (driver, sel) = driver_for(choice)?;
+    let guest = crate::snapshot::guest_digests(artifacts, driver.kind())
+        .map_err(RestoreSandboxVmError::Artifacts)?;
+    snapshots.verify(name, &guest, driver.info(), false)?;
+    info!(driver = %sel.kind, accel = %sel.accel, snapshot = name, "restoring");
+    rec.driver = Some(format!(
+        "{} ({}): restored from snapshot {name}",
+        sel.kind, sel.accel
+    ));
+    store.save(rec)?;
+    let snap = snapshots.dir(name);
+    let rw = dir.join(crate::snapshot::RW_DISK);
+    crate::snapshot::sparse_copy(&snap.join(crate::snapshot::RW_DISK), &rw)
+        .await
+        .map_err(RestoreSandboxVmError::Disk)?;
+    let spec = sandbox_vm_spec(&*driver, rec, artifacts, &dir, rw);
+    let vm = driver
+        .restore(&snap.join(crate::snapshot::VM_DIR), &spec)
+        .await?;
     rec.vm = Some(serde_json::to_value(vm.record()).expect("records serialize"));
     store.save(rec)?;
     Ok(VmHandle {
         vm,
-        console,
+        driver: driver.info().clone(),
+        console: spec.console_log,
         keep_console: dir.join("console.log"),
     })
 }

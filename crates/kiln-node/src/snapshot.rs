@@ -1,0 +1,895 @@
+//! The snapshot store: sandboxes captured to disk (memory, CPU and device
+//! state from the VMM driver, plus the writable disk), each with a manifest
+//! that is checked before anything is loaded.
+//!
+//! Layout, under the state directory so snapshots survive restarts:
+//!
+//! ```text
+//! snapshots/<name>/manifest.json   what was captured and how to check it
+//! snapshots/<name>/vmm/            the driver's snapshot (QEMU: state, memory, snapshot.json)
+//! snapshots/<name>/rw.ext4         the sandbox's writable disk (sparse copy)
+//! snapshots/<name>/users/<id>      sandboxes restored from it that still run
+//! snapshots/.staging-*             snapshots being written (renamed when complete)
+//! ```
+//!
+//! **Why `users/`**: a QEMU restore maps `vmm/memory` privately
+//! (copy-on-write) for the whole life of the restored VM, and a snapshot of
+//! that VM copies the same file again. So a snapshot must outlive the
+//! sandboxes restored from it. Every restore adds `users/<id>`; the
+//! sandbox's supervisor removes it when the VM is gone. A user snapshot
+//! cannot be removed while a live sandbox uses it. A fork's snapshot is
+//! `ephemeral`: whoever removes the last user entry removes the snapshot.
+//! "Last" is decided by `rmdir(users)`, which the kernel does atomically and
+//! only on an empty directory, so two forks ending together cannot both (or
+//! neither) remove it. Only `kiln fork` adds users to an ephemeral snapshot,
+//! and it holds its own entry until every restore has registered, so the
+//! snapshot cannot vanish between two restores.
+//!
+//! **Digests**: files are hashed as `sha256-extents`: SHA-256 over every data
+//! extent of the file (`SEEK_DATA`/`SEEK_HOLE`) as (offset u64 LE, length
+//! u64 LE, bytes), plus the file size in the manifest. Holes read as zeros,
+//! so this covers the whole content while skipping the holes: a plain
+//! SHA-256 of a sparse 4 GiB writable disk reads 4 GiB of zeros (about 25 s
+//! on the 2-core CI machines), while its data is a few MiB. Any changed
+//! byte, truncation, or data written into a hole changes the digest.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kiln_vmm::{DriverInfo, DriverKind};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::paths::{Dirs, GuestArtifacts};
+use crate::store::{SandboxSpec, now_secs};
+
+/// Version of the manifest format (and of the snapshot layout).
+pub const FORMAT_VERSION: u32 = 1;
+/// The manifest's file name.
+pub const MANIFEST: &str = "manifest.json";
+/// The driver's snapshot, inside a snapshot directory.
+pub const VM_DIR: &str = "vmm";
+/// The writable disk, inside a snapshot directory and a sandbox directory.
+pub const RW_DISK: &str = "rw.ext4";
+/// How file digests are computed (see the module docs).
+pub const DIGEST_ALGORITHM: &str = "sha256-extents";
+
+/// Digests of the guest artifacts a snapshot was taken with. A snapshot holds
+/// a running kernel and `kiln-init`: loading it under anything else is
+/// refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestDigests {
+    /// The kernel the driver boots (QEMU: bzImage, Firecracker: vmlinux).
+    pub kernel_sha256: String,
+    pub initramfs_sha256: String,
+    /// The `kiln-init` binary packed in the initramfs (empty if absent).
+    pub init_sha256: String,
+}
+
+/// One file of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    /// Relative to the snapshot directory.
+    pub path: String,
+    pub size: u64,
+    /// `DIGEST_ALGORITHM`, hex.
+    pub sha256: String,
+}
+
+/// What `manifest.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub name: String,
+    pub created_at: u64,
+    /// The sandbox it was taken from.
+    pub source: String,
+    /// Taken by `kiln fork`: removed with its last restored sandbox.
+    pub ephemeral: bool,
+    pub guest: GuestDigests,
+    /// The driver (kind, binary, version, accelerator) that wrote it.
+    pub driver: DriverInfo,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub image_digest: String,
+    pub image_disk: PathBuf,
+    /// The source sandbox's spec (command, env, user, cwd, resources).
+    pub spec: SandboxSpec,
+    /// The main process, inside the guest.
+    pub main_pid: u32,
+    /// How long the guest was stopped while the driver wrote its state.
+    pub downtime_ms: u64,
+    pub digest_algorithm: String,
+    /// Every file of the snapshot except the manifest.
+    pub files: Vec<FileDigest>,
+}
+
+impl Manifest {
+    /// Apparent size of the snapshot's files (holes included).
+    pub fn total_size(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// What the supervisor knows when it writes a manifest.
+#[derive(Debug, Clone)]
+pub struct ManifestParts {
+    pub name: String,
+    pub source: String,
+    pub ephemeral: bool,
+    pub guest: GuestDigests,
+    pub driver: DriverInfo,
+    pub spec: SandboxSpec,
+    pub main_pid: u32,
+    pub downtime_ms: u64,
+}
+
+/// Writing a snapshot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateSnapshotError {
+    #[error(
+        "invalid snapshot name {0:?}: use 1-64 characters of [A-Za-z0-9._-], starting with a letter or digit"
+    )]
+    InvalidName(String),
+    #[error("a snapshot named {0:?} already exists")]
+    Exists(String),
+    #[error("cannot write {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot copy {from} to {to}: {reason}")]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        reason: String,
+    },
+}
+
+/// A snapshot cannot be loaded here. Checked before anything is started.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifySnapshotError {
+    #[error("no snapshot named {0:?}")]
+    NotFound(String),
+    #[error("cannot read {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the manifest {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("snapshot {name} has format {found}; this kiln reads format {FORMAT_VERSION}")]
+    Format { name: String, found: u32 },
+    #[error("snapshot {name} was taken with another {what} (sha256 {taken}, now {now})")]
+    Guest {
+        name: String,
+        what: &'static str,
+        taken: String,
+        now: String,
+    },
+    #[error("snapshot {name} was taken with {taken}; this host runs {now}")]
+    Driver {
+        name: String,
+        taken: String,
+        now: String,
+    },
+    #[error("snapshot {name} needs the image disk {path}, which is missing: pull {image} again")]
+    ImageDisk {
+        name: String,
+        path: PathBuf,
+        image: String,
+    },
+    #[error("snapshot {name}: {path} is missing")]
+    MissingFile { name: String, path: String },
+    #[error("snapshot {name}: {path} is {actual} bytes, the manifest says {expected} (truncated?)")]
+    Size {
+        name: String,
+        path: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("snapshot {name}: {path} is corrupted (its digest does not match the manifest)")]
+    Digest { name: String, path: String },
+}
+
+/// Removing a snapshot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveSnapshotError {
+    #[error("no snapshot named {0:?}")]
+    NotFound(String),
+    #[error(
+        "snapshot {name} is in use by sandboxes restored from it: {users:?}; remove them first"
+    )]
+    InUse { name: String, users: Vec<String> },
+    #[error("cannot remove {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Listing snapshots failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the snapshot directory {path}")]
+pub struct ListSnapshotsError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// One entry of `kiln snapshot ls`.
+#[derive(Debug, Clone)]
+pub struct SnapshotEntry {
+    pub manifest: Manifest,
+    /// Sandboxes restored from it that have not ended.
+    pub users: Vec<String>,
+}
+
+/// Checks a user-given snapshot name.
+pub fn validate_name(name: &str) -> Result<(), CreateSnapshotError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CreateSnapshotError::InvalidName(name.to_string()))
+    }
+}
+
+/// A fresh name: `<prefix>-` and 8 hex digits.
+pub fn new_name(prefix: &str) -> String {
+    let mut b = [0u8; 4];
+    rand::fill(&mut b);
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{prefix}-{hex}")
+}
+
+/// The snapshots of one state directory.
+#[derive(Debug, Clone)]
+pub struct SnapshotStore {
+    root: PathBuf,
+}
+
+impl SnapshotStore {
+    pub fn new(dirs: &Dirs) -> SnapshotStore {
+        SnapshotStore {
+            root: dirs.state.join("snapshots"),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        validate_name(name).is_ok() && self.dir(name).join(MANIFEST).is_file()
+    }
+
+    /// A new, empty staging directory for snapshot `name`.
+    pub fn staging(&self, name: &str) -> Result<PathBuf, CreateSnapshotError> {
+        validate_name(name)?;
+        if self.dir(name).exists() {
+            return Err(CreateSnapshotError::Exists(name.to_string()));
+        }
+        let dir = self.root.join(format!(".staging-{}", new_name(name)));
+        fs::create_dir_all(&dir).map_err(|source| CreateSnapshotError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(dir)
+    }
+
+    /// Makes a complete staging directory the snapshot `name`.
+    pub fn publish(&self, staging: &Path, name: &str) -> Result<(), CreateSnapshotError> {
+        let dest = self.dir(name);
+        if dest.exists() {
+            return Err(CreateSnapshotError::Exists(name.to_string()));
+        }
+        fs::rename(staging, &dest).map_err(|source| CreateSnapshotError::Io { path: dest, source })
+    }
+
+    /// Reads a snapshot's manifest (no checks beyond its shape and format).
+    pub fn manifest(&self, name: &str) -> Result<Manifest, VerifySnapshotError> {
+        if validate_name(name).is_err() {
+            return Err(VerifySnapshotError::NotFound(name.to_string()));
+        }
+        let path = self.dir(name).join(MANIFEST);
+        let bytes = fs::read(&path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                VerifySnapshotError::NotFound(name.to_string())
+            } else {
+                VerifySnapshotError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })?;
+        // Read the version first, so a future format is named as such.
+        let format = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("format").and_then(|f| f.as_u64()));
+        if let Some(f) = format
+            && f != u64::from(FORMAT_VERSION)
+        {
+            return Err(VerifySnapshotError::Format {
+                name: name.to_string(),
+                found: u32::try_from(f).unwrap_or(u32::MAX),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| VerifySnapshotError::Corrupt {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Checks that snapshot `name` can be loaded with these guest artifacts
+    /// and this driver: format, kernel/initramfs/kiln-init digests, driver
+    /// kind, version and accelerator, the image disk, and (if `contents`)
+    /// the size and digest of every file. Nothing is started.
+    pub fn verify(
+        &self,
+        name: &str,
+        guest: &GuestDigests,
+        driver: &DriverInfo,
+        contents: bool,
+    ) -> Result<Manifest, VerifySnapshotError> {
+        let m = self.manifest(name)?;
+        let n = || name.to_string();
+        for (what, taken, now) in [
+            ("kernel", &m.guest.kernel_sha256, &guest.kernel_sha256),
+            (
+                "initramfs",
+                &m.guest.initramfs_sha256,
+                &guest.initramfs_sha256,
+            ),
+            ("kiln-init", &m.guest.init_sha256, &guest.init_sha256),
+        ] {
+            if taken != now {
+                return Err(VerifySnapshotError::Guest {
+                    name: n(),
+                    what,
+                    taken: short(taken),
+                    now: short(now),
+                });
+            }
+        }
+        let describe = |d: &DriverInfo| format!("{} {} ({})", d.kind, d.version, d.accel);
+        if m.driver.kind != driver.kind
+            || m.driver.version != driver.version
+            || m.driver.accel != driver.accel
+        {
+            return Err(VerifySnapshotError::Driver {
+                name: n(),
+                taken: describe(&m.driver),
+                now: describe(driver),
+            });
+        }
+        if !m.image_disk.is_file() {
+            return Err(VerifySnapshotError::ImageDisk {
+                name: n(),
+                path: m.image_disk.clone(),
+                image: m.spec.image.clone(),
+            });
+        }
+        let dir = self.dir(name);
+        for f in &m.files {
+            if !safe_relative(&f.path) {
+                return Err(VerifySnapshotError::Corrupt {
+                    path: dir.join(MANIFEST),
+                    reason: format!("file path {:?} leaves the snapshot", f.path),
+                });
+            }
+            let path = dir.join(&f.path);
+            let meta = fs::metadata(&path).map_err(|source| {
+                if source.kind() == std::io::ErrorKind::NotFound {
+                    VerifySnapshotError::MissingFile {
+                        name: n(),
+                        path: f.path.clone(),
+                    }
+                } else {
+                    VerifySnapshotError::Io {
+                        path: path.clone(),
+                        source,
+                    }
+                }
+            })?;
+            if meta.len() != f.size {
+                return Err(VerifySnapshotError::Size {
+                    name: n(),
+                    path: f.path.clone(),
+                    expected: f.size,
+                    actual: meta.len(),
+                });
+            }
+        }
+        if contents {
+            let t0 = Instant::now();
+            let paths: Vec<PathBuf> = m.files.iter().map(|f| dir.join(&f.path)).collect();
+            let digests = digest_files(&paths);
+            for (f, (path, d)) in m.files.iter().zip(paths.iter().zip(digests)) {
+                let d = d.map_err(|source| VerifySnapshotError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                if d.1 != f.sha256 {
+                    return Err(VerifySnapshotError::Digest {
+                        name: n(),
+                        path: f.path.clone(),
+                    });
+                }
+            }
+            tracing::info!(
+                snapshot = name,
+                elapsed_ms = t0.elapsed().as_millis() as u64,
+                bytes = m.total_size(),
+                "snapshot contents verified"
+            );
+        }
+        Ok(m)
+    }
+
+    /// Every snapshot, oldest first (unreadable ones are skipped with a
+    /// warning; staging directories are not listed).
+    pub fn list(&self) -> Result<Vec<SnapshotEntry>, ListSnapshotsError> {
+        let rd = match fs::read_dir(&self.root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(source) => {
+                return Err(ListSnapshotsError {
+                    path: self.root.clone(),
+                    source,
+                });
+            }
+        };
+        let mut out = vec![];
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if validate_name(&name).is_err() {
+                continue;
+            }
+            match self.manifest(&name) {
+                Ok(manifest) => out.push(SnapshotEntry {
+                    users: self.users(&name),
+                    manifest,
+                }),
+                Err(err) => {
+                    tracing::warn!(snapshot = %name, error = %err, "skipping unreadable snapshot")
+                }
+            }
+        }
+        out.sort_by(|a, b| {
+            (a.manifest.created_at, &a.manifest.name)
+                .cmp(&(b.manifest.created_at, &b.manifest.name))
+        });
+        Ok(out)
+    }
+
+    /// Sandboxes registered as restored from `name`.
+    pub fn users(&self, name: &str) -> Vec<String> {
+        let mut users: Vec<String> = fs::read_dir(self.dir(name).join("users"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        users.sort();
+        users
+    }
+
+    /// Registers `user` (a sandbox ID, or a temporary holder) as mapping
+    /// snapshot `name`.
+    pub fn add_user(&self, name: &str, user: &str) -> std::io::Result<()> {
+        let dir = self.dir(name).join("users");
+        fs::create_dir_all(&dir)?;
+        fs::write(dir.join(user), b"")
+    }
+
+    /// Drops `user`'s registration. An ephemeral snapshot whose last user
+    /// this was is removed. Idempotent; errors are logged.
+    pub fn release_user(&self, name: &str, user: &str) {
+        if validate_name(name).is_err() {
+            return;
+        }
+        let dir = self.dir(name);
+        let users = dir.join("users");
+        let _ = fs::remove_file(users.join(user));
+        let ephemeral = self.manifest(name).map(|m| m.ephemeral).unwrap_or(false);
+        if !ephemeral {
+            return;
+        }
+        // Atomic: succeeds only on an empty directory, and for one caller.
+        if fs::remove_dir(&users).is_ok()
+            && let Err(e) = fs::remove_dir_all(&dir)
+        {
+            tracing::warn!(snapshot = name, error = %e, "cannot remove the fork snapshot");
+        }
+    }
+
+    /// Removes snapshot `name`. Users for which `alive` is false (their
+    /// sandbox ended or is gone) are dropped first; live ones make it fail.
+    pub fn remove(
+        &self,
+        name: &str,
+        alive: impl Fn(&str) -> bool,
+    ) -> Result<(), RemoveSnapshotError> {
+        if !self.exists(name) {
+            return Err(RemoveSnapshotError::NotFound(name.to_string()));
+        }
+        let dir = self.dir(name);
+        let live: Vec<String> = self.users(name).into_iter().filter(|u| alive(u)).collect();
+        if !live.is_empty() {
+            return Err(RemoveSnapshotError::InUse {
+                name: name.to_string(),
+                users: live,
+            });
+        }
+        fs::remove_dir_all(&dir).map_err(|source| RemoveSnapshotError::Io { path: dir, source })
+    }
+
+    /// Removes staging directories left by interrupted snapshots.
+    pub fn remove_staging(&self, staging: &Path) {
+        if staging.starts_with(&self.root) {
+            let _ = fs::remove_dir_all(staging);
+        }
+    }
+}
+
+fn short(hex: &str) -> String {
+    if hex.is_empty() {
+        "none".into()
+    } else {
+        hex.chars().take(12).collect()
+    }
+}
+
+fn safe_relative(p: &str) -> bool {
+    let path = Path::new(p);
+    !p.is_empty()
+        && path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
+/// Digests of the guest artifacts the driver `kind` boots.
+pub fn guest_digests(
+    artifacts: &GuestArtifacts,
+    kind: DriverKind,
+) -> std::io::Result<GuestDigests> {
+    let kernel = match kind {
+        DriverKind::Qemu => &artifacts.bzimage,
+        DriverKind::Firecracker => &artifacts.vmlinux,
+    };
+    let plain = |p: &Path| -> std::io::Result<String> {
+        let mut f = fs::File::open(p)?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(hex(&h.finalize()))
+    };
+    Ok(GuestDigests {
+        kernel_sha256: plain(kernel)?,
+        initramfs_sha256: plain(&artifacts.initramfs)?,
+        init_sha256: if artifacts.init_binary.is_file() {
+            plain(&artifacts.init_binary)?
+        } else {
+            String::new()
+        },
+    })
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Size and `sha256-extents` digest of one file.
+pub fn file_digest(path: &Path) -> std::io::Result<(u64, String)> {
+    use nix::unistd::{Whence, lseek};
+    let mut f = fs::File::open(path)?;
+    let size = f.metadata()?.len();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos: u64 = 0;
+    while pos < size {
+        let start = match lseek(&f, pos as i64, Whence::SeekData) {
+            Ok(s) => s as u64,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let end = match lseek(&f, start as i64, Whence::SeekHole) {
+            Ok(e) => e as u64,
+            Err(e) => return Err(e.into()),
+        }
+        .min(size);
+        h.update(start.to_le_bytes());
+        h.update((end - start).to_le_bytes());
+        f.seek(SeekFrom::Start(start))?;
+        let mut left = end - start;
+        while left > 0 {
+            let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+            let n = f.read(&mut buf[..want])?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file shrank while hashing",
+                ));
+            }
+            h.update(&buf[..n]);
+            left -= n as u64;
+        }
+        pos = end;
+    }
+    Ok((size, hex(&h.finalize())))
+}
+
+/// Digests several files at once, one thread each.
+fn digest_files(paths: &[PathBuf]) -> Vec<std::io::Result<(u64, String)>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = paths
+            .iter()
+            .map(|p| s.spawn(move || file_digest(p)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("hashing thread panicked")))
+            })
+            .collect()
+    })
+}
+
+/// Every regular file under `dir`, relative, sorted; `skip` names top-level
+/// entries to leave out.
+fn relative_files(dir: &Path, skip: &[&str]) -> std::io::Result<Vec<String>> {
+    fn walk(base: &Path, rel: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+        for e in fs::read_dir(base.join(rel))? {
+            let e = e?;
+            let r = rel.join(e.file_name());
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                walk(base, &r, out)?;
+            } else if ft.is_file() {
+                out.push(r.to_string_lossy().into_owned());
+            }
+        }
+        Ok(())
+    }
+    let mut out = vec![];
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if skip.contains(&name.as_str()) {
+            continue;
+        }
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            walk(dir, Path::new(&name), &mut out)?;
+        } else if ft.is_file() {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Hashes every file of the snapshot in `dir` and writes its manifest
+/// (atomically: temp file, fsync, rename).
+pub fn write_manifest(dir: &Path, parts: ManifestParts) -> Result<Manifest, CreateSnapshotError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CreateSnapshotError::Io { path, source }
+    };
+    let t0 = Instant::now();
+    let rel = relative_files(dir, &[MANIFEST, "users"]).map_err(io(dir))?;
+    let paths: Vec<PathBuf> = rel.iter().map(|r| dir.join(r)).collect();
+    let digests = digest_files(&paths);
+    let mut files = Vec::with_capacity(rel.len());
+    for ((r, p), d) in rel.into_iter().zip(&paths).zip(digests) {
+        let (size, sha256) = d.map_err(io(p))?;
+        files.push(FileDigest {
+            path: r,
+            size,
+            sha256,
+        });
+    }
+    let m = Manifest {
+        format: FORMAT_VERSION,
+        name: parts.name,
+        created_at: now_secs(),
+        source: parts.source,
+        ephemeral: parts.ephemeral,
+        guest: parts.guest,
+        cpus: parts.spec.cpus,
+        memory_mib: parts.spec.memory_mib,
+        image_digest: parts.spec.image_digest.clone(),
+        image_disk: parts.spec.image_disk.clone(),
+        driver: parts.driver,
+        spec: parts.spec,
+        main_pid: parts.main_pid,
+        downtime_ms: parts.downtime_ms,
+        digest_algorithm: DIGEST_ALGORITHM.to_string(),
+        files,
+    };
+    let path = dir.join(MANIFEST);
+    let tmp = dir.join(".manifest.json.tmp");
+    let body = serde_json::to_vec_pretty(&m).expect("manifests always serialize");
+    let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(&body).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io(&path))?;
+    tracing::info!(
+        snapshot = %m.name,
+        elapsed_ms = t0.elapsed().as_millis() as u64,
+        "snapshot manifest written"
+    );
+    Ok(m)
+}
+
+/// Copies `from` to `to` keeping holes (`cp --sparse=always`; no reflink on
+/// the ext4 hosts this runs on).
+pub async fn sparse_copy(from: &Path, to: &Path) -> Result<(), CreateSnapshotError> {
+    let err = |reason: String| CreateSnapshotError::Copy {
+        from: from.to_path_buf(),
+        to: to.to_path_buf(),
+        reason,
+    };
+    let _ = fs::remove_file(to);
+    let out = tokio::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .output()
+        .await
+        .map_err(|e| err(format!("cannot run cp: {e}")))?;
+    if !out.status.success() {
+        let _ = fs::remove_file(to);
+        return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    Ok(())
+}
+
+/// Bytes allocated on disk under `dir` (sparse files count their blocks).
+pub fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(m) = e.metadata() else { continue };
+        if m.is_dir() {
+            total += disk_usage(&e.path());
+        } else {
+            total += m.blocks() * 512;
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "snap-1", "A.b_c-9", &"x".repeat(64)] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".hidden", "-x", "a/b", "..", "a b", &"x".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+        assert!(validate_name(&new_name("fork")).is_ok());
+    }
+
+    #[test]
+    fn extent_digest_sees_every_change_and_skips_holes() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("f");
+        let f = fs::File::create(&p).unwrap();
+        f.set_len(64 << 20).unwrap();
+        drop(f);
+        let write_at = |off: u64, b: &[u8]| {
+            let mut f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+            f.seek(SeekFrom::Start(off)).unwrap();
+            f.write_all(b).unwrap();
+        };
+        write_at(1 << 20, b"hello");
+        let (size, d1) = file_digest(&p).unwrap();
+        assert_eq!(size, 64 << 20);
+        assert_eq!(file_digest(&p).unwrap().1, d1, "stable");
+        write_at(1 << 20, b"hellp");
+        let (_, d2) = file_digest(&p).unwrap();
+        assert_ne!(d1, d2, "a changed byte changes the digest");
+        write_at(40 << 20, b"x");
+        let (_, d3) = file_digest(&p).unwrap();
+        assert_ne!(d2, d3, "data written into a hole changes the digest");
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        let (size, d4) = file_digest(&p).unwrap();
+        assert_eq!(size, 32 << 20);
+        assert_ne!(d3, d4);
+    }
+
+    #[test]
+    fn ephemeral_snapshot_goes_with_its_last_user() {
+        let t = tempfile::tempdir().unwrap();
+        let dirs = Dirs::new(t.path().join("state"), t.path().join("cache"));
+        let store = SnapshotStore::new(&dirs);
+        let staging = store.staging("fork-1").unwrap();
+        fs::write(staging.join("x"), b"data").unwrap();
+        let spec = SandboxSpec {
+            image: "busybox".into(),
+            image_digest: "sha256:00".into(),
+            image_disk: "/nonexistent".into(),
+            argv: vec!["true".into()],
+            env: vec![],
+            cwd: None,
+            user: None,
+            tty: false,
+            stdin: false,
+            cpus: 1,
+            memory_mib: 256,
+            disk_mib: 1024,
+            timeout_secs: None,
+            driver: "auto".into(),
+            auto_remove: false,
+        };
+        let parts = ManifestParts {
+            name: "fork-1".into(),
+            source: "0123456789abcdef".into(),
+            ephemeral: true,
+            guest: GuestDigests {
+                kernel_sha256: "k".into(),
+                initramfs_sha256: "i".into(),
+                init_sha256: "n".into(),
+            },
+            driver: DriverInfo {
+                kind: DriverKind::Qemu,
+                binary: "/usr/bin/qemu-system-x86_64".into(),
+                version: "10.0.2".into(),
+                accel: kiln_vmm::Accel::Tcg,
+            },
+            spec,
+            main_pid: 5,
+            downtime_ms: 1,
+        };
+        let m = write_manifest(&staging, parts).unwrap();
+        assert_eq!(m.files.len(), 1);
+        store.publish(&staging, "fork-1").unwrap();
+        store.add_user("fork-1", "holder").unwrap();
+        store.add_user("fork-1", "a").unwrap();
+        store.add_user("fork-1", "b").unwrap();
+        store.release_user("fork-1", "holder");
+        store.release_user("fork-1", "a");
+        assert!(store.exists("fork-1"));
+        assert_eq!(store.users("fork-1"), vec!["b".to_string()]);
+        assert!(matches!(
+            store.remove("fork-1", |_| true),
+            Err(RemoveSnapshotError::InUse { .. })
+        ));
+        store.release_user("fork-1", "b");
+        assert!(!store.dir("fork-1").exists());
+        store.release_user("fork-1", "b");
+    }
+}
