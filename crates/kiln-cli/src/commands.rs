@@ -85,6 +85,11 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
         Command::Images { command } => images::dispatch(&store, command).await,
         Command::Info { json, driver } => crate::info::info(&store, json, &driver).await,
         Command::Bench { command } => crate::bench::bench(&store, command).await,
+        Command::Snapshot(args) => crate::snapshots::snapshot_cmd(&store, args).await,
+        Command::Restore { snapshot, detach } => {
+            crate::snapshots::restore(&store, &snapshot, detach).await
+        }
+        Command::Fork { id, count } => crate::snapshots::fork(&store, &id, count).await,
         Command::Shim { id } => {
             // The supervisor must not die with the terminal or the command
             // that started it: leave its session. Fails only if we already
@@ -241,7 +246,7 @@ pub fn hostname_of(id: &str) -> String {
 }
 
 /// Starts `kiln shim ID` detached and waits for its ready line.
-async fn spawn_shim(store: &Store, rec: &SandboxRecord) -> Result<(ReadyLine, u32)> {
+pub(crate) async fn spawn_shim(store: &Store, rec: &SandboxRecord) -> Result<(ReadyLine, u32)> {
     let exe = std::env::current_exe().context("cannot find the kiln executable")?;
     let dir = store.dir(&rec.id);
     let log =
@@ -328,7 +333,7 @@ fn ps(store: &Store, all: bool, quiet: bool) -> Result<i32> {
     Ok(0)
 }
 
-fn truncate(s: &str, n: usize) -> String {
+pub(crate) fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
     } else {
@@ -337,7 +342,7 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-fn ago(t: u64) -> String {
+pub(crate) fn ago(t: u64) -> String {
     let d = kiln_node::store::now_secs().saturating_sub(t);
     match d {
         0..=59 => format!("{d}s ago"),
@@ -349,7 +354,7 @@ fn ago(t: u64) -> String {
 
 /// A record whose supervisor died without recording an end is reported as
 /// failed (its VM, if any, is left for `rm` to clean up).
-fn refresh(store: &Store, mut r: SandboxRecord) -> SandboxRecord {
+pub(crate) fn refresh(store: &Store, mut r: SandboxRecord) -> SandboxRecord {
     if r.state.is_finished() {
         return r;
     }
@@ -486,7 +491,7 @@ async fn stop(store: &Store, id: &str, grace: u64) -> Result<()> {
     wait_supervisor_gone(store, &id, Duration::from_secs(30), None).await
 }
 
-async fn wait_supervisor_gone(
+pub(crate) async fn wait_supervisor_gone(
     store: &Store,
     id: &str,
     limit: Duration,
@@ -540,6 +545,9 @@ async fn rm(store: &Store, id: &str, force: bool) -> Result<()> {
     let rec = store.load(&id)?;
     if let Some(vm) = rec.vm.clone() {
         kiln_node::vm::destroy_recorded(vm).await;
+    }
+    if let Some(name) = &rec.restored_from {
+        kiln_node::snapshot::SnapshotStore::new(store.dirs()).release_user(name, &id);
     }
     store.remove(&id)?;
     Ok(())

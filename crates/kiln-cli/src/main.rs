@@ -8,6 +8,7 @@ mod bench;
 mod commands;
 mod images;
 mod info;
+mod snapshots;
 mod term;
 
 use std::path::PathBuf;
@@ -93,6 +94,25 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: commands::BenchCommand,
+    },
+    /// Snapshot a sandbox (memory, CPU and device state, writable disk):
+    /// `kiln snapshot ID [--name NAME]`; `kiln snapshot ls|rm`.
+    Snapshot(snapshots::SnapshotArgs),
+    /// Start a new sandbox from a snapshot; its processes continue where
+    /// they were.
+    Restore {
+        snapshot: String,
+        /// Run in the background and print the sandbox ID.
+        #[arg(short = 'd', long)]
+        detach: bool,
+    },
+    /// Fork a running or paused sandbox into N independent sandboxes; prints
+    /// their IDs.
+    Fork {
+        id: String,
+        /// How many sandboxes.
+        #[arg(short = 'n', long = "count", default_value_t = 1)]
+        count: u32,
     },
     /// The per-sandbox supervisor (started by `kiln run`).
     #[command(hide = true)]

@@ -223,6 +223,7 @@ async fn start(
         }
     };
     // From here on, a failure must tear the VM down again.
+    let vm_ready = Instant::now();
     let result = async {
         let stream = vm
             .connect_agent()
@@ -234,6 +235,7 @@ async fn start(
         let (agent, ack) = AgentClient::connect(stream, AGENT_TIMEOUT)
             .await
             .map_err(ShimError::Agent)?;
+        let agent_ms = vm_ready.elapsed().as_millis() as u64;
         agent
             .configure(vm::identity(&rec.id))
             .await
@@ -241,6 +243,7 @@ async fn start(
                 message: format!("configuring the guest failed: {e}"),
                 exit_code: 125,
             })?;
+        let configured_ms = vm_ready.elapsed().as_millis() as u64;
         if restore_from.is_some() {
             // The main process runs already: follow it again (its output
             // held in the guest meanwhile comes first).
@@ -249,6 +252,13 @@ async fn start(
                 .attach(pid, rec.spec.stdin)
                 .await
                 .map_err(|source| ShimError::Reattach { pid, source })?;
+            info!(
+                agent_ms,
+                configured_ms,
+                attached_ms = vm_ready.elapsed().as_millis() as u64,
+                pid,
+                "re-attached to the main process of the restored guest"
+            );
             return Ok::<_, ShimError>((agent, process));
         }
         let req = ExecRequest {
