@@ -23,6 +23,63 @@ enum Input {
 /// Follows the main process of the sandbox behind `sock`.
 pub async fn attach_main(sock: &Path, stdin: bool, tty: bool, replay: bool) -> Result<i32> {
     let (conn, resp) = CtlConn::open(sock, &CtlRequest::Attach { stdin, replay }).await?;
+    follow_main(sock, conn, resp, stdin, tty).await
+}
+
+/// Follows sandbox `id`'s main process from its first output. A sandbox
+/// whose command ended before we could attach (its supervisor was already
+/// tearing down) has its output log replayed and its exit code returned.
+pub async fn attach_main_or_replay(store: &Store, id: &str, stdin: bool, tty: bool) -> Result<i32> {
+    let sock = store.dir(id).join("ctl.sock");
+    match CtlConn::open(
+        &sock,
+        &CtlRequest::Attach {
+            stdin,
+            replay: true,
+        },
+    )
+    .await
+    {
+        Ok((conn, resp)) => follow_main(&sock, conn, resp, stdin, tty).await,
+        Err(e) => {
+            for _ in 0..200 {
+                if let Ok(rec) = store.load(id)
+                    && let Some(code) = rec.state.exit_code()
+                {
+                    replay_log(&store.dir(id).join("output.log"))?;
+                    return Ok(code);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Writes a whole output log to stdout and stderr.
+pub fn replay_log(path: &Path) -> Result<()> {
+    use std::io::Write;
+    if !path.exists() {
+        return Ok(());
+    }
+    let mut r = kiln_node::logs::LogReader::open(path, 0)?;
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    r.read_to_end(|s, b| match s {
+        kiln_node::logs::LogStream::Stdout => out.write_all(b),
+        kiln_node::logs::LogStream::Stderr => err.write_all(b),
+    })?;
+    out.flush()?;
+    Ok(())
+}
+
+async fn follow_main(
+    sock: &Path,
+    conn: CtlConn,
+    resp: CtlResponse,
+    stdin: bool,
+    tty: bool,
+) -> Result<i32> {
     let pid = match resp {
         CtlResponse::Started { pid } => pid,
         CtlResponse::Error { message, exit_code } => {

@@ -219,8 +219,9 @@ async fn run(store: &Store, args: RunArgs) -> Result<i32> {
         println!("{}", rec.id);
         return Ok(0);
     }
-    let sock = store.dir(&rec.id).join("ctl.sock");
-    let code = attach::attach_main(&sock, args.process.interactive, args.process.tty, true).await?;
+    let code =
+        attach::attach_main_or_replay(store, &rec.id, args.process.interactive, args.process.tty)
+            .await?;
     // The sandbox has ended; return once its VM is gone too, so nothing of
     // it outlives this command.
     if let Err(e) =
@@ -457,21 +458,10 @@ async fn logs(store: &Store, id: &str, follow: bool) -> Result<i32> {
     let rec = refresh(store, store.load(&id)?);
     let sock = store.dir(&id).join("ctl.sock");
     if follow && !rec.state.is_finished() && sock.exists() {
-        attach::attach_main(&sock, false, false, true).await?;
+        attach::attach_main_or_replay(store, &id, false, false).await?;
         return Ok(0);
     }
-    let path = store.dir(&id).join("output.log");
-    if !path.exists() {
-        return Ok(0);
-    }
-    let mut r = kiln_node::logs::LogReader::open(&path, 0)?;
-    let mut out = std::io::stdout().lock();
-    let mut err = std::io::stderr().lock();
-    r.read_to_end(|s, b| match s {
-        kiln_node::logs::LogStream::Stdout => out.write_all(b),
-        kiln_node::logs::LogStream::Stderr => err.write_all(b),
-    })?;
-    out.flush()?;
+    attach::replay_log(&store.dir(&id).join("output.log"))?;
     Ok(0)
 }
 

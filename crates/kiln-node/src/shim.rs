@@ -401,9 +401,11 @@ async fn supervise(
     shim.store.save(&rec)?;
     shim.state
         .send_modify(|s| s.exit = Some((exit_code, signal)));
-    // Power the guest off and make sure its VMM is gone.
-    let _ = tokio::time::timeout(Duration::from_secs(2), shim.agent.shutdown()).await;
-    {
+    // Power the guest off and make sure its VMM is gone, serving clients
+    // meanwhile (a `kiln run` that attaches just now still gets the output
+    // and the exit status).
+    let teardown = async {
+        let _ = tokio::time::timeout(Duration::from_secs(2), shim.agent.shutdown()).await;
         let vm = shim.vm.lock().await;
         if tokio::time::timeout(SHUTDOWN_GRACE, vm.wait())
             .await
@@ -413,6 +415,22 @@ async fn supervise(
             vm.kill().await;
         }
         vm.cleanup().await;
+    };
+    tokio::pin!(teardown);
+    loop {
+        tokio::select! {
+            () = &mut teardown => break,
+            conn = listener.accept() => {
+                if let Ok((stream, _)) = conn {
+                    let shim = shim.clone();
+                    clients.spawn(async move {
+                        if let Err(e) = serve(shim, stream).await {
+                            tracing::debug!(error = %e, "control connection ended");
+                        }
+                    });
+                }
+            }
+        }
     }
     let _ = std::fs::remove_file(shim.dir.join("ctl.sock"));
     drop(listener);

@@ -69,6 +69,16 @@ pub enum SandboxState {
 }
 
 impl SandboxState {
+    /// The exit code of a sandbox that has ended.
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            SandboxState::Exited { exit_code, .. } | SandboxState::Failed { exit_code, .. } => {
+                Some(*exit_code)
+            }
+            _ => None,
+        }
+    }
+
     pub fn is_finished(&self) -> bool {
         matches!(
             self,

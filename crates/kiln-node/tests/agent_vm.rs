@@ -366,7 +366,10 @@ async fn story() {
     r.user = Some("alice".into());
     let (out, err, st) = run(&client, r).await;
     assert_eq!(st.code, Some(0), "{err}");
-    assert_eq!(out, "bar baz\n/work/new/dir\n1000\n1000\n1000 50\nunset\n");
+    assert_eq!(
+        out,
+        "bar baz\n/work/new/dir\n1000\n1000\n1000 50\n/home/alice\n"
+    );
     let mut r = req(&["id", "-u"]);
     r.user = Some("4242:50".into());
     assert_eq!(run(&client, r).await.0, "4242\n");
