@@ -90,6 +90,7 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
             crate::snapshots::restore(&store, &snapshot, detach).await
         }
         Command::Fork { id, count } => crate::snapshots::fork(&store, &id, count).await,
+        Command::Template { command } => crate::templates::dispatch(&store, command).await,
         Command::Shim { id } => {
             // The supervisor must not die with the terminal or the command
             // that started it: leave its session. Fails only if we already
@@ -133,19 +134,7 @@ fn split_image_and_cmd(args: &RunArgs) -> Result<(String, Vec<String>)> {
 async fn run(store: &Store, args: RunArgs) -> Result<i32> {
     let t0 = Instant::now();
     let (image_ref, cmd) = split_image_and_cmd(&args)?;
-    if args.memory < kiln_vmm::MIN_MEMORY_MIB {
-        bail!(
-            "--memory {} is too small: a sandbox needs at least {} MiB",
-            args.memory,
-            kiln_vmm::MIN_MEMORY_MIB
-        );
-    }
-    if args.cpus == 0 || args.cpus > 64 {
-        bail!("--cpus {} is out of range (1 to 64)", args.cpus);
-    }
-    if args.disk < 16 {
-        bail!("--disk {} is too small: at least 16 MiB", args.disk);
-    }
+    check_resources(args.cpus, args.memory, args.disk)?;
     let image = images::pull(store, &image_ref, &args.insecure, args.verbose, args.pull).await?;
     if args.verbose {
         eprintln!(
@@ -198,8 +187,61 @@ async fn run(store: &Store, args: RunArgs) -> Result<i32> {
             *e = format!("HOSTNAME={host}");
         }
     }
+    // A warm start when a template for exactly this exists (checked like
+    // a snapshot before a restore), else a boot.
+    let cold_reason = if args.cold {
+        Some("--cold".to_string())
+    } else {
+        match crate::templates::claim(store, &rec.spec, &rec.id) {
+            Ok(name) => {
+                rec.template = Some(name);
+                None
+            }
+            Err(why) => Some(why),
+        }
+    };
     store.save(&rec)?;
-    let (ready, shim_pid) = spawn_shim(store, &rec).await?;
+    if args.verbose {
+        match (&rec.template, &cold_reason) {
+            (Some(name), _) => eprintln!(
+                "kiln: warm start from template {name} ({} ms after the command started)",
+                t0.elapsed().as_millis()
+            ),
+            (None, Some(why)) => eprintln!("kiln: cold boot: {why}"),
+            (None, None) => {}
+        }
+    }
+    let (mut ready, mut shim_pid) = match spawn_shim(store, &rec).await {
+        Ok(r) => r,
+        Err(e) => {
+            release_template(store, &rec);
+            return Err(e);
+        }
+    };
+    if !ready.ok && ready.restore_failed && rec.template.is_some() {
+        // The template could not be restored: boot instead, as a new
+        // sandbox (the failed one never ran anything).
+        let why = ready.error.clone().unwrap_or_default();
+        if args.verbose {
+            eprintln!("kiln: the warm start failed ({why}); cold boot");
+        }
+        let _ = wait_supervisor_gone(store, &rec.id, Duration::from_secs(30), Some(shim_pid)).await;
+        release_template(store, &rec);
+        let _ = store.remove(&rec.id);
+        let mut again = store.create(rec.spec.clone())?;
+        let (old, new) = (
+            format!("HOSTNAME={}", hostname_of(&rec.id)),
+            format!("HOSTNAME={}", hostname_of(&again.id)),
+        );
+        for e in again.spec.env.iter_mut() {
+            if *e == old {
+                e.clone_from(&new);
+            }
+        }
+        store.save(&again)?;
+        rec = again;
+        (ready, shim_pid) = spawn_shim(store, &rec).await?;
+    }
     if args.verbose {
         eprintln!(
             "kiln: sandbox {} running on {} ({} ms after the command started)",
@@ -213,6 +255,9 @@ async fn run(store: &Store, args: RunArgs) -> Result<i32> {
             .error
             .unwrap_or_else(|| "the sandbox failed to start".into());
         eprintln!("kiln: {msg}");
+        // The supervisor cleans up (--rm, the template's user entry) after
+        // its report: return once it has.
+        let _ = wait_supervisor_gone(store, &rec.id, Duration::from_secs(30), Some(shim_pid)).await;
         return Ok(ready.exit_code.unwrap_or(125));
     }
     if args.detach {
@@ -240,6 +285,24 @@ async fn run(store: &Store, args: RunArgs) -> Result<i32> {
         );
     }
     Ok(code)
+}
+
+/// Checks `--cpus`, `--memory` and `--disk`.
+pub(crate) fn check_resources(cpus: u32, memory: u32, disk: u32) -> Result<()> {
+    if memory < kiln_vmm::MIN_MEMORY_MIB {
+        bail!(
+            "--memory {} is too small: a sandbox needs at least {} MiB",
+            memory,
+            kiln_vmm::MIN_MEMORY_MIB
+        );
+    }
+    if cpus == 0 || cpus > 64 {
+        bail!("--cpus {} is out of range (1 to 64)", cpus);
+    }
+    if disk < 16 {
+        bail!("--disk {} is too small: at least 16 MiB", disk);
+    }
+    Ok(())
 }
 
 pub fn hostname_of(id: &str) -> String {
@@ -539,6 +602,7 @@ async fn rm(store: &Store, id: &str, force: bool) -> Result<()> {
     if let Some(name) = &rec.restored_from {
         kiln_node::snapshot::SnapshotStore::new(store.dirs()).release_user(name, &id);
     }
+    release_template(store, &rec);
     store.remove(&id)?;
     Ok(())
 }
@@ -577,5 +641,13 @@ async fn simple(store: &Store, id: &str, req: CtlRequest) -> Result<i32> {
         }
         CtlResponse::Error { message, .. } => bail!("{message}"),
         other => bail!("unexpected answer from the supervisor: {other:?}"),
+    }
+}
+
+/// Drops a sandbox's registration as a user of the template it was
+/// warm-started from (idempotent).
+pub(crate) fn release_template(store: &Store, rec: &SandboxRecord) {
+    if let Some(name) = &rec.template {
+        kiln_node::template::store(store.dirs()).release_user(name, &rec.id);
     }
 }

@@ -9,6 +9,7 @@ mod commands;
 mod images;
 mod info;
 mod snapshots;
+mod templates;
 mod term;
 
 use std::path::PathBuf;
@@ -114,6 +115,12 @@ enum Command {
         #[arg(short = 'n', long = "count", default_value_t = 1)]
         count: u32,
     },
+    /// Templates: images booted once and snapshotted, for warm starts:
+    /// `kiln template create IMAGE`, `kiln template ls|rm`.
+    Template {
+        #[command(subcommand)]
+        command: templates::TemplateCommand,
+    },
     /// The per-sandbox supervisor (started by `kiln run`).
     #[command(hide = true)]
     Shim { id: String },
@@ -205,6 +212,9 @@ pub struct RunArgs {
     /// Print what happens (image, driver, timings) on stderr.
     #[arg(short = 'v', long)]
     verbose: bool,
+    /// Boot the VM even if a template for this image and resources exists.
+    #[arg(long)]
+    cold: bool,
     /// IMAGE [-- CMD [ARGS...]]
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     rest: Vec<String>,

@@ -149,7 +149,7 @@ fn ls(store: &Store, quiet: bool) -> Result<i32> {
     Ok(0)
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     if bytes >= 1 << 30 {
         format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
     } else {

@@ -13,4 +13,5 @@ pub mod paths;
 pub mod shim;
 pub mod snapshot;
 pub mod store;
+pub mod template;
 pub mod vm;

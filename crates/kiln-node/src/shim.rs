@@ -47,6 +47,10 @@ pub struct ReadyLine {
     /// Which driver runs the sandbox and why.
     #[serde(default)]
     pub driver: Option<String>,
+    /// A warm start failed before the guest ran anything (restoring the
+    /// template, or its agent): the caller may boot instead.
+    #[serde(default)]
+    pub restore_failed: bool,
 }
 
 /// The supervisor could not start the sandbox.
@@ -132,6 +136,7 @@ pub async fn run(
                 error: None,
                 exit_code: None,
                 driver: rec.driver.clone(),
+                restore_failed: false,
             };
             let _ = writeln!(
                 ready,
@@ -174,6 +179,11 @@ pub async fn run(
                 }),
                 exit_code: Some(code),
                 driver: rec.driver.clone(),
+                restore_failed: rec.template.is_some()
+                    && matches!(
+                        e,
+                        ShimError::Restore(_) | ShimError::Vm(_) | ShimError::Agent(_)
+                    ),
             };
             let _ = writeln!(
                 ready,
@@ -195,6 +205,9 @@ fn release_snapshot(store: &Store, rec: &SandboxRecord) {
     if let Some(name) = &rec.restored_from {
         crate::snapshot::SnapshotStore::new(store.dirs()).release_user(name, &rec.id);
     }
+    if let Some(name) = &rec.template {
+        crate::template::store(store.dirs()).release_user(name, &rec.id);
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -215,12 +228,18 @@ async fn start(
     let dir = store.dir(&rec.id);
     let artifacts = GuestArtifacts::locate(store.dirs())?;
     let restore_from = rec.restored_from.clone();
-    let vm = match &restore_from {
-        None => vm::start_sandbox_vm(store, rec, &artifacts).await?,
-        Some(name) => {
+    let vm = match (&restore_from, rec.template.clone()) {
+        (Some(name), _) => {
             let snapshots = crate::snapshot::SnapshotStore::new(store.dirs());
-            vm::restore_sandbox_vm(store, rec, &artifacts, &snapshots, name).await?
+            vm::restore_sandbox_vm(store, rec, &artifacts, &snapshots, name, "snapshot").await?
         }
+        // A warm start: the template's guest waits for its first process,
+        // which is started below exactly as after a boot.
+        (None, Some(name)) => {
+            let templates = crate::template::store(store.dirs());
+            vm::restore_sandbox_vm(store, rec, &artifacts, &templates, &name, "template").await?
+        }
+        (None, None) => vm::start_sandbox_vm(store, rec, &artifacts).await?,
     };
     // From here on, a failure must tear the VM down again.
     let vm_ready = Instant::now();
@@ -277,6 +296,13 @@ async fn start(
             exit_code: e.shell_code().unwrap_or(125),
             message: e.to_string(),
         })?;
+        info!(
+            agent_ms,
+            configured_ms,
+            started_ms = vm_ready.elapsed().as_millis() as u64,
+            warm = rec.template.is_some(),
+            "main process started"
+        );
         Ok::<_, ShimError>((agent, process))
     }
     .await;

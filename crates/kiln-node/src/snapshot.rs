@@ -105,6 +105,22 @@ pub struct Manifest {
     pub digest_algorithm: String,
     /// Every file of the snapshot except the manifest.
     pub files: Vec<FileDigest>,
+    /// Set for a template (`kiln_node::template`): an image booted to the
+    /// point where `kiln-init` answers, with no main process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateInfo>,
+}
+
+/// What a template was made for, beyond the fields every manifest has
+/// (image digest, cpus, memory): a template is used only by a run that asks
+/// for exactly this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateInfo {
+    /// `kiln_node::template::key` of everything the template depends on.
+    pub key: String,
+    /// Size of the writable disk.
+    pub disk_mib: u32,
 }
 
 impl Manifest {
@@ -262,9 +278,12 @@ pub struct SnapshotStore {
 
 impl SnapshotStore {
     pub fn new(dirs: &Dirs) -> SnapshotStore {
-        SnapshotStore {
-            root: dirs.state.join("snapshots"),
-        }
+        SnapshotStore::at(dirs.state.join("snapshots"))
+    }
+
+    /// A store with the same layout under another directory (templates).
+    pub fn at(root: PathBuf) -> SnapshotStore {
+        SnapshotStore { root }
     }
 
     pub fn root(&self) -> &Path {
@@ -695,6 +714,15 @@ fn relative_files(dir: &Path, skip: &[&str]) -> std::io::Result<Vec<String>> {
 /// Hashes every file of the snapshot in `dir` and writes its manifest
 /// (atomically: temp file, fsync, rename).
 pub fn write_manifest(dir: &Path, parts: ManifestParts) -> Result<Manifest, CreateSnapshotError> {
+    write_manifest_with(dir, parts, None)
+}
+
+/// `write_manifest`, recording what a template was made for.
+pub fn write_manifest_with(
+    dir: &Path,
+    parts: ManifestParts,
+    template: Option<TemplateInfo>,
+) -> Result<Manifest, CreateSnapshotError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| CreateSnapshotError::Io { path, source }
@@ -729,6 +757,7 @@ pub fn write_manifest(dir: &Path, parts: ManifestParts) -> Result<Manifest, Crea
         downtime_ms: parts.downtime_ms,
         digest_algorithm: DIGEST_ALGORITHM.to_string(),
         files,
+        template,
     };
     let path = dir.join(MANIFEST);
     let tmp = dir.join(".manifest.json.tmp");

@@ -116,6 +116,10 @@ pub struct SandboxRecord {
     /// its supervisor restores that snapshot instead of booting.
     #[serde(default)]
     pub restored_from: Option<String>,
+    /// The template it was warm-started from (`kiln run`): its supervisor
+    /// restores that template and then starts the main process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 /// Reading or writing the state directory failed.
@@ -200,6 +204,7 @@ impl Store {
             vm: None,
             driver: None,
             restored_from: None,
+            template: None,
         };
         self.save(&rec)?;
         Ok(rec)

@@ -201,7 +201,7 @@ pub async fn start_sandbox_vm(
     if !rw.exists() {
         make_writable_disk(&rw, rec.spec.disk_mib).await?;
     }
-    let spec = sandbox_vm_spec(&*driver, rec, artifacts, &dir, rw);
+    let spec = sandbox_vm_spec(&*driver, &rec.id, &rec.spec, artifacts, &dir, rw);
     let vm = driver.start(&spec).await?;
     rec.vm = Some(serde_json::to_value(vm.record()).expect("records serialize"));
     store.save(rec)?;
@@ -213,11 +213,12 @@ pub async fn start_sandbox_vm(
     })
 }
 
-/// The VM of a sandbox: the same for a boot and a restore (a restore must
-/// recreate the devices the snapshot was taken with).
-fn sandbox_vm_spec(
+/// The VM of a sandbox: the same for a boot, a template and a restore (a
+/// restore must recreate the devices the snapshot was taken with).
+pub fn sandbox_vm_spec(
     driver: &dyn VmmDriver,
-    rec: &SandboxRecord,
+    id: &str,
+    spec: &crate::store::SandboxSpec,
     artifacts: &GuestArtifacts,
     dir: &Path,
     rw: PathBuf,
@@ -230,16 +231,16 @@ fn sandbox_vm_spec(
         DriverKind::Firecracker => artifacts.vmlinux.clone(),
     };
     VmSpec {
-        id: rec.id.clone(),
+        id: id.to_string(),
         dir: vm_dir,
         kernel,
         initrd: Some(artifacts.initramfs.clone()),
         cmdline: kernel_cmdline(caps.agent_transport),
-        cpus: rec.spec.cpus,
-        memory_mib: rec.spec.memory_mib,
+        cpus: spec.cpus,
+        memory_mib: spec.memory_mib,
         disks: vec![
             DiskSpec {
-                path: rec.spec.image_disk.clone(),
+                path: spec.image_disk.clone(),
                 read_only: true,
             },
             DiskSpec {
@@ -252,16 +253,18 @@ fn sandbox_vm_spec(
     }
 }
 
-/// Restores the VM of a sandbox from snapshot `name`: checks the snapshot
-/// against this host's guest artifacts and driver (not the file digests:
-/// `kiln restore` checked those before creating the sandbox), copies its
-/// writable disk, and has the driver load it. The VM runs on return.
+/// Restores the VM of a sandbox from snapshot `name` of `snapshots` (a
+/// snapshot, or a template: `what` says which): checks it against this
+/// host's guest artifacts and driver (not the file digests: `kiln restore`
+/// checked those before creating the sandbox), copies its writable disk,
+/// and has the driver load it. The VM runs on return.
 pub async fn restore_sandbox_vm(
     store: &Store,
     rec: &mut SandboxRecord,
     artifacts: &GuestArtifacts,
     snapshots: &crate::snapshot::SnapshotStore,
     name: &str,
+    what: &str,
 ) -> Result<VmHandle, RestoreSandboxVmError> {
     let dir = store.dir(&rec.id);
     let manifest = snapshots.manifest(name)?;
@@ -273,9 +276,9 @@ pub async fn restore_sandbox_vm(
     let guest = crate::snapshot::guest_digests(artifacts, driver.kind())
         .map_err(RestoreSandboxVmError::Artifacts)?;
     snapshots.verify(name, &guest, driver.info(), false)?;
-    info!(driver = %sel.kind, accel = %sel.accel, snapshot = name, "restoring");
+    info!(driver = %sel.kind, accel = %sel.accel, snapshot = name, what, "restoring");
     rec.driver = Some(format!(
-        "{} ({}): restored from snapshot {name}",
+        "{} ({}): restored from {what} {name}",
         sel.kind, sel.accel
     ));
     store.save(rec)?;
@@ -284,7 +287,7 @@ pub async fn restore_sandbox_vm(
     crate::snapshot::sparse_copy(&snap.join(crate::snapshot::RW_DISK), &rw)
         .await
         .map_err(RestoreSandboxVmError::Disk)?;
-    let spec = sandbox_vm_spec(&*driver, rec, artifacts, &dir, rw);
+    let spec = sandbox_vm_spec(&*driver, &rec.id, &rec.spec, artifacts, &dir, rw);
     let vm = driver
         .restore(&snap.join(crate::snapshot::VM_DIR), &spec)
         .await?;

@@ -1,0 +1,217 @@
+//! `kiln template create|ls|rm`, and the warm-start lookup `kiln run` does
+//! (`claim`). The templates themselves are `kiln_node::template`.
+
+use std::io::Write;
+
+use anyhow::Result;
+use clap::Subcommand;
+use kiln_node::paths::GuestArtifacts;
+use kiln_node::snapshot;
+use kiln_node::store::{SandboxSpec, Store};
+use kiln_node::template::{self, TemplateParams};
+
+use crate::commands::refresh;
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// Boot an image once (no process), snapshot it when kiln-init is ready:
+    /// `kiln run` with the same image and resources then restores it.
+    Create {
+        image: String,
+        /// Virtual CPUs (as `kiln run --cpus`).
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// Guest memory in MiB (as `kiln run --memory`).
+        #[arg(long = "memory", short = 'm', default_value_t = 256)]
+        memory: u32,
+        /// Size of the writable disk in MiB (as `kiln run --disk`).
+        #[arg(long, default_value_t = 4096)]
+        disk: u32,
+        /// VMM driver: auto, qemu or firecracker.
+        #[arg(long, default_value = "auto")]
+        driver: String,
+        /// Registries to reach over plain HTTP (host[:port]).
+        #[arg(long = "insecure-registry")]
+        insecure: Vec<String>,
+        /// When to contact the registry: missing, always, never.
+        #[arg(long, value_enum, default_value = "missing")]
+        pull: crate::images::PullPolicy,
+        /// Print timings on stderr.
+        #[arg(short = 'v', long)]
+        verbose: bool,
+    },
+    /// List templates, and whether each can still be used here.
+    Ls {
+        /// Only print names.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Remove templates (not while sandboxes started from them run).
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+/// Whether sandbox `id` still runs (its VM may map a template's memory).
+fn alive(store: &Store, id: &str) -> bool {
+    store
+        .load(id)
+        .map(|r| !refresh(store, r).state.is_finished())
+        .unwrap_or(false)
+}
+
+pub async fn dispatch(store: &Store, cmd: TemplateCommand) -> Result<i32> {
+    match cmd {
+        TemplateCommand::Create {
+            image,
+            cpus,
+            memory,
+            disk,
+            driver,
+            insecure,
+            pull,
+            verbose,
+        } => {
+            crate::commands::check_resources(cpus, memory, disk)?;
+            let img = crate::images::pull(store, &image, &insecure, verbose, pull).await?;
+            let p = TemplateParams {
+                image: image.clone(),
+                image_digest: img.digest,
+                image_disk: img.disk,
+                cpus,
+                memory_mib: memory,
+                disk_mib: disk,
+            };
+            let t0 = std::time::Instant::now();
+            let c = template::create(store.dirs(), &p, &driver, |id| alive(store, id)).await?;
+            if verbose {
+                if c.existed {
+                    eprintln!(
+                        "kiln: template {} exists and is valid: nothing to do",
+                        c.manifest.name
+                    );
+                } else {
+                    eprintln!(
+                        "kiln: template {} created in {} ms (boot → agent ready {} ms, quiesce {} ms, snapshot {} ms, {} on disk)",
+                        c.manifest.name,
+                        t0.elapsed().as_millis(),
+                        c.boot_ms,
+                        c.quiesce_ms,
+                        c.snapshot_ms,
+                        crate::snapshots::human(snapshot::disk_usage(
+                            &template::store(store.dirs()).dir(&c.manifest.name)
+                        ))
+                    );
+                }
+            }
+            println!("{}", c.manifest.name);
+            Ok(0)
+        }
+        TemplateCommand::Ls { quiet } => ls(store, quiet),
+        TemplateCommand::Rm { names } => {
+            let mut code = 0;
+            for name in names {
+                match template::remove(store.dirs(), &name, |id| alive(store, id)) {
+                    Ok(()) => println!("{name}"),
+                    Err(e) => {
+                        eprintln!("kiln: {e}");
+                        code = 1;
+                    }
+                }
+            }
+            Ok(code)
+        }
+    }
+}
+
+fn ls(store: &Store, quiet: bool) -> Result<i32> {
+    let templates = template::store(store.dirs());
+    let entries = templates.list()?;
+    let mut out = std::io::stdout().lock();
+    if quiet {
+        for e in entries {
+            writeln!(out, "{}", e.manifest.name)?;
+        }
+        return Ok(0);
+    }
+    // Whether each is still usable here: checked like a run would.
+    let here = GuestArtifacts::locate(store.dirs()).ok().and_then(|a| {
+        let (drv, _) = kiln_node::vm::driver_for(kiln_vmm::DriverChoice::Auto).ok()?;
+        let g = snapshot::guest_digests(&a, drv.kind()).ok()?;
+        Some((g, drv.info().clone()))
+    });
+    writeln!(
+        out,
+        "{:<20}  {:<24}  {:>4}  {:>7}  {:>7}  {:>9}  {:<10}  {:>6}  STATUS",
+        "NAME", "IMAGE", "CPUS", "MEMORY", "DISK", "SIZE", "CREATED", "IN USE"
+    )?;
+    for e in entries {
+        let m = &e.manifest;
+        let Some(t) = &m.template else { continue };
+        let status = match &here {
+            None => "unknown (no guest artifacts or driver)".to_string(),
+            Some((g, d)) => match templates.verify(&m.name, g, d, false) {
+                Ok(_) => "ready".to_string(),
+                Err(err) if template::is_stale(&err) => format!("stale: {err}"),
+                Err(err) => format!("unusable: {err}"),
+            },
+        };
+        writeln!(
+            out,
+            "{:<20}  {:<24}  {:>4}  {:>7}  {:>7}  {:>9}  {:<10}  {:>6}  {}",
+            m.name,
+            crate::commands::truncate(&m.spec.image, 24),
+            m.cpus,
+            format!("{}M", m.memory_mib),
+            format!("{}M", t.disk_mib),
+            crate::snapshots::human(snapshot::disk_usage(&templates.dir(&m.name))),
+            crate::commands::ago(m.created_at),
+            e.users.len(),
+            status
+        )?;
+    }
+    Ok(0)
+}
+
+/// Finds the template for `spec` and registers sandbox `id` as its user:
+/// its name, or why the sandbox boots cold.
+pub(crate) fn claim(store: &Store, spec: &SandboxSpec, id: &str) -> Result<String, String> {
+    let artifacts = GuestArtifacts::locate(store.dirs()).map_err(|e| e.to_string())?;
+    let choice = kiln_node::vm::parse_driver(&spec.driver).map_err(|e| e.to_string())?;
+    let (drv, _) = kiln_node::vm::driver_for(choice).map_err(|e| format!("{e:#}"))?;
+    let guest = snapshot::guest_digests(&artifacts, drv.kind())
+        .map_err(|e| format!("cannot hash the guest artifacts: {e}"))?;
+    let p = TemplateParams {
+        image: spec.image.clone(),
+        image_digest: spec.image_digest.clone(),
+        image_disk: spec.image_disk.clone(),
+        cpus: spec.cpus,
+        memory_mib: spec.memory_mib,
+        disk_mib: spec.disk_mib,
+    };
+    let templates = template::store(store.dirs());
+    if !templates.root().is_dir() {
+        return Err(format!(
+            "no template for {} (kiln template create)",
+            spec.image
+        ));
+    }
+    // Shared: a `template rm` cannot slip between the check and the
+    // registration.
+    let _lock = template::lock(&templates, false)
+        .map_err(|e| format!("cannot lock the template store: {e}"))?;
+    let m = template::find(&templates, &p, &guest, drv.info()).map_err(|e| e.0)?;
+    if m.image_disk != spec.image_disk {
+        return Err(format!(
+            "template {} uses the image disk {}, this run {}",
+            m.name,
+            m.image_disk.display(),
+            spec.image_disk.display()
+        ));
+    }
+    templates
+        .add_user(&m.name, id)
+        .map_err(|e| format!("cannot register as a user of template {}: {e}", m.name))?;
+    Ok(m.name)
+}
