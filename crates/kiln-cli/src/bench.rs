@@ -53,7 +53,33 @@ pub async fn bench(store: &Store, cmd: BenchCommand) -> Result<i32> {
             json: out,
             driver,
         } => cold(store, image, runs, &out, &driver).await,
+        BenchCommand::Warm {
+            image,
+            runs,
+            concurrent,
+            json: out,
+        } => crate::bench_warm::warm(store, image, runs, concurrent, &out).await,
     }
+}
+
+/// `kiln run ARGS` → first byte on stdout; fails unless it exits 0.
+pub(crate) async fn first_byte(args: Vec<String>) -> Result<Duration> {
+    let exe = kiln_exe()?;
+    let t = Instant::now();
+    let mut child = Command::new(&exe)
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut b = [0u8; 1];
+    let n = tokio::task::spawn_blocking(move || stdout.read(&mut b)).await??;
+    let d = t.elapsed();
+    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+    if n == 0 || !status.success() {
+        bail!("kiln {args:?} failed during the benchmark ({status})");
+    }
+    Ok(d)
 }
 
 fn kiln_exe() -> Result<std::path::PathBuf> {

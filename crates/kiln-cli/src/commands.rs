@@ -33,6 +33,22 @@ pub enum BenchCommand {
         #[arg(long, default_value = "auto")]
         driver: String,
     },
+    /// Warm starts: cold vs warm `kiln run` → first output byte, the raw
+    /// driver restore, Kiln's overhead, and concurrent warm starts.
+    Warm {
+        /// Image to run (a template is created for it if missing).
+        #[arg(long)]
+        image: Option<String>,
+        /// Runs per measurement.
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        /// Warm starts launched at once.
+        #[arg(long, default_value_t = 20)]
+        concurrent: usize,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "bench-warm.json")]
+        json: PathBuf,
+    },
 }
 
 pub async fn dispatch(cmd: Command) -> Result<i32> {

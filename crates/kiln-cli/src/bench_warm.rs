@@ -1,0 +1,227 @@
+//! `kiln bench warm`: cold against warm starts of the same image on the same
+//! driver, in one run, and what the warm path costs beyond the VMM's own
+//! restore.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use kiln_node::agent::AgentClient;
+use kiln_node::paths::GuestArtifacts;
+use kiln_node::snapshot;
+use kiln_node::store::{SandboxSpec, Store};
+use kiln_node::template::{self, TemplateParams};
+use serde_json::json;
+
+use crate::bench::{first_byte, stats};
+
+pub async fn warm(
+    store: &Store,
+    image: Option<String>,
+    runs: usize,
+    concurrent: usize,
+    out: &Path,
+) -> Result<i32> {
+    let Some(image) = image else {
+        bail!(
+            "give the image to benchmark with --image (scripts/quickstart.sh prints a local one)"
+        );
+    };
+    if runs == 0 || concurrent == 0 {
+        bail!("--runs and --concurrent must be at least 1");
+    }
+    let (drv, sel) = kiln_node::vm::driver_for(kiln_vmm::DriverChoice::Auto)?;
+    eprintln!("driver: {} with {} ({})", sel.kind, sel.accel, sel.reason);
+
+    // The template `kiln run` will find (the defaults of `kiln run`).
+    let img = crate::images::pull(
+        store,
+        &image,
+        &[],
+        false,
+        crate::images::PullPolicy::Missing,
+    )
+    .await?;
+    let p = TemplateParams {
+        image: image.clone(),
+        image_digest: img.digest.clone(),
+        image_disk: img.disk.clone(),
+        cpus: 1,
+        memory_mib: 256,
+        disk_mib: 4096,
+    };
+    let created = template::create(store.dirs(), &p, "auto", |_| true).await?;
+    let name = created.manifest.name.clone();
+    eprintln!(
+        "template {name} ({})",
+        if created.existed {
+            "existed".to_string()
+        } else {
+            format!("created: boot → agent ready {} ms", created.boot_ms)
+        }
+    );
+
+    let run_args = |cold: bool| {
+        let mut a: Vec<String> = vec!["run".into(), "--rm".into()];
+        if cold {
+            a.push("--cold".into());
+        }
+        a.extend([image.clone(), "--".into(), "echo".into(), "ready".into()]);
+        a
+    };
+
+    // 1. Cold and warm `kiln run` → first output byte, interleaved so both
+    // see the same machine.
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    for i in 0..runs {
+        cold.push(first_byte(run_args(true)).await?);
+        warm.push(first_byte(run_args(false)).await?);
+        eprintln!("run {}/{runs}", i + 1);
+    }
+
+    // 2. The raw driver restore of the same template: spawn → VM running,
+    // and spawn → the guest agent answers (what any warm start must wait).
+    let templates = template::store(store.dirs());
+    let tdir = templates.dir(&name);
+    let artifacts = GuestArtifacts::locate(store.dirs())?;
+    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let tspec = SandboxSpec {
+        image: image.clone(),
+        image_digest: img.digest.clone(),
+        image_disk: img.disk.clone(),
+        argv: vec![],
+        env: vec![],
+        cwd: None,
+        user: None,
+        tty: false,
+        stdin: false,
+        cpus: 1,
+        memory_mib: 256,
+        disk_mib: 4096,
+        timeout_secs: None,
+        driver: "auto".into(),
+        auto_remove: false,
+    };
+    let holder = format!("bench-{}", std::process::id());
+    templates.add_user(&name, &holder)?;
+    let mut restore = Vec::new();
+    let mut restore_agent = Vec::new();
+    let raw = async {
+        for i in 0..runs {
+            let dir = scratch.path().join(format!("r{i}"));
+            std::fs::create_dir_all(&dir)?;
+            let rw = dir.join(snapshot::RW_DISK);
+            snapshot::sparse_copy(&tdir.join(snapshot::RW_DISK), &rw).await?;
+            let spec = kiln_node::vm::sandbox_vm_spec(
+                &*drv,
+                &format!("bench{i}"),
+                &tspec,
+                &artifacts,
+                &dir,
+                rw,
+            );
+            let t = Instant::now();
+            let vm = drv.restore(&tdir.join(snapshot::VM_DIR), &spec).await?;
+            restore.push(t.elapsed());
+            let stream = vm.connect_agent().await?;
+            let (agent, _) = AgentClient::connect(stream, Duration::from_secs(60)).await?;
+            restore_agent.push(t.elapsed());
+            drop(agent);
+            let _ = vm.kill().await;
+            let _ = vm.cleanup().await;
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    templates.release_user(&name, &holder);
+    raw?;
+
+    // 3. `concurrent` warm starts at once.
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..concurrent {
+        set.spawn(first_byte(run_args(false)));
+    }
+    let mut burst = Vec::new();
+    while let Some(r) = set.join_next().await {
+        burst.push(r.context("a warm start task failed")??);
+    }
+    let wall = t.elapsed();
+
+    let c = stats(&cold);
+    let w = stats(&warm);
+    let r = stats(&restore);
+    let ra = stats(&restore_agent);
+    let b = stats(&burst);
+    let overhead = w.p50_ms - ra.p50_ms;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let budget = 1.5 * (concurrent as f64 * w.p50_ms / cores as f64);
+    println!(
+        "kiln bench warm — driver {} ({}), {} runs, template {name}",
+        sel.kind, sel.accel, runs
+    );
+    println!(
+        "{:<48} {:>9} {:>9} {:>9}",
+        "measurement", "p50 ms", "p90 ms", "p99 ms"
+    );
+    for (label, s) in [
+        ("kiln run --cold -> first output byte", &c),
+        ("kiln run (warm) -> first output byte", &w),
+        ("driver restore: spawn -> VM running", &r),
+        ("driver restore: spawn -> guest agent answers", &ra),
+    ] {
+        println!(
+            "{:<48} {:>9.1} {:>9.1} {:>9.1}",
+            label, s.p50_ms, s.p90_ms, s.p99_ms
+        );
+    }
+    println!(
+        "{:<48} {:>9.1} {:>9.1} {:>9.1}",
+        format!("{concurrent} warm starts at once -> first byte"),
+        b.p50_ms,
+        b.p90_ms,
+        b.p99_ms
+    );
+    println!(
+        "{:<48} {:>9.1}   (budget 1.5 x {concurrent} x warm p50 / {cores} cores = {budget:.0})",
+        format!("{concurrent} warm starts at once: wall time"),
+        wall.as_secs_f64() * 1000.0
+    );
+    println!(
+        "{:<48} {:>9.1}x",
+        "cold p50 / warm p50",
+        c.p50_ms / w.p50_ms
+    );
+    println!(
+        "{:<48} {:>9.1}   (warm p50 - restore->agent p50)",
+        "Kiln overhead p50 ms", overhead
+    );
+    let v = json!({
+        "benchmark": "warm",
+        "driver": sel.kind.to_string(),
+        "accel": sel.accel.to_string(),
+        "runs": runs,
+        "image": image,
+        "template": name,
+        "cold_run_to_first_byte": c,
+        "warm_run_to_first_byte": w,
+        "driver_restore_to_running": r,
+        "driver_restore_to_agent": ra,
+        "kiln_overhead_p50_ms": overhead,
+        "speedup_p50": c.p50_ms / w.p50_ms,
+        "concurrent": {
+            "n": concurrent,
+            "first_byte": b,
+            "wall_ms": wall.as_secs_f64() * 1000.0,
+            "cores": cores,
+            "budget_ms": budget,
+        },
+    });
+    std::fs::write(out, serde_json::to_vec_pretty(&v)?)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(0)
+}
