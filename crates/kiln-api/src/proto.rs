@@ -402,6 +402,24 @@ pub struct HelloAck {
     pub main: Option<ProcessInfo>,
 }
 
+/// What `Request::Stat` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStat {
+    pub kind: FileKind,
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+}
+
+/// The type of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    File,
+    Dir,
+    Other,
+}
+
 /// A process the agent knows about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessInfo {
@@ -454,6 +472,10 @@ pub enum Request {
     /// Sends `path` (file or directory) as a tar stream on `Channel::Tar`.
     /// Response `Ok` first, then the data, then `Eof`.
     CopyOut { path: String },
+    /// Describes `path` (symlinks followed), e.g. so `cp` can tell a
+    /// directory destination from a new name. Response: `Stat`, or `Error`
+    /// with kind `Path` when it does not exist.
+    Stat { path: String },
     /// Lists known processes. Response: `Processes`.
     Processes,
     /// Stops sending on every stream until the next `Hello` (used before a
@@ -521,6 +543,7 @@ pub enum Response {
     Ok,
     Started { pid: u32 },
     Processes { processes: Vec<ProcessInfo> },
+    Stat { stat: FileStat },
     Pong,
     Error { kind: ErrorKind, message: String },
 }

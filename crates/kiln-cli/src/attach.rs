@@ -322,6 +322,22 @@ fn guest_target(path: &str, src_name: &str) -> Result<(String, String)> {
     Ok((dir, name))
 }
 
+/// Describes a path in the sandbox; `None` when it does not exist.
+async fn guest_stat(sock: &Path, path: &str) -> Result<Option<proto::FileStat>> {
+    let (_conn, resp) = CtlConn::open(
+        sock,
+        &CtlRequest::Stat {
+            path: path.to_string(),
+        },
+    )
+    .await?;
+    match resp {
+        CtlResponse::Stat { stat } => Ok(stat),
+        CtlResponse::Error { message, .. } => bail!("{message}"),
+        other => bail!("unexpected answer from the supervisor: {other:?}"),
+    }
+}
+
 async fn copy_in(sock: &Path, local: &Path, path: &str) -> Result<()> {
     let from_stdin = local == Path::new("-");
     let (dest, name) = if from_stdin {
@@ -331,7 +347,15 @@ async fn copy_in(sock: &Path, local: &Path, path: &str) -> Result<()> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .with_context(|| format!("{} has no file name", local.display()))?;
-        guest_target(path, &src_name)?
+        // Like `docker cp`: an existing directory receives the source under
+        // its own name; anything else is the name of the copy.
+        let into_dir = !path.ends_with('/')
+            && matches!(guest_stat(sock, path).await?, Some(st) if st.kind == proto::FileKind::Dir);
+        if into_dir {
+            guest_target(&format!("{path}/"), &src_name)?
+        } else {
+            guest_target(path, &src_name)?
+        }
     };
     let meta = if from_stdin {
         None

@@ -555,7 +555,7 @@ async fn stop(store: &Store, id: &str, grace: u64) -> Result<()> {
     match resp {
         CtlResponse::Exited { .. } | CtlResponse::Ok => {}
         CtlResponse::Error { message, .. } => bail!("cannot stop {id}: {message}"),
-        CtlResponse::Started { .. } => bail!("unexpected answer from the supervisor of {id}"),
+        other => bail!("unexpected answer from the supervisor of {id}: {other:?}"),
     }
     wait_supervisor_gone(store, &id, Duration::from_secs(30), None).await
 }

@@ -358,3 +358,39 @@ fn tty_gives_the_process_a_terminal() {
     assert_eq!(stdout(&out), "pipe\n");
     k.assert_clean();
 }
+
+#[test]
+fn info_says_which_driver_and_why() {
+    let k = Kiln::new();
+    let out = k.run(&["info", "--json"]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["driver"]["kind"], "qemu", "{v:#}");
+    // This machine's /dev/kvm is a software KVM (kvm_pvm): TCG, and the
+    // reason says so.
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    if pvm {
+        assert_eq!(v["driver"]["accel"], "tcg", "{v:#}");
+        assert!(
+            v["driver"]["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("kvm_pvm"),
+            "{v:#}"
+        );
+    }
+    assert!(
+        v["driver"]["version"]
+            .as_str()
+            .unwrap_or("")
+            .contains("QEMU emulator version 10"),
+        "{v:#}"
+    );
+    assert!(std::path::Path::new(v["kernel"]["path"].as_str().expect("kernel path")).is_file());
+    assert!(
+        std::path::Path::new(v["initramfs"]["path"].as_str().expect("initramfs path")).is_file()
+    );
+    assert_eq!(v["state_dir"].as_str(), k.state_dir().to_str());
+    let text = k.run(&["info"]);
+    assert!(stdout(&text).contains("Why:"), "{}", stdout(&text));
+}

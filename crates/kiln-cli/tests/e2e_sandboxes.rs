@@ -354,6 +354,32 @@ fn cp_directories_and_errors() {
         "cat /tmp/tree/a.txt /tmp/tree/sub/b.txt",
     ]);
     assert_eq!(stdout(&out), "AB");
+    // Into an existing directory without the slash: the same, like docker cp.
+    let file = tree.join("a.txt");
+    let out = k.run(&["cp", file.to_str().expect("utf-8"), &format!("{id}:/tmp")]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    let out = k.run(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "test -d /tmp && cat /tmp/a.txt",
+    ]);
+    assert_eq!(stdout(&out), "A", "stderr: {}", stderr(&out));
+    // Out of the sandbox into an existing local directory: keeps the name.
+    let existing = dir.path().join("existing");
+    std::fs::create_dir(&existing).expect("mkdir");
+    let out = k.run(&[
+        "cp",
+        &format!("{id}:/tmp/tree"),
+        existing.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(existing.join("tree/a.txt")).expect("copied"),
+        "A"
+    );
     // To a new name.
     let out = k.run(&["cp", tree.to_str().expect("utf-8"), &format!("{id}:/srv")]);
     assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));

@@ -883,6 +883,29 @@ impl Agent {
             }
             Request::CopyIn { dest } => self.copy_in(s, dest),
             Request::CopyOut { path } => self.copy_out(s, path),
+            Request::Stat { path } => {
+                let r = match std::fs::metadata(&path) {
+                    Ok(m) => {
+                        use std::os::unix::fs::PermissionsExt;
+                        let kind = if m.is_dir() {
+                            proto::FileKind::Dir
+                        } else if m.is_file() {
+                            proto::FileKind::File
+                        } else {
+                            proto::FileKind::Other
+                        };
+                        Response::Stat {
+                            stat: proto::FileStat {
+                                kind,
+                                size: m.len(),
+                                mode: m.permissions().mode() & 0o7777,
+                            },
+                        }
+                    }
+                    Err(e) => err(ErrorKind::Path, format!("{path}: {e}")),
+                };
+                self.respond(s, &r);
+            }
             Request::Processes => {
                 let mut processes: Vec<ProcessInfo> = self
                     .procs

@@ -37,6 +37,8 @@ pub enum CtlRequest {
     CopyIn { dest: String },
     /// Sends `path` as a tar stream.
     CopyOut { path: String },
+    /// Describes a path in the guest.
+    Stat { path: String },
     /// Signals the main process.
     Signal { signal: i32 },
     /// Stops the main process: SIGTERM, then SIGKILL after `grace_secs`.
@@ -74,6 +76,10 @@ pub enum CtlResponse {
     Error {
         message: String,
         exit_code: Option<i32>,
+    },
+    /// Answer to `Stat`: `None` when the path does not exist.
+    Stat {
+        stat: Option<kiln_api::proto::FileStat>,
     },
 }
 

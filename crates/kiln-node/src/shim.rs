@@ -577,6 +577,14 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
             }
             Err(e) => reply_error(&mut writer, e.to_string()).await,
         },
+        CtlRequest::Stat { path } => match shim.agent.stat(&path).await {
+            Ok(stat) => {
+                writer
+                    .json(Kind::Response, &CtlResponse::Stat { stat })
+                    .await
+            }
+            Err(e) => reply_error(&mut writer, e.to_string()).await,
+        },
         CtlRequest::Signal { signal } => match shim.agent.signal(shim.main_pid, signal).await {
             Ok(()) => writer.json(Kind::Response, &CtlResponse::Ok).await,
             Err(e) => reply_error(&mut writer, e.to_string()).await,

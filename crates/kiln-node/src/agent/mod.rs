@@ -436,6 +436,30 @@ impl AgentClient {
             .await
     }
 
+    /// Describes a path in the guest; `None` when it does not exist.
+    pub async fn stat(&self, path: &str) -> Result<Option<proto::FileStat>, RequestError> {
+        match self
+            .simple(
+                "stat",
+                Request::Stat {
+                    path: path.to_string(),
+                },
+            )
+            .await
+        {
+            Ok(Response::Stat { stat }) => Ok(Some(stat)),
+            Ok(other) => Err(RequestError::Unexpected {
+                request: "stat",
+                response: format!("{other:?}"),
+            }),
+            Err(RequestError::Refused {
+                kind: ErrorKind::Path,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn processes(&self) -> Result<Vec<ProcessInfo>, RequestError> {
         match self.simple("processes", Request::Processes).await? {
             Response::Processes { processes } => Ok(processes),
