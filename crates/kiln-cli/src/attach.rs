@@ -211,13 +211,10 @@ async fn stream(
                             if main {
                                 eprintln!("kiln: second interrupt, tearing the sandbox down");
                                 let _ = CtlConn::open(&sock, &CtlRequest::Kill).await;
-                                // The supervisor removes its socket once the VM is gone.
-                                for _ in 0..600 {
-                                    if !sock.exists() {
-                                        break;
-                                    }
-                                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                                }
+                                // The killed process's exit (137) reaches the
+                                // output loop, which returns it once the VM is
+                                // gone; exit here only if that never happens.
+                                tokio::time::sleep(std::time::Duration::from_secs(40)).await;
                             }
                             std::process::exit(130);
                         }
