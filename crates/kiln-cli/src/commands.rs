@@ -21,7 +21,7 @@ pub enum BenchCommand {
     /// Cold starts: image pull+convert, VMM spawn → agent ready, `kiln run` →
     /// first output byte, idle sandbox memory.
     Cold {
-        /// Image to run (default: the test busybox image).
+        /// Image to run (required; `kiln-testkit image busybox` prints the test image).
         #[arg(long)]
         image: Option<String>,
         /// Runs per measurement.
