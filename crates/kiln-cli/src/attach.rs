@@ -284,12 +284,12 @@ fn parse_loc(s: &str) -> Loc {
 pub async fn cp(store: &Store, src: &str, dst: &str) -> Result<i32> {
     match (parse_loc(src), parse_loc(dst)) {
         (Loc::Sandbox(id, path), Loc::Local(local)) => {
-            let (_, sock) = crate::commands::running_socket(store, &id)?;
+            let (_, sock) = crate::commands::active_socket(store, &id)?;
             copy_out(&sock, &path, &local).await?;
             Ok(0)
         }
         (Loc::Local(local), Loc::Sandbox(id, path)) => {
-            let (_, sock) = crate::commands::running_socket(store, &id)?;
+            let (_, sock) = crate::commands::active_socket(store, &id)?;
             copy_in(&sock, &local, &path).await?;
             Ok(0)
         }
@@ -571,6 +571,8 @@ fn unpack_from_guest(
         .with_context(|| format!("cannot create a temporary directory in {}", dir.display()))?;
     let mut ar = tar::Archive::new(r);
     ar.set_preserve_permissions(true);
+    // Files from the guest are untrusted: never setuid, setgid or sticky on the host.
+    ar.set_mask(0o7000);
     let mut top: Option<std::ffi::OsString> = None;
     for entry in ar.entries()? {
         let mut entry = entry?;

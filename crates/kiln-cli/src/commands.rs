@@ -53,6 +53,14 @@ pub enum BenchCommand {
 
 pub async fn dispatch(cmd: Command) -> Result<i32> {
     let store = Store::new(Dirs::from_env());
+    // The state directory is private (it may predate the umask above).
+    let state = &store.dirs().state;
+    if std::fs::create_dir_all(state).is_ok() {
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) = std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700)) {
+            tracing::warn!(error = %e, dir = %state.display(), "cannot make the state directory private");
+        }
+    }
     match cmd {
         Command::Run(args) => run(&store, args).await,
         Command::Ps { all, quiet } => ps(&store, all, quiet),
@@ -473,13 +481,26 @@ pub fn running_socket(store: &Store, id: &str) -> Result<(String, PathBuf)> {
     Ok((id.clone(), store.dir(&id).join("ctl.sock")))
 }
 
+/// The control socket of a sandbox that runs and is not paused (a paused
+/// guest cannot start processes or take files: like `docker exec`, refuse
+/// rather than queue work that would run at some later resume).
+pub fn active_socket(store: &Store, id: &str) -> Result<(String, PathBuf)> {
+    let (id, sock) = running_socket(store, id)?;
+    if let Ok(rec) = store.load(&id)
+        && matches!(rec.state, SandboxState::Paused { .. })
+    {
+        bail!("sandbox {id} is paused: run kiln resume {id} first");
+    }
+    Ok((id, sock))
+}
+
 async fn exec(store: &Store, args: ExecArgs) -> Result<i32> {
     let mut rest = args.rest.clone();
     let id = rest.remove(0);
     if rest.first().map(String::as_str) == Some("--") {
         rest.remove(0);
     }
-    let (id, sock) = running_socket(store, &id)?;
+    let (id, sock) = active_socket(store, &id)?;
     if let Some(pid) = args.attach {
         return attach::exec_attach(&sock, pid, args.process.interactive, args.process.tty).await;
     }

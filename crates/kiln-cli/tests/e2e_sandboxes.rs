@@ -37,6 +37,18 @@ fn detached_sandbox_exec_logs_stop_rm() {
         ],
     );
 
+    // Guest RAM, disks, env and output are private to the user running Kiln.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(k.state_dir()), 0o700);
+        let sandbox = k.state_dir().join("sandboxes").join(&id);
+        for f in ["rw.ext4", "output.log", "vm/memory"] {
+            let m = mode(&sandbox.join(f));
+            assert_eq!(m & 0o077, 0, "{f} has mode {m:o}");
+        }
+    }
     // `kiln run -d` has exited; the sandbox lives on and another process sees it.
     let out = k.run(&["ps"]);
     assert!(stdout(&out).contains(&id), "ps: {}", stdout(&out));
@@ -524,4 +536,83 @@ fn second_ctrl_c_tears_the_sandbox_down() {
         "ps: {}",
         stdout(&out)
     );
+}
+
+/// A guest whose kernel hangs (panic with no reboot) answers nothing: the
+/// timeout, `stop` and `rm -f` must still end the sandbox, by killing the VMM.
+#[test]
+fn a_hung_guest_cannot_outlive_stop_timeout_or_rm() {
+    let k = Kiln::new();
+    let hang = "echo 0 > /proc/sys/kernel/panic; echo 1 > /proc/sys/vm/panic_on_oom; \
+                mkdir -p /t; mount -t tmpfs -o size=1G none /t; echo filling; dd if=/dev/zero of=/t/f bs=1M 2>/dev/null";
+    // --timeout on a hung guest.
+    let t = Instant::now();
+    let out = k.run(&[
+        "run",
+        "--memory",
+        "64",
+        "--timeout",
+        "8",
+        &busybox(),
+        "--",
+        "sh",
+        "-c",
+        hang,
+    ]);
+    assert_eq!(code(&out), 137, "stderr: {}", stderr(&out));
+    assert!(
+        t.elapsed() < Duration::from_secs(90),
+        "took {:?}",
+        t.elapsed()
+    );
+    k.assert_clean();
+    // stop and rm -f on a hung guest.
+    for cmd in [&["stop", "-t", "2"][..], &["rm", "-f"][..]] {
+        let id = detach(&k, &["--memory", "64", &busybox(), "--", "sh", "-c", hang]);
+        std::thread::sleep(Duration::from_secs(6));
+        let t = Instant::now();
+        let mut args = cmd.to_vec();
+        args.push(&id);
+        let out = k.run(&args);
+        assert_eq!(code(&out), 0, "{cmd:?}: {}", stderr(&out));
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{cmd:?} took {:?}",
+            t.elapsed()
+        );
+        k.assert_clean();
+        k.run(&["rm", "-f", &id]);
+    }
+}
+
+#[test]
+fn stop_exec_and_cp_on_a_paused_sandbox() {
+    let k = Kiln::new();
+    let id = detach(&k, &[&busybox(), "--", "sleep", "3600"]);
+    assert_eq!(code(&k.run(&["pause", &id])), 0);
+    let out = k.run(&["exec", &id, "--", "touch", "/ghost"]);
+    assert_ne!(code(&out), 0);
+    assert!(stderr(&out).contains("paused"), "{}", stderr(&out));
+    let out = k.run(&["cp", "/etc/hostname", &format!("{id}:/tmp/")]);
+    assert_ne!(code(&out), 0);
+    assert!(stderr(&out).contains("paused"), "{}", stderr(&out));
+    // The refused exec never runs later.
+    assert_eq!(code(&k.run(&["resume", &id])), 0);
+    let out = k.run(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "test -e /ghost && echo ran || echo never",
+    ]);
+    assert_eq!(stdout(&out), "never\n");
+    // stop on a paused sandbox resumes it and stops it.
+    assert_eq!(code(&k.run(&["pause", &id])), 0);
+    let t = Instant::now();
+    let out = k.run(&["stop", "-t", "5", &id]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert_eq!(stdout(&k.run(&["wait", &id])).trim(), "143");
+    k.assert_clean();
 }

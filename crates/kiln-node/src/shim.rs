@@ -30,6 +30,11 @@ use crate::vm::{self, VmHandle};
 /// How long the guest agent may take to answer after the VMM started. TCG
 /// boots take about a second; a loaded CI machine is much slower.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the guest agent may take to deliver a signal before Kiln stops
+/// relying on it and kills the VMM instead.
+const SIGNAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a SIGKILLed main process may take to be reported gone.
+const KILL_GRACE: Duration = Duration::from_secs(10);
 /// How long a powered-off guest may take to make its VMM exit.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -114,6 +119,9 @@ struct Shim {
     main_stdin: Mutex<Option<Stdin>>,
     state: watch::Sender<MainState>,
     paused: Mutex<Option<Instant>>,
+    /// Set once Kiln killed the VMM itself because the guest did not act
+    /// on a signal (a hung or hostile guest).
+    hard_killed: std::sync::atomic::AtomicBool,
 }
 
 /// Runs the supervisor of sandbox `id` until the sandbox has ended.
@@ -337,6 +345,7 @@ async fn start(
         main_stdin: Mutex::new(process.take_stdin()),
         state,
         paused: Mutex::new(None),
+        hard_killed: std::sync::atomic::AtomicBool::new(false),
     };
     Ok((shim, process, log, listener))
 }
@@ -395,7 +404,9 @@ async fn supervise(
                 {
                     warn!(timeout_secs = d.as_secs(), "timeout reached, killing the main process");
                     timed_out = true;
-                    let _ = shim.agent.signal(shim.main_pid, 9).await;
+                    // In its own task: a hung guest must not stall this loop.
+                    let shim = shim.clone();
+                    tokio::spawn(async move { kill_main(&shim).await });
                 }
             }
             Some(_) = clients.join_next(), if !clients.is_empty() => {}
@@ -403,6 +414,7 @@ async fn supervise(
     };
     let (exit_code, signal) = match status {
         Some(st) => (st.shell_code(), st.signal),
+        None if shim.hard_killed.load(std::sync::atomic::Ordering::SeqCst) => (137, Some(9)),
         None => {
             warn!("the agent connection closed before the main process exited");
             (255, None)
@@ -411,7 +423,7 @@ async fn supervise(
     info!(exit_code, "main process ended");
     // Record the status first: it is what `kiln wait` and `kiln ps` report.
     let mut rec = shim.store.load(&shim.id)?;
-    rec.state = if status.is_some() {
+    rec.state = if status.is_some() || shim.hard_killed.load(std::sync::atomic::Ordering::SeqCst) {
         SandboxState::Exited {
             exit_code,
             signal,
@@ -515,6 +527,13 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
                 writer.json(Kind::Response, &resp).await
             }
         },
+        CtlRequest::AttachExec { pid, .. } if pid == shim.main_pid => {
+            reply_error(
+                &mut writer,
+                format!("process {pid} is the sandbox's main process: follow it with kiln logs -f"),
+            )
+            .await
+        }
         CtlRequest::AttachExec { pid, stdin } => match shim.agent.attach(pid, stdin).await {
             Ok(p) => {
                 writer
@@ -590,16 +609,14 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
             Err(e) => reply_error(&mut writer, e.to_string()).await,
         },
         CtlRequest::Stop { grace_secs } => {
-            let _ = shim.agent.signal(shim.main_pid, 15).await;
-            let st = wait_exit(&shim, Some(Duration::from_secs(grace_secs))).await;
-            let st = match st {
-                Some(st) => st,
-                None => {
-                    let _ = shim.agent.signal(shim.main_pid, 9).await;
-                    wait_exit(&shim, Some(Duration::from_secs(30)))
-                        .await
-                        .unwrap_or((137, Some(9)))
+            resume_if_paused(&shim).await;
+            let st = if signal_main(&shim, 15).await {
+                match wait_exit(&shim, Some(Duration::from_secs(grace_secs))).await {
+                    Some(st) => st,
+                    None => kill_main(&shim).await,
                 }
+            } else {
+                kill_main(&shim).await
             };
             writer
                 .json(
@@ -612,10 +629,8 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
                 .await
         }
         CtlRequest::Kill => {
-            let _ = shim.agent.signal(shim.main_pid, 9).await;
-            let st = wait_exit(&shim, Some(Duration::from_secs(30)))
-                .await
-                .unwrap_or((137, Some(9)));
+            resume_if_paused(&shim).await;
+            let st = kill_main(&shim).await;
             writer
                 .json(
                     Kind::Response,
@@ -795,6 +810,46 @@ async fn snapshot(
         "snapshot written"
     );
     Ok(())
+}
+
+/// A paused guest cannot act on a signal: resume it first.
+async fn resume_if_paused(shim: &Shim) {
+    let mut paused = shim.paused.lock().await;
+    if paused.is_some() {
+        if let Err(e) = shim.vm.lock().await.resume().await {
+            warn!(error = %e, "cannot resume the VM");
+        }
+        *paused = None;
+        drop(paused);
+        set_paused(shim, false);
+    }
+}
+
+/// Signals the main process; `false` when the guest did not confirm in
+/// time (it is hung or hostile).
+async fn signal_main(shim: &Shim, signal: i32) -> bool {
+    matches!(
+        tokio::time::timeout(SIGNAL_TIMEOUT, shim.agent.signal(shim.main_pid, signal)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// SIGKILLs the main process through the guest and, if the guest does not
+/// report it gone in time, kills the VMM: a guest can never make its
+/// sandbox unkillable. Returns the main process's end.
+async fn kill_main(shim: &Shim) -> (i32, Option<i32>) {
+    if signal_main(shim, 9).await
+        && let Some(st) = wait_exit(shim, Some(KILL_GRACE)).await
+    {
+        return st;
+    }
+    warn!("the guest did not end the main process; killing the VMM");
+    shim.hard_killed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    shim.vm.lock().await.kill().await;
+    wait_exit(shim, Some(Duration::from_secs(30)))
+        .await
+        .unwrap_or((137, Some(9)))
 }
 
 fn set_paused(shim: &Shim, paused: bool) {
