@@ -63,7 +63,7 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
     }
     match cmd {
         Command::Run(args) => run(&store, args).await,
-        Command::Ps { all, quiet } => ps(&store, all, quiet),
+        Command::Ps { all, quiet } => ps(&store, all, quiet).await,
         Command::Exec(args) => exec(&store, args).await,
         Command::Cp { src, dst } => attach::cp(&store, &src, &dst).await,
         Command::Logs { follow, id } => logs(&store, &id, follow).await,
@@ -387,7 +387,13 @@ pub(crate) async fn spawn_shim(store: &Store, rec: &SandboxRecord) -> Result<(Re
     Ok((ready, shim_pid))
 }
 
-fn ps(store: &Store, all: bool, quiet: bool) -> Result<i32> {
+async fn ps(store: &Store, all: bool, quiet: bool) -> Result<i32> {
+    // Level-triggered clean-up: VMs whose supervisor died are killed here.
+    for r in store.list()? {
+        if r.vm.is_some() && !r.shim_pid.is_some_and(pid_alive) {
+            reap_orphan(store, &r.id).await;
+        }
+    }
     let recs = store.list()?;
     let mut out = std::io::stdout().lock();
     if !quiet {
@@ -569,6 +575,7 @@ async fn stop(store: &Store, id: &str, grace: u64) -> Result<()> {
     let id = store.resolve(id)?;
     let rec = refresh(store, store.load(&id)?);
     if rec.state.is_finished() {
+        reap_orphan(store, &id).await;
         return Ok(());
     }
     let sock = store.dir(&id).join("ctl.sock");
@@ -579,6 +586,29 @@ async fn stop(store: &Store, id: &str, grace: u64) -> Result<()> {
         other => bail!("unexpected answer from the supervisor of {id}: {other:?}"),
     }
     wait_supervisor_gone(store, &id, Duration::from_secs(30), None).await
+}
+
+/// A sandbox whose supervisor died leaves its VMM running with nobody to
+/// serve it: kill it from its record and record the sandbox as failed.
+pub(crate) async fn reap_orphan(store: &Store, id: &str) {
+    let Ok(mut rec) = store.load(id) else { return };
+    if rec.shim_pid.is_some_and(pid_alive) {
+        return;
+    }
+    let Some(vm) = rec.vm.take() else { return };
+    tracing::warn!(sandbox = %id, "the supervisor is gone; killing its VM");
+    kiln_node::vm::destroy_recorded(vm).await;
+    let _ = std::fs::remove_file(store.dir(id).join("ctl.sock"));
+    if !rec.state.is_finished() {
+        rec.state = SandboxState::Failed {
+            error: "the sandbox supervisor is gone".into(),
+            exit_code: 255,
+        };
+    }
+    rec.shim_pid = None;
+    if let Err(e) = store.save(&rec) {
+        tracing::warn!(error = %e, "cannot record the reaped sandbox");
+    }
 }
 
 pub(crate) async fn wait_supervisor_gone(

@@ -616,3 +616,44 @@ fn stop_exec_and_cp_on_a_paused_sandbox() {
     assert_eq!(stdout(&k.run(&["wait", &id])).trim(), "143");
     k.assert_clean();
 }
+
+#[test]
+fn a_vm_whose_supervisor_died_is_reaped() {
+    let k = Kiln::new();
+    let id = detach(&k, &[&busybox(), "--", "sleep", "3600"]);
+    let rec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            k.state_dir()
+                .join("sandboxes")
+                .join(&id)
+                .join("record.json"),
+        )
+        .expect("record"),
+    )
+    .expect("json");
+    let shim = rec["shim_pid"].as_i64().expect("shim pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    std::thread::sleep(Duration::from_millis(300));
+    // The VMM is still there, with nobody serving it, until a kiln command looks.
+    assert!(!k.leftover_processes().is_empty());
+    let out = k.run(&["ps", "-a"]);
+    assert!(
+        stdout(&out).contains("failed (255)"),
+        "ps: {}",
+        stdout(&out)
+    );
+    k.assert_clean();
+    let out = k.run(&["stop", &id]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    let out = k.run(&["rm", &id]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert!(
+        k.all_state_files().is_empty(),
+        "left: {:?}",
+        k.all_state_files()
+    );
+}

@@ -360,6 +360,7 @@ async fn supervise(
 ) -> Result<(), ShimError> {
     let mut clients = JoinSet::new();
     let mut timed_out = false;
+    let mut log_error: Option<String> = None;
     let deadline = timeout_secs.map(Duration::from_secs);
     let mut ran = Duration::ZERO;
     let mut last_tick = Instant::now();
@@ -367,14 +368,24 @@ async fn supervise(
     let status = loop {
         tokio::select! {
             out = process.recv() => match out {
-                Some(Ok(Output::Stdout(b))) => {
-                    let len = log.append(LogStream::Stdout, &b).map_err(ShimError::Log)?;
-                    shim.state.send_modify(|s| s.log_len = len);
-                }
-                Some(Ok(Output::Stderr(b))) => {
-                    let len = log.append(LogStream::Stderr, &b).map_err(ShimError::Log)?;
-                    shim.state.send_modify(|s| s.log_len = len);
-                }
+                Some(Ok(Output::Stdout(b))) => match log.append(LogStream::Stdout, &b) {
+                    Ok(len) => shim.state.send_modify(|s| s.log_len = len),
+                    Err(e) => {
+                        // Nowhere to put the output (disk full): end the
+                        // sandbox cleanly rather than lose it silently.
+                        warn!(error = %e, "cannot write the output log; ending the sandbox");
+                        log_error = Some(e.to_string());
+                        break None;
+                    }
+                },
+                Some(Ok(Output::Stderr(b))) => match log.append(LogStream::Stderr, &b) {
+                    Ok(len) => shim.state.send_modify(|s| s.log_len = len),
+                    Err(e) => {
+                        warn!(error = %e, "cannot write the output log; ending the sandbox");
+                        log_error = Some(e.to_string());
+                        break None;
+                    }
+                },
                 Some(Ok(Output::Exit(st))) => break Some(st),
                 Some(Err(e)) => {
                     warn!(error = %e, "the main process's output stream failed");
@@ -432,7 +443,10 @@ async fn supervise(
         }
     } else {
         SandboxState::Failed {
-            error: "the guest agent connection was lost".into(),
+            error: match &log_error {
+                Some(e) => format!("cannot write the output log: {e}"),
+                None => "the guest agent connection was lost".into(),
+            },
             exit_code,
         }
     };
