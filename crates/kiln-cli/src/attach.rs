@@ -601,11 +601,35 @@ fn unpack_from_guest(
         .map(|n| n.to_os_string())
         .unwrap_or_else(|| top.clone());
     let target = dir.join(&name);
-    if target.is_dir() && !target.is_symlink() {
-        // Replacing a directory: only an empty one, like `cp -r` would not.
-        let _ = std::fs::remove_dir(&target);
+    merge_into(&tmp.path().join(&top), &target)
+}
+
+/// Moves `src` to `dst`; a directory onto an existing directory is merged
+/// (like `docker cp`): files replace files, directories merge.
+fn merge_into(src: &Path, dst: &Path) -> Result<()> {
+    let dst_meta = std::fs::symlink_metadata(dst).ok();
+    let src_is_dir = std::fs::symlink_metadata(src)
+        .map(|m| m.is_dir())
+        .unwrap_or(false);
+    match dst_meta {
+        Some(m) if m.is_dir() && src_is_dir => {
+            for e in
+                std::fs::read_dir(src).with_context(|| format!("cannot read {}", src.display()))?
+            {
+                let e = e?;
+                merge_into(&e.path(), &dst.join(e.file_name()))?;
+            }
+            Ok(())
+        }
+        Some(m) if m.is_dir() => bail!(
+            "cannot overwrite the directory {} with a file",
+            dst.display()
+        ),
+        Some(_) if src_is_dir => bail!(
+            "cannot overwrite the file {} with a directory",
+            dst.display()
+        ),
+        _ => std::fs::rename(src, dst)
+            .with_context(|| format!("cannot move the copy to {}", dst.display())),
     }
-    std::fs::rename(tmp.path().join(&top), &target)
-        .with_context(|| format!("cannot move the copy to {}", target.display()))?;
-    Ok(())
 }

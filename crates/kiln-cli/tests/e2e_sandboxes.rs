@@ -392,6 +392,22 @@ fn cp_directories_and_errors() {
         std::fs::read_to_string(existing.join("tree/a.txt")).expect("copied"),
         "A"
     );
+    // Again, onto the now non-empty copy: merged, like docker cp.
+    std::fs::write(existing.join("tree/local-only"), "L").expect("write");
+    let out = k.run(&[
+        "cp",
+        &format!("{id}:/tmp/tree"),
+        existing.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(existing.join("tree/sub/b.txt")).expect("merged"),
+        "B"
+    );
+    assert_eq!(
+        std::fs::read_to_string(existing.join("tree/local-only")).expect("kept"),
+        "L"
+    );
     // To a new name.
     let out = k.run(&["cp", tree.to_str().expect("utf-8"), &format!("{id}:/srv")]);
     assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
