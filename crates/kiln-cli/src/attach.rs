@@ -191,15 +191,15 @@ async fn stream(
     {
         let tx = tx.clone();
         let sock = sock.to_path_buf();
+        // Registered here, before any output is shown: a Ctrl-C that
+        // follows the first output must never find the default handler.
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut int, mut term, mut winch) = (
+            signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            signal(SignalKind::window_change()).context("cannot handle SIGWINCH")?,
+        );
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut int), Ok(mut term), Ok(mut winch)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-                signal(SignalKind::window_change()),
-            ) else {
-                return;
-            };
             let mut interrupts = 0;
             loop {
                 tokio::select! {
