@@ -159,6 +159,9 @@ async fn run(store: &Store, args: RunArgs) -> Result<i32> {
     let t0 = Instant::now();
     let (image_ref, cmd) = split_image_and_cmd(&args)?;
     check_resources(args.cpus, args.memory, args.disk)?;
+    if args.timeout == Some(0) {
+        bail!("--timeout 0 would kill the command at once: give at least 1 second");
+    }
     let image = images::pull(store, &image_ref, &args.insecure, args.verbose, args.pull).await?;
     if args.verbose {
         eprintln!(

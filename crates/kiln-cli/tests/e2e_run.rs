@@ -287,6 +287,13 @@ fn bad_resources_are_refused_before_booting() {
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     let out = k.run(&["run", "--cpus", "0", &busybox(), "--", "true"]);
     assert_eq!(code(&out), 125);
+    let out = k.run(&["run", "--timeout", "0", &busybox(), "--", "true"]);
+    assert_eq!(code(&out), 125);
+    assert!(
+        stderr(&out).contains("--timeout 0"),
+        "stderr: {}",
+        stderr(&out)
+    );
     let out = k.run(&["run", "--driver", "bochs", &busybox(), "--", "true"]);
     assert_eq!(code(&out), 125);
     assert!(stderr(&out).contains("bochs"), "stderr: {}", stderr(&out));
