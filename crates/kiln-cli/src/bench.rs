@@ -176,23 +176,11 @@ async fn cold(
     let exe = kiln_exe()?;
     let mut first_byte = Vec::new();
     for _ in 0..runs {
-        let t = Instant::now();
-        let mut child = Command::new(&exe)
-            .args([
-                "run", "--rm", "--driver", driver, &image, "--", "echo", "ready",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let mut stdout = child.stdout.take().expect("piped");
-        let mut b = [0u8; 1];
-        let n = tokio::task::spawn_blocking(move || stdout.read(&mut b)).await??;
-        let d = t.elapsed();
-        let status = tokio::task::spawn_blocking(move || child.wait()).await??;
-        if n == 0 || !status.success() {
-            bail!("kiln run failed during the benchmark ({status})");
-        }
-        first_byte.push(d);
+        let args = [
+            "run", "--rm", "--driver", driver, &image, "--", "echo", "ready",
+        ];
+        first_byte
+            .push(crate::bench::first_byte(args.iter().map(|a| a.to_string()).collect()).await?);
     }
 
     // 4. Host memory of one idle sandbox (VMM + supervisor), proportional set size.

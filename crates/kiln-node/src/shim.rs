@@ -518,13 +518,7 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
                     .json(Kind::Response, &CtlResponse::Started { pid })
                     .await
             }
-            Err(e) => {
-                let resp = CtlResponse::Error {
-                    message: e.to_string(),
-                    exit_code: Some(e.shell_code().unwrap_or(125)),
-                };
-                writer.json(Kind::Response, &resp).await
-            }
+            Err(e) => reply_exec_error(&mut writer, &e).await,
         },
         CtlRequest::Exec(req) => match shim.agent.exec(req).await {
             Ok(p) => {
@@ -533,13 +527,7 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
                     .await?;
                 relay_process(&shim, p, reader, writer).await
             }
-            Err(e) => {
-                let resp = CtlResponse::Error {
-                    message: e.to_string(),
-                    exit_code: Some(e.shell_code().unwrap_or(125)),
-                };
-                writer.json(Kind::Response, &resp).await
-            }
+            Err(e) => reply_exec_error(&mut writer, &e).await,
         },
         CtlRequest::AttachExec { pid, .. } if pid == shim.main_pid => {
             reply_error(
@@ -632,40 +620,16 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
             } else {
                 kill_main(&shim).await
             };
-            writer
-                .json(
-                    Kind::Response,
-                    &CtlResponse::Exited {
-                        exit_code: st.0,
-                        signal: st.1,
-                    },
-                )
-                .await
+            reply_exited(&mut writer, st).await
         }
         CtlRequest::Kill => {
             resume_if_paused(&shim).await;
             let st = kill_main(&shim).await;
-            writer
-                .json(
-                    Kind::Response,
-                    &CtlResponse::Exited {
-                        exit_code: st.0,
-                        signal: st.1,
-                    },
-                )
-                .await
+            reply_exited(&mut writer, st).await
         }
         CtlRequest::Wait => {
             let st = wait_exit(&shim, None).await.unwrap_or((255, None));
-            writer
-                .json(
-                    Kind::Response,
-                    &CtlResponse::Exited {
-                        exit_code: st.0,
-                        signal: st.1,
-                    },
-                )
-                .await
+            reply_exited(&mut writer, st).await
         }
         CtlRequest::Pause => {
             let r = shim.vm.lock().await.pause().await;
@@ -899,6 +863,27 @@ async fn reply_error(
             },
         )
         .await
+}
+
+async fn reply_exited(
+    writer: &mut FrameWriter<tokio::net::unix::OwnedWriteHalf>,
+    (exit_code, signal): (i32, Option<i32>),
+) -> Result<(), ctl::CtlError> {
+    writer
+        .json(Kind::Response, &CtlResponse::Exited { exit_code, signal })
+        .await
+}
+
+/// An exec the guest refused, with the exit code a shell would give.
+async fn reply_exec_error(
+    writer: &mut FrameWriter<tokio::net::unix::OwnedWriteHalf>,
+    e: &agent::ExecError,
+) -> Result<(), ctl::CtlError> {
+    let resp = CtlResponse::Error {
+        message: e.to_string(),
+        exit_code: Some(e.shell_code().unwrap_or(125)),
+    };
+    writer.json(Kind::Response, &resp).await
 }
 
 /// Waits for the main process to end (at most `limit`).
