@@ -34,13 +34,16 @@ fn kernel_dir() -> PathBuf {
 
 fn print_report(name: &str, report: &conformance::Report) {
     eprintln!(
-        "{name}: passed {:?}; start() returned after {:?}, first serial byte after {:?}, stop took {:?}, snapshot downtime {:?}, restore → first byte {:?}",
+        "{name}: passed {:?}; start() returned after {:?}, first serial byte after {:?}, stop took {:?}, snapshot downtime {:?}, restore → first byte {:?}; fork of {} at once: restore() returned after {:?}, first counter line after {:?}",
         report.passed,
         report.start_returned,
         report.first_serial_byte,
         report.stop,
         report.snapshot_downtime,
-        report.restore_first_byte
+        report.restore_first_byte,
+        report.fork_restore.len(),
+        report.fork_restore,
+        report.fork_first_line
     );
 }
 
@@ -57,6 +60,9 @@ async fn qemu_tcg_baremetal_conformance() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     print_report("qemu/tcg baremetal", &report);
     assert!(report.passed.contains(&"snapshot_restore"));
+    assert!(report.passed.contains(&"fork"));
+    assert_eq!(report.fork_restore.len(), conformance::FORK_CLONES);
+    assert_eq!(report.fork_first_line.len(), conformance::FORK_CLONES);
 }
 
 /// QEMU with KVM and the bare-metal guest: on hardware KVM, and also on
@@ -82,6 +88,7 @@ async fn qemu_kvm_baremetal_conformance() {
     .await
     .unwrap_or_else(|e| panic!("{e:#}"));
     print_report("qemu/kvm baremetal", &report);
+    assert!(report.passed.contains(&"fork"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,6 +135,7 @@ async fn firecracker_conformance_skipped_without_binary() {
     .await
     .unwrap_or_else(|e| panic!("{e:#}"));
     print_report("firecracker baremetal", &report);
+    assert!(report.passed.contains(&"fork"));
     let vmlinux = kernel_dir().join("vmlinux");
     if vmlinux.is_file() {
         let report = conformance::run(
