@@ -20,7 +20,7 @@ pub use manifest::{Compression, ImageConfig, Platform};
 pub use reference::{ImageRef, ParseImageRefError, RegistryRef};
 pub use store::{
     Image, ImageStore, ListImagesError, OpenStoreError, PruneImagesError, PruneReport,
-    PullImageError, PullOptions, RemoveImageError,
+    PullImageError, PullOptions, Removal, RemoveImageError,
 };
 pub use unpack::{LayerStats, UnpackLayerError, UnpackOptions};
 

@@ -328,10 +328,29 @@ pub enum PruneImagesError {
 pub struct PruneReport {
     /// Image digests removed because no reference names them.
     pub images: Vec<String>,
+    /// Image digests no reference names that were kept because the caller
+    /// said they are in use ([`ImageStore::prune_keeping`]).
+    pub kept: Vec<String>,
     /// Stale work directories removed.
     pub temp_dirs: usize,
     /// Bytes freed (apparent sizes).
     pub bytes: u64,
+}
+
+/// What [`ImageStore::remove`] would do with a name, found without changing
+/// anything ([`ImageStore::removal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    /// The image the name stands for (its manifest digest).
+    pub digest: String,
+    /// Its base disk (it may be missing if the cache is damaged).
+    pub disk: PathBuf,
+    /// The references that would go: the one given, or every one naming
+    /// the digest when a digest was given.
+    pub references: Vec<String>,
+    /// The image itself (base disk) would be deleted: a digest was given,
+    /// or the reference given is the last one naming the image.
+    pub deletes_image: bool,
 }
 
 /// The image cache under `<cache_dir>/images`.
@@ -784,8 +803,81 @@ impl ImageStore {
         Ok(out)
     }
 
+    /// The base disk an image digest has in this cache (present or not).
+    pub fn disk_path(&self, digest: &str) -> PathBuf {
+        self.image_dir(hex_of(digest)).join(DISK_FILE)
+    }
+
+    /// What [`ImageStore::remove`] would remove for `what` (a reference or
+    /// a `sha256:` digest), without removing anything: callers check that
+    /// nothing uses the image before they remove it.
+    pub fn removal(&self, what: &str) -> Result<Removal, RemoveImageError> {
+        let io_err = |path: PathBuf| move |source: io::Error| RemoveImageError::Io { path, source };
+        let refs = self.read_refs().map_err(io_err(self.root.join("refs")))?;
+        if crate::reference::valid_digest(what) {
+            let references: Vec<String> = refs
+                .iter()
+                .filter(|(_, r)| r.digest == what)
+                .map(|(_, r)| r.reference.clone())
+                .collect();
+            let exists = self.image_dir(hex_of(what)).exists();
+            if !exists && references.is_empty() {
+                return Err(RemoveImageError::NotFound(what.to_owned()));
+            }
+            return Ok(Removal {
+                digest: what.to_owned(),
+                disk: self.disk_path(what),
+                references,
+                deletes_image: exists,
+            });
+        }
+        let key = ref_key(&ImageRef::parse(what)?);
+        let path = self.ref_path(&key);
+        let Some((_, rec)) = refs.iter().find(|(p, _)| *p == path) else {
+            return Err(RemoveImageError::NotFound(what.to_owned()));
+        };
+        let others = refs
+            .iter()
+            .any(|(p, r)| *p != path && r.digest == rec.digest);
+        Ok(Removal {
+            digest: rec.digest.clone(),
+            disk: self.disk_path(&rec.digest),
+            references: vec![rec.reference.clone()],
+            deletes_image: !others && self.image_dir(hex_of(&rec.digest)).exists(),
+        })
+    }
+
+    /// Removes a reference, or every reference to a `sha256:` digest, and
+    /// keeps the image: it stays listed under its digest until removed by
+    /// digest or pruned. Returns the references removed.
+    pub fn untag(&self, what: &str) -> Result<Vec<String>, RemoveImageError> {
+        let io_err = |path: PathBuf| move |source: io::Error| RemoveImageError::Io { path, source };
+        let refs = self.read_refs().map_err(io_err(self.root.join("refs")))?;
+        let gone: Vec<&(PathBuf, RefRecord)> = if crate::reference::valid_digest(what) {
+            if !self.image_dir(hex_of(what)).exists() && !refs.iter().any(|(_, r)| r.digest == what)
+            {
+                return Err(RemoveImageError::NotFound(what.to_owned()));
+            }
+            refs.iter().filter(|(_, r)| r.digest == what).collect()
+        } else {
+            let path = self.ref_path(&ref_key(&ImageRef::parse(what)?));
+            let found: Vec<_> = refs.iter().filter(|(p, _)| *p == path).collect();
+            if found.is_empty() {
+                return Err(RemoveImageError::NotFound(what.to_owned()));
+            }
+            found
+        };
+        for (path, _) in &gone {
+            fs::remove_file(path).map_err(io_err(path.clone()))?;
+        }
+        Ok(gone.iter().map(|(_, r)| r.reference.clone()).collect())
+    }
+
     /// Removes a reference (and its image if nothing else names it), or a `sha256:` digest
     /// (the image and every reference to it). Returns the removed image digests.
+    ///
+    /// The cache does not know what runs from its images: callers check
+    /// first ([`ImageStore::removal`] says whether the image would go).
     pub fn remove(&self, what: &str) -> Result<Vec<String>, RemoveImageError> {
         let io_err = |path: PathBuf| move |source: io::Error| RemoveImageError::Io { path, source };
         let refs = self.read_refs().map_err(io_err(self.root.join("refs")))?;
@@ -848,6 +940,15 @@ impl ImageStore {
 
     /// Removes stale work dirs and images that no reference names.
     pub fn prune(&self) -> Result<PruneReport, PruneImagesError> {
+        self.prune_keeping(|_| false)
+    }
+
+    /// [`ImageStore::prune`], keeping also the unnamed images for whose
+    /// digest `in_use` is true (listed in [`PruneReport::kept`]).
+    pub fn prune_keeping(
+        &self,
+        mut in_use: impl FnMut(&str) -> bool,
+    ) -> Result<PruneReport, PruneImagesError> {
         let io_err = |path: PathBuf| move |source: io::Error| PruneImagesError::Io { path, source };
         let tmp = self.root.join("tmp");
         let before = dir_size(&tmp);
@@ -868,9 +969,14 @@ impl ImageStore {
             if named.contains(&hex) {
                 continue;
             }
+            let digest = format!("sha256:{hex}");
+            if in_use(&digest) {
+                report.kept.push(digest);
+                continue;
+            }
             let size = dir_size(&e.path());
             if self.remove_image_dir(&hex).map_err(io_err(e.path()))? {
-                report.images.push(format!("sha256:{hex}"));
+                report.images.push(digest);
                 report.bytes += size;
             }
         }

@@ -209,6 +209,67 @@ async fn list_remove_prune() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a removal would do is known before anything is removed; untagging
+/// keeps the image; pruning keeps unnamed images the caller uses.
+#[tokio::test]
+async fn removal_untag_and_prune_keeping() -> anyhow::Result<()> {
+    common::init_tracing();
+    let layout = images::busybox()?;
+    let (_d, store) = store();
+    let tagged = layout.image_ref();
+    let untagged = format!("oci:{}", layout.dir.display());
+    let img = pull(&store, &tagged).await?;
+    assert_eq!(
+        pull(&store, &untagged).await?.manifest_digest,
+        img.manifest_digest
+    );
+    let digest = img.manifest_digest.clone();
+    assert_eq!(store.disk_path(&digest), img.disk);
+
+    // Two references: removing one would leave the image.
+    let one = store.removal(&tagged)?;
+    assert_eq!(one.digest, digest);
+    assert_eq!(one.disk, img.disk);
+    assert_eq!(one.references.len(), 1);
+    assert!(!one.deletes_image);
+    let all = store.removal(&digest)?;
+    assert_eq!(all.references.len(), 2);
+    assert!(all.deletes_image);
+    assert!(img.disk.exists(), "removal() removes nothing");
+    let zero = format!("sha256:{}", "0".repeat(64));
+    assert!(matches!(
+        store.removal(&zero),
+        Err(kiln_image::RemoveImageError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.untag(&zero),
+        Err(kiln_image::RemoveImageError::NotFound(_))
+    ));
+
+    // Untag both: the image stays, listed under its digest.
+    assert_eq!(store.untag(&tagged)?, one.references);
+    assert!(store.removal(&untagged)?.deletes_image, "now the last name");
+    assert_eq!(store.untag(&untagged)?.len(), 1);
+    assert!(img.disk.exists());
+    let listed = store.list()?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].reference, digest);
+    assert!(matches!(
+        store.untag(&tagged),
+        Err(kiln_image::RemoveImageError::NotFound(_))
+    ));
+
+    // In use: kept by prune; then pruned.
+    let report = store.prune_keeping(|d| d == digest)?;
+    assert!(report.images.is_empty(), "{report:?}");
+    assert_eq!(report.kept, vec![digest.clone()]);
+    assert!(img.disk.exists());
+    let report = store.prune()?;
+    assert_eq!(report.images, vec![digest]);
+    common::assert_cache_empty(&store);
+    Ok(())
+}
+
 #[tokio::test]
 async fn python_from_registry() -> anyhow::Result<()> {
     common::init_tracing();
