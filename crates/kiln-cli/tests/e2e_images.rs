@@ -3,10 +3,11 @@
 
 mod common;
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
-use common::{Kiln, busybox, code, stderr, stdout};
-use kiln_testkit::images::{self, LayoutWriter};
+use common::{Kiln, assert_one_line_error, busybox, code, stderr, stdout};
+use kiln_testkit::images::{self, LayoutWriter, OciLayout};
 use kiln_testkit::registry::Registry;
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -261,5 +262,223 @@ fn private_registry_with_credentials_from_docker_config() {
         .output()
         .expect("kiln runs");
     assert_eq!(stdout(&out), "authenticated\n", "stderr: {}", stderr(&out));
+    k.assert_clean();
+}
+
+/// `kiln ARGS` with the guest kernel and initramfs pinned to what they are
+/// now: a snapshot is refused under any other, and the shared cache's
+/// `current` links move when someone rebuilds them.
+fn pinned(k: &Kiln, args: &[&str]) -> Output {
+    let shared = common::shared_cache();
+    let canon = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
+    let out = k
+        .cmd()
+        .env("KILN_KERNEL", canon(shared.join("kernel/current/bzImage")))
+        .env(
+            "KILN_INITRAMFS",
+            canon(shared.join("initramfs/current/initramfs.img")),
+        )
+        .args(args)
+        .output()
+        .expect("kiln runs");
+    tracing::info!(
+        ?args,
+        code = ?out.status.code(),
+        stderr = %String::from_utf8_lossy(&out.stderr),
+        "kiln finished"
+    );
+    out
+}
+
+/// `kiln ARGS` must succeed; its stdout.
+fn ok(k: &Kiln, args: &[&str]) -> String {
+    let out = pinned(k, args);
+    assert_eq!(code(&out), 0, "kiln {args:?}: {}", stderr(&out));
+    stdout(&out)
+}
+
+/// `kiln run -d IMAGE -- ARGV`: the new sandbox's ID.
+fn detach(k: &Kiln, image: &str, argv: &[&str]) -> String {
+    let mut args = vec!["run", "-d", image, "--"];
+    args.extend_from_slice(argv);
+    let id = ok(k, &args).trim().to_string();
+    assert!(
+        !id.is_empty() && !id.contains(char::is_whitespace),
+        "{id:?}"
+    );
+    id
+}
+
+fn image_digests(k: &Kiln) -> Vec<String> {
+    ok(k, &["images", "ls", "-q"])
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// `kiln images rm NAME` is refused: exit code 125 and one line on stderr
+/// that names every user in `users`.
+fn assert_rm_refused(k: &Kiln, name: &str, users: &[&str]) -> String {
+    let out = pinned(k, &["images", "rm", name]);
+    assert_one_line_error(&out, "in use by");
+    assert_eq!(code(&out), 125, "stderr: {}", stderr(&out));
+    let err = stderr(&out);
+    for u in users {
+        assert!(err.contains(u), "{u:?} not named in: {err}");
+    }
+    assert_eq!(stdout(&out), "", "nothing removed");
+    err
+}
+
+/// The sandbox works: a command runs in it.
+fn assert_exec_works(k: &Kiln, id: &str) {
+    assert_eq!(
+        ok(k, &["exec", id, "--", "echo", "still here"]),
+        "still here\n"
+    );
+}
+
+/// `images rm` refuses an image while a sandbox runs from it (and while an
+/// ended sandbox still references it), by reference and by digest; the
+/// running sandbox is untouched; once the sandboxes are removed the image
+/// goes.
+#[test]
+fn images_rm_refuses_an_image_sandboxes_use() {
+    let k = Kiln::with_own_cache();
+    let bb = busybox();
+    let running = detach(&k, &bb, &["sleep", "600"]);
+    let ended = detach(&k, &bb, &["true"]);
+    assert_eq!(ok(&k, &["wait", &ended]).trim(), "0");
+    let digests = image_digests(&k);
+    assert_eq!(digests.len(), 1, "{digests:?}");
+    let digest = &digests[0];
+    let disk = k
+        .cache_dir()
+        .join("images/sha256")
+        .join(&digest[7..])
+        .join("disk.ext4");
+    assert!(disk.is_file(), "{}", disk.display());
+
+    let err = assert_rm_refused(
+        &k,
+        &bb,
+        &[
+            &format!("sandbox {running} (running)"),
+            &format!("ended sandbox {ended}"),
+            &format!("kiln rm -f {running}"),
+        ],
+    );
+    assert!(err.contains(&digest[..19]), "{err}");
+    assert_rm_refused(&k, digest, &[&running]);
+    assert!(disk.is_file());
+    assert_eq!(image_digests(&k), digests);
+    assert_exec_works(&k, &running);
+    // prune leaves named images alone, and this one is in use anyway.
+    ok(&k, &["images", "prune"]);
+    assert!(disk.is_file());
+
+    // The running sandbox removed: the ended one still holds it, until it
+    // is removed too (it never boots again; -f would remove past it).
+    ok(&k, &["rm", "-f", &running]);
+    let err = assert_rm_refused(&k, &bb, &[&format!("ended sandbox {ended}")]);
+    assert!(!err.contains(&running), "{err}");
+    assert!(err.contains("-f"), "{err}");
+    ok(&k, &["rm", &ended]);
+    let out = ok(&k, &["images", "rm", &bb]);
+    assert!(out.contains(&format!("removed {digest}")), "{out}");
+    assert!(image_digests(&k).is_empty());
+    assert!(!disk.exists());
+    k.assert_clean();
+}
+
+/// A snapshot keeps its image: `images rm` is refused while it exists, the
+/// snapshot can still be restored, and once it is removed the image goes.
+#[test]
+fn images_rm_refuses_an_image_a_snapshot_needs() {
+    let k = Kiln::with_own_cache();
+    let bb = busybox();
+    let id = detach(&k, &bb, &["sleep", "600"]);
+    let name = "img-snap";
+    assert_eq!(ok(&k, &["snapshot", &id, "--name", name]).trim(), name);
+    ok(&k, &["rm", "-f", &id]);
+    let digests = image_digests(&k);
+    assert_eq!(digests.len(), 1, "{digests:?}");
+
+    assert_rm_refused(&k, &bb, &[&format!("snapshot {name}")]);
+    assert_rm_refused(&k, &digests[0], &[&format!("snapshot {name}")]);
+    assert_eq!(image_digests(&k), digests);
+    // Still restorable; its sandbox runs from the image too.
+    let restored = ok(&k, &["restore", "-d", name]).trim().to_string();
+    assert_exec_works(&k, &restored);
+    assert_rm_refused(
+        &k,
+        &bb,
+        &[
+            &format!("sandbox {restored} (running)"),
+            &format!("snapshot {name}"),
+        ],
+    );
+    ok(&k, &["rm", "-f", &restored]);
+    assert_rm_refused(&k, &bb, &[&format!("snapshot {name}")]);
+
+    ok(&k, &["snapshot", "rm", name]);
+    let out = ok(&k, &["images", "rm", &bb]);
+    assert!(out.contains(&format!("removed {}", digests[0])), "{out}");
+    assert!(image_digests(&k).is_empty());
+    k.assert_clean();
+}
+
+/// A busybox layout of our own in `dir`, tagged `v1`; `mark` makes the
+/// config, and so the digest, differ.
+fn own_busybox(dir: &Path, mark: &str) -> OciLayout {
+    let mut w = LayoutWriter::new(dir).expect("layout");
+    w.copy_layers(&images::busybox().expect("busybox"))
+        .expect("busybox layers");
+    w.finish(
+        serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin:/usr/bin", format!("MARK={mark}")]}),
+        "v1",
+    )
+    .expect("finish")
+}
+
+/// The tag a sandbox was started from moves to another image: the old one
+/// is named by no reference any more, but `images prune` keeps it while
+/// the sandbox runs from it, and removes it afterwards.
+#[test]
+fn images_prune_keeps_an_untagged_image_in_use() {
+    let k = Kiln::with_own_cache();
+    let dir = tempfile::tempdir().expect("tmp");
+    let layout = own_busybox(&dir.path().join("layout"), "one");
+    let reference = layout.image_ref();
+    let id = detach(&k, &reference, &["sleep", "600"]);
+    let old = image_digests(&k);
+    assert_eq!(old.len(), 1, "{old:?}");
+    let old = old[0].clone();
+
+    own_busybox(&dir.path().join("layout"), "two");
+    let new = ok(&k, &["images", "pull", &reference]).trim().to_string();
+    assert_ne!(new, old, "the tag moved");
+    let mut both = vec![old.clone(), new.clone()];
+    both.sort();
+    let mut listed = image_digests(&k);
+    listed.sort();
+    assert_eq!(listed, both);
+
+    let out = ok(&k, &["images", "prune"]);
+    assert!(
+        out.contains(&format!("kept {old} (used by sandbox {id} (running))")),
+        "{out}"
+    );
+    assert!(!out.contains("removed sha256:"), "{out}");
+    let mut listed = image_digests(&k);
+    listed.sort();
+    assert_eq!(listed, both);
+    assert_exec_works(&k, &id);
+    assert_rm_refused(&k, &old, &[&format!("sandbox {id} (running)")]);
+
+    ok(&k, &["rm", "-f", &id]);
+    let out = ok(&k, &["images", "prune"]);
+    assert!(out.contains(&format!("removed {old}")), "{out}");
+    assert_eq!(image_digests(&k), vec![new]);
     k.assert_clean();
 }
