@@ -42,6 +42,11 @@ pub const INITIAL_WINDOW: u32 = 1024 * 1024;
 pub const PORT_NAME: &str = "kiln.agent";
 /// Vsock port the guest agent listens on (Firecracker).
 pub const VSOCK_PORT: u32 = 1024;
+/// `kiln-init WARM_UP_ARG` (not as PID 1) exits at once. The host runs it
+/// as `/proc/self/exe` in a freshly restored warm-pool member, so that the
+/// guest's process start path (fork, exec, exit, reaping, the agent's exec
+/// handling) has run once in that VMM before a user's command does.
+pub const WARM_UP_ARG: &str = "--kiln-warm-up";
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -48,6 +48,8 @@ pub enum BenchCommand {
         /// Where to write the JSON results.
         #[arg(long, default_value = "bench-warm.json")]
         json: PathBuf,
+        #[command(flatten)]
+        fork: crate::bench_fork::ForkBenchArgs,
     },
 }
 
@@ -206,6 +208,27 @@ async fn run(store: &Store, args: RunArgs) -> Result<i32> {
         driver: args.driver.clone(),
         auto_remove: args.rm,
     };
+    // The fastest start: a member of the template's warm pool, restored
+    // and paused ahead of time. Whether or not one was left, the pool is
+    // refilled in the background.
+    let template = if args.cold {
+        Err("--cold".to_string())
+    } else {
+        crate::templates::lookup(store, &spec)
+    };
+    if let Ok(name) = &template {
+        let claimed = crate::pool::claim(store, name, &spec).await;
+        crate::pool::refill_in_background(store, name);
+        if let Some(c) = claimed {
+            if args.verbose {
+                eprintln!(
+                    "kiln: warm start from the pool of template {name} ({} ms after the command started)",
+                    t0.elapsed().as_millis()
+                );
+            }
+            return finish_run(store, &args, &c.id, c.ready, c.shim_pid, t0).await;
+        }
+    }
     let mut rec = store.create(spec)?;
     // HOSTNAME is the sandbox's hostname: its short ID.
     let host = hostname_of(&rec.id);
@@ -216,16 +239,15 @@ async fn run(store: &Store, args: RunArgs) -> Result<i32> {
     }
     // A warm start when a template for exactly this exists (checked like
     // a snapshot before a restore), else a boot.
-    let cold_reason = if args.cold {
-        Some("--cold".to_string())
-    } else {
-        match crate::templates::claim(store, &rec.spec, &rec.id) {
+    let cold_reason = match template {
+        Err(why) => Some(why),
+        Ok(name) => match crate::templates::claim(store, &name, &rec.id) {
             Ok(name) => {
                 rec.template = Some(name);
                 None
             }
             Err(why) => Some(why),
-        }
+        },
     };
     store.save(&rec)?;
     if args.verbose {
@@ -269,10 +291,23 @@ async fn run(store: &Store, args: RunArgs) -> Result<i32> {
         rec = again;
         (ready, shim_pid) = spawn_shim(store, &rec).await?;
     }
+    finish_run(store, &args, &rec.id, ready, shim_pid, t0).await
+}
+
+/// The rest of `kiln run` once the supervisor of sandbox `id` reported
+/// (`ready`): report a failure, print the ID (`-d`), or attach until the
+/// main process ends and the VM is gone.
+async fn finish_run(
+    store: &Store,
+    args: &RunArgs,
+    id: &str,
+    ready: ReadyLine,
+    shim_pid: u32,
+    t0: Instant,
+) -> Result<i32> {
     if args.verbose {
         eprintln!(
-            "kiln: sandbox {} running on {} ({} ms after the command started)",
-            rec.id,
+            "kiln: sandbox {id} running on {} ({} ms after the command started)",
             ready.driver.as_deref().unwrap_or("?"),
             t0.elapsed().as_millis()
         );
@@ -284,24 +319,21 @@ async fn run(store: &Store, args: RunArgs) -> Result<i32> {
         eprintln!("kiln: {msg}");
         // The supervisor cleans up (--rm, the template's user entry) after
         // its report: return once it has.
-        let _ = wait_supervisor_gone(store, &rec.id, Duration::from_secs(30), Some(shim_pid)).await;
+        let _ = wait_supervisor_gone(store, id, Duration::from_secs(30), Some(shim_pid)).await;
         return Ok(ready.exit_code.unwrap_or(125));
     }
     if args.detach {
-        println!("{}", rec.id);
+        println!("{id}");
         return Ok(0);
     }
-    let code =
-        attach::attach_main_or_replay(store, &rec.id, args.process.interactive, args.process.tty)
-            .await?;
+    let code = attach::attach_main_or_replay(store, id, args.process.interactive, args.process.tty)
+        .await?;
     // The sandbox has ended; return once its VM is gone too, so nothing of
     // it outlives this command.
-    if let Err(e) =
-        wait_supervisor_gone(store, &rec.id, Duration::from_secs(30), Some(shim_pid)).await
-    {
+    if let Err(e) = wait_supervisor_gone(store, id, Duration::from_secs(30), Some(shim_pid)).await {
         eprintln!("kiln: {e:#}");
     }
-    if let Ok(r) = store.load(&rec.id)
+    if let Ok(r) = store.load(id)
         && let SandboxState::Exited {
             timed_out: true, ..
         } = r.state
@@ -393,7 +425,7 @@ pub(crate) async fn spawn_shim(store: &Store, rec: &SandboxRecord) -> Result<(Re
 async fn ps(store: &Store, all: bool, quiet: bool) -> Result<i32> {
     // Level-triggered clean-up: VMs whose supervisor died are killed here.
     for r in store.list()? {
-        if r.vm.is_some() && !r.shim_pid.is_some_and(pid_alive) {
+        if (r.vm.is_some() || r.pool.is_some()) && !r.shim_pid.is_some_and(pid_alive) {
             reap_orphan(store, &r.id).await;
         }
     }
@@ -407,6 +439,10 @@ async fn ps(store: &Store, all: bool, quiet: bool) -> Result<i32> {
         )?;
     }
     for r in recs {
+        // Warm-pool members run nothing yet: `kiln template ls` shows them.
+        if r.pool.is_some() {
+            continue;
+        }
         let r = refresh(store, r);
         if !all && r.state.is_finished() {
             continue;
@@ -471,7 +507,7 @@ pub(crate) fn refresh(store: &Store, mut r: SandboxRecord) -> SandboxRecord {
     r
 }
 
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| !s.contains(") Z "))
@@ -485,6 +521,7 @@ pub fn running_socket(store: &Store, id: &str) -> Result<(String, PathBuf)> {
     match rec.state {
         SandboxState::Running { .. } | SandboxState::Paused { .. } => {}
         SandboxState::Creating => bail!("sandbox {id} is still starting"),
+        SandboxState::Pooled => bail!("sandbox {id} is a warm-pool member: it runs nothing yet"),
         other => bail!("sandbox {id} is not running ({})", other.label()),
     }
     Ok((id.clone(), store.dir(&id).join("ctl.sock")))
@@ -598,10 +635,22 @@ pub(crate) async fn reap_orphan(store: &Store, id: &str) {
     if rec.shim_pid.is_some_and(pid_alive) {
         return;
     }
-    let Some(vm) = rec.vm.take() else { return };
-    tracing::warn!(sandbox = %id, "the supervisor is gone; killing its VM");
-    kiln_node::vm::destroy_recorded(vm).await;
-    let _ = std::fs::remove_file(store.dir(id).join("ctl.sock"));
+    if let Some(vm) = rec.vm.take() {
+        tracing::warn!(sandbox = %id, "the supervisor is gone; killing its VM");
+        kiln_node::vm::destroy_recorded(vm).await;
+        let _ = std::fs::remove_file(store.dir(id).join("ctl.sock"));
+    } else if rec.pool.is_none() {
+        return;
+    }
+    // An unclaimed pool member ran nothing: nothing of it is kept.
+    if let Some(name) = &rec.pool {
+        kiln_node::pool::Pool::of(store.dirs(), name).withdraw(id);
+        release_template(store, &rec);
+        if let Err(e) = store.remove(id) {
+            tracing::warn!(error = %e, "cannot remove the reaped pool member");
+        }
+        return;
+    }
     if !rec.state.is_finished() {
         rec.state = SandboxState::Failed {
             error: "the sandbox supervisor is gone".into(),
@@ -649,7 +698,10 @@ async fn rm(store: &Store, id: &str, force: bool) -> Result<()> {
     let rec = refresh(store, store.load(&id)?);
     let running = matches!(
         rec.state,
-        SandboxState::Running { .. } | SandboxState::Paused { .. } | SandboxState::Creating
+        SandboxState::Running { .. }
+            | SandboxState::Paused { .. }
+            | SandboxState::Creating
+            | SandboxState::Pooled
     );
     if running {
         if !force {

@@ -125,7 +125,10 @@ pub async fn dispatch(store: &Store, cmd: ImagesCommand) -> Result<i32> {
         }
         // `-f/--force` needs a `force: bool` field on `ImagesCommand::Rm`
         // (main.rs); until it has one, `kiln images rm` never forces.
-        ImagesCommand::Rm { images: names } => rm(store, &names, false),
+        ImagesCommand::Rm {
+            images: names,
+            force,
+        } => rm(store, &names, force),
         ImagesCommand::Prune => prune(store),
     }
 }

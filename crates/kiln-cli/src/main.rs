@@ -9,6 +9,7 @@ mod bench_warm;
 mod commands;
 mod images;
 mod info;
+mod pool;
 mod snapshots;
 mod templates;
 mod term;
@@ -141,8 +142,13 @@ enum ImagesCommand {
         #[arg(short, long)]
         quiet: bool,
     },
-    /// Remove cached images.
+    /// Remove cached images (refused while sandboxes, snapshots or
+    /// templates use them).
     Rm {
+        /// Remove even if ended sandboxes use it; only untag if snapshots or
+        /// templates need it. Never removes an image a VM runs from.
+        #[arg(short, long)]
+        force: bool,
         #[arg(required = true)]
         images: Vec<String>,
     },

@@ -36,6 +36,11 @@ pub enum TemplateCommand {
         /// When to contact the registry: missing, always, never.
         #[arg(long, value_enum, default_value = "missing")]
         pull: crate::images::PullPolicy,
+        /// Keep this many sandboxes restored from the template and paused,
+        /// handed out by `kiln run` and refilled in the background (0 turns
+        /// the pool off). On an existing template, only resizes its pool.
+        #[arg(long, value_name = "K")]
+        pool: Option<u32>,
         /// Print timings on stderr.
         #[arg(short = 'v', long)]
         verbose: bool,
@@ -46,11 +51,16 @@ pub enum TemplateCommand {
         #[arg(short, long)]
         quiet: bool,
     },
-    /// Remove templates (not while sandboxes started from them run).
+    /// Remove templates and their pools (not while sandboxes started from
+    /// them run).
     Rm {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Refill a template's warm pool (what `kiln run` starts in the
+    /// background after taking a member).
+    #[command(hide = true)]
+    Fill { name: String },
 }
 
 /// Whether sandbox `id` still runs (its VM may map a template's memory).
@@ -71,9 +81,17 @@ pub async fn dispatch(store: &Store, cmd: TemplateCommand) -> Result<i32> {
             driver,
             insecure,
             pull,
+            pool,
             verbose,
         } => {
             crate::commands::check_resources(cpus, memory, disk)?;
+            if pool.is_some_and(|k| k > kiln_node::pool::MAX_SIZE) {
+                anyhow::bail!(
+                    "--pool {} is too large: at most {}",
+                    pool.unwrap_or(0),
+                    kiln_node::pool::MAX_SIZE
+                );
+            }
             let img = crate::images::pull(store, &image, &insecure, verbose, pull).await?;
             let p = TemplateParams {
                 image: image.clone(),
@@ -105,22 +123,75 @@ pub async fn dispatch(store: &Store, cmd: TemplateCommand) -> Result<i32> {
                     );
                 }
             }
-            println!("{}", c.manifest.name);
+            let name = c.manifest.name.clone();
+            match pool {
+                Some(0) => {
+                    let n = crate::pool::drain(store, &name).await?;
+                    if verbose && n > 0 {
+                        eprintln!("kiln: pool of {name} removed ({n} sandboxes)");
+                    }
+                }
+                Some(k) => {
+                    let t1 = std::time::Instant::now();
+                    kiln_node::pool::Pool::of(store.dirs(), &name).set_size(k)?;
+                    let f = crate::pool::fill(store, &name).await?;
+                    if verbose {
+                        eprintln!(
+                            "kiln: pool of {name}: {} ready ({} restored, {} removed) in {} ms",
+                            f.ready,
+                            f.started,
+                            f.removed,
+                            t1.elapsed().as_millis()
+                        );
+                    }
+                }
+                None => {}
+            }
+            println!("{name}");
             Ok(0)
         }
         TemplateCommand::Ls { quiet } => ls(store, quiet),
         TemplateCommand::Rm { names } => {
             let mut code = 0;
             for name in names {
-                match template::remove(store.dirs(), &name, |id| alive(store, id)) {
+                if let Err(e) = snapshot::validate_name(&name) {
+                    eprintln!("kiln: {e}");
+                    code = 125;
+                    continue;
+                }
+                // Refused before its pool is touched while runs use it.
+                let busy: Vec<String> = template::store(store.dirs())
+                    .users(&name)
+                    .into_iter()
+                    .filter(|id| store.load(id).is_ok_and(|r| r.pool.is_none()) && alive(store, id))
+                    .collect();
+                if !busy.is_empty() {
+                    eprintln!(
+                        "kiln: template {name} is in use by sandboxes started from it: {}; remove them first",
+                        busy.join(", ")
+                    );
+                    code = 125;
+                    continue;
+                }
+                let removed = match crate::pool::drain(store, &name).await {
+                    Ok(_) => template::remove(store.dirs(), &name, |id| alive(store, id))
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("cannot empty the pool of template {name}: {e:#}")),
+                };
+                match removed {
                     Ok(()) => println!("{name}"),
                     Err(e) => {
                         eprintln!("kiln: {e}");
-                        code = 1;
+                        code = 125;
                     }
                 }
             }
             Ok(code)
+        }
+        TemplateCommand::Fill { name } => {
+            let f = crate::pool::fill(store, &name).await?;
+            tracing::info!(template = %name, started = f.started, removed = f.removed, ready = f.ready, "pool filled");
+            Ok(0)
         }
     }
 }
@@ -143,8 +214,8 @@ fn ls(store: &Store, quiet: bool) -> Result<i32> {
     });
     writeln!(
         out,
-        "{:<20}  {:<24}  {:>4}  {:>7}  {:>7}  {:>9}  {:<10}  {:>6}  STATUS",
-        "NAME", "IMAGE", "CPUS", "MEMORY", "DISK", "SIZE", "CREATED", "IN USE"
+        "{:<20}  {:<24}  {:>4}  {:>7}  {:>7}  {:>9}  {:<10}  {:>6}  {:>5}  STATUS",
+        "NAME", "IMAGE", "CPUS", "MEMORY", "DISK", "SIZE", "CREATED", "IN USE", "POOL"
     )?;
     for e in entries {
         let m = &e.manifest;
@@ -157,9 +228,13 @@ fn ls(store: &Store, quiet: bool) -> Result<i32> {
                 Err(err) => format!("unusable: {err}"),
             },
         };
+        let pool = match crate::pool::status(store, &m.name) {
+            Some((ready, size)) => format!("{ready}/{size}"),
+            None => "-".to_string(),
+        };
         writeln!(
             out,
-            "{:<20}  {:<24}  {:>4}  {:>7}  {:>7}  {:>9}  {:<10}  {:>6}  {}",
+            "{:<20}  {:<24}  {:>4}  {:>7}  {:>7}  {:>9}  {:<10}  {:>6}  {:>5}  {}",
             m.name,
             crate::commands::truncate(&m.spec.image, 24),
             m.cpus,
@@ -168,15 +243,23 @@ fn ls(store: &Store, quiet: bool) -> Result<i32> {
             crate::snapshots::human(snapshot::disk_usage(&templates.dir(&m.name))),
             crate::commands::ago(m.created_at),
             e.users.len(),
+            pool,
             status
         )?;
     }
     Ok(0)
 }
 
-/// Finds the template for `spec` and registers sandbox `id` as its user:
-/// its name, or why the sandbox boots cold.
-pub(crate) fn claim(store: &Store, spec: &SandboxSpec, id: &str) -> Result<String, String> {
+/// The template for `spec` (checked like a snapshot before a restore): its
+/// name, or why a run boots cold.
+pub(crate) fn lookup(store: &Store, spec: &SandboxSpec) -> Result<String, String> {
+    let templates = template::store(store.dirs());
+    if !templates.root().is_dir() {
+        return Err(format!(
+            "no template for {} (kiln template create)",
+            spec.image
+        ));
+    }
     let artifacts = GuestArtifacts::locate(store.dirs()).map_err(|e| e.to_string())?;
     let choice = kiln_node::vm::parse_driver(&spec.driver).map_err(|e| e.to_string())?;
     let (drv, _) = kiln_node::vm::driver_for(choice).map_err(|e| format!("{e:#}"))?;
@@ -190,17 +273,6 @@ pub(crate) fn claim(store: &Store, spec: &SandboxSpec, id: &str) -> Result<Strin
         memory_mib: spec.memory_mib,
         disk_mib: spec.disk_mib,
     };
-    let templates = template::store(store.dirs());
-    if !templates.root().is_dir() {
-        return Err(format!(
-            "no template for {} (kiln template create)",
-            spec.image
-        ));
-    }
-    // Shared: a `template rm` cannot slip between the check and the
-    // registration.
-    let _lock = template::lock(&templates, false)
-        .map_err(|e| format!("cannot lock the template store: {e}"))?;
     let m = template::find(&templates, &p, &guest, drv.info()).map_err(|e| e.0)?;
     if m.image_disk != spec.image_disk {
         return Err(format!(
@@ -210,8 +282,22 @@ pub(crate) fn claim(store: &Store, spec: &SandboxSpec, id: &str) -> Result<Strin
             spec.image_disk.display()
         ));
     }
-    templates
-        .add_user(&m.name, id)
-        .map_err(|e| format!("cannot register as a user of template {}: {e}", m.name))?;
     Ok(m.name)
+}
+
+/// Registers sandbox `id` as a user of template `name` (found by
+/// `lookup`): its name, or why the sandbox boots cold.
+pub(crate) fn claim(store: &Store, name: &str, id: &str) -> Result<String, String> {
+    let templates = template::store(store.dirs());
+    // Shared: a `template rm` cannot slip between the check and the
+    // registration.
+    let _lock = template::lock(&templates, false)
+        .map_err(|e| format!("cannot lock the template store: {e}"))?;
+    if !templates.exists(name) {
+        return Err(format!("template {name} was removed"));
+    }
+    templates
+        .add_user(name, id)
+        .map_err(|e| format!("cannot register as a user of template {name}: {e}"))?;
+    Ok(name.to_string())
 }

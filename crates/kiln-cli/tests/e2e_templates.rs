@@ -463,3 +463,250 @@ fn template_rm_refuses_while_sandboxes_use_it() {
     );
     t.k.assert_clean();
 }
+
+impl T {
+    /// The pool column of `template ls` for `name`.
+    fn pool_status(&self, name: &str) -> String {
+        let ls = self.ok(&["template", "ls"]);
+        let line = ls
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} not listed: {ls}"));
+        // NAME IMAGE CPUS MEMORY DISK SIZE(2 words) CREATED(2 words) IN-USE POOL
+        line.split_whitespace().nth(10).unwrap_or("").to_string()
+    }
+
+    /// The IDs of the pool members of `name` that can be claimed.
+    fn members(&self, name: &str) -> Vec<String> {
+        let dir = self.k.state_dir().join("pools").join(name).join("ready");
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn record(&self, id: &str) -> serde_json::Value {
+        let p = self
+            .k
+            .state_dir()
+            .join("sandboxes")
+            .join(id)
+            .join("record.json");
+        serde_json::from_slice(&std::fs::read(&p).expect("record")).expect("json")
+    }
+
+    /// Waits until `name`'s pool has `n` members ready again.
+    fn wait_pool(&self, name: &str, n: usize) {
+        let t0 = Instant::now();
+        while self.members(name).len() != n {
+            assert!(
+                t0.elapsed().as_secs() < 90,
+                "the pool of {name} never got back to {n}: {:?}",
+                self.members(name)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+/// CPU time (user + system, in clock ticks) a process has used.
+fn cpu_ticks(pid: u64) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+fn assert_from_pool(out: &std::process::Output, name: &str) {
+    let err = stderr(out);
+    assert!(
+        err.contains(&format!("warm start from the pool of template {name}")),
+        "expected a start from the pool of {name}: {err}"
+    );
+}
+
+#[test]
+fn a_warm_pool_hands_out_paused_sandboxes_and_refills_itself() {
+    let t = T::new();
+    let img = busybox();
+    tracing::info!("phase: a template with a pool of 2");
+    let name = t.template_create(&["--pool", "2"]);
+    assert_eq!(t.pool_status(&name), "2/2");
+    let first = t.members(&name);
+    assert_eq!(first.len(), 2, "members: {first:?}");
+    // Members run nothing yet: not in ps, paused, using no CPU.
+    assert_eq!(t.ok(&["ps", "-a", "-q"]).trim(), "");
+    let mut qemu_pids = vec![];
+    for id in &first {
+        let r = t.record(id);
+        assert_eq!(r["state"]["state"], "pooled", "record: {r}");
+        qemu_pids.push(r["vm"]["pid"].as_u64().expect("vm pid"));
+    }
+    let before: Vec<u64> = qemu_pids.iter().map(|p| cpu_ticks(*p)).collect();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let after: Vec<u64> = qemu_pids.iter().map(|p| cpu_ticks(*p)).collect();
+    for (b, a) in before.iter().zip(&after) {
+        // A running idle TCG guest burns far more than this in 2 s.
+        assert!(a - b <= 10, "a paused member used CPU: {b} -> {a} ticks");
+    }
+    assert!(t.run(&["exec", &first[0], "--", "true"]).status.code() != Some(0));
+
+    tracing::info!("phase: a run takes a member and runs exactly its command");
+    let out = t.run(&[
+        "run",
+        "--rm",
+        "-v",
+        "-e",
+        "GREETING=from the pool",
+        "-u",
+        "app",
+        "-w",
+        "/srv/work",
+        &img,
+        "--",
+        "sh",
+        "-c",
+        "echo \"$GREETING|$(id -u)|$(pwd)|$(hostname)|$HOSTNAME\"; echo err >&2; exit 4",
+    ]);
+    assert_eq!(code(&out), 4, "stderr: {}", stderr(&out));
+    assert_from_pool(&out, &name);
+    let line = stdout(&out);
+    let f: Vec<&str> = line.trim_end().split('|').collect();
+    assert_eq!(f.len(), 5, "output: {line:?}");
+    assert_eq!(&f[..3], ["from the pool", "1000", "/srv/work"]);
+    assert_eq!(f[3], f[4], "hostname and $HOSTNAME agree");
+    let taken = first
+        .iter()
+        .find(|id| id.starts_with(f[3]))
+        .unwrap_or_else(|| panic!("hostname {} is none of the members {first:?}", f[3]));
+    assert!(stderr(&out).contains("err\n"), "stderr: {}", stderr(&out));
+    // --rm: the claimed member is gone; the pool refills to 2 with a new one.
+    t.wait_pool(&name, 2);
+    let now = t.members(&name);
+    assert!(!now.contains(taken), "{taken} offered again: {now:?}");
+    assert!(!t.k.state_dir().join("sandboxes").join(taken).exists());
+
+    tracing::info!("phase: runs at once get different members and diverge");
+    let script = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > /tmp/rand; \
+                  echo mine > /root/own-$(hostname); echo ready; sleep 600";
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    let out = t.run(&["run", "-d", "-v", &img, "--", "sh", "-c", script]);
+                    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+                    stdout(&out).trim().to_string()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("run")).collect()
+    });
+    let mut uniq = ids.clone();
+    uniq.sort();
+    uniq.dedup();
+    assert_eq!(uniq.len(), 3, "ids: {ids:?}");
+    let mut rands = vec![];
+    for id in &ids {
+        let t0 = Instant::now();
+        while !t.ok(&["logs", id]).contains("ready") {
+            assert!(t0.elapsed().as_secs() < 60, "{id} never got ready");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        rands.push(t.ok(&["exec", id, "--", "cat", "/tmp/rand"]));
+        assert_eq!(
+            t.ok(&["exec", id, "--", "ls", "/root"]).trim(),
+            format!("own-{}", &id[..12]),
+            "files leak between pool sandboxes"
+        );
+    }
+    rands.sort();
+    rands.dedup();
+    assert_eq!(rands.len(), 3, "pool sandboxes drew the same random bytes");
+    let ps = t.ok(&["ps", "-q"]);
+    for id in &ids {
+        assert!(ps.contains(id.as_str()), "ps: {ps}");
+    }
+
+    tracing::info!("phase: template rm is refused while runs use it");
+    let out = t.run(&["template", "rm", &name]);
+    assert_eq!(code(&out), 125, "stderr: {}", stderr(&out));
+    assert!(stderr(&out).contains("in use"), "stderr: {}", stderr(&out));
+    for id in &ids {
+        t.ok(&["rm", "-f", id]);
+    }
+    t.wait_pool(&name, 2);
+
+    tracing::info!("phase: a member whose supervisor and VMM died is skipped and reaped");
+    let dead = t.members(&name)[0].clone();
+    let r = t.record(&dead);
+    for pid in [r["shim_pid"].as_u64(), r["vm"]["pid"].as_u64()] {
+        let pid = pid.expect("pid") as i32;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    for _ in 0..2 {
+        let out = t.run(&["run", "--rm", "-v", &img, "--", "echo", "survived"]);
+        assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+        assert_eq!(stdout(&out), "survived\n");
+    }
+    t.wait_pool(&name, 2);
+    assert!(!t.members(&name).contains(&dead));
+    assert!(!t.k.state_dir().join("sandboxes").join(&dead).exists());
+
+    tracing::info!("phase: resizing the pool, then removing the template");
+    t.template_create(&["--pool", "1"]);
+    assert_eq!(t.members(&name).len(), 1);
+    assert_eq!(t.pool_status(&name), "1/1");
+    t.ok(&["template", "rm", &name]);
+    assert!(!t.k.state_dir().join("pools").join(&name).exists());
+    assert!(t.ok(&["template", "ls", "-q"]).trim().is_empty());
+    let sandboxes: Vec<_> = std::fs::read_dir(t.k.state_dir().join("sandboxes"))
+        .expect("sandboxes dir")
+        .flatten()
+        .collect();
+    assert!(sandboxes.is_empty(), "left: {sandboxes:?}");
+    t.k.assert_clean();
+}
+
+#[test]
+fn a_template_changed_in_place_is_refused() {
+    let t = T::new();
+    let img = busybox();
+    let name = t.template_create(&[]);
+    let out = t.run(&["run", "--rm", "-v", &img, "--", "true"]);
+    assert_warm(&out, &name);
+    // Same size, one page of guest memory overwritten: only its digest
+    // can tell (the digest remembered for the old file must not be used).
+    let memory =
+        t.k.state_dir()
+            .join("templates")
+            .join(&name)
+            .join("vmm/memory");
+    let len = std::fs::metadata(&memory).expect("memory").len();
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&memory)
+            .expect("open");
+        f.seek(SeekFrom::Start(len / 3)).expect("seek");
+        f.write_all(&[0xa5u8; 4096]).expect("write");
+    }
+    assert_eq!(std::fs::metadata(&memory).expect("memory").len(), len);
+    let out = t.run(&["run", "--rm", "-v", &img, "--", "echo", "booted"]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), "booted\n");
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("template {name} cannot be used")) && err.contains("vmm/memory"),
+        "stderr: {err}"
+    );
+    t.ok(&["template", "rm", &name]);
+    t.k.assert_clean();
+}

@@ -59,6 +59,12 @@ pub enum CtlRequest {
         name: String,
         ephemeral: bool,
     },
+    /// Hands a warm-pool member to a run: the supervisor resumes the VM,
+    /// pushes the new identity and starts `spec`'s main process, then
+    /// answers `Ready` and supervises it like any sandbox.
+    Claim {
+        spec: Box<crate::store::SandboxSpec>,
+    },
 }
 
 /// The supervisor's first answer on a control connection.
@@ -80,6 +86,10 @@ pub enum CtlResponse {
     /// Answer to `Stat`: `None` when the path does not exist.
     Stat {
         stat: Option<kiln_api::proto::FileStat>,
+    },
+    /// Answer to `Claim`: what a supervisor's ready line says.
+    Ready {
+        line: crate::shim::ReadyLine,
     },
 }
 

@@ -10,6 +10,7 @@ pub mod compose;
 pub mod ctl;
 pub mod logs;
 pub mod paths;
+pub mod pool;
 pub mod shim;
 pub mod snapshot;
 pub mod store;

@@ -56,6 +56,11 @@ impl Dirs {
         }
     }
 
+    /// Facts remembered about unchanged files (`kiln_vmm::memo`).
+    pub fn memo(&self) -> PathBuf {
+        self.cache.join("memo")
+    }
+
     pub fn sandboxes(&self) -> PathBuf {
         self.state.join("sandboxes")
     }
@@ -88,6 +93,8 @@ pub struct GuestArtifacts {
     pub vmlinux: PathBuf,
     pub initramfs: PathBuf,
     pub init_binary: PathBuf,
+    /// Where their digests are remembered (`kiln_vmm::memo`).
+    pub memo: PathBuf,
 }
 
 /// The guest kernel or initramfs is missing.
@@ -126,6 +133,7 @@ impl GuestArtifacts {
             vmlinux: canon(vmlinux),
             initramfs: canon(initramfs),
             init_binary: canon(init_binary),
+            memo: dirs.memo(),
         })
     }
 }

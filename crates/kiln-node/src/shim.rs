@@ -40,7 +40,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The one line the supervisor prints on its stdout once the sandbox runs
 /// (or could not start), for the `kiln` command that spawned it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadyLine {
     pub ok: bool,
     #[serde(default)]
@@ -89,6 +89,8 @@ pub enum ShimError {
     },
     #[error("cannot write the output log")]
     Log(#[source] std::io::Error),
+    #[error("cannot pause or resume the VM")]
+    Control(#[source] kiln_vmm::ControlVmError),
 }
 
 impl ShimError {
@@ -124,8 +126,35 @@ struct Shim {
     hard_killed: std::sync::atomic::AtomicBool,
 }
 
+/// Where the supervisor reports whether the sandbox started: the pipe of
+/// the `kiln` command that spawned it, or (a claimed pool member) the
+/// control connection of the run that claimed it.
+enum Report<W> {
+    Pipe(W),
+    Claim(FrameWriter<tokio::net::unix::OwnedWriteHalf>),
+}
+
+impl<W: std::io::Write> Report<W> {
+    async fn send(self, line: &ReadyLine) {
+        match self {
+            Report::Pipe(mut w) => {
+                let _ = writeln!(w, "{}", serde_json::to_string(line).expect("serializes"));
+                let _ = w.flush();
+            }
+            Report::Claim(mut w) => {
+                let resp = CtlResponse::Ready { line: line.clone() };
+                if let Err(e) = w.json(Kind::Response, &resp).await {
+                    warn!(error = %e, "cannot answer the run that claimed this sandbox");
+                }
+            }
+        }
+    }
+}
+
 /// Runs the supervisor of sandbox `id` until the sandbox has ended.
-/// `ready` receives one JSON `ReadyLine` once the main process started.
+/// `ready` receives one JSON `ReadyLine` once the main process started (a
+/// warm-pool member: once it is offered; the run that claims it gets the
+/// main process's line on its control connection).
 #[instrument(skip_all, fields(sandbox = %id))]
 pub async fn run(
     store: Store,
@@ -136,7 +165,15 @@ pub async fn run(
     let mut rec = store.load(&id)?;
     rec.shim_pid = Some(std::process::id());
     store.save(&rec)?;
-    match start(&store, &mut rec).await {
+    let (outcome, report) = if rec.pool.is_some() {
+        match pooled(&store, &mut rec, &mut ready).await? {
+            PoolEnd::Gone => return Ok(()),
+            PoolEnd::Claimed { outcome, writer } => (*outcome, Report::Claim(writer)),
+        }
+    } else {
+        (start(&store, &mut rec).await, Report::Pipe(ready))
+    };
+    match outcome {
         Ok((shim, process, log, listener)) => {
             let line = ReadyLine {
                 ok: true,
@@ -146,13 +183,7 @@ pub async fn run(
                 driver: rec.driver.clone(),
                 restore_failed: false,
             };
-            let _ = writeln!(
-                ready,
-                "{}",
-                serde_json::to_string(&line).expect("serializes")
-            );
-            let _ = ready.flush();
-            drop(ready);
+            report.send(&line).await;
             info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "sandbox running"
@@ -176,6 +207,7 @@ pub async fn run(
                 exit_code: code,
             };
             rec.shim_pid = None;
+            rec.vm = None;
             store.save(&rec)?;
             let line = ReadyLine {
                 ok: false,
@@ -193,11 +225,8 @@ pub async fn run(
                         ShimError::Restore(_) | ShimError::Vm(_) | ShimError::Agent(_)
                     ),
             };
-            let _ = writeln!(
-                ready,
-                "{}",
-                serde_json::to_string(&line).expect("serializes")
-            );
+            report.send(&line).await;
+            let _ = std::fs::remove_file(store.dir(&rec.id).join("ctl.sock"));
             release_snapshot(&store, &rec);
             if rec.spec.auto_remove {
                 store.remove(&id)?;
@@ -229,29 +258,37 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-async fn start(
-    store: &Store,
-    rec: &mut SandboxRecord,
-) -> Result<(Shim, Process, LogWriter, UnixListener), ShimError> {
-    let dir = store.dir(&rec.id);
+/// What a started sandbox is made of, before it is supervised.
+type Started = (Shim, Process, LogWriter, UnixListener);
+
+/// A VM that runs and whose agent answered a new session.
+struct Up {
+    vm: VmHandle,
+    agent: AgentClient,
+    ack: proto::HelloAck,
+    /// When the driver reported the VM running.
+    vm_ready: Instant,
+}
+
+/// Boots the sandbox's VM, or restores it (snapshot or template), and opens
+/// the agent session. On failure nothing of the VM is left.
+async fn bring_up(store: &Store, rec: &mut SandboxRecord) -> Result<Up, ShimError> {
     let artifacts = GuestArtifacts::locate(store.dirs())?;
-    let restore_from = rec.restored_from.clone();
-    let vm = match (&restore_from, rec.template.clone()) {
+    let vm = match (rec.restored_from.clone(), rec.template.clone()) {
         (Some(name), _) => {
             let snapshots = crate::snapshot::SnapshotStore::new(store.dirs());
-            vm::restore_sandbox_vm(store, rec, &artifacts, &snapshots, name, "snapshot").await?
+            vm::restore_sandbox_vm(store, rec, &artifacts, &snapshots, &name, "snapshot").await?
         }
         // A warm start: the template's guest waits for its first process,
-        // which is started below exactly as after a boot.
+        // which is started exactly as after a boot.
         (None, Some(name)) => {
             let templates = crate::template::store(store.dirs());
             vm::restore_sandbox_vm(store, rec, &artifacts, &templates, &name, "template").await?
         }
         (None, None) => vm::start_sandbox_vm(store, rec, &artifacts).await?,
     };
-    // From here on, a failure must tear the VM down again.
     let vm_ready = Instant::now();
-    let result = async {
+    let session = async {
         let stream = vm
             .connect_agent()
             .await
@@ -259,10 +296,44 @@ async fn start(
         // A restored guest answers for this new session once its agent sees
         // the Hello (the Hello is repeated until then; the guest drops the
         // session of the snapshot's supervisor and un-quiesces).
-        let (agent, ack) = AgentClient::connect(stream, AGENT_TIMEOUT)
+        AgentClient::connect(stream, AGENT_TIMEOUT)
             .await
-            .map_err(ShimError::Agent)?;
-        let agent_ms = vm_ready.elapsed().as_millis() as u64;
+            .map_err(ShimError::Agent)
+    }
+    .await;
+    match session {
+        Ok((agent, ack)) => Ok(Up {
+            vm,
+            agent,
+            ack,
+            vm_ready,
+        }),
+        Err(e) => {
+            vm.kill().await;
+            vm.cleanup().await;
+            Err(e)
+        }
+    }
+}
+
+async fn start(store: &Store, rec: &mut SandboxRecord) -> Result<Started, ShimError> {
+    let up = bring_up(store, rec).await?;
+    launch(store, rec, up).await
+}
+
+/// Pushes the sandbox's identity and starts its main process (or, restored
+/// from a snapshot, follows the one that runs), then serves `ctl.sock`.
+/// On failure the VM is torn down.
+async fn launch(store: &Store, rec: &mut SandboxRecord, up: Up) -> Result<Started, ShimError> {
+    let Up {
+        vm,
+        agent,
+        ack,
+        vm_ready,
+    } = up;
+    let agent_ms = vm_ready.elapsed().as_millis() as u64;
+    let dir = store.dir(&rec.id);
+    let result = async {
         agent
             .configure(vm::identity(&rec.id))
             .await
@@ -271,7 +342,7 @@ async fn start(
                 exit_code: 125,
             })?;
         let configured_ms = vm_ready.elapsed().as_millis() as u64;
-        if restore_from.is_some() {
+        let process = if rec.restored_from.is_some() {
             // The main process runs already: follow it again (its output
             // held in the guest meanwhile comes first).
             let pid = ack.main.as_ref().map(|m| m.pid).ok_or(ShimError::NoMain)?;
@@ -286,35 +357,41 @@ async fn start(
                 pid,
                 "re-attached to the main process of the restored guest"
             );
-            return Ok::<_, ShimError>((agent, process));
-        }
-        let req = ExecRequest {
-            argv: rec.spec.argv.clone(),
-            env: rec.spec.env.clone(),
-            cwd: rec.spec.cwd.clone(),
-            user: rec.spec.user.clone(),
-            tty: rec.spec.tty,
-            rows: None,
-            cols: None,
-            stdin: rec.spec.stdin,
-            main: true,
-            detached: false,
+            process
+        } else {
+            let req = ExecRequest {
+                argv: rec.spec.argv.clone(),
+                env: rec.spec.env.clone(),
+                cwd: rec.spec.cwd.clone(),
+                user: rec.spec.user.clone(),
+                tty: rec.spec.tty,
+                rows: None,
+                cols: None,
+                stdin: rec.spec.stdin,
+                main: true,
+                detached: false,
+            };
+            let process = agent.exec(req).await.map_err(|e| ShimError::Exec {
+                exit_code: e.shell_code().unwrap_or(125),
+                message: e.to_string(),
+            })?;
+            info!(
+                agent_ms,
+                configured_ms,
+                started_ms = vm_ready.elapsed().as_millis() as u64,
+                warm = rec.template.is_some(),
+                "main process started"
+            );
+            process
         };
-        let process = agent.exec(req).await.map_err(|e| ShimError::Exec {
-            exit_code: e.shell_code().unwrap_or(125),
-            message: e.to_string(),
-        })?;
-        info!(
-            agent_ms,
-            configured_ms,
-            started_ms = vm_ready.elapsed().as_millis() as u64,
-            warm = rec.template.is_some(),
-            "main process started"
-        );
-        Ok::<_, ShimError>((agent, process))
+        let sock = ctl_socket(&dir);
+        let _ = std::fs::remove_file(&sock);
+        let listener =
+            UnixListener::bind(&sock).map_err(|source| ShimError::Listen { path: sock, source })?;
+        Ok::<_, ShimError>((process, listener))
     }
     .await;
-    let (agent, mut process) = match result {
+    let (mut process, listener) = match result {
         Ok(v) => v,
         Err(e) => {
             vm.kill().await;
@@ -322,10 +399,6 @@ async fn start(
             return Err(e);
         }
     };
-    let sock = dir.join("ctl.sock");
-    let _ = std::fs::remove_file(&sock);
-    let listener =
-        UnixListener::bind(&sock).map_err(|source| ShimError::Listen { path: sock, source })?;
     rec.state = SandboxState::Running {
         main_pid: process.pid(),
     };
@@ -348,6 +421,271 @@ async fn start(
         hard_killed: std::sync::atomic::AtomicBool::new(false),
     };
     Ok((shim, process, log, listener))
+}
+
+/// How a warm-pool member's wait ended.
+enum PoolEnd {
+    /// It was removed (killed, its VM died, or it never came up): nothing
+    /// of it is left, not even its record.
+    Gone,
+    /// A run claimed it: the outcome of starting its main process, and the
+    /// connection to answer on.
+    Claimed {
+        outcome: Box<Result<Started, ShimError>>,
+        writer: FrameWriter<tokio::net::unix::OwnedWriteHalf>,
+    },
+}
+
+/// A warm-pool member (`crate::pool`): restores the template, has the
+/// guest run its identity push once, pauses, offers itself, and waits for a
+/// run to claim it (or to be removed).
+async fn pooled(
+    store: &Store,
+    rec: &mut SandboxRecord,
+    ready: &mut impl std::io::Write,
+) -> Result<PoolEnd, ShimError> {
+    let Some(name) = rec.pool.clone() else {
+        return Ok(PoolEnd::Gone);
+    };
+    let pool = crate::pool::Pool::of(store.dirs(), &name);
+    let dir = store.dir(&rec.id);
+    let sock = ctl_socket(&dir);
+    let prepared = async {
+        let up = bring_up(store, rec).await?;
+        let warmed = async {
+            // The first identity push after a restore makes the guest run
+            // code it has not run since the snapshot (under TCG: translate
+            // it); a claim then pays only for its own.
+            up.agent
+                .configure(vm::identity(&rec.id))
+                .await
+                .map_err(|e| ShimError::Exec {
+                    message: format!("configuring the guest failed: {e}"),
+                    exit_code: 125,
+                })?;
+            warm_up(&up.agent).await;
+            up.vm.pause().await.map_err(ShimError::Control)?;
+            let _ = std::fs::remove_file(&sock);
+            UnixListener::bind(&sock).map_err(|source| ShimError::Listen {
+                path: sock.clone(),
+                source,
+            })
+        }
+        .await;
+        match warmed {
+            Ok(l) => Ok((up, l)),
+            Err(e) => {
+                up.vm.kill().await;
+                up.vm.cleanup().await;
+                Err(e)
+            }
+        }
+    }
+    .await;
+    let (up, listener) = match prepared {
+        Ok(v) => v,
+        Err(e) => {
+            let chain = error_chain(&e);
+            warn!(error = %chain, "the pool member did not come up");
+            let line = ReadyLine {
+                ok: false,
+                main_pid: None,
+                error: Some(chain),
+                exit_code: Some(e.exit_code()),
+                driver: rec.driver.clone(),
+                restore_failed: true,
+            };
+            let _ = writeln!(
+                ready,
+                "{}",
+                serde_json::to_string(&line).expect("serializes")
+            );
+            forget_member(store, rec, &pool);
+            return Ok(PoolEnd::Gone);
+        }
+    };
+    rec.state = SandboxState::Pooled;
+    store.save(rec)?;
+    if let Err(e) = pool.offer(&rec.id) {
+        warn!(error = %e, "cannot offer the pool member");
+    }
+    let line = ReadyLine {
+        ok: true,
+        main_pid: None,
+        error: None,
+        exit_code: None,
+        driver: rec.driver.clone(),
+        restore_failed: false,
+    };
+    let _ = writeln!(
+        ready,
+        "{}",
+        serde_json::to_string(&line).expect("serializes")
+    );
+    let _ = ready.flush();
+    info!(
+        pool = %name,
+        restored_ms = up.vm_ready.elapsed().as_millis() as u64,
+        "pool member ready (paused)"
+    );
+    enum Event {
+        Conn(UnixStream),
+        VmGone,
+    }
+    loop {
+        let event = tokio::select! {
+            conn = listener.accept() => match conn {
+                Ok((s, _)) => Event::Conn(s),
+                Err(_) => continue,
+            },
+            () = up.vm.wait() => Event::VmGone,
+        };
+        let stream = match event {
+            Event::Conn(s) => s,
+            Event::VmGone => {
+                warn!("the pool member's VMM exited");
+                up.vm.cleanup().await;
+                forget_member(store, rec, &pool);
+                return Ok(PoolEnd::Gone);
+            }
+        };
+        let (mut r, w) = stream.into_split();
+        let mut writer = FrameWriter::new(w);
+        let req = match ctl::read_request(&mut r).await {
+            Ok((req, _)) => req,
+            Err(e) => {
+                tracing::debug!(error = %e, "bad control request to a pool member");
+                continue;
+            }
+        };
+        match req {
+            CtlRequest::Claim { spec } => {
+                if let Some(why) = claim_mismatch(&rec.spec, &spec) {
+                    warn!(why, "refusing a claim for something else");
+                    let _ = reply_error(&mut writer, format!("this pool member {why}")).await;
+                    let _ = pool.offer(&rec.id);
+                    continue;
+                }
+                pool.withdraw(&rec.id);
+                info!("claimed by a run");
+                rec.spec = *spec;
+                rec.pool = None;
+                rec.state = SandboxState::Creating;
+                store.save(rec)?;
+                drop(listener);
+                let outcome = match up.vm.resume().await {
+                    Ok(()) => launch(store, rec, up).await,
+                    Err(e) => {
+                        up.vm.kill().await;
+                        up.vm.cleanup().await;
+                        Err(ShimError::Control(e))
+                    }
+                };
+                return Ok(PoolEnd::Claimed {
+                    outcome: Box::new(outcome),
+                    writer,
+                });
+            }
+            CtlRequest::Kill | CtlRequest::Stop { .. } => {
+                info!("pool member removed");
+                pool.withdraw(&rec.id);
+                up.vm.kill().await;
+                up.vm.cleanup().await;
+                drop(listener);
+                forget_member(store, rec, &pool);
+                let _ = reply_exited(&mut writer, (137, Some(9))).await;
+                return Ok(PoolEnd::Gone);
+            }
+            _ => {
+                let _ = reply_error(
+                    &mut writer,
+                    format!(
+                        "sandbox {} is a warm-pool member of template {name}: it runs nothing yet",
+                        rec.id
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// Starts and reaps one trivial process in the guest (`WARM_UP_ARG`), so
+/// that a claim does not pay for the first process start after a restore.
+/// Best effort: a guest that cannot is still a usable pool member.
+async fn warm_up(agent: &AgentClient) {
+    let req = ExecRequest {
+        argv: vec!["/proc/self/exe".into(), proto::WARM_UP_ARG.into()],
+        env: vec![],
+        cwd: None,
+        user: None,
+        tty: false,
+        rows: None,
+        cols: None,
+        stdin: false,
+        main: false,
+        detached: false,
+    };
+    let t0 = Instant::now();
+    let ran = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut p = agent.exec(req).await.map_err(|e| e.to_string())?;
+        loop {
+            match p.recv().await {
+                Some(Ok(Output::Exit(st))) => return Ok(st.shell_code()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("the process stream ended".to_string()),
+            }
+        }
+    })
+    .await;
+    match ran {
+        Ok(Ok(0)) => info!(
+            elapsed_ms = t0.elapsed().as_millis() as u64,
+            "guest warmed up"
+        ),
+        Ok(Ok(code)) => warn!(code, "the warm-up process failed"),
+        Ok(Err(e)) => warn!(error = %e, "the warm-up process failed"),
+        Err(_) => warn!("the warm-up process did not finish"),
+    }
+}
+
+/// Why `claimed` cannot run in a pool member made for `member`, if so.
+fn claim_mismatch(
+    member: &crate::store::SandboxSpec,
+    claimed: &crate::store::SandboxSpec,
+) -> Option<String> {
+    if member.image_digest != claimed.image_digest || member.image_disk != claimed.image_disk {
+        return Some(format!(
+            "runs image {}, not {}",
+            member.image_digest, claimed.image_digest
+        ));
+    }
+    if (member.cpus, member.memory_mib, member.disk_mib)
+        != (claimed.cpus, claimed.memory_mib, claimed.disk_mib)
+    {
+        return Some(format!(
+            "has {} CPU, {} MiB memory and {} MiB disk, not {}, {} and {}",
+            member.cpus,
+            member.memory_mib,
+            member.disk_mib,
+            claimed.cpus,
+            claimed.memory_mib,
+            claimed.disk_mib
+        ));
+    }
+    None
+}
+
+/// Removes every trace of a pool member whose VM is gone: its offer, its
+/// registration with the template, its socket and its record.
+fn forget_member(store: &Store, rec: &SandboxRecord, pool: &crate::pool::Pool) {
+    pool.withdraw(&rec.id);
+    release_snapshot(store, rec);
+    let _ = std::fs::remove_file(ctl_socket(&store.dir(&rec.id)));
+    if let Err(e) = store.remove(&rec.id) {
+        warn!(error = %e, "cannot remove the pool member's record");
+    }
 }
 
 /// Runs until the main process has ended and the VM is gone.
@@ -650,6 +988,13 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
             Ok(()) => writer.json(Kind::Response, &CtlResponse::Ok).await,
             Err(e) => reply_error(&mut writer, error_chain(&e)).await,
         },
+        CtlRequest::Claim { .. } => {
+            reply_error(
+                &mut writer,
+                format!("sandbox {} is not a warm-pool member", shim.id),
+            )
+            .await
+        }
         CtlRequest::Resume => {
             let r = shim.vm.lock().await.resume().await;
             match r {
@@ -773,11 +1118,14 @@ async fn snapshot(
         downtime_ms: info.downtime.as_millis() as u64,
     };
     let hashed = Instant::now();
-    let m = tokio::task::spawn_blocking(move || crate::snapshot::write_manifest(&dest, parts))
-        .await
-        .map_err(|e| {
-            SnapshotSandboxError::Hash(std::io::Error::other(format!("hashing task failed: {e}")))
-        })??;
+    let memo = shim.store.dirs().memo();
+    let m = tokio::task::spawn_blocking(move || {
+        crate::snapshot::write_manifest(&dest, parts, Some(&memo))
+    })
+    .await
+    .map_err(|e| {
+        SnapshotSandboxError::Hash(std::io::Error::other(format!("hashing task failed: {e}")))
+    })??;
     info!(
         snapshot = %m.name,
         quiesce_ms = quiesced.as_millis() as u64,

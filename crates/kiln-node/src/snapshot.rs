@@ -274,16 +274,29 @@ pub fn new_name(prefix: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct SnapshotStore {
     root: PathBuf,
+    /// Where file digests are remembered while the files are unchanged.
+    memo: Option<PathBuf>,
 }
 
 impl SnapshotStore {
     pub fn new(dirs: &Dirs) -> SnapshotStore {
-        SnapshotStore::at(dirs.state.join("snapshots"))
+        SnapshotStore::at(dirs.state.join("snapshots")).with_memo(dirs.memo())
     }
 
     /// A store with the same layout under another directory (templates).
     pub fn at(root: PathBuf) -> SnapshotStore {
-        SnapshotStore { root }
+        SnapshotStore { root, memo: None }
+    }
+
+    /// Remembers file digests in `memo` (`kiln_vmm::memo`): a full check of
+    /// an unchanged snapshot then costs a `stat` per file.
+    pub fn with_memo(mut self, memo: PathBuf) -> SnapshotStore {
+        self.memo = Some(memo);
+        self
+    }
+
+    pub fn memo(&self) -> Option<&Path> {
+        self.memo.as_deref()
     }
 
     pub fn root(&self) -> &Path {
@@ -438,7 +451,7 @@ impl SnapshotStore {
         if contents {
             let t0 = Instant::now();
             let paths: Vec<PathBuf> = m.files.iter().map(|f| dir.join(&f.path)).collect();
-            let digests = digest_files(&paths);
+            let digests = digest_files(&paths, self.memo.as_deref());
             for (f, (path, d)) in m.files.iter().zip(paths.iter().zip(digests)) {
                 let d = d.map_err(|source| VerifySnapshotError::Io {
                     path: path.clone(),
@@ -592,18 +605,21 @@ pub fn guest_digests(
         DriverKind::Qemu => &artifacts.bzimage,
         DriverKind::Firecracker => &artifacts.vmlinux,
     };
+    let memo = kiln_vmm::memo::Memo::at(&artifacts.memo);
     let plain = |p: &Path| -> std::io::Result<String> {
-        let mut f = fs::File::open(p)?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
+        memo.get_or(p, "sha256", || {
+            let mut f = fs::File::open(p)?;
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
             }
-            h.update(&buf[..n]);
-        }
-        Ok(hex(&h.finalize()))
+            Ok(hex(&h.finalize()))
+        })
     };
     Ok(GuestDigests {
         kernel_sha256: plain(kernel)?,
@@ -660,13 +676,21 @@ pub fn file_digest(path: &Path) -> std::io::Result<(u64, String)> {
     Ok((size, hex(&h.finalize())))
 }
 
-/// Digests several files at once, one thread each.
-fn digest_files(paths: &[PathBuf]) -> Vec<std::io::Result<(u64, String)>> {
+/// Digests several files at once, one thread each, remembering them in
+/// `memo` (and using what it remembers) if given.
+fn digest_files(paths: &[PathBuf], memo: Option<&Path>) -> Vec<std::io::Result<(u64, String)>> {
+    let memo = memo.map(kiln_vmm::memo::Memo::at);
+    let one = |p: &Path| -> std::io::Result<(u64, String)> {
+        match &memo {
+            None => file_digest(p),
+            Some(m) => {
+                let digest = m.get_or(p, DIGEST_ALGORITHM, || file_digest(p).map(|(_, d)| d))?;
+                Ok((fs::metadata(p)?.len(), digest))
+            }
+        }
+    };
     std::thread::scope(|s| {
-        let handles: Vec<_> = paths
-            .iter()
-            .map(|p| s.spawn(move || file_digest(p)))
-            .collect();
+        let handles: Vec<_> = paths.iter().map(|p| s.spawn(|| one(p))).collect();
         handles
             .into_iter()
             .map(|h| {
@@ -713,8 +737,12 @@ fn relative_files(dir: &Path, skip: &[&str]) -> std::io::Result<Vec<String>> {
 
 /// Hashes every file of the snapshot in `dir` and writes its manifest
 /// (atomically: temp file, fsync, rename).
-pub fn write_manifest(dir: &Path, parts: ManifestParts) -> Result<Manifest, CreateSnapshotError> {
-    write_manifest_with(dir, parts, None)
+pub fn write_manifest(
+    dir: &Path,
+    parts: ManifestParts,
+    memo: Option<&Path>,
+) -> Result<Manifest, CreateSnapshotError> {
+    write_manifest_with(dir, parts, None, memo)
 }
 
 /// `write_manifest`, recording what a template was made for.
@@ -722,6 +750,7 @@ pub fn write_manifest_with(
     dir: &Path,
     parts: ManifestParts,
     template: Option<TemplateInfo>,
+    memo: Option<&Path>,
 ) -> Result<Manifest, CreateSnapshotError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -730,7 +759,7 @@ pub fn write_manifest_with(
     let t0 = Instant::now();
     let rel = relative_files(dir, &[MANIFEST, "users"]).map_err(io(dir))?;
     let paths: Vec<PathBuf> = rel.iter().map(|r| dir.join(r)).collect();
-    let digests = digest_files(&paths);
+    let digests = digest_files(&paths, memo);
     let mut files = Vec::with_capacity(rel.len());
     for ((r, p), d) in rel.into_iter().zip(&paths).zip(digests) {
         let (size, sha256) = d.map_err(io(p))?;
@@ -903,7 +932,7 @@ mod tests {
             main_pid: 5,
             downtime_ms: 1,
         };
-        let m = write_manifest(&staging, parts).unwrap();
+        let m = write_manifest(&staging, parts, None).unwrap();
         assert_eq!(m.files.len(), 1);
         store.publish(&staging, "fork-1").unwrap();
         store.add_user("fork-1", "holder").unwrap();

@@ -51,6 +51,9 @@ pub struct SandboxSpec {
 pub enum SandboxState {
     /// The supervisor is booting the VM.
     Creating,
+    /// A warm-pool member: restored from its template, paused, waiting to
+    /// be claimed by a `kiln run` (no main process yet).
+    Pooled,
     /// The main process runs.
     Running { main_pid: u32 },
     /// The VM is paused.
@@ -90,6 +93,7 @@ impl SandboxState {
     pub fn label(&self) -> String {
         match self {
             SandboxState::Creating => "creating".into(),
+            SandboxState::Pooled => "pooled".into(),
             SandboxState::Running { .. } => "running".into(),
             SandboxState::Paused { .. } => "paused".into(),
             SandboxState::Exited { exit_code, .. } => format!("exited ({exit_code})"),
@@ -120,6 +124,10 @@ pub struct SandboxRecord {
     /// restores that template and then starts the main process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+    /// Set while the sandbox belongs to the warm pool of this template
+    /// (`kiln template create --pool`); cleared once a run claims it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 /// Reading or writing the state directory failed.
@@ -205,6 +213,7 @@ impl Store {
             driver: None,
             restored_from: None,
             template: None,
+            pool: None,
         };
         self.save(&rec)?;
         Ok(rec)
@@ -312,7 +321,8 @@ impl Store {
     }
 }
 
-fn valid_id(s: &str) -> bool {
+/// Whether `s` has the form of a sandbox ID (16 lowercase hex digits).
+pub fn valid_id(s: &str) -> bool {
     s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 

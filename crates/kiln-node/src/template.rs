@@ -93,7 +93,7 @@ impl TemplateParams {
 
 /// The template store of a state directory.
 pub fn store(dirs: &Dirs) -> SnapshotStore {
-    SnapshotStore::at(dirs.state.join("templates"))
+    SnapshotStore::at(dirs.state.join("templates")).with_memo(dirs.memo())
 }
 
 /// The key of a template: SHA-256 (hex) over everything it depends on.
@@ -154,10 +154,12 @@ impl std::fmt::Display for NoTemplate {
 }
 
 /// The template for `p` on this host (guest artifacts `guest`, driver
-/// `driver`), checked (manifest, guest digests, driver, image disk, every
-/// file present at its size; not the file digests: hashing the memory image
-/// on every run would cost more than the restore). `Err` says why none can
-/// be used.
+/// `driver`), checked like a snapshot before a restore: manifest, guest
+/// digests, driver, image disk, and the size and digest of every file. The
+/// digests are remembered while a file is unchanged (`kiln_vmm::memo`,
+/// seeded when the template is written), so this costs a `stat` per file
+/// on a warm start, and a template file changed in any way is hashed again
+/// and refused if it differs. `Err` says why none can be used.
 pub fn find(
     templates: &SnapshotStore,
     p: &TemplateParams,
@@ -167,7 +169,7 @@ pub fn find(
     let k = key(p, guest, driver);
     let name = name_for(&k);
     if templates.exists(&name) {
-        return match templates.verify(&name, guest, driver, false) {
+        return match templates.verify(&name, guest, driver, true) {
             Ok(m) if m.template.as_ref().is_some_and(|t| t.key == k) => Ok(m),
             Ok(_) => Err(NoTemplate(format!(
                 "template {name} was made for something else (its key differs)"
@@ -321,8 +323,9 @@ pub async fn create(
         disk_mib: p.disk_mib,
     };
     let dest = staging.clone();
+    let memo = templates.memo().map(Path::to_path_buf);
     let written = tokio::task::spawn_blocking(move || {
-        snapshot::write_manifest_with(&dest, parts, Some(info))
+        snapshot::write_manifest_with(&dest, parts, Some(info), memo.as_deref())
     })
     .await
     .map_err(|e| CreateTemplateError::Hash(std::io::Error::other(e.to_string())))

@@ -68,7 +68,10 @@ pub fn parse_driver(s: &str) -> Result<DriverChoice, StartSandboxVmError> {
 pub fn driver_for(
     choice: DriverChoice,
 ) -> Result<(Arc<dyn VmmDriver>, kiln_vmm::Selection), StartSandboxVmError> {
-    let host = kiln_vmm::detect(&DriverConfig::default());
+    let host = kiln_vmm::detect(&DriverConfig {
+        memo: Some(crate::paths::Dirs::from_env().memo()),
+        ..DriverConfig::default()
+    });
     let sel = kiln_vmm::select(choice, &host)?;
     let driver = sel.driver(&host)?;
     Ok((driver, sel))
@@ -255,9 +258,10 @@ pub fn sandbox_vm_spec(
 
 /// Restores the VM of a sandbox from snapshot `name` of `snapshots` (a
 /// snapshot, or a template: `what` says which): checks it against this
-/// host's guest artifacts and driver (not the file digests: `kiln restore`
-/// checked those before creating the sandbox), copies its writable disk,
-/// and has the driver load it. The VM runs on return.
+/// host's guest artifacts and driver and every file's digest (remembered
+/// while the file is unchanged, so this is cheap after the first check),
+/// copies its writable disk, and has the driver load it. The VM runs on
+/// return.
 pub async fn restore_sandbox_vm(
     store: &Store,
     rec: &mut SandboxRecord,
@@ -275,7 +279,7 @@ pub async fn restore_sandbox_vm(
     let (driver, sel) = driver_for(choice)?;
     let guest = crate::snapshot::guest_digests(artifacts, driver.kind())
         .map_err(RestoreSandboxVmError::Artifacts)?;
-    snapshots.verify(name, &guest, driver.info(), false)?;
+    snapshots.verify(name, &guest, driver.info(), true)?;
     info!(driver = %sel.kind, accel = %sel.accel, snapshot = name, what, "restoring");
     rec.driver = Some(format!(
         "{} ({}): restored from {what} {name}",

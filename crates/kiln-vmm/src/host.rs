@@ -69,6 +69,9 @@ pub struct DriverConfig {
     pub firecracker_bin: Option<PathBuf>,
     /// Force the QEMU accelerator instead of choosing from the KVM kind.
     pub accel: Option<Accel>,
+    /// Where to remember each binary's `--version` while the binary is
+    /// unchanged (`crate::memo`); `None` runs it every time.
+    pub memo: Option<PathBuf>,
 }
 
 /// A VMM binary and the version it reported.
@@ -139,13 +142,13 @@ pub fn detect(config: &DriverConfig) -> HostInfo {
                 .map(PathBuf::from)
         })
         .map(|path| Binary {
-            version: version_of(&path),
+            version: version_of(&path, config.memo.as_deref()),
             path,
         });
     HostInfo {
         kvm: detect_kvm(),
         qemu: Binary {
-            version: version_of(&qemu_path),
+            version: version_of(&qemu_path, config.memo.as_deref()),
             path: qemu_path,
         },
         qemu_firmware: config
@@ -172,7 +175,28 @@ fn detect_kvm() -> KvmKind {
     KvmKind::Hardware
 }
 
-fn version_of(binary: &Path) -> Result<String, String> {
+/// The first line of `binary --version`, remembered in `memo` while the
+/// binary is unchanged (running QEMU's costs ~30 ms).
+fn version_of(binary: &Path, memo: Option<&Path>) -> Result<String, String> {
+    match (memo, resolve(binary)) {
+        (Some(dir), Some(path)) => {
+            crate::memo::Memo::at(dir).get_or(&path, "version", || run_version(&path))
+        }
+        _ => run_version(binary),
+    }
+}
+
+/// `binary` as `Command` would find it (a bare name is looked up on PATH).
+fn resolve(binary: &Path) -> Option<PathBuf> {
+    if binary.components().count() > 1 {
+        return Some(binary.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(binary))
+        .find(|p| p.is_file())
+}
+
+fn run_version(binary: &Path) -> Result<String, String> {
     match std::process::Command::new(binary).arg("--version").output() {
         Ok(out) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout)
             .lines()

@@ -15,6 +15,7 @@
 pub mod conformance;
 pub mod firecracker;
 mod host;
+pub mod memo;
 mod process;
 pub mod qemu;
 pub mod qmp;
