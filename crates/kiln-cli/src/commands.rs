@@ -429,6 +429,10 @@ async fn ps(store: &Store, all: bool, quiet: bool) -> Result<i32> {
             reap_orphan(store, &r.id).await;
         }
     }
+    // Holds and VMs of `kiln fork` / `kiln template create` processes
+    // that were killed.
+    kiln_node::snapshot::SnapshotStore::new(store.dirs()).release_dead_holders();
+    kiln_node::template::reap_abandoned(store.dirs()).await;
     let recs = store.list()?;
     let mut out = std::io::stdout().lock();
     if !quiet {

@@ -120,6 +120,7 @@ async fn take(
 
 fn ls(store: &Store, quiet: bool) -> Result<i32> {
     let snapshots = SnapshotStore::new(store.dirs());
+    snapshots.release_dead_holders();
     let mut out = std::io::stdout().lock();
     if !quiet {
         writeln!(
@@ -238,7 +239,7 @@ pub async fn fork(store: &Store, id: &str, n: u32) -> Result<i32> {
     let t0 = Instant::now();
     let (id, name) = take(store, id, None, true).await?;
     let snapshots = SnapshotStore::new(store.dirs());
-    let holder = format!("fork-{}", std::process::id());
+    let holder = snapshot::holder_name(std::process::id());
     if let Err(e) = snapshots.add_user(&name, &holder) {
         // Nobody else uses it yet: removing it is safe.
         let _ = snapshots.remove(&name, |_| false);

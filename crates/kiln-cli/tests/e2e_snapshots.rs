@@ -365,6 +365,21 @@ fn fork_gives_independent_sandboxes() {
         2,
         "removed while a fork still runs"
     );
+    // A `kiln fork` killed while holding the snapshots left its hold
+    // behind: it must not keep them forever.
+    let mut gone = std::process::Command::new("true").spawn().expect("true");
+    let dead = gone.id();
+    gone.wait().expect("wait");
+    for n in &fork_snaps {
+        std::fs::write(
+            snapshots_dir(&k)
+                .join(n)
+                .join("users")
+                .join(format!("fork-{dead}")),
+            b"",
+        )
+        .expect("plant a dead holder");
+    }
     // Stopped (not removed): the supervisor's cleanup releases it.
     let out = run(&k, &["stop", "-t", "1", &forks[2]]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));

@@ -710,3 +710,60 @@ fn a_template_changed_in_place_is_refused() {
     t.ok(&["template", "rm", &name]);
     t.k.assert_clean();
 }
+
+#[test]
+fn a_killed_template_create_leaves_no_vm() {
+    let t = T::new();
+    let img = busybox();
+    // `template create` boots its VM itself (no supervisor): kill it while
+    // that VM runs.
+    let mut c = t.k.cmd();
+    c.envs(t.pin.iter().map(|(k, v)| (*k, v.clone())));
+    let mut child = c
+        .args(["template", "create", "--memory", "288", &img])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("kiln runs");
+    let t0 = Instant::now();
+    loop {
+        let qemu =
+            t.k.leftover_processes()
+                .into_iter()
+                .any(|p| p.contains("qemu-system"));
+        if qemu {
+            break;
+        }
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "the template's VM never started"
+        );
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "create ended early"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+    assert!(
+        t.k.leftover_processes()
+            .iter()
+            .any(|p| p.contains("qemu-system")),
+        "the VM went with its creator: nothing to reap"
+    );
+    // The next kiln command that sweeps (ps, template ls/create) kills it.
+    t.ok(&["ps"]);
+    let works: Vec<_> = std::fs::read_dir(t.k.state_dir().join("templates"))
+        .expect("templates")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".work-"))
+        .collect();
+    assert!(works.is_empty(), "work dirs left: {works:?}");
+    t.k.assert_clean();
+    // And a template can be made afterwards.
+    let name = t.template_create(&["--memory", "288"]);
+    t.ok(&["template", "rm", &name]);
+    t.k.assert_clean();
+}

@@ -543,11 +543,28 @@ impl SnapshotStore {
         if !ephemeral {
             return;
         }
+        // A `kiln fork` killed while it held the snapshot never released it.
+        for u in self.users(name) {
+            if holder_is_dead(&u) {
+                let _ = fs::remove_file(users.join(&u));
+            }
+        }
         // Atomic: succeeds only on an empty directory, and for one caller.
         if fs::remove_dir(&users).is_ok()
             && let Err(e) = fs::remove_dir_all(&dir)
         {
             tracing::warn!(snapshot = name, error = %e, "cannot remove the fork snapshot");
+        }
+    }
+
+    /// Drops the holds of `kiln fork` processes that died while holding a
+    /// snapshot (removing ephemeral snapshots nobody else uses any more).
+    pub fn release_dead_holders(&self) {
+        let Ok(entries) = self.list() else { return };
+        for e in entries {
+            if let Some(dead) = e.users.iter().find(|u| holder_is_dead(u)) {
+                self.release_user(&e.manifest.name, dead);
+            }
         }
     }
 
@@ -630,6 +647,25 @@ pub fn guest_digests(
             String::new()
         },
     })
+}
+
+/// The name under which a process (not a sandbox) holds a snapshot while
+/// it restores from it.
+pub fn holder_name(pid: u32) -> String {
+    format!("fork-{pid}")
+}
+
+/// Whether `user` is a process's hold (`holder_name`) whose process is gone.
+fn holder_is_dead(user: &str) -> bool {
+    let Some(pid) = user
+        .strip_prefix("fork-")
+        .and_then(|p| p.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Gone, or a zombie nobody reaped yet.
+    stat.is_empty() || stat.contains(") Z ")
 }
 
 fn hex(b: &[u8]) -> String {

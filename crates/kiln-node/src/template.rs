@@ -265,6 +265,7 @@ pub async fn create(
     driver: &str,
     alive: impl Fn(&str) -> bool,
 ) -> Result<Created, CreateTemplateError> {
+    reap_abandoned(dirs).await;
     let artifacts = GuestArtifacts::locate(dirs)?;
     let (drv, sel) = vm::driver_for(vm::parse_driver(driver)?)?;
     let guest =
@@ -383,11 +384,29 @@ async fn boot_and_snapshot(
         work,
         rw.clone(),
     );
+    // This VM has no supervisor: if this process is killed, whoever next
+    // sweeps the template store (`reap_abandoned`) finds it from here.
+    let record_owner = |vm: Option<serde_json::Value>| {
+        let owner = Owner {
+            pid: std::process::id(),
+            vm,
+        };
+        if let Err(e) = fs::write(
+            work.join(OWNER),
+            serde_json::to_vec(&owner).expect("serializes"),
+        ) {
+            warn!(error = %e, "cannot record the template VM's owner");
+        }
+    };
+    record_owner(None);
     let t0 = Instant::now();
     let vmm = drv
         .start(&spec)
         .await
         .map_err(vm::StartSandboxVmError::from)?;
+    record_owner(Some(
+        serde_json::to_value(vmm.record()).expect("records serialize"),
+    ));
     let result = async {
         let stream = vmm
             .connect_agent()
@@ -424,6 +443,71 @@ async fn boot_and_snapshot(
         warn!(error = %e, "cannot clean up the template's VM");
     }
     result
+}
+
+/// Who boots a template's VM, in its work directory.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Owner {
+    pid: u32,
+    /// Once the driver started it (until then, its VMM is found by the
+    /// work directory on its command line).
+    vm: Option<serde_json::Value>,
+}
+
+const OWNER: &str = "owner.json";
+
+/// Kills the VMs, and removes the work directories, of `template create`
+/// processes that died while booting or snapshotting (killed, or the host
+/// lost power): nothing else knows about those VMs.
+pub async fn reap_abandoned(dirs: &Dirs) {
+    let templates = store(dirs);
+    let Ok(rd) = fs::read_dir(templates.root()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let dir = e.path();
+        let is_work = e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(".work-"));
+        if !is_work {
+            continue;
+        }
+        let owner: Option<Owner> = fs::read(dir.join(OWNER))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let Some(owner) = owner else {
+            // Not written yet (a live creator), or a creator that died
+            // before its VM started: only an old one is abandoned.
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(3600));
+            if old {
+                let _ = fs::remove_dir_all(&dir);
+            }
+            continue;
+        };
+        let stat = fs::read_to_string(format!("/proc/{}/stat", owner.pid)).unwrap_or_default();
+        if !stat.is_empty() && !stat.contains(") Z ") {
+            continue;
+        }
+        warn!(dir = %dir.display(), pid = owner.pid, "a template create was killed; removing its VM");
+        if let Some(vm) = owner.vm {
+            vm::destroy_recorded(vm).await;
+        }
+        // Killed while the driver was starting it: the VMM names its
+        // runtime directory (this one) on its command line.
+        for pid in kiln_vmm::conformance::processes_mentioning(&dir.to_string_lossy()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
 }
 
 /// Removes template `name` unless a live sandbox (`alive`) was started from
