@@ -150,7 +150,10 @@ pub async fn dispatch(store: &Store, cmd: TemplateCommand) -> Result<i32> {
             println!("{name}");
             Ok(0)
         }
-        TemplateCommand::Ls { quiet } => ls(store, quiet),
+        TemplateCommand::Ls { quiet } => {
+            template::reap_abandoned(store.dirs()).await;
+            ls(store, quiet)
+        }
         TemplateCommand::Rm { names } => {
             let mut code = 0;
             for name in names {
