@@ -96,6 +96,11 @@ pub struct Manifest {
     pub memory_mib: u32,
     pub image_digest: String,
     pub image_disk: PathBuf,
+    /// `DIGEST_ALGORITHM` of the image disk the snapshot's guest has
+    /// mounted (its page cache refers to those blocks): a disk rebuilt with
+    /// other contents under the same path is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_disk_sha256: Option<String>,
     /// The source sandbox's spec (command, env, user, cwd, resources).
     pub spec: SandboxSpec,
     /// The main process, inside the guest.
@@ -109,6 +114,51 @@ pub struct Manifest {
     /// point where `kiln-init` answers, with no main process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<TemplateInfo>,
+    /// The CPU the guest was running on (a restored kernel keeps using the
+    /// features it found at boot).
+    #[serde(default)]
+    pub cpu: CpuFeatures,
+}
+
+/// What the guest's CPU offered when the snapshot was taken.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuFeatures {
+    /// The driver's CPU model (`DriverInfo::cpu_model`).
+    pub model: String,
+    /// The host CPU's feature flags when the guest sees the host CPU (a
+    /// KVM model passing it through); empty when the VMM emulates a fixed
+    /// model (TCG), whose features do not depend on the host.
+    pub flags: Vec<String>,
+}
+
+impl CpuFeatures {
+    /// What a guest of `driver` sees on this host.
+    pub fn of(driver: &DriverInfo) -> CpuFeatures {
+        let passthrough = driver.accel == kiln_vmm::Accel::Kvm;
+        CpuFeatures {
+            model: driver.cpu_model.clone(),
+            flags: if passthrough {
+                host_cpu_flags()
+            } else {
+                vec![]
+            },
+        }
+    }
+}
+
+/// The feature flags of this host's CPU (`/proc/cpuinfo`), sorted.
+pub fn host_cpu_flags() -> Vec<String> {
+    let info = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let mut flags: Vec<String> = info
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, f)| f.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    flags.sort();
+    flags.dedup();
+    flags
 }
 
 /// What a template was made for, beyond the fields every manifest has
@@ -208,6 +258,24 @@ pub enum VerifySnapshotError {
         path: String,
         expected: u64,
         actual: u64,
+    },
+    #[error(
+        "snapshot {name} was taken on another CPU (model {taken}, now {now}{}): its guest would fault on restore",
+        if missing.is_empty() { String::new() } else { format!("; this host lacks {}", missing.join(", ")) }
+    )]
+    Cpu {
+        name: String,
+        taken: String,
+        now: String,
+        missing: Vec<String>,
+    },
+    #[error(
+        "snapshot {name} needs the disk of image {image} as it was ({path}), and it has changed since"
+    )]
+    ImageDiskChanged {
+        name: String,
+        path: PathBuf,
+        image: String,
     },
     #[error("snapshot {name}: {path} is corrupted (its digest does not match the manifest)")]
     Digest { name: String, path: String },
@@ -410,6 +478,25 @@ impl SnapshotStore {
                 now: describe(driver),
             });
         }
+        // A snapshot from before CPU features were recorded has none.
+        if !m.cpu.model.is_empty() {
+            let now = CpuFeatures::of(driver);
+            let missing: Vec<&str> = m
+                .cpu
+                .flags
+                .iter()
+                .filter(|f| now.flags.binary_search(f).is_err())
+                .map(String::as_str)
+                .collect();
+            if m.cpu.model != now.model || !missing.is_empty() {
+                return Err(VerifySnapshotError::Cpu {
+                    name: n(),
+                    taken: m.cpu.model.clone(),
+                    now: now.model,
+                    missing: missing.iter().take(8).map(|f| f.to_string()).collect(),
+                });
+            }
+        }
         if !m.image_disk.is_file() {
             return Err(VerifySnapshotError::ImageDisk {
                 name: n(),
@@ -445,6 +532,19 @@ impl SnapshotStore {
                     path: f.path.clone(),
                     expected: f.size,
                     actual: meta.len(),
+                });
+            }
+        }
+        if contents && let Some(want) = &m.image_disk_sha256 {
+            let now = digest_files(std::slice::from_ref(&m.image_disk), self.memo.as_deref())
+                .pop()
+                .and_then(Result::ok)
+                .map(|(_, d)| d);
+            if now.as_ref() != Some(want) {
+                return Err(VerifySnapshotError::ImageDiskChanged {
+                    name: n(),
+                    path: m.image_disk.clone(),
+                    image: m.spec.image.clone(),
                 });
             }
         }
@@ -805,6 +905,12 @@ pub fn write_manifest_with(
             sha256,
         });
     }
+    let cpu = CpuFeatures::of(&parts.driver);
+    let image_disk_sha256 =
+        match digest_files(std::slice::from_ref(&parts.spec.image_disk), memo).pop() {
+            Some(Ok((_, d))) => Some(d),
+            _ => None,
+        };
     let m = Manifest {
         format: FORMAT_VERSION,
         name: parts.name,
@@ -816,6 +922,7 @@ pub fn write_manifest_with(
         memory_mib: parts.spec.memory_mib,
         image_digest: parts.spec.image_digest.clone(),
         image_disk: parts.spec.image_disk.clone(),
+        image_disk_sha256,
         driver: parts.driver,
         spec: parts.spec,
         main_pid: parts.main_pid,
@@ -823,6 +930,7 @@ pub fn write_manifest_with(
         digest_algorithm: DIGEST_ALGORITHM.to_string(),
         files,
         template,
+        cpu,
     };
     let path = dir.join(MANIFEST);
     let tmp = dir.join(".manifest.json.tmp");
@@ -925,17 +1033,29 @@ mod tests {
         assert_ne!(d3, d4);
     }
 
-    #[test]
-    fn ephemeral_snapshot_goes_with_its_last_user() {
-        let t = tempfile::tempdir().unwrap();
-        let dirs = Dirs::new(t.path().join("state"), t.path().join("cache"));
-        let store = SnapshotStore::new(&dirs);
-        let staging = store.staging("fork-1").unwrap();
-        fs::write(staging.join("x"), b"data").unwrap();
+    fn driver(accel: kiln_vmm::Accel, cpu_model: &str) -> DriverInfo {
+        DriverInfo {
+            kind: DriverKind::Qemu,
+            binary: "/usr/bin/qemu-system-x86_64".into(),
+            version: "10.0.2".into(),
+            accel,
+            cpu_model: cpu_model.into(),
+        }
+    }
+
+    fn guest() -> GuestDigests {
+        GuestDigests {
+            kernel_sha256: "k".into(),
+            initramfs_sha256: "i".into(),
+            init_sha256: "n".into(),
+        }
+    }
+
+    fn parts(name: &str, image_disk: &Path, driver: DriverInfo) -> ManifestParts {
         let spec = SandboxSpec {
             image: "busybox".into(),
             image_digest: "sha256:00".into(),
-            image_disk: "/nonexistent".into(),
+            image_disk: image_disk.to_path_buf(),
             argv: vec!["true".into()],
             env: vec![],
             cwd: None,
@@ -949,25 +1069,85 @@ mod tests {
             driver: "auto".into(),
             auto_remove: false,
         };
-        let parts = ManifestParts {
-            name: "fork-1".into(),
+        ManifestParts {
+            name: name.into(),
             source: "0123456789abcdef".into(),
-            ephemeral: true,
-            guest: GuestDigests {
-                kernel_sha256: "k".into(),
-                initramfs_sha256: "i".into(),
-                init_sha256: "n".into(),
-            },
-            driver: DriverInfo {
-                kind: DriverKind::Qemu,
-                binary: "/usr/bin/qemu-system-x86_64".into(),
-                version: "10.0.2".into(),
-                accel: kiln_vmm::Accel::Tcg,
-            },
+            ephemeral: name.starts_with("fork-"),
+            guest: guest(),
+            driver,
             spec,
             main_pid: 5,
             downtime_ms: 1,
-        };
+        }
+    }
+
+    #[test]
+    fn a_snapshot_from_another_cpu_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let dirs = Dirs::new(t.path().join("state"), t.path().join("cache"));
+        let store = SnapshotStore::new(&dirs);
+        let disk = t.path().join("image.ext4");
+        fs::write(&disk, b"image").unwrap();
+        let kvm = driver(kiln_vmm::Accel::Kvm, "host");
+        let staging = store.staging("snap-1").unwrap();
+        fs::write(staging.join("x"), b"data").unwrap();
+        let m = write_manifest(&staging, parts("snap-1", &disk, kvm.clone()), None).unwrap();
+        assert_eq!(m.cpu.model, "host");
+        assert_eq!(
+            m.cpu.flags,
+            host_cpu_flags(),
+            "KVM passes the host CPU through"
+        );
+        store.publish(&staging, "snap-1").unwrap();
+        store.verify("snap-1", &guest(), &kvm, true).unwrap();
+        // Another CPU model is refused.
+        let err = store
+            .verify(
+                "snap-1",
+                &guest(),
+                &driver(kiln_vmm::Accel::Kvm, "EPYC"),
+                true,
+            )
+            .unwrap_err();
+        assert!(matches!(err, VerifySnapshotError::Cpu { .. }), "{err}");
+        // So is a host that lacks a feature the guest was using.
+        let path = store.dir("snap-1").join(MANIFEST);
+        let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        v["cpu"]["flags"]
+            .as_array_mut()
+            .unwrap()
+            .push("kiln_no_such_flag".into());
+        fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        let err = store.verify("snap-1", &guest(), &kvm, true).unwrap_err();
+        assert!(err.to_string().contains("lacks kiln_no_such_flag"), "{err}");
+        // The image disk rebuilt with other contents is refused too.
+        v["cpu"]["flags"].as_array_mut().unwrap().pop();
+        fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        store.verify("snap-1", &guest(), &kvm, true).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        fs::write(&disk, b"other").unwrap();
+        let err = store.verify("snap-1", &guest(), &kvm, true).unwrap_err();
+        assert!(
+            matches!(err, VerifySnapshotError::ImageDiskChanged { .. }),
+            "{err}"
+        );
+        // Under TCG the features are the emulated model's, not the host's.
+        let tcg = driver(kiln_vmm::Accel::Tcg, "max");
+        assert!(CpuFeatures::of(&tcg).flags.is_empty());
+    }
+
+    #[test]
+    fn ephemeral_snapshot_goes_with_its_last_user() {
+        let t = tempfile::tempdir().unwrap();
+        let dirs = Dirs::new(t.path().join("state"), t.path().join("cache"));
+        let store = SnapshotStore::new(&dirs);
+        let staging = store.staging("fork-1").unwrap();
+        fs::write(staging.join("x"), b"data").unwrap();
+        let parts = parts(
+            "fork-1",
+            Path::new("/nonexistent"),
+            driver(kiln_vmm::Accel::Tcg, "max"),
+        );
         let m = write_manifest(&staging, parts, None).unwrap();
         assert_eq!(m.files.len(), 1);
         store.publish(&staging, "fork-1").unwrap();

@@ -532,6 +532,8 @@ pub fn is_stale(e: &VerifySnapshotError) -> bool {
         VerifySnapshotError::Guest { .. }
             | VerifySnapshotError::Driver { .. }
             | VerifySnapshotError::ImageDisk { .. }
+            | VerifySnapshotError::Cpu { .. }
+            | VerifySnapshotError::ImageDiskChanged { .. }
     )
 }
 
@@ -564,6 +566,7 @@ mod tests {
             binary: "/usr/bin/qemu-system-x86_64".into(),
             version: "10.0.2".into(),
             accel: kiln_vmm::Accel::Tcg,
+            cpu_model: "max".into(),
         }
     }
 

@@ -414,6 +414,7 @@ impl FirecrackerDriver {
                 binary,
                 version,
                 accel: Accel::Kvm,
+                cpu_model: "host".into(),
             },
         }
     }

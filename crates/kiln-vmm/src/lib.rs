@@ -176,6 +176,11 @@ pub struct DriverInfo {
     pub binary: PathBuf,
     pub version: String,
     pub accel: Accel,
+    /// The CPU model the guest sees: QEMU's `-cpu` (`host` passes the host
+    /// CPU through under KVM, `max` is everything TCG emulates);
+    /// Firecracker: `host` (KVM's CPUID of this host, no CPU template).
+    #[serde(default)]
+    pub cpu_model: String,
 }
 
 /// A VMM driver. Object-safe: Kiln holds an `Arc<dyn VmmDriver>` chosen by

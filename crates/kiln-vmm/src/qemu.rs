@@ -43,7 +43,6 @@ pub const MEMORY_FILE: &str = "memory";
 pub struct QemuDriver {
     info: DriverInfo,
     firmware: PathBuf,
-    cpu_model: String,
 }
 
 /// Where a QEMU VM keeps its runtime files.
@@ -105,15 +104,15 @@ impl QemuDriver {
                 binary,
                 version: version.to_owned(),
                 accel,
+                cpu_model: default_cpu_model(accel).to_owned(),
             },
             firmware,
-            cpu_model: default_cpu_model(accel).to_owned(),
         })
     }
 
     /// Use another `-cpu` model (default: `host` under KVM, `max` under TCG).
     pub fn with_cpu_model(mut self, model: impl Into<String>) -> Self {
-        self.cpu_model = model.into();
+        self.info.cpu_model = model.into();
         self
     }
 
@@ -142,7 +141,7 @@ impl QemuDriver {
             mode,
             self.info.accel,
             &self.firmware,
-            &self.cpu_model,
+            &self.info.cpu_model,
         )
     }
 
