@@ -58,7 +58,8 @@ pub async fn bench(store: &Store, cmd: BenchCommand) -> Result<i32> {
             runs,
             concurrent,
             json: out,
-        } => crate::bench_warm::warm(store, image, runs, concurrent, &out).await,
+            fork,
+        } => crate::bench_warm::warm(store, image, runs, concurrent, &fork, &out).await,
     }
 }
 
@@ -84,6 +85,43 @@ pub(crate) async fn first_byte(args: Vec<String>) -> Result<Duration> {
 
 fn kiln_exe() -> Result<std::path::PathBuf> {
     std::env::current_exe().context("cannot find the kiln executable")
+}
+
+/// Runs `kiln ARGS` to the end; its stdout, trimmed. Fails unless it exits 0.
+pub(crate) async fn kiln(args: &[&str]) -> Result<String> {
+    let out = tokio::process::Command::new(kiln_exe()?)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!(
+            "kiln {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The VMM and supervisor processes of a running sandbox, from its record.
+pub(crate) fn sandbox_pids(store: &Store, id: &str) -> Result<(u32, Option<u32>)> {
+    let rec = store.load(id)?;
+    let vmm = rec
+        .vm
+        .as_ref()
+        .and_then(|v| v.get("pid"))
+        .and_then(|p| p.as_u64())
+        .and_then(|p| u32::try_from(p).ok())
+        .with_context(|| format!("sandbox {id} has no VMM pid"))?;
+    Ok((vmm, rec.shim_pid))
+}
+
+/// Host memory of a running sandbox: PSS of its VMM and of its supervisor, KiB.
+pub(crate) fn sandbox_pss(store: &Store, id: &str) -> Result<(u64, u64)> {
+    let (vmm, shim) = sandbox_pids(store, id)?;
+    Ok((pss_kib(vmm), shim.map(pss_kib).unwrap_or(0)))
 }
 
 async fn cold(
@@ -173,7 +211,6 @@ async fn cold(
     }
 
     // 3. `kiln run` → first output byte, as a user sees it.
-    let exe = kiln_exe()?;
     let mut first_byte = Vec::new();
     for _ in 0..runs {
         let args = [
@@ -184,29 +221,15 @@ async fn cold(
     }
 
     // 4. Host memory of one idle sandbox (VMM + supervisor), proportional set size.
-    let output = Command::new(&exe)
-        .args([
-            "run", "-d", "--driver", driver, &image, "--", "sleep", "3600",
-        ])
-        .output()?;
-    if !output.status.success() {
-        bail!(
-            "cannot start the idle sandbox: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let id = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let id = kiln(&[
+        "run", "-d", "--driver", driver, &image, "--", "sleep", "3600",
+    ])
+    .await
+    .context("cannot start the idle sandbox")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rec = store.load(&id)?;
-    let vmm_pid = rec
-        .vm
-        .as_ref()
-        .and_then(|v| v.get("pid"))
-        .and_then(|p| p.as_i64())
-        .context("the idle sandbox has no VMM pid")?;
-    let vmm_pss = pss_kib(vmm_pid as u32);
-    let shim_pss = rec.shim_pid.map(pss_kib).unwrap_or(0);
-    let _ = Command::new(&exe).args(["rm", "-f", &id]).output();
+    let pss = sandbox_pss(store, &id);
+    let _ = kiln(&["rm", "-f", &id]).await;
+    let (vmm_pss, shim_pss) = pss?;
 
     let r = stats(&ready);
     let f = stats(&first_byte);

@@ -1,6 +1,6 @@
 //! `kiln bench warm`: cold against warm starts of the same image on the same
 //! driver, in one run, and what the warm path costs beyond the VMM's own
-//! restore.
+//! restore; then `bench_fork`: fork, snapshot size, memory of forks.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -14,12 +14,14 @@ use kiln_node::template::{self, TemplateParams};
 use serde_json::json;
 
 use crate::bench::{first_byte, stats};
+use crate::bench_fork::ForkBenchArgs;
 
 pub async fn warm(
     store: &Store,
     image: Option<String>,
     runs: usize,
     concurrent: usize,
+    fork: &ForkBenchArgs,
     out: &Path,
 ) -> Result<i32> {
     let Some(image) = image else {
@@ -149,6 +151,13 @@ pub async fn warm(
     }
     let wall = t.elapsed();
 
+    // 4. `kiln fork`, `kiln snapshot` and the memory of forks.
+    let forks = if fork.skip_fork {
+        None
+    } else {
+        Some(crate::bench_fork::measure(store, &image, fork).await?)
+    };
+
     let c = stats(&cold);
     let w = stats(&warm);
     let r = stats(&restore);
@@ -199,6 +208,9 @@ pub async fn warm(
         "{:<48} {:>9.1}   (warm p50 - restore->agent p50)",
         "Kiln overhead p50 ms", overhead
     );
+    if let Some(f) = &forks {
+        f.print();
+    }
     let v = json!({
         "benchmark": "warm",
         "driver": sel.kind.to_string(),
@@ -219,6 +231,7 @@ pub async fn warm(
             "cores": cores,
             "budget_ms": budget,
         },
+        "fork_and_snapshot": forks.as_ref().map(|f| f.json()),
     });
     std::fs::write(out, serde_json::to_vec_pretty(&v)?)
         .with_context(|| format!("cannot write {}", out.display()))?;

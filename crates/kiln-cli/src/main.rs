@@ -5,6 +5,7 @@
 
 mod attach;
 mod bench;
+mod bench_fork;
 mod bench_warm;
 mod commands;
 mod images;
