@@ -1,5 +1,6 @@
 //! Detached VMM processes: spawn in a new session, identify by pid + start
-//! time, wait by polling `/proc`, signal, and remove runtime files.
+//! time, wait for their exit (a pidfd; polling `/proc` where there is
+//! none), signal, and remove runtime files.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -28,10 +29,41 @@ impl VmmProcess {
         matches!(proc_stat(self.pid), Some((state, start)) if start == self.start_time && state != 'Z' && state != 'X')
     }
 
+    #[allow(unsafe_code)]
     pub async fn wait(&self) {
+        // Event-driven where the kernel has pidfds (5.3+): an idle waiter
+        // (a paused pool member's supervisor) costs no CPU.
+        let registered = self.pidfd().and_then(|fd| {
+            // SAFETY: the `OwnedFd` is moved into the `AsyncFd`, which owns
+            // it until dropped: it stays open and its raw fd never changes.
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            }
+            .ok()
+        });
+        if let Some(fd) = registered {
+            // The pid may have been reused between the check and the
+            // open: only this process, identified by its start time, counts.
+            if self.alive() {
+                let _ = fd.readable().await;
+            }
+            return;
+        }
         while self.alive() {
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// A pidfd for the process (readable once it has exited).
+    #[allow(unsafe_code)]
+    fn pidfd(&self) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open(2) takes a pid and flags, reads and writes no
+        // memory of ours, and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
+        let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+        // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
+        Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
     }
 
     /// Wait up to `timeout`; true if the process is gone.
