@@ -507,3 +507,81 @@ fn walk_blocks(dir: &Path) -> u64 {
     }
     total
 }
+
+#[test]
+fn a_fork_that_partly_fails_returns_the_others() {
+    let k = Kiln::new();
+    let img = busybox();
+    let src = detach(
+        &k,
+        &[
+            &img,
+            "--",
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo \"count $i\"; sleep 0.2; done",
+        ],
+    );
+    wait_count(&k, &src, 2);
+    // A real QEMU behind a wrapper that refuses the second restore it is
+    // asked for: one fork fails for a reason Kiln cannot prevent.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let real = std::env::split_paths(&std::env::var_os("PATH").expect("PATH"))
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|p| p.is_file())
+        .expect("qemu-system-x86_64 on PATH");
+    let wrapper = dir.path().join("qemu-wrapper");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n\
+             case \" $* \" in *\" -incoming \"*)\n\
+               n=1; while ! mkdir \"{d}/restore.$n\" 2>/dev/null; do n=$((n+1)); done\n\
+               if [ \"$n\" = 2 ]; then echo 'injected restore failure' >&2; exit 1; fi;;\n\
+             esac\n\
+             exec {real} \"$@\"\n",
+            d = dir.path().display(),
+            real = real.display()
+        ),
+    )
+    .expect("write wrapper");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let mut c = k.cmd();
+    c.envs(pin_guest(&k));
+    c.env("KILN_QEMU_BIN", &wrapper);
+    let out = c
+        .args(["fork", &src, "-n", "3"])
+        .output()
+        .expect("kiln runs");
+    assert_eq!(code(&out), 1, "stderr: {}", stderr(&out));
+    let forks: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert_eq!(forks.len(), 2, "stdout: {}", stdout(&out));
+    let err = stderr(&out);
+    eprintln!("kiln fork said: {err}");
+    let failures: Vec<&str> = err.lines().filter(|l| l.contains("of 3 failed")).collect();
+    assert_eq!(failures.len(), 1, "stderr: {err}");
+    for f in &forks {
+        assert!(f != &src);
+        wait_count(&k, f, 1);
+        assert_eq!(exec(&k, f, "echo alive"), "alive\n");
+    }
+    // The failed one is not a sandbox: only the source and the two forks.
+    let mut ids: Vec<String> = stdout(&run(&k, &["ps", "-a", "-q"]))
+        .lines()
+        .map(str::to_string)
+        .collect();
+    ids.sort();
+    let mut want = vec![src.clone(), forks[0].clone(), forks[1].clone()];
+    want.sort();
+    assert_eq!(ids, want);
+    assert_eq!(snapshot_names(&k).len(), 1, "the fork snapshot");
+    for id in forks.iter().chain([&src]) {
+        let out = run(&k, &["rm", "-f", id]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    assert!(snapshot_names(&k).is_empty(), "{:?}", snapshot_names(&k));
+    k.assert_clean();
+}
