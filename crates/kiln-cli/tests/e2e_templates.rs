@@ -767,3 +767,75 @@ fn a_killed_template_create_leaves_no_vm() {
     t.ok(&["template", "rm", &name]);
     t.k.assert_clean();
 }
+
+#[test]
+fn a_warm_started_sandbox_snapshots_and_forks_like_a_booted_one() {
+    let t = T::new();
+    let img = busybox();
+    let name = t.template_create(&[]);
+    let counter =
+        "i=0; while true; do i=$((i+1)); echo \"count $i\"; echo $i > /root/n; sleep 0.2; done";
+    let out = t.run(&["run", "-d", "-v", &img, "--", "sh", "-c", counter]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert_warm(&out, &name);
+    let src = stdout(&out).trim().to_string();
+    let last_count = |id: &str| -> u64 {
+        t.ok(&["logs", id])
+            .lines()
+            .filter_map(|l| l.strip_prefix("count "))
+            .filter_map(|n| n.parse().ok())
+            .last()
+            .unwrap_or(0)
+    };
+    let wait_past = |id: &str, n: u64| {
+        let t0 = Instant::now();
+        while last_count(id) <= n {
+            assert!(
+                t0.elapsed().as_secs() < 60,
+                "{id} stuck at {}",
+                last_count(id)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    wait_past(&src, 3);
+    t.ok(&["snapshot", &src, "--name", "warm-snap"]);
+    // Its RAM is its own file, copied sparsely like a booted VM's: the
+    // device state holds none of it.
+    let state = t.k.state_dir().join("snapshots/warm-snap/vmm/state");
+    let len = std::fs::metadata(&state).expect("state").len();
+    assert!(
+        len < 4 << 20,
+        "device state is {len} bytes: RAM went into it"
+    );
+    let restored = t.ok(&["restore", "-d", "warm-snap"]).trim().to_string();
+    let at = last_count(&src);
+    wait_past(&restored, 1);
+    let first: u64 = t
+        .ok(&["logs", &restored])
+        .lines()
+        .filter_map(|l| l.strip_prefix("count "))
+        .filter_map(|n| n.parse().ok())
+        .next()
+        .expect("a count");
+    assert!(
+        first > 3 && first <= at + 1,
+        "restored at {first}, source at {at}"
+    );
+    let forks: Vec<String> = t
+        .ok(&["fork", &restored, "-n", "2"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(forks.len(), 2);
+    for f in &forks {
+        let before = last_count(f);
+        wait_past(f, before.max(1));
+    }
+    for id in forks.iter().chain([&restored, &src]) {
+        t.ok(&["rm", "-f", id]);
+    }
+    t.ok(&["snapshot", "rm", "warm-snap"]);
+    t.ok(&["template", "rm", &name]);
+    t.k.assert_clean();
+}

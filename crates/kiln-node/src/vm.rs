@@ -292,8 +292,16 @@ pub async fn restore_sandbox_vm(
         .await
         .map_err(RestoreSandboxVmError::Disk)?;
     let spec = sandbox_vm_spec(&*driver, &rec.id, &rec.spec, artifacts, &dir, rw);
+    // A template's VM gets its own copy of the RAM (it is likely to be
+    // snapshotted or forked, which is then as cheap as for a booted VM); a
+    // snapshot's restores and forks map it and share unchanged pages.
+    let memory = if what == "template" {
+        kiln_vmm::RestoreMemory::Owned
+    } else {
+        kiln_vmm::RestoreMemory::Mapped
+    };
     let vm = driver
-        .restore(&snap.join(crate::snapshot::VM_DIR), &spec)
+        .restore_with(&snap.join(crate::snapshot::VM_DIR), &spec, memory)
         .await?;
     rec.vm = Some(serde_json::to_value(vm.record()).expect("records serialize"));
     store.save(rec)?;

@@ -21,8 +21,9 @@ use crate::process::{VmmProcess, connect_when_ready, read_tail, remove_files, sp
 use crate::qmp::QmpClient;
 use crate::{
     AGENT_PORT_NAME, Accel, AgentTransport, AttachVmError, Capabilities, CleanupVmError,
-    ConnectAgentError, ControlVmError, DriverInfo, DriverKind, RestoreVmError, SnapshotInfo,
-    SnapshotVmError, StartVmError, StopVmError, Vm, VmRecord, VmSpec, VmStatus, VmmDriver,
+    ConnectAgentError, ControlVmError, DriverInfo, DriverKind, RestoreMemory, RestoreVmError,
+    SnapshotInfo, SnapshotVmError, StartVmError, StopVmError, Vm, VmRecord, VmSpec, VmStatus,
+    VmmDriver,
 };
 
 /// How long QEMU has to open its QMP socket.
@@ -72,9 +73,10 @@ impl Paths {
 enum Mode {
     /// Cold boot; RAM file created in the VM dir, shared.
     Boot,
-    /// Restore: RAM mapped privately from a snapshot's file; wait for
+    /// Restore from a snapshot's memory file (mapped privately, or copied
+    /// into the VM dir first and shared when `own`); wait for
     /// `migrate-incoming`.
-    Incoming { memory: PathBuf },
+    Incoming { memory: PathBuf, own: bool },
 }
 
 /// Snapshot metadata kept beside the state and memory files.
@@ -167,7 +169,7 @@ impl QemuDriver {
         if spec.agent_channel {
             files.push(paths.agent.clone());
         }
-        if matches!(mode, Mode::Boot) {
+        if matches!(mode, Mode::Boot | Mode::Incoming { own: true, .. }) {
             files.push(paths.memory.clone());
         }
         // Leftovers of an earlier VM in this dir would confuse QEMU.
@@ -175,6 +177,14 @@ impl QemuDriver {
             path: spec.dir.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
+        if let Mode::Incoming { memory, own: true } = &mode {
+            copy_sparse(memory, &paths.memory)
+                .await
+                .map_err(|source| StartVmError::Dir {
+                    path: paths.memory.clone(),
+                    source,
+                })?;
+        }
         let args = self.args(spec, &paths, &mode);
         tracing::debug!(binary = %self.info.binary.display(), ?args, "spawning QEMU");
         let spawned = Instant::now();
@@ -222,14 +232,34 @@ impl QemuDriver {
             process,
             qmp: Arc::new(qmp),
             memory: match mode {
-                Mode::Boot => paths.memory,
-                Mode::Incoming { memory } => memory,
+                Mode::Boot | Mode::Incoming { own: true, .. } => paths.memory,
+                Mode::Incoming { memory, own: false } => memory,
             },
             memory_mib: spec.memory_mib,
             cpus: spec.cpus,
             disks: spec.disks.len(),
         };
         Ok((vm, qmp_ready))
+    }
+}
+
+/// Copies `from` to `to` (replacing it) keeping holes, so that a mostly
+/// untouched guest RAM file costs only what it holds.
+async fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(to);
+    let out = tokio::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .output()
+        .await?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let _ = std::fs::remove_file(to);
+        Err(std::io::Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
     }
 }
 
@@ -259,8 +289,8 @@ fn qemu_args(
     cpu_model: &str,
 ) -> Vec<String> {
     let (mem_path, share) = match mode {
-        Mode::Boot => (&paths.memory, "on"),
-        Mode::Incoming { memory } => (memory, "off"),
+        Mode::Boot | Mode::Incoming { own: true, .. } => (&paths.memory, "on"),
+        Mode::Incoming { memory, own: false } => (memory, "off"),
     };
     let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1");
     if !spec.cmdline.trim().is_empty() {
@@ -416,6 +446,16 @@ impl VmmDriver for QemuDriver {
         snapshot_dir: &Path,
         spec: &VmSpec,
     ) -> Result<Box<dyn Vm>, RestoreVmError> {
+        self.restore_with(snapshot_dir, spec, RestoreMemory::Mapped)
+            .await
+    }
+
+    async fn restore_with(
+        &self,
+        snapshot_dir: &Path,
+        spec: &VmSpec,
+        how: RestoreMemory,
+    ) -> Result<Box<dyn Vm>, RestoreVmError> {
         let meta_path = snapshot_dir.join(SNAPSHOT_META);
         let meta: SnapshotMeta = std::fs::read(&meta_path)
             .map_err(|source| RestoreVmError::Read {
@@ -459,7 +499,13 @@ impl VmmDriver for QemuDriver {
         }
         let spawned = Instant::now();
         let (vm, _) = self
-            .launch(spec, Mode::Incoming { memory })
+            .launch(
+                spec,
+                Mode::Incoming {
+                    memory,
+                    own: how == RestoreMemory::Owned,
+                },
+            )
             .await
             .map_err(RestoreVmError::Start)?;
         let loaded = async {
@@ -611,21 +657,12 @@ impl QemuVm {
             .map_err(|e| SnapshotVmError::Failed(e.to_string()))?;
         // The vCPUs are stopped, so the RAM file is stable: copy it sparsely.
         let memory_dest = dest.join(MEMORY_FILE);
-        let _ = std::fs::remove_file(&memory_dest);
-        let out = tokio::process::Command::new("cp")
-            .arg("--sparse=always")
-            .arg(&self.memory)
-            .arg(&memory_dest)
-            .output()
-            .await
-            .map_err(write_err)?;
-        if !out.status.success() {
-            return Err(SnapshotVmError::Failed(format!(
-                "copying guest memory {} failed: {}",
-                self.memory.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
+        copy_sparse(&self.memory, &memory_dest).await.map_err(|e| {
+            SnapshotVmError::Failed(format!(
+                "copying guest memory {} failed: {e}",
+                self.memory.display()
+            ))
+        })?;
         let downtime = stopped.elapsed();
         let meta = SnapshotMeta {
             driver: DriverKind::Qemu,
@@ -810,6 +847,7 @@ mod tests {
             &Paths::new(&s.dir),
             &Mode::Incoming {
                 memory: "/snap/memory".into(),
+                own: false,
             },
             Accel::Kvm,
             Path::new("/q.rom"),
@@ -822,5 +860,23 @@ mod tests {
         );
         assert!(joined.ends_with("-incoming defer"), "{joined}");
         assert!(joined.contains("-cpu host"), "{joined}");
+        // Its own copy: shared, in the VM's directory.
+        let args = qemu_args(
+            &s,
+            &Paths::new(&s.dir),
+            &Mode::Incoming {
+                memory: "/snap/memory".into(),
+                own: true,
+            },
+            Accel::Kvm,
+            Path::new("/q.rom"),
+            "host",
+        );
+        let joined = args.join(" ");
+        assert!(
+            joined.contains("mem-path=/run/kiln/vms/t1/memory,share=on"),
+            "{joined}"
+        );
+        assert!(joined.ends_with("-incoming defer"), "{joined}");
     }
 }
