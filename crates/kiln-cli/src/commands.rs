@@ -328,16 +328,23 @@ async fn finish_run(
     }
     let code = attach::attach_main_or_replay(store, id, args.process.interactive, args.process.tty)
         .await?;
+    // Read now: with --rm the record goes with the supervisor. (It records
+    // the end before it reports it.)
+    let timed_out = store.load(id).is_ok_and(|r| {
+        matches!(
+            r.state,
+            SandboxState::Exited {
+                timed_out: true,
+                ..
+            }
+        )
+    });
     // The sandbox has ended; return once its VM is gone too, so nothing of
     // it outlives this command.
     if let Err(e) = wait_supervisor_gone(store, id, Duration::from_secs(30), Some(shim_pid)).await {
         eprintln!("kiln: {e:#}");
     }
-    if let Ok(r) = store.load(id)
-        && let SandboxState::Exited {
-            timed_out: true, ..
-        } = r.state
-    {
+    if timed_out {
         eprintln!(
             "kiln: the command was killed after its --timeout of {} s",
             args.timeout.unwrap_or(0)

@@ -782,9 +782,9 @@ fn a_warm_started_sandbox_snapshots_and_forks_like_a_booted_one() {
     let last_count = |id: &str| -> u64 {
         t.ok(&["logs", id])
             .lines()
+            .rev()
             .filter_map(|l| l.strip_prefix("count "))
-            .filter_map(|n| n.parse().ok())
-            .last()
+            .find_map(|n| n.parse().ok())
             .unwrap_or(0)
     };
     let wait_past = |id: &str, n: u64| {
