@@ -298,7 +298,19 @@ fn warm_start_runs_the_right_process_with_a_fresh_identity() {
     );
 
     tracing::info!("phase: --timeout on a warm start");
-    let out = t.run(&["run", "-v", "--timeout", "2", &img, "--", "sleep", "600"]);
+    // With --rm too: the record is gone by the time kiln exits, the reason
+    // must still be given.
+    let out = t.run(&[
+        "run",
+        "--rm",
+        "-v",
+        "--timeout",
+        "2",
+        &img,
+        "--",
+        "sleep",
+        "600",
+    ]);
     assert_warm(&out, &name);
     assert_eq!(code(&out), 137, "stderr: {}", stderr(&out));
     assert!(
