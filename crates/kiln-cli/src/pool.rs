@@ -19,6 +19,9 @@ use crate::commands::{hostname_of, pid_alive, reap_orphan, spawn_shim, wait_supe
 /// Consecutive members that fail to come up before a refill gives up (a
 /// broken template must not make it loop forever).
 const MAX_FILL_FAILURES: u32 = 3;
+/// How long a refill waits after the claim that started it: restoring a
+/// member takes CPU, and a burst of runs should be served first.
+const REFILL_DELAY_MS: u64 = 500;
 
 /// A member claimed for a run.
 pub(crate) struct Claimed {
@@ -84,7 +87,13 @@ pub(crate) fn refill_in_background(store: &Store, name: &str) {
             .append(true)
             .open(pool.dir().join("fill.log"))?;
         std::process::Command::new(exe)
-            .args(["template", "fill", name])
+            .args([
+                "template",
+                "fill",
+                "--delay-ms",
+                &REFILL_DELAY_MS.to_string(),
+                name,
+            ])
             .env("KILN_STATE_DIR", &store.dirs().state)
             .env("KILN_CACHE_DIR", &store.dirs().cache)
             .stdin(Stdio::null())

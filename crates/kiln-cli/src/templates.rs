@@ -60,7 +60,13 @@ pub enum TemplateCommand {
     /// Refill a template's warm pool (what `kiln run` starts in the
     /// background after taking a member).
     #[command(hide = true)]
-    Fill { name: String },
+    Fill {
+        name: String,
+        /// Wait this long first (a burst of runs is served before the
+        /// refill competes with it for CPU).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
 }
 
 /// Whether sandbox `id` still runs (its VM may map a template's memory).
@@ -191,7 +197,8 @@ pub async fn dispatch(store: &Store, cmd: TemplateCommand) -> Result<i32> {
             }
             Ok(code)
         }
-        TemplateCommand::Fill { name } => {
+        TemplateCommand::Fill { name, delay_ms } => {
+            tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
             let f = crate::pool::fill(store, &name).await?;
             tracing::info!(template = %name, started = f.started, removed = f.removed, ready = f.ready, "pool filled");
             Ok(0)
