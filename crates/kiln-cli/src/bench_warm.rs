@@ -175,14 +175,14 @@ pub async fn warm(
     {
         let pool = kiln_node::pool::Pool::of(store.dirs(), &name);
         pool.set_size(pool_size)?;
-        crate::pool::fill(store, &name).await?;
+        crate::pool::fill(store, &name, false).await?;
         for i in 0..runs {
             wait_pool(&pool, pool_size as usize).await?;
             pooled.push(first_byte(run_args(false)).await?);
             eprintln!("pool run {}/{runs}", i + 1);
         }
         pool.set_size(concurrent as u32)?;
-        crate::pool::fill(store, &name).await?;
+        crate::pool::fill(store, &name, false).await?;
         let t = Instant::now();
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..concurrent {

@@ -19,9 +19,9 @@ use crate::commands::{hostname_of, pid_alive, reap_orphan, spawn_shim, wait_supe
 /// Consecutive members that fail to come up before a refill gives up (a
 /// broken template must not make it loop forever).
 const MAX_FILL_FAILURES: u32 = 3;
-/// How long a refill waits after the claim that started it: restoring a
-/// member takes CPU, and a burst of runs should be served first.
-const REFILL_DELAY_MS: u64 = 500;
+/// How long a background refill waits at most for a spare CPU before it
+/// restores a member anyway.
+const MAX_YIELD: Duration = Duration::from_secs(5);
 
 /// A member claimed for a run.
 pub(crate) struct Claimed {
@@ -87,13 +87,7 @@ pub(crate) fn refill_in_background(store: &Store, name: &str) {
             .append(true)
             .open(pool.dir().join("fill.log"))?;
         std::process::Command::new(exe)
-            .args([
-                "template",
-                "fill",
-                "--delay-ms",
-                &REFILL_DELAY_MS.to_string(),
-                name,
-            ])
+            .args(["template", "fill", "--when-idle", name])
             .env("KILN_STATE_DIR", &store.dirs().state)
             .env("KILN_CACHE_DIR", &store.dirs().cache)
             .stdin(Stdio::null())
@@ -120,8 +114,10 @@ pub(crate) struct Filled {
 
 /// Brings template `name`'s pool to its size: restores members until
 /// enough are ready, removes the extra ones. One filler at a time (the
-/// others wait, then find less or nothing to do).
-pub(crate) async fn fill(store: &Store, name: &str) -> Result<Filled> {
+/// others wait, then find less or nothing to do). `when_idle`: before each
+/// restore, wait (at most `MAX_YIELD`) until the host has a CPU to spare,
+/// so that a burst of runs taking members is served before its refill.
+pub(crate) async fn fill(store: &Store, name: &str, when_idle: bool) -> Result<Filled> {
     kiln_node::snapshot::validate_name(name)?;
     let pool = Pool::of(store.dirs(), name);
     let _lock = pool
@@ -145,6 +141,9 @@ pub(crate) async fn fill(store: &Store, name: &str) -> Result<Filled> {
         if ready.len() == target {
             done.ready = target as u32;
             return Ok(done);
+        }
+        if when_idle {
+            wait_for_spare_cpu(MAX_YIELD).await;
         }
         let manifest = templates
             .manifest(name)
@@ -245,4 +244,34 @@ pub(crate) fn status(store: &Store, name: &str) -> Option<(usize, u32)> {
     let pool = Pool::of(store.dirs(), name);
     let size = pool.size();
     (size > 0).then(|| (pool.ready().len(), size))
+}
+
+/// Waits until at least one CPU's worth of time was idle over the last
+/// 200 ms (`/proc/stat`), or `limit` passed.
+async fn wait_for_spare_cpu(limit: Duration) {
+    fn sample() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let total: u64 = v.iter().take(8).sum();
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some((total, idle))
+    }
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as f64)
+        .unwrap_or(1.0);
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < limit {
+        let Some((t1, i1)) = sample() else { return };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some((t2, i2)) = sample() else { return };
+        let (dt, di) = (t2.saturating_sub(t1), i2.saturating_sub(i1));
+        if dt == 0 || di as f64 / dt as f64 >= 1.0 / cpus {
+            return;
+        }
+    }
 }

@@ -62,10 +62,10 @@ pub enum TemplateCommand {
     #[command(hide = true)]
     Fill {
         name: String,
-        /// Wait this long first (a burst of runs is served before the
-        /// refill competes with it for CPU).
-        #[arg(long, default_value_t = 0)]
-        delay_ms: u64,
+        /// Restore each member only once the host has a CPU to spare (up
+        /// to a few seconds): runs being served go first.
+        #[arg(long)]
+        when_idle: bool,
     },
 }
 
@@ -140,7 +140,7 @@ pub async fn dispatch(store: &Store, cmd: TemplateCommand) -> Result<i32> {
                 Some(k) => {
                     let t1 = std::time::Instant::now();
                     kiln_node::pool::Pool::of(store.dirs(), &name).set_size(k)?;
-                    let f = crate::pool::fill(store, &name).await?;
+                    let f = crate::pool::fill(store, &name, false).await?;
                     if verbose {
                         eprintln!(
                             "kiln: pool of {name}: {} ready ({} restored, {} removed) in {} ms",
@@ -197,9 +197,8 @@ pub async fn dispatch(store: &Store, cmd: TemplateCommand) -> Result<i32> {
             }
             Ok(code)
         }
-        TemplateCommand::Fill { name, delay_ms } => {
-            tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
-            let f = crate::pool::fill(store, &name).await?;
+        TemplateCommand::Fill { name, when_idle } => {
+            let f = crate::pool::fill(store, &name, when_idle).await?;
             tracing::info!(template = %name, started = f.started, removed = f.removed, ready = f.ready, "pool filled");
             Ok(0)
         }

@@ -794,7 +794,17 @@ async fn supervise(
     // Power the guest off and make sure its VMM is gone, serving clients
     // meanwhile (a `kiln run` that attaches just now still gets the output
     // and the exit status).
+    let discard = rec.spec.auto_remove;
     let teardown = async {
+        if discard {
+            // --rm: the writable disk goes with the sandbox, so nothing the
+            // guest still buffers matters. Killing the VMM spares the CPU a
+            // guest power-off costs (much of a short run's, under TCG).
+            let vm = shim.vm.lock().await;
+            vm.kill().await;
+            vm.cleanup().await;
+            return;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(2), shim.agent.shutdown()).await;
         let vm = shim.vm.lock().await;
         if tokio::time::timeout(SHUTDOWN_GRACE, vm.wait())
