@@ -559,6 +559,9 @@ async fn snapshot_restore(
         gone(CHECK, "the restored VM", &rspec.dir)?;
         report.passed.push("snapshot_restore");
 
+        snapshot_of_restored(driver, guest, work_dir, &snap_dir, &point).await?;
+        report.passed.push("snapshot_of_restored");
+
         fork(
             driver,
             guest,
@@ -994,6 +997,89 @@ async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     })
     .await;
     outputs.into_iter().flatten().collect()
+}
+
+/// A snapshot of a VM that was itself restored (QEMU: its RAM is private
+/// when mapped, so it goes into the device state; or its own copy when
+/// owned. Firecracker: a Diff of the pages written since the load, merged
+/// onto the file it was loaded from) restores a VM that continues from the
+/// second snapshot, not the first. For each way a driver can give a
+/// restored VM its RAM.
+async fn snapshot_of_restored(
+    driver: &dyn VmmDriver,
+    guest: &Guest,
+    work_dir: &Path,
+    snap_dir: &Path,
+    point: &SnapshotPoint,
+) -> Result<(), ConformanceError> {
+    const CHECK: &str = "snapshot_of_restored";
+    for (how, tag) in [
+        (crate::RestoreMemory::Mapped, "mapped"),
+        (crate::RestoreMemory::Owned, "owned"),
+    ] {
+        let spec1 = spec_for(driver, guest, work_dir, &format!("gen1-{tag}"));
+        let snap2 = work_dir.join(format!("snapshot2-{tag}"));
+        let gen1 = driver
+            .restore_with(snap_dir, &spec1, how)
+            .await
+            .map_err(|e| fail(CHECK, format!("restore ({tag}): {e:#}")))?;
+        let taken = async {
+            // Let it write memory of its own (its counter) before the second
+            // snapshot, so that a snapshot still holding the first one's
+            // memory would be caught.
+            wait_for(
+                CHECK,
+                Duration::from_secs(10),
+                "the restored VM to count",
+                || {
+                    counters(&console(&spec1))
+                        .last()
+                        .is_some_and(|n| *n >= point.counter + 3)
+                },
+            )
+            .await?;
+            gen1.snapshot(&snap2)
+                .await
+                .map_err(|e| fail(CHECK, format!("snapshot of a restored VM ({tag}): {e:#}")))?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            SnapshotPoint::of(format!("{}{}", point.console, console(&spec1)))
+        }
+        .await;
+        // The second snapshot must not need the VM it was taken from.
+        let cleaned = gen1.cleanup().await;
+        let point2 = taken?;
+        cleaned.map_err(|e| fail(CHECK, format!("cleanup ({tag}): {e:#}")))?;
+        let spec2 = spec_for(driver, guest, work_dir, &format!("gen2-{tag}"));
+        let gen2 = driver.restore(&snap2, &spec2).await.map_err(|e| {
+            fail(
+                CHECK,
+                format!("restore of the second snapshot ({tag}): {e:#}"),
+            )
+        })?;
+        let r = async {
+            wait_for(
+                CHECK,
+                Duration::from_secs(10),
+                "the second restore to count",
+                || counters(&console(&spec2)).len() >= 2,
+            )
+            .await?;
+            point2.continued_by(
+                CHECK,
+                &format!("a restore of a restored VM's snapshot ({tag})"),
+                &console(&spec2),
+            )?;
+            expect_status(CHECK, gen2.as_ref(), VmStatus::Running).await
+        }
+        .await;
+        let cleaned = gen2.cleanup().await;
+        r?;
+        cleaned.map_err(|e| fail(CHECK, format!("cleanup ({tag}): {e:#}")))?;
+        gone(CHECK, "the restored VMs", &spec1.dir)?;
+        gone(CHECK, "the restored VMs", &spec2.dir)?;
+        let _ = std::fs::remove_dir_all(&snap2);
+    }
+    Ok(())
 }
 
 /// Kills, on drop, every process whose command line mentions a directory

@@ -61,6 +61,7 @@ async fn qemu_tcg_baremetal_conformance() {
     print_report("qemu/tcg baremetal", &report);
     assert!(report.passed.contains(&"snapshot_restore"));
     assert!(report.passed.contains(&"fork"));
+    assert!(report.passed.contains(&"snapshot_of_restored"));
     assert_eq!(report.fork_restore.len(), conformance::FORK_CLONES);
     assert_eq!(report.fork_first_line.len(), conformance::FORK_CLONES);
 }
@@ -89,6 +90,7 @@ async fn qemu_kvm_baremetal_conformance() {
     .unwrap_or_else(|e| panic!("{e:#}"));
     print_report("qemu/kvm baremetal", &report);
     assert!(report.passed.contains(&"fork"));
+    assert!(report.passed.contains(&"snapshot_of_restored"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,6 +138,7 @@ async fn firecracker_conformance_skipped_without_binary() {
     .unwrap_or_else(|e| panic!("{e:#}"));
     print_report("firecracker baremetal", &report);
     assert!(report.passed.contains(&"fork"));
+    assert!(report.passed.contains(&"snapshot_of_restored"));
     let vmlinux = kernel_dir().join("vmlinux");
     if vmlinux.is_file() {
         let report = conformance::run(
