@@ -78,6 +78,10 @@ pub struct MachineConfiguration {
     pub vcpu_count: u32,
     pub mem_size_mib: u32,
     pub smt: bool,
+    /// Lets `/snapshot/create` write `Diff` snapshots (only the pages
+    /// written since boot, load or the last snapshot).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 /// PUT /drives/{drive_id}
@@ -138,6 +142,13 @@ pub struct SnapshotLoadParams {
     /// Only sent when the vsock socket moves (newer Firecracker releases).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vsock_override: Option<VsockOverride>,
+    /// Dirty page tracking after the load (1.x name, deprecated but
+    /// accepted by every 1.x release).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enable_diff_snapshots: Option<bool>,
+    /// The same, under its current name (sent to 2.x and later).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -379,6 +390,7 @@ pub fn boot_requests(spec: &VmSpec, dir: &Path) -> Vec<(String, serde_json::Valu
                 vcpu_count: spec.cpus,
                 mem_size_mib: spec.memory_mib,
                 smt: false,
+                track_dirty_pages: true,
             })),
         ),
     ];
@@ -487,6 +499,7 @@ impl FirecrackerDriver {
             memory_mib: spec.memory_mib,
             disks: spec.disks.len(),
             version: self.info.version.clone(),
+            diff_base: std::sync::Mutex::new(None),
         };
         if let Err(e) = std::fs::write(&paths.pid, format!("{}\n", process.pid)) {
             let _ = vm.cleanup().await;
@@ -591,6 +604,7 @@ impl VmmDriver for FirecrackerDriver {
             memory_mib: config.as_ref().map_or(0, |c| c.mem_size_mib),
             disks,
             version: info.vmm_version,
+            diff_base: std::sync::Mutex::new(None),
         }))
     }
 
@@ -640,6 +654,8 @@ impl VmmDriver for FirecrackerDriver {
             },
             resume_vm: true,
             vsock_override,
+            enable_diff_snapshots: (!new_api_names(&self.info.version)).then_some(true),
+            track_dirty_pages: new_api_names(&self.info.version).then_some(true),
         };
         let loaded = async {
             vm.api
@@ -663,8 +679,69 @@ impl VmmDriver for FirecrackerDriver {
             let _ = vm.cleanup().await;
             return Err(RestoreVmError::Load(e.to_string()));
         }
+        // The load cleared the dirty bitmap: the VM's memory is that file
+        // plus the pages written from now on, so its first snapshot can be
+        // a Diff merged onto a copy of it (the node keeps a snapshot while
+        // a VM restored from it runs).
+        *vm.diff_base.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(snapshot_dir.join(MEMORY_FILE));
         Ok(Box::new(vm))
     }
+}
+
+/// Whether this Firecracker release takes `track_dirty_pages` on
+/// `/snapshot/load` rather than the 1.x name `enable_diff_snapshots`
+/// (`version` as `--version` printed it: "Firecracker v1.12.0").
+fn new_api_names(version: &str) -> bool {
+    version
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('v'))
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse::<u32>().ok())
+        .is_some_and(|major| major >= 2)
+}
+
+/// Writes every data extent of the sparse file `diff` (a Firecracker Diff
+/// snapshot's memory: the dirty pages at their offsets, holes elsewhere)
+/// over `onto` at the same offsets. Returns the bytes copied.
+fn overlay_extents(diff: &Path, onto: &Path) -> std::io::Result<u64> {
+    use nix::unistd::{Whence, lseek};
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut from = std::fs::File::open(diff)?;
+    let mut to = std::fs::OpenOptions::new().write(true).open(onto)?;
+    let size = from.metadata()?.len();
+    if size > to.metadata()?.len() {
+        return Err(std::io::Error::other(format!(
+            "the diff ({size} bytes) is larger than the memory it applies to"
+        )));
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos: u64 = 0;
+    let mut copied = 0;
+    while pos < size {
+        let start = match lseek(&from, pos as i64, Whence::SeekData) {
+            Ok(s) => s as u64,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let end = (lseek(&from, start as i64, Whence::SeekHole)? as u64).min(size);
+        from.seek(SeekFrom::Start(start))?;
+        to.seek(SeekFrom::Start(start))?;
+        let mut left = end - start;
+        while left > 0 {
+            let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+            let n = from.read(&mut buf[..want])?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            to.write_all(&buf[..n])?;
+            left -= n as u64;
+            copied += n as u64;
+        }
+        pos = end;
+    }
+    to.sync_all()?;
+    Ok(copied)
 }
 
 /// A Firecracker microVM.
@@ -676,9 +753,61 @@ pub struct FirecrackerVm {
     memory_mib: u32,
     disks: usize,
     version: String,
+    /// The memory file this VM's RAM equals, apart from the pages written
+    /// since (dirty tracking started at its load): its next snapshot can be
+    /// a Diff merged onto a copy of it. Taken by that snapshot; after it,
+    /// snapshots are Full.
+    diff_base: std::sync::Mutex<Option<PathBuf>>,
 }
 
 impl FirecrackerVm {
+    /// A Diff snapshot into `dest`: the pages written since the load go to
+    /// a temporary file, which is laid over a sparse copy of `base` (the
+    /// memory the VM was loaded from) as `memory`. Returns the bytes of
+    /// dirty memory written. The VM is paused.
+    async fn write_diff(&self, dest: &Path, base: &Path, memory: &Path) -> Result<u64, String> {
+        let diff = dest.join("memory.diff");
+        let _ = std::fs::remove_file(&diff);
+        let params = SnapshotCreateParams {
+            snapshot_path: path_str(&dest.join(SNAPSHOT_STATE)),
+            mem_file_path: path_str(&diff),
+            snapshot_type: "Diff".into(),
+        };
+        let result = async {
+            self.api
+                .request(
+                    Method::PUT,
+                    "/snapshot/create",
+                    Some(&params),
+                    SNAPSHOT_TIMEOUT,
+                )
+                .await
+                .map_err(|e| format!("/snapshot/create Diff: {e}"))?;
+            let out = tokio::process::Command::new("cp")
+                .arg("--sparse=always")
+                .arg(base)
+                .arg(memory)
+                .output()
+                .await
+                .map_err(|e| format!("copying {}: {e}", base.display()))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "copying {}: {}",
+                    base.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            let (diff, memory) = (diff.clone(), memory.to_path_buf());
+            tokio::task::spawn_blocking(move || overlay_extents(&diff, &memory))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("merging the Diff: {e}"))
+        }
+        .await;
+        let _ = std::fs::remove_file(&diff);
+        result
+    }
+
     /// The API client, for requests the trait does not cover.
     pub fn api(&self) -> &ApiClient {
         &self.api
@@ -817,20 +946,45 @@ impl Vm for FirecrackerVm {
         std::fs::create_dir_all(dest_dir).map_err(write_err)?;
         let stopped = Instant::now();
         self.pause().await.map_err(SnapshotVmError::Control)?;
-        let params = SnapshotCreateParams {
-            snapshot_path: path_str(&dest_dir.join(SNAPSHOT_STATE)),
-            mem_file_path: path_str(&dest_dir.join(MEMORY_FILE)),
-            snapshot_type: "Full".into(),
-        };
-        self.api
-            .request(
-                Method::PUT,
-                "/snapshot/create",
-                Some(&params),
-                SNAPSHOT_TIMEOUT,
-            )
-            .await
-            .map_err(SnapshotVmError::Control)?;
+        let memory = dest_dir.join(MEMORY_FILE);
+        let full_size = u64::from(self.memory_mib) << 20;
+        // Taken whatever happens: once a snapshot was attempted the dirty
+        // bitmap may have been cleared, and only a Full is safe after it.
+        let base = self
+            .diff_base
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|b| std::fs::metadata(b).is_ok_and(|m| m.len() == full_size));
+        let mut diffed = false;
+        if let Some(base) = base {
+            match self.write_diff(dest_dir, &base, &memory).await {
+                Ok(bytes) => {
+                    tracing::info!(vm = %self.record.id, dirty_bytes = bytes, "Diff snapshot merged onto its base");
+                    diffed = true;
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %self.record.id, error = %e, "Diff snapshot failed; writing a Full one");
+                    let _ = std::fs::remove_file(&memory);
+                }
+            }
+        }
+        if !diffed {
+            let params = SnapshotCreateParams {
+                snapshot_path: path_str(&dest_dir.join(SNAPSHOT_STATE)),
+                mem_file_path: path_str(&memory),
+                snapshot_type: "Full".into(),
+            };
+            self.api
+                .request(
+                    Method::PUT,
+                    "/snapshot/create",
+                    Some(&params),
+                    SNAPSHOT_TIMEOUT,
+                )
+                .await
+                .map_err(SnapshotVmError::Control)?;
+        }
         let downtime = stopped.elapsed();
         let meta = SnapshotMeta {
             driver: DriverKind::Firecracker,
@@ -881,6 +1035,54 @@ mod tests {
 
     /// Bodies as the spec's definitions name their fields.
     #[test]
+    fn a_diff_is_laid_over_its_base_page_by_page() {
+        use std::io::{Seek, SeekFrom, Write};
+        let t = tempfile::tempdir().expect("tempdir");
+        let size: u64 = 8 << 20;
+        let base = t.path().join("base");
+        let diff = t.path().join("diff");
+        let write_at = |p: &Path, off: u64, b: &[u8]| {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(p)
+                .expect("open");
+            f.seek(SeekFrom::Start(off)).expect("seek");
+            f.write_all(b).expect("write");
+        };
+        // The base: two pages of data in a sparse 8 MiB file.
+        std::fs::File::create(&base)
+            .and_then(|f| f.set_len(size))
+            .expect("base");
+        write_at(&base, 0, &[1u8; 4096]);
+        write_at(&base, 1 << 20, &[2u8; 4096]);
+        // The diff: one page rewritten, one page zeroed, one new page.
+        std::fs::File::create(&diff)
+            .and_then(|f| f.set_len(size))
+            .expect("diff");
+        write_at(&diff, 0, &[9u8; 4096]);
+        write_at(&diff, 1 << 20, &[0u8; 4096]);
+        write_at(&diff, 4 << 20, &[7u8; 4096]);
+        let copied = overlay_extents(&diff, &base).expect("overlay");
+        assert_eq!(copied, 3 * 4096);
+        let merged = std::fs::read(&base).expect("read");
+        assert_eq!(merged.len() as u64, size);
+        assert!(merged[..4096].iter().all(|b| *b == 9));
+        assert!(merged[1 << 20..(1 << 20) + 4096].iter().all(|b| *b == 0));
+        assert!(merged[4 << 20..(4 << 20) + 4096].iter().all(|b| *b == 7));
+        assert!(merged[4096..1 << 20].iter().all(|b| *b == 0));
+        // A diff larger than the memory is refused.
+        std::fs::File::create(&diff)
+            .and_then(|f| f.set_len(size * 2))
+            .expect("diff");
+        assert!(overlay_extents(&diff, &base).is_err());
+        assert!(new_api_names("Firecracker v2.0.0"));
+        assert!(!new_api_names("Firecracker v1.12.0"));
+        assert!(!new_api_names("garbage"));
+    }
+
+    #[test]
     fn boot_requests_match_the_spec_shapes() {
         let requests = boot_requests(&spec(), Path::new("/vm"));
         let by_path: std::collections::HashMap<_, _> = requests.into_iter().collect();
@@ -899,7 +1101,7 @@ mod tests {
         );
         assert_eq!(
             by_path["/machine-config"],
-            json!({"vcpu_count": 2, "mem_size_mib": 512, "smt": false})
+            json!({"vcpu_count": 2, "mem_size_mib": 512, "smt": false, "track_dirty_pages": true})
         );
         assert_eq!(
             by_path["/drives/d0"],
@@ -936,9 +1138,11 @@ mod tests {
                 },
                 resume_vm: true,
                 vsock_override: None,
+                enable_diff_snapshots: Some(true),
+                track_dirty_pages: None,
             })
             .expect("json"),
-            json!({"snapshot_path": "/s/vmstate", "mem_backend": {"backend_type": "File", "backend_path": "/s/memory"}, "resume_vm": true})
+            json!({"snapshot_path": "/s/vmstate", "mem_backend": {"backend_type": "File", "backend_path": "/s/memory"}, "resume_vm": true, "enable_diff_snapshots": true})
         );
         assert_eq!(instance_id("fc_1.a"), "fc-1-a");
     }
@@ -1013,6 +1217,7 @@ mod tests {
                     vcpu_count: 99,
                     mem_size_mib: 1,
                     smt: false,
+                    track_dirty_pages: false,
                 },
             )
             .await
