@@ -217,16 +217,32 @@ async fn run(store: &Store, args: RunArgs) -> Result<i32> {
         crate::templates::lookup(store, &spec)
     };
     if let Ok(name) = &template {
-        let claimed = crate::pool::claim(store, name, &spec).await;
+        // Started first: a run killed while it claims still refills.
         crate::pool::refill_in_background(store, name);
-        if let Some(c) = claimed {
-            if args.verbose {
-                eprintln!(
-                    "kiln: warm start from the pool of template {name} ({} ms after the command started)",
-                    t0.elapsed().as_millis()
-                );
+        match crate::pool::claim(store, name, &spec).await {
+            Some(c) if !c.ready.ok && c.ready.restore_failed => {
+                // The member broke before running anything: go on without.
+                if args.verbose {
+                    eprintln!(
+                        "kiln: the pool member failed ({}); restoring the template",
+                        c.ready.error.as_deref().unwrap_or("?")
+                    );
+                }
+                let _ =
+                    wait_supervisor_gone(store, &c.id, Duration::from_secs(30), Some(c.shim_pid))
+                        .await;
+                let _ = store.remove(&c.id);
             }
-            return finish_run(store, &args, &c.id, c.ready, c.shim_pid, t0).await;
+            Some(c) => {
+                if args.verbose {
+                    eprintln!(
+                        "kiln: warm start from the pool of template {name} ({} ms after the command started)",
+                        t0.elapsed().as_millis()
+                    );
+                }
+                return finish_run(store, &args, &c.id, c.ready, c.shim_pid, t0).await;
+            }
+            None => {}
         }
     }
     let mut rec = store.create(spec)?;
@@ -432,7 +448,18 @@ pub(crate) async fn spawn_shim(store: &Store, rec: &SandboxRecord) -> Result<(Re
 async fn ps(store: &Store, all: bool, quiet: bool) -> Result<i32> {
     // Level-triggered clean-up: VMs whose supervisor died are killed here.
     for r in store.list()? {
-        if (r.vm.is_some() || r.pool.is_some()) && !r.shim_pid.is_some_and(pid_alive) {
+        // A pool member's record exists before its supervisor starts (the
+        // filler writes it first): only one whose supervisor ran and died,
+        // or that never got one for a minute, is an orphan.
+        let dead_shim = r.shim_pid.is_some_and(|p| !pid_alive(p));
+        let never_started =
+            r.shim_pid.is_none() && kiln_node::store::now_secs().saturating_sub(r.created_at) > 60;
+        let orphan = if r.pool.is_some() {
+            dead_shim || never_started
+        } else {
+            r.vm.is_some() && !r.shim_pid.is_some_and(pid_alive)
+        };
+        if orphan {
             reap_orphan(store, &r.id).await;
         }
     }
@@ -647,7 +674,12 @@ pub(crate) async fn reap_orphan(store: &Store, id: &str) {
         return;
     }
     if let Some(vm) = rec.vm.take() {
-        tracing::warn!(sandbox = %id, "the supervisor is gone; killing its VM");
+        if rec.pool.is_some() {
+            // Not the user's sandbox: nothing for their terminal.
+            tracing::info!(sandbox = %id, "a pool member's supervisor is gone; killing its VM");
+        } else {
+            tracing::warn!(sandbox = %id, "the supervisor is gone; killing its VM");
+        }
         kiln_node::vm::destroy_recorded(vm).await;
         let _ = std::fs::remove_file(store.dir(id).join("ctl.sock"));
     } else if rec.pool.is_none() {
@@ -728,7 +760,12 @@ async fn rm(store: &Store, id: &str, force: bool) -> Result<()> {
         wait_supervisor_gone(store, &id, Duration::from_secs(30), None).await?;
     }
     // Whatever is left (a supervisor that died): kill its VM from the record.
-    let rec = store.load(&id)?;
+    // (A pool member's supervisor removes its record itself.)
+    let rec = match store.load(&id) {
+        Ok(r) => r,
+        Err(kiln_node::store::StoreError::NotFound(_)) if rec.pool.is_some() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
     if let Some(vm) = rec.vm.clone() {
         kiln_node::vm::destroy_recorded(vm).await;
     }

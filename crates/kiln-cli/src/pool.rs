@@ -19,6 +19,9 @@ use crate::commands::{hostname_of, pid_alive, reap_orphan, spawn_shim, wait_supe
 /// Consecutive members that fail to come up before a refill gives up (a
 /// broken template must not make it loop forever).
 const MAX_FILL_FAILURES: u32 = 3;
+/// How long a claimed member may take to start the command (a burst of
+/// claims on a loaded host takes seconds; a stuck one never answers).
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a background refill waits at most for a spare CPU before it
 /// restores a member anyway.
 const MAX_YIELD: Duration = Duration::from_secs(5);
@@ -52,7 +55,23 @@ pub(crate) async fn claim(store: &Store, name: &str, spec: &SandboxSpec) -> Opti
         let req = CtlRequest::Claim {
             spec: Box::new(spec),
         };
-        match CtlConn::open(&sock, &req).await {
+        let answer = match tokio::time::timeout(CLAIM_TIMEOUT, CtlConn::open(&sock, &req)).await {
+            Ok(a) => a,
+            Err(_) => {
+                // A stuck member (its supervisor or VMM does not answer):
+                // remove it and go on.
+                tracing::info!(sandbox = %id, "a pool member did not answer its claim in time; removing it");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(shim_pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ =
+                    wait_supervisor_gone(store, &id, Duration::from_secs(5), Some(shim_pid)).await;
+                reap_orphan(store, &id).await;
+                continue;
+            }
+        };
+        match answer {
             Ok((_conn, CtlResponse::Ready { line })) => {
                 return Some(Claimed {
                     id,
@@ -61,10 +80,10 @@ pub(crate) async fn claim(store: &Store, name: &str, spec: &SandboxSpec) -> Opti
                 });
             }
             Ok((_conn, other)) => {
-                tracing::warn!(sandbox = %id, answer = ?other, "a pool member refused its claim");
+                tracing::info!(sandbox = %id, answer = ?other, "a pool member refused its claim");
             }
             Err(e) => {
-                tracing::warn!(sandbox = %id, error = %e, "a pool member did not answer its claim");
+                tracing::info!(sandbox = %id, error = %e, "a pool member did not answer its claim");
                 reap_orphan(store, &id).await;
             }
         }
@@ -82,10 +101,15 @@ pub(crate) fn refill_in_background(store: &Store, name: &str) {
     let spawned = (|| -> std::io::Result<()> {
         use std::os::unix::process::CommandExt;
         let exe = std::env::current_exe()?;
+        let path = pool.dir().join("fill.log");
+        // Kept small: only the latest refills' messages matter.
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() > 1 << 20) {
+            let _ = std::fs::remove_file(&path);
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(pool.dir().join("fill.log"))?;
+            .open(&path)?;
         std::process::Command::new(exe)
             .args(["template", "fill", "--when-idle", name])
             .env("KILN_STATE_DIR", &store.dirs().state)
@@ -167,7 +191,12 @@ pub(crate) async fn fill(store: &Store, name: &str, when_idle: bool) -> Result<F
             Err(e) => {
                 crate::commands::release_template(store, &rec);
                 let _ = store.remove(&rec.id);
-                return Err(e);
+                failures += 1;
+                eprintln!("kiln: a pool member of template {name} did not start: {e:#}");
+                if failures >= MAX_FILL_FAILURES {
+                    return Err(e.context(format!("the pool of template {name} cannot be filled")));
+                }
+                continue;
             }
         };
         if line.ok {
@@ -229,9 +258,18 @@ pub(crate) async fn drain(store: &Store, name: &str) -> Result<u32> {
         remove_member(store, &id).await;
         n += 1;
     }
-    // Members whose supervisor died before offering themselves.
+    // Members not offered: taken by a run that died before claiming them
+    // (alive), or whose supervisor died before offering (dead). A member a
+    // run is claiming at this very moment is removed too; that run then
+    // starts from the template or boots.
     for r in store.list()? {
-        if r.pool.as_deref() == Some(name) && !r.shim_pid.is_some_and(pid_alive) {
+        if r.pool.as_deref() != Some(name) {
+            continue;
+        }
+        if r.shim_pid.is_some_and(pid_alive) {
+            remove_member(store, &r.id).await;
+            n += 1;
+        } else {
             reap_orphan(store, &r.id).await;
         }
     }

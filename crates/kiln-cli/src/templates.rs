@@ -108,7 +108,22 @@ pub async fn dispatch(store: &Store, cmd: TemplateCommand) -> Result<i32> {
                 disk_mib: disk,
             };
             let t0 = std::time::Instant::now();
-            let c = template::create(store.dirs(), &p, &driver, |id| alive(store, id)).await?;
+            let mut created =
+                template::create(store.dirs(), &p, &driver, |id| alive(store, id)).await;
+            // A template that must be replaced (damaged) whose only users are
+            // its own pool members: empty the pool and try again.
+            if let Err(template::CreateTemplateError::Remove(
+                snapshot::RemoveSnapshotError::InUse { name, users },
+            )) = &created
+                && users
+                    .iter()
+                    .all(|id| store.load(id).is_ok_and(|r| r.pool.is_some()))
+            {
+                let name = name.clone();
+                crate::pool::drain(store, &name).await?;
+                created = template::create(store.dirs(), &p, &driver, |id| alive(store, id)).await;
+            }
+            let c = created?;
             if verbose {
                 if c.existed {
                     eprintln!(
@@ -231,7 +246,8 @@ fn ls(store: &Store, quiet: bool) -> Result<i32> {
         let Some(t) = &m.template else { continue };
         let status = match &here {
             None => "unknown (no guest artifacts or driver)".to_string(),
-            Some((g, d)) => match templates.verify(&m.name, g, d, false) {
+            // Every file's digest: remembered while unchanged, so cheap.
+            Some((g, d)) => match templates.verify(&m.name, g, d, true) {
                 Ok(_) => "ready".to_string(),
                 Err(err) if template::is_stale(&err) => format!("stale: {err}"),
                 Err(err) => format!("unusable: {err}"),
@@ -251,7 +267,10 @@ fn ls(store: &Store, quiet: bool) -> Result<i32> {
             format!("{}M", t.disk_mib),
             crate::snapshots::human(snapshot::disk_usage(&templates.dir(&m.name))),
             crate::commands::ago(m.created_at),
-            e.users.len(),
+            e.users
+                .iter()
+                .filter(|id| !store.load(id).is_ok_and(|r| r.pool.is_some()))
+                .count(),
             pool,
             status
         )?;

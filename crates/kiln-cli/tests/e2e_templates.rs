@@ -770,9 +770,9 @@ fn a_killed_template_create_leaves_no_vm() {
         .expect("templates")
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".work-"))
+        .filter(|n| n.starts_with(".work-") || n.starts_with(".staging-"))
         .collect();
-    assert!(works.is_empty(), "work dirs left: {works:?}");
+    assert!(works.is_empty(), "work or staging dirs left: {works:?}");
     t.k.assert_clean();
     // And a template can be made afterwards.
     let name = t.template_create(&["--memory", "288"]);
@@ -848,6 +848,67 @@ fn a_warm_started_sandbox_snapshots_and_forks_like_a_booted_one() {
         t.ok(&["rm", "-f", id]);
     }
     t.ok(&["snapshot", "rm", "warm-snap"]);
+    t.ok(&["template", "rm", &name]);
+    t.k.assert_clean();
+}
+
+#[test]
+fn a_pool_survives_ps_abandoned_claims_and_stuck_members() {
+    let t = T::new();
+    let img = busybox();
+    let name = t.template_create(&[]);
+
+    tracing::info!("phase: the pool fills while kiln ps runs in a loop");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = t.run(&["ps", "-a"]);
+            }
+        });
+        let out = t.run(&["template", "create", "--pool", "3", &img]);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    });
+    assert_eq!(t.members(&name).len(), 3);
+
+    tracing::info!("phase: a member taken by a run that died is offered again");
+    let taken = t.members(&name)[0].clone();
+    std::fs::remove_file(
+        t.k.state_dir()
+            .join("pools")
+            .join(&name)
+            .join("ready")
+            .join(&taken),
+    )
+    .expect("take the offer");
+    t.wait_pool(&name, 3);
+    assert!(t.members(&name).contains(&taken));
+
+    tracing::info!("phase: a member whose VMM is stuck is skipped, the run still works");
+    t.template_create(&["--pool", "1"]);
+    let stuck = t.members(&name);
+    assert_eq!(stuck.len(), 1);
+    let qemu = t.record(&stuck[0])["vm"]["pid"].as_u64().expect("vm pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("stop the VMM");
+    let out = t.run(&["run", "--rm", "-v", &img, "--", "echo", "still works"]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), "still works\n");
+    assert!(
+        stderr(&out).contains("the pool member failed"),
+        "stderr: {}",
+        stderr(&out)
+    );
+    // The stuck member is gone (its supervisor killed its VMM).
+    let t0 = Instant::now();
+    while std::path::Path::new(&format!("/proc/{qemu}")).exists() {
+        assert!(t0.elapsed().as_secs() < 30, "the stuck VMM is still there");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     t.ok(&["template", "rm", &name]);
     t.k.assert_clean();
 }

@@ -93,6 +93,11 @@ impl Pool {
         fs::File::create(self.ready_dir().join(id)).map(drop)
     }
 
+    /// Whether sandbox `id` is offered (nobody took it).
+    pub fn is_offered(&self, id: &str) -> bool {
+        self.ready_dir().join(id).exists()
+    }
+
     /// Makes sandbox `id` unclaimable (idempotent).
     pub fn withdraw(&self, id: &str) {
         let _ = fs::remove_file(self.ready_dir().join(id));

@@ -91,6 +91,8 @@ pub enum ShimError {
     Log(#[source] std::io::Error),
     #[error("cannot pause or resume the VM")]
     Control(#[source] kiln_vmm::ControlVmError),
+    #[error("configuring the guest failed: {0}")]
+    Configure(String),
 }
 
 impl ShimError {
@@ -219,10 +221,16 @@ pub async fn run(
                 }),
                 exit_code: Some(code),
                 driver: rec.driver.clone(),
+                // Nothing of the command ran: the caller may start it
+                // another way (another pool member, the template, a boot).
                 restore_failed: rec.template.is_some()
                     && matches!(
                         e,
-                        ShimError::Restore(_) | ShimError::Vm(_) | ShimError::Agent(_)
+                        ShimError::Restore(_)
+                            | ShimError::Vm(_)
+                            | ShimError::Agent(_)
+                            | ShimError::Control(_)
+                            | ShimError::Configure(_)
                     ),
             };
             report.send(&line).await;
@@ -337,10 +345,7 @@ async fn launch(store: &Store, rec: &mut SandboxRecord, up: Up) -> Result<Starte
         agent
             .configure(vm::identity(&rec.id))
             .await
-            .map_err(|e| ShimError::Exec {
-                message: format!("configuring the guest failed: {e}"),
-                exit_code: 125,
-            })?;
+            .map_err(|e| ShimError::Configure(e.to_string()))?;
         let configured_ms = vm_ready.elapsed().as_millis() as u64;
         let process = if rec.restored_from.is_some() {
             // The main process runs already: follow it again (its output
@@ -459,10 +464,7 @@ async fn pooled(
             up.agent
                 .configure(vm::identity(&rec.id))
                 .await
-                .map_err(|e| ShimError::Exec {
-                    message: format!("configuring the guest failed: {e}"),
-                    exit_code: 125,
-                })?;
+                .map_err(|e| ShimError::Configure(e.to_string()))?;
             warm_up(&up.agent).await;
             up.vm.pause().await.map_err(ShimError::Control)?;
             let _ = std::fs::remove_file(&sock);
@@ -531,7 +533,14 @@ async fn pooled(
     enum Event {
         Conn(UnixStream),
         VmGone,
+        Tick,
     }
+    // A run that took this member's offer but died before its claim would
+    // leave it unclaimable for good: an offer missing this long without a
+    // claim is made again.
+    const UNCLAIMED_GRACE: Duration = Duration::from_secs(10);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut taken_since: Option<Instant> = None;
     loop {
         let event = tokio::select! {
             conn = listener.accept() => match conn {
@@ -539,9 +548,22 @@ async fn pooled(
                 Err(_) => continue,
             },
             () = up.vm.wait() => Event::VmGone,
+            _ = tick.tick() => Event::Tick,
         };
         let stream = match event {
             Event::Conn(s) => s,
+            Event::Tick => {
+                if pool.is_offered(&rec.id) {
+                    taken_since = None;
+                } else if taken_since.is_some_and(|t| t.elapsed() >= UNCLAIMED_GRACE) {
+                    warn!("taken from the pool but never claimed; offering it again");
+                    let _ = pool.offer(&rec.id);
+                    taken_since = None;
+                } else if taken_since.is_none() {
+                    taken_since = Some(Instant::now());
+                }
+                continue;
+            }
             Event::VmGone => {
                 warn!("the pool member's VMM exited");
                 up.vm.cleanup().await;
@@ -554,7 +576,11 @@ async fn pooled(
         let req = match ctl::read_request(&mut r).await {
             Ok((req, _)) => req,
             Err(e) => {
-                tracing::debug!(error = %e, "bad control request to a pool member");
+                // Perhaps a claim it could not read: stay claimable.
+                warn!(error = %e, "bad control request to a pool member");
+                if !pool.is_offered(&rec.id) {
+                    let _ = pool.offer(&rec.id);
+                }
                 continue;
             }
         };
@@ -570,6 +596,7 @@ async fn pooled(
                 info!("claimed by a run");
                 rec.spec = *spec;
                 rec.pool = None;
+                rec.created_at = crate::store::now_secs();
                 rec.state = SandboxState::Creating;
                 store.save(rec)?;
                 drop(listener);
