@@ -390,6 +390,7 @@ async fn boot_and_snapshot(
         let owner = Owner {
             pid: std::process::id(),
             vm,
+            staging: Some(staging.to_path_buf()),
         };
         if let Err(e) = fs::write(
             work.join(OWNER),
@@ -452,6 +453,9 @@ struct Owner {
     /// Once the driver started it (until then, its VMM is found by the
     /// work directory on its command line).
     vm: Option<serde_json::Value>,
+    /// The template's staging directory (removed with the work dir).
+    #[serde(default)]
+    staging: Option<PathBuf>,
 }
 
 const OWNER: &str = "owner.json";
@@ -505,6 +509,15 @@ pub async fn reap_abandoned(dirs: &Dirs) {
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
+        }
+        // Only a staging directory of this store, as `staging()` names them.
+        if let Some(staging) = owner.staging.filter(|p| {
+            p.parent() == Some(templates.root())
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(".staging-"))
+        }) {
+            let _ = fs::remove_dir_all(staging);
         }
         let _ = fs::remove_dir_all(&dir);
     }

@@ -12,6 +12,12 @@
 //! timestamps (who could as well replace Kiln). A fact computed while the
 //! file changed under it is not remembered.
 //!
+//! Timestamps are only as fine as the kernel keeps them (a clock tick on
+//! some kernels): a write in the same tick as the hashing could leave the
+//! stamp unchanged. So, as git does with "racily clean" files, a fact is
+//! remembered only about a file whose last change is at least
+//! [`SETTLE`] old; younger files are hashed every time.
+//!
 //! One small file per fact, `<dir>/<sha256 of the key>`, holding the key
 //! and the value; written atomically. Entries of replaced files are never
 //! used again and are tiny; the directory is a cache and can be deleted at
@@ -24,15 +30,29 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+/// How long ago a file must have last changed for a fact about it to be
+/// remembered.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A directory of remembered facts.
 #[derive(Debug, Clone)]
 pub struct Memo {
     dir: PathBuf,
+    settle: std::time::Duration,
 }
 
 impl Memo {
     pub fn at(dir: impl Into<PathBuf>) -> Memo {
-        Memo { dir: dir.into() }
+        Memo {
+            dir: dir.into(),
+            settle: SETTLE,
+        }
+    }
+
+    /// Another settling time than [`SETTLE`] (tests).
+    pub fn with_settle(mut self, settle: std::time::Duration) -> Memo {
+        self.settle = settle;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -47,14 +67,14 @@ impl Memo {
         what: &str,
         compute: impl FnOnce() -> Result<String, E>,
     ) -> Result<String, E> {
-        let Some(before) = stamp(file, what) else {
+        let Some(before) = stamp(file, what, self.settle) else {
             return compute();
         };
         if let Some(v) = self.read(&before) {
             return Ok(v);
         }
         let v = compute()?;
-        if stamp(file, what).as_ref() == Some(&before) {
+        if stamp(file, what, self.settle).as_ref() == Some(&before) {
             self.write(&before, &v);
         }
         Ok(v)
@@ -64,18 +84,18 @@ impl Memo {
     /// state is still `before` (from [`Memo::stamp`], taken before the value
     /// was computed).
     pub fn remember(&self, file: &Path, what: &str, before: &Stamp, value: &str) {
-        if stamp(file, what).as_ref() == Some(before) {
+        if stamp(file, what, self.settle).as_ref() == Some(before) {
             self.write(before, value);
         }
     }
 
     /// The state of `file` a fact `what` would be keyed by.
     pub fn stamp(&self, file: &Path, what: &str) -> Option<Stamp> {
-        stamp(file, what)
+        stamp(file, what, self.settle)
     }
 
     fn entry(&self, s: &Stamp) -> PathBuf {
-        let h = Sha256::digest(s.0.as_bytes());
+        let h = Sha256::digest(s.key.as_bytes());
         let name: String = h.iter().map(|b| format!("{b:02x}")).collect();
         self.dir.join(name)
     }
@@ -83,11 +103,11 @@ impl Memo {
     fn read(&self, s: &Stamp) -> Option<String> {
         let body = fs::read_to_string(self.entry(s)).ok()?;
         let (key, value) = body.split_once('\n')?;
-        (key == s.0).then(|| value.to_string())
+        (key == s.key).then(|| value.to_string())
     }
 
     fn write(&self, s: &Stamp, value: &str) {
-        if value.contains('\n') || fs::create_dir_all(&self.dir).is_err() {
+        if value.contains('\n') || !s.settled || fs::create_dir_all(&self.dir).is_err() {
             return;
         }
         let path = self.entry(s);
@@ -95,7 +115,7 @@ impl Memo {
             .dir
             .join(format!(".tmp-{}-{}", std::process::id(), unique()));
         let written = fs::File::create(&tmp).and_then(|mut f| {
-            f.write_all(s.0.as_bytes())?;
+            f.write_all(s.key.as_bytes())?;
             f.write_all(b"\n")?;
             f.write_all(value.as_bytes())
         });
@@ -107,23 +127,36 @@ impl Memo {
 
 /// What a fact about a file is keyed by (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stamp(String);
+pub struct Stamp {
+    key: String,
+    /// The file last changed at least `SETTLE` ago.
+    settled: bool,
+}
 
-fn stamp(file: &Path, what: &str) -> Option<Stamp> {
+fn stamp(file: &Path, what: &str, settle: std::time::Duration) -> Option<Stamp> {
     let m = fs::metadata(file).ok()?;
     if !m.is_file() || what.contains('\0') {
         return None;
     }
-    Some(Stamp(format!(
-        "kiln-memo-v1\0{what}\0{}\0{}\0{}\0{}.{}\0{}.{}",
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec()
-    )))
+    let changed = std::time::UNIX_EPOCH
+        + std::time::Duration::new(u64::try_from(m.mtime().max(m.ctime())).unwrap_or(0), 0);
+    let settled = changed
+        .elapsed()
+        // Whole seconds: one more covers the truncated part.
+        .is_ok_and(|age| settle.is_zero() || age >= settle + std::time::Duration::from_secs(1));
+    Some(Stamp {
+        settled,
+        key: format!(
+            "kiln-memo-v1\0{what}\0{}\0{}\0{}\0{}.{}\0{}.{}",
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        ),
+    })
 }
 
 fn unique() -> u64 {
@@ -139,7 +172,7 @@ mod tests {
     #[test]
     fn a_fact_is_reused_until_the_file_changes() {
         let t = tempfile::tempdir().unwrap();
-        let memo = Memo::at(t.path().join("memo"));
+        let memo = Memo::at(t.path().join("memo")).with_settle(std::time::Duration::ZERO);
         let f = t.path().join("kernel");
         fs::write(&f, b"one").unwrap();
         let mut calls = 0;
@@ -191,7 +224,7 @@ mod tests {
     #[test]
     fn a_value_computed_while_the_file_changed_is_not_remembered() {
         let t = tempfile::tempdir().unwrap();
-        let memo = Memo::at(t.path().join("memo"));
+        let memo = Memo::at(t.path().join("memo")).with_settle(std::time::Duration::ZERO);
         let f = t.path().join("disk");
         fs::write(&f, b"a").unwrap();
         let s = memo.stamp(&f, "sha").unwrap();
@@ -200,5 +233,23 @@ mod tests {
         memo.remember(&f, "sha", &s, "stale");
         let v = memo.get_or(&f, "sha", || Ok::<_, ()>("fresh".into()));
         assert_eq!(v.unwrap(), "fresh");
+    }
+
+    #[test]
+    fn a_file_changed_just_now_is_never_trusted() {
+        // Its timestamps may not have moved yet for a write to come.
+        let t = tempfile::tempdir().unwrap();
+        let memo = Memo::at(t.path().join("memo"));
+        let f = t.path().join("fresh");
+        fs::write(&f, b"x").unwrap();
+        let mut calls = 0;
+        for _ in 0..2 {
+            let v = memo.get_or(&f, "sha", || {
+                calls += 1;
+                Ok::<_, ()>("v".into())
+            });
+            assert_eq!(v.unwrap(), "v");
+        }
+        assert_eq!(calls, 2, "remembered a file changed this instant");
     }
 }

@@ -44,10 +44,10 @@ impl VmmProcess {
         if let Some(fd) = registered {
             // The pid may have been reused between the check and the
             // open: only this process, identified by its start time, counts.
-            if self.alive() {
-                let _ = fd.readable().await;
+            if !self.alive() || fd.readable().await.is_ok() {
+                return;
             }
-            return;
+            // The reactor failed us: poll instead.
         }
         while self.alive() {
             tokio::time::sleep(POLL).await;
