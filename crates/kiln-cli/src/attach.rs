@@ -23,13 +23,21 @@ enum Input {
 /// Follows the main process of the sandbox behind `sock`.
 pub async fn attach_main(sock: &Path, stdin: bool, tty: bool, replay: bool) -> Result<i32> {
     let (conn, resp) = CtlConn::open(sock, &CtlRequest::Attach { stdin, replay }).await?;
-    follow_main(sock, conn, resp, stdin, tty).await
+    follow_main(sock, conn, resp, stdin, tty, &mut || {}).await
 }
 
 /// Follows sandbox `id`'s main process from its first output. A sandbox
 /// whose command ended before we could attach (its supervisor was already
 /// tearing down) has its output log replayed and its exit code returned.
-pub async fn attach_main_or_replay(store: &Store, id: &str, stdin: bool, tty: bool) -> Result<i32> {
+/// `at_exit` runs when the exit is reported, while the connection still
+/// holds the supervisor (a `--rm` sandbox's record is still there).
+pub async fn attach_main_or_replay(
+    store: &Store,
+    id: &str,
+    stdin: bool,
+    tty: bool,
+    at_exit: &mut dyn FnMut(),
+) -> Result<i32> {
     let sock = store.dir(id).join("ctl.sock");
     match CtlConn::open(
         &sock,
@@ -40,7 +48,7 @@ pub async fn attach_main_or_replay(store: &Store, id: &str, stdin: bool, tty: bo
     )
     .await
     {
-        Ok((conn, resp)) => follow_main(&sock, conn, resp, stdin, tty).await,
+        Ok((conn, resp)) => follow_main(&sock, conn, resp, stdin, tty, at_exit).await,
         Err(e) => {
             for _ in 0..200 {
                 if let Ok(rec) = store.load(id)
@@ -79,6 +87,7 @@ async fn follow_main(
     resp: CtlResponse,
     stdin: bool,
     tty: bool,
+    at_exit: &mut dyn FnMut(),
 ) -> Result<i32> {
     let pid = match resp {
         CtlResponse::Started { pid } => pid,
@@ -88,7 +97,7 @@ async fn follow_main(
         }
         other => bail!("unexpected answer from the supervisor: {other:?}"),
     };
-    stream(sock, conn, pid, stdin, tty, true).await
+    stream(sock, conn, pid, stdin, tty, true, at_exit).await
 }
 
 /// Starts a process with `exec` and streams it.
@@ -112,7 +121,7 @@ pub async fn exec(
         println!("{pid}");
         return Ok(0);
     }
-    stream(sock, conn, pid, stdin, tty, false).await
+    stream(sock, conn, pid, stdin, tty, false, &mut || {}).await
 }
 
 /// Re-attaches to an exec'd process.
@@ -126,7 +135,7 @@ pub async fn exec_attach(sock: &Path, pid: u32, stdin: bool, tty: bool) -> Resul
         }
         other => bail!("unexpected answer from the supervisor: {other:?}"),
     }
-    stream(sock, conn, pid, stdin, tty, false).await
+    stream(sock, conn, pid, stdin, tty, false, &mut || {}).await
 }
 
 async fn stream(
@@ -136,6 +145,7 @@ async fn stream(
     stdin: bool,
     tty: bool,
     main: bool,
+    at_exit: &mut dyn FnMut(),
 ) -> Result<i32> {
     let CtlConn {
         mut reader,
@@ -253,6 +263,7 @@ async fn stream(
             }
             Kind::Event => {
                 if let Ok(proto::Event::Exit { status, .. }) = f.json::<proto::Event>("event") {
+                    at_exit();
                     break status.shell_code();
                 }
             }

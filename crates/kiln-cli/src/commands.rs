@@ -342,19 +342,28 @@ async fn finish_run(
         println!("{id}");
         return Ok(0);
     }
-    let code = attach::attach_main_or_replay(store, id, args.process.interactive, args.process.tty)
-        .await?;
-    // Read now: with --rm the record goes with the supervisor. (It records
-    // the end before it reports it.)
-    let timed_out = store.load(id).is_ok_and(|r| {
-        matches!(
-            r.state,
-            SandboxState::Exited {
-                timed_out: true,
-                ..
-            }
-        )
-    });
+    // Whether --timeout ended it: read when the exit is reported, while
+    // the supervisor (which records the end before reporting it) still
+    // keeps a --rm sandbox's record.
+    let mut timed_out = false;
+    let code = attach::attach_main_or_replay(
+        store,
+        id,
+        args.process.interactive,
+        args.process.tty,
+        &mut || {
+            timed_out = store.load(id).is_ok_and(|r| {
+                matches!(
+                    r.state,
+                    SandboxState::Exited {
+                        timed_out: true,
+                        ..
+                    }
+                )
+            });
+        },
+    )
+    .await?;
     // The sandbox has ended; return once its VM is gone too, so nothing of
     // it outlives this command.
     if let Err(e) = wait_supervisor_gone(store, id, Duration::from_secs(30), Some(shim_pid)).await {
@@ -642,7 +651,7 @@ async fn logs(store: &Store, id: &str, follow: bool) -> Result<i32> {
     let rec = refresh(store, store.load(&id)?);
     let sock = store.dir(&id).join("ctl.sock");
     if follow && !rec.state.is_finished() && sock.exists() {
-        attach::attach_main_or_replay(store, &id, false, false).await?;
+        attach::attach_main_or_replay(store, &id, false, false, &mut || {}).await?;
         return Ok(0);
     }
     attach::replay_log(&store.dir(&id).join("output.log"))?;

@@ -53,8 +53,11 @@ pub const MANIFEST: &str = "manifest.json";
 pub const VM_DIR: &str = "vmm";
 /// The writable disk, inside a snapshot directory and a sandbox directory.
 pub const RW_DISK: &str = "rw.ext4";
-/// How file digests are computed (see the module docs).
-pub const DIGEST_ALGORITHM: &str = "sha256-extents";
+/// How file digests are computed (see `file_digest`).
+pub const DIGEST_ALGORITHM: &str = "sha256-pages";
+/// What manifests written before `sha256-pages` used (`extents_digest`):
+/// still verified, never written.
+pub const LEGACY_DIGEST_ALGORITHM: &str = "sha256-extents";
 
 /// Digests of the guest artifacts a snapshot was taken with. A snapshot holds
 /// a running kernel and `kiln-init`: loading it under anything else is
@@ -536,10 +539,14 @@ impl SnapshotStore {
             }
         }
         if contents && let Some(want) = &m.image_disk_sha256 {
-            let now = digest_files(std::slice::from_ref(&m.image_disk), self.memo.as_deref())
-                .pop()
-                .and_then(Result::ok)
-                .map(|(_, d)| d);
+            let now = digest_files(
+                std::slice::from_ref(&m.image_disk),
+                self.memo.as_deref(),
+                &m.digest_algorithm,
+            )
+            .pop()
+            .and_then(Result::ok)
+            .map(|(_, d)| d);
             if now.as_ref() != Some(want) {
                 return Err(VerifySnapshotError::ImageDiskChanged {
                     name: n(),
@@ -551,7 +558,7 @@ impl SnapshotStore {
         if contents {
             let t0 = Instant::now();
             let paths: Vec<PathBuf> = m.files.iter().map(|f| dir.join(&f.path)).collect();
-            let digests = digest_files(&paths, self.memo.as_deref());
+            let digests = digest_files(&paths, self.memo.as_deref(), &m.digest_algorithm);
             for (f, (path, d)) in m.files.iter().zip(paths.iter().zip(digests)) {
                 let d = d.map_err(|source| VerifySnapshotError::Io {
                     path: path.clone(),
@@ -772,8 +779,77 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Size and `sha256-extents` digest of one file.
+/// Size and `DIGEST_ALGORITHM` digest of one file.
 pub fn file_digest(path: &Path) -> std::io::Result<(u64, String)> {
+    digest_with(path, DIGEST_ALGORITHM)
+}
+
+/// Size and digest of one file with `algorithm` (current or legacy).
+pub fn digest_with(path: &Path, algorithm: &str) -> std::io::Result<(u64, String)> {
+    match algorithm {
+        DIGEST_ALGORITHM => pages_digest(path),
+        LEGACY_DIGEST_ALGORITHM => extents_digest(path),
+        other => Err(std::io::Error::other(format!(
+            "unknown digest algorithm {other:?}"
+        ))),
+    }
+}
+
+/// `sha256-pages`: SHA-256 over the file's size and, for every 4 KiB page
+/// that is not all zeros, its offset and bytes. It depends only on the
+/// contents: a hole and a block of zeros are the same, so a copy made with
+/// or without holes (`cp`, `rsync -S`, a backup) has the same digest. Only
+/// the data extents are read (`SEEK_DATA`/`SEEK_HOLE`), so a sparse guest
+/// RAM file costs what it holds.
+fn pages_digest(path: &Path) -> std::io::Result<(u64, String)> {
+    use nix::unistd::{Whence, lseek};
+    const PAGE: u64 = 4096;
+    let mut f = fs::File::open(path)?;
+    let size = f.metadata()?.len();
+    let mut h = Sha256::new();
+    h.update(size.to_le_bytes());
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos: u64 = 0;
+    // Pages below this are done (extents need not be page-aligned).
+    let mut next_page: u64 = 0;
+    while pos < size {
+        let start = match lseek(&f, pos as i64, Whence::SeekData) {
+            Ok(s) => s as u64,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let end = (lseek(&f, start as i64, Whence::SeekHole)? as u64).min(size);
+        let mut off = (start / PAGE).max(next_page) * PAGE;
+        let stop = end.div_ceil(PAGE) * PAGE;
+        while off < stop.min(size) {
+            let want =
+                usize::try_from((stop.min(size) - off).min(buf.len() as u64)).unwrap_or(buf.len());
+            f.seek(SeekFrom::Start(off))?;
+            f.read_exact(&mut buf[..want]).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    std::io::Error::new(e.kind(), "file shrank while hashing")
+                } else {
+                    e
+                }
+            })?;
+            for (i, page) in buf[..want].chunks(PAGE as usize).enumerate() {
+                if page.iter().any(|b| *b != 0) {
+                    h.update((off + i as u64 * PAGE).to_le_bytes());
+                    h.update(page);
+                }
+            }
+            off += want as u64;
+        }
+        next_page = stop / PAGE;
+        pos = end.max(off.min(size));
+    }
+    Ok((size, hex(&h.finalize())))
+}
+
+/// `sha256-extents` (legacy): SHA-256 over each data extent's offset,
+/// length and bytes. Depends on how the file is laid out, not only on its
+/// contents.
+fn extents_digest(path: &Path) -> std::io::Result<(u64, String)> {
     use nix::unistd::{Whence, lseek};
     let mut f = fs::File::open(path)?;
     let size = f.metadata()?.len();
@@ -814,13 +890,18 @@ pub fn file_digest(path: &Path) -> std::io::Result<(u64, String)> {
 
 /// Digests several files at once, one thread each, remembering them in
 /// `memo` (and using what it remembers) if given.
-fn digest_files(paths: &[PathBuf], memo: Option<&Path>) -> Vec<std::io::Result<(u64, String)>> {
+fn digest_files(
+    paths: &[PathBuf],
+    memo: Option<&Path>,
+    algorithm: &str,
+) -> Vec<std::io::Result<(u64, String)>> {
     let memo = memo.map(kiln_vmm::memo::Memo::at);
     let one = |p: &Path| -> std::io::Result<(u64, String)> {
         match &memo {
-            None => file_digest(p),
+            None => digest_with(p, algorithm),
             Some(m) => {
-                let digest = m.get_or(p, DIGEST_ALGORITHM, || file_digest(p).map(|(_, d)| d))?;
+                let digest =
+                    m.get_or(p, algorithm, || digest_with(p, algorithm).map(|(_, d)| d))?;
                 Ok((fs::metadata(p)?.len(), digest))
             }
         }
@@ -895,7 +976,7 @@ pub fn write_manifest_with(
     let t0 = Instant::now();
     let rel = relative_files(dir, &[MANIFEST, "users"]).map_err(io(dir))?;
     let paths: Vec<PathBuf> = rel.iter().map(|r| dir.join(r)).collect();
-    let digests = digest_files(&paths, memo);
+    let digests = digest_files(&paths, memo, DIGEST_ALGORITHM);
     let mut files = Vec::with_capacity(rel.len());
     for ((r, p), d) in rel.into_iter().zip(&paths).zip(digests) {
         let (size, sha256) = d.map_err(io(p))?;
@@ -906,11 +987,16 @@ pub fn write_manifest_with(
         });
     }
     let cpu = CpuFeatures::of(&parts.driver);
-    let image_disk_sha256 =
-        match digest_files(std::slice::from_ref(&parts.spec.image_disk), memo).pop() {
-            Some(Ok((_, d))) => Some(d),
-            _ => None,
-        };
+    let image_disk_sha256 = match digest_files(
+        std::slice::from_ref(&parts.spec.image_disk),
+        memo,
+        DIGEST_ALGORITHM,
+    )
+    .pop()
+    {
+        Some(Ok((_, d))) => Some(d),
+        _ => None,
+    };
     let m = Manifest {
         format: FORMAT_VERSION,
         name: parts.name,
@@ -1031,6 +1117,25 @@ mod tests {
         let (size, d4) = file_digest(&p).unwrap();
         assert_eq!(size, 32 << 20);
         assert_ne!(d3, d4);
+        // The same contents laid out otherwise: holes filled with zeros, and
+        // a page of written zeros, give the same digest.
+        let dense = t.path().join("dense");
+        fs::write(&dense, fs::read(&p).unwrap()).unwrap();
+        assert_eq!(file_digest(&dense).unwrap().1, d4, "a copy without holes");
+        let holey = t.path().join("holey");
+        fs::copy(&p, &holey).unwrap();
+        let mut g = fs::OpenOptions::new().write(true).open(&holey).unwrap();
+        g.seek(SeekFrom::Start(8 << 20)).unwrap();
+        g.write_all(&[0u8; 8192]).unwrap();
+        drop(g);
+        assert_eq!(
+            file_digest(&holey).unwrap().1,
+            d4,
+            "zeros written into a hole"
+        );
+        // The legacy digest stays available for old manifests.
+        assert!(digest_with(&p, LEGACY_DIGEST_ALGORITHM).is_ok());
+        assert!(digest_with(&p, "md5").is_err());
     }
 
     fn driver(accel: kiln_vmm::Accel, cpu_model: &str) -> DriverInfo {
