@@ -145,6 +145,7 @@ pub async fn dispatch(store: &Store, cmd: TemplateCommand) -> Result<i32> {
                 }
             }
             let name = c.manifest.name.clone();
+            drain_stale_pools(store, &name).await;
             match pool {
                 Some(0) => {
                     let n = crate::pool::drain(store, &name).await?;
@@ -328,4 +329,39 @@ pub(crate) fn claim(store: &Store, name: &str, id: &str) -> Result<String, Strin
         .add_user(name, id)
         .map_err(|e| format!("cannot register as a user of template {name}: {e}"))?;
     Ok(name.to_string())
+}
+
+/// Empties the pools of templates that can no longer be used here (their
+/// kernel, initramfs, kiln-init, driver or image changed): no run would
+/// take their members, which would otherwise stay paused until
+/// `kiln template rm`. Run when a template is created (typically after
+/// such an upgrade). `keep` is the template just created.
+async fn drain_stale_pools(store: &Store, keep: &str) {
+    let templates = template::store(store.dirs());
+    let here = GuestArtifacts::locate(store.dirs()).ok().and_then(|a| {
+        let (drv, _) = kiln_node::vm::driver_for(kiln_vmm::DriverChoice::Auto).ok()?;
+        let g = snapshot::guest_digests(&a, drv.kind()).ok()?;
+        Some((g, drv.info().clone()))
+    });
+    let Some((guest, driver)) = here else { return };
+    for pool in kiln_node::pool::Pool::all(store.dirs()) {
+        let name = pool.template().to_string();
+        if name == keep {
+            continue;
+        }
+        let stale = match templates.verify(&name, &guest, &driver, false) {
+            Ok(_) => false,
+            Err(snapshot::VerifySnapshotError::NotFound(_)) => true,
+            Err(e) => template::is_stale(&e),
+        };
+        if stale {
+            match crate::pool::drain(store, &name).await {
+                Ok(n) if n > 0 => {
+                    eprintln!("kiln: emptied the pool of stale template {name} ({n} sandboxes)")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(template = %name, error = %e, "cannot empty a stale pool"),
+            }
+        }
+    }
 }

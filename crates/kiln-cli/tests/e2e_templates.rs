@@ -408,6 +408,23 @@ fn stale_templates_are_not_used() {
     );
     let ls = stdout(&t.run_env(&env, &["template", "ls"]));
     assert!(ls.contains("stale"), "ls: {ls}");
+    // A pool made under the other initramfs is emptied once a template is
+    // created with the current one: no run would ever take its members.
+    let other_tpl = stdout(&t.run_env(&env, &["template", "create", "--pool", "1", &img]))
+        .trim()
+        .to_string();
+    assert_ne!(other_tpl, name);
+    assert_eq!(t.members(&other_tpl).len(), 1);
+    let out = t.run(&["template", "create", &img]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("emptied the pool of stale template {other_tpl}")),
+        "stderr: {}",
+        stderr(&out)
+    );
+    assert!(t.members(&other_tpl).is_empty());
+    let out = t.run_env(&env, &["template", "rm", &other_tpl]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
     // With the artifacts it was made with, it is used again.
     let out = t.run(&["run", "--rm", "-v", &img, "--", "true"]);
     assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
