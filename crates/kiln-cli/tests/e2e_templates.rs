@@ -95,12 +95,14 @@ impl T {
     }
 }
 
-fn assert_warm(out: &std::process::Output, name: &str) {
+/// Asserts that `kiln run -v` said `what` on stderr.
+fn assert_said(out: &std::process::Output, what: &str) {
     let err = stderr(out);
-    assert!(
-        err.contains(&format!("warm start from template {name}")),
-        "expected a warm start from {name}: {err}"
-    );
+    assert!(err.contains(what), "expected {what:?} on stderr: {err}");
+}
+
+fn assert_warm(out: &std::process::Output, name: &str) {
+    assert_said(out, &format!("warm start from template {name}"));
 }
 
 #[test]
@@ -551,11 +553,7 @@ fn cpu_ticks(pid: u64) -> u64 {
 }
 
 fn assert_from_pool(out: &std::process::Output, name: &str) {
-    let err = stderr(out);
-    assert!(
-        err.contains(&format!("warm start from the pool of template {name}")),
-        "expected a start from the pool of {name}: {err}"
-    );
+    assert_said(out, &format!("warm start from the pool of template {name}"));
 }
 
 #[test]
