@@ -373,6 +373,11 @@ fn images_rm_refuses_an_image_sandboxes_use() {
     assert!(disk.is_file());
     assert_eq!(image_digests(&k), digests);
     assert_exec_works(&k, &running);
+    // -f never removes the disk a VM runs from.
+    let out = pinned(&k, &["images", "rm", "-f", &bb]);
+    assert_eq!(code(&out), 125, "stderr: {}", stderr(&out));
+    assert!(disk.is_file());
+    assert_exec_works(&k, &running);
     // prune leaves named images alone, and this one is in use anyway.
     ok(&k, &["images", "prune"]);
     assert!(disk.is_file());
@@ -383,11 +388,13 @@ fn images_rm_refuses_an_image_sandboxes_use() {
     let err = assert_rm_refused(&k, &bb, &[&format!("ended sandbox {ended}")]);
     assert!(!err.contains(&running), "{err}");
     assert!(err.contains("-f"), "{err}");
-    ok(&k, &["rm", &ended]);
-    let out = ok(&k, &["images", "rm", &bb]);
+    // Only an ended sandbox uses it (it never boots again): -f removes it,
+    // and the ended sandbox can still be removed afterwards.
+    let out = ok(&k, &["images", "rm", "-f", &bb]);
     assert!(out.contains(&format!("removed {digest}")), "{out}");
     assert!(image_digests(&k).is_empty());
     assert!(!disk.exists());
+    ok(&k, &["rm", &ended]);
     k.assert_clean();
 }
 
