@@ -1,7 +1,7 @@
 //! The user commands.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -555,10 +555,7 @@ pub(crate) fn refresh(store: &Store, mut r: SandboxRecord) -> SandboxRecord {
 }
 
 pub(crate) fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false)
+    kiln_node::store::process_alive(pid)
 }
 
 /// The control socket of a running sandbox.

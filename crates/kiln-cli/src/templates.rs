@@ -232,11 +232,7 @@ fn ls(store: &Store, quiet: bool) -> Result<i32> {
         return Ok(0);
     }
     // Whether each is still usable here: checked like a run would.
-    let here = GuestArtifacts::locate(store.dirs()).ok().and_then(|a| {
-        let (drv, _) = kiln_node::vm::driver_for(kiln_vmm::DriverChoice::Auto).ok()?;
-        let g = snapshot::guest_digests(&a, drv.kind()).ok()?;
-        Some((g, drv.info().clone()))
-    });
+    let here = this_host(store);
     writeln!(
         out,
         "{:<20}  {:<24}  {:>4}  {:>7}  {:>7}  {:>9}  {:<10}  {:>6}  {:>5}  STATUS",
@@ -338,11 +334,7 @@ pub(crate) fn claim(store: &Store, name: &str, id: &str) -> Result<String, Strin
 /// such an upgrade). `keep` is the template just created.
 async fn drain_stale_pools(store: &Store, keep: &str) {
     let templates = template::store(store.dirs());
-    let here = GuestArtifacts::locate(store.dirs()).ok().and_then(|a| {
-        let (drv, _) = kiln_node::vm::driver_for(kiln_vmm::DriverChoice::Auto).ok()?;
-        let g = snapshot::guest_digests(&a, drv.kind()).ok()?;
-        Some((g, drv.info().clone()))
-    });
+    let here = this_host(store);
     let Some((guest, driver)) = here else { return };
     for pool in kiln_node::pool::Pool::all(store.dirs()) {
         let name = pool.template().to_string();
@@ -364,4 +356,13 @@ async fn drain_stale_pools(store: &Store, keep: &str) {
             }
         }
     }
+}
+
+/// What templates are checked against here: the guest artifacts' digests
+/// and the default driver (`None` if either is missing).
+fn this_host(store: &Store) -> Option<(snapshot::GuestDigests, kiln_vmm::DriverInfo)> {
+    let a = GuestArtifacts::locate(store.dirs()).ok()?;
+    let (drv, _) = kiln_node::vm::driver_for(kiln_vmm::DriverChoice::Auto).ok()?;
+    let g = snapshot::guest_digests(&a, drv.kind()).ok()?;
+    Some((g, drv.info().clone()))
 }

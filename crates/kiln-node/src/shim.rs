@@ -139,10 +139,7 @@ enum Report<W> {
 impl<W: std::io::Write> Report<W> {
     async fn send(self, line: &ReadyLine) {
         match self {
-            Report::Pipe(mut w) => {
-                let _ = writeln!(w, "{}", serde_json::to_string(line).expect("serializes"));
-                let _ = w.flush();
-            }
+            Report::Pipe(mut w) => write_ready(&mut w, line),
             Report::Claim(mut w) => {
                 let resp = CtlResponse::Ready { line: line.clone() };
                 if let Err(e) = w.json(Kind::Response, &resp).await {
@@ -151,6 +148,13 @@ impl<W: std::io::Write> Report<W> {
             }
         }
     }
+}
+
+/// Writes `line` (one JSON line) for the `kiln` command that spawned us.
+/// Best effort: that command may be gone.
+fn write_ready(w: &mut impl std::io::Write, line: &ReadyLine) {
+    let _ = writeln!(w, "{}", serde_json::to_string(line).expect("serializes"));
+    let _ = w.flush();
 }
 
 /// Runs the supervisor of sandbox `id` until the sandbox has ended.
@@ -497,11 +501,7 @@ async fn pooled(
                 driver: rec.driver.clone(),
                 restore_failed: true,
             };
-            let _ = writeln!(
-                ready,
-                "{}",
-                serde_json::to_string(&line).expect("serializes")
-            );
+            write_ready(ready, &line);
             forget_member(store, rec, &pool);
             return Ok(PoolEnd::Gone);
         }
@@ -519,12 +519,7 @@ async fn pooled(
         driver: rec.driver.clone(),
         restore_failed: false,
     };
-    let _ = writeln!(
-        ready,
-        "{}",
-        serde_json::to_string(&line).expect("serializes")
-    );
-    let _ = ready.flush();
+    write_ready(ready, &line);
     info!(
         pool = %name,
         restored_ms = up.vm_ready.elapsed().as_millis() as u64,

@@ -770,9 +770,7 @@ fn holder_is_dead(user: &str) -> bool {
     else {
         return false;
     };
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Gone, or a zombie nobody reaped yet.
-    stat.is_empty() || stat.contains(") Z ")
+    !crate::store::process_alive(pid)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -802,30 +800,23 @@ pub fn digest_with(path: &Path, algorithm: &str) -> std::io::Result<(u64, String
 /// the data extents are read (`SEEK_DATA`/`SEEK_HOLE`), so a sparse guest
 /// RAM file costs what it holds.
 fn pages_digest(path: &Path) -> std::io::Result<(u64, String)> {
-    use nix::unistd::{Whence, lseek};
     const PAGE: u64 = 4096;
-    let mut f = fs::File::open(path)?;
+    let f = fs::File::open(path)?;
     let size = f.metadata()?.len();
     let mut h = Sha256::new();
     h.update(size.to_le_bytes());
     let mut buf = vec![0u8; 1 << 20];
-    let mut pos: u64 = 0;
+    let mut r = &f;
     // Pages below this are done (extents need not be page-aligned).
     let mut next_page: u64 = 0;
-    while pos < size {
-        let start = match lseek(&f, pos as i64, Whence::SeekData) {
-            Ok(s) => s as u64,
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        let end = (lseek(&f, start as i64, Whence::SeekHole)? as u64).min(size);
+    for extent in kiln_vmm::sparse::data_extents(&f, size) {
+        let (start, end) = extent?;
         let mut off = (start / PAGE).max(next_page) * PAGE;
-        let stop = end.div_ceil(PAGE) * PAGE;
-        while off < stop.min(size) {
-            let want =
-                usize::try_from((stop.min(size) - off).min(buf.len() as u64)).unwrap_or(buf.len());
-            f.seek(SeekFrom::Start(off))?;
-            f.read_exact(&mut buf[..want]).map_err(|e| {
+        let stop = (end.div_ceil(PAGE) * PAGE).min(size);
+        while off < stop {
+            let want = usize::try_from((stop - off).min(buf.len() as u64)).unwrap_or(buf.len());
+            r.seek(SeekFrom::Start(off))?;
+            r.read_exact(&mut buf[..want]).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
                     std::io::Error::new(e.kind(), "file shrank while hashing")
                 } else {
@@ -840,8 +831,7 @@ fn pages_digest(path: &Path) -> std::io::Result<(u64, String)> {
             }
             off += want as u64;
         }
-        next_page = stop / PAGE;
-        pos = end.max(off.min(size));
+        next_page = end.div_ceil(PAGE);
     }
     Ok((size, hex(&h.finalize())))
 }
@@ -850,30 +840,20 @@ fn pages_digest(path: &Path) -> std::io::Result<(u64, String)> {
 /// length and bytes. Depends on how the file is laid out, not only on its
 /// contents.
 fn extents_digest(path: &Path) -> std::io::Result<(u64, String)> {
-    use nix::unistd::{Whence, lseek};
-    let mut f = fs::File::open(path)?;
+    let f = fs::File::open(path)?;
     let size = f.metadata()?.len();
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    let mut pos: u64 = 0;
-    while pos < size {
-        let start = match lseek(&f, pos as i64, Whence::SeekData) {
-            Ok(s) => s as u64,
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        let end = match lseek(&f, start as i64, Whence::SeekHole) {
-            Ok(e) => e as u64,
-            Err(e) => return Err(e.into()),
-        }
-        .min(size);
+    let mut r = &f;
+    for extent in kiln_vmm::sparse::data_extents(&f, size) {
+        let (start, end) = extent?;
         h.update(start.to_le_bytes());
         h.update((end - start).to_le_bytes());
-        f.seek(SeekFrom::Start(start))?;
+        r.seek(SeekFrom::Start(start))?;
         let mut left = end - start;
         while left > 0 {
             let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
-            let n = f.read(&mut buf[..want])?;
+            let n = r.read(&mut buf[..want])?;
             if n == 0 {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
@@ -883,7 +863,6 @@ fn extents_digest(path: &Path) -> std::io::Result<(u64, String)> {
             h.update(&buf[..n]);
             left -= n as u64;
         }
-        pos = end;
     }
     Ok((size, hex(&h.finalize())))
 }
@@ -1036,24 +1015,13 @@ pub fn write_manifest_with(
 /// Copies `from` to `to` keeping holes (`cp --sparse=always`; no reflink on
 /// the ext4 hosts this runs on).
 pub async fn sparse_copy(from: &Path, to: &Path) -> Result<(), CreateSnapshotError> {
-    let err = |reason: String| CreateSnapshotError::Copy {
-        from: from.to_path_buf(),
-        to: to.to_path_buf(),
-        reason,
-    };
-    let _ = fs::remove_file(to);
-    let out = tokio::process::Command::new("cp")
-        .arg("--sparse=always")
-        .arg(from)
-        .arg(to)
-        .output()
+    kiln_vmm::sparse::copy(from, to)
         .await
-        .map_err(|e| err(format!("cannot run cp: {e}")))?;
-    if !out.status.success() {
-        let _ = fs::remove_file(to);
-        return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
-    }
-    Ok(())
+        .map_err(|e| CreateSnapshotError::Copy {
+            from: from.to_path_buf(),
+            to: to.to_path_buf(),
+            reason: e.to_string(),
+        })
 }
 
 /// Bytes allocated on disk under `dir` (sparse files count their blocks).

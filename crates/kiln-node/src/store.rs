@@ -321,6 +321,12 @@ impl Store {
     }
 }
 
+/// Whether process `pid` runs (exists and is not a zombie nobody reaped):
+/// supervisors, `kiln` commands holding something.
+pub fn process_alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
 /// Whether `s` has the form of a sandbox ID (16 lowercase hex digits).
 pub fn valid_id(s: &str) -> bool {
     s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))

@@ -494,8 +494,7 @@ pub async fn reap_abandoned(dirs: &Dirs) {
             }
             continue;
         };
-        let stat = fs::read_to_string(format!("/proc/{}/stat", owner.pid)).unwrap_or_default();
-        if !stat.is_empty() && !stat.contains(") Z ") {
+        if crate::store::process_alive(owner.pid) {
             continue;
         }
         warn!(dir = %dir.display(), pid = owner.pid, "a template create was killed; removing its VM");

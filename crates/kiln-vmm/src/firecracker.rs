@@ -705,7 +705,6 @@ fn new_api_names(version: &str) -> bool {
 /// snapshot's memory: the dirty pages at their offsets, holes elsewhere)
 /// over `onto` at the same offsets. Returns the bytes copied.
 fn overlay_extents(diff: &Path, onto: &Path) -> std::io::Result<u64> {
-    use nix::unistd::{Whence, lseek};
     use std::io::{Read, Seek, SeekFrom, Write};
     let mut from = std::fs::File::open(diff)?;
     let mut to = std::fs::OpenOptions::new().write(true).open(onto)?;
@@ -715,16 +714,11 @@ fn overlay_extents(diff: &Path, onto: &Path) -> std::io::Result<u64> {
             "the diff ({size} bytes) is larger than the memory it applies to"
         )));
     }
+    let extents: Vec<(u64, u64)> =
+        crate::sparse::data_extents(&from, size).collect::<std::io::Result<_>>()?;
     let mut buf = vec![0u8; 1 << 20];
-    let mut pos: u64 = 0;
     let mut copied = 0;
-    while pos < size {
-        let start = match lseek(&from, pos as i64, Whence::SeekData) {
-            Ok(s) => s as u64,
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        let end = (lseek(&from, start as i64, Whence::SeekHole)? as u64).min(size);
+    for (start, end) in extents {
         from.seek(SeekFrom::Start(start))?;
         to.seek(SeekFrom::Start(start))?;
         let mut left = end - start;
@@ -738,7 +732,6 @@ fn overlay_extents(diff: &Path, onto: &Path) -> std::io::Result<u64> {
             left -= n as u64;
             copied += n as u64;
         }
-        pos = end;
     }
     to.sync_all()?;
     Ok(copied)
@@ -768,35 +761,13 @@ impl FirecrackerVm {
     async fn write_diff(&self, dest: &Path, base: &Path, memory: &Path) -> Result<u64, String> {
         let diff = dest.join("memory.diff");
         let _ = std::fs::remove_file(&diff);
-        let params = SnapshotCreateParams {
-            snapshot_path: path_str(&dest.join(SNAPSHOT_STATE)),
-            mem_file_path: path_str(&diff),
-            snapshot_type: "Diff".into(),
-        };
         let result = async {
-            self.api
-                .request(
-                    Method::PUT,
-                    "/snapshot/create",
-                    Some(&params),
-                    SNAPSHOT_TIMEOUT,
-                )
+            self.create_snapshot(dest, &diff, "Diff")
                 .await
                 .map_err(|e| format!("/snapshot/create Diff: {e}"))?;
-            let out = tokio::process::Command::new("cp")
-                .arg("--sparse=always")
-                .arg(base)
-                .arg(memory)
-                .output()
+            crate::sparse::copy(base, memory)
                 .await
                 .map_err(|e| format!("copying {}: {e}", base.display()))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "copying {}: {}",
-                    base.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
             let (diff, memory) = (diff.clone(), memory.to_path_buf());
             tokio::task::spawn_blocking(move || overlay_extents(&diff, &memory))
                 .await
@@ -806,6 +777,30 @@ impl FirecrackerVm {
         .await;
         let _ = std::fs::remove_file(&diff);
         result
+    }
+
+    /// `/snapshot/create` of type `kind` (`Full`, `Diff`): the device
+    /// state into `dest/state`, the memory into `memory`.
+    async fn create_snapshot(
+        &self,
+        dest: &Path,
+        memory: &Path,
+        kind: &str,
+    ) -> Result<(), ControlVmError> {
+        let params = SnapshotCreateParams {
+            snapshot_path: path_str(&dest.join(SNAPSHOT_STATE)),
+            mem_file_path: path_str(memory),
+            snapshot_type: kind.into(),
+        };
+        self.api
+            .request(
+                Method::PUT,
+                "/snapshot/create",
+                Some(&params),
+                SNAPSHOT_TIMEOUT,
+            )
+            .await
+            .map(drop)
     }
 
     /// The API client, for requests the trait does not cover.
@@ -970,18 +965,7 @@ impl Vm for FirecrackerVm {
             }
         }
         if !diffed {
-            let params = SnapshotCreateParams {
-                snapshot_path: path_str(&dest_dir.join(SNAPSHOT_STATE)),
-                mem_file_path: path_str(&memory),
-                snapshot_type: "Full".into(),
-            };
-            self.api
-                .request(
-                    Method::PUT,
-                    "/snapshot/create",
-                    Some(&params),
-                    SNAPSHOT_TIMEOUT,
-                )
+            self.create_snapshot(dest_dir, &memory, "Full")
                 .await
                 .map_err(SnapshotVmError::Control)?;
         }

@@ -19,6 +19,7 @@ pub mod memo;
 mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod sparse;
 pub mod testguest;
 
 use std::path::{Path, PathBuf};

@@ -178,7 +178,7 @@ impl QemuDriver {
             source: std::io::Error::other(e.to_string()),
         })?;
         if let Mode::Incoming { memory, own: true } = &mode {
-            copy_sparse(memory, &paths.memory)
+            crate::sparse::copy(memory, &paths.memory)
                 .await
                 .map_err(|source| StartVmError::Dir {
                     path: paths.memory.clone(),
@@ -240,26 +240,6 @@ impl QemuDriver {
             disks: spec.disks.len(),
         };
         Ok((vm, qmp_ready))
-    }
-}
-
-/// Copies `from` to `to` (replacing it) keeping holes, so that a mostly
-/// untouched guest RAM file costs only what it holds.
-async fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(to);
-    let out = tokio::process::Command::new("cp")
-        .arg("--sparse=always")
-        .arg(from)
-        .arg(to)
-        .output()
-        .await?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        let _ = std::fs::remove_file(to);
-        Err(std::io::Error::other(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ))
     }
 }
 
@@ -657,12 +637,14 @@ impl QemuVm {
             .map_err(|e| SnapshotVmError::Failed(e.to_string()))?;
         // The vCPUs are stopped, so the RAM file is stable: copy it sparsely.
         let memory_dest = dest.join(MEMORY_FILE);
-        copy_sparse(&self.memory, &memory_dest).await.map_err(|e| {
-            SnapshotVmError::Failed(format!(
-                "copying guest memory {} failed: {e}",
-                self.memory.display()
-            ))
-        })?;
+        crate::sparse::copy(&self.memory, &memory_dest)
+            .await
+            .map_err(|e| {
+                SnapshotVmError::Failed(format!(
+                    "copying guest memory {} failed: {e}",
+                    self.memory.display()
+                ))
+            })?;
         let downtime = stopped.elapsed();
         let meta = SnapshotMeta {
             driver: DriverKind::Qemu,
