@@ -1,0 +1,482 @@
+//! Portable sandbox types: what a client asks for ([`SandboxSpec`]), where a
+//! sandbox comes from ([`Origin`]) and where it is in its life
+//! ([`SandboxState`]).
+//!
+//! Invariants:
+//! - A [`SandboxSpec`] names an image by reference, never a host-local path:
+//!   it is the same on every node, so the scheduler can place it anywhere and
+//!   the Raft state machine can replicate it. The node resolves it (pull,
+//!   base disk, ENTRYPOINT/CMD) when it runs the sandbox.
+//! - [`SandboxSpec::validate`] checks everything that can be checked without
+//!   a host: sizes, limits and names. A spec that passes it is safe to store
+//!   and to send to a node; node capacity is checked by the scheduler.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The most a sandbox's argument vector plus environment may take, in bytes
+/// (each string plus its NUL), as Linux's default `ARG_MAX` (2 MiB).
+pub const MAX_ARGS_ENV_BYTES: usize = 2 * 1024 * 1024;
+/// Bounds on resources a spec may ask for (a node may offer less).
+pub const MAX_CPUS: u32 = 64;
+pub const MIN_MEMORY_MIB: u32 = 64;
+pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
+pub const MIN_DISK_MIB: u32 = 16;
+pub const MAX_DISK_MIB: u32 = 1024 * 1024;
+/// The most labels a sandbox may carry, and their key/value lengths.
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_KEY: usize = 63;
+pub const MAX_LABEL_VALUE: usize = 256;
+
+/// A sandbox ID: 16 lower-case hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SandboxId(String);
+
+impl SandboxId {
+    /// A fresh random ID from the given 8 random bytes.
+    pub fn from_random(bytes: [u8; 8]) -> SandboxId {
+        SandboxId(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `s` has the form of a sandbox ID.
+    pub fn is_valid(s: &str) -> bool {
+        s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+}
+
+impl TryFrom<String> for SandboxId {
+    type Error = SpecError;
+    fn try_from(s: String) -> Result<Self, SpecError> {
+        if SandboxId::is_valid(&s) {
+            Ok(SandboxId(s))
+        } else {
+            Err(SpecError::BadId(s))
+        }
+    }
+}
+
+impl From<SandboxId> for String {
+    fn from(id: SandboxId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for SandboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// CPU, memory and disk of one sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Size of the writable disk.
+    pub disk_mib: u32,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            cpus: 1,
+            memory_mib: 256,
+            disk_mib: 1024,
+        }
+    }
+}
+
+/// What happens to a sandbox whose node is lost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// It is reported lost (the default: its processes are gone).
+    #[default]
+    Never,
+    /// It is created again, from its spec, on another node.
+    OnNodeFailure,
+}
+
+/// Which VMM a sandbox asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriverPreference {
+    /// The node's best: Firecracker on hardware KVM, else QEMU.
+    #[default]
+    Auto,
+    Qemu,
+    Firecracker,
+}
+
+impl fmt::Display for DriverPreference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DriverPreference::Auto => "auto",
+            DriverPreference::Qemu => "qemu",
+            DriverPreference::Firecracker => "firecracker",
+        })
+    }
+}
+
+/// Whether a run may start from a template or pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartPreference {
+    /// From a warm pool, else a template, else a boot.
+    #[default]
+    Warm,
+    /// Always boot.
+    Cold,
+}
+
+/// Where a sandbox's VM comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Origin {
+    /// A new VM from the image (booted, or warm-started from a template or
+    /// pool of the same image and resources: the node's choice).
+    Image,
+    /// A restore of a snapshot: processes continue where they were.
+    Snapshot { snapshot: String },
+}
+
+/// Everything a client says about a sandbox it wants. Host-independent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSpec {
+    /// Image reference (`registry/repo:tag`, `…@sha256:…`, `oci:DIR[:TAG]`,
+    /// `docker-archive:FILE`).
+    pub image: String,
+    /// Replaces the image's ENTRYPOINT when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's CMD when non-empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+    /// `K=V`, added to (and overriding) the image's environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// `name`, `uid`, `uid:gid` or `name:group`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub tty: bool,
+    /// Keep the main process's stdin open for attach.
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default)]
+    pub resources: Resources,
+    /// Seconds the main process may run (paused time excluded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// Remove everything once the main process has ended and its status was
+    /// collected.
+    #[serde(default)]
+    pub auto_remove: bool,
+    #[serde(default)]
+    pub driver: DriverPreference,
+    #[serde(default)]
+    pub start: StartPreference,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "default_origin")]
+    pub origin: Origin,
+}
+
+fn default_origin() -> Origin {
+    Origin::Image
+}
+
+impl SandboxSpec {
+    /// A spec that runs `image` with its own ENTRYPOINT/CMD and defaults.
+    pub fn for_image(image: impl Into<String>) -> SandboxSpec {
+        SandboxSpec {
+            image: image.into(),
+            entrypoint: None,
+            cmd: vec![],
+            env: vec![],
+            workdir: None,
+            user: None,
+            tty: false,
+            stdin: false,
+            resources: Resources::default(),
+            timeout_secs: None,
+            auto_remove: false,
+            driver: DriverPreference::Auto,
+            start: StartPreference::Warm,
+            restart: RestartPolicy::Never,
+            labels: BTreeMap::new(),
+            origin: Origin::Image,
+        }
+    }
+
+    /// Checks what can be checked without a host. Every error names the
+    /// field and the limit.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.image.is_empty() || self.image.len() > 4096 || has_control(&self.image) {
+            return Err(SpecError::Image);
+        }
+        let r = &self.resources;
+        if r.cpus == 0 || r.cpus > MAX_CPUS {
+            return Err(SpecError::Cpus { cpus: r.cpus });
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&r.memory_mib) {
+            return Err(SpecError::Memory { mib: r.memory_mib });
+        }
+        if !(MIN_DISK_MIB..=MAX_DISK_MIB).contains(&r.disk_mib) {
+            return Err(SpecError::Disk { mib: r.disk_mib });
+        }
+        if self.timeout_secs == Some(0) {
+            return Err(SpecError::Timeout);
+        }
+        for e in &self.env {
+            match e.split_once('=') {
+                Some((k, _)) if !k.is_empty() && !k.contains('\0') => {}
+                _ => return Err(SpecError::Env(truncate(e))),
+            }
+            if e.contains('\0') {
+                return Err(SpecError::Env(truncate(e)));
+            }
+        }
+        let args = self
+            .entrypoint
+            .iter()
+            .flatten()
+            .chain(self.cmd.iter())
+            .chain(self.env.iter());
+        let mut total = 0usize;
+        for a in args {
+            if a.contains('\0') {
+                return Err(SpecError::Nul);
+            }
+            total = total.saturating_add(a.len() + 1);
+        }
+        if total > MAX_ARGS_ENV_BYTES {
+            return Err(SpecError::ArgsTooLarge { bytes: total });
+        }
+        if let Some(w) = &self.workdir {
+            if !w.starts_with('/') || w.contains('\0') {
+                return Err(SpecError::Workdir(truncate(w)));
+            }
+        }
+        if let Some(u) = &self.user {
+            if u.is_empty() || u.len() > 256 || has_control(u) {
+                return Err(SpecError::User(truncate(u)));
+            }
+        }
+        if self.labels.len() > MAX_LABELS {
+            return Err(SpecError::Labels(format!(
+                "{} labels, at most {MAX_LABELS}",
+                self.labels.len()
+            )));
+        }
+        for (k, v) in &self.labels {
+            let key_ok = !k.is_empty()
+                && k.len() <= MAX_LABEL_KEY
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+            if !key_ok {
+                return Err(SpecError::Labels(format!(
+                    "key {:?} must be 1-{MAX_LABEL_KEY} characters of [A-Za-z0-9._/-]",
+                    truncate(k)
+                )));
+            }
+            if v.len() > MAX_LABEL_VALUE || has_control(v) {
+                return Err(SpecError::Labels(format!(
+                    "value of {k:?} must be at most {MAX_LABEL_VALUE} printable characters"
+                )));
+            }
+        }
+        if let Origin::Snapshot { snapshot } = &self.origin {
+            if !valid_name(snapshot) {
+                return Err(SpecError::Name(truncate(snapshot)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Names of snapshots and templates: 1-128 characters of `[A-Za-z0-9._-]`,
+/// not starting with `.` or `-`.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with('.')
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+fn truncate(s: &str) -> String {
+    let mut out: String = s.chars().take(64).filter(|c| !c.is_control()).collect();
+    if s.chars().count() > 64 {
+        out.push('…');
+    }
+    out
+}
+
+/// A spec that cannot be run anywhere.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("{0:?} is not a sandbox ID (16 lower-case hex digits)")]
+    BadId(String),
+    #[error("image: a reference of 1-4096 printable characters is required")]
+    Image,
+    #[error("cpus: {cpus} is outside 1-{MAX_CPUS}")]
+    Cpus { cpus: u32 },
+    #[error("memory: {mib} MiB is outside {MIN_MEMORY_MIB}-{MAX_MEMORY_MIB} MiB")]
+    Memory { mib: u32 },
+    #[error("disk: {mib} MiB is outside {MIN_DISK_MIB}-{MAX_DISK_MIB} MiB")]
+    Disk { mib: u32 },
+    #[error("timeout: must be at least 1 second")]
+    Timeout,
+    #[error("env: {0:?} is not of the form KEY=VALUE")]
+    Env(String),
+    #[error("command and environment: a NUL byte cannot be passed to a process")]
+    Nul,
+    #[error(
+        "command and environment take {bytes} bytes, more than Linux accepts ({MAX_ARGS_ENV_BYTES})"
+    )]
+    ArgsTooLarge { bytes: usize },
+    #[error("workdir: {0:?} is not an absolute path")]
+    Workdir(String),
+    #[error("user: {0:?} is not a user name or uid[:gid]")]
+    User(String),
+    #[error("labels: {0}")]
+    Labels(String),
+    #[error("{0:?} is not a valid name (1-128 characters of A-Z a-z 0-9 . _ -)")]
+    Name(String),
+}
+
+/// Where a sandbox is in its life, as observed by the node that runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum SandboxState {
+    /// Accepted, not yet running (placing, pulling, booting).
+    Creating,
+    /// A warm-pool member: restored from its template, paused, waiting to
+    /// be claimed (no main process yet).
+    Pooled,
+    /// The main process runs.
+    Running { main_pid: u32 },
+    /// The VM is paused.
+    Paused { main_pid: u32 },
+    /// The main process ended; the VM is gone.
+    Exited {
+        exit_code: i32,
+        signal: Option<i32>,
+        finished_at: u64,
+        /// The main process was killed because its timeout ran out.
+        #[serde(default)]
+        timed_out: bool,
+    },
+    /// The sandbox could not start, or its VM died, or its node was lost.
+    Failed { error: String, exit_code: i32 },
+}
+
+impl SandboxState {
+    /// The exit code of a sandbox that has ended.
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            SandboxState::Exited { exit_code, .. } | SandboxState::Failed { exit_code, .. } => {
+                Some(*exit_code)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(
+            self,
+            SandboxState::Exited { .. } | SandboxState::Failed { .. }
+        )
+    }
+
+    /// Short human label for `kiln ps`.
+    pub fn label(&self) -> String {
+        match self {
+            SandboxState::Creating => "creating".into(),
+            SandboxState::Pooled => "pooled".into(),
+            SandboxState::Running { .. } => "running".into(),
+            SandboxState::Paused { .. } => "paused".into(),
+            SandboxState::Exited { exit_code, .. } => format!("exited ({exit_code})"),
+            SandboxState::Failed { exit_code, .. } => format!("failed ({exit_code})"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_round_trip() {
+        let s = SandboxSpec::for_image("busybox");
+        s.validate().expect("defaults are valid");
+        let j = serde_json::to_string(&s).expect("serializes");
+        let back: SandboxSpec = serde_json::from_str(&j).expect("parses");
+        assert_eq!(back, s);
+        let minimal: SandboxSpec = serde_json::from_str(r#"{"image":"busybox"}"#).expect("minimal");
+        assert_eq!(minimal, s);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(serde_json::from_str::<SandboxSpec>(r#"{"image":"x","imgae":"y"}"#).is_err());
+    }
+
+    #[test]
+    fn every_limit_names_its_field() {
+        let mut s = SandboxSpec::for_image("busybox");
+        s.resources.memory_mib = 999_999_999;
+        assert!(s.validate().unwrap_err().to_string().starts_with("memory:"));
+        let mut s = SandboxSpec::for_image("busybox");
+        s.resources.disk_mib = 99_999_999;
+        assert!(s.validate().unwrap_err().to_string().starts_with("disk:"));
+        let mut s = SandboxSpec::for_image("busybox");
+        s.resources.cpus = 0;
+        assert!(s.validate().unwrap_err().to_string().starts_with("cpus:"));
+        let mut s = SandboxSpec::for_image("busybox");
+        s.env = vec!["NOEQUALS".into()];
+        assert!(s.validate().unwrap_err().to_string().starts_with("env:"));
+        let mut s = SandboxSpec::for_image("busybox");
+        s.cmd = vec!["x".repeat(MAX_ARGS_ENV_BYTES)];
+        assert!(matches!(s.validate(), Err(SpecError::ArgsTooLarge { .. })));
+        let mut s = SandboxSpec::for_image("busybox");
+        s.cmd = vec!["x".repeat(100 * 1024)];
+        s.validate().expect("100 KiB of arguments is fine");
+        let mut s = SandboxSpec::for_image("busybox");
+        s.labels.insert("bad key".into(), "v".into());
+        assert!(s.validate().unwrap_err().to_string().starts_with("labels:"));
+        let mut s = SandboxSpec::for_image("busybox");
+        s.origin = Origin::Snapshot {
+            snapshot: "../x".into(),
+        };
+        assert!(matches!(s.validate(), Err(SpecError::Name(_))));
+    }
+
+    #[test]
+    fn ids_are_checked_when_parsed() {
+        let id = SandboxId::from_random([1, 2, 3, 4, 5, 6, 7, 0xff]);
+        assert_eq!(id.as_str(), "01020304050607ff");
+        let j = serde_json::to_string(&id).expect("serializes");
+        assert_eq!(serde_json::from_str::<SandboxId>(&j).expect("parses"), id);
+        assert!(serde_json::from_str::<SandboxId>("\"../../etc\"").is_err());
+    }
+}
