@@ -266,15 +266,15 @@ impl SandboxSpec {
         if total > MAX_ARGS_ENV_BYTES {
             return Err(SpecError::ArgsTooLarge { bytes: total });
         }
-        if let Some(w) = &self.workdir {
-            if !w.starts_with('/') || w.contains('\0') {
-                return Err(SpecError::Workdir(truncate(w)));
-            }
+        if let Some(w) = &self.workdir
+            && (!w.starts_with('/') || w.contains('\0'))
+        {
+            return Err(SpecError::Workdir(truncate(w)));
         }
-        if let Some(u) = &self.user {
-            if u.is_empty() || u.len() > 256 || has_control(u) {
-                return Err(SpecError::User(truncate(u)));
-            }
+        if let Some(u) = &self.user
+            && (u.is_empty() || u.len() > 256 || has_control(u))
+        {
+            return Err(SpecError::User(truncate(u)));
         }
         if self.labels.len() > MAX_LABELS {
             return Err(SpecError::Labels(format!(
@@ -299,10 +299,10 @@ impl SandboxSpec {
                 )));
             }
         }
-        if let Origin::Snapshot { snapshot } = &self.origin {
-            if !valid_name(snapshot) {
-                return Err(SpecError::Name(truncate(snapshot)));
-            }
+        if let Origin::Snapshot { snapshot } = &self.origin
+            && !valid_name(snapshot)
+        {
+            return Err(SpecError::Name(truncate(snapshot)));
         }
         Ok(())
     }
