@@ -292,15 +292,15 @@ fn parse_loc(s: &str) -> Loc {
 }
 
 /// `kiln cp`.
-pub async fn cp(store: &Store, src: &str, dst: &str) -> Result<i32> {
+pub async fn cp(node: &kiln_node::node::Node, src: &str, dst: &str) -> Result<i32> {
     match (parse_loc(src), parse_loc(dst)) {
         (Loc::Sandbox(id, path), Loc::Local(local)) => {
-            let (_, sock) = crate::commands::active_socket(store, &id)?;
+            let (_, sock) = node.active_socket(&id)?;
             copy_out(&sock, &path, &local).await?;
             Ok(0)
         }
         (Loc::Local(local), Loc::Sandbox(id, path)) => {
-            let (_, sock) = crate::commands::active_socket(store, &id)?;
+            let (_, sock) = node.active_socket(&id)?;
             copy_in(&sock, &local, &path).await?;
             Ok(0)
         }

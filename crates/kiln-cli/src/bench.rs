@@ -45,21 +45,21 @@ pub fn stats(samples: &[Duration]) -> Stats {
     }
 }
 
-pub async fn bench(store: &Store, cmd: BenchCommand) -> Result<i32> {
+pub async fn bench(node: &kiln_node::node::Node, cmd: BenchCommand) -> Result<i32> {
     match cmd {
         BenchCommand::Cold {
             image,
             runs,
             json: out,
             driver,
-        } => cold(store, image, runs, &out, &driver).await,
+        } => cold(node, image, runs, &out, &driver).await,
         BenchCommand::Warm {
             image,
             runs,
             concurrent,
             json: out,
             fork,
-        } => crate::bench_warm::warm(store, image, runs, concurrent, &fork, &out).await,
+        } => crate::bench_warm::warm(node, image, runs, concurrent, &fork, &out).await,
     }
 }
 
@@ -125,7 +125,7 @@ pub(crate) fn sandbox_pss(store: &Store, id: &str) -> Result<(u64, u64)> {
 }
 
 async fn cold(
-    store: &Store,
+    node: &kiln_node::node::Node,
     image: Option<String>,
     runs: usize,
     out: &std::path::Path,
@@ -145,13 +145,14 @@ async fn cold(
 
     // 1. Pull + convert into an empty cache.
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
-    let cold_store = Store::new(Dirs::new(
+    let cold_node = kiln_node::node::Node::open(Dirs::new(
         scratch.path().join("state"),
         scratch.path().join("cache"),
     ));
+    let store = node.store();
     let t = Instant::now();
     crate::images::pull(
-        &cold_store,
+        &cold_node,
         &image,
         &[],
         false,
@@ -159,14 +160,8 @@ async fn cold(
     )
     .await?;
     let pull = t.elapsed();
-    let img = crate::images::pull(
-        store,
-        &image,
-        &[],
-        false,
-        crate::images::PullPolicy::Missing,
-    )
-    .await?;
+    let img =
+        crate::images::pull(node, &image, &[], false, crate::images::PullPolicy::Missing).await?;
 
     // 2. VMM spawn → agent ready (the driver and the agent handshake alone).
     let artifacts = GuestArtifacts::locate(store.dirs())?;

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use kiln_node::agent::AgentClient;
 use kiln_node::paths::GuestArtifacts;
 use kiln_node::snapshot;
-use kiln_node::store::{SandboxSpec, Store};
+use kiln_node::store::SandboxSpec;
 use kiln_node::template::{self, TemplateParams};
 use serde_json::json;
 
@@ -17,7 +17,7 @@ use crate::bench::{first_byte, stats};
 use crate::bench_fork::ForkBenchArgs;
 
 pub async fn warm(
-    store: &Store,
+    node: &kiln_node::node::Node,
     image: Option<String>,
     runs: usize,
     concurrent: usize,
@@ -36,14 +36,9 @@ pub async fn warm(
     eprintln!("driver: {} with {} ({})", sel.kind, sel.accel, sel.reason);
 
     // The template `kiln run` will find (the defaults of `kiln run`).
-    let img = crate::images::pull(
-        store,
-        &image,
-        &[],
-        false,
-        crate::images::PullPolicy::Missing,
-    )
-    .await?;
+    let store = node.store();
+    let img =
+        crate::images::pull(node, &image, &[], false, crate::images::PullPolicy::Missing).await?;
     let p = TemplateParams {
         image: image.clone(),
         image_digest: img.digest.clone(),
@@ -64,7 +59,7 @@ pub async fn warm(
     );
 
     // The template path is measured first: no pool may serve these runs.
-    crate::pool::drain(store, &name).await?;
+    node.drain_pool(&name).await?;
 
     let run_args = |cold: bool| {
         let mut a: Vec<String> = vec!["run".into(), "--rm".into()];
@@ -175,14 +170,14 @@ pub async fn warm(
     {
         let pool = kiln_node::pool::Pool::of(store.dirs(), &name);
         pool.set_size(pool_size)?;
-        crate::pool::fill(store, &name, false).await?;
+        node.fill_pool(&name, false).await?;
         for i in 0..runs {
             wait_pool(&pool, pool_size as usize).await?;
             pooled.push(first_byte(run_args(false)).await?);
             eprintln!("pool run {}/{runs}", i + 1);
         }
         pool.set_size(concurrent as u32)?;
-        crate::pool::fill(store, &name, false).await?;
+        node.fill_pool(&name, false).await?;
         let t = Instant::now();
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..concurrent {
@@ -193,7 +188,7 @@ pub async fn warm(
         }
         pool_exited = t.elapsed();
         pool_wall = pool_burst.iter().max().copied().unwrap_or_default();
-        crate::pool::drain(store, &name).await?;
+        node.drain_pool(&name).await?;
     }
 
     let c = stats(&cold);

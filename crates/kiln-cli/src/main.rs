@@ -10,7 +10,6 @@ mod bench_warm;
 mod commands;
 mod images;
 mod info;
-mod pool;
 mod snapshots;
 mod templates;
 mod term;

@@ -1,16 +1,12 @@
-//! `kiln template create|ls|rm`, and the warm-start lookup `kiln run` does
-//! (`claim`). The templates themselves are `kiln_node::template`.
+//! `kiln template create|ls|rm|fill`: flags in, the node service's
+//! answers out (`kiln_node::node`).
 
 use std::io::Write;
 
 use anyhow::Result;
 use clap::Subcommand;
-use kiln_node::paths::GuestArtifacts;
-use kiln_node::snapshot;
-use kiln_node::store::{SandboxSpec, Store};
-use kiln_node::template::{self, TemplateParams};
-
-use crate::commands::refresh;
+use kiln_api::sandbox::Resources;
+use kiln_node::node::{Node, TemplateRequest, TemplateStatus};
 
 #[derive(Debug, Subcommand)]
 pub enum TemplateCommand {
@@ -69,15 +65,7 @@ pub enum TemplateCommand {
     },
 }
 
-/// Whether sandbox `id` still runs (its VM may map a template's memory).
-fn alive(store: &Store, id: &str) -> bool {
-    store
-        .load(id)
-        .map(|r| !refresh(store, r).state.is_finished())
-        .unwrap_or(false)
-}
-
-pub async fn dispatch(store: &Store, cmd: TemplateCommand) -> Result<i32> {
+pub async fn dispatch(node: &Node, cmd: TemplateCommand) -> Result<i32> {
     match cmd {
         TemplateCommand::Create {
             image,
@@ -91,122 +79,69 @@ pub async fn dispatch(store: &Store, cmd: TemplateCommand) -> Result<i32> {
             verbose,
         } => {
             crate::commands::check_resources(cpus, memory, disk)?;
-            if pool.is_some_and(|k| k > kiln_node::pool::MAX_SIZE) {
-                anyhow::bail!(
-                    "--pool {} is too large: at most {}",
-                    pool.unwrap_or(0),
-                    kiln_node::pool::MAX_SIZE
-                );
-            }
-            let img = crate::images::pull(store, &image, &insecure, verbose, pull).await?;
-            let p = TemplateParams {
-                image: image.clone(),
-                image_digest: img.digest,
-                image_disk: img.disk,
-                cpus,
-                memory_mib: memory,
-                disk_mib: disk,
+            let req = TemplateRequest {
+                image,
+                resources: Resources {
+                    cpus,
+                    memory_mib: memory,
+                    disk_mib: disk,
+                },
+                driver,
+                insecure_registries: insecure,
+                pull: pull.into(),
+                pool,
             };
             let t0 = std::time::Instant::now();
-            let mut created =
-                template::create(store.dirs(), &p, &driver, |id| alive(store, id)).await;
-            // A template that must be replaced (damaged) whose only users are
-            // its own pool members: empty the pool and try again.
-            if let Err(template::CreateTemplateError::Remove(
-                snapshot::RemoveSnapshotError::InUse { name, users },
-            )) = &created
-                && users
-                    .iter()
-                    .all(|id| store.load(id).is_ok_and(|r| r.pool.is_some()))
-            {
-                let name = name.clone();
-                crate::pool::drain(store, &name).await?;
-                created = template::create(store.dirs(), &p, &driver, |id| alive(store, id)).await;
-            }
-            let c = created?;
+            let progress = crate::images::Bars::new(
+                verbose || std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            );
+            let done = node.create_template(&req, &progress).await;
+            progress.done();
+            let done = done?;
+            let c = &done.created;
+            let name = c.manifest.name.clone();
             if verbose {
                 if c.existed {
-                    eprintln!(
-                        "kiln: template {} exists and is valid: nothing to do",
-                        c.manifest.name
-                    );
+                    eprintln!("kiln: template {name} exists and is valid: nothing to do");
                 } else {
                     eprintln!(
-                        "kiln: template {} created in {} ms (boot → agent ready {} ms, quiesce {} ms, snapshot {} ms, {} on disk)",
-                        c.manifest.name,
+                        "kiln: template {name} created in {} ms (boot → agent ready {} ms, quiesce {} ms, snapshot {} ms, {} on disk)",
                         t0.elapsed().as_millis(),
                         c.boot_ms,
                         c.quiesce_ms,
                         c.snapshot_ms,
-                        crate::snapshots::human(snapshot::disk_usage(
-                            &template::store(store.dirs()).dir(&c.manifest.name)
+                        crate::snapshots::human(kiln_node::snapshot::disk_usage(
+                            &node.templates().dir(&name)
                         ))
                     );
                 }
             }
-            let name = c.manifest.name.clone();
-            drain_stale_pools(store, &name).await;
-            match pool {
-                Some(0) => {
-                    let n = crate::pool::drain(store, &name).await?;
-                    if verbose && n > 0 {
-                        eprintln!("kiln: pool of {name} removed ({n} sandboxes)");
+            for (stale, n) in &done.stale_pools {
+                eprintln!("kiln: emptied the pool of stale template {stale} ({n} sandboxes)");
+            }
+            if verbose && let Some(f) = &done.pool {
+                if req.pool == Some(0) {
+                    if f.removed > 0 {
+                        eprintln!("kiln: pool of {name} removed ({} sandboxes)", f.removed);
                     }
+                } else {
+                    eprintln!(
+                        "kiln: pool of {name}: {} ready ({} restored, {} removed)",
+                        f.ready, f.started, f.removed
+                    );
                 }
-                Some(k) => {
-                    let t1 = std::time::Instant::now();
-                    kiln_node::pool::Pool::of(store.dirs(), &name).set_size(k)?;
-                    let f = crate::pool::fill(store, &name, false).await?;
-                    if verbose {
-                        eprintln!(
-                            "kiln: pool of {name}: {} ready ({} restored, {} removed) in {} ms",
-                            f.ready,
-                            f.started,
-                            f.removed,
-                            t1.elapsed().as_millis()
-                        );
-                    }
-                }
-                None => {}
             }
             println!("{name}");
             Ok(0)
         }
-        TemplateCommand::Ls { quiet } => {
-            template::reap_abandoned(store.dirs()).await;
-            ls(store, quiet)
-        }
+        TemplateCommand::Ls { quiet } => ls(node, quiet).await,
         TemplateCommand::Rm { names } => {
             let mut code = 0;
             for name in names {
-                if let Err(e) = snapshot::validate_name(&name) {
-                    eprintln!("kiln: {e}");
-                    code = 125;
-                    continue;
-                }
-                // Refused before its pool is touched while runs use it.
-                let busy: Vec<String> = template::store(store.dirs())
-                    .users(&name)
-                    .into_iter()
-                    .filter(|id| store.load(id).is_ok_and(|r| r.pool.is_none()) && alive(store, id))
-                    .collect();
-                if !busy.is_empty() {
-                    eprintln!(
-                        "kiln: template {name} is in use by sandboxes started from it: {}; remove them first",
-                        busy.join(", ")
-                    );
-                    code = 125;
-                    continue;
-                }
-                let removed = match crate::pool::drain(store, &name).await {
-                    Ok(_) => template::remove(store.dirs(), &name, |id| alive(store, id))
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(format!("cannot empty the pool of template {name}: {e:#}")),
-                };
-                match removed {
+                match node.remove_template(&name).await {
                     Ok(()) => println!("{name}"),
                     Err(e) => {
-                        eprintln!("kiln: {e}");
+                        eprintln!("kiln: {:#}", anyhow::Error::from(e));
                         code = 125;
                     }
                 }
@@ -214,16 +149,15 @@ pub async fn dispatch(store: &Store, cmd: TemplateCommand) -> Result<i32> {
             Ok(code)
         }
         TemplateCommand::Fill { name, when_idle } => {
-            let f = crate::pool::fill(store, &name, when_idle).await?;
+            let f = node.fill_pool(&name, when_idle).await?;
             tracing::info!(template = %name, started = f.started, removed = f.removed, ready = f.ready, "pool filled");
             Ok(0)
         }
     }
 }
 
-fn ls(store: &Store, quiet: bool) -> Result<i32> {
-    let templates = template::store(store.dirs());
-    let entries = templates.list()?;
+async fn ls(node: &Node, quiet: bool) -> Result<i32> {
+    let entries = node.list_templates().await?;
     let mut out = std::io::stdout().lock();
     if quiet {
         for e in entries {
@@ -231,8 +165,6 @@ fn ls(store: &Store, quiet: bool) -> Result<i32> {
         }
         return Ok(0);
     }
-    // Whether each is still usable here: checked like a run would.
-    let here = this_host(store);
     writeln!(
         out,
         "{:<20}  {:<24}  {:>4}  {:>7}  {:>7}  {:>9}  {:<10}  {:>6}  {:>5}  STATUS",
@@ -240,17 +172,14 @@ fn ls(store: &Store, quiet: bool) -> Result<i32> {
     )?;
     for e in entries {
         let m = &e.manifest;
-        let Some(t) = &m.template else { continue };
-        let status = match &here {
-            None => "unknown (no guest artifacts or driver)".to_string(),
-            // Every file's digest: remembered while unchanged, so cheap.
-            Some((g, d)) => match templates.verify(&m.name, g, d, true) {
-                Ok(_) => "ready".to_string(),
-                Err(err) if template::is_stale(&err) => format!("stale: {err}"),
-                Err(err) => format!("unusable: {err}"),
-            },
+        let disk = m.template.as_ref().map(|t| t.disk_mib).unwrap_or(0);
+        let status = match &e.status {
+            TemplateStatus::Ready => "ready".to_string(),
+            TemplateStatus::Stale(why) => format!("stale: {why}"),
+            TemplateStatus::Unusable(why) => format!("unusable: {why}"),
+            TemplateStatus::Unknown => "unknown (no guest artifacts or driver)".to_string(),
         };
-        let pool = match crate::pool::status(store, &m.name) {
+        let pool = match e.pool {
             Some((ready, size)) => format!("{ready}/{size}"),
             None => "-".to_string(),
         };
@@ -261,108 +190,13 @@ fn ls(store: &Store, quiet: bool) -> Result<i32> {
             crate::commands::truncate(&m.spec.image, 24),
             m.cpus,
             format!("{}M", m.memory_mib),
-            format!("{}M", t.disk_mib),
-            crate::snapshots::human(snapshot::disk_usage(&templates.dir(&m.name))),
+            format!("{disk}M"),
+            crate::snapshots::human(e.disk_usage),
             crate::commands::ago(m.created_at),
-            e.users
-                .iter()
-                .filter(|id| !store.load(id).is_ok_and(|r| r.pool.is_some()))
-                .count(),
+            e.in_use,
             pool,
             status
         )?;
     }
     Ok(0)
-}
-
-/// The template for `spec` (checked like a snapshot before a restore): its
-/// name, or why a run boots cold.
-pub(crate) fn lookup(store: &Store, spec: &SandboxSpec) -> Result<String, String> {
-    let templates = template::store(store.dirs());
-    if !templates.root().is_dir() {
-        return Err(format!(
-            "no template for {} (kiln template create)",
-            spec.image
-        ));
-    }
-    let artifacts = GuestArtifacts::locate(store.dirs()).map_err(|e| e.to_string())?;
-    let choice = kiln_node::vm::parse_driver(&spec.driver).map_err(|e| e.to_string())?;
-    let (drv, _) = kiln_node::vm::driver_for(choice).map_err(|e| format!("{e:#}"))?;
-    let guest = snapshot::guest_digests(&artifacts, drv.kind())
-        .map_err(|e| format!("cannot hash the guest artifacts: {e}"))?;
-    let p = TemplateParams {
-        image: spec.image.clone(),
-        image_digest: spec.image_digest.clone(),
-        image_disk: spec.image_disk.clone(),
-        cpus: spec.cpus,
-        memory_mib: spec.memory_mib,
-        disk_mib: spec.disk_mib,
-    };
-    let m = template::find(&templates, &p, &guest, drv.info()).map_err(|e| e.0)?;
-    if m.image_disk != spec.image_disk {
-        return Err(format!(
-            "template {} uses the image disk {}, this run {}",
-            m.name,
-            m.image_disk.display(),
-            spec.image_disk.display()
-        ));
-    }
-    Ok(m.name)
-}
-
-/// Registers sandbox `id` as a user of template `name` (found by
-/// `lookup`): its name, or why the sandbox boots cold.
-pub(crate) fn claim(store: &Store, name: &str, id: &str) -> Result<String, String> {
-    let templates = template::store(store.dirs());
-    // Shared: a `template rm` cannot slip between the check and the
-    // registration.
-    let _lock = template::lock(&templates, false)
-        .map_err(|e| format!("cannot lock the template store: {e}"))?;
-    if !templates.exists(name) {
-        return Err(format!("template {name} was removed"));
-    }
-    templates
-        .add_user(name, id)
-        .map_err(|e| format!("cannot register as a user of template {name}: {e}"))?;
-    Ok(name.to_string())
-}
-
-/// Empties the pools of templates that can no longer be used here (their
-/// kernel, initramfs, kiln-init, driver or image changed): no run would
-/// take their members, which would otherwise stay paused until
-/// `kiln template rm`. Run when a template is created (typically after
-/// such an upgrade). `keep` is the template just created.
-async fn drain_stale_pools(store: &Store, keep: &str) {
-    let templates = template::store(store.dirs());
-    let here = this_host(store);
-    let Some((guest, driver)) = here else { return };
-    for pool in kiln_node::pool::Pool::all(store.dirs()) {
-        let name = pool.template().to_string();
-        if name == keep {
-            continue;
-        }
-        let stale = match templates.verify(&name, &guest, &driver, false) {
-            Ok(_) => false,
-            Err(snapshot::VerifySnapshotError::NotFound(_)) => true,
-            Err(e) => template::is_stale(&e),
-        };
-        if stale {
-            match crate::pool::drain(store, &name).await {
-                Ok(n) if n > 0 => {
-                    eprintln!("kiln: emptied the pool of stale template {name} ({n} sandboxes)")
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(template = %name, error = %e, "cannot empty a stale pool"),
-            }
-        }
-    }
-}
-
-/// What templates are checked against here: the guest artifacts' digests
-/// and the default driver (`None` if either is missing).
-fn this_host(store: &Store) -> Option<(snapshot::GuestDigests, kiln_vmm::DriverInfo)> {
-    let a = GuestArtifacts::locate(store.dirs()).ok()?;
-    let (drv, _) = kiln_node::vm::driver_for(kiln_vmm::DriverChoice::Auto).ok()?;
-    let g = snapshot::guest_digests(&a, drv.kind()).ok()?;
-    Some((g, drv.info().clone()))
 }

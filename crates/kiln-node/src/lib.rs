@@ -9,6 +9,7 @@ pub mod agent;
 pub mod compose;
 pub mod ctl;
 pub mod logs;
+pub mod node;
 pub mod paths;
 pub mod pool;
 pub mod shim;
@@ -16,3 +17,15 @@ pub mod snapshot;
 pub mod store;
 pub mod template;
 pub mod vm;
+
+/// `e` and its sources, joined with `: ` (one line for a log or a report).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -389,11 +389,55 @@ impl SnapshotStore {
             return Err(CreateSnapshotError::Exists(name.to_string()));
         }
         let dir = self.root.join(format!(".staging-{}", new_name(name)));
-        fs::create_dir_all(&dir).map_err(|source| CreateSnapshotError::Io {
+        let io = |source| CreateSnapshotError::Io {
             path: dir.clone(),
             source,
-        })?;
+        };
+        fs::create_dir_all(&dir).map_err(io)?;
+        // Its owner, for `reap_staging`: the process that will publish it.
+        let owner = serde_json::to_vec(&crate::store::ProcessIdentity::current())
+            .expect("an identity always serializes");
+        fs::write(dir.join(STAGING_OWNER), owner).map_err(io)?;
         Ok(dir)
+    }
+
+    /// Removes staging directories whose owner died (a killed `kiln
+    /// snapshot`, `kiln fork` or node), and ownerless ones older than
+    /// `grace`. How many it removed.
+    pub fn reap_staging(&self, grace: std::time::Duration) -> u32 {
+        let Ok(rd) = fs::read_dir(&self.root) else {
+            return 0;
+        };
+        let mut n = 0;
+        for e in rd.flatten() {
+            let is_staging = e
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(".staging-"));
+            if !is_staging {
+                continue;
+            }
+            let dir = e.path();
+            let owner: Option<crate::store::ProcessIdentity> = fs::read(dir.join(STAGING_OWNER))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let abandoned = match owner {
+                Some(o) => !o.alive(),
+                None => e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > grace),
+            };
+            if abandoned {
+                tracing::info!(dir = %dir.display(), "removing the staging directory of a process that died");
+                if fs::remove_dir_all(&dir).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     /// Makes a complete staging directory the snapshot `name`.
@@ -402,7 +446,13 @@ impl SnapshotStore {
         if dest.exists() {
             return Err(CreateSnapshotError::Exists(name.to_string()));
         }
-        fs::rename(staging, &dest).map_err(|source| CreateSnapshotError::Io { path: dest, source })
+        fs::rename(staging, &dest).map_err(|source| CreateSnapshotError::Io {
+            path: dest.clone(),
+            source,
+        })?;
+        // Published: it has no owner any more (a leftover would be ignored).
+        let _ = fs::remove_file(dest.join(STAGING_OWNER));
+        Ok(())
     }
 
     /// Reads a snapshot's manifest (no checks beyond its shape and format).
@@ -704,6 +754,9 @@ impl SnapshotStore {
     }
 }
 
+/// The owner record in a staging directory.
+const STAGING_OWNER: &str = ".owner.json";
+
 fn short(hex: &str) -> String {
     if hex.is_empty() {
         "none".into()
@@ -953,7 +1006,7 @@ pub fn write_manifest_with(
         move |source| CreateSnapshotError::Io { path, source }
     };
     let t0 = Instant::now();
-    let rel = relative_files(dir, &[MANIFEST, "users"]).map_err(io(dir))?;
+    let rel = relative_files(dir, &[MANIFEST, "users", STAGING_OWNER]).map_err(io(dir))?;
     let paths: Vec<PathBuf> = rel.iter().map(|r| dir.join(r)).collect();
     let digests = digest_files(&paths, memo, DIGEST_ALGORITHM);
     let mut files = Vec::with_capacity(rel.len());

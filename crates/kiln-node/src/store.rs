@@ -324,7 +324,44 @@ impl Store {
 /// Whether process `pid` runs (exists and is not a zombie nobody reaped):
 /// supervisors, `kiln` commands holding something.
 pub fn process_alive(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    proc_stat(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
+}
+
+/// A process named by pid and start time, so that a reused pid is never
+/// mistaken for it: the owner of a temporary (staging directory, hold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    pub pid: u32,
+    /// Field 22 of `/proc/PID/stat` (clock ticks since boot).
+    pub start_time: u64,
+}
+
+impl ProcessIdentity {
+    /// This process.
+    pub fn current() -> ProcessIdentity {
+        let pid = std::process::id();
+        ProcessIdentity {
+            pid,
+            start_time: proc_stat(pid).map(|(_, t)| t).unwrap_or(0),
+        }
+    }
+
+    /// Whether this very process still runs.
+    pub fn alive(&self) -> bool {
+        matches!(proc_stat(self.pid), Some((state, t)) if t == self.start_time && state != 'Z' && state != 'X')
+    }
+}
+
+/// State and start time of process `pid`.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain
+    // anything: count fields from the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let start = fields.nth(22 - 4)?.parse().ok()?;
+    Some((state, start))
 }
 
 /// Whether `s` has the form of a sandbox ID (16 lowercase hex digits).
@@ -380,6 +417,23 @@ mod tests {
         store.remove(&a.id).unwrap();
         assert!(matches!(store.load(&a.id), Err(StoreError::NotFound(_))));
         assert_eq!(store.ids().unwrap(), vec![b.id.clone()]);
+    }
+
+    #[test]
+    fn process_identity_tells_a_reused_pid_apart() {
+        let me = ProcessIdentity::current();
+        assert!(me.alive());
+        assert!(
+            !ProcessIdentity {
+                start_time: me.start_time + 1,
+                ..me
+            }
+            .alive()
+        );
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
     }
 
     #[test]

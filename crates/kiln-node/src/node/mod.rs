@@ -1,0 +1,101 @@
+//! The node service: everything one host does with sandboxes, as one set of
+//! operations that every front door (the `kiln` CLI today; `kiln node`,
+//! the REST API and the E2B gateway next) calls. No front door holds
+//! sandbox logic of its own.
+//!
+//! Invariants:
+//! - A sandbox is a record in the state directory (`store`) plus, while it
+//!   runs, one supervisor process (`kiln shim ID`, spawned detached by
+//!   [`Node::spawn_supervisor`]) that owns its VMM. The supervisor outlives
+//!   whatever started it, so a node process may die and be restarted
+//!   without touching running sandboxes.
+//! - One liveness rule: a process is identified by its pid and it is alive
+//!   while `/proc/PID` exists and is not a zombie ([`crate::store::process_alive`]).
+//! - Cleanup is level-triggered: [`Node::reconcile`] observes records,
+//!   pools, holds and processes, and repairs what a killed process left
+//!   (orphaned VMs, dead pool members, holds of dead forks, template VMs of
+//!   dead creators, staging directories of dead snapshotters). Commands call
+//!   it where they must see a clean state; it is idempotent.
+//! - The run path is warm → pool → cold ([`Node::run`]): a pool member if
+//!   the image's template has one ready, else a restore of the template,
+//!   else a boot; each step that fails falls back to the next and says why.
+
+mod images;
+mod lifecycle;
+mod pools;
+mod reconcile;
+mod run;
+mod snapshots;
+mod templates;
+
+use std::path::PathBuf;
+
+pub use images::{ImageOpError, ImageUsers, PullPolicy, PulledImage, RemoveVerdict};
+pub use images::{decide as decide_image_removal, short_digest};
+pub use lifecycle::{ExecSpec, SandboxOpError, SupervisorError};
+pub use pools::{Filled, PoolError};
+pub use reconcile::Reconciled;
+pub use run::{RunError, RunRequest, StartPath, Started};
+pub use snapshots::{ForkOutcome, MAX_FORKS, Restored, SnapshotOpError};
+pub use templates::{
+    TemplateCreated, TemplateEntry, TemplateOpError, TemplateRequest, TemplateStatus,
+};
+
+use crate::paths::Dirs;
+use crate::snapshot::SnapshotStore;
+use crate::store::Store;
+
+/// One host's sandbox service.
+#[derive(Debug, Clone)]
+pub struct Node {
+    store: Store,
+    /// The `kiln` executable whose `shim` subcommand supervises a sandbox.
+    supervisor_exe: PathBuf,
+}
+
+impl Node {
+    /// The node over `dirs`; supervisors are started from this executable.
+    /// Makes the state directory private (it may predate Kiln's umask).
+    pub fn open(dirs: Dirs) -> Node {
+        let state = &dirs.state;
+        if std::fs::create_dir_all(state).is_ok() {
+            use std::os::unix::fs::PermissionsExt;
+            if let Err(e) = std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700))
+            {
+                tracing::warn!(error = %e, dir = %state.display(), "cannot make the state directory private");
+            }
+        }
+        Node {
+            store: Store::new(dirs),
+            supervisor_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("kiln")),
+        }
+    }
+
+    /// Supervisors are started as `EXE shim ID` (tests point this at the
+    /// `kiln` binary).
+    pub fn with_supervisor_exe(mut self, exe: PathBuf) -> Node {
+        self.supervisor_exe = exe;
+        self
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn dirs(&self) -> &Dirs {
+        self.store.dirs()
+    }
+
+    pub fn snapshots(&self) -> SnapshotStore {
+        SnapshotStore::new(self.dirs())
+    }
+
+    pub fn templates(&self) -> SnapshotStore {
+        crate::template::store(self.dirs())
+    }
+}
+
+/// The hostname of sandbox `id`: its first 12 hex digits.
+pub fn hostname_of(id: &str) -> String {
+    id.chars().take(12).collect()
+}

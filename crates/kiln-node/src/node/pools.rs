@@ -1,0 +1,413 @@
+//! Warm pools: a run claims a member, refills run in the background
+//! (`kiln template fill`, a detached process), and template create/rm size
+//! and drain them. The pool's layout is `crate::pool`; its members'
+//! supervisor is `crate::shim`.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use super::Node;
+use super::hostname_of;
+use crate::ctl::{CtlConn, CtlRequest, CtlResponse};
+use crate::pool::Pool;
+use crate::shim::ReadyLine;
+use crate::store::{SandboxSpec, StoreError, process_alive};
+
+/// A pool could not be filled or drained.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Name(#[from] crate::snapshot::CreateSnapshotError),
+    #[error("cannot lock the pool of template {name}")]
+    Lock {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot refill the pool of template {name}")]
+    Template {
+        name: String,
+        #[source]
+        source: crate::snapshot::VerifySnapshotError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("template {0} was removed")]
+    Removed(String),
+    #[error("cannot register a pool member of template {name}")]
+    Register {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the pool of template {name} cannot be filled: {why}")]
+    CannotFill { name: String, why: String },
+    #[error("cannot size the pool of template {name}")]
+    Size {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Consecutive members that fail to come up before a refill gives up (a
+/// broken template must not make it loop forever).
+const MAX_FILL_FAILURES: u32 = 3;
+/// How long a claimed member may take to start the command (a burst of
+/// claims on a loaded host takes seconds; a stuck one never answers).
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a background refill waits at most for a spare CPU before it
+/// restores a member anyway.
+const MAX_YIELD: Duration = Duration::from_secs(5);
+
+/// A member claimed for a run.
+pub(crate) struct Claimed {
+    pub id: String,
+    pub ready: ReadyLine,
+    pub shim_pid: u32,
+}
+
+/// What a fill did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Filled {
+    pub started: u32,
+    pub removed: u32,
+    pub ready: u32,
+}
+
+impl Node {
+    /// Claims a member of template `name`'s pool for `spec` and has its
+    /// supervisor start `spec`'s main process. `None` when no member is ready
+    /// (or none answered): the caller restores the template itself.
+    pub(crate) async fn claim_pool_member(
+        &self,
+        name: &str,
+        spec: &SandboxSpec,
+    ) -> Option<Claimed> {
+        let pool = Pool::of(self.dirs(), name);
+        while let Some(id) = pool.take() {
+            let Ok(rec) = self.store.load(&id) else {
+                continue;
+            };
+            let Some(shim_pid) = rec.shim_pid.filter(|p| process_alive(*p)) else {
+                self.reap_orphan(&id).await;
+                continue;
+            };
+            // The sandbox's hostname is its short ID (as after `store.create`).
+            let mut spec = spec.clone();
+            for e in spec.env.iter_mut() {
+                if e == "HOSTNAME=" {
+                    *e = format!("HOSTNAME={}", hostname_of(&id));
+                }
+            }
+            let sock = crate::shim::ctl_socket(&self.store.dir(&id));
+            let req = CtlRequest::Claim {
+                spec: Box::new(spec),
+            };
+            let answer = match tokio::time::timeout(CLAIM_TIMEOUT, CtlConn::open(&sock, &req)).await
+            {
+                Ok(a) => a,
+                Err(_) => {
+                    // A stuck member (its supervisor or VMM does not answer):
+                    // remove it and go on.
+                    tracing::info!(sandbox = %id, "a pool member did not answer its claim in time; removing it");
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(shim_pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    let _ = self
+                        .wait_supervisor_gone(&id, Duration::from_secs(5), Some(shim_pid))
+                        .await;
+                    self.reap_orphan(&id).await;
+                    continue;
+                }
+            };
+            match answer {
+                Ok((_conn, CtlResponse::Ready { line })) => {
+                    return Some(Claimed {
+                        id,
+                        ready: line,
+                        shim_pid,
+                    });
+                }
+                Ok((_conn, other)) => {
+                    tracing::info!(sandbox = %id, answer = ?other, "a pool member refused its claim");
+                }
+                Err(e) => {
+                    tracing::info!(sandbox = %id, error = %e, "a pool member did not answer its claim");
+                    self.reap_orphan(&id).await;
+                }
+            }
+        }
+        None
+    }
+
+    /// Starts `kiln template fill NAME` detached (it outlives this command) if
+    /// template `name` has a pool.
+    pub fn refill_in_background(&self, name: &str) {
+        let pool = Pool::of(self.dirs(), name);
+        if pool.size() == 0 {
+            return;
+        }
+        let spawned = (|| -> std::io::Result<()> {
+            use std::os::unix::process::CommandExt;
+            let exe = &self.supervisor_exe;
+            let path = pool.dir().join("fill.log");
+            // Kept small: only the latest refills' messages matter.
+            if std::fs::metadata(&path).is_ok_and(|m| m.len() > 1 << 20) {
+                let _ = std::fs::remove_file(&path);
+            }
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            std::process::Command::new(exe)
+                .args(["template", "fill", "--when-idle", name])
+                .env("KILN_STATE_DIR", &self.dirs().state)
+                .env("KILN_CACHE_DIR", &self.dirs().cache)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                // Its own process group: a Ctrl-C meant for this run must not
+                // stop the refill halfway.
+                .process_group(0)
+                .spawn()
+                .map(drop)
+        })();
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the pool refill");
+        }
+    }
+
+    /// Brings template `name`'s pool to its size: restores members until
+    /// enough are ready, removes the extra ones. One filler at a time (the
+    /// others wait, then find less or nothing to do). `when_idle`: before each
+    /// restore, wait (at most `MAX_YIELD`) until the host has a CPU to spare,
+    /// so that a burst of runs taking members is served before its refill.
+    pub async fn fill_pool(&self, name: &str, when_idle: bool) -> Result<Filled, PoolError> {
+        crate::snapshot::validate_name(name)?;
+        let pool = Pool::of(self.dirs(), name);
+        let _lock = pool.fill_lock().map_err(|source| PoolError::Lock {
+            name: name.to_string(),
+            source,
+        })?;
+        let templates = self.templates();
+        let mut done = Filled::default();
+        let mut failures = 0;
+        loop {
+            let ready = self.live_members(&pool).await;
+            let target = pool.size() as usize;
+            if ready.len() > target {
+                for _ in target..ready.len() {
+                    if let Some(id) = pool.take() {
+                        self.remove_member(&id).await;
+                        done.removed += 1;
+                    }
+                }
+                continue;
+            }
+            if ready.len() == target {
+                done.ready = target as u32;
+                return Ok(done);
+            }
+            if when_idle {
+                wait_for_spare_cpu(MAX_YIELD).await;
+            }
+            let manifest = templates
+                .manifest(name)
+                .map_err(|source| PoolError::Template {
+                    name: name.to_string(),
+                    source,
+                })?;
+            let mut rec = self.store.create(manifest.spec.clone())?;
+            rec.template = Some(name.to_string());
+            rec.pool = Some(name.to_string());
+            {
+                // Registered under the store's shared lock, like a warm start:
+                // `template rm` cannot remove it in between.
+                let register = |source| PoolError::Register {
+                    name: name.to_string(),
+                    source,
+                };
+                let _l = crate::template::lock(&templates, false).map_err(register)?;
+                if !templates.exists(name) {
+                    self.store.remove(&rec.id)?;
+                    return Err(PoolError::Removed(name.to_string()));
+                }
+                templates.add_user(name, &rec.id).map_err(register)?;
+            }
+            self.store.save(&rec)?;
+            let (line, pid) = match self.spawn_supervisor(&rec).await {
+                Ok(v) => v,
+                Err(e) => {
+                    self.release_template(&rec);
+                    let _ = self.store.remove(&rec.id);
+                    failures += 1;
+                    let why = crate::error_chain(&e);
+                    tracing::warn!(template = %name, error = %why, "a pool member did not start");
+                    if failures >= MAX_FILL_FAILURES {
+                        return Err(PoolError::CannotFill {
+                            name: name.to_string(),
+                            why,
+                        });
+                    }
+                    continue;
+                }
+            };
+            if line.ok {
+                done.started += 1;
+                failures = 0;
+                continue;
+            }
+            // The supervisor removed the member; wait until it is gone.
+            let _ = self
+                .wait_supervisor_gone(&rec.id, Duration::from_secs(30), Some(pid))
+                .await;
+            failures += 1;
+            let why = line.error.unwrap_or_default();
+            tracing::warn!(template = %name, error = %why, "a pool member did not come up");
+            if failures >= MAX_FILL_FAILURES {
+                return Err(PoolError::CannotFill {
+                    name: name.to_string(),
+                    why,
+                });
+            }
+        }
+    }
+
+    /// The pool's offered members whose supervisor lives (the others are
+    /// reaped).
+    async fn live_members(&self, pool: &Pool) -> Vec<String> {
+        let mut out = vec![];
+        for id in pool.ready() {
+            match self.store.load(&id) {
+                Ok(r) if r.shim_pid.is_some_and(process_alive) => out.push(id),
+                Ok(_) => {
+                    pool.withdraw(&id);
+                    self.reap_orphan(&id).await;
+                }
+                Err(_) => pool.withdraw(&id),
+            }
+        }
+        out
+    }
+
+    /// Removes a member this process has taken from the pool.
+    async fn remove_member(&self, id: &str) {
+        let sock = crate::shim::ctl_socket(&self.store.dir(id));
+        if let Err(e) = CtlConn::open(&sock, &CtlRequest::Kill).await {
+            tracing::warn!(sandbox = %id, error = %e, "pool member unreachable; killing its VM");
+        }
+        let _ = self
+            .wait_supervisor_gone(id, Duration::from_secs(30), None)
+            .await;
+        self.reap_orphan(id).await;
+    }
+
+    /// Empties and removes template `name`'s pool (before the template itself
+    /// is removed). Members already claimed by runs are ordinary sandboxes and
+    /// are left alone.
+    pub async fn drain_pool(&self, name: &str) -> Result<u32, PoolError> {
+        let pool = Pool::of(self.dirs(), name);
+        if !pool.dir().exists() {
+            return Ok(0);
+        }
+        pool.set_size(0).map_err(|source| PoolError::Size {
+            name: name.to_string(),
+            source,
+        })?;
+        // A refill in progress sees the new size and stops.
+        let _lock = pool.fill_lock().map_err(|source| PoolError::Lock {
+            name: name.to_string(),
+            source,
+        })?;
+        let mut n = 0;
+        while let Some(id) = pool.take() {
+            self.remove_member(&id).await;
+            n += 1;
+        }
+        // Members not offered: taken by a run that died before claiming them
+        // (alive), or whose supervisor died before offering (dead). A member a
+        // run is claiming at this very moment is removed too; that run then
+        // starts from the template or boots.
+        for r in self.store.list()? {
+            if r.pool.as_deref() != Some(name) {
+                continue;
+            }
+            if r.shim_pid.is_some_and(process_alive) {
+                self.remove_member(&r.id).await;
+                n += 1;
+            } else {
+                self.reap_orphan(&r.id).await;
+            }
+        }
+        pool.remove_dir();
+        Ok(n)
+    }
+
+    /// `ready/size` of template `name`'s pool, if it has one.
+    pub fn pool_status(&self, name: &str) -> Option<(usize, u32)> {
+        let pool = Pool::of(self.dirs(), name);
+        let size = pool.size();
+        // Only members whose supervisor lives count (a killed one is reaped by
+        // the next fill or reconcile).
+        let live = pool
+            .ready()
+            .iter()
+            .filter(|id| {
+                self.store
+                    .load(id)
+                    .is_ok_and(|r| r.shim_pid.is_some_and(process_alive))
+            })
+            .count();
+        (size > 0).then_some((live, size))
+    }
+
+    /// Sets template `name`'s pool size (0 removes it) and fills or drains it.
+    pub async fn size_pool(&self, name: &str, size: u32) -> Result<Filled, PoolError> {
+        if size == 0 {
+            let removed = self.drain_pool(name).await?;
+            return Ok(Filled {
+                removed,
+                ..Filled::default()
+            });
+        }
+        Pool::of(self.dirs(), name)
+            .set_size(size)
+            .map_err(|source| PoolError::Size {
+                name: name.to_string(),
+                source,
+            })?;
+        self.fill_pool(name, false).await
+    }
+}
+
+/// Waits until at least one CPU's worth of time was idle over the last
+/// 200 ms (`/proc/stat`), or `limit` passed.
+async fn wait_for_spare_cpu(limit: Duration) {
+    fn sample() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let total: u64 = v.iter().take(8).sum();
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some((total, idle))
+    }
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as f64)
+        .unwrap_or(1.0);
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < limit {
+        let Some((t1, i1)) = sample() else { return };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some((t2, i2)) = sample() else { return };
+        let (dt, di) = (t2.saturating_sub(t1), i2.saturating_sub(i1));
+        if dt == 0 || di as f64 / dt as f64 >= 1.0 / cpus {
+            return;
+        }
+    }
+}

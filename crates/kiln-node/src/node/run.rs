@@ -1,0 +1,247 @@
+//! Starting a sandbox from an image: warm from a pool member, else warm
+//! from the image's template, else a cold boot. Each warm step that fails
+//! before the guest ran anything falls back to the next and says why.
+
+use std::time::{Duration, Instant};
+
+use kiln_api::sandbox::{SandboxSpec as PortableSpec, SpecError, StartPreference};
+use kiln_image::Progress;
+
+use super::{ImageOpError, Node, PullPolicy, SupervisorError, hostname_of};
+use crate::compose::{self, ComposeError, Overrides};
+use crate::shim::ReadyLine;
+use crate::store::{SandboxRecord, SandboxSpec, StoreError};
+
+/// What a run asks for.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub spec: PortableSpec,
+    pub pull: PullPolicy,
+    /// Registries reached over plain HTTP (`host[:port]`).
+    pub insecure_registries: Vec<String>,
+}
+
+/// How a sandbox was started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartPath {
+    /// A member of the template's warm pool was claimed.
+    Pool { template: String },
+    /// The template was restored.
+    Template { template: String },
+    /// The VM was booted.
+    Cold,
+}
+
+/// A sandbox whose supervisor reported (`ready.ok` says whether its main
+/// process runs).
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub id: String,
+    pub ready: ReadyLine,
+    pub shim_pid: u32,
+    pub path: StartPath,
+    /// The image's manifest digest.
+    pub image_digest: String,
+    /// One line each on how the start went (image, warm or why cold,
+    /// fallbacks), for `kiln run -v`.
+    pub notes: Vec<String>,
+}
+
+/// A sandbox could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Image(#[from] ImageOpError),
+    #[error(transparent)]
+    Compose(#[from] ComposeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+}
+
+impl Node {
+    /// Resolves `spec` against the image (pulled per `pull`): the process
+    /// the sandbox runs, with `docker run` semantics.
+    pub async fn resolve(
+        &self,
+        req: &RunRequest,
+        progress: &dyn Progress,
+    ) -> Result<(SandboxSpec, bool), RunError> {
+        let spec = &req.spec;
+        spec.validate()?;
+        let (image, cached) = self
+            .pull(&spec.image, &req.insecure_registries, req.pull, progress)
+            .await?;
+        let ov = Overrides {
+            entrypoint: spec.entrypoint.clone(),
+            args: spec.cmd.clone(),
+            env: spec.env.clone(),
+            workdir: spec.workdir.clone(),
+            user: spec.user.clone(),
+            tty: spec.tty,
+            // Set once the ID is known.
+            hostname: String::new(),
+        };
+        let composed = compose::compose(&image.defaults, &ov, |_| None)?;
+        Ok((
+            SandboxSpec {
+                image: spec.image.clone(),
+                image_digest: image.digest,
+                image_disk: image.disk,
+                argv: composed.argv,
+                env: composed.env,
+                cwd: composed.cwd,
+                user: composed.user,
+                tty: spec.tty,
+                stdin: spec.stdin,
+                cpus: spec.resources.cpus,
+                memory_mib: spec.resources.memory_mib,
+                disk_mib: spec.resources.disk_mib,
+                timeout_secs: spec.timeout_secs,
+                driver: spec.driver.to_string(),
+                auto_remove: spec.auto_remove,
+            },
+            cached,
+        ))
+    }
+
+    /// Starts a sandbox for `req` (see the module doc) and returns once its
+    /// supervisor reported.
+    pub async fn run(
+        &self,
+        req: &RunRequest,
+        progress: &dyn Progress,
+    ) -> Result<Started, RunError> {
+        let t0 = Instant::now();
+        let mut notes = vec![];
+        let (spec, cached) = self.resolve(req, progress).await?;
+        notes.push(format!(
+            "image {} ({}{}) ready in {} ms",
+            spec.image,
+            spec.image_digest,
+            if cached { ", cached" } else { "" },
+            t0.elapsed().as_millis()
+        ));
+        let image_digest = spec.image_digest.clone();
+        let template = match req.spec.start {
+            StartPreference::Cold => Err("--cold".to_string()),
+            StartPreference::Warm => self.find_template(&spec),
+        };
+        // The fastest start: a member of the template's warm pool. Whether
+        // or not one was left, the pool is refilled in the background.
+        if let Ok(name) = &template {
+            // Started first: a run killed while it claims still refills.
+            self.refill_in_background(name);
+            match self.claim_pool_member(name, &spec).await {
+                Some(c) if !c.ready.ok && c.ready.restore_failed => {
+                    // The member broke before running anything.
+                    notes.push(format!(
+                        "the pool member failed ({}); restoring the template",
+                        c.ready.error.as_deref().unwrap_or("?")
+                    ));
+                    let _ = self
+                        .wait_supervisor_gone(&c.id, Duration::from_secs(30), Some(c.shim_pid))
+                        .await;
+                    let _ = self.store.remove(&c.id);
+                }
+                Some(c) => {
+                    notes.push(format!(
+                        "warm start from the pool of template {name} ({} ms after the command started)",
+                        t0.elapsed().as_millis()
+                    ));
+                    return Ok(Started {
+                        id: c.id,
+                        ready: c.ready,
+                        shim_pid: c.shim_pid,
+                        path: StartPath::Pool {
+                            template: name.clone(),
+                        },
+                        image_digest,
+                        notes,
+                    });
+                }
+                None => {}
+            }
+        }
+        let mut rec = self.create_record(spec)?;
+        // A warm start when a template for exactly this exists (checked
+        // like a snapshot before a restore), else a boot.
+        let cold_reason = match template {
+            Err(why) => Some(why),
+            Ok(name) => match self.use_template(&name, &rec.id) {
+                Ok(name) => {
+                    rec.template = Some(name);
+                    None
+                }
+                Err(why) => Some(why),
+            },
+        };
+        self.store.save(&rec)?;
+        match (&rec.template, &cold_reason) {
+            (Some(name), _) => notes.push(format!(
+                "warm start from template {name} ({} ms after the command started)",
+                t0.elapsed().as_millis()
+            )),
+            (None, Some(why)) => notes.push(format!("cold boot: {why}")),
+            (None, None) => {}
+        }
+        let (mut ready, mut shim_pid) = match self.spawn_supervisor(&rec).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.release_template(&rec);
+                return Err(e.into());
+            }
+        };
+        let mut path = match &rec.template {
+            Some(t) => StartPath::Template {
+                template: t.clone(),
+            },
+            None => StartPath::Cold,
+        };
+        if !ready.ok && ready.restore_failed && rec.template.is_some() {
+            // The template could not be restored: boot instead, as a new
+            // sandbox (the failed one never ran anything).
+            let why = ready.error.clone().unwrap_or_default();
+            notes.push(format!("the warm start failed ({why}); cold boot"));
+            let _ = self
+                .wait_supervisor_gone(&rec.id, Duration::from_secs(30), Some(shim_pid))
+                .await;
+            self.release_template(&rec);
+            let _ = self.store.remove(&rec.id);
+            let mut spec = rec.spec.clone();
+            let old = format!("HOSTNAME={}", hostname_of(&rec.id));
+            for e in spec.env.iter_mut() {
+                if *e == old {
+                    *e = "HOSTNAME=".into();
+                }
+            }
+            rec = self.create_record(spec)?;
+            (ready, shim_pid) = self.spawn_supervisor(&rec).await?;
+            path = StartPath::Cold;
+        }
+        Ok(Started {
+            id: rec.id,
+            ready,
+            shim_pid,
+            path,
+            image_digest,
+            notes,
+        })
+    }
+
+    /// A new sandbox record for `spec`; `HOSTNAME` becomes its short ID.
+    pub(crate) fn create_record(&self, spec: SandboxSpec) -> Result<SandboxRecord, StoreError> {
+        let mut rec = self.store.create(spec)?;
+        let host = hostname_of(&rec.id);
+        for e in rec.spec.env.iter_mut() {
+            if e == "HOSTNAME=" {
+                *e = format!("HOSTNAME={host}");
+            }
+        }
+        self.store.save(&rec)?;
+        Ok(rec)
+    }
+}

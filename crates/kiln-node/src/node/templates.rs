@@ -1,0 +1,303 @@
+//! Templates on the node: the warm-start lookup a run does, creating,
+//! listing and removing templates (with their pools). The templates
+//! themselves are `crate::template`.
+
+use kiln_api::sandbox::Resources;
+use kiln_image::Progress;
+
+use super::{ImageOpError, Node, PoolError, PullPolicy};
+use crate::paths::GuestArtifacts;
+use crate::snapshot::{self, GuestDigests, Manifest, VerifySnapshotError};
+use crate::store::SandboxSpec;
+use crate::template::{self, CreateTemplateError, Created, TemplateParams};
+
+/// What `template create` asks for.
+#[derive(Debug, Clone)]
+pub struct TemplateRequest {
+    pub image: String,
+    pub resources: Resources,
+    /// `auto`, `qemu` or `firecracker`.
+    pub driver: String,
+    pub insecure_registries: Vec<String>,
+    pub pull: PullPolicy,
+    /// Size the template's warm pool to this (0 removes it).
+    pub pool: Option<u32>,
+}
+
+/// What `template create` did.
+#[derive(Debug, Clone)]
+pub struct TemplateCreated {
+    pub created: Created,
+    /// Pools of stale templates emptied: (template, members removed).
+    pub stale_pools: Vec<(String, u32)>,
+    /// What sizing the pool did.
+    pub pool: Option<super::Filled>,
+}
+
+/// Whether a template can be used here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateStatus {
+    Ready,
+    /// Its inputs changed (kernel, initramfs, driver, image, CPU).
+    Stale(String),
+    /// Damaged or incomplete.
+    Unusable(String),
+    /// This host has no guest artifacts or driver to check it against.
+    Unknown,
+}
+
+/// One template as `template ls` shows it.
+#[derive(Debug, Clone)]
+pub struct TemplateEntry {
+    pub manifest: Manifest,
+    pub disk_usage: u64,
+    /// Sandboxes started from it (pool members not counted).
+    pub in_use: usize,
+    /// `(ready, size)` of its pool, if it has one.
+    pub pool: Option<(usize, u32)>,
+    pub status: TemplateStatus,
+}
+
+/// A template operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateOpError {
+    #[error("--pool {0} is too large: at most {max}", max = crate::pool::MAX_SIZE)]
+    PoolTooLarge(u32),
+    #[error(transparent)]
+    Spec(#[from] kiln_api::sandbox::SpecError),
+    #[error(transparent)]
+    Image(#[from] ImageOpError),
+    #[error(transparent)]
+    Create(#[from] CreateTemplateError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Name(#[from] snapshot::CreateSnapshotError),
+    #[error(
+        "template {name} is in use by sandboxes started from it: {}; remove them first",
+        users.join(", ")
+    )]
+    InUse { name: String, users: Vec<String> },
+    #[error("cannot empty the pool of template {name}")]
+    Drain {
+        name: String,
+        #[source]
+        source: PoolError,
+    },
+    #[error(transparent)]
+    Remove(#[from] snapshot::RemoveSnapshotError),
+    #[error(transparent)]
+    List(#[from] snapshot::ListSnapshotsError),
+}
+
+impl Node {
+    /// The template for `spec` (checked like a snapshot before a restore):
+    /// its name, or why a run boots cold.
+    pub fn find_template(&self, spec: &SandboxSpec) -> Result<String, String> {
+        let templates = self.templates();
+        if !templates.root().is_dir() {
+            return Err(format!(
+                "no template for {} (kiln template create)",
+                spec.image
+            ));
+        }
+        let artifacts = GuestArtifacts::locate(self.dirs()).map_err(|e| e.to_string())?;
+        let choice = crate::vm::parse_driver(&spec.driver).map_err(|e| e.to_string())?;
+        let (drv, _) = crate::vm::driver_for(choice).map_err(|e| crate::error_chain(&e))?;
+        let guest = snapshot::guest_digests(&artifacts, drv.kind())
+            .map_err(|e| format!("cannot hash the guest artifacts: {e}"))?;
+        let p = TemplateParams {
+            image: spec.image.clone(),
+            image_digest: spec.image_digest.clone(),
+            image_disk: spec.image_disk.clone(),
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            disk_mib: spec.disk_mib,
+        };
+        let m = template::find(&templates, &p, &guest, drv.info()).map_err(|e| e.0)?;
+        if m.image_disk != spec.image_disk {
+            return Err(format!(
+                "template {} uses the image disk {}, this run {}",
+                m.name,
+                m.image_disk.display(),
+                spec.image_disk.display()
+            ));
+        }
+        Ok(m.name)
+    }
+
+    /// Registers sandbox `id` as a user of template `name` (found by
+    /// `find_template`): its name, or why the sandbox boots cold.
+    pub(crate) fn use_template(&self, name: &str, id: &str) -> Result<String, String> {
+        let templates = self.templates();
+        // Shared: a `template rm` cannot slip between the check and the
+        // registration.
+        let _lock = template::lock(&templates, false)
+            .map_err(|e| format!("cannot lock the template store: {e}"))?;
+        if !templates.exists(name) {
+            return Err(format!("template {name} was removed"));
+        }
+        templates
+            .add_user(name, id)
+            .map_err(|e| format!("cannot register as a user of template {name}: {e}"))?;
+        Ok(name.to_string())
+    }
+
+    /// Creates (or keeps, if valid) the template for `req`, empties the
+    /// pools of stale templates, and sizes its pool.
+    pub async fn create_template(
+        &self,
+        req: &TemplateRequest,
+        progress: &dyn Progress,
+    ) -> Result<TemplateCreated, TemplateOpError> {
+        if let Some(k) = req.pool.filter(|k| *k > crate::pool::MAX_SIZE) {
+            return Err(TemplateOpError::PoolTooLarge(k));
+        }
+        let mut check = kiln_api::sandbox::SandboxSpec::for_image(req.image.clone());
+        check.resources = req.resources;
+        check.validate()?;
+        let (img, _) = self
+            .pull(&req.image, &req.insecure_registries, req.pull, progress)
+            .await?;
+        let p = TemplateParams {
+            image: req.image.clone(),
+            image_digest: img.digest,
+            image_disk: img.disk,
+            cpus: req.resources.cpus,
+            memory_mib: req.resources.memory_mib,
+            disk_mib: req.resources.disk_mib,
+        };
+        let alive = |id: &str| self.alive(id);
+        let mut created = template::create(self.dirs(), &p, &req.driver, alive).await;
+        // A template that must be replaced (damaged) whose only users are
+        // its own pool members: empty the pool and try again.
+        if let Err(CreateTemplateError::Remove(snapshot::RemoveSnapshotError::InUse {
+            name,
+            users,
+        })) = &created
+            && users
+                .iter()
+                .all(|id| self.store.load(id).is_ok_and(|r| r.pool.is_some()))
+        {
+            let name = name.clone();
+            self.drain_pool(&name).await?;
+            created = template::create(self.dirs(), &p, &req.driver, alive).await;
+        }
+        let created = created?;
+        let name = created.manifest.name.clone();
+        let stale_pools = self.drain_stale_pools(&name).await;
+        let pool = match req.pool {
+            Some(k) => Some(self.size_pool(&name, k).await?),
+            None => None,
+        };
+        Ok(TemplateCreated {
+            created,
+            stale_pools,
+            pool,
+        })
+    }
+
+    /// Removes template `name` and its pool; refused while sandboxes
+    /// started from it run.
+    pub async fn remove_template(&self, name: &str) -> Result<(), TemplateOpError> {
+        snapshot::validate_name(name)?;
+        // Refused before its pool is touched while runs use it.
+        let busy: Vec<String> = self
+            .templates()
+            .users(name)
+            .into_iter()
+            .filter(|id| self.store.load(id).is_ok_and(|r| r.pool.is_none()) && self.alive(id))
+            .collect();
+        if !busy.is_empty() {
+            return Err(TemplateOpError::InUse {
+                name: name.to_string(),
+                users: busy,
+            });
+        }
+        self.drain_pool(name)
+            .await
+            .map_err(|source| TemplateOpError::Drain {
+                name: name.to_string(),
+                source,
+            })?;
+        template::remove(self.dirs(), name, |id| self.alive(id))?;
+        Ok(())
+    }
+
+    /// Every template, with whether it can still be used here (checked like
+    /// a run would: every file's digest, remembered while unchanged).
+    pub async fn list_templates(&self) -> Result<Vec<TemplateEntry>, TemplateOpError> {
+        template::reap_abandoned(self.dirs()).await;
+        let templates = self.templates();
+        let here = self.this_host();
+        let mut out = vec![];
+        for e in templates.list()? {
+            let m = e.manifest;
+            if m.template.is_none() {
+                continue;
+            }
+            let status = match &here {
+                None => TemplateStatus::Unknown,
+                Some((g, d)) => match templates.verify(&m.name, g, d, true) {
+                    Ok(_) => TemplateStatus::Ready,
+                    Err(err) if template::is_stale(&err) => TemplateStatus::Stale(err.to_string()),
+                    Err(err) => TemplateStatus::Unusable(err.to_string()),
+                },
+            };
+            out.push(TemplateEntry {
+                disk_usage: snapshot::disk_usage(&templates.dir(&m.name)),
+                in_use: e
+                    .users
+                    .iter()
+                    .filter(|id| !self.store.load(id).is_ok_and(|r| r.pool.is_some()))
+                    .count(),
+                pool: self.pool_status(&m.name),
+                status,
+                manifest: m,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Empties the pools of templates that can no longer be used here
+    /// (their kernel, initramfs, kiln-init, driver or image changed): no
+    /// run would take their members, which would otherwise stay paused
+    /// until `template rm`. `keep` is the template just created.
+    async fn drain_stale_pools(&self, keep: &str) -> Vec<(String, u32)> {
+        let templates = self.templates();
+        let mut drained = vec![];
+        let Some((guest, driver)) = self.this_host() else {
+            return drained;
+        };
+        for pool in crate::pool::Pool::all(self.dirs()) {
+            let name = pool.template().to_string();
+            if name == keep {
+                continue;
+            }
+            let stale = match templates.verify(&name, &guest, &driver, false) {
+                Ok(_) => false,
+                Err(VerifySnapshotError::NotFound(_)) => true,
+                Err(e) => template::is_stale(&e),
+            };
+            if stale {
+                match self.drain_pool(&name).await {
+                    Ok(n) if n > 0 => drained.push((name, n)),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(template = %name, error = %e, "cannot empty a stale pool")
+                    }
+                }
+            }
+        }
+        drained
+    }
+
+    /// What templates are checked against here: the guest artifacts'
+    /// digests and the default driver (`None` if either is missing).
+    fn this_host(&self) -> Option<(GuestDigests, kiln_vmm::DriverInfo)> {
+        let a = GuestArtifacts::locate(self.dirs()).ok()?;
+        let (drv, _) = crate::vm::driver_for(kiln_vmm::DriverChoice::Auto).ok()?;
+        let g = snapshot::guest_digests(&a, drv.kind()).ok()?;
+        Some((g, drv.info().clone()))
+    }
+}
