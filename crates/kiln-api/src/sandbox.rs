@@ -272,7 +272,7 @@ impl SandboxSpec {
             return Err(SpecError::Workdir(truncate(w)));
         }
         if let Some(u) = &self.user
-            && (u.is_empty() || u.len() > 256 || has_control(u))
+            && (u.is_empty() || u.len() > 256 || has_control(u) || !ids_in_range(u))
         {
             return Err(SpecError::User(truncate(u)));
         }
@@ -317,6 +317,15 @@ pub fn valid_name(s: &str) -> bool {
         && !s.starts_with('-')
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Numeric parts of `user[:group]` must be valid ids: below 2^32 - 1
+/// (`(uid_t)-1` means "no change" to the kernel).
+fn ids_in_range(user: &str) -> bool {
+    user.split(':').all(|part| {
+        !part.bytes().all(|b| b.is_ascii_digit())
+            || part.parse::<u64>().is_ok_and(|n| n < u64::from(u32::MAX))
+    })
 }
 
 fn has_control(s: &str) -> bool {
@@ -461,6 +470,13 @@ mod tests {
         let mut s = SandboxSpec::for_image("busybox");
         s.cmd = vec!["x".repeat(100 * 1024)];
         s.validate().expect("100 KiB of arguments is fine");
+        let mut s = SandboxSpec::for_image("busybox");
+        s.user = Some("4294967295".into());
+        assert!(s.validate().unwrap_err().to_string().starts_with("user:"));
+        s.user = Some("1000:4294967296".into());
+        assert!(s.validate().is_err());
+        s.user = Some("1000:1000".into());
+        s.validate().expect("ordinary ids");
         let mut s = SandboxSpec::for_image("busybox");
         s.labels.insert("bad key".into(), "v".into());
         assert!(s.validate().unwrap_err().to_string().starts_with("labels:"));

@@ -303,7 +303,28 @@ impl Usage {
     /// and the open files of every process we may look at. Any state that
     /// cannot be read fails the scan: an image is not removed on a guess.
     fn scan(node: &Node, images: &ImageStore) -> Result<Usage, ImageOpError> {
-        let mut sandboxes = vec![];
+        let mut usage = Usage {
+            sandboxes: vec![],
+            snapshots: vec![],
+            templates: vec![],
+            open: open_files_under(&images.root().join("sha256")),
+        };
+        // Every state directory that shares this cache: an image one of
+        // them needs must not be removed from another.
+        for state in node.state_dirs_sharing_cache() {
+            let other = Node {
+                store: crate::store::Store::new(crate::paths::Dirs::new(
+                    state,
+                    node.dirs().cache.clone(),
+                )),
+                supervisor_exe: node.supervisor_exe.clone(),
+            };
+            usage.add(&other)?;
+        }
+        Ok(usage)
+    }
+
+    fn add(&mut self, node: &Node) -> Result<(), ImageOpError> {
         for rec in node.store.list().map_err(ImageOpError::Sandboxes)? {
             let rec = node.refresh(rec);
             let vm_pid = rec
@@ -314,7 +335,7 @@ impl Usage {
                 .and_then(|p| u32::try_from(p).ok());
             let vm_alive = vm_pid.is_some_and(crate::store::process_alive);
             let live = !rec.state.is_finished() || vm_alive;
-            sandboxes.push((rec, live, vm_pid));
+            self.sandboxes.push((rec, live, vm_pid));
         }
         let manifests =
             |s: SnapshotStore, what: &'static str| -> Result<Vec<Manifest>, ImageOpError> {
@@ -324,12 +345,11 @@ impl Usage {
                     .map(|e| e.manifest)
                     .collect())
             };
-        Ok(Usage {
-            sandboxes,
-            snapshots: manifests(node.snapshots(), "snapshots")?,
-            templates: manifests(node.templates(), "templates")?,
-            open: open_files_under(&images.root().join("sha256")),
-        })
+        self.snapshots
+            .extend(manifests(node.snapshots(), "snapshots")?);
+        self.templates
+            .extend(manifests(node.templates(), "templates")?);
+        Ok(())
     }
 
     /// Who uses the image `digest` whose base disk is `disk` (a record

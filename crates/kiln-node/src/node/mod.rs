@@ -65,10 +65,39 @@ impl Node {
                 tracing::warn!(error = %e, dir = %state.display(), "cannot make the state directory private");
             }
         }
+        register_state_dir(&dirs);
         Node {
             store: Store::new(dirs),
             supervisor_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("kiln")),
         }
+    }
+
+    /// The state directories that use this node's cache (this one first):
+    /// each registers itself in `<cache>/state-dirs/` when opened; those
+    /// that no longer exist are dropped from the list.
+    pub fn state_dirs_sharing_cache(&self) -> Vec<PathBuf> {
+        let own = self.dirs().state.clone();
+        let own_canonical = std::fs::canonicalize(&own).unwrap_or_else(|_| own.clone());
+        let mut out = vec![own.clone()];
+        let reg = self.dirs().cache.join(STATE_DIRS);
+        let Ok(rd) = std::fs::read_dir(&reg) else {
+            return out;
+        };
+        for e in rd.flatten() {
+            let Ok(text) = std::fs::read_to_string(e.path()) else {
+                continue;
+            };
+            let dir = PathBuf::from(text.trim_end_matches('\n'));
+            if dir == own || dir == own_canonical || out.contains(&dir) {
+                continue;
+            }
+            if dir.is_dir() {
+                out.push(dir);
+            } else {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        out
     }
 
     /// Supervisors are started as `EXE shim ID` (tests point this at the
@@ -93,6 +122,33 @@ impl Node {
     pub fn templates(&self) -> SnapshotStore {
         crate::template::store(self.dirs())
     }
+}
+
+/// Where state directories register as users of a cache.
+const STATE_DIRS: &str = "state-dirs";
+
+/// Records `dirs.state` as a user of `dirs.cache` (idempotent; atomic).
+fn register_state_dir(dirs: &Dirs) {
+    use sha2::{Digest, Sha256};
+    let state = std::fs::canonicalize(&dirs.state).unwrap_or_else(|_| dirs.state.clone());
+    let key = hex_prefix(&Sha256::digest(state.as_os_str().as_encoded_bytes()));
+    let reg = dirs.cache.join(STATE_DIRS);
+    let path = reg.join(&key);
+    if path.is_file() {
+        return;
+    }
+    let tmp = reg.join(format!(".{key}.{}", std::process::id()));
+    let written = std::fs::create_dir_all(&reg)
+        .and_then(|()| std::fs::write(&tmp, format!("{}\n", state.display())))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(error = %e, cache = %dirs.cache.display(), "cannot register the state directory with the cache");
+    }
+}
+
+fn hex_prefix(bytes: &[u8]) -> String {
+    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// The hostname of sandbox `id`: its first 12 hex digits.

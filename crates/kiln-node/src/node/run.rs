@@ -60,6 +60,12 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
+    #[error("{what} {asked} MiB is more than this host has ({has} MiB)")]
+    Capacity {
+        what: &'static str,
+        asked: u64,
+        has: u64,
+    },
 }
 
 impl Node {
@@ -72,6 +78,7 @@ impl Node {
     ) -> Result<(SandboxSpec, bool), RunError> {
         let spec = &req.spec;
         spec.validate()?;
+        self.check_capacity(&spec.resources)?;
         let (image, cached) = self
             .pull(&spec.image, &req.insecure_registries, req.pull, progress)
             .await?;
@@ -232,6 +239,32 @@ impl Node {
         })
     }
 
+    /// Refuses resources this host cannot give at all (memory beyond its
+    /// RAM, a writable disk beyond the state directory's filesystem) before
+    /// anything is created.
+    pub fn check_capacity(&self, r: &kiln_api::sandbox::Resources) -> Result<(), RunError> {
+        if let Some(total) = host_memory_mib()
+            && u64::from(r.memory_mib) > total
+        {
+            return Err(RunError::Capacity {
+                what: "memory",
+                asked: r.memory_mib.into(),
+                has: total,
+            });
+        }
+        if let Ok(fs) = nix::sys::statvfs::statvfs(&self.dirs().state) {
+            let size_mib = fs.blocks().saturating_mul(fs.fragment_size()) >> 20;
+            if size_mib > 0 && u64::from(r.disk_mib) > size_mib {
+                return Err(RunError::Capacity {
+                    what: "disk",
+                    asked: r.disk_mib.into(),
+                    has: size_mib,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// A new sandbox record for `spec`; `HOSTNAME` becomes its short ID.
     pub(crate) fn create_record(&self, spec: SandboxSpec) -> Result<SandboxRecord, StoreError> {
         let mut rec = self.store.create(spec)?;
@@ -244,4 +277,12 @@ impl Node {
         self.store.save(&rec)?;
         Ok(rec)
     }
+}
+
+/// The host's RAM (`MemTotal`), MiB.
+fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib >> 10)
 }
