@@ -174,10 +174,7 @@ async fn cold(
         let spec = VmSpec {
             id: format!("bench{i}"),
             dir: dir.join("vm"),
-            kernel: match sel.kind {
-                kiln_vmm::DriverKind::Qemu => artifacts.bzimage.clone(),
-                kiln_vmm::DriverKind::Firecracker => artifacts.vmlinux.clone(),
-            },
+            kernel: artifacts.kernel_for(sel.kind).to_path_buf(),
             initrd: Some(artifacts.initramfs.clone()),
             cmdline: kiln_node::vm::kernel_cmdline(drv.capabilities().agent_transport),
             cpus: 1,

@@ -26,7 +26,14 @@ pub async fn info(store: &Store, as_json: bool, driver: &str) -> Result<i32> {
     let artifacts = GuestArtifacts::locate(store.dirs());
     let (kernel, initramfs, init) = match &artifacts {
         Ok(a) => (
-            Some((a.bzimage.display().to_string(), digest(&a.bzimage))),
+            {
+                let kind = sel
+                    .as_ref()
+                    .map(|s| s.kind)
+                    .unwrap_or(kiln_vmm::DriverKind::Qemu);
+                let k = a.kernel_for(kind);
+                Some((k.display().to_string(), digest(k)))
+            },
             Some((a.initramfs.display().to_string(), digest(&a.initramfs))),
             Some((a.init_binary.display().to_string(), digest(&a.init_binary))),
         ),

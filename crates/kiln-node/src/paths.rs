@@ -136,6 +136,17 @@ impl GuestArtifacts {
             memo: dirs.memo(),
         })
     }
+
+    /// The kernel driver `kind` boots: the uncompressed `vmlinux` for both
+    /// (QEMU enters it through its PVH note; under TCG a bzImage spends
+    /// ~0.5 s decompressing itself), QEMU falling back to the bzImage
+    /// when no `vmlinux` sits beside it.
+    pub fn kernel_for(&self, kind: kiln_vmm::DriverKind) -> &Path {
+        match kind {
+            kiln_vmm::DriverKind::Qemu if !self.vmlinux.is_file() => &self.bzimage,
+            _ => &self.vmlinux,
+        }
+    }
 }
 
 fn canon(p: PathBuf) -> PathBuf {

@@ -778,10 +778,7 @@ pub fn guest_digests(
     artifacts: &GuestArtifacts,
     kind: DriverKind,
 ) -> std::io::Result<GuestDigests> {
-    let kernel = match kind {
-        DriverKind::Qemu => &artifacts.bzimage,
-        DriverKind::Firecracker => &artifacts.vmlinux,
-    };
+    let kernel = artifacts.kernel_for(kind);
     let memo = kiln_vmm::memo::Memo::at(&artifacts.memo);
     let plain = |p: &Path| -> std::io::Result<String> {
         memo.get_or(p, "sha256", || {

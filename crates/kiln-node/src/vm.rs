@@ -148,7 +148,9 @@ pub fn kernel_cmdline(transport: AgentTransport) -> String {
         AgentTransport::VirtioSerial => "serial",
         AgentTransport::HybridVsock => "vsock",
     };
-    format!("kiln.root=/dev/vda kiln.rw=/dev/vdb kiln.channel={channel}")
+    // `quiet`: under TCG every byte on the emulated UART costs, and boot
+    // messages delay the guest agent (panics still print).
+    format!("quiet kiln.root=/dev/vda kiln.rw=/dev/vdb kiln.channel={channel}")
 }
 
 /// Creates a sparse, formatted writable disk of `mib` MiB.
@@ -229,10 +231,7 @@ pub fn sandbox_vm_spec(
     let caps = driver.capabilities();
     let vm_dir = dir.join("vm");
     let console = vm_dir.join("console.log");
-    let kernel = match driver.kind() {
-        DriverKind::Qemu => artifacts.bzimage.clone(),
-        DriverKind::Firecracker => artifacts.vmlinux.clone(),
-    };
+    let kernel = artifacts.kernel_for(driver.kind()).to_path_buf();
     VmSpec {
         id: id.to_string(),
         dir: vm_dir,
