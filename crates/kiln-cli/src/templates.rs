@@ -40,6 +40,13 @@ pub enum TemplateCommand {
         /// Print timings on stderr.
         #[arg(short = 'v', long)]
         verbose: bool,
+        /// Made by Kiln after a cold start (evicted past the template
+        /// budget); what `kiln run` starts in the background.
+        #[arg(long, hide = true)]
+        auto: bool,
+        /// Wait (a few seconds at most) for a spare CPU before booting.
+        #[arg(long, hide = true)]
+        when_idle: bool,
     },
     /// List templates, and whether each can still be used here.
     Ls {
@@ -77,6 +84,8 @@ pub async fn dispatch(node: &Node, cmd: TemplateCommand) -> Result<i32> {
             pull,
             pool,
             verbose,
+            auto,
+            when_idle,
         } => {
             crate::commands::check_resources(cpus, memory, disk)?;
             let req = TemplateRequest {
@@ -90,6 +99,8 @@ pub async fn dispatch(node: &Node, cmd: TemplateCommand) -> Result<i32> {
                 insecure_registries: insecure,
                 pull: pull.into(),
                 pool,
+                automatic: auto,
+                when_idle,
             };
             let t0 = std::time::Instant::now();
             let progress = crate::images::Bars::new(
@@ -97,7 +108,12 @@ pub async fn dispatch(node: &Node, cmd: TemplateCommand) -> Result<i32> {
             );
             let done = node.create_template(&req, &progress).await;
             progress.done();
-            let done = done?;
+            let done = match done {
+                // Another automatic template is being made: this one
+                // waits for the next cold start.
+                Err(kiln_node::node::TemplateOpError::Busy) if auto => return Ok(0),
+                other => other?,
+            };
             let c = &done.created;
             let name = c.manifest.name.clone();
             if verbose {
@@ -173,12 +189,15 @@ async fn ls(node: &Node, quiet: bool) -> Result<i32> {
     for e in entries {
         let m = &e.manifest;
         let disk = m.template.as_ref().map(|t| t.disk_mib).unwrap_or(0);
-        let status = match &e.status {
+        let mut status = match &e.status {
             TemplateStatus::Ready => "ready".to_string(),
             TemplateStatus::Stale(why) => format!("stale: {why}"),
             TemplateStatus::Unusable(why) => format!("unusable: {why}"),
             TemplateStatus::Unknown => "unknown (no guest artifacts or driver)".to_string(),
         };
+        if e.automatic {
+            status.push_str(" (automatic)");
+        }
         let pool = match e.pool {
             Some((ready, size)) => format!("{ready}/{size}"),
             None => "-".to_string(),

@@ -388,16 +388,19 @@ impl SnapshotStore {
         if self.dir(name).exists() {
             return Err(CreateSnapshotError::Exists(name.to_string()));
         }
-        let dir = self.root.join(format!(".staging-{}", new_name(name)));
-        let io = |source| CreateSnapshotError::Io {
+        // Its owner (the process that will publish it) is in its name, so
+        // no moment exists at which it has no owner: `reap_staging`.
+        let me = crate::store::ProcessIdentity::current();
+        let dir = self.root.join(format!(
+            ".staging-{}.{}.{}",
+            new_name(name),
+            me.pid,
+            me.start_time
+        ));
+        fs::create_dir_all(&dir).map_err(|source| CreateSnapshotError::Io {
             path: dir.clone(),
             source,
-        };
-        fs::create_dir_all(&dir).map_err(io)?;
-        // Its owner, for `reap_staging`: the process that will publish it.
-        let owner = serde_json::to_vec(&crate::store::ProcessIdentity::current())
-            .expect("an identity always serializes");
-        fs::write(dir.join(STAGING_OWNER), owner).map_err(io)?;
+        })?;
         Ok(dir)
     }
 
@@ -418,9 +421,7 @@ impl SnapshotStore {
                 continue;
             }
             let dir = e.path();
-            let owner: Option<crate::store::ProcessIdentity> = fs::read(dir.join(STAGING_OWNER))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
+            let owner = e.file_name().to_str().and_then(staging_owner);
             let abandoned = match owner {
                 Some(o) => !o.alive(),
                 None => e
@@ -446,13 +447,7 @@ impl SnapshotStore {
         if dest.exists() {
             return Err(CreateSnapshotError::Exists(name.to_string()));
         }
-        fs::rename(staging, &dest).map_err(|source| CreateSnapshotError::Io {
-            path: dest.clone(),
-            source,
-        })?;
-        // Published: it has no owner any more (a leftover would be ignored).
-        let _ = fs::remove_file(dest.join(STAGING_OWNER));
-        Ok(())
+        fs::rename(staging, &dest).map_err(|source| CreateSnapshotError::Io { path: dest, source })
     }
 
     /// Reads a snapshot's manifest (no checks beyond its shape and format).
@@ -754,8 +749,14 @@ impl SnapshotStore {
     }
 }
 
-/// The owner record in a staging directory.
-const STAGING_OWNER: &str = ".owner.json";
+/// The owner named in a staging directory's name
+/// (`.staging-NAME.PID.START`).
+fn staging_owner(dir_name: &str) -> Option<crate::store::ProcessIdentity> {
+    let mut parts = dir_name.rsplitn(3, '.');
+    let start_time = parts.next()?.parse().ok()?;
+    let pid = parts.next()?.parse().ok()?;
+    Some(crate::store::ProcessIdentity { pid, start_time })
+}
 
 fn short(hex: &str) -> String {
     if hex.is_empty() {
@@ -1003,7 +1004,7 @@ pub fn write_manifest_with(
         move |source| CreateSnapshotError::Io { path, source }
     };
     let t0 = Instant::now();
-    let rel = relative_files(dir, &[MANIFEST, "users", STAGING_OWNER]).map_err(io(dir))?;
+    let rel = relative_files(dir, &[MANIFEST, "users"]).map_err(io(dir))?;
     let paths: Vec<PathBuf> = rel.iter().map(|r| dir.join(r)).collect();
     let digests = digest_files(&paths, memo, DIGEST_ALGORITHM);
     let mut files = Vec::with_capacity(rel.len());
@@ -1091,6 +1092,31 @@ pub fn disk_usage(dir: &Path) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn staging_dirs_name_their_owner_and_are_reaped_when_it_dies() {
+        let t = tempfile::tempdir().unwrap();
+        let store = super::SnapshotStore::at(t.path().to_path_buf());
+        let live = store.staging("a.b-c").unwrap();
+        let me = crate::store::ProcessIdentity::current();
+        let name = live.file_name().unwrap().to_str().unwrap().to_string();
+        assert_eq!(super::staging_owner(&name), Some(me));
+        let grace = std::time::Duration::from_secs(3600);
+        assert_eq!(store.reap_staging(grace), 0);
+        assert!(live.is_dir());
+        // The same pid with another start time: a reused pid, not the owner.
+        let dead = t
+            .path()
+            .join(format!(".staging-x-1.{}.{}", me.pid, me.start_time + 1));
+        std::fs::create_dir_all(dead.join("vm")).unwrap();
+        // No owner in the name: kept until the grace passes.
+        let unknown = t.path().join(".staging-old");
+        std::fs::create_dir_all(&unknown).unwrap();
+        assert_eq!(store.reap_staging(grace), 1);
+        assert!(!dead.exists() && unknown.is_dir() && live.is_dir());
+        assert_eq!(store.reap_staging(std::time::Duration::ZERO), 1);
+        assert!(!unknown.exists() && live.is_dir());
+    }
+
     use super::*;
 
     #[test]

@@ -80,6 +80,9 @@ impl Kiln {
             );
         }
         c.env_remove("KILN_LOG");
+        // Tests that are not about automatic templates must not race a
+        // background template boot (e2e_auto_templates turns them on).
+        c.env("KILN_AUTO_TEMPLATES", "0");
         c.stdin(Stdio::null());
         c
     }

@@ -318,6 +318,7 @@ impl Usage {
                     node.dirs().cache.clone(),
                 )),
                 supervisor_exe: node.supervisor_exe.clone(),
+                config: node.config.clone(),
             };
             usage.add(&other)?;
         }

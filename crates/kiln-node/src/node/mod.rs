@@ -45,12 +45,58 @@ use crate::paths::Dirs;
 use crate::snapshot::SnapshotStore;
 use crate::store::Store;
 
+/// How a node behaves (defaults in code; `from_env` reads the overrides).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// After a cold start, make the image's template in the background so
+    /// the next run of it starts warm (`KILN_AUTO_TEMPLATES=0` turns it
+    /// off). Default on.
+    pub auto_templates: bool,
+    /// Disk the automatic templates may take together, MiB
+    /// (`KILN_TEMPLATE_BUDGET_MIB`); the least recently used ones not in
+    /// use are evicted past it. Default 8192.
+    pub template_budget_mib: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            auto_templates: true,
+            template_budget_mib: 8192,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// The defaults, with `KILN_AUTO_TEMPLATES` and
+    /// `KILN_TEMPLATE_BUDGET_MIB` applied (an unparsable value is ignored
+    /// with a warning).
+    pub fn from_env() -> NodeConfig {
+        let mut c = NodeConfig::default();
+        if let Ok(v) = std::env::var("KILN_AUTO_TEMPLATES") {
+            match v.trim() {
+                "0" | "false" | "off" | "no" => c.auto_templates = false,
+                "1" | "true" | "on" | "yes" => c.auto_templates = true,
+                other => tracing::warn!(value = other, "KILN_AUTO_TEMPLATES: expected on or off"),
+            }
+        }
+        if let Ok(v) = std::env::var("KILN_TEMPLATE_BUDGET_MIB") {
+            match v.trim().parse() {
+                Ok(n) => c.template_budget_mib = n,
+                Err(_) => tracing::warn!(value = %v, "KILN_TEMPLATE_BUDGET_MIB: expected MiB"),
+            }
+        }
+        c
+    }
+}
+
 /// One host's sandbox service.
 #[derive(Debug, Clone)]
 pub struct Node {
     store: Store,
     /// The `kiln` executable whose `shim` subcommand supervises a sandbox.
     supervisor_exe: PathBuf,
+    config: NodeConfig,
 }
 
 impl Node {
@@ -69,7 +115,17 @@ impl Node {
         Node {
             store: Store::new(dirs),
             supervisor_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("kiln")),
+            config: NodeConfig::from_env(),
         }
+    }
+
+    pub fn with_config(mut self, config: NodeConfig) -> Node {
+        self.config = config;
+        self
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
     }
 
     /// The state directories that use this node's cache (this one first):

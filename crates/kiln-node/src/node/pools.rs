@@ -384,7 +384,7 @@ impl Node {
 
 /// Waits until at least one CPU's worth of time was idle over the last
 /// 200 ms (`/proc/stat`), or `limit` passed.
-async fn wait_for_spare_cpu(limit: Duration) {
+pub(crate) async fn wait_for_spare_cpu(limit: Duration) {
     fn sample() -> Option<(u64, u64)> {
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
         let line = stat.lines().find(|l| l.starts_with("cpu "))?;

@@ -229,6 +229,15 @@ impl Node {
             (ready, shim_pid) = self.spawn_supervisor(&rec).await?;
             path = StartPath::Cold;
         }
+        if path == StartPath::Cold
+            && ready.ok
+            && req.spec.start == StartPreference::Warm
+            && self.config.auto_templates
+        {
+            // The next run of this image with these resources starts warm.
+            self.create_template_in_background(&req.spec);
+            notes.push("making this image's template in the background".into());
+        }
         Ok(Started {
             id: rec.id,
             ready,

@@ -22,6 +22,12 @@ pub struct TemplateRequest {
     pub pull: PullPolicy,
     /// Size the template's warm pool to this (0 removes it).
     pub pool: Option<u32>,
+    /// Made by the node after a cold start (evicted least-recently-used
+    /// past the budget) rather than by a user. A user's create of an
+    /// automatic template adopts it.
+    pub automatic: bool,
+    /// Wait (a few seconds at most) for a spare CPU before booting.
+    pub when_idle: bool,
 }
 
 /// What `template create` did.
@@ -56,6 +62,8 @@ pub struct TemplateEntry {
     /// `(ready, size)` of its pool, if it has one.
     pub pool: Option<(usize, u32)>,
     pub status: TemplateStatus,
+    /// Made automatically after a cold start.
+    pub automatic: bool,
 }
 
 /// A template operation failed.
@@ -82,13 +90,23 @@ pub enum TemplateOpError {
     Drain {
         name: String,
         #[source]
-        source: PoolError,
+        source: Box<PoolError>,
     },
     #[error(transparent)]
     Remove(#[from] snapshot::RemoveSnapshotError),
     #[error(transparent)]
     List(#[from] snapshot::ListSnapshotsError),
+    #[error("another automatic template is being made")]
+    Busy,
+    #[error("cannot lock the template store")]
+    Lock(#[source] std::io::Error),
 }
+
+/// Marks an automatic template (a file in its directory, outside its
+/// manifest: adopting or evicting it changes nothing that is checked).
+const AUTOMATIC: &str = "automatic";
+/// Held while an automatic template is made: one at a time per node.
+const AUTO_LOCK: &str = ".auto.lock";
 
 impl Node {
     /// The template for `spec` (checked like a snapshot before a restore):
@@ -167,6 +185,16 @@ impl Node {
             memory_mib: req.resources.memory_mib,
             disk_mib: req.resources.disk_mib,
         };
+        // One automatic template at a time (they are made in the
+        // background, on spare CPU): a second request gives way.
+        let _auto_lock = if req.automatic {
+            Some(self.auto_lock()?)
+        } else {
+            None
+        };
+        if req.when_idle {
+            super::pools::wait_for_spare_cpu(std::time::Duration::from_secs(5)).await;
+        }
         let alive = |id: &str| self.alive(id);
         let mut created = template::create(self.dirs(), &p, &req.driver, alive).await;
         // A template that must be replaced (damaged) whose only users are
@@ -185,6 +213,18 @@ impl Node {
         }
         let created = created?;
         let name = created.manifest.name.clone();
+        let marker = self.templates().dir(&name).join(AUTOMATIC);
+        if !req.automatic {
+            // A user asked for it: it is theirs now, never evicted.
+            let _ = std::fs::remove_file(&marker);
+        } else if !created.existed
+            && let Err(e) = std::fs::write(&marker, b"")
+        {
+            tracing::warn!(template = %name, error = %e, "cannot mark the template automatic");
+        }
+        if req.automatic {
+            self.evict_automatic(&name).await;
+        }
         let stale_pools = self.drain_stale_pools(&name).await;
         let pool = match req.pool {
             Some(k) => Some(self.size_pool(&name, k).await?),
@@ -218,7 +258,7 @@ impl Node {
             .await
             .map_err(|source| TemplateOpError::Drain {
                 name: name.to_string(),
-                source,
+                source: Box::new(source),
             })?;
         template::remove(self.dirs(), name, |id| self.alive(id))?;
         Ok(())
@@ -253,10 +293,123 @@ impl Node {
                     .count(),
                 pool: self.pool_status(&m.name),
                 status,
+                automatic: templates.dir(&m.name).join(AUTOMATIC).is_file(),
                 manifest: m,
             });
         }
         Ok(out)
+    }
+
+    /// Starts `kiln template create --auto --when-idle` for `spec`'s image
+    /// and resources, detached (it outlives this process, in its own
+    /// process group, logging to `templates/auto.log`).
+    pub fn create_template_in_background(&self, spec: &kiln_api::sandbox::SandboxSpec) {
+        let root = self.templates().root().to_path_buf();
+        let spawned = (|| -> std::io::Result<()> {
+            use std::os::unix::process::CommandExt;
+            std::fs::create_dir_all(&root)?;
+            let path = root.join("auto.log");
+            if std::fs::metadata(&path).is_ok_and(|m| m.len() > 1 << 20) {
+                let _ = std::fs::remove_file(&path);
+            }
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            let r = spec.resources;
+            std::process::Command::new(&self.supervisor_exe)
+                .args([
+                    "template",
+                    "create",
+                    "--auto",
+                    "--when-idle",
+                    "--pull",
+                    "never",
+                ])
+                .args(["--cpus", &r.cpus.to_string()])
+                .args(["--memory", &r.memory_mib.to_string()])
+                .args(["--disk", &r.disk_mib.to_string()])
+                .args(["--driver", &spec.driver.to_string()])
+                .arg(&spec.image)
+                .env("KILN_STATE_DIR", &self.dirs().state)
+                .env("KILN_CACHE_DIR", &self.dirs().cache)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::from(log))
+                .process_group(0)
+                .spawn()
+                .map(drop)
+        })();
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start making the template in the background");
+        }
+    }
+
+    fn auto_lock(&self) -> Result<std::fs::File, TemplateOpError> {
+        let root = self.templates().root().to_path_buf();
+        std::fs::create_dir_all(&root).map_err(TemplateOpError::Lock)?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join(AUTO_LOCK))
+            .map_err(TemplateOpError::Lock)?;
+        // Held (the lock lives with the open file) until the caller drops it.
+        match f.try_lock() {
+            Ok(()) => Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) => Err(TemplateOpError::Busy),
+            Err(std::fs::TryLockError::Error(e)) => Err(TemplateOpError::Lock(e)),
+        }
+    }
+
+    /// Evicts automatic templates, least recently used first, until they
+    /// fit the budget together; never `keep`, one in use or one with a
+    /// pool. What it evicted.
+    pub async fn evict_automatic(&self, keep: &str) -> Vec<String> {
+        let templates = self.templates();
+        let Ok(entries) = templates.list() else {
+            return vec![];
+        };
+        let mut auto: Vec<(std::time::SystemTime, String, u64)> = vec![];
+        let mut total = 0u64;
+        for e in entries {
+            let name = e.manifest.name.clone();
+            let dir = templates.dir(&name);
+            if !dir.join(AUTOMATIC).is_file() {
+                continue;
+            }
+            let size = snapshot::disk_usage(&dir);
+            total += size;
+            let busy = e.users.iter().any(|id| self.alive(id)) || self.pool_status(&name).is_some();
+            if name == keep || busy {
+                continue;
+            }
+            // Last used: when a run last registered in (or left) `users/`.
+            let used = std::fs::metadata(dir.join("users"))
+                .and_then(|m| m.modified())
+                .or_else(|_| std::fs::metadata(&dir).and_then(|m| m.modified()))
+                .unwrap_or(std::time::UNIX_EPOCH);
+            auto.push((used, name, size));
+        }
+        auto.sort();
+        let budget = self.config.template_budget_mib.saturating_mul(1 << 20);
+        let mut evicted = vec![];
+        for (_, name, size) in auto {
+            if total <= budget {
+                break;
+            }
+            match self.remove_template(&name).await {
+                Ok(()) => {
+                    tracing::info!(template = %name, "evicted an automatic template (over the budget)");
+                    total = total.saturating_sub(size);
+                    evicted.push(name);
+                }
+                Err(e) => {
+                    tracing::warn!(template = %name, error = %e, "cannot evict an automatic template")
+                }
+            }
+        }
+        evicted
     }
 
     /// Empties the pools of templates that can no longer be used here
