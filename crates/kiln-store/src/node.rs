@@ -154,7 +154,8 @@ pub struct ClusterStatus {
 
 /// One running replica. Dropping it without [`RaftNode::shutdown`] leaves
 /// the Raft task running; tests that simulate a crash call `shutdown`,
-/// which stops Raft and the listener as a killed process would.
+/// which stops Raft and the listener as a killed process would (nothing
+/// is flushed that was not already durable).
 pub struct RaftNode {
     id: ServerId,
     raft: Raft,
@@ -414,11 +415,10 @@ impl RaftNode {
             .map_err(|e| ClusterError::Write(WriteError::Fatal(e)))
     }
 
-    /// Stops Raft and the listener, as a killed process would stop, and
-    /// releases the database so it can be reopened.
-    pub async fn shutdown(self) {
+    /// Stops Raft and the listener, as a killed process would stop. The
+    /// database is released once every handle to this node is dropped.
+    pub async fn shutdown(&self) {
         self.server.abort();
-        let _ = self.server.await;
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(server = self.id, error = %e, "Raft shutdown");
         }

@@ -3,9 +3,13 @@
 //! machine's checkpoint (which is also the current snapshot).
 //!
 //! Invariants:
-//! - Every write that Raft relies on (log append, truncate, purge, vote,
-//!   committed, snapshot) is one redb transaction committed with
-//!   `Durability::Immediate` (fsync) before Raft is told it happened.
+//! - Every write that Raft relies on is durable (fsync) before Raft is told
+//!   it happened: vote, truncate, purge and snapshot are redb transactions
+//!   committed with `Durability::Immediate`; log appends are committed
+//!   without fsync and acknowledged (`LogFlushed`) only after the next
+//!   durable commit, which one flusher thread shares among every append
+//!   queued meanwhile (group commit). The committed index rides along
+//!   with the next durable commit (it is a hint for replay, see below).
 //! - The applied state is durable as *checkpoint + committed log*: applying
 //!   entries only changes memory; a snapshot (built or installed) is written
 //!   as the checkpoint, and opening the database replays the committed log
@@ -255,7 +259,8 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), OpenStoreError
         db: db.clone(),
         data: Arc::new(RwLock::new(applied)),
     };
-    Ok((LogStore { db }, sm))
+    let flusher = Flusher::start(&db).map_err(|e| io(redb::Error::Io(e)))?;
+    Ok((LogStore { db, flusher }, sm))
 }
 
 fn read_err(e: impl Into<redb::Error>) -> StorageError<ServerId> {
@@ -274,12 +279,13 @@ fn encode_err(e: serde_json::Error) -> StorageError<ServerId> {
 /// Runs a durable write transaction off the async threads.
 async fn write_txn<T: Send + 'static>(
     db: &Arc<Database>,
+    durability: Durability,
     f: impl FnOnce(&redb::WriteTransaction) -> Result<T, StorageError<ServerId>> + Send + 'static,
 ) -> StorageResult<T> {
     let db = db.clone();
     tokio::task::spawn_blocking(move || {
         let mut tx = db.begin_write().map_err(write_err)?;
-        tx.set_durability(Durability::Immediate)
+        tx.set_durability(durability)
             .map_err(|e| StorageError::from(StorageIOError::write(&e)))?;
         let out = f(&tx)?;
         tx.commit().map_err(write_err)?;
@@ -309,6 +315,56 @@ fn put_meta(tx: &redb::WriteTransaction, key: &str, value: &impl Serialize) -> S
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    flusher: Flusher,
+}
+
+/// Group commit: a thread that makes non-durable log writes durable with
+/// one fsync for all appends queued while the previous one ran, then
+/// completes their callbacks. It holds the database weakly, so dropping
+/// the stores closes the file.
+#[derive(Clone)]
+struct Flusher {
+    tx: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+impl Flusher {
+    fn start(db: &Arc<Database>) -> std::io::Result<Flusher> {
+        let (tx, rx) = std::sync::mpsc::channel::<LogFlushed<TypeConfig>>();
+        let weak = Arc::downgrade(db);
+        std::thread::Builder::new()
+            .name("kiln-raft-flush".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(rx.try_iter());
+                    let res = match weak.upgrade() {
+                        Some(db) => durable_barrier(&db),
+                        None => Err(std::io::Error::other("the database was closed")),
+                    };
+                    for cb in batch {
+                        cb.log_io_completed(match &res {
+                            Ok(()) => Ok(()),
+                            Err(e) => Err(std::io::Error::other(e.to_string())),
+                        });
+                    }
+                }
+            })?;
+        Ok(Flusher { tx })
+    }
+
+    fn flush(&self, cb: LogFlushed<TypeConfig>) {
+        if let Err(std::sync::mpsc::SendError(cb)) = self.tx.send(cb) {
+            cb.log_io_completed(Err(std::io::Error::other("the log flusher stopped")));
+        }
+    }
+}
+
+/// An empty `Immediate` commit: persists every earlier non-durable one.
+fn durable_barrier(db: &Database) -> std::io::Result<()> {
+    let mut tx = db.begin_write().map_err(std::io::Error::other)?;
+    tx.set_durability(Durability::Immediate)
+        .map_err(std::io::Error::other)?;
+    tx.commit().map_err(std::io::Error::other)
 }
 
 impl Debug for LogStore {
@@ -361,7 +417,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<ServerId>) -> StorageResult<()> {
         let vote = *vote;
-        write_txn(&self.db, move |tx| put_meta(tx, K_VOTE, &vote)).await
+        write_txn(&self.db, Durability::Immediate, move |tx| put_meta(tx, K_VOTE, &vote)).await
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<ServerId>>> {
@@ -369,7 +425,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<ServerId>>) -> StorageResult<()> {
-        write_txn(&self.db, move |tx| put_meta(tx, K_COMMITTED, &committed)).await
+        // Not fsynced on its own: the next durable commit (an append's
+        // flush, a vote) carries it. Losing it in a crash only shortens
+        // the replay on open; Raft re-applies the rest once it knows the
+        // commit index again.
+        write_txn(&self.db, Durability::None, move |tx| {
+            put_meta(tx, K_COMMITTED, &committed)
+        })
+        .await
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<ServerId>>> {
@@ -385,7 +448,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             rows.push((e.log_id.index, serde_json::to_vec(&e).map_err(encode_err)?));
         }
-        let res = write_txn(&self.db, move |tx| {
+        // Written without fsync; the flusher makes it durable (one fsync
+        // for every append queued meanwhile: group commit) and only then
+        // tells Raft, through `callback`, that the entries are on disk.
+        let res = write_txn(&self.db, Durability::None, move |tx| {
             let mut t = tx.open_table(LOG).map_err(write_err)?;
             for (i, bytes) in &rows {
                 t.insert(*i, bytes.as_slice()).map_err(write_err)?;
@@ -395,7 +461,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .await;
         match res {
             Ok(()) => {
-                callback.log_io_completed(Ok(()));
+                self.flusher.flush(callback);
                 Ok(())
             }
             Err(e) => {
@@ -406,7 +472,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<ServerId>) -> StorageResult<()> {
-        write_txn(&self.db, move |tx| {
+        write_txn(&self.db, Durability::Immediate, move |tx| {
             let mut t = tx.open_table(LOG).map_err(write_err)?;
             t.retain_in(log_id.index.., |_, _| false)
                 .map_err(write_err)?;
@@ -416,7 +482,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<ServerId>) -> StorageResult<()> {
-        write_txn(&self.db, move |tx| {
+        write_txn(&self.db, Durability::Immediate, move |tx| {
             put_meta(tx, K_PURGED, &Some(log_id))?;
             let mut t = tx.open_table(LOG).map_err(write_err)?;
             t.retain_in(..=log_id.index, |_, _| false)
@@ -458,7 +524,7 @@ impl StateMachineStore {
         let db = self.db.clone();
         async move {
             let m = serde_json::to_vec(&meta).map_err(encode_err)?;
-            write_txn(&db, move |tx| {
+            write_txn(&db, Durability::Immediate, move |tx| {
                 let mut t = tx.open_table(SNAPSHOT).map_err(write_err)?;
                 t.insert(K_SNAP_META, m.as_slice()).map_err(write_err)?;
                 t.insert(K_SNAP_DATA, data.as_slice()).map_err(write_err)?;
