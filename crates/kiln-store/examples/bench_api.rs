@@ -9,7 +9,8 @@ async fn main() -> anyhow::Result<()> {
     let concurrency: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(64);
     for replicas in [1, 3] {
         let dir = tempfile::tempdir()?;
-        let r = kiln_store::bench::bench_creates(replicas, creates, concurrency, dir.path()).await?;
+        let r =
+            kiln_store::bench::bench_creates(replicas, creates, concurrency, dir.path()).await?;
         println!("{r}");
     }
     Ok(())

@@ -32,7 +32,10 @@ pub async fn start_local_cluster(
         tweak(&mut cfg);
         nodes.push(Arc::new(RaftNode::start(cfg).await?));
     }
-    let members = nodes.iter().map(|n| (n.id(), n.node())).collect::<BTreeMap<_, _>>();
+    let members = nodes
+        .iter()
+        .map(|n| (n.id(), n.node()))
+        .collect::<BTreeMap<_, _>>();
     nodes[0].initialize(members).await?;
     wait_for_leader(&nodes, Duration::from_secs(10)).await?;
     Ok(nodes)
@@ -121,7 +124,8 @@ pub async fn bench_creates(
         .find(|n| n.id() == leader_id)
         .cloned()
         .ok_or(LocalClusterError::NoLeader(Duration::ZERO))?;
-    let tenant = TenantName::new("bench").map_err(|_| LocalClusterError::NoLeader(Duration::ZERO))?;
+    let tenant =
+        TenantName::new("bench").map_err(|_| LocalClusterError::NoLeader(Duration::ZERO))?;
     let r = leader
         .write(Command::CreateTenant {
             name: tenant.clone(),

@@ -47,6 +47,8 @@ use crate::{Raft, ServerId, ServerNode, TypeConfig};
 
 /// Largest Raft RPC body accepted or sent.
 pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;
+/// The shortest time an RPC is given to answer.
+pub const MIN_RPC_TTL: Duration = Duration::from_millis(500);
 /// Header naming the sending server (used by [`Faults`]).
 const FROM_HEADER: &str = "x-kiln-raft-from";
 
@@ -172,7 +174,10 @@ impl PeerClient {
             .header(FROM_HEADER, self.net.from.to_string())
             .body(Full::new(Bytes::from(body)))
             .map_err(SendError::Uri)?;
-        let ttl = option.hard_ttl();
+        // openraft derives the TTL from the heartbeat interval; on a loaded
+        // host that aborts appends that would have succeeded, so never
+        // wait less than MIN_RPC_TTL.
+        let ttl = option.hard_ttl().max(MIN_RPC_TTL);
         let fut =
             async {
                 let resp = self.net.client.request(request).await.map_err(|source| {

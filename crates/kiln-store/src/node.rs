@@ -194,7 +194,7 @@ impl RaftNode {
             election_timeout_max: cfg.election_timeout_ms.1,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
             max_in_snapshot_log_to_keep: cfg.keep_behind_snapshot,
-            purge_batch_size: 256,
+            purge_batch_size: 1,
             ..Default::default()
         }
         .validate()
@@ -288,11 +288,23 @@ impl RaftNode {
 
     /// Proposes a command and waits until it is committed and applied here.
     pub async fn write(&self, cmd: Command) -> Result<Response, WriteError> {
+        self.write_indexed(cmd).await.map(|(r, _)| r)
+    }
+
+    /// As [`RaftNode::write`], also returning the log index the command
+    /// was committed at (another replica has it once it applied that).
+    pub async fn write_indexed(&self, cmd: Command) -> Result<(Response, u64), WriteError> {
         self.raft
             .client_write(cmd)
             .await
-            .map(|r| r.data)
+            .map(|r| (r.data, r.log_id.index))
             .map_err(write_error)
+    }
+
+    /// The index this replica's state machine has applied (exact; the
+    /// metrics in [`RaftNode::status`] may trail it briefly).
+    pub fn applied_index(&self) -> Option<u64> {
+        self.sm.read(|a| a.last_applied.map(|l| l.index))
     }
 
     /// A linearizable read: confirms leadership with a quorum, waits until

@@ -417,7 +417,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<ServerId>) -> StorageResult<()> {
         let vote = *vote;
-        write_txn(&self.db, Durability::Immediate, move |tx| put_meta(tx, K_VOTE, &vote)).await
+        write_txn(&self.db, Durability::Immediate, move |tx| {
+            put_meta(tx, K_VOTE, &vote)
+        })
+        .await
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<ServerId>>> {
