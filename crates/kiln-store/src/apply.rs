@@ -35,6 +35,19 @@ const MAX_ERROR_TEXT: usize = 4096;
 
 /// Applies one command. See the module documentation.
 pub fn apply(state: &mut State, cmd: &Command, meta: ApplyMeta) -> Response {
+    if let Command::Batch { commands } = cmd {
+        let responses = commands
+            .iter()
+            .map(|c| match c {
+                Command::Batch { .. } => Response::Rejected(Rejection::invalid(
+                    "batch",
+                    "a batch cannot contain a batch",
+                )),
+                c => apply(state, c, meta),
+            })
+            .collect();
+        return Response::Batch { responses };
+    }
     match apply_inner(state, cmd, meta) {
         Ok(r) => r,
         Err(rej) => Response::Rejected(rej),
@@ -760,6 +773,7 @@ fn apply_inner(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             );
             Ok(Response::Done)
         }
+        Command::Batch { .. } => Err(Rejection::invalid("batch", "handled by apply")),
         Command::AdvanceMigration { id, phase } => {
             let m = st
                 .migrations

@@ -239,6 +239,14 @@ pub enum Command {
         id: SandboxId,
         phase: MigrationPhase,
     },
+
+    // --- transport ---
+    /// Several independent commands in one log entry (group proposal by
+    /// `RaftNode::write`): each is applied in order exactly as if alone,
+    /// and answered in [`Response::Batch`]. A batch never nests.
+    Batch {
+        commands: Vec<Command>,
+    },
 }
 
 impl Command {
@@ -277,6 +285,7 @@ impl Command {
             Command::DeleteGroup { .. } => "delete_group",
             Command::StartMigration { .. } => "start_migration",
             Command::AdvanceMigration { .. } => "advance_migration",
+            Command::Batch { .. } => "batch",
         }
     }
 }
@@ -306,6 +315,10 @@ pub enum Response {
         unassigned: Vec<SandboxId>,
     },
     Rejected(Rejection),
+    /// One response per command of a [`Command::Batch`], in order.
+    Batch {
+        responses: Vec<Response>,
+    },
 }
 
 impl Response {

@@ -20,6 +20,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::network::{Faults, HttpNetwork, raft_router};
@@ -91,7 +92,7 @@ pub struct LeaderInfo {
     pub node: Option<ServerNode>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
     /// This server is not the leader; `leader` is `None` during an election.
     #[error("not the leader; {}", match .leader { Some(l) => format!("server {} leads ({})", l.id, l.node.as_ref().map(|n| n.to_string()).unwrap_or_default()), None => "no leader is known".into() })]
@@ -100,6 +101,10 @@ pub enum WriteError {
     Fatal(#[source] openraft::error::Fatal<ServerId>),
     #[error("the change was refused")]
     Membership(#[source] openraft::error::ChangeMembershipError<ServerId>),
+    #[error("the proposer stopped (the replica is shutting down)")]
+    Stopped,
+    #[error("the state machine answered a batch with {got} responses for {sent} commands")]
+    BatchMismatch { sent: usize, got: usize },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +169,86 @@ pub struct RaftNode {
     node: ServerNode,
     local_addr: SocketAddr,
     server: JoinHandle<()>,
+    proposer: mpsc::Sender<Proposal>,
+}
+
+type Proposal = (
+    Command,
+    oneshot::Sender<Result<(Response, u64), WriteError>>,
+);
+
+/// Most commands in one group proposal, and most proposals in flight.
+const MAX_BATCH: usize = 512;
+const MAX_IN_FLIGHT: usize = 1;
+
+/// Group proposals: writes queued while earlier ones are in flight go to
+/// Raft as one `Command::Batch` entry, so one log append, one fsync and
+/// one replication round serve them all. A lone write is proposed at once
+/// (no timer). `MAX_IN_FLIGHT` is 1: measured here, more proposals in
+/// flight only made smaller batches that queue behind the same fsync
+/// (8 writers: 268 creates/s with 4 in flight, 1,566 with 1).
+async fn run_proposer(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            propose(&raft, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn propose(raft: &Raft, mut batch: Vec<Proposal>) {
+    if batch.len() == 1 {
+        let (cmd, tx) = batch.pop().expect("one proposal");
+        let r = raft
+            .client_write(cmd)
+            .await
+            .map(|r| (r.data, r.log_id.index))
+            .map_err(write_error);
+        let _ = tx.send(r);
+        return;
+    }
+    let (commands, waiters): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+    let sent = commands.len();
+    let r = raft
+        .client_write(Command::Batch { commands })
+        .await
+        .map_err(write_error);
+    match r {
+        Ok(w) => match w.data {
+            Response::Batch { responses } if responses.len() == sent => {
+                for (tx, resp) in waiters.into_iter().zip(responses) {
+                    let _ = tx.send(Ok((resp, w.log_id.index)));
+                }
+            }
+            other => {
+                let got = match other {
+                    Response::Batch { responses } => responses.len(),
+                    _ => 1,
+                };
+                for tx in waiters {
+                    let _ = tx.send(Err(WriteError::BatchMismatch { sent, got }));
+                }
+            }
+        },
+        Err(e) => {
+            for tx in waiters {
+                let _ = tx.send(Err(e.clone()));
+            }
+        }
+    }
 }
 
 impl RaftNode {
@@ -216,6 +301,8 @@ impl RaftNode {
                 tracing::error!(server = id, error = %e, "Raft listener failed");
             }
         });
+        let (ptx, prx) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(run_proposer(raft.clone(), prx));
         tracing::info!(server = id, %local_addr, "Raft replica started");
         Ok(RaftNode {
             id,
@@ -228,6 +315,7 @@ impl RaftNode {
             },
             local_addr,
             server,
+            proposer: ptx,
         })
     }
 
@@ -293,12 +381,25 @@ impl RaftNode {
 
     /// As [`RaftNode::write`], also returning the log index the command
     /// was committed at (another replica has it once it applied that).
+    /// Concurrent writes are grouped into one log entry (see
+    /// `run_proposer`); each still gets its own response.
     pub async fn write_indexed(&self, cmd: Command) -> Result<(Response, u64), WriteError> {
-        self.raft
-            .client_write(cmd)
+        if matches!(cmd, Command::Batch { .. }) {
+            // Callers batch through concurrency, not by hand.
+            return Ok((
+                Response::Rejected(crate::Rejection::Invalid {
+                    field: "command".into(),
+                    message: "batches are formed by the proposer".into(),
+                }),
+                0,
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.proposer
+            .send((cmd, tx))
             .await
-            .map(|r| (r.data, r.log_id.index))
-            .map_err(write_error)
+            .map_err(|_| WriteError::Stopped)?;
+        rx.await.map_err(|_| WriteError::Stopped)?
     }
 
     /// The index this replica's state machine has applied (exact; the

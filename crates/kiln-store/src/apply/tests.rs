@@ -757,3 +757,54 @@ fn random_command_mix_is_deterministic_and_keeps_indexes_consistent() {
         );
     }
 }
+
+#[test]
+fn a_batch_applies_each_command_as_if_alone_and_never_nests() {
+    let mut sm = Sm::new();
+    let r = sm.step(Command::Batch {
+        commands: vec![
+            tenant(
+                "acme",
+                Quotas {
+                    sandboxes: 1,
+                    cpus: 8,
+                    memory_mib: 4096,
+                },
+            ),
+            create(1, "acme", spec(1, 256), Some("k"), None),
+            create(2, "acme", spec(1, 256), Some("k"), None),
+            create(3, "acme", spec(1, 256), None, None),
+            Command::Batch { commands: vec![] },
+        ],
+    });
+    let Response::Batch { responses } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(responses.len(), 5);
+    assert_eq!(responses[0], Response::Done);
+    assert_eq!(
+        responses[1],
+        Response::SandboxCreated {
+            id: sid(1),
+            created: true,
+            generation: 1
+        }
+    );
+    assert_eq!(
+        responses[2],
+        Response::SandboxCreated {
+            id: sid(1),
+            created: false,
+            generation: 1
+        }
+    );
+    assert!(matches!(
+        responses[3],
+        Response::Rejected(Rejection::QuotaExceeded { .. })
+    ));
+    assert!(matches!(
+        responses[4],
+        Response::Rejected(Rejection::Invalid { .. })
+    ));
+    assert_eq!(sm.st.sandboxes.len(), 1);
+}
