@@ -535,3 +535,53 @@ async fn new_server_joins_from_a_snapshot_after_compaction() -> anyhow::Result<(
     }
     Ok(())
 }
+
+/// Hostile bytes on the Raft port: malformed bodies, a missing sender,
+/// the wrong method. Each gets a 4xx and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_port_refuses_malformed_rpcs() -> anyhow::Result<()> {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let nodes = start_local_cluster(1, dir.path(), tweak).await?;
+    let addr = nodes[0].local_addr();
+    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let send = |path: &str, from: Option<&str>, body: &'static [u8]| {
+        let mut req = axum::http::Request::post(format!("http://{addr}{path}"));
+        if let Some(f) = from {
+            req = req.header("x-kiln-raft-from", f);
+        }
+        let req = req
+            .body(Full::new(bytes::Bytes::from_static(body)))
+            .expect("request");
+        client.request(req)
+    };
+    for (path, from, body) in [
+        ("/raft/append", Some("2"), &b"{not json"[..]),
+        ("/raft/vote", Some("2"), &b"{\"vote\":7}"[..]),
+        ("/raft/snapshot", Some("2"), &b"[]"[..]),
+        ("/raft/append", None, &b"{}"[..]),
+        ("/raft/append", Some("two"), &b"{}"[..]),
+    ] {
+        let resp = send(path, from, body).await?;
+        let status = resp.status();
+        let text = resp.into_body().collect().await?.to_bytes();
+        assert!(
+            status.is_client_error(),
+            "{path} {from:?}: {status} {text:?}"
+        );
+    }
+    let resp = client
+        .request(
+            axum::http::Request::get(format!("http://{addr}/raft/append"))
+                .body(Full::new(bytes::Bytes::new()))?,
+        )
+        .await?;
+    assert!(resp.status().is_client_error());
+    // Still serving: a write commits.
+    nodes[0].write(create_tenant()).await?;
+    nodes[0].shutdown().await;
+    Ok(())
+}
