@@ -284,3 +284,26 @@ pub fn hash_token(secret: &str) -> String {
 pub fn tenant_usage(st: &State, tenant: &TenantName) -> Usage {
     st.idx.usage.get(tenant).copied().unwrap_or_default()
 }
+
+/// Snapshots a tenant may see (its own), by name.
+pub fn list_snapshots<'a>(
+    st: &'a State,
+    tenant: &TenantName,
+) -> impl Iterator<Item = &'a crate::state::SnapshotRecord> {
+    let prefix = format!("{tenant}/");
+    st.snapshots
+        .range(prefix.clone()..)
+        .take_while(move |(k, _)| k.starts_with(&prefix))
+        .map(|(_, v)| v)
+}
+
+/// Templates a tenant may use: its own and the shared ones (`None`: an
+/// admin sees all).
+pub fn list_templates<'a>(
+    st: &'a State,
+    tenant: Option<&'a TenantName>,
+) -> impl Iterator<Item = &'a crate::state::TemplateRecord> {
+    st.templates
+        .values()
+        .filter(move |t| tenant.is_none() || t.tenant.is_none() || t.tenant.as_ref() == tenant)
+}

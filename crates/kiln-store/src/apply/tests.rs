@@ -808,3 +808,66 @@ fn a_batch_applies_each_command_as_if_alone_and_never_nests() {
     ));
     assert_eq!(sm.st.sandboxes.len(), 1);
 }
+
+#[test]
+fn tenants_see_only_their_snapshots_and_their_or_shared_templates() {
+    let mut sm = Sm::new();
+    sm.ok(tenant("a", Quotas::default()));
+    sm.ok(tenant("ab", Quotas::default()));
+    sm.ok(create(1, "a", spec(1, 256), None, None));
+    sm.ok(create(2, "ab", spec(1, 256), None, None));
+    sm.ok(Command::PutSnapshot {
+        tenant: t("a"),
+        name: "s1".into(),
+        source: sid(1),
+        now_ms: 1,
+    });
+    sm.ok(Command::PutSnapshot {
+        tenant: t("ab"),
+        name: "s1".into(),
+        source: sid(2),
+        now_ms: 1,
+    });
+    let names: Vec<_> = query::list_snapshots(&sm.st, &t("a"))
+        .map(|s| s.tenant.clone())
+        .collect();
+    assert_eq!(names, vec![t("a")]);
+    let r = spec(1, 256).resources;
+    for (owner, name) in [
+        (None, "shared"),
+        (Some(t("a")), "mine"),
+        (Some(t("ab")), "theirs"),
+    ] {
+        sm.ok(Command::PutTemplate {
+            tenant: owner,
+            name: name.into(),
+            image: "busybox".into(),
+            resources: r,
+            auto: false,
+            now_ms: 1,
+        });
+    }
+    let ta = t("a");
+    let mut seen: Vec<_> = query::list_templates(&sm.st, Some(&ta))
+        .map(|t| t.name.clone())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, vec!["mine".to_string(), "shared".to_string()]);
+    assert_eq!(query::list_templates(&sm.st, None).count(), 3);
+    // Same name, different tenants: no collision; deleting one leaves the other.
+    sm.ok(Command::DeleteSnapshot {
+        tenant: t("a"),
+        name: "s1".into(),
+    });
+    assert_eq!(query::list_snapshots(&sm.st, &t("ab")).count(), 1);
+    assert!(matches!(
+        sm.rejected(Command::DeleteSnapshot {
+            tenant: t("a"),
+            name: "s1".into()
+        }),
+        Rejection::NotFound {
+            kind: ObjectKind::Snapshot,
+            ..
+        }
+    ));
+}
