@@ -402,6 +402,13 @@ impl RaftNode {
         rx.await.map_err(|_| WriteError::Stopped)?
     }
 
+    /// Wakes whenever this replica applies entries (or installs a
+    /// snapshot); the value is the last applied index. The node watch and
+    /// `wait`-style API calls use it with [`RaftNode::read_local`].
+    pub fn subscribe_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.sm.subscribe()
+    }
+
     /// The index this replica's state machine has applied (exact; the
     /// metrics in [`RaftNode::status`] may trail it briefly).
     pub fn applied_index(&self) -> Option<u64> {

@@ -257,6 +257,9 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore), OpenStoreError
     drop((snap, meta, rtx));
     let sm = StateMachineStore {
         db: db.clone(),
+        applied_tx: Arc::new(tokio::sync::watch::Sender::new(
+            applied.last_applied.map_or(0, |l| l.index),
+        )),
         data: Arc::new(RwLock::new(applied)),
     };
     let flusher = Flusher::start(&db).map_err(|e| io(redb::Error::Io(e)))?;
@@ -503,6 +506,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 pub struct StateMachineStore {
     db: Arc<Database>,
     data: Arc<RwLock<Applied>>,
+    /// The last applied log index, for watchers (the node watch wakes on
+    /// it instead of polling).
+    applied_tx: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Debug for StateMachineStore {
@@ -517,6 +523,12 @@ impl StateMachineStore {
     pub fn read<T>(&self, f: impl FnOnce(&Applied) -> T) -> T {
         let guard = self.data.read().unwrap_or_else(|p| p.into_inner());
         f(&guard)
+    }
+
+    /// A receiver that changes whenever entries are applied or a snapshot
+    /// is installed; its value is the last applied log index.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied_tx.subscribe()
     }
 
     fn write_checkpoint(
@@ -582,7 +594,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let mut guard = self.data.write().unwrap_or_else(|p| p.into_inner());
-        Ok(entries.into_iter().map(|e| guard.apply_entry(&e)).collect())
+        let out: Vec<Response> = entries.into_iter().map(|e| guard.apply_entry(&e)).collect();
+        let index = guard.last_applied.map_or(0, |l| l.index);
+        drop(guard);
+        self.applied_tx.send_replace(index);
+        Ok(out)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -606,7 +622,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         applied.last_applied = meta.last_log_id;
         applied.last_membership = meta.last_membership.clone();
         self.write_checkpoint(meta.clone(), data).await?;
+        let index = applied.last_applied.map_or(0, |l| l.index);
         *self.data.write().unwrap_or_else(|p| p.into_inner()) = applied;
+        self.applied_tx.send_replace(index);
         tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
         Ok(())
     }

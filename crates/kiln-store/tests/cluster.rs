@@ -276,6 +276,29 @@ async fn leader_kills_under_a_retrying_client_lose_and_duplicate_nothing() -> an
     // A killed server's database is released with its last handle.
     drop(follower);
 
+    tracing::info!("phase: a follower's applied-index watch wakes on a commit");
+    {
+        let follower = live
+            .any()
+            .into_iter()
+            .find(|n| n.id() != leader)
+            .context("follower")?;
+        let mut rx = follower.subscribe_applied();
+        let before = *rx.borrow_and_update();
+        let (_, index) = live
+            .get(leader)
+            .context("leader")?
+            .write_indexed(create("watched"))
+            .await?;
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|&i| i >= index)).await??;
+        assert!(index > before);
+        assert!(follower.read_local(|s| {
+            s.sandboxes
+                .values()
+                .any(|r| r.idempotency_key.as_deref() == Some("watched"))
+        }));
+    }
+
     tracing::info!("phase: client loop writes creates while the leader is killed twice");
     const CREATES: usize = 150;
     let acked: Arc<Mutex<BTreeMap<String, SandboxId>>> = Arc::default();
@@ -337,8 +360,8 @@ async fn leader_kills_under_a_retrying_client_lose_and_duplicate_nothing() -> an
         n.read_local(|s| {
             assert_eq!(
                 s.sandboxes.len(),
-                CREATES,
-                "server {}: no duplicates, none lost",
+                CREATES + 1,
+                "server {}: the client's creates and \"watched\", no duplicates, none lost",
                 n.id()
             );
             for (key, id) in &acked {
@@ -353,7 +376,7 @@ async fn leader_kills_under_a_retrying_client_lose_and_duplicate_nothing() -> an
                 .values()
                 .filter_map(|r| r.idempotency_key.clone())
                 .collect();
-            assert_eq!(keys.len(), CREATES);
+            assert_eq!(keys.len(), CREATES + 1);
         });
     }
     let reference = state_bytes(live.get(leader).context("leader")?.as_ref());
