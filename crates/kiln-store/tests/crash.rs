@@ -115,6 +115,7 @@ async fn acknowledged_writes_survive_kill_9() -> anyhow::Result<()> {
         }
     }
 
+    eprintln!("{} creates acknowledged before SIGKILL", acked.len());
     let node = Arc::new(RaftNode::start(cfg(dir.path().to_str().context("utf-8")?, port)).await?);
     wait_for_leader(std::slice::from_ref(&node), Duration::from_secs(10)).await?;
     // Leadership commits a blank entry, so everything in the log is applied.
