@@ -1,4 +1,5 @@
-//! Kiln's public types: sandbox and image identifiers, and the host/guest
+//! Kiln's public types: sandbox and image identifiers, control-plane types
+//! (`cluster`: nodes, tenants, roles, desired state), and the host/guest
 //! agent protocol (`proto`) spoken between Kiln on the host and `kiln-init`
 //! in the guest.
 //!
@@ -7,5 +8,6 @@
 //! bad bytes give an error, never a panic.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod proto;
 pub mod sandbox;

@@ -1,0 +1,169 @@
+//! Public types of the control plane: worker nodes, tenants, API tokens and
+//! the desired state of a sandbox. They appear in REST bodies, in the Raft
+//! state machine (`kiln-store`) and in the node protocol, so they carry no
+//! host-local detail.
+//!
+//! Invariants:
+//! - Every name ([`NodeName`], [`TenantName`]) is checked when parsed
+//!   (`try_from` on deserialize): a value of these types is always valid.
+//! - Tokens are never represented here in the clear beyond the moment they
+//!   are minted: the replicated state holds their SHA-256 only.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A worker node's name (`kiln node --name`, default the host name):
+/// 1-63 characters of `[a-z0-9-]`, not starting or ending with `-`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NodeName(String);
+
+/// A tenant's name: same rules as [`NodeName`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TenantName(String);
+
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A name that is not a DNS label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {value:?} must be 1-63 characters of a-z 0-9 -, not starting or ending with -")]
+pub struct NameError {
+    pub kind: &'static str,
+    pub value: String,
+}
+
+macro_rules! label_name {
+    ($t:ident, $kind:literal) => {
+        impl $t {
+            pub fn new(s: impl Into<String>) -> Result<$t, NameError> {
+                let s = s.into();
+                if dns_label(&s) {
+                    Ok($t(s))
+                } else {
+                    Err(NameError {
+                        kind: $kind,
+                        value: s.chars().take(64).filter(|c| !c.is_control()).collect(),
+                    })
+                }
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl TryFrom<String> for $t {
+            type Error = NameError;
+            fn try_from(s: String) -> Result<$t, NameError> {
+                $t::new(s)
+            }
+        }
+        impl From<$t> for String {
+            fn from(n: $t) -> String {
+                n.0
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+label_name!(NodeName, "node name");
+label_name!(TenantName, "tenant name");
+
+/// Which VMM a node runs its sandboxes with (reported, never guessed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriverKind {
+    Firecracker,
+    QemuKvm,
+    QemuTcg,
+}
+
+/// What a node offers to sandboxes, or what is allocated of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+}
+
+/// A node's health as the control plane sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    /// Heartbeating; takes new sandboxes unless cordoned.
+    Ready,
+    /// Missed heartbeats past the grace period; its sandboxes are lost.
+    Unreachable,
+    /// Cordoned and being emptied (migration or stop of its sandboxes).
+    Draining,
+}
+
+/// Limits on what one tenant may hold at once. Counted over sandboxes that
+/// are neither deleted nor finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quotas {
+    pub sandboxes: u32,
+    pub cpus: u32,
+    pub memory_mib: u64,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            sandboxes: 100,
+            cpus: 64,
+            memory_mib: 64 * 1024,
+        }
+    }
+}
+
+/// What a bearer token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Nodes, cluster membership, tenants and tokens; every tenant's objects.
+    Admin,
+    /// Only its own tenant's sandboxes, snapshots and templates.
+    Tenant,
+}
+
+/// What a client wants a sandbox to be; the node converges to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DesiredState {
+    Running,
+    Paused,
+    Stopped,
+    /// Remove everything; the record goes once the node confirms.
+    Deleted,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_when_parsed() {
+        assert!(NodeName::new("host-1").is_ok());
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"x".repeat(64)] {
+            assert!(NodeName::new(bad).is_err(), "{bad:?}");
+            let j = serde_json::to_string(bad).expect("json");
+            assert!(serde_json::from_str::<TenantName>(&j).is_err(), "{bad:?}");
+        }
+        let t: TenantName = serde_json::from_str("\"acme\"").expect("valid");
+        assert_eq!(t.as_str(), "acme");
+    }
+}

@@ -1,0 +1,191 @@
+//! Templates, warm pools and snapshots, and which nodes hold them.
+
+use super::checks::*;
+use super::*;
+
+pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
+    let _ = meta;
+    match cmd {
+        Command::PutTemplate {
+            tenant,
+            name,
+            image,
+            resources,
+            auto,
+            now_ms,
+        } => {
+            check_name("name", name)?;
+            check_resources(image, resources)?;
+            if let Some(t) = tenant {
+                tenant_rec(st, t)?;
+            }
+            let key = scoped(tenant.as_ref(), name);
+            if let Some(t) = st.templates.get(&key) {
+                if t.image == *image && t.resources == *resources {
+                    return Ok(Response::Done);
+                }
+                return Err(Rejection::exists(ObjectKind::Template, name));
+            }
+            st.templates.insert(
+                key,
+                TemplateRecord {
+                    tenant: tenant.clone(),
+                    name: name.clone(),
+                    image: image.clone(),
+                    resources: *resources,
+                    auto: *auto,
+                    created_at_ms: *now_ms,
+                    nodes: Default::default(),
+                },
+            );
+            Ok(Response::Done)
+        }
+        Command::ReportTemplate {
+            node,
+            tenant,
+            name,
+            ready,
+            size_bytes,
+        } => {
+            node_rec(st, node)?;
+            let t = st
+                .templates
+                .get_mut(&scoped(tenant.as_ref(), name))
+                .ok_or_else(|| Rejection::not_found(ObjectKind::Template, name))?;
+            if *ready {
+                t.nodes.insert(
+                    node.clone(),
+                    ArtifactOnNode {
+                        ready: true,
+                        size_bytes: *size_bytes,
+                    },
+                );
+            } else {
+                t.nodes.remove(node);
+            }
+            Ok(Response::Done)
+        }
+        Command::DeleteTemplate { tenant, name } => {
+            let key = scoped(tenant.as_ref(), name);
+            if st.templates.remove(&key).is_none() {
+                return Err(Rejection::not_found(ObjectKind::Template, name));
+            }
+            st.pools.remove(&key);
+            Ok(Response::Done)
+        }
+        Command::SetPool {
+            tenant,
+            template,
+            node,
+            target,
+        } => {
+            if *target > MAX_POOL_TARGET {
+                return Err(Rejection::invalid(
+                    "target",
+                    format!("at most {MAX_POOL_TARGET} members per node"),
+                ));
+            }
+            node_rec(st, node)?;
+            let key = scoped(tenant.as_ref(), template);
+            if !st.templates.contains_key(&key) {
+                return Err(Rejection::not_found(ObjectKind::Template, template));
+            }
+            let pool = st.pools.entry(key.clone()).or_insert_with(|| PoolRecord {
+                tenant: tenant.clone(),
+                template: template.clone(),
+                nodes: Default::default(),
+            });
+            if *target == 0 {
+                pool.nodes.remove(node);
+            } else {
+                pool.nodes
+                    .entry(node.clone())
+                    .or_insert(PoolOnNode {
+                        target: 0,
+                        ready: 0,
+                    })
+                    .target = *target;
+            }
+            if pool.nodes.is_empty() {
+                st.pools.remove(&key);
+            }
+            Ok(Response::Done)
+        }
+        Command::ReportPool {
+            node,
+            tenant,
+            template,
+            ready,
+        } => {
+            let slot = st
+                .pools
+                .get_mut(&scoped(tenant.as_ref(), template))
+                .and_then(|p| p.nodes.get_mut(node))
+                .ok_or_else(|| {
+                    Rejection::not_found(ObjectKind::Pool, format!("{template} on {node}"))
+                })?;
+            slot.ready = *ready;
+            Ok(Response::Done)
+        }
+        Command::PutSnapshot {
+            tenant,
+            name,
+            source,
+            now_ms,
+        } => {
+            check_name("name", name)?;
+            tenant_rec(st, tenant)?;
+            let src = visible_sandbox(st, Some(tenant), source)?;
+            let (image, resources) = (src.spec.image.clone(), src.spec.resources);
+            let key = scoped(Some(tenant), name);
+            if st.snapshots.contains_key(&key) {
+                return Err(Rejection::exists(ObjectKind::Snapshot, name));
+            }
+            st.snapshots.insert(
+                key,
+                SnapshotRecord {
+                    tenant: tenant.clone(),
+                    name: name.clone(),
+                    source: Some(source.clone()),
+                    image,
+                    resources,
+                    created_at_ms: *now_ms,
+                    holders: Default::default(),
+                },
+            );
+            Ok(Response::Done)
+        }
+        Command::ReportSnapshot {
+            node,
+            tenant,
+            name,
+            held,
+            size_bytes,
+        } => {
+            node_rec(st, node)?;
+            let s = st
+                .snapshots
+                .get_mut(&scoped(Some(tenant), name))
+                .ok_or_else(|| Rejection::not_found(ObjectKind::Snapshot, name))?;
+            if *held {
+                s.holders.insert(
+                    node.clone(),
+                    ArtifactOnNode {
+                        ready: true,
+                        size_bytes: *size_bytes,
+                    },
+                );
+            } else {
+                s.holders.remove(node);
+            }
+            Ok(Response::Done)
+        }
+        Command::DeleteSnapshot { tenant, name } => {
+            if st.snapshots.remove(&scoped(Some(tenant), name)).is_none() {
+                return Err(Rejection::not_found(ObjectKind::Snapshot, name));
+            }
+            Ok(Response::Done)
+        }
+        _ => Err(Rejection::invalid("command", "routed to the wrong handler")),
+    }
+}

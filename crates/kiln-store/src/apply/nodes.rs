@@ -1,0 +1,190 @@
+//! Worker nodes: registration, heartbeats, cordons, drains, expiry.
+
+use super::checks::*;
+use super::*;
+
+pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
+    let _ = meta;
+    match cmd {
+        Command::RegisterNode {
+            name,
+            address,
+            capacity,
+            driver,
+            labels,
+            images,
+            now_ms,
+        } => {
+            check_text("address", address, 256)?;
+            if capacity.cpus == 0 || capacity.memory_mib == 0 {
+                return Err(Rejection::invalid(
+                    "capacity",
+                    "a node must offer at least one CPU and some memory",
+                ));
+            }
+            check_labels(labels)?;
+            if images.len() > 4096 {
+                return Err(Rejection::invalid("images", "at most 4096 cached images"));
+            }
+            for i in images {
+                check_text("images", i, 4096)?;
+            }
+            let rec = st.nodes.entry(name.clone()).or_insert_with(|| NodeRecord {
+                name: name.clone(),
+                address: String::new(),
+                capacity: *capacity,
+                driver: *driver,
+                labels: Default::default(),
+                images: Default::default(),
+                cordoned: false,
+                status: NodeStatus::Ready,
+                registered_at_ms: *now_ms,
+                last_heartbeat_ms: *now_ms,
+            });
+            rec.address = address.clone();
+            rec.capacity = *capacity;
+            rec.driver = *driver;
+            rec.labels = labels.clone();
+            rec.images = images.clone();
+            rec.last_heartbeat_ms = rec.last_heartbeat_ms.max(*now_ms);
+            if rec.status == NodeStatus::Unreachable {
+                rec.status = if rec.cordoned {
+                    NodeStatus::Draining
+                } else {
+                    NodeStatus::Ready
+                };
+            }
+            Ok(Response::Done)
+        }
+        Command::Heartbeat {
+            name,
+            now_ms,
+            images,
+        } => {
+            if let Some(images) = images {
+                if images.len() > 4096 {
+                    return Err(Rejection::invalid("images", "at most 4096 cached images"));
+                }
+                for i in images {
+                    check_text("images", i, 4096)?;
+                }
+            }
+            let rec = node_mut(st, name)?;
+            rec.last_heartbeat_ms = rec.last_heartbeat_ms.max(*now_ms);
+            if rec.status == NodeStatus::Unreachable {
+                rec.status = if rec.cordoned {
+                    NodeStatus::Draining
+                } else {
+                    NodeStatus::Ready
+                };
+            }
+            if let Some(images) = images {
+                rec.images = images.clone();
+            }
+            Ok(Response::Done)
+        }
+        Command::CordonNode { name, cordoned } => {
+            let rec = node_mut(st, name)?;
+            rec.cordoned = *cordoned;
+            if !cordoned && rec.status == NodeStatus::Draining {
+                rec.status = NodeStatus::Ready;
+            }
+            Ok(Response::Done)
+        }
+        Command::DrainNode { name } => {
+            let rec = node_mut(st, name)?;
+            rec.cordoned = true;
+            if rec.status == NodeStatus::Ready {
+                rec.status = NodeStatus::Draining;
+            }
+            Ok(Response::Done)
+        }
+        Command::ExpireNodes { now_ms, grace_ms } => Ok(expire_nodes(st, *now_ms, *grace_ms, meta)),
+        Command::RemoveNode { name } => {
+            if !st.nodes.contains_key(name) {
+                return Err(Rejection::not_found(ObjectKind::Node, name));
+            }
+            if let Some(ids) = st.idx.by_node.get(name)
+                && let Some(first) = ids.iter().next()
+            {
+                return Err(Rejection::conflict(format!(
+                    "node {name} still has {} sandbox(es) assigned, e.g. {first}",
+                    ids.len()
+                )));
+            }
+            st.nodes.remove(name);
+            for t in st.templates.values_mut() {
+                t.nodes.remove(name);
+            }
+            for p in st.pools.values_mut() {
+                p.nodes.remove(name);
+            }
+            st.pools.retain(|_, p| !p.nodes.is_empty());
+            for s in st.snapshots.values_mut() {
+                s.holders.remove(name);
+            }
+            Ok(Response::Done)
+        }
+        _ => Err(Rejection::invalid("command", "routed to the wrong handler")),
+    }
+}
+
+fn expire_nodes(st: &mut State, now_ms: u64, grace_ms: u64, meta: ApplyMeta) -> Response {
+    let expired: Vec<NodeName> = st
+        .nodes
+        .values()
+        .filter(|n| {
+            n.status != NodeStatus::Unreachable
+                && n.last_heartbeat_ms.saturating_add(grace_ms) < now_ms
+        })
+        .map(|n| n.name.clone())
+        .collect();
+    let (mut lost, mut unassigned) = (Vec::new(), Vec::new());
+    for name in &expired {
+        if let Some(n) = st.nodes.get_mut(name) {
+            n.status = NodeStatus::Unreachable;
+        }
+        let ids: Vec<SandboxId> = st
+            .idx
+            .by_node
+            .get(name)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        for id in ids {
+            let Some(rec) = st.sandboxes.get(&id) else {
+                continue;
+            };
+            if !rec.counts() {
+                continue;
+            }
+            let again = rec.spec.restart == RestartPolicy::OnNodeFailure
+                && rec.desired == DesiredState::Running;
+            let msg = format!("node {name} was lost");
+            let res = modify_sandbox(st, &id, meta, |r| {
+                if again {
+                    r.node = None;
+                    r.observed = SandboxState::Creating;
+                    r.observed_generation = 0;
+                } else {
+                    r.observed = SandboxState::Failed {
+                        error: msg,
+                        exit_code: LOST_EXIT_CODE,
+                    };
+                }
+                Ok(true)
+            });
+            if res.is_ok() {
+                if again {
+                    unassigned.push(id);
+                } else {
+                    lost.push(id);
+                }
+            }
+        }
+    }
+    Response::NodesExpired {
+        nodes: expired,
+        lost,
+        unassigned,
+    }
+}

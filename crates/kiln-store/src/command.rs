@@ -1,0 +1,417 @@
+//! The one command enum every change of the replicated state goes through,
+//! and the one response enum `apply` answers with.
+//!
+//! Invariants:
+//! - A command carries everything `apply` needs that is not in the state:
+//!   the leader's clock (`now_ms`), fresh IDs, placements. `apply` never
+//!   reads a clock or a random source.
+//! - Every command is validated inside `apply` against the state it meets;
+//!   a malformed or impossible one yields [`Response::Rejected`], never a
+//!   panic and never a partial change.
+//! - Commands are serialized in the Raft log (JSON); fields added later
+//!   must have serde defaults so old log entries still decode.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kiln_api::cluster::{Capacity, DesiredState, DriverKind, NodeName, Quotas, Role, TenantName};
+use kiln_api::sandbox::{Resources, SandboxId, SandboxSpec, SandboxState};
+use serde::{Deserialize, Serialize};
+
+use crate::state::MigrationPhase;
+
+/// Where in the log a command is applied (the same on every replica).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyMeta {
+    pub index: u64,
+    pub term: u64,
+}
+
+/// Every change to the replicated state.
+// A command lives for one proposal; boxing the spec would only add an
+// allocation on the hot path.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    // --- nodes ---
+    /// A node joins or re-registers (capacity, driver, labels replaced).
+    RegisterNode {
+        name: NodeName,
+        address: String,
+        capacity: Capacity,
+        driver: DriverKind,
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+        #[serde(default)]
+        images: BTreeSet<String>,
+        now_ms: u64,
+    },
+    /// A node is alive; an unreachable node becomes ready again.
+    Heartbeat {
+        name: NodeName,
+        now_ms: u64,
+        /// The cached images, when they changed.
+        #[serde(default)]
+        images: Option<BTreeSet<String>>,
+    },
+    CordonNode {
+        name: NodeName,
+        cordoned: bool,
+    },
+    /// Cordon and mark draining (the server then empties it).
+    DrainNode {
+        name: NodeName,
+    },
+    /// Marks nodes whose last heartbeat is older than `now_ms - grace_ms`
+    /// unreachable; their sandboxes are lost (failed), or unassigned for
+    /// the scheduler when their restart policy is `on-node-failure`.
+    ExpireNodes {
+        now_ms: u64,
+        grace_ms: u64,
+    },
+    /// Only a node with no assigned sandbox can be removed.
+    RemoveNode {
+        name: NodeName,
+    },
+
+    // --- sandboxes ---
+    /// A tenant's new sandbox. With an idempotency key already used by the
+    /// tenant, the existing sandbox is returned (same spec) or the create
+    /// refused (different spec).
+    CreateSandbox {
+        id: SandboxId,
+        tenant: TenantName,
+        spec: SandboxSpec,
+        #[serde(default)]
+        idempotency_key: Option<String>,
+        /// The scheduler's choice, made by the leader before proposing.
+        #[serde(default)]
+        node: Option<NodeName>,
+        now_ms: u64,
+    },
+    /// Assigns (or reassigns) a sandbox; refused if its generation moved.
+    PlaceSandbox {
+        id: SandboxId,
+        node: NodeName,
+        expected_generation: u64,
+    },
+    /// A tenant (or an admin, `tenant: None`) changes what it wants.
+    SetDesired {
+        tenant: Option<TenantName>,
+        id: SandboxId,
+        desired: DesiredState,
+    },
+    /// The node that runs a sandbox reports what it observes.
+    ReportSandbox {
+        node: NodeName,
+        id: SandboxId,
+        generation: u64,
+        state: SandboxState,
+        now_ms: u64,
+    },
+    /// Drops the record of a deleted sandbox once its node let it go.
+    ForgetSandbox {
+        id: SandboxId,
+    },
+
+    // --- templates and pools ---
+    PutTemplate {
+        tenant: Option<TenantName>,
+        name: String,
+        image: String,
+        resources: Resources,
+        #[serde(default)]
+        auto: bool,
+        now_ms: u64,
+    },
+    ReportTemplate {
+        node: NodeName,
+        tenant: Option<TenantName>,
+        name: String,
+        ready: bool,
+        size_bytes: u64,
+    },
+    DeleteTemplate {
+        tenant: Option<TenantName>,
+        name: String,
+    },
+    /// Target size of a template's pool on one node (0 removes it there).
+    SetPool {
+        tenant: Option<TenantName>,
+        template: String,
+        node: NodeName,
+        target: u32,
+    },
+    ReportPool {
+        node: NodeName,
+        tenant: Option<TenantName>,
+        template: String,
+        ready: u32,
+    },
+
+    // --- snapshots ---
+    PutSnapshot {
+        tenant: TenantName,
+        name: String,
+        source: SandboxId,
+        now_ms: u64,
+    },
+    /// A node holds (or dropped) its copy of a snapshot.
+    ReportSnapshot {
+        node: NodeName,
+        tenant: TenantName,
+        name: String,
+        held: bool,
+        size_bytes: u64,
+    },
+    DeleteSnapshot {
+        tenant: TenantName,
+        name: String,
+    },
+
+    // --- tenants and tokens ---
+    CreateTenant {
+        name: TenantName,
+        quotas: Quotas,
+        now_ms: u64,
+    },
+    SetQuotas {
+        name: TenantName,
+        quotas: Quotas,
+    },
+    /// Refused while the tenant holds sandboxes; revokes its tokens.
+    DeleteTenant {
+        name: TenantName,
+        now_ms: u64,
+    },
+    CreateToken {
+        id: String,
+        tenant: Option<TenantName>,
+        role: Role,
+        /// Lower-case hex SHA-256 of the secret (64 characters).
+        sha256: String,
+        #[serde(default)]
+        description: String,
+        now_ms: u64,
+    },
+    RevokeToken {
+        id: String,
+        now_ms: u64,
+    },
+
+    // --- room for what comes next (issue 10, volumes, groups, migration) ---
+    PutPolicy {
+        tenant: TenantName,
+        name: String,
+        document: serde_json::Value,
+    },
+    DeletePolicy {
+        tenant: TenantName,
+        name: String,
+    },
+    PutVolume {
+        tenant: TenantName,
+        name: String,
+        size_mib: u64,
+        now_ms: u64,
+    },
+    DeleteVolume {
+        tenant: TenantName,
+        name: String,
+    },
+    /// Creates or replaces a group; members must be the tenant's sandboxes.
+    PutGroup {
+        tenant: TenantName,
+        name: String,
+        members: BTreeSet<SandboxId>,
+    },
+    DeleteGroup {
+        tenant: TenantName,
+        name: String,
+    },
+    StartMigration {
+        id: SandboxId,
+        to: NodeName,
+        now_ms: u64,
+    },
+    /// Advances a migration; at `Done` the sandbox moves to the target.
+    AdvanceMigration {
+        id: SandboxId,
+        phase: MigrationPhase,
+    },
+
+    // --- transport ---
+    /// Several independent commands in one log entry (group proposal by
+    /// `RaftNode::write`): each is applied in order exactly as if alone,
+    /// and answered in [`Response::Batch`]. A batch never nests.
+    Batch {
+        commands: Vec<Command>,
+    },
+}
+
+impl Command {
+    /// Short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::RegisterNode { .. } => "register_node",
+            Command::Heartbeat { .. } => "heartbeat",
+            Command::CordonNode { .. } => "cordon_node",
+            Command::DrainNode { .. } => "drain_node",
+            Command::ExpireNodes { .. } => "expire_nodes",
+            Command::RemoveNode { .. } => "remove_node",
+            Command::CreateSandbox { .. } => "create_sandbox",
+            Command::PlaceSandbox { .. } => "place_sandbox",
+            Command::SetDesired { .. } => "set_desired",
+            Command::ReportSandbox { .. } => "report_sandbox",
+            Command::ForgetSandbox { .. } => "forget_sandbox",
+            Command::PutTemplate { .. } => "put_template",
+            Command::ReportTemplate { .. } => "report_template",
+            Command::DeleteTemplate { .. } => "delete_template",
+            Command::SetPool { .. } => "set_pool",
+            Command::ReportPool { .. } => "report_pool",
+            Command::PutSnapshot { .. } => "put_snapshot",
+            Command::ReportSnapshot { .. } => "report_snapshot",
+            Command::DeleteSnapshot { .. } => "delete_snapshot",
+            Command::CreateTenant { .. } => "create_tenant",
+            Command::SetQuotas { .. } => "set_quotas",
+            Command::DeleteTenant { .. } => "delete_tenant",
+            Command::CreateToken { .. } => "create_token",
+            Command::RevokeToken { .. } => "revoke_token",
+            Command::PutPolicy { .. } => "put_policy",
+            Command::DeletePolicy { .. } => "delete_policy",
+            Command::PutVolume { .. } => "put_volume",
+            Command::DeleteVolume { .. } => "delete_volume",
+            Command::PutGroup { .. } => "put_group",
+            Command::DeleteGroup { .. } => "delete_group",
+            Command::StartMigration { .. } => "start_migration",
+            Command::AdvanceMigration { .. } => "advance_migration",
+            Command::Batch { .. } => "batch",
+        }
+    }
+}
+
+/// What `apply` answers. Every command yields exactly one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// Applied; nothing to return. Also the answer to Raft's own entries
+    /// (blank and membership).
+    Done,
+    /// `created: false` when an idempotency key returned an existing one.
+    SandboxCreated {
+        id: SandboxId,
+        created: bool,
+        generation: u64,
+    },
+    /// A sandbox changed; its new generation.
+    SandboxChanged {
+        id: SandboxId,
+        generation: u64,
+    },
+    /// Result of `ExpireNodes`.
+    NodesExpired {
+        nodes: Vec<NodeName>,
+        lost: Vec<SandboxId>,
+        unassigned: Vec<SandboxId>,
+    },
+    Rejected(Rejection),
+    /// One response per command of a [`Command::Batch`], in order.
+    Batch {
+        responses: Vec<Response>,
+    },
+}
+
+impl Response {
+    pub fn is_rejected(&self) -> bool {
+        matches!(self, Response::Rejected(_))
+    }
+}
+
+/// Kinds of objects, for `NotFound`/`AlreadyExists`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectKind {
+    Node,
+    Sandbox,
+    Template,
+    Pool,
+    Snapshot,
+    Tenant,
+    Token,
+    Policy,
+    Volume,
+    Group,
+    Migration,
+}
+
+impl std::fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        f.write_str(&s)
+    }
+}
+
+/// Which quota a create would exceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaResource {
+    Sandboxes,
+    Cpus,
+    MemoryMib,
+}
+
+/// Why `apply` refused a command. Deterministic: every replica refuses the
+/// same command the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "code", rename_all = "snake_case")]
+pub enum Rejection {
+    /// Also what a tenant gets for another tenant's object.
+    #[error("{kind} {name:?} does not exist")]
+    NotFound { kind: ObjectKind, name: String },
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists { kind: ObjectKind, name: String },
+    #[error("quota exceeded: {resource:?} would be {used} + {requested}, the limit is {limit}")]
+    QuotaExceeded {
+        resource: QuotaResource,
+        limit: u64,
+        used: u64,
+        requested: u64,
+    },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("idempotency key {key:?} was used for a different request")]
+    IdempotencyConflict { key: String },
+    #[error("generation is {actual}, the request expected {expected}")]
+    StaleGeneration { expected: u64, actual: u64 },
+    #[error("{message}")]
+    Conflict { message: String },
+}
+
+impl Rejection {
+    pub(crate) fn not_found(kind: ObjectKind, name: impl std::fmt::Display) -> Rejection {
+        Rejection::NotFound {
+            kind,
+            name: name.to_string(),
+        }
+    }
+    pub(crate) fn exists(kind: ObjectKind, name: impl std::fmt::Display) -> Rejection {
+        Rejection::AlreadyExists {
+            kind,
+            name: name.to_string(),
+        }
+    }
+    pub(crate) fn invalid(field: &str, message: impl Into<String>) -> Rejection {
+        Rejection::Invalid {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+    pub(crate) fn conflict(message: impl Into<String>) -> Rejection {
+        Rejection::Conflict {
+            message: message.into(),
+        }
+    }
+}

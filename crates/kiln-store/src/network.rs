@@ -1,0 +1,361 @@
+//! The Raft transport between servers: openraft's RPCs (append entries,
+//! vote, install snapshot) as JSON over HTTP/1.1, served by axum and sent
+//! with hyper's pooled client.
+//!
+//! Why HTTP with axum and hyper rather than tonic: the server's REST API
+//! is axum already, so the Raft routes are one more router on the same
+//! stack; openraft's messages are serde types, so JSON carries them as
+//! they are, with no protobuf schema to keep in step and no `protoc` at
+//! build time; hyper keeps connections alive, so an append is one request
+//! on an open socket. gRPC stays for the node protocol, where streaming
+//! watches and generated clients pay for themselves.
+//!
+//! Invariants:
+//! - Every request body is bounded ([`MAX_RPC_BYTES`]) and decoded into
+//!   openraft's typed messages; a bad body is a 400, never a panic.
+//! - [`Faults`] can cut this server's links to chosen peers: RPCs to them
+//!   fail as unreachable before a byte is sent, and RPCs from them are
+//!   refused. That is fault injection of the real network for tests (a
+//!   partition), not a fake transport: everything else crosses real TCP.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State as AxState};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::routing::post;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{Raft, ServerId, ServerNode, TypeConfig};
+
+/// Largest Raft RPC body accepted or sent.
+pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;
+/// The shortest time an RPC is given to answer.
+pub const MIN_RPC_TTL: Duration = Duration::from_millis(500);
+/// Header naming the sending server (used by [`Faults`]).
+const FROM_HEADER: &str = "x-kiln-raft-from";
+
+/// Per-peer link cuts of one server (fault injection for tests).
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    cut: Arc<Mutex<BTreeSet<ServerId>>>,
+}
+
+impl Faults {
+    /// Cuts the links to and from `peer`.
+    pub fn cut(&self, peer: ServerId) {
+        self.lock().insert(peer);
+    }
+    /// Restores the link with `peer`.
+    pub fn heal(&self, peer: ServerId) {
+        self.lock().remove(&peer);
+    }
+    pub fn heal_all(&self) {
+        self.lock().clear();
+    }
+    pub fn is_cut(&self, peer: ServerId) -> bool {
+        self.lock().contains(&peer)
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<ServerId>> {
+        self.cut.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Opens clients to peers; one shared connection pool.
+#[derive(Clone)]
+pub struct HttpNetwork {
+    from: ServerId,
+    client: Client<HttpConnector, Full<Bytes>>,
+    faults: Faults,
+}
+
+impl HttpNetwork {
+    pub fn new(from: ServerId, faults: Faults) -> HttpNetwork {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        HttpNetwork {
+            from,
+            client,
+            faults,
+        }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: ServerId, node: &ServerNode) -> PeerClient {
+        PeerClient {
+            net: self.clone(),
+            target,
+            addr: node.raft_addr.clone(),
+        }
+    }
+}
+
+/// The client side of the link to one peer.
+pub struct PeerClient {
+    net: HttpNetwork,
+    target: ServerId,
+    addr: String,
+}
+
+/// Why one RPC did not get an answer.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("link to server {0} is cut (fault injection)")]
+    Cut(ServerId),
+    #[error("cannot reach {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("no answer from {addr} within {ms} ms")]
+    Timeout { addr: String, ms: u128 },
+    #[error("{addr} answered HTTP {status}: {body}")]
+    Status {
+        addr: String,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("cannot encode or decode the RPC")]
+    Codec(#[source] serde_json::Error),
+    #[error("reading the answer from {addr} failed")]
+    Body {
+        addr: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("bad request URI")]
+    Uri(#[source] axum::http::Error),
+}
+
+impl SendError {
+    fn unreachable(&self) -> bool {
+        matches!(self, SendError::Cut(_) | SendError::Connect { .. })
+    }
+}
+
+impl PeerClient {
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, SendError> {
+        if self.net.faults.is_cut(self.target) {
+            return Err(SendError::Cut(self.target));
+        }
+        let body = serde_json::to_vec(req).map_err(SendError::Codec)?;
+        let request = axum::http::Request::post(format!("http://{}{path}", self.addr))
+            .header("content-type", "application/json")
+            .header(FROM_HEADER, self.net.from.to_string())
+            .body(Full::new(Bytes::from(body)))
+            .map_err(SendError::Uri)?;
+        // openraft derives the TTL from the heartbeat interval; on a loaded
+        // host that aborts appends that would have succeeded, so never
+        // wait less than MIN_RPC_TTL.
+        let ttl = option.hard_ttl().max(MIN_RPC_TTL);
+        let fut =
+            async {
+                let resp = self.net.client.request(request).await.map_err(|source| {
+                    SendError::Connect {
+                        addr: self.addr.clone(),
+                        source,
+                    }
+                })?;
+                let status = resp.status();
+                let bytes = Limited::new(resp.into_body(), MAX_RPC_BYTES)
+                    .collect()
+                    .await
+                    .map_err(|source| SendError::Body {
+                        addr: self.addr.clone(),
+                        source,
+                    })?
+                    .to_bytes();
+                if !status.is_success() {
+                    return Err(SendError::Status {
+                        addr: self.addr.clone(),
+                        status,
+                        body: String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
+                    });
+                }
+                serde_json::from_slice(&bytes).map_err(SendError::Codec)
+            };
+        match tokio::time::timeout(ttl, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(SendError::Timeout {
+                addr: self.addr.clone(),
+                ms: ttl.as_millis(),
+            }),
+        }
+    }
+
+    fn rpc_error<E: std::error::Error>(
+        &self,
+        e: SendError,
+    ) -> RPCError<ServerId, ServerNode, RaftError<ServerId, E>> {
+        if e.unreachable() {
+            RPCError::Unreachable(Unreachable::new(&e))
+        } else {
+            RPCError::Network(NetworkError::new(&e))
+        }
+    }
+
+    fn remote<E: std::error::Error>(
+        &self,
+        e: RaftError<ServerId, E>,
+    ) -> RPCError<ServerId, ServerNode, RaftError<ServerId, E>> {
+        RPCError::RemoteError(RemoteError::new(self.target, e))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<ServerId>, RPCError<ServerId, ServerNode, RaftError<ServerId>>>
+    {
+        let r: Result<AppendEntriesResponse<ServerId>, RaftError<ServerId>> = self
+            .call("/raft/append", &rpc, &option)
+            .await
+            .map_err(|e| self.rpc_error(e))?;
+        r.map_err(|e| self.remote(e))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<ServerId>,
+        RPCError<ServerId, ServerNode, RaftError<ServerId, InstallSnapshotError>>,
+    > {
+        let r: Result<
+            InstallSnapshotResponse<ServerId>,
+            RaftError<ServerId, InstallSnapshotError>,
+        > = self
+            .call("/raft/snapshot", &rpc, &option)
+            .await
+            .map_err(|e| self.rpc_error(e))?;
+        r.map_err(|e| self.remote(e))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<ServerId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<ServerId>, RPCError<ServerId, ServerNode, RaftError<ServerId>>> {
+        let r: Result<VoteResponse<ServerId>, RaftError<ServerId>> = self
+            .call("/raft/vote", &rpc, &option)
+            .await
+            .map_err(|e| self.rpc_error(e))?;
+        r.map_err(|e| self.remote(e))
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+    }
+}
+
+#[derive(Clone)]
+struct Served {
+    raft: Raft,
+    faults: Faults,
+}
+
+/// The serving side: `POST /raft/{append,vote,snapshot}`. Merge it into
+/// the server's internal listener, or let [`crate::RaftNode::start`] serve
+/// it on its own.
+pub fn raft_router(raft: Raft, faults: Faults) -> Router {
+    Router::new()
+        .route("/raft/append", post(append))
+        .route("/raft/vote", post(vote))
+        .route("/raft/snapshot", post(snapshot))
+        .layer(DefaultBodyLimit::max(MAX_RPC_BYTES))
+        .with_state(Served { raft, faults })
+}
+
+fn refused(s: &Served, headers: &HeaderMap) -> Option<HttpResponse> {
+    let from = headers
+        .get(FROM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<ServerId>().ok());
+    match from {
+        None => Some((StatusCode::BAD_REQUEST, "missing or bad x-kiln-raft-from").into_response()),
+        Some(p) if s.faults.is_cut(p) => Some(
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "link cut (fault injection)",
+            )
+                .into_response(),
+        ),
+        Some(_) => None,
+    }
+}
+
+#[allow(clippy::result_large_err)] // an HTTP response, built once per bad request
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, HttpResponse> {
+    serde_json::from_slice(body)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("malformed Raft RPC: {e}")).into_response())
+}
+
+fn json<T: Serialize>(v: &T) -> HttpResponse {
+    match serde_json::to_vec(v) {
+        Ok(b) => ([("content-type", "application/json")], b).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn append(AxState(s): AxState<Served>, headers: HeaderMap, body: Bytes) -> HttpResponse {
+    if let Some(r) = refused(&s, &headers) {
+        return r;
+    }
+    match decode::<AppendEntriesRequest<TypeConfig>>(&body) {
+        Ok(req) => json(&s.raft.append_entries(req).await),
+        Err(r) => r,
+    }
+}
+
+async fn vote(AxState(s): AxState<Served>, headers: HeaderMap, body: Bytes) -> HttpResponse {
+    if let Some(r) = refused(&s, &headers) {
+        return r;
+    }
+    match decode::<VoteRequest<ServerId>>(&body) {
+        Ok(req) => json(&s.raft.vote(req).await),
+        Err(r) => r,
+    }
+}
+
+async fn snapshot(AxState(s): AxState<Served>, headers: HeaderMap, body: Bytes) -> HttpResponse {
+    if let Some(r) = refused(&s, &headers) {
+        return r;
+    }
+    match decode::<InstallSnapshotRequest<TypeConfig>>(&body) {
+        Ok(req) => json(&s.raft.install_snapshot(req).await),
+        Err(r) => r,
+    }
+}
