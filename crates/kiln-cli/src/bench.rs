@@ -60,7 +60,41 @@ pub async fn bench(node: &kiln_node::node::Node, cmd: BenchCommand) -> Result<i3
             json: out,
             fork,
         } => crate::bench_warm::warm(node, image, runs, concurrent, &fork, &out).await,
+        BenchCommand::Api {
+            creates,
+            concurrency,
+            json: out,
+        } => api(creates, concurrency, &out).await,
     }
+}
+
+/// `kiln bench api`: sandbox creates committed per second through 1 and 3
+/// Raft replicas on loopback (real TCP, real redb files, fsync on; no VM
+/// boots: the state machine's commit path only), with commit latency.
+async fn api(creates: usize, concurrency: usize, out: &std::path::Path) -> Result<i32> {
+    if creates == 0 || concurrency == 0 {
+        bail!("--creates and --concurrency must be at least 1");
+    }
+    let mut reports = vec![];
+    println!(
+        "{:<9} {:>8} {:>9} {:>11} {:>9} {:>9}",
+        "REPLICAS", "CREATES", "IN FLIGHT", "CREATES/S", "P50 MS", "P99 MS"
+    );
+    for replicas in [1, 3] {
+        let dir = tempfile::tempdir().context("cannot create a scratch directory")?;
+        let r = kiln_store::bench::bench_creates(replicas, creates, concurrency, dir.path())
+            .await
+            .with_context(|| format!("the {replicas}-replica cluster failed"))?;
+        println!(
+            "{:<9} {:>8} {:>9} {:>11.0} {:>9.2} {:>9.2}",
+            r.replicas, r.creates, r.concurrency, r.creates_per_sec, r.p50_ms, r.p99_ms
+        );
+        reports.push(r);
+    }
+    std::fs::write(out, serde_json::to_vec_pretty(&json!({ "api": reports }))?)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(0)
 }
 
 /// `kiln run ARGS` → first byte on stdout; fails unless it exits 0.

@@ -57,6 +57,19 @@ pub enum BenchCommand {
         #[command(flatten)]
         fork: crate::bench_fork::ForkBenchArgs,
     },
+    /// Control-plane writes: sandbox creates committed per second through
+    /// 1 and 3 Raft replicas on loopback, and commit latency (no VM boots).
+    Api {
+        /// Creates per cluster.
+        #[arg(long, default_value_t = 5000)]
+        creates: usize,
+        /// Creates in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "bench-api.json")]
+        json: PathBuf,
+    },
 }
 
 pub async fn dispatch(cmd: Command) -> Result<i32> {
