@@ -190,3 +190,282 @@ fn images_rm_sees_users_in_other_state_dirs() {
     assert!(pruned.contains("removed sha256:"), "{pruned}");
     k.assert_clean();
 }
+
+/// A small deterministic generator (the seed is printed, so a failing
+/// sequence can be replayed with `KILN_FAULT_SEED`).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n.max(1)
+    }
+}
+
+/// `(id, status)` of every sandbox `kiln ps -a` shows.
+fn ps_all(k: &Kiln) -> Vec<(String, String)> {
+    let out = ok_in(k, None, &["ps", "-a"]);
+    out.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let id = l.split_whitespace().next()?.to_string();
+            // IMAGE is one field; STATUS may be two ("exited (0)").
+            let rest: Vec<&str> = l.split("  ").filter(|f| !f.trim().is_empty()).collect();
+            Some((
+                id,
+                rest.get(2)
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default(),
+            ))
+        })
+        .collect()
+}
+
+/// The supervisor and VMM pids of sandbox `id`, from its record.
+fn pids_of(k: &Kiln, id: &str) -> (Option<i32>, Option<i32>) {
+    let rec: serde_json::Value =
+        std::fs::read(k.state_dir().join("sandboxes").join(id).join("record.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+    let num = |v: &serde_json::Value| v.as_i64().map(|p| p as i32);
+    (num(&rec["shim_pid"]), num(&rec["vm"]["pid"]))
+}
+
+/// `kill -9` of every Kiln process at random points of snapshot, fork,
+/// restore, cp in and out, template create and pool claim (and of
+/// supervisors and VMMs), many times; then: every sandbox is running and
+/// usable or reported ended; every snapshot and template left is intact
+/// (it restores); no staging or work directory, process, socket or VM file
+/// is left that no command removes.
+#[test]
+fn kill_9_anywhere_loses_and_leaks_nothing() {
+    let seed = std::env::var("KILN_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(7)
+        });
+    eprintln!("KILN_FAULT_SEED={seed}");
+    let mut rng = Lcg(seed);
+    let k = Kiln::new();
+    let bb = busybox();
+    let counter = "i=0; while true; do echo count $i; i=$((i+1)); sleep 0.2; done";
+    let src = ok_in(&k, None, &["run", "-d", &bb, "--", "sh", "-c", counter])
+        .trim()
+        .to_string();
+    ok_in(&k, None, &["template", "create", "--pool", "1", &bb]);
+    let local = tempfile::tempdir().expect("tmp");
+    let big = local.path().join("big.bin");
+    std::fs::write(&big, vec![7u8; 24 << 20]).expect("write");
+    let out_dir = local.path().join("out");
+    std::fs::create_dir_all(&out_dir).expect("mkdir");
+    ok_in(
+        &k,
+        None,
+        &[
+            "cp",
+            big.to_str().expect("utf-8"),
+            &format!("{src}:/data.bin"),
+        ],
+    );
+
+    const ROUNDS: usize = 10;
+    for round in 0..ROUNDS {
+        let snaps: Vec<String> = ok_in(&k, None, &["snapshot", "ls", "-q"])
+            .lines()
+            .map(String::from)
+            .collect();
+        let others: Vec<String> = ps_all(&k)
+            .into_iter()
+            .filter(|(id, s)| *id != src && s == "running")
+            .map(|(id, _)| id)
+            .collect();
+        let op = rng.next(9);
+        let args: Vec<String> = match op {
+            0 => vec![
+                "snapshot".into(),
+                src.clone(),
+                "--name".into(),
+                format!("f{round}"),
+            ],
+            1 => vec!["fork".into(), src.clone(), "-n".into(), "2".into()],
+            2 if !snaps.is_empty() => {
+                vec![
+                    "restore".into(),
+                    "-d".into(),
+                    snaps[rng.next(snaps.len() as u64) as usize].clone(),
+                ]
+            }
+            3 => vec![
+                "cp".into(),
+                big.display().to_string(),
+                format!("{src}:/data.bin"),
+            ],
+            4 => vec![
+                "cp".into(),
+                format!("{src}:/data.bin"),
+                out_dir.display().to_string(),
+            ],
+            5 => vec![
+                "template".into(),
+                "create".into(),
+                "--memory".into(),
+                "288".into(),
+                bb.clone(),
+            ],
+            7 | 8 if !others.is_empty() => {
+                // Kill a supervisor (7) or a VMM (8) of a sandbox other
+                // than the source.
+                let victim = &others[rng.next(others.len() as u64) as usize];
+                let (shim, vmm) = pids_of(&k, victim);
+                let pid = if op == 7 { shim } else { vmm };
+                tracing::info!(round, op, victim = %victim, ?pid, "killing a sandbox process");
+                if let Some(pid) = pid {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                vec![]
+            }
+            _ => vec![
+                "run".into(),
+                "-d".into(),
+                bb.clone(),
+                "--".into(),
+                "sleep".into(),
+                "600".into(),
+            ],
+        };
+        if !args.is_empty() {
+            let delay = Duration::from_millis(rng.next(1500));
+            tracing::info!(round, ?args, ?delay, "kiln, then kill -9");
+            let mut child = k
+                .cmd()
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("kiln runs");
+            std::thread::sleep(delay);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Whatever state it left: any command reconciles.
+        ok_in(&k, None, &["ps", "-a"]);
+    }
+
+    tracing::info!("checking: sandboxes, snapshots, templates, leftovers");
+    // Give supervisors still finishing an interrupted operation a moment,
+    // then every sandbox is either usable or reported ended.
+    let t0 = Instant::now();
+    loop {
+        let all = ps_all(&k);
+        let settling = all.iter().any(|(_, s)| s == "creating");
+        if !settling || t0.elapsed() > Duration::from_secs(60) {
+            for (id, status) in &all {
+                if status == "running" {
+                    let t1 = Instant::now();
+                    loop {
+                        let out = k.run(&["exec", id, "--", "echo", "ok"]);
+                        if code(&out) == 0 && stdout(&out).trim() == "ok" {
+                            break;
+                        }
+                        assert!(
+                            t1.elapsed() < Duration::from_secs(60),
+                            "sandbox {id} is reported running but unusable (seed {seed}): {}",
+                            stderr(&out)
+                        );
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                } else {
+                    assert!(
+                        status.starts_with("exited")
+                            || status.starts_with("failed")
+                            || status == "paused",
+                        "sandbox {id} is {status:?} (seed {seed})"
+                    );
+                }
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The source's counter went on through everything.
+    let out = ok_in(
+        &k,
+        None,
+        &["exec", &src, "--", "sh", "-c", "wc -c < /data.bin"],
+    );
+    assert_eq!(out.trim(), (24u64 << 20).to_string(), "seed {seed}");
+    // Every published snapshot is intact: it restores and runs.
+    for name in ok_in(&k, None, &["snapshot", "ls", "-q"]).lines() {
+        let id = ok_in(&k, None, &["restore", "-d", name]).trim().to_string();
+        assert_eq!(
+            ok_in(&k, None, &["exec", &id, "--", "echo", "restored"]).trim(),
+            "restored",
+            "snapshot {name} (seed {seed})"
+        );
+        ok_in(&k, None, &["rm", "-f", &id]);
+    }
+    // Every template is usable here.
+    let ls = ok_in(&k, None, &["template", "ls"]);
+    for l in ls.lines().skip(1) {
+        assert!(l.contains("ready"), "template not ready (seed {seed}): {l}");
+    }
+    // No temporaries whose owner is gone.
+    let t0 = Instant::now();
+    while !staging_dirs(k.state_dir()).is_empty() {
+        ok_in(&k, None, &["ps"]);
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "left behind (seed {seed}): {:?}",
+            staging_dirs(k.state_dir())
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let work: Vec<_> = std::fs::read_dir(k.state_dir().join("templates"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".work-"))
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        work.is_empty(),
+        "template work dirs left (seed {seed}): {work:?}"
+    );
+    let leaked: Vec<_> = std::fs::read_dir(&out_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".kiln-cp-"))
+        })
+        .collect();
+    // A killed copy-out's temporary is for the next `kiln cp` into the
+    // directory to remove (issue 13, item 3): reported, not failed, here.
+    if !leaked.is_empty() {
+        tracing::warn!(?leaked, "copy-out temporaries of killed copies");
+    }
+    // Everything removed: nothing of it is left.
+    for (id, _) in ps_all(&k) {
+        ok_in(&k, None, &["rm", "-f", &id]);
+    }
+    for name in ok_in(&k, None, &["snapshot", "ls", "-q"]).lines() {
+        ok_in(&k, None, &["snapshot", "rm", name]);
+    }
+    for name in ok_in(&k, None, &["template", "ls", "-q"]).lines() {
+        ok_in(&k, None, &["template", "rm", name]);
+    }
+    k.assert_clean();
+}
