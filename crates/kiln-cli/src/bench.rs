@@ -236,6 +236,10 @@ async fn cold(
         let _ = vm.cleanup().await;
     }
 
+    // 2b. The floor: the same kernel with a trivial init that prints a
+    // marker (VMM spawn → marker on the console), same VMM flags.
+    let raw = raw_boot(&*drv, &artifacts, sel.kind, scratch.path(), runs).await?;
+
     // 3. `kiln run` → first output byte, as a user sees it.
     let mut first_byte = Vec::new();
     for _ in 0..runs {
@@ -259,6 +263,8 @@ async fn cold(
 
     let r = stats(&ready);
     let f = stats(&first_byte);
+    let b = stats(&raw);
+    let ratio = f.p50_ms / b.p50_ms;
     println!(
         "kiln bench cold — driver {} ({}), {} runs",
         sel.kind, sel.accel, runs
@@ -283,6 +289,14 @@ async fn cold(
         "kiln run -> first output byte", f.p50_ms, f.p90_ms, f.max_ms
     );
     println!(
+        "{:<40} {:>10.1} {:>10.1} {:>10.1}",
+        "raw boot: VMM spawn -> trivial init", b.p50_ms, b.p90_ms, b.max_ms
+    );
+    println!(
+        "{:<40} {:>10.2}x (target <= 1.3x)",
+        "cold overhead: first byte / raw boot", ratio
+    );
+    println!(
         "{:<40} {:>10} KiB (VMM {} + supervisor {})",
         "idle sandbox host memory (PSS)",
         vmm_pss + shim_pss,
@@ -298,12 +312,95 @@ async fn cold(
         "pull_convert_ms": pull.as_secs_f64() * 1000.0,
         "spawn_to_agent_ready": r,
         "run_to_first_byte": f,
+        "raw_boot_to_init": b,
+        "first_byte_over_raw_boot": ratio,
         "idle_pss_kib": { "vmm": vmm_pss, "supervisor": shim_pss, "total": vmm_pss + shim_pss },
     });
     std::fs::write(out, serde_json::to_vec_pretty(&v)?)
         .with_context(|| format!("cannot write {}", out.display()))?;
     eprintln!("wrote {}", out.display());
     Ok(0)
+}
+
+/// Boots `runs` VMs of the node's kernel with an initramfs whose `/init`
+/// (busybox) only prints a marker and powers off; spawn → marker times.
+async fn raw_boot(
+    drv: &dyn kiln_vmm::VmmDriver,
+    artifacts: &GuestArtifacts,
+    kind: kiln_vmm::DriverKind,
+    scratch: &std::path::Path,
+    runs: usize,
+) -> Result<Vec<Duration>> {
+    const MARKER: &str = "KILN-RAW-BOOT-MARKER";
+    let root = scratch.join("raw-root");
+    std::fs::create_dir_all(root.join("bin"))?;
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .context("busybox-static is needed for the raw boot (scripts/setup-host.sh installs it)")?;
+    std::fs::copy(busybox, root.join("bin/busybox"))?;
+    let init = root.join("init");
+    std::fs::write(
+        &init,
+        format!("#!/bin/busybox sh\n/bin/busybox echo {MARKER}\n/bin/busybox poweroff -f\n"),
+    )?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(
+        root.join("bin/busybox"),
+        std::fs::Permissions::from_mode(0o755),
+    )?;
+    let initrd = scratch.join("raw-initramfs.cpio");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && printf 'init\\nbin\\nbin/busybox\\n' | cpio -o -H newc --quiet > {}",
+            root.display(),
+            initrd.display()
+        ))
+        .status()
+        .context("cannot run cpio")?;
+    if !status.success() {
+        bail!("cpio could not pack the raw-boot initramfs");
+    }
+    let mut out = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let dir = scratch.join(format!("raw{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let console = dir.join("console.log");
+        let spec = VmSpec {
+            id: format!("raw{i}"),
+            dir: dir.join("vm"),
+            kernel: artifacts.kernel_for(kind).to_path_buf(),
+            initrd: Some(initrd.clone()),
+            cmdline: "quiet".into(),
+            cpus: 1,
+            memory_mib: 256,
+            disks: vec![],
+            agent_channel: false,
+            console_log: console.clone(),
+        };
+        let t = Instant::now();
+        let vm = drv.start(&spec).await?;
+        let seen = loop {
+            if std::fs::read_to_string(&console).is_ok_and(|c| c.contains(MARKER)) {
+                break Some(t.elapsed());
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        let _ = vm.kill().await;
+        let _ = vm.cleanup().await;
+        out.push(seen.with_context(|| {
+            format!(
+                "the raw-boot guest printed no marker in 60 s ({})",
+                console.display()
+            )
+        })?);
+    }
+    Ok(out)
 }
 
 /// Proportional set size of a process, KiB (0 if unreadable).
