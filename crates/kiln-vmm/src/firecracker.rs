@@ -3,16 +3,22 @@
 //! a Unix socket, one request type per API resource, every status checked
 //! and Firecracker's `fault_message` surfaced.
 //!
-//! Start: spawn `firecracker --api-sock DIR/fc.sock --id ID` detached (its
-//! stdout, where the guest serial goes, is the console log), then PUT
-//! `/logger`, `/metrics`, `/boot-source`, `/machine-config`, `/drives/{id}`,
-//! `/vsock`, and `/actions {InstanceStart}`. Pause/resume: PATCH `/vm`.
-//! Snapshots: PUT `/snapshot/create` and `/snapshot/load`.
+//! Start: spawn `firecracker --api-sock DIR/fc.sock --id ID --log-path
+//! DIR/fc.log --level Info --show-level --metrics-path DIR/fc.metrics`
+//! detached (its stdout, where the guest serial goes, is the console log),
+//! then PUT `/boot-source`, `/machine-config`, `/drives/{id}`, `/vsock`, and
+//! `/actions {InstanceStart}`. Pause/resume: PATCH `/vm`. Snapshots: PUT
+//! `/snapshot/create` and `/snapshot/load`.
 //!
-//! Not exercised on the machines Kiln's CI runs on (no Firecracker binary is
-//! reachable there, and their KVM is `kvm_pvm`): the request bodies are unit
-//! tested against the spec's shapes, and the conformance suite runs against
-//! a real binary when `KILN_FIRECRACKER_BIN` is set.
+//! Invariant: nothing but the guest writes to the console. Firecracker logs
+//! to its stdout until a logger is configured, so the log file is given on
+//! its command line (before it prints anything), never by `PUT /logger`
+//! (which would come too late, and reopens the file).
+//!
+//! The request bodies are unit tested against the spec's shapes; the
+//! conformance suite runs against a real binary when `KILN_FIRECRACKER_BIN`
+//! is set (bare-metal guests on a software KVM, Linux too on hardware KVM;
+//! see `docs/vmm-drivers.md` for the last run).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,7 +29,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use crate::process::{VmmProcess, connect_when_ready, read_tail, remove_files, spawn_detached};
@@ -47,21 +52,6 @@ pub const SNAPSHOT_STATE: &str = "vmstate";
 pub const MEMORY_FILE: &str = "memory";
 
 // ---- API bodies: one type per resource, field names as in the spec ----
-
-/// PUT /logger
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Logger {
-    pub log_path: String,
-    pub level: String,
-    pub show_level: bool,
-    pub show_log_origin: bool,
-}
-
-/// PUT /metrics
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Metrics {
-    pub metrics_path: String,
-}
 
 /// PUT /boot-source
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -142,11 +132,11 @@ pub struct SnapshotLoadParams {
     /// Only sent when the vsock socket moves (newer Firecracker releases).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vsock_override: Option<VsockOverride>,
-    /// Dirty page tracking after the load (1.x name, deprecated but
-    /// accepted by every 1.x release).
+    /// Dirty page tracking after the load, under its name before 1.13
+    /// (deprecated since, and logged as such on every load).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enable_diff_snapshots: Option<bool>,
-    /// The same, under its current name (sent to 2.x and later).
+    /// The same, under its name from 1.13 on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub track_dirty_pages: Option<bool>,
 }
@@ -351,6 +341,26 @@ fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// Firecracker's command line for a VM in `dir`: the API socket, the id,
+/// and the log and metrics files, so that it never logs to its stdout (the
+/// console).
+pub fn command_line(id: &str, dir: &Path) -> Vec<String> {
+    let paths = Paths::new(dir);
+    vec![
+        "--api-sock".to_owned(),
+        path_str(&paths.api),
+        "--id".to_owned(),
+        instance_id(id),
+        "--log-path".to_owned(),
+        path_str(&paths.log),
+        "--level".to_owned(),
+        "Info".to_owned(),
+        "--show-level".to_owned(),
+        "--metrics-path".to_owned(),
+        path_str(&paths.metrics),
+    ]
+}
+
 /// The configuration requests of a cold boot, in order: (path, body).
 pub fn boot_requests(spec: &VmSpec, dir: &Path) -> Vec<(String, serde_json::Value)> {
     let paths = Paths::new(dir);
@@ -361,21 +371,6 @@ pub fn boot_requests(spec: &VmSpec, dir: &Path) -> Vec<(String, serde_json::Valu
         boot_args.push_str(spec.cmdline.trim());
     }
     let mut requests = vec![
-        (
-            "/logger".to_owned(),
-            to(serde_json::to_value(Logger {
-                log_path: path_str(&paths.log),
-                level: "Info".into(),
-                show_level: true,
-                show_log_origin: false,
-            })),
-        ),
-        (
-            "/metrics".to_owned(),
-            to(serde_json::to_value(Metrics {
-                metrics_path: path_str(&paths.metrics),
-            })),
-        ),
         (
             "/boot-source".to_owned(),
             to(serde_json::to_value(BootSource {
@@ -419,12 +414,14 @@ pub fn boot_requests(spec: &VmSpec, dir: &Path) -> Vec<(String, serde_json::Valu
 }
 
 impl FirecrackerDriver {
+    /// A driver for `binary`, whose version is `version` in either spelling
+    /// (`--version`'s or `GET /`'s; see [`canonical_version`]).
     pub fn new(binary: PathBuf, version: String) -> Self {
         FirecrackerDriver {
             info: DriverInfo {
                 kind: DriverKind::Firecracker,
                 binary,
-                version,
+                version: canonical_version(&version),
                 accel: Accel::Kvm,
                 cpu_model: "host".into(),
             },
@@ -462,12 +459,7 @@ impl FirecrackerDriver {
                 source,
             })?;
         }
-        let args = vec![
-            "--api-sock".to_owned(),
-            path_str(&paths.api),
-            "--id".to_owned(),
-            instance_id(&spec.id),
-        ];
+        let args = command_line(&spec.id, &spec.dir);
         let process = spawn_detached(
             &self.info.binary,
             &args,
@@ -492,6 +484,8 @@ impl FirecrackerDriver {
                 agent_socket: spec.agent_channel.then(|| paths.vsock.clone()),
                 console_log: spec.console_log.clone(),
                 files,
+                agent_transport: Some(AgentTransport::HybridVsock),
+                helpers: vec![],
             },
             process,
             api: ApiClient::new(paths.api.clone()),
@@ -519,6 +513,25 @@ impl FirecrackerDriver {
     }
 }
 
+/// Firecracker's capability table.
+fn capabilities() -> Capabilities {
+    Capabilities {
+        driver: DriverKind::Firecracker,
+        pause: true,
+        snapshot: true,
+        snapshot_diff: true,
+        restore: true,
+        fork: true,
+        live_migration_precopy: false,
+        cow_restore: true,
+        virtio_fs: false,
+        vsock: true,
+        virtio_serial: false,
+        network: false,
+        agent_transport: AgentTransport::HybridVsock,
+    }
+}
+
 #[async_trait]
 impl VmmDriver for FirecrackerDriver {
     fn info(&self) -> &DriverInfo {
@@ -526,15 +539,7 @@ impl VmmDriver for FirecrackerDriver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            pause: true,
-            snapshot: true,
-            restore: true,
-            live_migration_precopy: false,
-            cow_restore: true,
-            virtio_fs: false,
-            agent_transport: AgentTransport::HybridVsock,
-        }
+        capabilities()
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, StartVmError> {
@@ -603,7 +608,7 @@ impl VmmDriver for FirecrackerDriver {
             cpus: config.as_ref().map_or(0, |c| c.vcpu_count),
             memory_mib: config.as_ref().map_or(0, |c| c.mem_size_mib),
             disks,
-            version: info.vmm_version,
+            version: canonical_version(&info.vmm_version),
             diff_base: std::sync::Mutex::new(None),
         }))
     }
@@ -657,24 +662,11 @@ impl VmmDriver for FirecrackerDriver {
             enable_diff_snapshots: (!new_api_names(&self.info.version)).then_some(true),
             track_dirty_pages: new_api_names(&self.info.version).then_some(true),
         };
-        let loaded = async {
-            vm.api
-                .put(
-                    "/logger",
-                    &Logger {
-                        log_path: path_str(&paths.log),
-                        level: "Info".into(),
-                        show_level: true,
-                        show_log_origin: false,
-                    },
-                )
-                .await?;
-            vm.api
-                .request(Method::PUT, "/snapshot/load", Some(&load), SNAPSHOT_TIMEOUT)
-                .await
-                .map(drop)
-        }
-        .await;
+        let loaded = vm
+            .api
+            .request(Method::PUT, "/snapshot/load", Some(&load), SNAPSHOT_TIMEOUT)
+            .await
+            .map(drop);
         if let Err(e) = loaded {
             let _ = vm.cleanup().await;
             return Err(RestoreVmError::Load(e.to_string()));
@@ -689,16 +681,43 @@ impl VmmDriver for FirecrackerDriver {
     }
 }
 
-/// Whether this Firecracker release takes `track_dirty_pages` on
-/// `/snapshot/load` rather than the 1.x name `enable_diff_snapshots`
-/// (`version` as `--version` printed it: "Firecracker v1.12.0").
-fn new_api_names(version: &str) -> bool {
-    version
+/// `(major, minor, patch)` and any suffix (`-dev`) from either spelling
+/// of Firecracker's version: `--version` prints `Firecracker v1.16.1`,
+/// `GET /` says `1.16.1`.
+pub fn parse_version(text: &str) -> Option<((u32, u32, u32), String)> {
+    let word = text
         .split_whitespace()
-        .find_map(|w| w.strip_prefix('v'))
-        .and_then(|v| v.split('.').next())
-        .and_then(|m| m.parse::<u32>().ok())
-        .is_some_and(|major| major >= 2)
+        .map(|w| w.strip_prefix('v').unwrap_or(w))
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))?;
+    let (numbers, suffix) = match word.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => word.split_at(i),
+        None => (word, ""),
+    };
+    let mut parts = numbers.split('.').map(|p| p.parse::<u32>().ok());
+    let version = (parts.next()??, parts.next()??, parts.next()??);
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((version, suffix.to_owned()))
+}
+
+/// The one spelling of a Firecracker version that Kiln records (driver
+/// info, snapshot metadata): `Firecracker v1.16.1`, whether it came from
+/// `--version` or from `GET /`. Text that is not a version is kept as it
+/// is (it then matches only itself).
+pub fn canonical_version(text: &str) -> String {
+    match parse_version(text) {
+        Some(((major, minor, patch), suffix)) => {
+            format!("Firecracker v{major}.{minor}.{patch}{suffix}")
+        }
+        None => text.trim().to_owned(),
+    }
+}
+
+/// Whether this Firecracker release takes `track_dirty_pages` on
+/// `/snapshot/load` (1.13 and later) rather than `enable_diff_snapshots`.
+fn new_api_names(version: &str) -> bool {
+    parse_version(version).is_some_and(|((major, minor, _), _)| (major, minor) >= (1, 13))
 }
 
 /// Writes every data extent of the sparse file `diff` (a Firecracker Diff
@@ -816,36 +835,6 @@ impl FirecrackerVm {
     }
 }
 
-/// Host side of the hybrid-vsock handshake: `CONNECT <port>\n`, then
-/// `OK <host port>\n`. Reads byte by byte so that no guest data is consumed.
-pub async fn vsock_handshake(stream: &mut UnixStream, port: u32) -> Result<(), ConnectAgentError> {
-    stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
-        .await
-        .map_err(|e| ConnectAgentError::Handshake(e.to_string()))?;
-    let mut line = Vec::with_capacity(32);
-    loop {
-        let byte = stream
-            .read_u8()
-            .await
-            .map_err(|e| ConnectAgentError::Handshake(format!("reading the answer: {e}")))?;
-        if byte == b'\n' {
-            break;
-        }
-        line.push(byte);
-        if line.len() > 64 {
-            return Err(ConnectAgentError::Handshake("answer too long".into()));
-        }
-    }
-    let text = String::from_utf8_lossy(&line);
-    match text.strip_prefix("OK ") {
-        Some(n) if n.trim().parse::<u32>().is_ok() => Ok(()),
-        _ => Err(ConnectAgentError::Handshake(format!(
-            "expected `OK <port>`, got {text:?}"
-        ))),
-    }
-}
-
 #[async_trait]
 impl Vm for FirecrackerVm {
     fn id(&self) -> &str {
@@ -858,6 +847,10 @@ impl Vm for FirecrackerVm {
 
     fn record(&self) -> VmRecord {
         self.record.clone()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        capabilities()
     }
 
     async fn pause(&self) -> Result<(), ControlVmError> {
@@ -889,15 +882,7 @@ impl Vm for FirecrackerVm {
             .agent_socket
             .as_ref()
             .ok_or(ConnectAgentError::NoChannel)?;
-        let mut stream =
-            UnixStream::connect(path)
-                .await
-                .map_err(|source| ConnectAgentError::Connect {
-                    path: path.clone(),
-                    source,
-                })?;
-        vsock_handshake(&mut stream, AGENT_VSOCK_PORT).await?;
-        Ok(stream)
+        crate::vsock::connect(path, AGENT_VSOCK_PORT, crate::vsock::HANDSHAKE_TIMEOUT).await
     }
 
     async fn wait(&self) {
@@ -997,7 +982,7 @@ mod tests {
     use super::*;
     use crate::DiskSpec;
     use serde_json::json;
-    use tokio::io::AsyncBufReadExt;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -1061,23 +1046,72 @@ mod tests {
             .and_then(|f| f.set_len(size * 2))
             .expect("diff");
         assert!(overlay_extents(&diff, &base).is_err());
+    }
+
+    /// `GET /` and `--version` spell the version differently; a handle
+    /// made by `attach` must record what the driver records, or snapshots
+    /// taken through it would be refused as another version's.
+    #[test]
+    fn versions_have_one_spelling() {
+        assert_eq!(
+            canonical_version("Firecracker v1.16.1"),
+            "Firecracker v1.16.1"
+        );
+        assert_eq!(canonical_version("1.16.1"), "Firecracker v1.16.1");
+        assert_eq!(canonical_version(" 1.16.1\n"), "Firecracker v1.16.1");
+        assert_eq!(canonical_version("1.17.0-dev"), "Firecracker v1.17.0-dev");
+        assert_eq!(
+            canonical_version("Firecracker v1.17.0-dev"),
+            "Firecracker v1.17.0-dev"
+        );
+        assert_eq!(canonical_version("garbage"), "garbage");
+        assert_eq!(canonical_version("1.2"), "1.2");
+        assert_eq!(
+            FirecrackerDriver::new("/fc".into(), "1.16.1".into())
+                .info
+                .version,
+            FirecrackerDriver::new("/fc".into(), "Firecracker v1.16.1".into())
+                .info
+                .version
+        );
+        assert_eq!(parse_version("v1.2.3.4"), None);
+    }
+
+    /// `track_dirty_pages` on load exists since 1.13; the old name is
+    /// logged as deprecated on every load by those releases.
+    #[test]
+    fn load_uses_the_field_names_of_the_release() {
+        assert!(new_api_names("Firecracker v1.13.0"));
+        assert!(new_api_names("Firecracker v1.16.1"));
+        assert!(new_api_names("1.16.1"));
         assert!(new_api_names("Firecracker v2.0.0"));
         assert!(!new_api_names("Firecracker v1.12.0"));
         assert!(!new_api_names("garbage"));
+    }
+
+    /// The log and metrics files are on the command line, so Firecracker
+    /// never prints its own log to its stdout (the guest console), and
+    /// nothing configures the logger again over the API.
+    #[test]
+    fn logging_is_configured_on_the_command_line() {
+        let args = command_line("fc_1", Path::new("/vm"));
+        assert_eq!(
+            args.join(" "),
+            "--api-sock /vm/fc.sock --id fc-1 --log-path /vm/fc.log --level Info --show-level --metrics-path /vm/fc.metrics"
+        );
+        let requests = boot_requests(&spec(), Path::new("/vm"));
+        assert!(
+            requests
+                .iter()
+                .all(|(path, _)| path != "/logger" && path != "/metrics"),
+            "{requests:?}"
+        );
     }
 
     #[test]
     fn boot_requests_match_the_spec_shapes() {
         let requests = boot_requests(&spec(), Path::new("/vm"));
         let by_path: std::collections::HashMap<_, _> = requests.into_iter().collect();
-        assert_eq!(
-            by_path["/logger"],
-            json!({"log_path": "/vm/fc.log", "level": "Info", "show_level": true, "show_log_origin": false})
-        );
-        assert_eq!(
-            by_path["/metrics"],
-            json!({"metrics_path": "/vm/fc.metrics"})
-        );
         assert_eq!(
             by_path["/boot-source"],
             json!({"kernel_image_path": "/k/vmlinux", "initrd_path": "/k/initrd",
@@ -1122,11 +1156,11 @@ mod tests {
                 },
                 resume_vm: true,
                 vsock_override: None,
-                enable_diff_snapshots: Some(true),
-                track_dirty_pages: None,
+                enable_diff_snapshots: None,
+                track_dirty_pages: Some(true),
             })
             .expect("json"),
-            json!({"snapshot_path": "/s/vmstate", "mem_backend": {"backend_type": "File", "backend_path": "/s/memory"}, "resume_vm": true, "enable_diff_snapshots": true})
+            json!({"snapshot_path": "/s/vmstate", "mem_backend": {"backend_type": "File", "backend_path": "/s/memory"}, "resume_vm": true, "track_dirty_pages": true})
         );
         assert_eq!(instance_id("fc_1.a"), "fc-1-a");
     }
@@ -1211,21 +1245,5 @@ mod tests {
                 || format!("{err:?}").contains("bad vcpu count")
         );
         server.await.expect("server");
-    }
-
-    #[tokio::test]
-    async fn vsock_handshake_reads_only_the_answer() {
-        let (mut host, mut fc) = UnixStream::pair().expect("pair");
-        let fake = tokio::spawn(async move {
-            let mut buf = [0u8; 13];
-            fc.read_exact(&mut buf).await.expect("read");
-            assert_eq!(&buf, b"CONNECT 1024\n");
-            fc.write_all(b"OK 1073741824\nhello").await.expect("write");
-        });
-        vsock_handshake(&mut host, 1024).await.expect("handshake");
-        let mut rest = [0u8; 5];
-        host.read_exact(&mut rest).await.expect("rest");
-        assert_eq!(&rest, b"hello");
-        fake.await.expect("fake");
     }
 }
