@@ -202,6 +202,7 @@ async fn firecracker_conformance() {
     ] {
         assert!(report.passed.contains(&check), "{check} did not run");
     }
+    firecracker_specifics(driver.as_ref(), &tmp.path().join("guest"), tmp.path()).await;
     let vmlinux = kernel_dir().join("vmlinux");
     if !selection.linux_guests {
         eprintln!(
@@ -223,6 +224,92 @@ async fn firecracker_conformance() {
         .unwrap_or_else(|e| panic!("{e:#}"));
         print_report("firecracker linux", &report);
     }
+}
+
+/// What only a real Firecracker shows: its own log goes to `fc.log` (not
+/// to the console, which is its stdout), a snapshot load sends no
+/// deprecated field, and a handle re-attached from the record (whose
+/// version comes from `GET /`) records the same version in its snapshots
+/// as the driver (`--version`).
+async fn firecracker_specifics(
+    driver: &dyn VmmDriver,
+    guest_dir: &std::path::Path,
+    tmp: &std::path::Path,
+) {
+    let elf = kiln_vmm::testguest::build(guest_dir).expect("guest");
+    let spec = |name: &str| kiln_vmm::VmSpec {
+        id: format!("fc-{name}"),
+        dir: tmp.join(name),
+        kernel: elf.clone(),
+        initrd: None,
+        cmdline: String::new(),
+        cpus: 1,
+        memory_mib: 32,
+        disks: vec![],
+        agent_channel: true,
+        console_log: tmp.join(name).join("console.log"),
+    };
+    let counted = |spec: &kiln_vmm::VmSpec, n: usize| {
+        let text = std::fs::read_to_string(&spec.console_log).unwrap_or_default();
+        kiln_vmm::testguest::counters(&text).len() >= n
+    };
+    let wait = |spec: kiln_vmm::VmSpec, n: usize| async move {
+        for _ in 0..1000 {
+            if counted(&spec, n) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("{} did not count to {n}", spec.id);
+    };
+    let source = spec("src");
+    let vm = driver.start(&source).await.expect("start");
+    wait(source.clone(), 3).await;
+    let snap = tmp.join("fc-snap");
+    vm.snapshot(&snap).await.expect("snapshot");
+    vm.cleanup().await.expect("cleanup");
+    let restored = spec("restored");
+    let vm = driver.restore(&snap, &restored).await.expect("restore");
+    wait(restored.clone(), 2).await;
+    for (what, spec) in [("booted", &source), ("restored", &restored)] {
+        let console = std::fs::read_to_string(&spec.console_log).unwrap_or_default();
+        assert!(
+            console.is_empty() || console.starts_with("kiln-counter "),
+            "the {what} VM's console does not start with the guest's output: {:?}",
+            &console[..console.len().min(200)]
+        );
+        assert!(
+            !console.contains("Firecracker"),
+            "{what}: Firecracker wrote to the console"
+        );
+    }
+    let log = std::fs::read_to_string(restored.dir.join("fc.log")).expect("fc.log");
+    assert!(log.contains("Running Firecracker"), "fc.log: {log}");
+    assert!(
+        !log.to_ascii_lowercase().contains("deprecated"),
+        "the load used a deprecated field: {log}"
+    );
+    // The version through a re-attached handle.
+    let record = vm.record();
+    drop(vm);
+    let vm = driver.attach(&record).await.expect("attach");
+    let snap2 = tmp.join("fc-snap2");
+    vm.snapshot(&snap2)
+        .await
+        .expect("snapshot through the re-attached handle");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snap2.join("snapshot.json")).expect("meta"))
+            .expect("json");
+    assert_eq!(
+        meta["firecracker_version"].as_str(),
+        Some(driver.info().version.as_str()),
+        "the re-attached handle spells the version differently"
+    );
+    vm.cleanup().await.expect("cleanup");
+    eprintln!(
+        "firecracker specifics: console holds only guest output, fc.log has Firecracker's log and no deprecation, version {:?} through attach",
+        driver.info().version
+    );
 }
 
 /// Helper run in a child process by `vmm_outlives_the_process_that_started_it`:
