@@ -12,6 +12,7 @@
 //! It must not depend on the node, server or image crates: it knows nothing
 //! about sandboxes, images or the agent protocol, only VMs and byte streams.
 
+pub mod bench;
 pub mod conformance;
 pub mod firecracker;
 mod host;

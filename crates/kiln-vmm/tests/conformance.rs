@@ -226,6 +226,49 @@ async fn firecracker_conformance() {
     }
 }
 
+/// Boot, restore and fork timings of QEMU (TCG, and KVM where /dev/kvm
+/// exists) beside Firecracker's when `KILN_FIRECRACKER_BIN` is set, in one
+/// run, as the table `docs/vmm-drivers.md` records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_drivers_side_by_side() {
+    init_tracing();
+    const ROUNDS: usize = 3;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let _reaper = VmmReaper::new(tmp.path());
+    let elf = kiln_vmm::testguest::build(&tmp.path().join("guest")).expect("build the guest");
+    let host = kiln_vmm::detect(&DriverConfig::default());
+    let mut drivers: Vec<Arc<dyn VmmDriver>> = vec![qemu_tcg()];
+    if host.kvm != kiln_vmm::KvmKind::Absent {
+        drivers.push(Arc::new(QemuDriver::detect(Accel::Kvm).expect("QEMU 10")));
+    }
+    match kiln_vmm::select_for(DriverChoice::Firecracker, &host, GuestKind::BareMetal) {
+        Ok(selection) => drivers.push(selection.driver(&host).expect("driver")),
+        Err(e) => eprintln!("*** bench: Firecracker not measured: {e} ***"),
+    }
+    let mut reports = Vec::new();
+    for (i, driver) in drivers.iter().enumerate() {
+        let report = kiln_vmm::bench::measure(
+            driver.as_ref(),
+            &elf,
+            &tmp.path().join(format!("d{i}")),
+            ROUNDS,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e:#}", driver.kind()));
+        for series in [
+            &report.boot,
+            &report.restore,
+            &report.fork,
+            &report.snapshot_downtime,
+        ] {
+            assert_eq!(series.len(), ROUNDS);
+        }
+        reports.push(report);
+    }
+    eprintln!("{}", kiln_vmm::bench::table(&reports));
+    assert!(conformance::processes_mentioning(&tmp.path().display().to_string()).is_empty());
+}
+
 /// What only a real Firecracker shows: its own log goes to `fc.log` (not
 /// to the console, which is its stdout), a snapshot load sends no
 /// deprecated field, and a handle re-attached from the record (whose

@@ -505,7 +505,7 @@ async fn fork_checks(
 
 /// Poll every future on this task until all are done; their outputs, in
 /// order. (What `futures::future::join_all` does, without the dependency.)
-async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+pub(crate) async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
     let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {

@@ -13,6 +13,8 @@
 
 mod fork;
 
+pub(crate) use fork::join_all;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
