@@ -75,8 +75,8 @@ PACKAGES=(
 )
 BACKPORTS_PACKAGES=(qemu-system-x86 qemu-system-data qemu-utils)
 
-# vsock for QEMU (the agent channel over vhost-user-vsock): a crates.io
-# program, built once into cargo's bin directory (about 1.5 min on 2 cores).
+# vsock for QEMU (the agent channel over vhost-user-vsock): a Rust crate
+# (cargo install), built once into cargo's bin directory (about 1.5 min on 2 cores).
 VHOST_VSOCK_VERSION=0.3.0
 
 install_vhost_vsock() {

@@ -46,6 +46,12 @@ fn print_report(name: &str, report: &conformance::Report) {
         report.fork_first_line,
         report.agent_no_listener
     );
+    let each: Vec<String> = report
+        .check_times
+        .iter()
+        .map(|(check, took)| format!("{check} {:.0} ms", took.as_secs_f64() * 1000.0))
+        .collect();
+    eprintln!("{name}: each check: {}", each.join(", "));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,10 +86,10 @@ pub(super) async fn snapshot_restore(
         r?;
         cleaned.map_err(|e| fail(CHECK, format!("cleanup of the restored VM: {e:#}")))?;
         gone(CHECK, "the restored VM", &rspec.dir)?;
-        report.passed.push("snapshot_restore");
+        report.pass("snapshot_restore");
 
         snapshot_of_restored(driver, guest, work_dir, &snap_dir, &point).await?;
-        report.passed.push("snapshot_of_restored");
+        report.pass("snapshot_of_restored");
 
         fork(
             driver,
@@ -298,7 +298,7 @@ async fn fork(
             format!("processes still map the snapshot: {procs:?}"),
         ));
     }
-    report.passed.push(CHECK);
+    report.pass(CHECK);
     Ok(())
 }
 

@@ -101,6 +101,21 @@ pub struct Report {
     /// vsock drivers: how long `connect_agent()` took to fail with no
     /// listener in the guest.
     pub agent_no_listener: Option<Duration>,
+    /// Per passed check, in order: how long it took (from the end of the
+    /// one before, or the start of the suite).
+    pub check_times: Vec<(&'static str, Duration)>,
+    /// When the suite or the last passed check ended.
+    last_mark: Option<Instant>,
+}
+
+impl Report {
+    fn pass(&mut self, check: &'static str) {
+        let now = Instant::now();
+        let took = self.last_mark.map_or(Duration::ZERO, |t| now - t);
+        self.last_mark = Some(now);
+        self.passed.push(check);
+        self.check_times.push((check, took));
+    }
 }
 
 /// How many clones of one snapshot the fork check runs at once (besides
@@ -128,7 +143,10 @@ pub async fn run(
     guest: &Guest,
     work_dir: &Path,
 ) -> Result<Report, ConformanceError> {
-    let mut report = Report::default();
+    let mut report = Report {
+        last_mark: Some(Instant::now()),
+        ..Report::default()
+    };
     std::fs::create_dir_all(work_dir).map_err(|e| {
         fail(
             "setup",
@@ -149,7 +167,7 @@ pub async fn run(
     }
     outcome?;
     bad_inputs(driver, guest, work_dir).await?;
-    report.passed.push("bad_inputs");
+    report.pass("bad_inputs");
     let caps = driver.capabilities();
     if caps.snapshot && caps.restore && guest.counter {
         // Pushes "snapshot_restore", then "fork".
@@ -295,7 +313,7 @@ async fn lifecycle(
             ),
         ));
     }
-    report.passed.push("boot");
+    report.pass("boot");
 
     // pause: output stops
     vm.pause()
@@ -316,7 +334,7 @@ async fn lifecycle(
             ),
         ));
     }
-    report.passed.push("pause");
+    report.pass("pause");
 
     // resume: output continues from where it was
     let last = counters(&after).last().copied();
@@ -339,7 +357,7 @@ async fn lifecycle(
         .await?;
         check_contiguous("resume", &console(spec))?;
     }
-    report.passed.push("resume");
+    report.pass("resume");
 
     // attach: drop the handle (as a restarted Kiln would have lost it) and
     // re-attach from the record.
@@ -370,7 +388,7 @@ async fn lifecycle(
         Err(e) => return Err(fail("attach", format!("stale record: wrong error {e:#}"))),
         Ok(_) => return Err(fail("attach", "a record with a reused pid was accepted")),
     }
-    report.passed.push("attach");
+    report.pass("attach");
 
     // agent channel
     if spec.agent_channel {
@@ -391,7 +409,7 @@ async fn lifecycle(
     tokio::time::timeout(Duration::from_secs(5), vm.wait())
         .await
         .map_err(|_| fail("stop", "wait() did not return for a dead VMM"))?;
-    report.passed.push("stop");
+    report.pass("stop");
 
     // cleanup: nothing left
     vm.cleanup()
@@ -412,7 +430,7 @@ async fn lifecycle(
         }
         Ok(_) => return Err(fail("cleanup", "attach to a dead VM succeeded")),
     }
-    report.passed.push("cleanup");
+    report.pass("cleanup");
     Ok(())
 }
 
@@ -434,7 +452,7 @@ async fn agent_channel(
                 .await
                 .map_err(|e| fail(CHECK, format!("{e:#}")))?;
             drop(stream);
-            report.passed.push(CHECK);
+            report.pass(CHECK);
         }
         AgentTransport::HybridVsock => {
             let started = Instant::now();
@@ -463,7 +481,7 @@ async fn agent_channel(
                 Ok(Err(e)) => return Err(fail(CHECK, format!("wrong error: {e:#}"))),
             }
             report.agent_no_listener = Some(took);
-            report.passed.push("agent_channel_no_listener");
+            report.pass("agent_channel_no_listener");
         }
     }
     Ok(())
