@@ -283,9 +283,18 @@ async fn story() {
 
     eprintln!("phase silent guest: a paused guest never answers; the deadline ends the wait");
     vm.pause().await.expect("pause");
+    // The driver refuses at once (it would wedge the backend, below)...
     let t = Instant::now();
-    let err = vm
-        .connect_agent()
+    let err = vm.connect_agent().await.expect_err("paused");
+    assert!(matches!(err, ConnectAgentError::Paused), "{err:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
+    // ...and the raw protocol hits its deadline.
+    let t = Instant::now();
+    let err = kiln_vmm::vsock::connect(&socket, 1024, kiln_vmm::vsock::HANDSHAKE_TIMEOUT)
         .await
         .expect_err("a paused guest cannot accept");
     assert!(

@@ -882,6 +882,11 @@ impl Vm for FirecrackerVm {
             .agent_socket
             .as_ref()
             .ok_or(ConnectAgentError::NoChannel)?;
+        // Firecracker serves no vsock traffic while paused: fail now, not
+        // at the deadline.
+        if self.status().await.ok() == Some(VmStatus::Paused) {
+            return Err(ConnectAgentError::Paused);
+        }
         crate::vsock::connect(path, AGENT_VSOCK_PORT, crate::vsock::HANDSHAKE_TIMEOUT).await
     }
 

@@ -522,6 +522,10 @@ pub enum ConnectAgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the VM is paused: a vsock connection cannot be accepted now (and one abandoned while paused can wedge the device)"
+    )]
+    Paused,
     #[error("the vsock handshake on {path} failed: {reason}")]
     Handshake { path: PathBuf, reason: String },
     #[error(
@@ -627,4 +631,62 @@ pub(crate) fn validate_spec(spec: &VmSpec) -> Result<(), StartVmError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(driver: DriverKind, agent_transport: AgentTransport) -> Capabilities {
+        Capabilities {
+            driver,
+            pause: true,
+            snapshot: false,
+            snapshot_diff: false,
+            restore: true,
+            fork: false,
+            live_migration_precopy: false,
+            cow_restore: false,
+            virtio_fs: true,
+            vsock: true,
+            virtio_serial: false,
+            network: false,
+            agent_transport,
+        }
+    }
+
+    #[test]
+    fn require_names_the_driver_and_the_capability() {
+        let c = caps(DriverKind::Qemu, AgentTransport::HybridVsock);
+        let err = c
+            .require(Capability::SnapshotFull)
+            .expect_err("no snapshots");
+        assert_eq!(
+            err.to_string(),
+            "driver qemu (agent channel over vsock) cannot do Full snapshots"
+        );
+        assert_eq!(err.capability, Capability::SnapshotFull);
+        c.require(Capability::Restore).expect("restore");
+        let c = caps(DriverKind::Firecracker, AgentTransport::HybridVsock);
+        assert_eq!(
+            c.require(Capability::VirtioSerial)
+                .expect_err("no serial")
+                .to_string(),
+            "driver firecracker cannot do a virtio-serial agent channel"
+        );
+        // Every capability maps to its own field.
+        let supported: Vec<_> = Capability::ALL
+            .iter()
+            .filter(|cap| c.supports(**cap))
+            .collect();
+        assert_eq!(
+            supported,
+            [
+                &Capability::Pause,
+                &Capability::Restore,
+                &Capability::VirtioFs,
+                &Capability::Vsock
+            ]
+        );
+    }
 }

@@ -867,6 +867,12 @@ impl Vm for QemuVm {
             .ok_or(ConnectAgentError::NoChannel)?;
         match self.caps.agent_transport {
             AgentTransport::HybridVsock => {
+                // A paused guest cannot accept, and vhost-device-vsock
+                // serves nothing more after a CONNECT abandoned while the
+                // guest was paused.
+                if self.status().await.ok() == Some(VmStatus::Paused) {
+                    return Err(ConnectAgentError::Paused);
+                }
                 crate::vsock::connect(path, AGENT_VSOCK_PORT, crate::vsock::HANDSHAKE_TIMEOUT).await
             }
             AgentTransport::VirtioSerial => {
