@@ -5,9 +5,12 @@
 //! The crate owns the VMM *process*: spawning it detached (it outlives the Kiln
 //! process that started it), the per-VM runtime directory (sockets, pid file,
 //! console log, memory file), re-attaching from a persisted [`VmRecord`], and
-//! removing everything it created. It also ships a driver conformance suite
-//! ([`conformance`]) and the builder of a tiny bare-metal test guest
-//! ([`testguest`]).
+//! removing everything it created; the capability table every caller
+//! consults ([`Capabilities::require`]); the host side of the hybrid vsock
+//! guest channel ([`vsock`]) and, for QEMU, the `vhost-device-vsock` process
+//! serving it. It also ships a driver conformance suite ([`conformance`]),
+//! driver timings side by side ([`mod@bench`]) and the builder of a tiny
+//! bare-metal test guest ([`testguest`]).
 //!
 //! It must not depend on the node, server or image crates: it knows nothing
 //! about sandboxes, images or the agent protocol, only VMs and byte streams.

@@ -8,7 +8,7 @@
 //!
 //! The agent channel is a virtio-serial port by default; with
 //! [`QemuDriver::with_agent_transport`] it is vsock instead, served by a
-//! `vhost-device-vsock` process per VM ([`crate::vhost_vsock`]), and the
+//! `vhost-device-vsock` process per VM (`vhost_vsock.rs`), and the
 //! driver then reports (and refuses) no snapshots, restores or migration.
 
 use std::path::{Path, PathBuf};
