@@ -75,6 +75,23 @@ PACKAGES=(
 )
 BACKPORTS_PACKAGES=(qemu-system-x86 qemu-system-data qemu-utils)
 
+# vsock for QEMU (the agent channel over vhost-user-vsock): a Rust crate
+# (cargo install), built once into cargo's bin directory (about 1.5 min on 2 cores).
+VHOST_VSOCK_VERSION=0.3.0
+
+install_vhost_vsock() {
+  local bin="${CARGO_HOME:-$HOME/.cargo}/bin/vhost-device-vsock"
+  if [ -x "$bin" ] && [ "$("$bin" --version 2>/dev/null)" = "vhost-device-vsock $VHOST_VSOCK_VERSION" ]; then
+    return 0
+  fi
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo is needed to install vhost-device-vsock (vsock on QEMU)" >&2
+    exit 1
+  fi
+  log "installing vhost-device-vsock $VHOST_VSOCK_VERSION (cargo install, ~1.5 min)"
+  cargo install --locked --quiet vhost-device-vsock --version "$VHOST_VSOCK_VERSION"
+}
+
 qemu_ok() {
   command -v qemu-system-x86_64 >/dev/null 2>&1 || return 1
   local v
@@ -107,6 +124,7 @@ main() {
     fi
   fi
   qemu_ok || { echo "QEMU >= 10 with qboot.rom is still missing after install" >&2; exit 1; }
+  install_vhost_vsock
 }
 
 main "$@"

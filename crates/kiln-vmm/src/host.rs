@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::firecracker::FirecrackerDriver;
 use crate::qemu::QemuDriver;
-use crate::{DriverKind, VmmDriver};
+use crate::{AgentTransport, Capability, DriverKind, UnsupportedError, VmmDriver};
 
 /// Oldest QEMU accepted: Kiln relies on its microvm machine and migration
 /// formats (`file:` migration, `x-ignore-shared`).
@@ -46,6 +46,17 @@ pub enum KvmKind {
     Pvm,
 }
 
+/// What the VMs to be run boot: Linux (what Kiln runs), or tiny bare-metal
+/// guests (the conformance suite's counter guest), which a software KVM
+/// (`kvm_pvm`) can run under Firecracker too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestKind {
+    #[default]
+    Linux,
+    BareMetal,
+}
+
 /// Which driver the operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -72,6 +83,12 @@ pub struct DriverConfig {
     /// Where to remember each binary's `--version` while the binary is
     /// unchanged (`crate::memo`); `None` runs it every time.
     pub memo: Option<PathBuf>,
+    /// `vhost-device-vsock`, which gives QEMU vsock; default
+    /// [`crate::find_vhost_vsock`].
+    pub vhost_vsock_bin: Option<PathBuf>,
+    /// How to carry the agent channel; default the VMM's usual one
+    /// (virtio-serial on QEMU, vsock on Firecracker).
+    pub agent_transport: Option<AgentTransport>,
 }
 
 /// A VMM binary and the version it reported.
@@ -90,6 +107,12 @@ pub struct HostInfo {
     pub qemu_firmware: PathBuf,
     pub firecracker: Option<Binary>,
     pub accel_override: Option<Accel>,
+    /// `vhost-device-vsock`, if found.
+    #[serde(default)]
+    pub vhost_vsock: Option<PathBuf>,
+    /// The configured agent transport, if any.
+    #[serde(default)]
+    pub agent_transport: Option<AgentTransport>,
 }
 
 /// The outcome of [`select`]: which driver, which accelerator, and why.
@@ -99,6 +122,11 @@ pub struct Selection {
     pub accel: Accel,
     pub binary: PathBuf,
     pub version: String,
+    /// Whether this VMM can boot Linux guests here (Firecracker on a
+    /// software KVM runs bare-metal guests only).
+    pub linux_guests: bool,
+    /// How the agent channel is carried.
+    pub agent_transport: AgentTransport,
     /// A sentence for logs and `/v1/nodes`.
     pub reason: String,
 }
@@ -119,8 +147,12 @@ pub enum SelectDriverError {
     FirecrackerNotConfigured,
     #[error("Firecracker ({path}) cannot be run: {reason}")]
     FirecrackerMissing { path: PathBuf, reason: String },
-    #[error("Firecracker needs hardware KVM, and this host's /dev/kvm is {0}")]
+    #[error("Firecracker needs hardware KVM for Linux guests, and this host's /dev/kvm is {0}")]
     FirecrackerNeedsKvm(&'static str),
+    #[error("Firecracker needs /dev/kvm, which is absent")]
+    FirecrackerNoKvm,
+    #[error(transparent)]
+    Unsupported(#[from] UnsupportedError),
     #[error("KVM was requested but /dev/kvm is absent")]
     NoKvm,
 }
@@ -157,6 +189,11 @@ pub fn detect(config: &DriverConfig) -> HostInfo {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_QBOOT)),
         firecracker,
         accel_override: config.accel,
+        vhost_vsock: config
+            .vhost_vsock_bin
+            .clone()
+            .or_else(crate::vhost_vsock::find_binary),
+        agent_transport: config.agent_transport,
     }
 }
 
@@ -244,11 +281,62 @@ fn kvm_words(kvm: KvmKind) -> &'static str {
     }
 }
 
-/// Decide which driver runs, from the host facts alone.
+/// Decide which driver runs Linux guests, from the host facts alone.
 ///
 /// `Auto`: Firecracker if its binary is configured and KVM is hardware KVM,
 /// else QEMU with KVM if KVM can boot Linux, else QEMU with TCG.
 pub fn select(choice: DriverChoice, host: &HostInfo) -> Result<Selection, SelectDriverError> {
+    select_for(choice, host, GuestKind::Linux)
+}
+
+/// [`select`] for guests of `kind`. For bare-metal guests an explicit
+/// `Firecracker` choice is accepted on a software KVM too (it runs them
+/// there), and the selection says it cannot boot Linux. `Auto` never
+/// picks Firecracker on a software KVM.
+pub fn select_for(
+    choice: DriverChoice,
+    host: &HostInfo,
+    guests: GuestKind,
+) -> Result<Selection, SelectDriverError> {
+    let selection = select_vmm(choice, host, guests)?;
+    let transport = host.agent_transport.unwrap_or(match selection.kind {
+        DriverKind::Qemu => AgentTransport::VirtioSerial,
+        DriverKind::Firecracker => AgentTransport::HybridVsock,
+    });
+    let unsupported = |capability| UnsupportedError {
+        driver: selection.kind.to_string(),
+        capability,
+    };
+    match (selection.kind, transport) {
+        (DriverKind::Firecracker, AgentTransport::VirtioSerial) => {
+            return Err(unsupported(Capability::VirtioSerial).into());
+        }
+        (DriverKind::Qemu, AgentTransport::HybridVsock) if host.vhost_vsock.is_none() => {
+            return Err(unsupported(Capability::Vsock).into());
+        }
+        _ => {}
+    }
+    let reason = if transport == AgentTransport::HybridVsock && selection.kind == DriverKind::Qemu {
+        format!(
+            "{}; agent channel over vsock ({}): no snapshots, restores or migration",
+            selection.reason,
+            crate::vhost_vsock::BINARY
+        )
+    } else {
+        selection.reason
+    };
+    Ok(Selection {
+        agent_transport: transport,
+        reason,
+        ..selection
+    })
+}
+
+fn select_vmm(
+    choice: DriverChoice,
+    host: &HostInfo,
+    guests: GuestKind,
+) -> Result<Selection, SelectDriverError> {
     let firecracker_ok = match &host.firecracker {
         Some(Binary {
             path,
@@ -269,15 +357,31 @@ pub fn select(choice: DriverChoice, host: &HostInfo) -> Result<Selection, Select
                         path: fc.path.clone(),
                         reason,
                     })?;
-            if host.kvm != KvmKind::Hardware {
-                return Err(SelectDriverError::FirecrackerNeedsKvm(kvm_words(host.kvm)));
-            }
+            let (linux_guests, reason) = match (host.kvm, guests) {
+                (KvmKind::Absent, _) => return Err(SelectDriverError::FirecrackerNoKvm),
+                (KvmKind::Hardware, _) => (
+                    true,
+                    "Firecracker was requested and /dev/kvm is hardware KVM: Linux and bare-metal guests".to_owned(),
+                ),
+                (KvmKind::Pvm, GuestKind::Linux) => {
+                    return Err(SelectDriverError::FirecrackerNeedsKvm(kvm_words(host.kvm)));
+                }
+                (KvmKind::Pvm, GuestKind::BareMetal) => (
+                    false,
+                    format!(
+                        "Firecracker was requested for bare-metal guests; /dev/kvm is {}: bare-metal guests only, no Linux",
+                        kvm_words(host.kvm)
+                    ),
+                ),
+            };
             Ok(Selection {
                 kind: DriverKind::Firecracker,
                 accel: Accel::Kvm,
                 binary: fc.path.clone(),
                 version,
-                reason: "Firecracker was requested and /dev/kvm is hardware KVM".into(),
+                linux_guests,
+                agent_transport: AgentTransport::HybridVsock,
+                reason,
             })
         }
         DriverChoice::Auto if host.kvm == KvmKind::Hardware && firecracker_ok.is_some() => {
@@ -287,6 +391,8 @@ pub fn select(choice: DriverChoice, host: &HostInfo) -> Result<Selection, Select
                 accel: Accel::Kvm,
                 binary: path.clone(),
                 version: version.clone(),
+                linux_guests: true,
+                agent_transport: AgentTransport::HybridVsock,
                 reason: format!(
                     "Firecracker is configured ({}) and /dev/kvm is hardware KVM: using Firecracker",
                     path.display()
@@ -334,6 +440,9 @@ pub fn select(choice: DriverChoice, host: &HostInfo) -> Result<Selection, Select
                 accel,
                 binary: host.qemu.path.clone(),
                 version,
+                // TCG boots Linux anywhere; KVM on kvm_pvm only when forced.
+                linux_guests: !(accel == Accel::Kvm && host.kvm == KvmKind::Pvm),
+                agent_transport: AgentTransport::VirtioSerial,
                 reason,
             })
         }
@@ -351,11 +460,16 @@ impl Selection {
                     self.accel,
                     &self.version,
                 )?;
-                Arc::new(if self.accel == Accel::Kvm && host.kvm == KvmKind::Pvm {
+                let driver = if self.accel == Accel::Kvm && host.kvm == KvmKind::Pvm {
                     driver.with_cpu_model(crate::qemu::PVM_CPU_MODEL)
                 } else {
                     driver
-                })
+                };
+                let driver = match &host.vhost_vsock {
+                    Some(binary) => driver.with_vsock_backend(binary.clone()),
+                    None => driver,
+                };
+                Arc::new(driver.with_agent_transport(self.agent_transport)?)
             }
             DriverKind::Firecracker => Arc::new(FirecrackerDriver::new(
                 self.binary.clone(),
@@ -382,6 +496,8 @@ mod tests {
                 version: Ok("Firecracker v1.12.0".into()),
             }),
             accel_override: None,
+            vhost_vsock: None,
+            agent_transport: None,
         }
     }
     const Q10: &str = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)";
@@ -413,6 +529,14 @@ mod tests {
             select(DriverChoice::Firecracker, &host(KvmKind::Pvm, true, Q10)),
             Err(SelectDriverError::FirecrackerNeedsKvm(_))
         ));
+        assert!(matches!(
+            select_for(
+                DriverChoice::Firecracker,
+                &host(KvmKind::Absent, true, Q10),
+                GuestKind::BareMetal
+            ),
+            Err(SelectDriverError::FirecrackerNoKvm)
+        ));
         let err = select(
             DriverChoice::Qemu,
             &host(KvmKind::Hardware, false, "QEMU emulator version 7.2.15"),
@@ -423,6 +547,58 @@ mod tests {
         h.accel_override = Some(Accel::Kvm);
         let s = select(DriverChoice::Qemu, &h).expect("forced");
         assert_eq!(s.accel, Accel::Kvm);
+    }
+
+    /// The conformance suite runs Firecracker on a software KVM with the
+    /// bare-metal guest, and the selection says Linux is not possible.
+    #[test]
+    fn firecracker_runs_bare_metal_guests_on_a_software_kvm() {
+        let s = select_for(
+            DriverChoice::Firecracker,
+            &host(KvmKind::Pvm, true, Q10),
+            GuestKind::BareMetal,
+        )
+        .expect("bare-metal guests on kvm_pvm");
+        assert_eq!(s.kind, DriverKind::Firecracker);
+        assert!(!s.linux_guests);
+        assert!(s.reason.contains("bare-metal guests only"), "{}", s.reason);
+        let s = select_for(
+            DriverChoice::Firecracker,
+            &host(KvmKind::Hardware, true, Q10),
+            GuestKind::BareMetal,
+        )
+        .expect("hardware KVM");
+        assert!(s.linux_guests);
+        // Auto still never picks Firecracker on a software KVM.
+        let s = select_for(
+            DriverChoice::Auto,
+            &host(KvmKind::Pvm, true, Q10),
+            GuestKind::BareMetal,
+        )
+        .expect("auto");
+        assert_eq!(s.kind, DriverKind::Qemu);
+    }
+
+    #[test]
+    fn agent_transport_choices() {
+        let mut h = host(KvmKind::Pvm, false, Q10);
+        h.agent_transport = Some(AgentTransport::HybridVsock);
+        let err = select(DriverChoice::Qemu, &h).expect_err("no backend");
+        assert_eq!(
+            err.to_string(),
+            "driver qemu cannot do a vsock agent channel"
+        );
+        h.vhost_vsock = Some("/bin/vhost-device-vsock".into());
+        let s = select(DriverChoice::Qemu, &h).expect("vsock");
+        assert_eq!(s.agent_transport, AgentTransport::HybridVsock);
+        assert!(s.reason.contains("vsock"), "{}", s.reason);
+        let mut h = host(KvmKind::Hardware, true, Q10);
+        h.agent_transport = Some(AgentTransport::VirtioSerial);
+        let err = select(DriverChoice::Firecracker, &h).expect_err("serial");
+        assert_eq!(
+            err.to_string(),
+            "driver firecracker cannot do a virtio-serial agent channel"
+        );
     }
 
     #[test]

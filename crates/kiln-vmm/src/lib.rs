@@ -5,13 +5,17 @@
 //! The crate owns the VMM *process*: spawning it detached (it outlives the Kiln
 //! process that started it), the per-VM runtime directory (sockets, pid file,
 //! console log, memory file), re-attaching from a persisted [`VmRecord`], and
-//! removing everything it created. It also ships a driver conformance suite
-//! ([`conformance`]) and the builder of a tiny bare-metal test guest
-//! ([`testguest`]).
+//! removing everything it created; the capability table every caller
+//! consults ([`Capabilities::require`]); the host side of the hybrid vsock
+//! guest channel ([`vsock`]) and, for QEMU, the `vhost-device-vsock` process
+//! serving it. It also ships a driver conformance suite ([`conformance`]),
+//! driver timings side by side ([`mod@bench`]) and the builder of a tiny
+//! bare-metal test guest ([`testguest`]).
 //!
 //! It must not depend on the node, server or image crates: it knows nothing
 //! about sandboxes, images or the agent protocol, only VMs and byte streams.
 
+pub mod bench;
 pub mod conformance;
 pub mod firecracker;
 mod host;
@@ -21,6 +25,8 @@ pub mod qemu;
 pub mod qmp;
 pub mod sparse;
 pub mod testguest;
+mod vhost_vsock;
+pub mod vsock;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,9 +35,11 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
+pub use vhost_vsock::{BINARY as VHOST_VSOCK_BINARY, find_binary as find_vhost_vsock};
+
 pub use host::{
-    Accel, Binary, DEFAULT_QBOOT, DriverChoice, DriverConfig, HostInfo, KvmKind, MIN_QEMU,
-    SelectDriverError, Selection, detect, select,
+    Accel, Binary, DEFAULT_QBOOT, DriverChoice, DriverConfig, GuestKind, HostInfo, KvmKind,
+    MIN_QEMU, SelectDriverError, Selection, detect, select, select_for,
 };
 
 /// Which VMM a driver runs.
@@ -52,15 +60,28 @@ impl std::fmt::Display for DriverKind {
 }
 
 /// What a driver can do. Kiln checks this before asking for a feature, so an
-/// unsupported operation is a scheduling decision, not a runtime surprise.
+/// unsupported operation is a scheduling decision, not a runtime surprise:
+/// callers ask [`Capabilities::require`], which names the driver and the
+/// capability in its error. The table depends on the driver's options (a
+/// QEMU driver carrying the agent over vsock cannot snapshot), so it is
+/// asked of the configured driver, never assumed per VMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capabilities {
+    /// The driver these are the capabilities of.
+    pub driver: DriverKind,
     /// Pause and resume the vCPUs.
     pub pause: bool,
-    /// Write memory + device state to a directory ([`Vm::snapshot`]).
+    /// Write memory + device state to a directory ([`Vm::snapshot`]): all of
+    /// the memory (a `Full` snapshot).
     pub snapshot: bool,
+    /// Snapshots that write only the pages changed since a base (`Diff`),
+    /// used for the first snapshot of a restored VM.
+    pub snapshot_diff: bool,
     /// Start a VM from such a directory ([`VmmDriver::restore`]).
     pub restore: bool,
+    /// Several VMs restored from one snapshot at once, each independent
+    /// (what `fork` builds on).
+    pub fork: bool,
     /// Live migration with pre-copy of memory while the guest runs.
     pub live_migration_precopy: bool,
     /// Restored memory is mapped copy-on-write from the snapshot file, so
@@ -68,8 +89,122 @@ pub struct Capabilities {
     pub cow_restore: bool,
     /// virtio-fs through vhost-user (virtiofsd).
     pub virtio_fs: bool,
-    /// Guest channel transport used by [`Vm::connect_agent`].
+    /// The agent channel can be carried over vsock (hybrid Unix-socket
+    /// protocol, `CONNECT <port>` / `OK <port>`).
+    pub vsock: bool,
+    /// The agent channel can be carried over a virtio-serial port.
+    pub virtio_serial: bool,
+    /// A network interface (tap) can be given to the guest. Neither driver
+    /// attaches one yet, although both VMMs could.
+    pub network: bool,
+    /// The guest channel transport [`Vm::connect_agent`] uses with this
+    /// driver's configuration.
     pub agent_transport: AgentTransport,
+}
+
+/// One entry of the capability table, for [`Capabilities::require`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capability {
+    Pause,
+    SnapshotFull,
+    SnapshotDiff,
+    Restore,
+    Fork,
+    LiveMigration,
+    VirtioFs,
+    Vsock,
+    VirtioSerial,
+    Network,
+}
+
+impl Capability {
+    /// Every capability, in table order.
+    pub const ALL: [Capability; 10] = [
+        Capability::Pause,
+        Capability::SnapshotFull,
+        Capability::SnapshotDiff,
+        Capability::Restore,
+        Capability::Fork,
+        Capability::LiveMigration,
+        Capability::VirtioFs,
+        Capability::Vsock,
+        Capability::VirtioSerial,
+        Capability::Network,
+    ];
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Capability::Pause => "pause and resume",
+            Capability::SnapshotFull => "Full snapshots",
+            Capability::SnapshotDiff => "Diff snapshots",
+            Capability::Restore => "restore from a snapshot",
+            Capability::Fork => "fork (several restores of one snapshot)",
+            Capability::LiveMigration => "live migration",
+            Capability::VirtioFs => "virtio-fs",
+            Capability::Vsock => "a vsock agent channel",
+            Capability::VirtioSerial => "a virtio-serial agent channel",
+            Capability::Network => "a network interface",
+        })
+    }
+}
+
+/// A request a driver cannot serve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("driver {driver} cannot do {capability}")]
+pub struct UnsupportedError {
+    /// The driver and the option that matters, e.g. `qemu (agent channel
+    /// over vsock)`.
+    pub driver: String,
+    pub capability: Capability,
+}
+
+impl Capabilities {
+    /// Whether the driver can do `capability`.
+    pub fn supports(&self, capability: Capability) -> bool {
+        match capability {
+            Capability::Pause => self.pause,
+            Capability::SnapshotFull => self.snapshot,
+            Capability::SnapshotDiff => self.snapshot_diff,
+            Capability::Restore => self.restore,
+            Capability::Fork => self.fork,
+            Capability::LiveMigration => self.live_migration_precopy,
+            Capability::VirtioFs => self.virtio_fs,
+            Capability::Vsock => self.vsock,
+            Capability::VirtioSerial => self.virtio_serial,
+            Capability::Network => self.network,
+        }
+    }
+
+    /// `Ok` if the driver can do `capability`, else the error callers pass
+    /// on: `driver qemu (agent channel over vsock) cannot do Full
+    /// snapshots`.
+    pub fn require(&self, capability: Capability) -> Result<(), UnsupportedError> {
+        if self.supports(capability) {
+            Ok(())
+        } else {
+            Err(UnsupportedError {
+                driver: self.driver_name(),
+                capability,
+            })
+        }
+    }
+
+    /// The driver, with the option that changes its table when it is not
+    /// the VMM's usual one.
+    pub fn driver_name(&self) -> String {
+        match (self.driver, self.agent_transport) {
+            (DriverKind::Qemu, AgentTransport::HybridVsock) => {
+                "qemu (agent channel over vsock)".to_owned()
+            }
+            (DriverKind::Firecracker, AgentTransport::VirtioSerial) => {
+                "firecracker (agent channel over virtio-serial)".to_owned()
+            }
+            (kind, _) => kind.to_string(),
+        }
+    }
 }
 
 /// How the guest agent channel is carried.
@@ -79,16 +214,27 @@ pub enum AgentTransport {
     /// A virtio-serial port on a Unix-socket chardev (QEMU); the guest sees
     /// `/dev/virtio-ports/kiln.agent`.
     VirtioSerial,
-    /// Firecracker's hybrid vsock: guest CID 3, the guest listens on
-    /// [`AGENT_VSOCK_PORT`].
+    /// Hybrid vsock: guest CID 3, the guest listens on [`AGENT_VSOCK_PORT`];
+    /// the host connects to a Unix socket and says `CONNECT <port>`
+    /// ([`vsock`]). Firecracker's own device, or on QEMU a
+    /// `vhost-user-vsock-device` served by `vhost-device-vsock`.
     HybridVsock,
+}
+
+impl std::fmt::Display for AgentTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AgentTransport::VirtioSerial => "virtio-serial",
+            AgentTransport::HybridVsock => "vsock",
+        })
+    }
 }
 
 /// Name of the guest agent's virtio-serial port (QEMU).
 pub const AGENT_PORT_NAME: &str = "kiln.agent";
-/// Vsock port the guest agent listens on (Firecracker).
+/// Vsock port the guest agent listens on (Firecracker, QEMU with vsock).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
-/// Guest CID given to Firecracker's vsock device.
+/// Guest CID given to the vsock device.
 pub const GUEST_CID: u32 = 3;
 /// Smallest guest memory the drivers accept.
 pub const MIN_MEMORY_MIB: u32 = 16;
@@ -143,6 +289,22 @@ pub struct VmRecord {
     /// Every file and socket the driver created for this VM; removed by
     /// [`Vm::cleanup`].
     pub files: Vec<PathBuf>,
+    /// How the agent channel is carried (`None` in records written before
+    /// this field: the VMM's usual transport).
+    #[serde(default)]
+    pub agent_transport: Option<AgentTransport>,
+    /// Processes that serve this VM beside the VMM (QEMU's vsock backend);
+    /// killed with it.
+    #[serde(default)]
+    pub helpers: Vec<HelperRecord>,
+}
+
+/// A helper process of a VM, identified like the VMM (pid + start time).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelperRecord {
+    pub name: String,
+    pub pid: i32,
+    pub start_time: u64,
 }
 
 /// Observed state of a VM.
@@ -244,6 +406,9 @@ pub trait Vm: Send + Sync {
     fn pid(&self) -> i32;
     /// Record to persist; enough for [`VmmDriver::attach`].
     fn record(&self) -> VmRecord;
+    /// The capability table of the driver configuration this VM runs with
+    /// (see [`Capabilities::require`]).
+    fn capabilities(&self) -> Capabilities;
     async fn pause(&self) -> Result<(), ControlVmError>;
     async fn resume(&self) -> Result<(), ControlVmError>;
     async fn status(&self) -> Result<VmStatus, ControlVmError>;
@@ -317,8 +482,8 @@ pub enum AttachVmError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreVmError {
-    #[error("{0} does not support restoring snapshots")]
-    Unsupported(DriverKind),
+    #[error(transparent)]
+    Unsupported(#[from] UnsupportedError),
     #[error("cannot read the snapshot in {path}")]
     Read {
         path: PathBuf,
@@ -360,8 +525,20 @@ pub enum ConnectAgentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the vsock handshake failed: {0}")]
-    Handshake(String),
+    #[error(
+        "the VM is paused: a vsock connection cannot be accepted now (and one abandoned while paused can wedge the device)"
+    )]
+    Paused,
+    #[error("the vsock handshake on {path} failed: {reason}")]
+    Handshake { path: PathBuf, reason: String },
+    #[error(
+        "no answer to `CONNECT {port}` on {path} within {timeout:?} (is anything listening on vsock port {port} in the guest?)"
+    )]
+    HandshakeTimeout {
+        path: PathBuf,
+        port: u32,
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -390,8 +567,8 @@ pub enum CleanupVmError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotVmError {
-    #[error("{0} snapshots are not supported")]
-    Unsupported(DriverKind),
+    #[error(transparent)]
+    Unsupported(#[from] UnsupportedError),
     #[error("cannot write the snapshot into {path}")]
     Write {
         path: PathBuf,
@@ -457,4 +634,62 @@ pub(crate) fn validate_spec(spec: &VmSpec) -> Result<(), StartVmError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(driver: DriverKind, agent_transport: AgentTransport) -> Capabilities {
+        Capabilities {
+            driver,
+            pause: true,
+            snapshot: false,
+            snapshot_diff: false,
+            restore: true,
+            fork: false,
+            live_migration_precopy: false,
+            cow_restore: false,
+            virtio_fs: true,
+            vsock: true,
+            virtio_serial: false,
+            network: false,
+            agent_transport,
+        }
+    }
+
+    #[test]
+    fn require_names_the_driver_and_the_capability() {
+        let c = caps(DriverKind::Qemu, AgentTransport::HybridVsock);
+        let err = c
+            .require(Capability::SnapshotFull)
+            .expect_err("no snapshots");
+        assert_eq!(
+            err.to_string(),
+            "driver qemu (agent channel over vsock) cannot do Full snapshots"
+        );
+        assert_eq!(err.capability, Capability::SnapshotFull);
+        c.require(Capability::Restore).expect("restore");
+        let c = caps(DriverKind::Firecracker, AgentTransport::HybridVsock);
+        assert_eq!(
+            c.require(Capability::VirtioSerial)
+                .expect_err("no serial")
+                .to_string(),
+            "driver firecracker cannot do a virtio-serial agent channel"
+        );
+        // Every capability maps to its own field.
+        let supported: Vec<_> = Capability::ALL
+            .iter()
+            .filter(|cap| c.supports(**cap))
+            .collect();
+        assert_eq!(
+            supported,
+            [
+                &Capability::Pause,
+                &Capability::Restore,
+                &Capability::VirtioFs,
+                &Capability::Vsock
+            ]
+        );
+    }
 }

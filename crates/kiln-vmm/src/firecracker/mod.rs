@@ -3,28 +3,35 @@
 //! a Unix socket, one request type per API resource, every status checked
 //! and Firecracker's `fault_message` surfaced.
 //!
-//! Start: spawn `firecracker --api-sock DIR/fc.sock --id ID` detached (its
-//! stdout, where the guest serial goes, is the console log), then PUT
-//! `/logger`, `/metrics`, `/boot-source`, `/machine-config`, `/drives/{id}`,
-//! `/vsock`, and `/actions {InstanceStart}`. Pause/resume: PATCH `/vm`.
-//! Snapshots: PUT `/snapshot/create` and `/snapshot/load`.
+//! Start: spawn `firecracker --api-sock DIR/fc.sock --id ID --log-path
+//! DIR/fc.log --level Info --show-level --metrics-path DIR/fc.metrics`
+//! detached (its stdout, where the guest serial goes, is the console log),
+//! then PUT `/boot-source`, `/machine-config`, `/drives/{id}`, `/vsock`, and
+//! `/actions {InstanceStart}`. Pause/resume: PATCH `/vm`. Snapshots: PUT
+//! `/snapshot/create` and `/snapshot/load`.
 //!
-//! Not exercised on the machines Kiln's CI runs on (no Firecracker binary is
-//! reachable there, and their KVM is `kvm_pvm`): the request bodies are unit
-//! tested against the spec's shapes, and the conformance suite runs against
-//! a real binary when `KILN_FIRECRACKER_BIN` is set.
+//! Invariant: nothing but the guest writes to the console. Firecracker logs
+//! to its stdout until a logger is configured, so the log file is given on
+//! its command line (before it prints anything), never by `PUT /logger`
+//! (which would come too late, and reopens the file).
+//!
+//! The request bodies are unit tested against the spec's shapes; the
+//! conformance suite runs against a real binary when `KILN_FIRECRACKER_BIN`
+//! is set (bare-metal guests on a software KVM, Linux too on hardware KVM;
+//! see `docs/vmm-drivers.md` for the last run).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::Method;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+
+mod api;
+
+use api::REQUEST_TIMEOUT;
+pub use api::*;
 
 use crate::process::{VmmProcess, connect_when_ready, read_tail, remove_files, spawn_detached};
 use crate::{
@@ -36,266 +43,11 @@ use crate::{
 
 /// How long Firecracker has to open its API socket.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one API request may take (snapshot requests get more).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
-/// Longest API response body read.
-const MAX_BODY: usize = 1 << 20;
 /// Snapshot metadata, state and memory file names.
 pub const SNAPSHOT_META: &str = "snapshot.json";
 pub const SNAPSHOT_STATE: &str = "vmstate";
 pub const MEMORY_FILE: &str = "memory";
-
-// ---- API bodies: one type per resource, field names as in the spec ----
-
-/// PUT /logger
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Logger {
-    pub log_path: String,
-    pub level: String,
-    pub show_level: bool,
-    pub show_log_origin: bool,
-}
-
-/// PUT /metrics
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Metrics {
-    pub metrics_path: String,
-}
-
-/// PUT /boot-source
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BootSource {
-    pub kernel_image_path: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub initrd_path: Option<String>,
-    pub boot_args: String,
-}
-
-/// PUT /machine-config
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MachineConfiguration {
-    pub vcpu_count: u32,
-    pub mem_size_mib: u32,
-    pub smt: bool,
-    /// Lets `/snapshot/create` write `Diff` snapshots (only the pages
-    /// written since boot, load or the last snapshot).
-    #[serde(default)]
-    pub track_dirty_pages: bool,
-}
-
-/// PUT /drives/{drive_id}
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Drive {
-    pub drive_id: String,
-    pub path_on_host: String,
-    pub is_root_device: bool,
-    pub is_read_only: bool,
-}
-
-/// PUT /vsock
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Vsock {
-    pub guest_cid: u32,
-    pub uds_path: String,
-}
-
-/// PUT /actions
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InstanceActionInfo {
-    pub action_type: ActionType,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub enum ActionType {
-    InstanceStart,
-    SendCtrlAltDel,
-    FlushMetrics,
-}
-
-/// PATCH /vm
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VmState {
-    pub state: VmStateKind,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub enum VmStateKind {
-    Paused,
-    Resumed,
-}
-
-/// PUT /snapshot/create
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SnapshotCreateParams {
-    pub snapshot_path: String,
-    pub mem_file_path: String,
-    pub snapshot_type: String,
-}
-
-/// PUT /snapshot/load
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SnapshotLoadParams {
-    pub snapshot_path: String,
-    pub mem_backend: MemoryBackend,
-    pub resume_vm: bool,
-    /// Only sent when the vsock socket moves (newer Firecracker releases).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub vsock_override: Option<VsockOverride>,
-    /// Dirty page tracking after the load (1.x name, deprecated but
-    /// accepted by every 1.x release).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub enable_diff_snapshots: Option<bool>,
-    /// The same, under its current name (sent to 2.x and later).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub track_dirty_pages: Option<bool>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MemoryBackend {
-    pub backend_type: String,
-    pub backend_path: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VsockOverride {
-    pub uds_path: String,
-}
-
-/// GET / (InstanceInfo); only the fields Kiln reads.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct InstanceInfo {
-    pub id: String,
-    pub state: String,
-    pub vmm_version: String,
-}
-
-/// Error body of every failing request.
-#[derive(Debug, Clone, Default, Deserialize)]
-struct ApiError {
-    #[serde(default)]
-    fault_message: Option<String>,
-}
-
-// ---- HTTP over the API socket ----
-
-/// A Firecracker API client; one connection per request (Firecracker's API
-/// server is single-threaded and requests are rare).
-#[derive(Debug, Clone)]
-pub struct ApiClient {
-    socket: PathBuf,
-}
-
-impl ApiClient {
-    pub fn new(socket: PathBuf) -> Self {
-        ApiClient { socket }
-    }
-
-    /// Send one request; `Ok(body)` for a 2xx answer, otherwise `Refused`
-    /// with Firecracker's `fault_message`.
-    pub async fn request<B: Serialize>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&B>,
-        timeout: Duration,
-    ) -> Result<Bytes, ControlVmError> {
-        let what = format!("{method} {path}");
-        tokio::time::timeout(timeout, self.send(method, path, body, &what))
-            .await
-            .map_err(|_| ControlVmError::Timeout {
-                command: what.clone(),
-                timeout,
-            })?
-    }
-
-    async fn send<B: Serialize>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&B>,
-        what: &str,
-    ) -> Result<Bytes, ControlVmError> {
-        let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) {
-                ControlVmError::Gone
-            } else {
-                ControlVmError::Io(e)
-            }
-        })?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ControlVmError::Protocol(format!("HTTP handshake: {e}")))?;
-        let connection = tokio::spawn(connection);
-        let payload = match body {
-            Some(body) => Bytes::from(
-                serde_json::to_vec(body).map_err(|e| ControlVmError::Protocol(e.to_string()))?,
-            ),
-            None => Bytes::new(),
-        };
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("Host", "localhost")
-            .header("Accept", "application/json");
-        if body.is_some() {
-            builder = builder.header("Content-Type", "application/json");
-        }
-        let request = builder
-            .body(Full::new(payload))
-            .map_err(|e| ControlVmError::Protocol(e.to_string()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| ControlVmError::Protocol(format!("{what}: {e}")))?;
-        let status = response.status();
-        let limited = http_body_util::Limited::new(response.into_body(), MAX_BODY);
-        let bytes = limited
-            .collect()
-            .await
-            .map_err(|e| ControlVmError::Protocol(format!("{what}: reading the body: {e}")))?
-            .to_bytes();
-        connection.abort();
-        check_status(what, status, &bytes).map(|()| bytes)
-    }
-
-    async fn put<B: Serialize>(&self, path: &str, body: &B) -> Result<(), ControlVmError> {
-        self.request(Method::PUT, path, Some(body), REQUEST_TIMEOUT)
-            .await
-            .map(drop)
-    }
-
-    async fn patch<B: Serialize>(&self, path: &str, body: &B) -> Result<(), ControlVmError> {
-        self.request(Method::PATCH, path, Some(body), REQUEST_TIMEOUT)
-            .await
-            .map(drop)
-    }
-
-    pub async fn instance_info(&self) -> Result<InstanceInfo, ControlVmError> {
-        let body = self
-            .request::<()>(Method::GET, "/", None, REQUEST_TIMEOUT)
-            .await?;
-        serde_json::from_slice(&body)
-            .map_err(|e| ControlVmError::Protocol(format!("GET /: bad InstanceInfo: {e}")))
-    }
-}
-
-fn check_status(what: &str, status: StatusCode, body: &[u8]) -> Result<(), ControlVmError> {
-    if status.is_success() {
-        return Ok(());
-    }
-    let fault = serde_json::from_slice::<ApiError>(body)
-        .ok()
-        .and_then(|e| e.fault_message)
-        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned());
-    Err(ControlVmError::Refused {
-        command: what.to_owned(),
-        message: format!("{status}: {fault}"),
-    })
-}
 
 // ---- the driver ----
 
@@ -351,6 +103,26 @@ fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// Firecracker's command line for a VM in `dir`: the API socket, the id,
+/// and the log and metrics files, so that it never logs to its stdout (the
+/// console).
+pub fn command_line(id: &str, dir: &Path) -> Vec<String> {
+    let paths = Paths::new(dir);
+    vec![
+        "--api-sock".to_owned(),
+        path_str(&paths.api),
+        "--id".to_owned(),
+        instance_id(id),
+        "--log-path".to_owned(),
+        path_str(&paths.log),
+        "--level".to_owned(),
+        "Info".to_owned(),
+        "--show-level".to_owned(),
+        "--metrics-path".to_owned(),
+        path_str(&paths.metrics),
+    ]
+}
+
 /// The configuration requests of a cold boot, in order: (path, body).
 pub fn boot_requests(spec: &VmSpec, dir: &Path) -> Vec<(String, serde_json::Value)> {
     let paths = Paths::new(dir);
@@ -361,21 +133,6 @@ pub fn boot_requests(spec: &VmSpec, dir: &Path) -> Vec<(String, serde_json::Valu
         boot_args.push_str(spec.cmdline.trim());
     }
     let mut requests = vec![
-        (
-            "/logger".to_owned(),
-            to(serde_json::to_value(Logger {
-                log_path: path_str(&paths.log),
-                level: "Info".into(),
-                show_level: true,
-                show_log_origin: false,
-            })),
-        ),
-        (
-            "/metrics".to_owned(),
-            to(serde_json::to_value(Metrics {
-                metrics_path: path_str(&paths.metrics),
-            })),
-        ),
         (
             "/boot-source".to_owned(),
             to(serde_json::to_value(BootSource {
@@ -419,12 +176,14 @@ pub fn boot_requests(spec: &VmSpec, dir: &Path) -> Vec<(String, serde_json::Valu
 }
 
 impl FirecrackerDriver {
+    /// A driver for `binary`, whose version is `version` in either spelling
+    /// (`--version`'s or `GET /`'s; see [`canonical_version`]).
     pub fn new(binary: PathBuf, version: String) -> Self {
         FirecrackerDriver {
             info: DriverInfo {
                 kind: DriverKind::Firecracker,
                 binary,
-                version,
+                version: canonical_version(&version),
                 accel: Accel::Kvm,
                 cpu_model: "host".into(),
             },
@@ -462,12 +221,7 @@ impl FirecrackerDriver {
                 source,
             })?;
         }
-        let args = vec![
-            "--api-sock".to_owned(),
-            path_str(&paths.api),
-            "--id".to_owned(),
-            instance_id(&spec.id),
-        ];
+        let args = command_line(&spec.id, &spec.dir);
         let process = spawn_detached(
             &self.info.binary,
             &args,
@@ -492,6 +246,8 @@ impl FirecrackerDriver {
                 agent_socket: spec.agent_channel.then(|| paths.vsock.clone()),
                 console_log: spec.console_log.clone(),
                 files,
+                agent_transport: Some(AgentTransport::HybridVsock),
+                helpers: vec![],
             },
             process,
             api: ApiClient::new(paths.api.clone()),
@@ -519,6 +275,25 @@ impl FirecrackerDriver {
     }
 }
 
+/// Firecracker's capability table.
+fn capabilities() -> Capabilities {
+    Capabilities {
+        driver: DriverKind::Firecracker,
+        pause: true,
+        snapshot: true,
+        snapshot_diff: true,
+        restore: true,
+        fork: true,
+        live_migration_precopy: false,
+        cow_restore: true,
+        virtio_fs: false,
+        vsock: true,
+        virtio_serial: false,
+        network: false,
+        agent_transport: AgentTransport::HybridVsock,
+    }
+}
+
 #[async_trait]
 impl VmmDriver for FirecrackerDriver {
     fn info(&self) -> &DriverInfo {
@@ -526,15 +301,7 @@ impl VmmDriver for FirecrackerDriver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            pause: true,
-            snapshot: true,
-            restore: true,
-            live_migration_precopy: false,
-            cow_restore: true,
-            virtio_fs: false,
-            agent_transport: AgentTransport::HybridVsock,
-        }
+        capabilities()
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, StartVmError> {
@@ -603,7 +370,7 @@ impl VmmDriver for FirecrackerDriver {
             cpus: config.as_ref().map_or(0, |c| c.vcpu_count),
             memory_mib: config.as_ref().map_or(0, |c| c.mem_size_mib),
             disks,
-            version: info.vmm_version,
+            version: canonical_version(&info.vmm_version),
             diff_base: std::sync::Mutex::new(None),
         }))
     }
@@ -657,24 +424,11 @@ impl VmmDriver for FirecrackerDriver {
             enable_diff_snapshots: (!new_api_names(&self.info.version)).then_some(true),
             track_dirty_pages: new_api_names(&self.info.version).then_some(true),
         };
-        let loaded = async {
-            vm.api
-                .put(
-                    "/logger",
-                    &Logger {
-                        log_path: path_str(&paths.log),
-                        level: "Info".into(),
-                        show_level: true,
-                        show_log_origin: false,
-                    },
-                )
-                .await?;
-            vm.api
-                .request(Method::PUT, "/snapshot/load", Some(&load), SNAPSHOT_TIMEOUT)
-                .await
-                .map(drop)
-        }
-        .await;
+        let loaded = vm
+            .api
+            .request(Method::PUT, "/snapshot/load", Some(&load), SNAPSHOT_TIMEOUT)
+            .await
+            .map(drop);
         if let Err(e) = loaded {
             let _ = vm.cleanup().await;
             return Err(RestoreVmError::Load(e.to_string()));
@@ -689,16 +443,43 @@ impl VmmDriver for FirecrackerDriver {
     }
 }
 
-/// Whether this Firecracker release takes `track_dirty_pages` on
-/// `/snapshot/load` rather than the 1.x name `enable_diff_snapshots`
-/// (`version` as `--version` printed it: "Firecracker v1.12.0").
-fn new_api_names(version: &str) -> bool {
-    version
+/// `(major, minor, patch)` and any suffix (`-dev`) from either spelling
+/// of Firecracker's version: `--version` prints `Firecracker v1.16.1`,
+/// `GET /` says `1.16.1`.
+pub fn parse_version(text: &str) -> Option<((u32, u32, u32), String)> {
+    let word = text
         .split_whitespace()
-        .find_map(|w| w.strip_prefix('v'))
-        .and_then(|v| v.split('.').next())
-        .and_then(|m| m.parse::<u32>().ok())
-        .is_some_and(|major| major >= 2)
+        .map(|w| w.strip_prefix('v').unwrap_or(w))
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))?;
+    let (numbers, suffix) = match word.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => word.split_at(i),
+        None => (word, ""),
+    };
+    let mut parts = numbers.split('.').map(|p| p.parse::<u32>().ok());
+    let version = (parts.next()??, parts.next()??, parts.next()??);
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((version, suffix.to_owned()))
+}
+
+/// The one spelling of a Firecracker version that Kiln records (driver
+/// info, snapshot metadata): `Firecracker v1.16.1`, whether it came from
+/// `--version` or from `GET /`. Text that is not a version is kept as it
+/// is (it then matches only itself).
+pub fn canonical_version(text: &str) -> String {
+    match parse_version(text) {
+        Some(((major, minor, patch), suffix)) => {
+            format!("Firecracker v{major}.{minor}.{patch}{suffix}")
+        }
+        None => text.trim().to_owned(),
+    }
+}
+
+/// Whether this Firecracker release takes `track_dirty_pages` on
+/// `/snapshot/load` (1.13 and later) rather than `enable_diff_snapshots`.
+fn new_api_names(version: &str) -> bool {
+    parse_version(version).is_some_and(|((major, minor, _), _)| (major, minor) >= (1, 13))
 }
 
 /// Writes every data extent of the sparse file `diff` (a Firecracker Diff
@@ -816,36 +597,6 @@ impl FirecrackerVm {
     }
 }
 
-/// Host side of the hybrid-vsock handshake: `CONNECT <port>\n`, then
-/// `OK <host port>\n`. Reads byte by byte so that no guest data is consumed.
-pub async fn vsock_handshake(stream: &mut UnixStream, port: u32) -> Result<(), ConnectAgentError> {
-    stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
-        .await
-        .map_err(|e| ConnectAgentError::Handshake(e.to_string()))?;
-    let mut line = Vec::with_capacity(32);
-    loop {
-        let byte = stream
-            .read_u8()
-            .await
-            .map_err(|e| ConnectAgentError::Handshake(format!("reading the answer: {e}")))?;
-        if byte == b'\n' {
-            break;
-        }
-        line.push(byte);
-        if line.len() > 64 {
-            return Err(ConnectAgentError::Handshake("answer too long".into()));
-        }
-    }
-    let text = String::from_utf8_lossy(&line);
-    match text.strip_prefix("OK ") {
-        Some(n) if n.trim().parse::<u32>().is_ok() => Ok(()),
-        _ => Err(ConnectAgentError::Handshake(format!(
-            "expected `OK <port>`, got {text:?}"
-        ))),
-    }
-}
-
 #[async_trait]
 impl Vm for FirecrackerVm {
     fn id(&self) -> &str {
@@ -858,6 +609,10 @@ impl Vm for FirecrackerVm {
 
     fn record(&self) -> VmRecord {
         self.record.clone()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        capabilities()
     }
 
     async fn pause(&self) -> Result<(), ControlVmError> {
@@ -889,15 +644,12 @@ impl Vm for FirecrackerVm {
             .agent_socket
             .as_ref()
             .ok_or(ConnectAgentError::NoChannel)?;
-        let mut stream =
-            UnixStream::connect(path)
-                .await
-                .map_err(|source| ConnectAgentError::Connect {
-                    path: path.clone(),
-                    source,
-                })?;
-        vsock_handshake(&mut stream, AGENT_VSOCK_PORT).await?;
-        Ok(stream)
+        // Firecracker serves no vsock traffic while paused: fail now, not
+        // at the deadline.
+        if self.status().await.ok() == Some(VmStatus::Paused) {
+            return Err(ConnectAgentError::Paused);
+        }
+        crate::vsock::connect(path, AGENT_VSOCK_PORT, crate::vsock::HANDSHAKE_TIMEOUT).await
     }
 
     async fn wait(&self) {
@@ -997,7 +749,6 @@ mod tests {
     use super::*;
     use crate::DiskSpec;
     use serde_json::json;
-    use tokio::io::AsyncBufReadExt;
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -1061,23 +812,77 @@ mod tests {
             .and_then(|f| f.set_len(size * 2))
             .expect("diff");
         assert!(overlay_extents(&diff, &base).is_err());
+    }
+
+    /// `GET /` and `--version` spell the version differently; a handle
+    /// made by `attach` must record what the driver records, or snapshots
+    /// taken through it would be refused as another version's.
+    #[test]
+    fn versions_have_one_spelling() {
+        assert_eq!(
+            canonical_version("Firecracker v1.16.1"),
+            "Firecracker v1.16.1"
+        );
+        assert_eq!(canonical_version("1.16.1"), "Firecracker v1.16.1");
+        assert_eq!(canonical_version(" 1.16.1\n"), "Firecracker v1.16.1");
+        assert_eq!(canonical_version("1.17.0-dev"), "Firecracker v1.17.0-dev");
+        assert_eq!(
+            canonical_version("Firecracker v1.17.0-dev"),
+            "Firecracker v1.17.0-dev"
+        );
+        assert_eq!(canonical_version("garbage"), "garbage");
+        assert_eq!(canonical_version("1.2"), "1.2");
+        assert_eq!(
+            FirecrackerDriver::new("/fc".into(), "1.16.1".into())
+                .info
+                .version,
+            FirecrackerDriver::new("/fc".into(), "Firecracker v1.16.1".into())
+                .info
+                .version
+        );
+        assert_eq!(parse_version("v1.2.3.4"), None);
+    }
+
+    /// `track_dirty_pages` on load exists since 1.13; the old name is
+    /// logged as deprecated on every load by those releases.
+    #[test]
+    fn load_uses_the_field_names_of_the_release() {
+        assert!(new_api_names("Firecracker v1.13.0"));
+        assert!(new_api_names("Firecracker v1.16.1"));
+        assert!(new_api_names("1.16.1"));
         assert!(new_api_names("Firecracker v2.0.0"));
         assert!(!new_api_names("Firecracker v1.12.0"));
         assert!(!new_api_names("garbage"));
+    }
+
+    /// The log and metrics files are on the command line, so Firecracker
+    /// never prints its own log to its stdout (the guest console), and
+    /// nothing configures the logger again over the API.
+    #[test]
+    fn logging_is_configured_on_the_command_line() {
+        let args = command_line("fc_1", Path::new("/vm"));
+        assert_eq!(
+            args.join(" "),
+            "--api-sock /vm/fc.sock --id fc-1 --log-path /vm/fc.log --level Info --show-level --metrics-path /vm/fc.metrics"
+        );
+        let requests = boot_requests(&spec(), Path::new("/vm"));
+        assert!(
+            requests
+                .iter()
+                .all(|(path, _)| path != "/logger" && path != "/metrics"),
+            "{requests:?}"
+        );
+    }
+
+    #[test]
+    fn instance_ids_are_sanitised() {
+        assert_eq!(instance_id("fc_1.a"), "fc-1-a");
     }
 
     #[test]
     fn boot_requests_match_the_spec_shapes() {
         let requests = boot_requests(&spec(), Path::new("/vm"));
         let by_path: std::collections::HashMap<_, _> = requests.into_iter().collect();
-        assert_eq!(
-            by_path["/logger"],
-            json!({"log_path": "/vm/fc.log", "level": "Info", "show_level": true, "show_log_origin": false})
-        );
-        assert_eq!(
-            by_path["/metrics"],
-            json!({"metrics_path": "/vm/fc.metrics"})
-        );
         assert_eq!(
             by_path["/boot-source"],
             json!({"kernel_image_path": "/k/vmlinux", "initrd_path": "/k/initrd",
@@ -1095,137 +900,5 @@ mod tests {
             by_path["/vsock"],
             json!({"guest_cid": 3, "uds_path": "/vm/vsock.sock"})
         );
-    }
-
-    #[test]
-    fn action_vm_and_snapshot_bodies() {
-        assert_eq!(
-            serde_json::to_value(InstanceActionInfo {
-                action_type: ActionType::InstanceStart
-            })
-            .expect("json"),
-            json!({"action_type": "InstanceStart"})
-        );
-        assert_eq!(
-            serde_json::to_value(VmState {
-                state: VmStateKind::Paused
-            })
-            .expect("json"),
-            json!({"state": "Paused"})
-        );
-        assert_eq!(
-            serde_json::to_value(SnapshotLoadParams {
-                snapshot_path: "/s/vmstate".into(),
-                mem_backend: MemoryBackend {
-                    backend_type: "File".into(),
-                    backend_path: "/s/memory".into()
-                },
-                resume_vm: true,
-                vsock_override: None,
-                enable_diff_snapshots: Some(true),
-                track_dirty_pages: None,
-            })
-            .expect("json"),
-            json!({"snapshot_path": "/s/vmstate", "mem_backend": {"backend_type": "File", "backend_path": "/s/memory"}, "resume_vm": true, "enable_diff_snapshots": true})
-        );
-        assert_eq!(instance_id("fc_1.a"), "fc-1-a");
-    }
-
-    #[test]
-    fn fault_messages_are_surfaced() {
-        let err = check_status(
-            "PUT /machine-config",
-            StatusCode::BAD_REQUEST,
-            br#"{"fault_message": "The memory size (MiB) is invalid."}"#,
-        )
-        .expect_err("400");
-        let text = err.to_string();
-        assert!(text.contains("PUT /machine-config"), "{text}");
-        assert!(format!("{err:?}").contains("memory size (MiB) is invalid"));
-        assert!(check_status("GET /", StatusCode::OK, b"{}").is_ok());
-    }
-
-    /// The HTTP client against a fake API server on a Unix socket.
-    #[tokio::test]
-    async fn client_speaks_http_over_the_socket() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sock = dir.path().join("api.sock");
-        let listener = tokio::net::UnixListener::bind(&sock).expect("bind");
-        let server = tokio::spawn(async move {
-            for answer in ["HTTP/1.1 204 No Content\r\n\r\n".to_owned(), {
-                let body = r#"{"fault_message":"bad vcpu count"}"#;
-                format!(
-                    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                )
-            }] {
-                let (stream, _) = listener.accept().await.expect("accept");
-                let (r, mut w) = stream.into_split();
-                let mut r = tokio::io::BufReader::new(r);
-                let mut head = String::new();
-                let mut content_length = 0usize;
-                loop {
-                    let mut line = String::new();
-                    r.read_line(&mut line).await.expect("read");
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        content_length = v.trim().parse().expect("length");
-                    }
-                    head.push_str(&line);
-                    if line == "\r\n" {
-                        break;
-                    }
-                }
-                let mut body = vec![0; content_length];
-                r.read_exact(&mut body).await.expect("body");
-                assert!(
-                    head.starts_with("PATCH /vm HTTP/1.1")
-                        || head.starts_with("PUT /machine-config HTTP/1.1"),
-                    "{head}"
-                );
-                w.write_all(answer.as_bytes()).await.expect("write");
-            }
-        });
-        let api = ApiClient::new(sock);
-        api.patch(
-            "/vm",
-            &VmState {
-                state: VmStateKind::Resumed,
-            },
-        )
-        .await
-        .expect("204");
-        let err = api
-            .put(
-                "/machine-config",
-                &MachineConfiguration {
-                    vcpu_count: 99,
-                    mem_size_mib: 1,
-                    smt: false,
-                    track_dirty_pages: false,
-                },
-            )
-            .await
-            .expect_err("400");
-        assert!(
-            err.to_string().contains("bad vcpu count")
-                || format!("{err:?}").contains("bad vcpu count")
-        );
-        server.await.expect("server");
-    }
-
-    #[tokio::test]
-    async fn vsock_handshake_reads_only_the_answer() {
-        let (mut host, mut fc) = UnixStream::pair().expect("pair");
-        let fake = tokio::spawn(async move {
-            let mut buf = [0u8; 13];
-            fc.read_exact(&mut buf).await.expect("read");
-            assert_eq!(&buf, b"CONNECT 1024\n");
-            fc.write_all(b"OK 1073741824\nhello").await.expect("write");
-        });
-        vsock_handshake(&mut host, 1024).await.expect("handshake");
-        let mut rest = [0u8; 5];
-        host.read_exact(&mut rest).await.expect("rest");
-        assert_eq!(&rest, b"hello");
-        fake.await.expect("fake");
     }
 }

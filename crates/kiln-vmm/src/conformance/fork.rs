@@ -1,498 +1,27 @@
-//! Driver conformance suite: the behaviour every [`VmmDriver`] must show,
-//! checked against a real VMM and a real guest. Any driver and any guest can
-//! be run through it ([`run`]); the crate's own tests run it against QEMU with
-//! the bare-metal counter guest and with the Linux kernel.
-//!
-//! The story, in order: boot (serial output appears) → pause (output stops,
-//! status paused) → resume (output continues from where it was) → re-attach
-//! from the record after dropping the handle → agent channel → stop (VMM
-//! gone) → cleanup (nothing left in the VM dir) → attach to the dead VM says
-//! `Gone` → bad inputs fail clearly and leak nothing → snapshot/restore when
-//! the driver has them → fork: [`FORK_CLONES`] restores of one snapshot
-//! running at the same time as each other and as the source.
+//! Snapshot, restore, fork and snapshot-of-a-restored-VM checks of the
+//! conformance suite (counter guests only: their output makes every check
+//! exact).
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use crate::process::{proc_session, proc_stat};
-use crate::testguest::{LINE_PREFIX, counters};
-use crate::{
-    AgentTransport, AttachVmError, DiskSpec, StartVmError, Vm, VmSpec, VmStatus, VmmDriver,
-};
-
-/// A guest to run the suite with.
-#[derive(Debug, Clone)]
-pub struct Guest {
-    pub name: String,
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: String,
-    pub memory_mib: u32,
-    /// Text in the console log that proves the guest booted.
-    pub boot_marker: String,
-    /// The guest prints `kiln-counter N` lines (the bare-metal guest): the
-    /// pause/resume and snapshot checks are then exact.
-    pub counter: bool,
-    /// Give the VM the agent channel and check that it connects.
-    pub agent_channel: bool,
-    pub boot_timeout: Duration,
-}
-
-impl Guest {
-    /// The bare-metal counter guest (see [`crate::testguest::build`]).
-    pub fn baremetal(elf: PathBuf) -> Self {
-        Guest {
-            name: "baremetal-counter".into(),
-            kernel: elf,
-            initrd: None,
-            cmdline: String::new(),
-            memory_mib: 32,
-            boot_marker: "kiln-counter 2\n".into(),
-            counter: true,
-            agent_channel: true,
-            boot_timeout: Duration::from_secs(20),
-        }
-    }
-
-    /// A Linux kernel; with no initrd it panics for lack of init, and
-    /// `panic=0` keeps it there, which is enough serial output to prove boot.
-    pub fn linux(kernel: PathBuf, initrd: Option<PathBuf>) -> Self {
-        Guest {
-            name: "linux".into(),
-            kernel,
-            initrd,
-            cmdline: "panic=0".into(),
-            memory_mib: 256,
-            boot_marker: "Linux version".into(),
-            counter: false,
-            agent_channel: true,
-            boot_timeout: Duration::from_secs(60),
-        }
-    }
-}
-
-/// What the suite measured.
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    /// Checks that passed, in order.
-    pub passed: Vec<&'static str>,
-    /// `start()` call → it returned (VMM spawned, control socket answered,
-    /// guest started).
-    pub start_returned: Duration,
-    /// `start()` call → first byte in the console log.
-    pub first_serial_byte: Duration,
-    /// `stop()` duration.
-    pub stop: Duration,
-    /// Snapshot downtime and restore → first new console byte, if run.
-    pub snapshot_downtime: Option<Duration>,
-    pub restore_first_byte: Option<Duration>,
-    /// Fork check, one entry per clone (all restores begin at the same
-    /// instant): `restore()` call → it returned.
-    pub fork_restore: Vec<Duration>,
-    /// Fork check, per clone: `restore()` call → its first counter line.
-    pub fork_first_line: Vec<Duration>,
-}
-
-/// How many clones of one snapshot the fork check runs at once (besides
-/// the source VM, which keeps running).
-pub const FORK_CLONES: usize = 3;
-
-#[derive(Debug, thiserror::Error)]
-#[error("conformance check {check} failed: {message}")]
-pub struct ConformanceError {
-    pub check: &'static str,
-    pub message: String,
-}
-
-fn fail(check: &'static str, message: impl Into<String>) -> ConformanceError {
-    ConformanceError {
-        check,
-        message: message.into(),
-    }
-}
-
-/// Run the whole suite in `work_dir` (created; one sub-directory per VM).
-/// Every VM it starts is cleaned up, also when a check fails.
-pub async fn run(
-    driver: &dyn VmmDriver,
-    guest: &Guest,
-    work_dir: &Path,
-) -> Result<Report, ConformanceError> {
-    let mut report = Report::default();
-    std::fs::create_dir_all(work_dir).map_err(|e| {
-        fail(
-            "setup",
-            format!("cannot create {}: {e}", work_dir.display()),
-        )
-    })?;
-    let spec = spec_for(driver, guest, work_dir, "life");
-    let started = Instant::now();
-    let vm = driver
-        .start(&spec)
-        .await
-        .map_err(|e| fail("boot", format!("start failed: {e:#}")))?;
-    report.start_returned = started.elapsed();
-    let mut holder = Holder(Some(vm));
-    let outcome = lifecycle(driver, guest, &spec, &mut holder, started, &mut report).await;
-    if let Some(vm) = holder.0.take() {
-        let _ = vm.cleanup().await;
-    }
-    outcome?;
-    bad_inputs(driver, guest, work_dir).await?;
-    report.passed.push("bad_inputs");
-    let caps = driver.capabilities();
-    if caps.snapshot && caps.restore && guest.counter {
-        // Pushes "snapshot_restore", then "fork".
-        snapshot_restore(driver, guest, work_dir, &mut report).await?;
-    }
-    Ok(report)
-}
-
-/// The VM under test; taken out (dropped) to simulate a Kiln restart.
-struct Holder(Option<Box<dyn Vm>>);
-
-impl Holder {
-    fn vm(&self) -> Result<&dyn Vm, ConformanceError> {
-        self.0
-            .as_deref()
-            .ok_or_else(|| fail("internal", "no VM handle"))
-    }
-}
-
-fn spec_for(driver: &dyn VmmDriver, guest: &Guest, work_dir: &Path, name: &str) -> VmSpec {
-    let dir = work_dir.join(name);
-    VmSpec {
-        id: format!("conf-{name}"),
-        console_log: dir.join("console.log"),
-        dir,
-        kernel: guest.kernel.clone(),
-        initrd: guest.initrd.clone(),
-        cmdline: guest.cmdline.clone(),
-        cpus: 1,
-        memory_mib: guest.memory_mib,
-        disks: vec![],
-        agent_channel: guest.agent_channel
-            && driver.capabilities().agent_transport == AgentTransport::VirtioSerial,
-    }
-}
-
-fn console(spec: &VmSpec) -> String {
-    String::from_utf8_lossy(&std::fs::read(&spec.console_log).unwrap_or_default()).into_owned()
-}
-
-async fn wait_for(
-    check: &'static str,
-    timeout: Duration,
-    what: &str,
-    mut cond: impl FnMut() -> bool,
-) -> Result<(), ConformanceError> {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        if Instant::now() >= deadline {
-            return Err(fail(
-                check,
-                format!("timed out after {timeout:?} waiting for {what}"),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    Ok(())
-}
-
-async fn expect_status(
-    check: &'static str,
-    vm: &dyn Vm,
-    want: VmStatus,
-) -> Result<(), ConformanceError> {
-    let got = vm
-        .status()
-        .await
-        .map_err(|e| fail(check, format!("status failed: {e:#}")))?;
-    if got == want {
-        Ok(())
-    } else {
-        Err(fail(check, format!("status is {got:?}, expected {want:?}")))
-    }
-}
-
-/// Counter values must rise by exactly one from line to line.
-fn check_contiguous(check: &'static str, log: &str) -> Result<Vec<u64>, ConformanceError> {
-    let values = counters(log);
-    for pair in values.windows(2) {
-        if pair[1] != pair[0] + 1 {
-            return Err(fail(
-                check,
-                format!("counter jumped from {} to {}", pair[0], pair[1]),
-            ));
-        }
-    }
-    Ok(values)
-}
-
-fn pid_alive(pid: i32) -> bool {
-    matches!(proc_stat(pid), Some((state, _)) if state != 'Z' && state != 'X')
-}
-
-async fn lifecycle(
-    driver: &dyn VmmDriver,
-    guest: &Guest,
-    spec: &VmSpec,
-    holder: &mut Holder,
-    started: Instant,
-    report: &mut Report,
-) -> Result<(), ConformanceError> {
-    // boot
-    let file = spec.console_log.clone();
-    wait_for("boot", guest.boot_timeout, "the first serial byte", || {
-        std::fs::metadata(&file).is_ok_and(|m| m.len() > 0)
-    })
-    .await?;
-    report.first_serial_byte = started.elapsed();
-    wait_for("boot", guest.boot_timeout, &guest.boot_marker, || {
-        console(spec).contains(&guest.boot_marker)
-    })
-    .await?;
-    let vm = holder.vm()?;
-    expect_status("boot", vm, VmStatus::Running).await?;
-    if !pid_alive(vm.pid()) {
-        return Err(fail("boot", "the VMM pid is not alive"));
-    }
-    // Detached: the VMM leads its own session, so it outlives ours.
-    let own = i32::try_from(std::process::id())
-        .ok()
-        .and_then(proc_session);
-    if proc_session(vm.pid()) != Some(vm.pid()) || own == Some(vm.pid()) {
-        return Err(fail(
-            "boot",
-            format!(
-                "the VMM is not detached: session {:?}, ours {own:?}",
-                proc_session(vm.pid())
-            ),
-        ));
-    }
-    report.passed.push("boot");
-
-    // pause: output stops
-    vm.pause()
-        .await
-        .map_err(|e| fail("pause", format!("{e:#}")))?;
-    expect_status("pause", vm, VmStatus::Paused).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = console(spec);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = console(spec);
-    if before != after {
-        return Err(fail(
-            "pause",
-            format!(
-                "console grew from {} to {} bytes while paused",
-                before.len(),
-                after.len()
-            ),
-        ));
-    }
-    report.passed.push("pause");
-
-    // resume: output continues from where it was
-    let last = counters(&after).last().copied();
-    vm.resume()
-        .await
-        .map_err(|e| fail("resume", format!("{e:#}")))?;
-    expect_status("resume", vm, VmStatus::Running).await?;
-    if guest.counter {
-        let last = last.ok_or_else(|| fail("resume", "no counter line before the pause"))?;
-        wait_for(
-            "resume",
-            Duration::from_secs(10),
-            "the counter to advance",
-            || {
-                counters(&console(spec))
-                    .last()
-                    .is_some_and(|n| *n > last + 1)
-            },
-        )
-        .await?;
-        check_contiguous("resume", &console(spec))?;
-    }
-    report.passed.push("resume");
-
-    // attach: drop the handle (as a restarted Kiln would have lost it) and
-    // re-attach from the record.
-    let record = vm.record();
-    let pid = vm.pid();
-    holder.0 = None;
-    let vm = driver
-        .attach(&record)
-        .await
-        .map_err(|e| fail("attach", format!("{e:#}")))?;
-    holder.0 = Some(vm);
-    let vm = holder.vm()?;
-    if vm.pid() != pid {
-        return Err(fail("attach", "re-attached handle has another pid"));
-    }
-    expect_status("attach", vm, VmStatus::Running).await?;
-    vm.pause()
-        .await
-        .map_err(|e| fail("attach", format!("pause after attach: {e:#}")))?;
-    expect_status("attach", vm, VmStatus::Paused).await?;
-    vm.resume()
-        .await
-        .map_err(|e| fail("attach", format!("resume after attach: {e:#}")))?;
-    let mut stale = record.clone();
-    stale.start_time += 1;
-    match driver.attach(&stale).await {
-        Err(AttachVmError::Gone { .. }) => {}
-        Err(e) => return Err(fail("attach", format!("stale record: wrong error {e:#}"))),
-        Ok(_) => return Err(fail("attach", "a record with a reused pid was accepted")),
-    }
-    report.passed.push("attach");
-
-    // agent channel
-    if spec.agent_channel {
-        let stream = vm
-            .connect_agent()
-            .await
-            .map_err(|e| fail("agent_channel", format!("{e:#}")))?;
-        drop(stream);
-        report.passed.push("agent_channel");
-    }
-
-    // stop: the VMM process is gone
-    let stopping = Instant::now();
-    vm.stop(Duration::from_millis(200))
-        .await
-        .map_err(|e| fail("stop", format!("{e:#}")))?;
-    report.stop = stopping.elapsed();
-    wait_for("stop", Duration::from_secs(5), "the VMM to be gone", || {
-        !pid_alive(pid)
-    })
-    .await?;
-    expect_status("stop", vm, VmStatus::Exited).await?;
-    tokio::time::timeout(Duration::from_secs(5), vm.wait())
-        .await
-        .map_err(|_| fail("stop", "wait() did not return for a dead VMM"))?;
-    report.passed.push("stop");
-
-    // cleanup: nothing left
-    vm.cleanup()
-        .await
-        .map_err(|e| fail("cleanup", format!("{e:#}")))?;
-    let left = leftovers(&spec.dir);
-    if !left.is_empty() {
-        return Err(fail("cleanup", format!("left behind: {left:?}")));
-    }
-    holder.0 = None;
-    match driver.attach(&record).await {
-        Err(AttachVmError::Gone { .. }) => {}
-        Err(e) => {
-            return Err(fail(
-                "cleanup",
-                format!("attach to a dead VM: wrong error {e:#}"),
-            ));
-        }
-        Ok(_) => return Err(fail("cleanup", "attach to a dead VM succeeded")),
-    }
-    report.passed.push("cleanup");
-    Ok(())
-}
-
-/// Entries left in a VM dir (an absent dir has none).
-pub fn leftovers(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir)
-        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default()
-}
-
-/// Pids of processes whose command line mentions `needle`.
-pub fn processes_mentioning(needle: &str) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return vec![];
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
-                && pid_alive(*pid)
-        })
-        .collect()
-}
-
-async fn bad_inputs(
-    driver: &dyn VmmDriver,
-    guest: &Guest,
-    work_dir: &Path,
-) -> Result<(), ConformanceError> {
-    const CHECK: &str = "bad_inputs";
-    let base = spec_for(driver, guest, work_dir, "bad");
-    type Case = (&'static str, VmSpec, fn(&StartVmError) -> bool);
-    let mut cases: Vec<Case> = Vec::new();
-    let mut s = base.clone();
-    s.kernel = work_dir.join("no-such-kernel");
-    cases.push(("missing kernel", s, |e| {
-        matches!(e, StartVmError::MissingFile { what: "kernel", .. })
-    }));
-    let mut s = base.clone();
-    s.memory_mib = 1;
-    cases.push(("memory_mib = 1", s, |e| {
-        matches!(e, StartVmError::InvalidSpec(_))
-    }));
-    let mut s = base.clone();
-    s.disks = vec![DiskSpec {
-        path: work_dir.join("no-such-disk.ext4"),
-        read_only: true,
-    }];
-    cases.push(("nonexistent disk", s, |e| {
-        matches!(e, StartVmError::MissingFile { what: "disk", .. })
-    }));
-    // A kernel file the VMM itself refuses: exercises the spawn-failure path.
-    let junk = work_dir.join("junk-kernel");
-    std::fs::write(&junk, b"this is not a kernel\n")
-        .map_err(|e| fail(CHECK, format!("cannot write {}: {e}", junk.display())))?;
-    let mut s = base.clone();
-    s.kernel = junk.clone();
-    cases.push(("unbootable kernel", s, |e| {
-        matches!(e, StartVmError::Exited { .. } | StartVmError::Configure(_))
-    }));
-    for (name, spec, expected) in cases {
-        match driver.start(&spec).await {
-            Ok(vm) => {
-                let _ = vm.cleanup().await;
-                return Err(fail(CHECK, format!("{name}: start succeeded")));
-            }
-            Err(e) if expected(&e) => {
-                tracing::info!(case = name, error = %format!("{e:#}"), "refused as expected");
-            }
-            Err(e) => return Err(fail(CHECK, format!("{name}: unexpected error {e:#}"))),
-        }
-        let left = leftovers(&spec.dir);
-        if !left.is_empty() {
-            return Err(fail(CHECK, format!("{name}: left behind {left:?}")));
-        }
-        let procs = processes_mentioning(&spec.dir.display().to_string());
-        if !procs.is_empty() {
-            return Err(fail(CHECK, format!("{name}: processes left: {procs:?}")));
-        }
-    }
-    let _ = std::fs::remove_file(&junk);
-    Ok(())
-}
+use super::*;
 
 /// Snapshot a running counter guest, restore it once alone, then fork it
 /// ([`fork`]). The source runs on throughout and must be undisturbed; the
 /// snapshot must be unchanged by every VM restored from it; nothing may be
 /// left behind.
-async fn snapshot_restore(
+pub(super) async fn snapshot_restore(
     driver: &dyn VmmDriver,
     guest: &Guest,
     work_dir: &Path,
     report: &mut Report,
 ) -> Result<(), ConformanceError> {
     const CHECK: &str = "snapshot_restore";
-    let spec = spec_for(driver, guest, work_dir, "snap-src");
+    let spec = spec_for(guest, work_dir, "snap-src");
     let snap_dir = work_dir.join("snapshot");
     let vm = driver
         .start(&spec)
@@ -537,7 +66,7 @@ async fn snapshot_restore(
         .await?;
 
         // One restore alone: it continues from the snapshot.
-        let rspec = spec_for(driver, guest, work_dir, "restored");
+        let rspec = spec_for(guest, work_dir, "restored");
         let t = Instant::now();
         let restored = driver
             .restore(&snap_dir, &rspec)
@@ -557,10 +86,10 @@ async fn snapshot_restore(
         r?;
         cleaned.map_err(|e| fail(CHECK, format!("cleanup of the restored VM: {e:#}")))?;
         gone(CHECK, "the restored VM", &rspec.dir)?;
-        report.passed.push("snapshot_restore");
+        report.pass("snapshot_restore");
 
         snapshot_of_restored(driver, guest, work_dir, &snap_dir, &point).await?;
-        report.passed.push("snapshot_of_restored");
+        report.pass("snapshot_of_restored");
 
         fork(
             driver,
@@ -724,7 +253,7 @@ async fn fork(
 ) -> Result<(), ConformanceError> {
     const CHECK: &str = "fork";
     let specs: Vec<VmSpec> = (0..FORK_CLONES)
-        .map(|i| spec_for(driver, guest, work_dir, &format!("fork-{i}")))
+        .map(|i| spec_for(guest, work_dir, &format!("fork-{i}")))
         .collect();
     // All restores begin now and run concurrently.
     let t0 = Instant::now();
@@ -769,7 +298,7 @@ async fn fork(
             format!("processes still map the snapshot: {procs:?}"),
         ));
     }
-    report.passed.push(CHECK);
+    report.pass(CHECK);
     Ok(())
 }
 
@@ -976,7 +505,7 @@ async fn fork_checks(
 
 /// Poll every future on this task until all are done; their outputs, in
 /// order. (What `futures::future::join_all` does, without the dependency.)
-async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+pub(crate) async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
     let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
@@ -1017,7 +546,7 @@ async fn snapshot_of_restored(
         (crate::RestoreMemory::Mapped, "mapped"),
         (crate::RestoreMemory::Owned, "owned"),
     ] {
-        let spec1 = spec_for(driver, guest, work_dir, &format!("gen1-{tag}"));
+        let spec1 = spec_for(guest, work_dir, &format!("gen1-{tag}"));
         let snap2 = work_dir.join(format!("snapshot2-{tag}"));
         let gen1 = driver
             .restore_with(snap_dir, &spec1, how)
@@ -1049,7 +578,7 @@ async fn snapshot_of_restored(
         let cleaned = gen1.cleanup().await;
         let point2 = taken?;
         cleaned.map_err(|e| fail(CHECK, format!("cleanup ({tag}): {e:#}")))?;
-        let spec2 = spec_for(driver, guest, work_dir, &format!("gen2-{tag}"));
+        let spec2 = spec_for(guest, work_dir, &format!("gen2-{tag}"));
         let gen2 = driver.restore(&snap2, &spec2).await.map_err(|e| {
             fail(
                 CHECK,
@@ -1080,32 +609,6 @@ async fn snapshot_of_restored(
         let _ = std::fs::remove_dir_all(&snap2);
     }
     Ok(())
-}
-
-/// Kills, on drop, every process whose command line mentions a directory
-/// (the VMMs of VMs whose runtime dirs lie under it).
-/// Tests hold one so that a failing test leaves no VMM running.
-pub struct VmmReaper {
-    dir: PathBuf,
-}
-
-impl VmmReaper {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        VmmReaper { dir: dir.into() }
-    }
-}
-
-impl Drop for VmmReaper {
-    fn drop(&mut self) {
-        let needle = self.dir.display().to_string();
-        for pid in processes_mentioning(&needle) {
-            tracing::warn!(pid, "reaping a leftover VMM");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
 }
 
 #[cfg(test)]

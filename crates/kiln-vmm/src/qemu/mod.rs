@@ -5,6 +5,11 @@
 //! (`memory-backend-file`, `share=on`) so that a snapshot is only the device
 //! state (`migrate` to a file with `x-ignore-shared`) plus a sparse copy of
 //! that file, and a restore maps the copy `share=off` (copy-on-write).
+//!
+//! The agent channel is a virtio-serial port by default; with
+//! [`QemuDriver::with_agent_transport`] it is vsock instead, served by a
+//! `vhost-device-vsock` process per VM (`vhost_vsock.rs`), and the
+//! driver then reports (and refuses) no snapshots, restores or migration.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,12 +24,17 @@ use tracing::Instrument;
 use crate::host::{SelectDriverError, check_qemu_version};
 use crate::process::{VmmProcess, connect_when_ready, read_tail, remove_files, spawn_detached};
 use crate::qmp::QmpClient;
+mod args;
+
+use crate::vhost_vsock::VsockPaths;
 use crate::{
-    AGENT_PORT_NAME, Accel, AgentTransport, AttachVmError, Capabilities, CleanupVmError,
-    ConnectAgentError, ControlVmError, DriverInfo, DriverKind, RestoreMemory, RestoreVmError,
-    SnapshotInfo, SnapshotVmError, StartVmError, StopVmError, Vm, VmRecord, VmSpec, VmStatus,
-    VmmDriver,
+    AGENT_VSOCK_PORT, Accel, AgentTransport, AttachVmError, Capabilities, Capability,
+    CleanupVmError, ConnectAgentError, ControlVmError, DriverInfo, DriverKind, HelperRecord,
+    RestoreMemory, RestoreVmError, SnapshotInfo, SnapshotVmError, StartVmError, StopVmError,
+    UnsupportedError, Vm, VmRecord, VmSpec, VmStatus, VmmDriver,
 };
+use args::{Machine, Mode, Paths, qemu_args};
+pub use args::{PVM_CPU_MODEL, default_cpu_model};
 
 /// How long QEMU has to open its QMP socket.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,39 +54,33 @@ pub const MEMORY_FILE: &str = "memory";
 pub struct QemuDriver {
     info: DriverInfo,
     firmware: PathBuf,
+    /// `vhost-device-vsock`, if configured: vsock is then available.
+    vsock_backend: Option<PathBuf>,
+    /// How the agent channel is carried (virtio-serial by default).
+    transport: AgentTransport,
 }
 
-/// Where a QEMU VM keeps its runtime files.
-#[derive(Debug, Clone)]
-struct Paths {
-    qmp: PathBuf,
-    agent: PathBuf,
-    pid: PathBuf,
-    stderr: PathBuf,
-    memory: PathBuf,
-}
-
-impl Paths {
-    fn new(dir: &Path) -> Self {
-        Paths {
-            qmp: dir.join("qmp.sock"),
-            agent: dir.join("agent.sock"),
-            pid: dir.join("qemu.pid"),
-            stderr: dir.join("qemu.stderr"),
-            memory: dir.join(MEMORY_FILE),
-        }
+/// The capability table of a QEMU driver carrying the agent over
+/// `transport`, with a vsock backend configured or not.
+fn qemu_capabilities(transport: AgentTransport, vsock_backend: bool) -> Capabilities {
+    // vhost-user-vsock: no device state to migrate, and the RAM must be
+    // shared with the backend (a restore maps it privately).
+    let state = transport == AgentTransport::VirtioSerial;
+    Capabilities {
+        driver: DriverKind::Qemu,
+        pause: true,
+        snapshot: state,
+        snapshot_diff: false,
+        restore: state,
+        fork: state,
+        live_migration_precopy: state,
+        cow_restore: state,
+        virtio_fs: true,
+        vsock: vsock_backend,
+        virtio_serial: true,
+        network: false,
+        agent_transport: transport,
     }
-}
-
-/// How the guest RAM is provided and whether the VM boots or loads state.
-#[derive(Debug, Clone)]
-enum Mode {
-    /// Cold boot; RAM file created in the VM dir, shared.
-    Boot,
-    /// Restore from a snapshot's memory file (mapped privately, or copied
-    /// into the VM dir first and shared when `own`); wait for
-    /// `migrate-incoming`.
-    Incoming { memory: PathBuf, own: bool },
 }
 
 /// Snapshot metadata kept beside the state and memory files.
@@ -109,7 +113,32 @@ impl QemuDriver {
                 cpu_model: default_cpu_model(accel).to_owned(),
             },
             firmware,
+            vsock_backend: None,
+            transport: AgentTransport::VirtioSerial,
         })
+    }
+
+    /// Make vsock available, served by `binary` (`vhost-device-vsock`; see
+    /// [`crate::find_vhost_vsock`]). The transport stays as it is.
+    pub fn with_vsock_backend(mut self, binary: PathBuf) -> Self {
+        self.vsock_backend = Some(binary);
+        self
+    }
+
+    /// Carry the agent channel over `transport`. vsock needs a backend
+    /// ([`QemuDriver::with_vsock_backend`]), and turns snapshots, restores
+    /// and migration off in the capability table.
+    pub fn with_agent_transport(
+        mut self,
+        transport: AgentTransport,
+    ) -> Result<Self, UnsupportedError> {
+        let capability = match transport {
+            AgentTransport::VirtioSerial => Capability::VirtioSerial,
+            AgentTransport::HybridVsock => Capability::Vsock,
+        };
+        self.capabilities().require(capability)?;
+        self.transport = transport;
+        Ok(self)
     }
 
     /// Use another `-cpu` model (default: `host` under KVM, `max` under TCG).
@@ -141,9 +170,12 @@ impl QemuDriver {
             spec,
             paths,
             mode,
-            self.info.accel,
-            &self.firmware,
-            &self.info.cpu_model,
+            Machine {
+                accel: self.info.accel,
+                firmware: &self.firmware,
+                cpu_model: &self.info.cpu_model,
+                agent: self.transport,
+            },
         )
     }
 
@@ -166,8 +198,12 @@ impl QemuDriver {
             paths.stderr.clone(),
             spec.console_log.clone(),
         ];
-        if spec.agent_channel {
-            files.push(paths.agent.clone());
+        let vsock = (spec.agent_channel && self.transport == AgentTransport::HybridVsock)
+            .then(|| VsockPaths::new(&spec.dir));
+        match &vsock {
+            Some(v) => files.extend(v.files()),
+            None if spec.agent_channel => files.push(paths.agent.clone()),
+            None => {}
         }
         if matches!(mode, Mode::Boot | Mode::Incoming { own: true, .. }) {
             files.push(paths.memory.clone());
@@ -185,10 +221,33 @@ impl QemuDriver {
                     source,
                 })?;
         }
+        // The vsock backend first: QEMU connects to its socket at start-up.
+        let mut helpers = Vec::new();
+        if let Some(v) = &vsock {
+            let Some(binary) = &self.vsock_backend else {
+                return Err(StartVmError::InvalidSpec(
+                    "the agent channel is vsock but no vhost-device-vsock is configured".into(),
+                ));
+            };
+            match crate::vhost_vsock::spawn_backend(binary, v).await {
+                Ok(p) => helpers.push(p),
+                Err(e) => {
+                    let _ = remove_files(&files);
+                    return Err(e);
+                }
+            }
+        }
         let args = self.args(spec, &paths, &mode);
         tracing::debug!(binary = %self.info.binary.display(), ?args, "spawning QEMU");
         let spawned = Instant::now();
-        let process = spawn_detached(&self.info.binary, &args, &paths.stderr, None)?;
+        let process = match spawn_detached(&self.info.binary, &args, &paths.stderr, None) {
+            Ok(p) => p,
+            Err(e) => {
+                kill_all(&helpers).await;
+                let _ = remove_files(&files);
+                return Err(e);
+            }
+        };
         let result = async {
             let stream =
                 connect_when_ready(&paths.qmp, &process, QMP_TIMEOUT, &paths.stderr).await?;
@@ -211,6 +270,7 @@ impl QemuDriver {
             Ok(qmp) => qmp,
             Err(e) => {
                 let _ = process.kill().await;
+                kill_all(&helpers).await;
                 let _ = remove_files(&files);
                 return Err(e);
             }
@@ -225,11 +285,25 @@ impl QemuDriver {
                 start_time: process.start_time,
                 dir: spec.dir.clone(),
                 control_socket: paths.qmp.clone(),
-                agent_socket: spec.agent_channel.then(|| paths.agent.clone()),
+                agent_socket: match &vsock {
+                    Some(v) => Some(v.uds.clone()),
+                    None => spec.agent_channel.then(|| paths.agent.clone()),
+                },
                 console_log: spec.console_log.clone(),
                 files,
+                agent_transport: Some(self.transport),
+                helpers: helpers
+                    .iter()
+                    .map(|p| HelperRecord {
+                        name: crate::vhost_vsock::BINARY.into(),
+                        pid: p.pid,
+                        start_time: p.start_time,
+                    })
+                    .collect(),
             },
             process,
+            helpers,
+            caps: self.capabilities(),
             qmp: Arc::new(qmp),
             memory: match mode {
                 Mode::Boot | Mode::Incoming { own: true, .. } => paths.memory,
@@ -243,114 +317,13 @@ impl QemuDriver {
     }
 }
 
-/// Escape a value for QEMU's `key=value,…` option syntax.
-fn opt(path: &Path) -> String {
-    path.display().to_string().replace(',', ",,")
-}
-
-/// `-cpu` model used when none is configured.
-pub fn default_cpu_model(accel: Accel) -> &'static str {
-    match accel {
-        Accel::Kvm => "host",
-        Accel::Tcg => "max",
+/// SIGKILL helper processes (best effort: each is waited for, bounded).
+async fn kill_all(helpers: &[VmmProcess]) {
+    for helper in helpers {
+        if let Err(e) = helper.kill().await {
+            tracing::warn!(pid = helper.pid, error = %e, "cannot kill a VM helper process");
+        }
     }
-}
-
-/// `-cpu` model for KVM on a `kvm_pvm` host: it cannot set
-/// IA32_ARCH_CAPABILITIES (MSR 0x10a), which `host` exposes.
-pub const PVM_CPU_MODEL: &str = "host,-arch-capabilities";
-
-fn qemu_args(
-    spec: &VmSpec,
-    paths: &Paths,
-    mode: &Mode,
-    accel: Accel,
-    firmware: &Path,
-    cpu_model: &str,
-) -> Vec<String> {
-    let (mem_path, share) = match mode {
-        Mode::Boot | Mode::Incoming { own: true, .. } => (&paths.memory, "on"),
-        Mode::Incoming { memory, own: false } => (memory, "off"),
-    };
-    let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1");
-    if !spec.cmdline.trim().is_empty() {
-        cmdline.push(' ');
-        cmdline.push_str(spec.cmdline.trim());
-    }
-    let mut args: Vec<String> = vec![
-        "-name".into(),
-        format!(
-            "kiln-{},process=kiln-{}",
-            spec.id.replace(',', ",,"),
-            spec.id.replace(',', ",,")
-        ),
-        "-M".into(),
-        "microvm,acpi=off,rtc=on,memory-backend=mem".into(),
-        "-accel".into(),
-        accel.to_string(),
-        "-cpu".into(),
-        cpu_model.into(),
-        "-bios".into(),
-        firmware.display().to_string(),
-        "-m".into(),
-        format!("{}M", spec.memory_mib),
-        "-object".into(),
-        format!(
-            "memory-backend-file,id=mem,size={}M,mem-path={},share={share}",
-            spec.memory_mib,
-            opt(mem_path)
-        ),
-        "-smp".into(),
-        spec.cpus.to_string(),
-        "-nodefaults".into(),
-        "-no-user-config".into(),
-        "-display".into(),
-        "none".into(),
-        "-no-reboot".into(),
-        "-serial".into(),
-        format!("file:{}", spec.console_log.display()),
-        "-kernel".into(),
-        spec.kernel.display().to_string(),
-        "-append".into(),
-        cmdline,
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=off", opt(&paths.qmp)),
-        "-pidfile".into(),
-        paths.pid.display().to_string(),
-    ];
-    if let Some(initrd) = &spec.initrd {
-        args.extend(["-initrd".into(), initrd.display().to_string()]);
-    }
-    for (i, disk) in spec.disks.iter().enumerate() {
-        args.extend([
-            "-drive".into(),
-            format!(
-                "id=d{i},file={},format=raw,if=none,read-only={}",
-                opt(&disk.path),
-                if disk.read_only { "on" } else { "off" }
-            ),
-            "-device".into(),
-            format!("virtio-blk-device,drive=d{i}"),
-        ]);
-    }
-    if spec.agent_channel {
-        args.extend([
-            "-device".into(),
-            "virtio-serial-device".into(),
-            "-chardev".into(),
-            format!(
-                "socket,id=agent,path={},server=on,wait=off",
-                opt(&paths.agent)
-            ),
-            "-device".into(),
-            format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
-        ]);
-    }
-    match mode {
-        Mode::Boot => args.push("-S".into()),
-        Mode::Incoming { .. } => args.extend(["-incoming".into(), "defer".into()]),
-    }
-    args
 }
 
 #[async_trait]
@@ -360,15 +333,7 @@ impl VmmDriver for QemuDriver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            pause: true,
-            snapshot: true,
-            restore: true,
-            live_migration_precopy: true,
-            cow_restore: true,
-            virtio_fs: true,
-            agent_transport: AgentTransport::VirtioSerial,
-        }
+        qemu_capabilities(self.transport, self.vsock_backend.is_some())
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, StartVmError> {
@@ -410,9 +375,21 @@ impl VmmDriver for QemuDriver {
             .await
             .map_err(AttachVmError::Control)?;
         let (memory_mib, cpus, memory, disks) = describe(&qmp).await;
+        let transport = record
+            .agent_transport
+            .unwrap_or(AgentTransport::VirtioSerial);
         Ok(Box::new(QemuVm {
             record: record.clone(),
             process,
+            helpers: record
+                .helpers
+                .iter()
+                .map(|h| VmmProcess {
+                    pid: h.pid,
+                    start_time: h.start_time,
+                })
+                .collect(),
+            caps: qemu_capabilities(transport, transport == AgentTransport::HybridVsock),
             qmp: Arc::new(qmp),
             memory: memory.unwrap_or_else(|| record.dir.join(MEMORY_FILE)),
             memory_mib,
@@ -436,6 +413,7 @@ impl VmmDriver for QemuDriver {
         spec: &VmSpec,
         how: RestoreMemory,
     ) -> Result<Box<dyn Vm>, RestoreVmError> {
+        self.capabilities().require(Capability::Restore)?;
         let meta_path = snapshot_dir.join(SNAPSHOT_META);
         let meta: SnapshotMeta = std::fs::read(&meta_path)
             .map_err(|source| RestoreVmError::Read {
@@ -584,6 +562,10 @@ async fn describe(qmp: &QmpClient) -> (u32, u32, Option<PathBuf>, usize) {
 pub struct QemuVm {
     record: VmRecord,
     process: VmmProcess,
+    /// The vsock backend, if any: killed with QEMU.
+    helpers: Vec<VmmProcess>,
+    /// The table of the driver configuration that started it.
+    caps: Capabilities,
     qmp: Arc<QmpClient>,
     /// RAM file backing the guest (in the VM dir, or a snapshot's).
     memory: PathBuf,
@@ -594,9 +576,17 @@ pub struct QemuVm {
 
 impl QemuVm {
     /// The QMP session, for callers that need more than the trait offers
-    /// (live migration, hot-plug).
+    /// (hot-plug).
     pub fn qmp(&self) -> &QmpClient {
         &self.qmp
+    }
+
+    /// The QMP session for a live migration, if this VM can be migrated
+    /// (not with the agent over vsock: `driver qemu (agent channel over
+    /// vsock) cannot do live migration`).
+    pub fn migration_qmp(&self) -> Result<&QmpClient, UnsupportedError> {
+        self.caps.require(Capability::LiveMigration)?;
+        Ok(&self.qmp)
     }
 
     async fn control(&self, command: &str) -> Result<serde_json::Value, ControlVmError> {
@@ -607,6 +597,7 @@ impl QemuVm {
     }
 
     async fn write_snapshot(&self, dest: &Path) -> Result<SnapshotInfo, SnapshotVmError> {
+        self.caps.require(Capability::SnapshotFull)?;
         let write_err = |source| SnapshotVmError::Write {
             path: dest.to_owned(),
             source,
@@ -684,6 +675,10 @@ impl Vm for QemuVm {
         self.record.clone()
     }
 
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
     async fn pause(&self) -> Result<(), ControlVmError> {
         self.control("stop").await.map(drop)
     }
@@ -721,12 +716,25 @@ impl Vm for QemuVm {
             .agent_socket
             .as_ref()
             .ok_or(ConnectAgentError::NoChannel)?;
-        UnixStream::connect(path)
-            .await
-            .map_err(|source| ConnectAgentError::Connect {
-                path: path.clone(),
-                source,
-            })
+        match self.caps.agent_transport {
+            AgentTransport::HybridVsock => {
+                // A paused guest cannot accept, and vhost-device-vsock
+                // serves nothing more after a CONNECT abandoned while the
+                // guest was paused.
+                if self.status().await.ok() == Some(VmStatus::Paused) {
+                    return Err(ConnectAgentError::Paused);
+                }
+                crate::vsock::connect(path, AGENT_VSOCK_PORT, crate::vsock::HANDSHAKE_TIMEOUT).await
+            }
+            AgentTransport::VirtioSerial => {
+                UnixStream::connect(path)
+                    .await
+                    .map_err(|source| ConnectAgentError::Connect {
+                        path: path.clone(),
+                        source,
+                    })
+            }
+        }
     }
 
     async fn wait(&self) {
@@ -734,131 +742,39 @@ impl Vm for QemuVm {
     }
 
     async fn stop(&self, grace: Duration) -> Result<(), StopVmError> {
-        if self.process.wait_timeout(grace).await {
-            return Ok(());
+        let stopped = async {
+            if self.process.wait_timeout(grace).await {
+                return Ok(());
+            }
+            // microvm without ACPI has no power button: ask QEMU itself to quit.
+            let _ = self.qmp.execute_timeout("quit", None, QUIT_GRACE).await;
+            if self.process.wait_timeout(QUIT_GRACE).await {
+                return Ok(());
+            }
+            tracing::warn!(pid = self.process.pid, "QEMU ignored quit; killing it");
+            self.process.kill().await
         }
-        // microvm without ACPI has no power button: ask QEMU itself to quit.
-        let _ = self.qmp.execute_timeout("quit", None, QUIT_GRACE).await;
-        if self.process.wait_timeout(QUIT_GRACE).await {
-            return Ok(());
-        }
-        tracing::warn!(pid = self.process.pid, "QEMU ignored quit; killing it");
-        self.process.kill().await
+        .await;
+        kill_all(&self.helpers).await;
+        stopped
     }
 
     async fn kill(&self) -> Result<(), StopVmError> {
-        self.process.kill().await
+        let killed = self.process.kill().await;
+        kill_all(&self.helpers).await;
+        killed
     }
 
     async fn cleanup(&self) -> Result<(), CleanupVmError> {
         self.process.kill().await.map_err(CleanupVmError::Stop)?;
+        for helper in &self.helpers {
+            helper.kill().await.map_err(CleanupVmError::Stop)?;
+        }
         remove_files(&self.record.files)
     }
 
     async fn snapshot(&self, dest_dir: &Path) -> Result<SnapshotInfo, SnapshotVmError> {
         let span = tracing::info_span!("qemu_snapshot", vm = %self.record.id);
         self.write_snapshot(dest_dir).instrument(span).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::DiskSpec;
-
-    fn spec() -> VmSpec {
-        VmSpec {
-            id: "t1".into(),
-            dir: "/run/kiln/vms/t1".into(),
-            kernel: "/k/bzImage".into(),
-            initrd: Some("/k/initrd".into()),
-            cmdline: "quiet".into(),
-            cpus: 2,
-            memory_mib: 256,
-            disks: vec![
-                DiskSpec {
-                    path: "/d/base,1.ext4".into(),
-                    read_only: true,
-                },
-                DiskSpec {
-                    path: "/d/rw.ext4".into(),
-                    read_only: false,
-                },
-            ],
-            agent_channel: true,
-            console_log: "/run/kiln/vms/t1/console.log".into(),
-        }
-    }
-
-    #[test]
-    fn boot_command_line() {
-        let s = spec();
-        let args = qemu_args(
-            &s,
-            &Paths::new(&s.dir),
-            &Mode::Boot,
-            Accel::Tcg,
-            Path::new("/q.rom"),
-            "max",
-        );
-        let joined = args.join(" ");
-        for needle in [
-            "-M microvm,acpi=off,rtc=on,memory-backend=mem",
-            "-accel tcg",
-            "-bios /q.rom",
-            "memory-backend-file,id=mem,size=256M,mem-path=/run/kiln/vms/t1/memory,share=on",
-            "-smp 2",
-            "-append console=ttyS0 reboot=t panic=-1 quiet",
-            "id=d0,file=/d/base,,1.ext4,format=raw,if=none,read-only=on",
-            "id=d1,file=/d/rw.ext4,format=raw,if=none,read-only=off",
-            "virtserialport,chardev=agent,name=kiln.agent",
-            "-qmp unix:/run/kiln/vms/t1/qmp.sock,server=on,wait=off",
-            "-initrd /k/initrd",
-            "-no-reboot",
-        ] {
-            assert!(joined.contains(needle), "{needle} missing from {joined}");
-        }
-        assert_eq!(args.last().map(String::as_str), Some("-S"));
-    }
-
-    #[test]
-    fn restore_command_line_maps_memory_privately() {
-        let s = spec();
-        let args = qemu_args(
-            &s,
-            &Paths::new(&s.dir),
-            &Mode::Incoming {
-                memory: "/snap/memory".into(),
-                own: false,
-            },
-            Accel::Kvm,
-            Path::new("/q.rom"),
-            "host",
-        );
-        let joined = args.join(" ");
-        assert!(
-            joined.contains("mem-path=/snap/memory,share=off"),
-            "{joined}"
-        );
-        assert!(joined.ends_with("-incoming defer"), "{joined}");
-        assert!(joined.contains("-cpu host"), "{joined}");
-        // Its own copy: shared, in the VM's directory.
-        let args = qemu_args(
-            &s,
-            &Paths::new(&s.dir),
-            &Mode::Incoming {
-                memory: "/snap/memory".into(),
-                own: true,
-            },
-            Accel::Kvm,
-            Path::new("/q.rom"),
-            "host",
-        );
-        let joined = args.join(" ");
-        assert!(
-            joined.contains("mem-path=/run/kiln/vms/t1/memory,share=on"),
-            "{joined}"
-        );
-        assert!(joined.ends_with("-incoming defer"), "{joined}");
     }
 }
