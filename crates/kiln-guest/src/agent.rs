@@ -1376,6 +1376,9 @@ fn credit_in(s: u32, i: &mut InPipe, frames: &mut Vec<Vec<u8>>) {
 
 fn configure(c: &Configure) -> Result<(), String> {
     use base64::Engine as _;
+    if let Some(n) = &c.network {
+        crate::net::configure(n)?;
+    }
     if !c.hostname.is_empty() {
         nix::unistd::sethostname(&c.hostname).map_err(|e| format!("sethostname: {e}"))?;
         let _ = std::fs::write("/etc/hostname", format!("{}\n", c.hostname));

@@ -100,6 +100,27 @@ pub struct Vsock {
     pub uds_path: String,
 }
 
+/// PUT /network-interfaces/{iface_id}
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkInterface {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    pub guest_mac: String,
+}
+
+/// The configure request for a virtio-net device on an existing tap.
+pub fn network_interface_request(dev: &crate::NetDevice) -> (String, serde_json::Value) {
+    let body = NetworkInterface {
+        iface_id: "net0".to_owned(),
+        host_dev_name: dev.tap.clone(),
+        guest_mac: dev.mac.clone(),
+    };
+    (
+        "/network-interfaces/net0".to_owned(),
+        serde_json::to_value(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 /// PUT /actions
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceActionInfo {
@@ -998,6 +1019,20 @@ mod tests {
     use crate::DiskSpec;
     use serde_json::json;
     use tokio::io::AsyncBufReadExt;
+
+    #[test]
+    fn network_interface_body() {
+        let dev = crate::NetDevice {
+            tap: "kt0".into(),
+            mac: "02:4b:0a:58:00:02".into(),
+        };
+        let (path, body) = network_interface_request(&dev);
+        assert_eq!(path, "/network-interfaces/net0");
+        assert_eq!(
+            body,
+            json!({"iface_id": "net0", "host_dev_name": "kt0", "guest_mac": "02:4b:0a:58:00:02"})
+        );
+    }
 
     fn spec() -> VmSpec {
         VmSpec {

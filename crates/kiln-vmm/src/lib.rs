@@ -118,6 +118,45 @@ pub struct VmSpec {
     pub console_log: PathBuf,
 }
 
+/// A virtio-net device backed by a host tap (created by `kiln-net` before
+/// the VMM starts; the VMM only opens it by name).
+///
+/// Not yet a field of [`VmSpec`]: `VmSpec` is built with struct literals in
+/// `kiln-cli`, which is being refactored; adding
+/// `pub network: Option<NetDevice>` there, and calling
+/// [`qemu::netdev_args`] from `qemu_args` and
+/// [`firecracker::network_interface_request`] from the configure requests,
+/// is the whole wiring.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetDevice {
+    /// Host tap name (1-15 of `[a-z0-9-]`).
+    pub tap: String,
+    /// Guest MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+}
+
+impl NetDevice {
+    /// Whether the names are safe to put in a QEMU option string or a
+    /// Firecracker request (no `,` or `=` that QEMU would parse).
+    pub fn is_valid(&self) -> bool {
+        let tap_ok = !self.tap.is_empty()
+            && self.tap.len() <= 15
+            && self
+                .tap
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        let mac_ok = self.mac.len() == 17
+            && self.mac.bytes().enumerate().all(|(i, b)| {
+                if i % 3 == 2 {
+                    b == b':'
+                } else {
+                    b.is_ascii_hexdigit()
+                }
+            });
+        tap_ok && mac_ok
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSpec {
     pub path: PathBuf,

@@ -260,6 +260,22 @@ pub fn default_cpu_model(accel: Accel) -> &'static str {
 /// IA32_ARCH_CAPABILITIES (MSR 0x10a), which `host` exposes.
 pub const PVM_CPU_MODEL: &str = "host,-arch-capabilities";
 
+/// QEMU arguments for a virtio-net device on an existing tap: no helper
+/// scripts (Kiln owns the tap), `vhost=off` (these hosts have no
+/// `/dev/vhost-net`). The device is `virtio-net-device` (virtio-mmio, the
+/// `microvm` machine's bus).
+pub fn netdev_args(dev: &crate::NetDevice) -> Vec<String> {
+    vec![
+        "-netdev".into(),
+        format!(
+            "tap,id=net0,ifname={},script=no,downscript=no,vhost=off",
+            dev.tap
+        ),
+        "-device".into(),
+        format!("virtio-net-device,netdev=net0,mac={}", dev.mac),
+    ]
+}
+
 fn qemu_args(
     spec: &VmSpec,
     paths: &Paths,
@@ -765,6 +781,25 @@ impl Vm for QemuVm {
 mod tests {
     use super::*;
     use crate::DiskSpec;
+
+    #[test]
+    fn netdev_on_a_tap() {
+        let dev = crate::NetDevice {
+            tap: "kt0123456789abc".into(),
+            mac: "02:4b:0a:58:00:02".into(),
+        };
+        assert!(dev.is_valid());
+        assert_eq!(
+            netdev_args(&dev).join(" "),
+            "-netdev tap,id=net0,ifname=kt0123456789abc,script=no,downscript=no,vhost=off \
+             -device virtio-net-device,netdev=net0,mac=02:4b:0a:58:00:02"
+        );
+        let bad = crate::NetDevice {
+            tap: "x,script=/bin/sh".into(),
+            mac: dev.mac.clone(),
+        };
+        assert!(!bad.is_valid());
+    }
 
     fn spec() -> VmSpec {
         VmSpec {
