@@ -266,8 +266,18 @@ static __always_inline __u32 bit_index(__u64 v)
 	return (__u32)n;
 }
 
+static __always_inline __u32 popcount(__u64 x)
+{
+	x = x - ((x >> 1) & 0x5555555555555555ull);
+	x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
+	x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0Full;
+	return (__u32)((x * 0x0101010101010101ull) >> 56);
+}
+
 struct scan {
 	__u64 mask[MASK_WORDS];
+	__u64 word; // the bits of the current word not tried yet
+	__u32 wbase; // rule index of the current word's bit 0
 	__u32 rbase;
 	__s32 port;
 	__u32 proto;
@@ -275,32 +285,42 @@ struct scan {
 	__u32 action;
 };
 
-// One bpf_loop step: the set bits of mask word `w`, lowest (earliest rule) first.
+// One inner bpf_loop step: the lowest untried set bit of the word, i.e. the
+// earliest candidate rule left. The loop runs popcount(word) times.
+static long scan_bit(__u64 i, void *ctx)
+{
+	struct scan *c = ctx;
+	__u64 low = c->word & -c->word;
+	if (low == 0)
+		return 1;
+	c->word ^= low;
+	__u32 idx = c->wbase + bit_index(low);
+	__u32 ridx = c->rbase + idx;
+	struct rule *r = bpf_map_lookup_elem(&rules, &ridx);
+	if (!r)
+		return 0;
+	if (r->proto != 0 && r->proto != c->proto)
+		return 0;
+	if (r->flags & RULE_HAS_PORTS) {
+		if (c->port < 0 || c->port < r->port_lo || c->port > r->port_hi)
+			return 0;
+	}
+	c->hit = (__s32)idx;
+	c->action = r->action;
+	return 1;
+}
+
+// One outer bpf_loop step: mask word `w` (16 words of 64 rules).
 static long scan_word(__u64 w, void *ctx)
 {
 	struct scan *c = ctx;
 	__u64 word = c->mask[w & (MASK_WORDS - 1)];
-	for (int i = 0; i < 64; i++) {
-		if (word == 0)
-			return 0;
-		__u64 low = word & -word;
-		word ^= low;
-		__u32 idx = (__u32)(w & (MASK_WORDS - 1)) * 64 + bit_index(low);
-		__u32 ridx = c->rbase + idx;
-		struct rule *r = bpf_map_lookup_elem(&rules, &ridx);
-		if (!r)
-			continue;
-		if (r->proto != 0 && r->proto != c->proto)
-			continue;
-		if (r->flags & RULE_HAS_PORTS) {
-			if (c->port < 0 || c->port < r->port_lo || c->port > r->port_hi)
-				continue;
-		}
-		c->hit = (__s32)idx;
-		c->action = r->action;
-		return 1;
-	}
-	return 0;
+	if (word == 0)
+		return 0;
+	c->word = word;
+	c->wbase = (__u32)(w & (MASK_WORDS - 1)) * 64;
+	bpf_loop(popcount(word), scan_bit, c, 0);
+	return c->hit >= 0 ? 1 : 0;
 }
 
 static __always_inline int decide(struct __sk_buff *skb, __u32 addr, __u8 proto, int port)

@@ -245,7 +245,9 @@ impl PolicyProgram {
         ip: Ipv4Addr,
         policy: &Compiled,
     ) -> Result<(), AttachProgramError> {
+        let t0 = std::time::Instant::now();
         let mut ebpf = Ebpf::load(OBJECT).map_err(AttachProgramError::Load)?;
+        tracing::debug!(elapsed = ?t0.elapsed(), "policy object loaded (maps created)");
         for name in MAPS {
             let map = ebpf.map(name).ok_or(AttachProgramError::Missing(name))?;
             map.pin(self.dir.join(name))
@@ -263,6 +265,7 @@ impl PolicyProgram {
                 0,
             )
             .map_err(map_err("identity", "set"))?;
+        tracing::debug!(elapsed = ?t0.elapsed(), "maps pinned, identity written");
         // Generation 1 is written, then `active` flips from 0 to 1: the same
         // path every later update takes.
         self.update(policy)?;
@@ -278,7 +281,9 @@ impl PolicyProgram {
                 .ok_or(AttachProgramError::Missing(prog_name))?
                 .try_into()
                 .map_err(AttachProgramError::Verify)?;
+            let t1 = std::time::Instant::now();
             program.load().map_err(AttachProgramError::Verify)?;
+            tracing::debug!(program = prog_name, elapsed = ?t1.elapsed(), "verified");
             let link_id = program
                 .attach(ifname, hook)
                 .map_err(|e| AttachProgramError::Attach(ifname.to_owned(), e))?;

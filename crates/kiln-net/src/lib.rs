@@ -298,9 +298,11 @@ impl Network {
         if !host::valid_ifname(&ifname) {
             return Err(AttachError::Ifname(ifname));
         }
+        let started = std::time::Instant::now();
         let _lock = self.lock(id)?;
         let lease = self.ipam.allocate(id, &ifname)?;
         let result = self.install(id, &lease, endpoint, policy);
+        tracing::debug!(sandbox = id, elapsed = ?started.elapsed(), ok = result.is_ok(), "attach");
         if result.is_err() {
             let _ = bpf::remove_pins(&self.pin_dir(id));
             if endpoint == Endpoint::Tap {
@@ -323,6 +325,7 @@ impl Network {
             Endpoint::Existing(n) => host::attach_to_bridge(n, &self.cfg.bridge),
         }
         .map_err(AttachError::Link)?;
+        let t_link = std::time::Instant::now();
         let _ = host::flush_neighbour(&self.cfg.bridge, lease.ip);
         let protected = self.protected().map_err(AttachError::HostAddrs)?;
         let compiled = compile::compile(&policy.egress, policy.default, &protected);
@@ -338,6 +341,7 @@ impl Network {
             lease.ip,
             &compiled,
         )?;
+        tracing::debug!(program = ?t_link.elapsed(), "attach: program loaded and pinned");
         info!(sandbox = id, ip = %lease.ip, ifname = %lease.ifname, "sandbox network attached");
         Ok(Attachment {
             id: id.to_owned(),

@@ -138,7 +138,7 @@ fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
 
 fn init() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter("kiln_net=info,traffic=info")
+        .with_env_filter("kiln_net=debug,traffic=info")
         .with_test_writer()
         .try_init();
 }
@@ -178,7 +178,7 @@ fn egress_policy_with_real_traffic() -> Result<()> {
             }
         });
         let out = t.out;
-        tcp_server(&t.outside, sa(out, 8080))?;
+        let peers = tcp_server_peers(&t.outside, sa(out, 8080))?;
         tcp_server(&t.outside, sa(out, 9090))?;
         udp_echo(&t.outside, sa(out, 5353), None)?;
         udp_echo(&t.outside, sa(out, 5354), None)?;
@@ -225,6 +225,12 @@ fn egress_policy_with_real_traffic() -> Result<()> {
 
         tracing::info!("allowed destinations are reached (TCP, UDP, ICMP)");
         ensure!(tcp_reaches(t.ns(a), sa(out, 8080), T), "tcp 8080 allowed");
+        let seen = peers.recv_timeout(T)?;
+        ensure!(
+            seen.ip() == std::net::IpAddr::V4(t.host_out),
+            "NAT: the outside host sees {seen}, not the host's address {}",
+            t.host_out
+        );
         ensure!(udp_reaches(t.ns(a), sa(out, 5353), T), "udp 5353 allowed");
         ensure!(ping(t.ns(a), &out.to_string()), "icmp allowed");
 

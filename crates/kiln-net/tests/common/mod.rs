@@ -130,16 +130,28 @@ pub fn configure_guest(ns: &Netns, a: &kiln_net::Attachment) -> Result<()> {
     Ok(())
 }
 
-/// A TCP server in `ns` that accepts and closes every connection.
+/// A TCP server in `ns` that greets and closes every connection.
 pub fn tcp_server(ns: &Netns, addr: SocketAddr) -> Result<()> {
+    tcp_server_peers(ns, addr).map(|_| ())
+}
+
+/// Like [`tcp_server`]; every client's address is sent on the receiver.
+pub fn tcp_server_peers(
+    ns: &Netns,
+    addr: SocketAddr,
+) -> Result<std::sync::mpsc::Receiver<SocketAddr>> {
     let l = ns.enter(move || TcpListener::bind(addr))??;
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for c in l.incoming() {
             let Ok(mut c) = c else { break };
+            if let Ok(p) = c.peer_addr() {
+                let _ = tx.send(p);
+            }
             let _ = c.write_all(b"hi");
         }
     });
-    Ok(())
+    Ok(rx)
 }
 
 /// A UDP echo server in `ns`; every datagram's payload is also sent on `seen`.
