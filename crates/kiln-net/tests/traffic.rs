@@ -589,3 +589,120 @@ fn reconcile_removes_a_crashed_nodes_leftovers() -> Result<()> {
 }
 
 use kiln_net::Preset;
+
+/// The microVM path without a VM: a real tap created by `attach`, opened as a
+/// VMM opens it, with the test writing and reading the guest's frames.
+#[test]
+fn a_real_tap_carries_guest_frames_through_the_program() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init();
+    let t = Topo::new()?;
+    let out = t.out;
+    let (tx, rx) = std::sync::mpsc::channel();
+    udp_echo(&t.outside, sa(out, 5353), Some(tx))?;
+    udp_echo(&t.outside, sa(out, 5354), None)?;
+    let id = format!("t{}v", t.suffix);
+    let pol = policy(Action::Deny, &[(Action::Allow, &format!("{out}:udp:5353"))]);
+    let att = t.net().attach(&id, Endpoint::Tap, &pol)?;
+    let mut tap = open_tap(&att.ifname)?;
+    let me = (att.ip, att.mac);
+
+    tracing::info!("ARP for the gateway through the tap");
+    let gw_mac = Arc::new(Mutex::new([0u8; 6]));
+    let mut answered = false;
+    for _ in 0..10 {
+        std::io::Write::write_all(&mut tap, &arp_request(att.mac, att.ip, att.gateway))?;
+        let gw = att.gateway.octets();
+        let g = gw_mac.clone();
+        if tap_wait(&mut tap, me, Duration::from_millis(300), move |f| {
+            let hit = f.len() >= 42
+                && f[12..14] == [0x08, 0x06]
+                && f[20..22] == [0, 2]
+                && f[28..32] == gw;
+            if hit {
+                g.lock().map(|mut m| m.copy_from_slice(&f[22..28])).ok();
+            }
+            hit
+        }) {
+            answered = true;
+            break;
+        }
+    }
+    ensure!(answered, "the gateway answers ARP through the tap");
+    let gw_mac = *gw_mac.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+
+    let udp_reply = |port: u16| {
+        move |f: &[u8]| {
+            f.len() >= 42
+                && f[12..14] == [0x08, 0x00]
+                && f[23] == 17
+                && f[34..36] == port.to_be_bytes()
+        }
+    };
+    tracing::info!("allowed UDP goes out through NAT and its answer comes back to the tap");
+    std::io::Write::write_all(
+        &mut tap,
+        &udp_frame(att.mac, gw_mac, att.ip, out, 5353, b"tap-genuine"),
+    )?;
+    ensure!(
+        tap_wait(&mut tap, me, Duration::from_secs(2), udp_reply(5353)),
+        "echo from 5353"
+    );
+    ensure!(rx.recv_timeout(T)? == b"tap-genuine");
+
+    tracing::info!("denied UDP and spoofed frames do not leave");
+    std::io::Write::write_all(
+        &mut tap,
+        &udp_frame(att.mac, gw_mac, att.ip, out, 5354, b"denied"),
+    )?;
+    ensure!(
+        !tap_wait(&mut tap, me, T, udp_reply(5354)),
+        "5354 is denied"
+    );
+    std::io::Write::write_all(
+        &mut tap,
+        &udp_frame(
+            att.mac,
+            gw_mac,
+            Ipv4Addr::new(10, 9, 9, 9),
+            out,
+            5353,
+            b"tap-spoof",
+        ),
+    )?;
+    let mut other = att.mac;
+    other[5] ^= 1;
+    std::io::Write::write_all(
+        &mut tap,
+        &udp_frame(other, gw_mac, att.ip, out, 5353, b"tap-spoof"),
+    )?;
+    ensure!(
+        rx.recv_timeout(T).is_err(),
+        "no spoofed datagram reached the server"
+    );
+    let (_, c) = t.net().policy(&id)?;
+    ensure!(c.rules[0].allowed_packets == 1, "{:?}", c.rules[0]);
+    ensure!(c.default.dropped_packets == 1, "{:?}", c.default);
+    let dropped = |n: &str| {
+        c.drops
+            .iter()
+            .find(|(k, _)| k == n)
+            .map_or(0, |(_, c)| c.dropped_packets)
+    };
+    ensure!(
+        dropped("spoofed-ip") == 1 && dropped("spoofed-mac") == 1,
+        "{:?}",
+        c.drops
+    );
+    drop(tap);
+    t.net().detach(&id)?;
+    ensure!(
+        !std::path::Path::new("/sys/class/net")
+            .join(&att.ifname)
+            .exists(),
+        "tap removed"
+    );
+    Ok(())
+}
+
+use std::sync::Arc;

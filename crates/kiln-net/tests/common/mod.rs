@@ -319,3 +319,92 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
         .collect::<Result<_, _>>()?;
     v.try_into().map_err(|_| anyhow::anyhow!("not a MAC: {s}"))
 }
+
+/// Opens an existing (persistent) tap the way a VMM does; the file then is
+/// the guest's side of the wire: frames written are sent by "the guest",
+/// frames read are what the guest receives.
+pub fn open_tap(name: &str) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .context("open /dev/net/tun")?;
+    // SAFETY: ifreq is plain old data; all-zero is valid.
+    #[allow(unsafe_code)]
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    // SAFETY: TUNSETIFF reads the ifreq we own for the duration of the call.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut libc::ifreq) };
+    if r < 0 {
+        bail!("TUNSETIFF {name}: {}", std::io::Error::last_os_error());
+    }
+    // Non-blocking reads so a test can wait with a deadline.
+    let flags = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GETFL)?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    Ok(f)
+}
+
+/// Reads frames from a tap until `want` returns true for one or `timeout`
+/// passes; answers ARP requests for `me` (ip, mac) on the way, as a guest's
+/// kernel would.
+pub fn tap_wait(
+    tap: &mut File,
+    me: (Ipv4Addr, [u8; 6]),
+    timeout: Duration,
+    want: impl Fn(&[u8]) -> bool,
+) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = [0u8; 2048];
+    while std::time::Instant::now() < deadline {
+        match tap.read(&mut buf) {
+            Ok(n) => {
+                let f = &buf[..n];
+                if want(f) {
+                    return true;
+                }
+                // ARP request (op 1) for our address: answer it.
+                if n >= 42
+                    && f[12..14] == [0x08, 0x06]
+                    && f[20..22] == [0, 1]
+                    && f[38..42] == me.0.octets()
+                {
+                    let mut sender_mac = [0u8; 6];
+                    sender_mac.copy_from_slice(&f[22..28]);
+                    let sender_ip = Ipv4Addr::new(f[28], f[29], f[30], f[31]);
+                    let mut r = sender_mac.to_vec();
+                    r.extend_from_slice(&me.1);
+                    r.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 2]);
+                    r.extend_from_slice(&me.1);
+                    r.extend_from_slice(&me.0.octets());
+                    r.extend_from_slice(&sender_mac);
+                    r.extend_from_slice(&sender_ip.octets());
+                    let _ = tap.write_all(&r);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// An ARP request from (`ip`, `mac`) for `target`.
+pub fn arp_request(mac: [u8; 6], ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ip.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f
+}
