@@ -838,9 +838,14 @@ impl Agent {
         match req {
             Request::Ping => self.respond(s, &Response::Pong),
             Request::Configure(c) => {
-                let r = match configure(&c) {
-                    Ok(()) => Response::Ok,
-                    Err(e) => err(ErrorKind::Internal, e),
+                // A malformed network is the host's mistake (invalid), a
+                // failing ioctl the guest's (internal).
+                let r = match c.network.as_ref().map(|n| n.validate()) {
+                    Some(Err(e)) => err(ErrorKind::Invalid, e),
+                    _ => match configure(&c) {
+                        Ok(()) => Response::Ok,
+                        Err(e) => err(ErrorKind::Internal, e),
+                    },
                 };
                 self.respond(s, &r);
             }
