@@ -72,6 +72,10 @@ PACKAGES=(
   busybox-static docker-registry skopeo umoci debootstrap
   # networking
   iproute2 nftables
+  # eBPF programs of kiln-net (crates/kiln-net/bpf, compiled by its build.rs)
+  clang llvm libbpf-dev
+  # network tests: ICMP reachability from namespaces
+  iputils-ping
 )
 BACKPORTS_PACKAGES=(qemu-system-x86 qemu-system-data qemu-utils)
 

@@ -502,6 +502,74 @@ pub struct Configure {
     pub entropy: String,
     /// Host wall clock, nanoseconds since the Unix epoch.
     pub time_unix_ns: u64,
+    /// The guest's network. Absent: leave the network as it is (a sandbox
+    /// without a network device). Added after version 1 of this message;
+    /// a host sends it only to sandboxes that have a network (an older
+    /// `kiln-init` rejects the unknown field with an `invalid` error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<GuestNetwork>,
+}
+
+/// The guest's IPv4 configuration, applied by `kiln-init` to the interface
+/// whose MAC it sets to `mac` (the first non-loopback one): address, default
+/// route, and `/etc/resolv.conf`. Applied again on every `Configure`, so a
+/// restored snapshot, fork or warm-pool member takes its new address and MAC
+/// and forgets its neighbour cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestNetwork {
+    /// `aa:bb:cc:dd:ee:ff`, a unicast address.
+    pub mac: String,
+    pub address: std::net::Ipv4Addr,
+    /// 1-30.
+    pub prefix_len: u8,
+    pub gateway: std::net::Ipv4Addr,
+    /// Resolvers for `/etc/resolv.conf` (at most 3); empty: file left alone.
+    #[serde(default)]
+    pub dns: Vec<std::net::Ipv4Addr>,
+}
+
+impl GuestNetwork {
+    /// The MAC as bytes; `None` unless it is six hex pairs of a unicast address.
+    pub fn mac_bytes(&self) -> Option<[u8; 6]> {
+        let mut out = [0u8; 6];
+        let mut parts = self.mac.split(':');
+        for b in &mut out {
+            let p = parts.next()?;
+            if p.len() != 2 {
+                return None;
+            }
+            *b = u8::from_str_radix(p, 16).ok()?;
+        }
+        if parts.next().is_some() || out[0] & 1 == 1 {
+            return None;
+        }
+        Some(out)
+    }
+
+    /// Checks what `kiln-init` relies on; the message of the first problem.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.mac_bytes().is_none() {
+            return Err(format!("{:?} is not a unicast MAC address", self.mac));
+        }
+        if !(1..=30).contains(&self.prefix_len) {
+            return Err(format!("prefix length {} is not 1-30", self.prefix_len));
+        }
+        let mask = u32::MAX << (32 - u32::from(self.prefix_len));
+        if u32::from(self.address) & mask != u32::from(self.gateway) & mask {
+            return Err(format!(
+                "gateway {} is outside {}/{}",
+                self.gateway, self.address, self.prefix_len
+            ));
+        }
+        if self.address == self.gateway {
+            return Err("the address is the gateway's".to_owned());
+        }
+        if self.dns.len() > 3 {
+            return Err(format!("{} DNS servers, at most 3", self.dns.len()));
+        }
+        Ok(())
+    }
 }
 
 /// A process to start.
@@ -590,6 +658,39 @@ mod tests {
             out.push(f);
         }
         out
+    }
+
+    #[test]
+    fn configure_network_is_optional_and_checked() {
+        // A message from a host that predates `network` still parses, and one
+        // without a network serialises exactly as before.
+        let old =
+            r#"{"type":"configure","sandbox_id":"a","hostname":"a","entropy":"","time_unix_ns":0}"#;
+        let r: Request = serde_json::from_str(old).unwrap();
+        let Request::Configure(c) = &r else {
+            panic!("configure")
+        };
+        assert_eq!(c.network, None);
+        assert_eq!(serde_json::to_string(&r).unwrap(), old);
+        let n = GuestNetwork {
+            mac: "02:4b:0a:58:00:02".into(),
+            address: "10.88.0.2".parse().unwrap(),
+            prefix_len: 16,
+            gateway: "10.88.0.1".parse().unwrap(),
+            dns: vec![],
+        };
+        assert_eq!(n.validate(), Ok(()));
+        assert_eq!(n.mac_bytes(), Some([2, 0x4b, 10, 0x58, 0, 2]));
+        let bad = |f: &dyn Fn(&mut GuestNetwork)| {
+            let mut b = n.clone();
+            f(&mut b);
+            b.validate().unwrap_err()
+        };
+        assert!(bad(&|b| b.mac = "03:00:00:00:00:01".into()).contains("unicast"));
+        assert!(bad(&|b| b.mac = "02:00:00:00:00".into()).contains("MAC"));
+        assert!(bad(&|b| b.prefix_len = 31).contains("1-30"));
+        assert!(bad(&|b| b.gateway = "10.89.0.1".parse().unwrap()).contains("outside"));
+        assert!(bad(&|b| b.address = b.gateway).contains("gateway"));
     }
 
     #[test]

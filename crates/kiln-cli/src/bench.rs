@@ -225,6 +225,7 @@ async fn cold(
             ],
             agent_channel: true,
             console_log: dir.join("vm/console.log"),
+            network: None,
         };
         let t = Instant::now();
         let vm = drv.start(&spec).await?;
@@ -379,6 +380,7 @@ async fn raw_boot(
             disks: vec![],
             agent_channel: false,
             console_log: console.clone(),
+            network: None,
         };
         let t = Instant::now();
         let vm = drv.start(&spec).await?;

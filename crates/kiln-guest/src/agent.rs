@@ -838,9 +838,14 @@ impl Agent {
         match req {
             Request::Ping => self.respond(s, &Response::Pong),
             Request::Configure(c) => {
-                let r = match configure(&c) {
-                    Ok(()) => Response::Ok,
-                    Err(e) => err(ErrorKind::Internal, e),
+                // A malformed network is the host's mistake (invalid), a
+                // failing ioctl the guest's (internal).
+                let r = match c.network.as_ref().map(|n| n.validate()) {
+                    Some(Err(e)) => err(ErrorKind::Invalid, e),
+                    _ => match configure(&c) {
+                        Ok(()) => Response::Ok,
+                        Err(e) => err(ErrorKind::Internal, e),
+                    },
                 };
                 self.respond(s, &r);
             }
@@ -1376,6 +1381,9 @@ fn credit_in(s: u32, i: &mut InPipe, frames: &mut Vec<Vec<u8>>) {
 
 fn configure(c: &Configure) -> Result<(), String> {
     use base64::Engine as _;
+    if let Some(n) = &c.network {
+        crate::net::configure(n)?;
+    }
     if !c.hostname.is_empty() {
         nix::unistd::sethostname(&c.hostname).map_err(|e| format!("sethostname: {e}"))?;
         let _ = std::fs::write("/etc/hostname", format!("{}\n", c.hostname));

@@ -10,6 +10,7 @@ mod agent;
 mod boot;
 mod copy;
 mod lookup;
+mod net;
 mod sys;
 mod users;
 

@@ -117,3 +117,133 @@ pub fn accept(listener: &OwnedFd) -> nix::Result<OwnedFd> {
     // SAFETY: accept4 just returned this descriptor; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// An `AF_INET` datagram socket: the handle for the interface ioctls below.
+pub fn inet_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments; the returned fd is owned
+    // by the OwnedFd from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ifreq_for(name: &str) -> std::io::Result<libc::ifreq> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::other(format!(
+            "bad interface name {name:?}"
+        )));
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(req)
+}
+
+fn sockaddr_in(addr: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size (16 bytes) and
+    // sockaddr is plain old data; this is the kernel ABI's own cast.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn ioctl_ifreq(sock: &OwnedFd, op: libc::c_ulong, req: &mut libc::ifreq) -> std::io::Result<()> {
+    // SAFETY: `req` is a valid, initialised ifreq that outlives the call;
+    // every op used here reads or writes only that struct.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), op, req as *mut libc::ifreq) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Sets an interface's MAC address.
+pub fn set_mac(sock: &OwnedFd, name: &str, mac: [u8; 6]) -> std::io::Result<()> {
+    let mut req = ifreq_for(name)?;
+    // SAFETY: writing the union member SIOCSIFHWADDR reads.
+    let hw = unsafe { &mut req.ifr_ifru.ifru_hwaddr };
+    hw.sa_family = libc::ARPHRD_ETHER;
+    for (d, s) in hw.sa_data.iter_mut().zip(mac) {
+        *d = s as libc::c_char;
+    }
+    ioctl_ifreq(sock, libc::SIOCSIFHWADDR, &mut req)
+}
+
+/// Sets an interface's IPv4 address and netmask.
+pub fn set_ipv4(
+    sock: &OwnedFd,
+    name: &str,
+    addr: std::net::Ipv4Addr,
+    mask: std::net::Ipv4Addr,
+) -> std::io::Result<()> {
+    let mut req = ifreq_for(name)?;
+    req.ifr_ifru.ifru_addr = sockaddr_in(addr);
+    ioctl_ifreq(sock, libc::SIOCSIFADDR, &mut req)?;
+    let mut req = ifreq_for(name)?;
+    req.ifr_ifru.ifru_netmask = sockaddr_in(mask);
+    ioctl_ifreq(sock, libc::SIOCSIFNETMASK, &mut req)
+}
+
+/// Brings an interface up (or down).
+pub fn set_up(sock: &OwnedFd, name: &str, up: bool) -> std::io::Result<()> {
+    let mut req = ifreq_for(name)?;
+    ioctl_ifreq(sock, libc::SIOCGIFFLAGS, &mut req)?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    let want = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    req.ifr_ifru.ifru_flags = if up { flags | want } else { flags & !want };
+    ioctl_ifreq(sock, libc::SIOCSIFFLAGS, &mut req)
+}
+
+/// Replaces the default route with one via `gateway`.
+pub fn set_default_route(sock: &OwnedFd, gateway: std::net::Ipv4Addr) -> std::io::Result<()> {
+    // SAFETY: rtentry is plain old data; all-zero is a valid value.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);
+    rt.rt_genmask = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED);
+    rt.rt_gateway = sockaddr_in(gateway);
+    rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    let call = |op: libc::c_ulong, rt: &mut libc::rtentry| {
+        // SAFETY: `rt` is a valid rtentry with a null rt_dev, outliving the call.
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), op, rt as *mut libc::rtentry) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // Remove every old default route (a restored guest may carry one).
+    while call(libc::SIOCDELRT, &mut rt.clone()).is_ok() {}
+    call(libc::SIOCADDRT, &mut rt)
+}
+
+/// Forgets the ARP entry for `addr` on `name`, if any.
+pub fn forget_neighbour(sock: &OwnedFd, name: &str, addr: std::net::Ipv4Addr) {
+    // SAFETY: arpreq is plain old data; all-zero is a valid value.
+    let mut req: libc::arpreq = unsafe { std::mem::zeroed() };
+    req.arp_pa = sockaddr_in(addr);
+    for (d, s) in req.arp_dev.iter_mut().zip(name.bytes().take(15)) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: `req` is a valid arpreq that outlives the call. A missing
+    // entry is not an error worth reporting.
+    let _ = unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCDARP,
+            &mut req as *mut libc::arpreq,
+        )
+    };
+}

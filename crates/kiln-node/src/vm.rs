@@ -252,6 +252,7 @@ pub fn sandbox_vm_spec(
         ],
         agent_channel: true,
         console_log: console,
+        network: None,
     }
 }
 
@@ -324,6 +325,7 @@ pub fn identity(id: &str) -> Configure {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0),
+        network: None,
     }
 }
 

@@ -326,6 +326,7 @@ async fn story() {
             hostname: "kiln-test".into(),
             entropy: base64::engine::general_purpose::STANDARD.encode([7u8; 64]),
             time_unix_ns: now.as_nanos() as u64,
+            network: None,
         })
         .await
         .unwrap();

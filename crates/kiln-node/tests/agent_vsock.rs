@@ -161,6 +161,7 @@ async fn story() {
     let spec = VmSpec {
         id: "vsock-e2e".into(),
         console_log: dir.join("console.log"),
+        network: None,
         dir: dir.clone(),
         kernel,
         initrd: Some(initramfs),

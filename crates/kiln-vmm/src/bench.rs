@@ -85,6 +85,7 @@ fn spec(elf: &Path, dir: &Path, name: &str) -> VmSpec {
         disks: vec![],
         agent_channel: false,
         console_log: dir.join(name).join("console.log"),
+        network: None,
     }
 }
 

@@ -262,6 +262,40 @@ pub struct VmSpec {
     /// Where the guest's serial console is written. The driver creates the
     /// file and [`Vm::cleanup`] removes it: read it before cleaning up.
     pub console_log: PathBuf,
+    /// A virtio-net device on an existing tap (`None`: no network device).
+    pub network: Option<NetDevice>,
+}
+
+/// A virtio-net device backed by a host tap (created by `kiln-net` before
+/// the VMM starts; the VMM only opens it by name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetDevice {
+    /// Host tap name (1-15 of `[a-z0-9-]`).
+    pub tap: String,
+    /// Guest MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+}
+
+impl NetDevice {
+    /// Whether the names are safe to put in a QEMU option string or a
+    /// Firecracker request (no `,` or `=` that QEMU would parse).
+    pub fn is_valid(&self) -> bool {
+        let tap_ok = !self.tap.is_empty()
+            && self.tap.len() <= 15
+            && self
+                .tap
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        let mac_ok = self.mac.len() == 17
+            && self.mac.bytes().enumerate().all(|(i, b)| {
+                if i % 3 == 2 {
+                    b == b':'
+                } else {
+                    b.is_ascii_hexdigit()
+                }
+            });
+        tap_ok && mac_ok
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -632,6 +666,14 @@ pub(crate) fn validate_spec(spec: &VmSpec) -> Result<(), StartVmError> {
         return Err(StartVmError::InvalidSpec(
             "cmdline must be one line of at most 2048 bytes".into(),
         ));
+    }
+    if let Some(net) = &spec.network
+        && !net.is_valid()
+    {
+        return Err(StartVmError::InvalidSpec(format!(
+            "network device: tap {:?} or MAC {:?} is malformed",
+            net.tap, net.mac
+        )));
     }
     Ok(())
 }

@@ -297,6 +297,7 @@ async fn firecracker_specifics(
         disks: vec![],
         agent_channel: true,
         console_log: tmp.join(name).join("console.log"),
+        network: None,
     };
     let counted = |spec: &kiln_vmm::VmSpec, n: usize| {
         let text = std::fs::read_to_string(&spec.console_log).unwrap_or_default();
@@ -385,6 +386,7 @@ async fn helper_start_vm_and_exit() {
         disks: vec![],
         agent_channel: true,
         console_log: dir.join("vm/console.log"),
+        network: None,
     };
     let vm = qemu_tcg().start(&spec).await.expect("start");
     let record = serde_json::to_vec(&vm.record()).expect("record");

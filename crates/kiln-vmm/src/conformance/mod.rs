@@ -192,6 +192,7 @@ fn spec_for(guest: &Guest, work_dir: &Path, name: &str) -> VmSpec {
     VmSpec {
         id: format!("conf-{name}"),
         console_log: dir.join("console.log"),
+        network: None,
         dir,
         kernel: guest.kernel.clone(),
         initrd: guest.initrd.clone(),

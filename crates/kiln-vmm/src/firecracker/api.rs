@@ -59,6 +59,27 @@ pub struct Vsock {
     pub uds_path: String,
 }
 
+/// PUT /network-interfaces/{iface_id}
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkInterface {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    pub guest_mac: String,
+}
+
+/// The configure request for a virtio-net device on an existing tap.
+pub fn network_interface_request(dev: &crate::NetDevice) -> (String, serde_json::Value) {
+    let body = NetworkInterface {
+        iface_id: "net0".to_owned(),
+        host_dev_name: dev.tap.clone(),
+        guest_mac: dev.mac.clone(),
+    };
+    (
+        "/network-interfaces/net0".to_owned(),
+        serde_json::to_value(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 /// PUT /actions
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceActionInfo {

@@ -163,6 +163,10 @@ pub fn boot_requests(spec: &VmSpec, dir: &Path) -> Vec<(String, serde_json::Valu
             })),
         ));
     }
+    if let Some(dev) = &spec.network {
+        let (path, body) = network_interface_request(dev);
+        requests.push((path, body));
+    }
     if spec.agent_channel {
         requests.push((
             "/vsock".to_owned(),
@@ -750,6 +754,20 @@ mod tests {
     use crate::DiskSpec;
     use serde_json::json;
 
+    #[test]
+    fn network_interface_body() {
+        let dev = crate::NetDevice {
+            tap: "kt0".into(),
+            mac: "02:4b:0a:58:00:02".into(),
+        };
+        let (path, body) = network_interface_request(&dev);
+        assert_eq!(path, "/network-interfaces/net0");
+        assert_eq!(
+            body,
+            json!({"iface_id": "net0", "host_dev_name": "kt0", "guest_mac": "02:4b:0a:58:00:02"})
+        );
+    }
+
     fn spec() -> VmSpec {
         VmSpec {
             id: "fc_1".into(),
@@ -765,6 +783,7 @@ mod tests {
             }],
             agent_channel: true,
             console_log: "/vm/console.log".into(),
+            network: None,
         }
     }
 

@@ -66,6 +66,22 @@ pub fn default_cpu_model(accel: Accel) -> &'static str {
 /// IA32_ARCH_CAPABILITIES (MSR 0x10a), which `host` exposes.
 pub const PVM_CPU_MODEL: &str = "host,-arch-capabilities";
 
+/// QEMU arguments for a virtio-net device on an existing tap: no helper
+/// scripts (Kiln owns the tap), `vhost=off` (these hosts have no
+/// `/dev/vhost-net`). The device is `virtio-net-device` (virtio-mmio, the
+/// `microvm` machine's bus).
+pub fn netdev_args(dev: &crate::NetDevice) -> Vec<String> {
+    vec![
+        "-netdev".into(),
+        format!(
+            "tap,id=net0,ifname={},script=no,downscript=no,vhost=off",
+            dev.tap
+        ),
+        "-device".into(),
+        format!("virtio-net-device,netdev=net0,mac={}", dev.mac),
+    ]
+}
+
 pub(super) fn qemu_args(
     spec: &VmSpec,
     paths: &Paths,
@@ -143,6 +159,9 @@ pub(super) fn qemu_args(
             format!("virtio-blk-device,drive=d{i}"),
         ]);
     }
+    if let Some(dev) = &spec.network {
+        args.extend(netdev_args(dev));
+    }
     if spec.agent_channel && agent == AgentTransport::HybridVsock {
         args.extend(crate::vhost_vsock::qemu_args(&VsockPaths::new(&spec.dir)));
     } else if spec.agent_channel {
@@ -192,6 +211,7 @@ mod tests {
             ],
             agent_channel: true,
             console_log: "/run/kiln/vms/t1/console.log".into(),
+            network: None,
         }
     }
 

@@ -34,7 +34,7 @@ use crate::{
     UnsupportedError, Vm, VmRecord, VmSpec, VmStatus, VmmDriver,
 };
 use args::{Machine, Mode, Paths, qemu_args};
-pub use args::{PVM_CPU_MODEL, default_cpu_model};
+pub use args::{PVM_CPU_MODEL, default_cpu_model, netdev_args};
 
 /// How long QEMU has to open its QMP socket.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,488 @@
+//! Loads the policy program (`bpf/policy.c`) onto a tap and owns its pins.
+//!
+//! Layout under a per-sandbox pin directory (`/sys/fs/bpf/kiln/<sandbox>/`):
+//! `link` (the TCX link holding `kiln_egress` on the tap's ingress hook: frames
+//! from the guest), `link_in` (`kiln_ingress` on its egress hook: frames to the
+//! guest) and one file per map. The pins are the only owner: no process has to stay
+//! alive, a restarted node reopens the maps from their pins to update the
+//! policy or read counters, and removing the directory's files detaches the
+//! program and frees the maps. A directory there without a live sandbox is a
+//! crashed node's leftover, which `reconcile` removes.
+//!
+//! Invariants: the object is loaded and its maps are written (identity,
+//! policy generation 0) before the program is attached, so no packet ever
+//! sees an empty policy. Updates write the inactive generation, then flip
+//! `active` with one aligned 32-bit store. Callers serialise updates per
+//! sandbox (the [`crate::Network`] takes a per-sandbox file lock).
+
+#![allow(unsafe_code)]
+
+use std::fs;
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::Key;
+use aya::maps::{Array, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::programs::links::FdLink;
+use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfError, Pod};
+
+use crate::compile::{Compiled, MASK_WORDS};
+use crate::policy::{Action, MAX_RULES};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy.o"));
+
+const SLOTS: u32 = MAX_RULES as u32 + 3;
+const SLOT_DEFAULT: u32 = MAX_RULES as u32;
+const SLOT_PROTECTED: u32 = MAX_RULES as u32 + 1;
+const SLOT_REPLY: u32 = MAX_RULES as u32 + 2;
+const DROP_REASONS: [&str; 6] = [
+    "spoofed-mac",
+    "spoofed-ip",
+    "bad-arp",
+    "ipv6",
+    "ethertype",
+    "malformed",
+];
+const MAPS: [&str; 9] = [
+    "flows",
+    "identity",
+    "active",
+    "gens",
+    "rules",
+    "prefixes0",
+    "prefixes1",
+    "counters",
+    "drops",
+];
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Identity {
+    mac: [u8; 6],
+    pad: [u8; 2],
+    ip: u32,
+}
+// SAFETY: repr(C), only integer fields, no padding bytes left implicit.
+unsafe impl Pod for Identity {}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GenConfig {
+    default_action: u32,
+}
+// SAFETY: repr(C) with one u32.
+unsafe impl Pod for GenConfig {}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct RawRule {
+    proto: u8,
+    action: u8,
+    flags: u8,
+    pad: u8,
+    port_lo: u16,
+    port_hi: u16,
+}
+// SAFETY: repr(C), integer fields laid out without implicit padding (8 bytes).
+unsafe impl Pod for RawRule {}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LpmVal {
+    mask: [u64; MASK_WORDS],
+    protected: u32,
+    pad: u32,
+}
+// SAFETY: repr(C), integer fields, size a multiple of 8 with explicit padding.
+unsafe impl Pod for LpmVal {}
+
+/// Packets and bytes one rule (or the default) let through and dropped.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Counter {
+    pub allowed_packets: u64,
+    pub allowed_bytes: u64,
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+}
+// SAFETY: repr(C) with four u64.
+unsafe impl Pod for Counter {}
+
+impl Counter {
+    fn add(&mut self, o: &Counter) {
+        self.allowed_packets += o.allowed_packets;
+        self.allowed_bytes += o.allowed_bytes;
+        self.dropped_packets += o.dropped_packets;
+        self.dropped_bytes += o.dropped_bytes;
+    }
+}
+
+/// Counters of the policy in force (reset when a policy is set).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Counters {
+    /// One per rule, in rule order.
+    pub rules: Vec<Counter>,
+    /// Packets no rule matched that got the default.
+    pub default: Counter,
+    /// Packets to protected destinations no rule opened.
+    pub protected: Counter,
+    /// Replies within flows a peer started (TCP after its SYN, UDP/ICMP
+    /// after its first packet), let through without the rules.
+    pub replies: Counter,
+    /// Drops before the policy (spoofing, IPv6, ...), by reason.
+    pub drops: Vec<(String, Counter)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachProgramError {
+    #[error("cannot mount the BPF filesystem on /sys/fs/bpf")]
+    MountBpffs(#[source] nix::Error),
+    #[error("cannot create pin directory {0}")]
+    PinDir(PathBuf, #[source] io::Error),
+    #[error("the kernel refused the policy object")]
+    Load(#[source] EbpfError),
+    #[error("the object has no map or program {0}")]
+    Missing(&'static str),
+    #[error("cannot pin map {name}")]
+    PinMap {
+        name: &'static str,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("the verifier refused the policy program")]
+    Verify(#[source] ProgramError),
+    #[error("cannot attach the policy program to {0}")]
+    Attach(String, #[source] ProgramError),
+    #[error("cannot pin the program's link")]
+    PinLink(#[source] aya::pin::PinError),
+    #[error("cannot write the initial policy")]
+    Write(#[from] WriteMapsError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteMapsError {
+    #[error("cannot open pinned map {0}")]
+    Open(PathBuf, #[source] MapError),
+    #[error("map {name}: {op} failed")]
+    Map {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("cannot count CPUs")]
+    Cpus(#[source] io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot remove pinned program {dir}")]
+pub struct RemoveProgramError {
+    dir: PathBuf,
+    #[source]
+    source: io::Error,
+}
+
+/// Mounts bpffs on `/sys/fs/bpf` when nothing is mounted there yet.
+pub fn ensure_bpffs() -> Result<(), AttachProgramError> {
+    let path = Path::new("/sys/fs/bpf");
+    if let Ok(s) = nix::sys::statfs::statfs(path)
+        && s.filesystem_type().0 == BPF_FS_MAGIC
+    {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(AttachProgramError::MountBpffs)
+}
+
+/// The policy program of one sandbox, known by its pin directory.
+#[derive(Debug, Clone)]
+pub struct PolicyProgram {
+    dir: PathBuf,
+}
+
+fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(MapError) -> WriteMapsError {
+    move |source| WriteMapsError::Map { name, op, source }
+}
+
+impl PolicyProgram {
+    /// Loads the program for a sandbox with `mac` and `ip`, writes `policy`,
+    /// attaches it to the ingress hook of `ifname` and pins everything under
+    /// `dir`. On error nothing stays pinned.
+    pub fn attach(
+        dir: &Path,
+        ifname: &str,
+        mac: [u8; 6],
+        ip: Ipv4Addr,
+        policy: &Compiled,
+    ) -> Result<PolicyProgram, AttachProgramError> {
+        ensure_bpffs()?;
+        // A leftover of a crash under the same name would make pinning fail.
+        let _ = remove_pins(dir);
+        fs::create_dir_all(dir).map_err(|e| AttachProgramError::PinDir(dir.to_owned(), e))?;
+        let prog = PolicyProgram {
+            dir: dir.to_owned(),
+        };
+        let result = prog.load_and_attach(ifname, mac, ip, policy);
+        if result.is_err() {
+            let _ = remove_pins(dir);
+        }
+        result.map(|()| prog)
+    }
+
+    fn load_and_attach(
+        &self,
+        ifname: &str,
+        mac: [u8; 6],
+        ip: Ipv4Addr,
+        policy: &Compiled,
+    ) -> Result<(), AttachProgramError> {
+        let t0 = std::time::Instant::now();
+        let mut ebpf = Ebpf::load(OBJECT).map_err(AttachProgramError::Load)?;
+        tracing::debug!(elapsed = ?t0.elapsed(), "policy object loaded (maps created)");
+        for name in MAPS {
+            let map = ebpf.map(name).ok_or(AttachProgramError::Missing(name))?;
+            map.pin(self.dir.join(name))
+                .map_err(|source| AttachProgramError::PinMap { name, source })?;
+        }
+        let mut identity: Array<MapData, Identity> = self.array("identity")?;
+        identity
+            .set(
+                0,
+                Identity {
+                    mac,
+                    pad: [0; 2],
+                    ip: u32::from_ne_bytes(ip.octets()),
+                },
+                0,
+            )
+            .map_err(map_err("identity", "set"))?;
+        tracing::debug!(elapsed = ?t0.elapsed(), "maps pinned, identity written");
+        // Generation 1 is written, then `active` flips from 0 to 1: the same
+        // path every later update takes.
+        self.update(policy)?;
+
+        // Frames to the guest first (it records the flows peers start), then
+        // frames from the guest: both are enforcing once the second is in.
+        for (prog_name, hook, pin) in [
+            ("kiln_ingress", TcAttachType::Egress, "link_in"),
+            ("kiln_egress", TcAttachType::Ingress, "link"),
+        ] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(prog_name)
+                .ok_or(AttachProgramError::Missing(prog_name))?
+                .try_into()
+                .map_err(AttachProgramError::Verify)?;
+            let t1 = std::time::Instant::now();
+            program.load().map_err(AttachProgramError::Verify)?;
+            tracing::debug!(program = prog_name, elapsed = ?t1.elapsed(), "verified");
+            let link_id = program
+                .attach(ifname, hook)
+                .map_err(|e| AttachProgramError::Attach(ifname.to_owned(), e))?;
+            let link = program
+                .take_link(link_id)
+                .map_err(|e| AttachProgramError::Attach(ifname.to_owned(), e))?;
+            let fd_link: FdLink = link.try_into().map_err(|e| {
+                AttachProgramError::Attach(
+                    ifname.to_owned(),
+                    ProgramError::IOError(io::Error::other(format!(
+                        "not a TCX link (kernel older than 6.6?): {e}"
+                    ))),
+                )
+            })?;
+            fd_link
+                .pin(self.dir.join(pin))
+                .map_err(AttachProgramError::PinLink)?;
+        }
+        Ok(())
+    }
+
+    /// The program pinned in `dir` (by an earlier `attach`, maybe by another process).
+    pub fn open(dir: &Path) -> Option<PolicyProgram> {
+        dir.join("link").exists().then(|| PolicyProgram {
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn map(&self, name: &'static str) -> Result<MapData, WriteMapsError> {
+        let path = self.dir.join(name);
+        MapData::from_pin(&path).map_err(|e| WriteMapsError::Open(path, e))
+    }
+
+    fn array<V: Pod>(&self, name: &'static str) -> Result<Array<MapData, V>, WriteMapsError> {
+        Array::try_from(Map::Array(self.map(name)?)).map_err(map_err(name, "open"))
+    }
+
+    fn percpu<V: Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<PerCpuArray<MapData, V>, WriteMapsError> {
+        PerCpuArray::try_from(Map::PerCpuArray(self.map(name)?)).map_err(map_err(name, "open"))
+    }
+
+    fn trie(&self, name: &'static str) -> Result<LpmTrie<MapData, u32, LpmVal>, WriteMapsError> {
+        LpmTrie::try_from(Map::LpmTrie(self.map(name)?)).map_err(map_err(name, "open"))
+    }
+
+    /// Replaces the policy in place: writes the inactive generation and flips
+    /// to it. Counters of the new generation start at zero.
+    pub fn update(&self, policy: &Compiled) -> Result<(), WriteMapsError> {
+        let mut active: Array<MapData, u32> = self.array("active")?;
+        let cur = active.get(&0, 0).map_err(map_err("active", "get"))? & 1;
+        let next = 1 - cur;
+
+        let trie_name = if next == 0 { "prefixes0" } else { "prefixes1" };
+        let mut trie = self.trie(trie_name)?;
+        let stale: Vec<Key<u32>> = trie.keys().filter_map(Result::ok).collect();
+        for k in &stale {
+            trie.remove(k).map_err(map_err(trie_name, "remove"))?;
+        }
+
+        let mut rules: Array<MapData, RawRule> = self.array("rules")?;
+        let rbase = next * MAX_RULES as u32;
+        for (i, r) in policy.rules.iter().enumerate() {
+            let (flags, lo, hi) = match r.ports {
+                Some((lo, hi)) => (1, lo, hi),
+                None => (0, 0, 0),
+            };
+            let raw = RawRule {
+                proto: r.proto,
+                action: action_code(r.action),
+                flags,
+                pad: 0,
+                port_lo: lo,
+                port_hi: hi,
+            };
+            rules
+                .set(rbase + i as u32, raw, 0)
+                .map_err(map_err("rules", "set"))?;
+        }
+
+        let mut counters: PerCpuArray<MapData, Counter> = self.percpu("counters")?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| WriteMapsError::Cpus(e))?;
+        let cbase = next * SLOTS;
+        let slots =
+            (0..policy.rules.len() as u32).chain([SLOT_DEFAULT, SLOT_PROTECTED, SLOT_REPLY]);
+        for s in slots {
+            let zeros = PerCpuValues::try_from(vec![Counter::default(); cpus])
+                .map_err(WriteMapsError::Cpus)?;
+            counters
+                .set(cbase + s, zeros, 0)
+                .map_err(map_err("counters", "set"))?;
+        }
+
+        for p in &policy.prefixes {
+            let key = Key::new(
+                u32::from(p.prefix.prefix_len()),
+                u32::from_ne_bytes(p.prefix.network().octets()),
+            );
+            let val = LpmVal {
+                mask: p.mask,
+                protected: u32::from(p.protected),
+                pad: 0,
+            };
+            trie.insert(&key, val, 0)
+                .map_err(map_err(trie_name, "insert"))?;
+        }
+
+        let mut gens: Array<MapData, GenConfig> = self.array("gens")?;
+        gens.set(
+            next,
+            GenConfig {
+                default_action: u32::from(action_code(policy.default)),
+            },
+            0,
+        )
+        .map_err(map_err("gens", "set"))?;
+        active.set(0, next, 0).map_err(map_err("active", "set"))?;
+        Ok(())
+    }
+
+    /// Counters of the policy in force, summed over CPUs; `rules` is how many
+    /// rules that policy has.
+    pub fn counters(&self, rules: usize) -> Result<Counters, WriteMapsError> {
+        let active: Array<MapData, u32> = self.array("active")?;
+        let generation = active.get(&0, 0).map_err(map_err("active", "get"))? & 1;
+        let counters: PerCpuArray<MapData, Counter> = self.percpu("counters")?;
+        let read = |slot: u32| -> Result<Counter, WriteMapsError> {
+            let per_cpu = counters
+                .get(&(generation * SLOTS + slot), 0)
+                .map_err(map_err("counters", "get"))?;
+            let mut c = Counter::default();
+            for v in per_cpu.iter() {
+                c.add(v);
+            }
+            Ok(c)
+        };
+        let rules = (0..rules.min(MAX_RULES) as u32)
+            .map(read)
+            .collect::<Result<_, _>>()?;
+        let drops_map: PerCpuArray<MapData, Counter> = self.percpu("drops")?;
+        let mut drops = Vec::new();
+        for (i, name) in DROP_REASONS.iter().enumerate() {
+            let per_cpu = drops_map
+                .get(&(i as u32), 0)
+                .map_err(map_err("drops", "get"))?;
+            let mut c = Counter::default();
+            for v in per_cpu.iter() {
+                c.add(v);
+            }
+            drops.push(((*name).to_owned(), c));
+        }
+        Ok(Counters {
+            rules,
+            default: read(SLOT_DEFAULT)?,
+            protected: read(SLOT_PROTECTED)?,
+            replies: read(SLOT_REPLY)?,
+            drops,
+        })
+    }
+
+    /// Detaches the program and frees its maps.
+    pub fn remove(self) -> Result<(), RemoveProgramError> {
+        remove_pins(&self.dir)
+    }
+}
+
+fn action_code(a: Action) -> u8 {
+    match a {
+        Action::Allow => 0,
+        Action::Deny => 1,
+    }
+}
+
+/// Unpins everything in a sandbox's pin directory and removes it; a missing
+/// directory is fine. Removing the link pin detaches the program (no other
+/// reference holds it).
+pub fn remove_pins(dir: &Path) -> Result<(), RemoveProgramError> {
+    let err = |source| RemoveProgramError {
+        dir: dir.to_owned(),
+        source,
+    };
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(err(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(err)?;
+        fs::remove_file(entry.path()).map_err(err)?;
+    }
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(err(e)),
+    }
+}

@@ -1,0 +1,476 @@
+//! Node-local sandbox networking: the per-node bridge, one tap per sandbox,
+//! IPAM, NAT egress (nftables), and the eBPF network policy on each tap
+//! (programs in `bpf/`, compiled by `build.rs`, loaded with aya).
+//!
+//! It owns every kernel object it creates (bridge, taps, nftables chains,
+//! pinned BPF programs and maps under `/sys/fs/bpf/kiln/`) and finds a
+//! crashed node's leftovers again from their names, leases and pins. It must
+//! not depend on the node, server, VMM or image crates: it knows sandbox ids,
+//! addresses and policies, not VMs.
+//!
+//! The node service holds one [`Network`] and calls [`Network::attach`]
+//! before it starts a sandbox's VMM, [`Network::detach`] after the VMM is
+//! gone, [`Network::update_policy`] for `kiln policy set`, and
+//! [`Network::reconcile`] with the live sandbox ids at start-up and
+//! periodically.
+
+pub mod bpf;
+pub mod compile;
+pub mod host;
+pub mod ipam;
+pub mod nft;
+pub mod policy;
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+pub use bpf::{Counter, Counters, PolicyProgram};
+pub use compile::{Compiled, Protected};
+pub use ipam::{Ipam, Lease, format_mac, mac_for};
+pub use policy::{Action, Policy, Preset, Rule};
+
+/// Where the node's network lives. Defaults are documented per field.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Bridge name, `[a-z0-9-]`, at most 15 characters. Default `kiln0`.
+    pub bridge: String,
+    /// Sandbox subnet; the bridge takes its first address (the gateway).
+    /// Default `10.88.0.0/16`: private, 65,533 sandboxes, and outside the
+    /// ranges Docker (172.17/16), libvirt (192.168.122/24) and most home and
+    /// cloud LANs use; change it where it collides.
+    pub subnet: Ipv4Net,
+    /// Leases and per-sandbox policies (the node's state dir + `/net`).
+    pub state_dir: PathBuf,
+    /// BPF pins; one directory per sandbox below. Default `/sys/fs/bpf/kiln`.
+    pub bpf_root: PathBuf,
+    /// Prefix of tap names (`<prefix><hash of the sandbox id>`). Default `kt`.
+    pub tap_prefix: String,
+    /// DNS servers handed to guests. Default: none until the node's resolver
+    /// exists (then: the gateway).
+    pub dns: Vec<Ipv4Addr>,
+}
+
+impl NetConfig {
+    /// The defaults, with the given state directory.
+    pub fn new(state_dir: &Path) -> NetConfig {
+        NetConfig {
+            bridge: "kiln0".to_owned(),
+            subnet: "10.88.0.0/16".parse().expect("constant CIDR parses"),
+            state_dir: state_dir.to_owned(),
+            bpf_root: PathBuf::from("/sys/fs/bpf/kiln"),
+            tap_prefix: "kt".to_owned(),
+            dns: Vec::new(),
+        }
+    }
+}
+
+/// What a sandbox's VMM and guest need to know about its network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub id: String,
+    /// Host interface (tap) for the VMM.
+    pub ifname: String,
+    pub mac: [u8; 6],
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+    pub dns: Vec<Ipv4Addr>,
+}
+
+/// How the sandbox's host side interface comes to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint<'a> {
+    /// A tap Kiln creates (and deletes on detach): the microVM case.
+    Tap,
+    /// An interface someone else created (a veth in tests); Kiln attaches it
+    /// to the bridge and the program to it, and deletes it on detach.
+    Existing(&'a str),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenNetworkError {
+    #[error("bridge name {0:?} is not 1-15 of [a-z0-9-]")]
+    BridgeName(String),
+    #[error("tap prefix {0:?} must be 1-3 of [a-z0-9]")]
+    TapPrefix(String),
+    #[error(transparent)]
+    Ipam(#[from] ipam::IpamError),
+    #[error("cannot set up bridge {bridge}")]
+    Bridge {
+        bridge: String,
+        #[source]
+        source: host::HostNetError,
+    },
+    #[error("cannot install NAT rules for {bridge}")]
+    Nat {
+        bridge: String,
+        #[source]
+        source: nft::NftError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("sandbox id {0:?} is not 1-64 of [a-z0-9_-]")]
+    Id(String),
+    #[error("interface name {0:?} is not valid")]
+    Ifname(String),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Ipam(#[from] ipam::IpamError),
+    #[error("cannot create the sandbox's interface")]
+    Link(#[source] host::HostNetError),
+    #[error("cannot read the host's addresses")]
+    HostAddrs(#[source] host::HostNetError),
+    #[error(transparent)]
+    Program(#[from] bpf::AttachProgramError),
+    #[error("cannot save the sandbox's policy")]
+    SavePolicy(#[source] ipam::IpamError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DetachError {
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Program(#[from] bpf::RemoveProgramError),
+    #[error("cannot delete interface {0}")]
+    Link(String, #[source] host::HostNetError),
+    #[error(transparent)]
+    Ipam(#[from] ipam::IpamError),
+    #[error("cannot remove {0}")]
+    State(PathBuf, #[source] io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpdatePolicyError {
+    #[error("sandbox {0} has no network")]
+    NotAttached(String),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("cannot read the host's addresses")]
+    HostAddrs(#[source] host::HostNetError),
+    #[error(transparent)]
+    Maps(#[from] bpf::WriteMapsError),
+    #[error("cannot save the sandbox's policy")]
+    SavePolicy(#[source] ipam::IpamError),
+    #[error("cannot read the sandbox's saved policy {0}")]
+    ReadPolicy(PathBuf, #[source] io::Error),
+    #[error("the sandbox's saved policy {0} is corrupt")]
+    CorruptPolicy(PathBuf, #[source] serde_json::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot lock {0}")]
+pub struct LockError(PathBuf, #[source] io::Error);
+
+/// What [`Network::reconcile`] removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Sandboxes whose lease, program and interface were removed.
+    pub released: Vec<String>,
+    /// Bridge ports without a live lease that were deleted.
+    pub orphan_links: Vec<String>,
+    /// Pin directories without a live lease that were removed.
+    pub orphan_pins: Vec<String>,
+}
+
+/// The node's sandbox network.
+#[derive(Debug)]
+pub struct Network {
+    cfg: NetConfig,
+    ipam: Ipam,
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+impl Network {
+    /// Sets up (idempotently) the bridge, forwarding, NAT and bpffs.
+    pub fn open(cfg: NetConfig) -> Result<Network, OpenNetworkError> {
+        if !host::valid_ifname(&cfg.bridge) {
+            return Err(OpenNetworkError::BridgeName(cfg.bridge));
+        }
+        if cfg.tap_prefix.is_empty()
+            || cfg.tap_prefix.len() > 3
+            || !cfg
+                .tap_prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return Err(OpenNetworkError::TapPrefix(cfg.tap_prefix));
+        }
+        let ipam = Ipam::new(&cfg.state_dir, cfg.subnet)?;
+        let bridge_err = |source| OpenNetworkError::Bridge {
+            bridge: cfg.bridge.clone(),
+            source,
+        };
+        host::ensure_bridge(&cfg.bridge, ipam.gateway(), ipam.subnet()).map_err(bridge_err)?;
+        host::enable_forwarding().map_err(bridge_err)?;
+        nft::ensure_bridge_rules(&cfg.bridge, ipam.subnet()).map_err(|source| {
+            OpenNetworkError::Nat {
+                bridge: cfg.bridge.clone(),
+                source,
+            }
+        })?;
+        info!(bridge = %cfg.bridge, subnet = %ipam.subnet(), "sandbox network ready");
+        Ok(Network { cfg, ipam })
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    pub fn ipam(&self) -> &Ipam {
+        &self.ipam
+    }
+
+    /// The tap name of a sandbox: the prefix and a hash of its id (15 chars max).
+    pub fn tap_name(&self, id: &str) -> String {
+        let h = hex(&Sha256::digest(id.as_bytes()));
+        let keep = 15 - self.cfg.tap_prefix.len();
+        format!("{}{}", self.cfg.tap_prefix, &h[..keep])
+    }
+
+    fn pin_dir(&self, id: &str) -> PathBuf {
+        self.cfg.bpf_root.join(id)
+    }
+
+    fn policy_path(&self, id: &str) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("policies")
+            .join(format!("{id}.json"))
+    }
+
+    fn lock(&self, id: &str) -> Result<Flock<File>, LockError> {
+        let dir = self.cfg.state_dir.join("locks");
+        let path = dir.join(format!("{id}.lock"));
+        fs::create_dir_all(&dir).map_err(|e| LockError(path.clone(), e))?;
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| LockError(path.clone(), e))?;
+        Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| LockError(path, e.into()))
+    }
+
+    /// The protected destinations: always-protected ranges, the sandbox
+    /// subnet, and the host's addresses as of now.
+    pub fn protected(&self) -> Result<Protected, host::HostNetError> {
+        let mut addrs = host::host_addresses()?;
+        addrs.push(self.ipam.gateway());
+        Ok(Protected::new(self.ipam.subnet(), &addrs))
+    }
+
+    /// Gives a sandbox its address, MAC, interface and policy program.
+    /// Idempotent: attaching an attached sandbox keeps its lease and
+    /// reinstalls its interface and program with `policy`.
+    pub fn attach(
+        &self,
+        id: &str,
+        endpoint: Endpoint<'_>,
+        policy: &Policy,
+    ) -> Result<Attachment, AttachError> {
+        if !valid_id(id) {
+            return Err(AttachError::Id(id.to_owned()));
+        }
+        let ifname = match endpoint {
+            Endpoint::Tap => self.tap_name(id),
+            Endpoint::Existing(n) => n.to_owned(),
+        };
+        if !host::valid_ifname(&ifname) {
+            return Err(AttachError::Ifname(ifname));
+        }
+        let started = std::time::Instant::now();
+        let _lock = self.lock(id)?;
+        let lease = self.ipam.allocate(id, &ifname)?;
+        let result = self.install(id, &lease, endpoint, policy);
+        tracing::debug!(sandbox = id, elapsed = ?started.elapsed(), ok = result.is_ok(), "attach");
+        if result.is_err() {
+            let _ = bpf::remove_pins(&self.pin_dir(id));
+            if endpoint == Endpoint::Tap {
+                let _ = host::delete_link(&ifname);
+            }
+            let _ = self.ipam.release(id);
+        }
+        result
+    }
+
+    fn install(
+        &self,
+        id: &str,
+        lease: &Lease,
+        endpoint: Endpoint<'_>,
+        policy: &Policy,
+    ) -> Result<Attachment, AttachError> {
+        match endpoint {
+            Endpoint::Tap => host::ensure_tap(&lease.ifname, &self.cfg.bridge),
+            Endpoint::Existing(n) => host::attach_to_bridge(n, &self.cfg.bridge),
+        }
+        .map_err(AttachError::Link)?;
+        let t_link = std::time::Instant::now();
+        let _ = host::flush_neighbour(&self.cfg.bridge, lease.ip);
+        let protected = self.protected().map_err(AttachError::HostAddrs)?;
+        let compiled = compile::compile(&policy.egress, policy.default, &protected);
+        ipam::write_atomic(
+            &self.policy_path(id),
+            &serde_json::to_vec_pretty(policy).expect("a policy serialises"),
+        )
+        .map_err(AttachError::SavePolicy)?;
+        PolicyProgram::attach(
+            &self.pin_dir(id),
+            &lease.ifname,
+            lease.mac,
+            lease.ip,
+            &compiled,
+        )?;
+        tracing::debug!(program = ?t_link.elapsed(), "attach: program loaded and pinned");
+        info!(sandbox = id, ip = %lease.ip, ifname = %lease.ifname, "sandbox network attached");
+        Ok(Attachment {
+            id: id.to_owned(),
+            ifname: lease.ifname.clone(),
+            mac: lease.mac,
+            ip: lease.ip,
+            prefix_len: self.ipam.subnet().prefix_len(),
+            gateway: self.ipam.gateway(),
+            dns: self.cfg.dns.clone(),
+        })
+    }
+
+    /// Replaces a sandbox's policy in place (no reload, no detach). The new
+    /// policy was validated when it was built; on error the old one stays.
+    pub fn update_policy(&self, id: &str, policy: &Policy) -> Result<(), UpdatePolicyError> {
+        let _lock = self.lock(id)?;
+        let prog = PolicyProgram::open(&self.pin_dir(id))
+            .ok_or_else(|| UpdatePolicyError::NotAttached(id.to_owned()))?;
+        let protected = self.protected().map_err(UpdatePolicyError::HostAddrs)?;
+        let compiled = compile::compile(&policy.egress, policy.default, &protected);
+        prog.update(&compiled)?;
+        ipam::write_atomic(
+            &self.policy_path(id),
+            &serde_json::to_vec_pretty(policy).expect("a policy serialises"),
+        )
+        .map_err(UpdatePolicyError::SavePolicy)?;
+        info!(sandbox = id, rules = policy.egress.len(), "policy updated");
+        Ok(())
+    }
+
+    /// The sandbox's policy and the counters of its rules.
+    pub fn policy(&self, id: &str) -> Result<(Policy, Counters), UpdatePolicyError> {
+        let prog = PolicyProgram::open(&self.pin_dir(id))
+            .ok_or_else(|| UpdatePolicyError::NotAttached(id.to_owned()))?;
+        let path = self.policy_path(id);
+        let bytes = fs::read(&path).map_err(|e| UpdatePolicyError::ReadPolicy(path.clone(), e))?;
+        let policy: Policy = serde_json::from_slice(&bytes)
+            .map_err(|e| UpdatePolicyError::CorruptPolicy(path, e))?;
+        let counters = prog.counters(policy.egress.len())?;
+        Ok((policy, counters))
+    }
+
+    /// Removes a sandbox's program, interface and lease. Idempotent.
+    pub fn detach(&self, id: &str) -> Result<(), DetachError> {
+        let _lock = self.lock(id)?;
+        bpf::remove_pins(&self.pin_dir(id))?;
+        if let Some(lease) = self.ipam.leases()?.get(id) {
+            host::delete_link(&lease.ifname)
+                .map_err(|e| DetachError::Link(lease.ifname.clone(), e))?;
+            let _ = host::flush_neighbour(&self.cfg.bridge, lease.ip);
+        }
+        self.ipam.release(id)?;
+        let path = self.policy_path(id);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DetachError::State(path, e)),
+        }
+        let _ = fs::remove_file(self.cfg.state_dir.join("locks").join(format!("{id}.lock")));
+        info!(sandbox = id, "sandbox network detached");
+        Ok(())
+    }
+
+    /// Frees everything of sandboxes not in `live`: leases, programs, taps,
+    /// and bridge ports or pin directories no lease explains (a crash's
+    /// leftovers). Call at start-up and periodically.
+    pub fn reconcile(&self, live: &BTreeSet<String>) -> Result<ReconcileReport, DetachError> {
+        let mut report = ReconcileReport::default();
+        for (id, _) in self.ipam.leases()? {
+            if !live.contains(&id) {
+                self.detach(&id)?;
+                report.released.push(id);
+            }
+        }
+        let leases = self.ipam.leases()?;
+        let known: BTreeSet<&str> = leases.values().map(|l| l.ifname.as_str()).collect();
+        let ports = host::bridge_ports(&self.cfg.bridge)
+            .map_err(|e| DetachError::Link(self.cfg.bridge.clone(), e))?;
+        for port in ports {
+            if port.starts_with(&self.cfg.tap_prefix) && !known.contains(port.as_str()) {
+                warn!(ifname = %port, "removing a tap no sandbox owns");
+                host::delete_link(&port).map_err(|e| DetachError::Link(port.clone(), e))?;
+                report.orphan_links.push(port);
+            }
+        }
+        if let Ok(entries) = fs::read_dir(&self.cfg.bpf_root) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // Only ids this network leased can be judged here: other
+                // networks (other bridges) share the pin root.
+                if self.owns_pin(&name, &leases) && !leases.contains_key(&name) {
+                    warn!(sandbox = %name, "removing a policy program no sandbox owns");
+                    bpf::remove_pins(&e.path())?;
+                    report.orphan_pins.push(name);
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn owns_pin(&self, name: &str, leases: &std::collections::BTreeMap<String, Lease>) -> bool {
+        if leases.contains_key(name) {
+            return true;
+        }
+        // A pin directory whose saved policy lives in our state dir is ours.
+        self.policy_path(name).exists()
+    }
+
+    /// Removes the bridge and its NAT chains, when no sandbox holds a lease.
+    /// Returns false (and removes nothing) while leases remain.
+    pub fn teardown(&self) -> Result<bool, DetachError> {
+        if !self.ipam.leases()?.is_empty() {
+            return Ok(false);
+        }
+        nft::remove_bridge_rules(&self.cfg.bridge).map_err(|e| {
+            DetachError::Link(
+                self.cfg.bridge.clone(),
+                host::HostNetError::Failed {
+                    args: "nft".into(),
+                    stderr: e.to_string(),
+                },
+            )
+        })?;
+        host::delete_link(&self.cfg.bridge)
+            .map_err(|e| DetachError::Link(self.cfg.bridge.clone(), e))?;
+        Ok(true)
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
