@@ -60,12 +60,58 @@ pub async fn bench(node: &kiln_node::node::Node, cmd: BenchCommand) -> Result<i3
             json: out,
             fork,
         } => crate::bench_warm::warm(node, image, runs, concurrent, &fork, &out).await,
+        BenchCommand::Vmm { rounds, json: out } => vmm(rounds, &out).await,
         BenchCommand::Api {
             creates,
             concurrency,
             json: out,
         } => api(creates, concurrency, &out).await,
     }
+}
+
+/// `kiln bench vmm`: every driver this host can run, side by side, on the
+/// bare-metal counter guest (the only guest Firecracker boots on a
+/// software KVM); a driver that cannot run here is named, not hidden.
+async fn vmm(rounds: usize, out: &std::path::Path) -> Result<i32> {
+    use kiln_vmm::qemu::QemuDriver;
+    use kiln_vmm::{Accel, DriverChoice, DriverConfig, GuestKind, KvmKind};
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let tmp = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let elf = kiln_vmm::testguest::build(&tmp.path().join("guest"))
+        .context("cannot build the bare-metal test guest")?;
+    let host = kiln_vmm::detect(&DriverConfig::default());
+    let mut drivers: Vec<std::sync::Arc<dyn kiln_vmm::VmmDriver>> = vec![];
+    match QemuDriver::detect(Accel::Tcg) {
+        Ok(d) => drivers.push(std::sync::Arc::new(d)),
+        Err(e) => eprintln!("QEMU/TCG not measured: {e}"),
+    }
+    if host.kvm != KvmKind::Absent {
+        match QemuDriver::detect(Accel::Kvm) {
+            Ok(d) => drivers.push(std::sync::Arc::new(d)),
+            Err(e) => eprintln!("QEMU/KVM not measured: {e}"),
+        }
+    }
+    match kiln_vmm::select_for(DriverChoice::Firecracker, &host, GuestKind::BareMetal)
+        .and_then(|s| s.driver(&host))
+    {
+        Ok(d) => drivers.push(d),
+        Err(e) => eprintln!("Firecracker not measured: {e}"),
+    }
+    let mut reports = vec![];
+    for (i, d) in drivers.iter().enumerate() {
+        let r =
+            kiln_vmm::bench::measure(d.as_ref(), &elf, &tmp.path().join(format!("d{i}")), rounds)
+                .await
+                .with_context(|| format!("driver {}", d.kind()))?;
+        reports.push(r);
+    }
+    println!("{}", kiln_vmm::bench::table(&reports));
+    std::fs::write(out, serde_json::to_vec_pretty(&json!({ "vmm": reports }))?)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(0)
 }
 
 /// `kiln bench api`: sandbox creates committed per second through 1 and 3

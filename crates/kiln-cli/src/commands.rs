@@ -57,6 +57,17 @@ pub enum BenchCommand {
         #[command(flatten)]
         fork: crate::bench_fork::ForkBenchArgs,
     },
+    /// The VMM drivers side by side: boot, snapshot downtime, restore and
+    /// fork of the bare-metal test guest on QEMU/TCG, QEMU/KVM (when
+    /// /dev/kvm exists) and Firecracker (when KILN_FIRECRACKER_BIN is set).
+    Vmm {
+        /// Rounds per driver.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "bench-vmm.json")]
+        json: PathBuf,
+    },
     /// Control-plane writes: sandbox creates committed per second through
     /// 1 and 3 Raft replicas on loopback, and commit latency (no VM boots).
     Api {
