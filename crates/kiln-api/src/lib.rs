@@ -9,3 +9,4 @@
 
 pub mod proto;
 pub mod sandbox;
+pub mod text;
