@@ -190,7 +190,7 @@ pub fn unpack(r: impl Read, dest: &Path, cancel: &AtomicBool) -> Result<u64, Cop
                 Err(_) => fs::create_dir(&path).map_err(io(&path))?,
             }
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(io(&path))?;
-        } else if kind.is_file() || kind == tar::EntryType::Continuous {
+        } else if kind.is_file() || kind.is_gnu_sparse() || kind == tar::EntryType::Continuous {
             let parent = path.parent().unwrap_or(dest);
             let (tmp, mut f) = TempFile::create(parent)?;
             let want = entry.size();
@@ -398,6 +398,24 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(fs::read_dir(dest).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn sparse_files_are_unpacked() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("sparse.bin");
+        let f = fs::File::create(&src).unwrap();
+        f.set_len(8 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, b"data", 4 << 20).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_path_with_name(&src, "copy.bin").unwrap();
+        let ar = b.into_inner().unwrap();
+        let dest = t.path().join("d");
+        fs::create_dir(&dest).unwrap();
+        assert_eq!(unpack(&ar[..], &dest, &AtomicBool::new(false)).unwrap(), 1);
+        let got = fs::read(dest.join("copy.bin")).unwrap();
+        assert_eq!(got.len(), 8 << 20);
+        assert_eq!(&got[4 << 20..(4 << 20) + 4], b"data");
     }
 
     #[test]
