@@ -11,3 +11,4 @@
 pub mod cluster;
 pub mod proto;
 pub mod sandbox;
+pub mod text;

@@ -31,8 +31,21 @@ pub const MAGIC: [u8; 4] = *b"KLN\x01";
 pub const HEADER_LEN: usize = 20;
 /// Largest payload of any frame.
 pub const MAX_PAYLOAD: usize = 256 * 1024;
-/// Largest JSON control message (Hello, Request, Response, Event).
+/// Largest JSON control message (Hello, Response, Event).
 pub const MAX_CONTROL: usize = 64 * 1024;
+/// Largest `Request` (host → guest only): an `exec` carries the command and
+/// environment, which Linux allows up to `ARG_MAX` (2 MiB) together, and
+/// JSON escaping can grow them. Only the guest's decoder accepts frames
+/// this large (`Decoder::accepting_requests`); the host's stays at
+/// `MAX_PAYLOAD`, so a guest cannot make the host buffer more.
+pub const MAX_REQUEST: usize = 4 * 1024 * 1024;
+/// Linux's limit on the arguments and environment of one `execve` together
+/// (`ARG_MAX` with the default 8 MiB stack): strings with their NUL bytes
+/// plus one pointer each.
+pub const ARG_MAX: usize = 2 * 1024 * 1024;
+/// Linux's limit on one argument or environment string, NUL included
+/// (`MAX_ARG_STRLEN`).
+pub const MAX_ARG_STRLEN: usize = 128 * 1024;
 /// Largest data chunk carried by one `Data` frame (payload minus channel byte).
 pub const MAX_DATA_CHUNK: usize = MAX_PAYLOAD - 1;
 /// Bytes a sender may send on a channel before the receiver grants more
@@ -140,17 +153,23 @@ fn header_crc(h: &[u8]) -> u32 {
     crc32fast::hash(&h[..16])
 }
 
-/// Encodes a frame header. Fails if `len` exceeds `MAX_PAYLOAD`.
+/// Largest payload a frame of `kind` may carry on the wire.
+pub fn max_payload(kind: Kind) -> usize {
+    match kind {
+        Kind::Request => MAX_REQUEST,
+        _ => MAX_PAYLOAD,
+    }
+}
+
+/// Encodes a frame header. Fails if `len` exceeds `max_payload(kind)`.
 pub fn encode_header(kind: Kind, stream: u32, len: usize) -> Result<[u8; HEADER_LEN], FrameError> {
-    if len > MAX_PAYLOAD {
-        return Err(FrameError::TooLarge {
-            len,
-            max: MAX_PAYLOAD,
-        });
+    let max = max_payload(kind);
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
     }
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC);
-    // len <= MAX_PAYLOAD, which fits a u32.
+    // len <= MAX_REQUEST, which fits a u32.
     h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
     h[8..12].copy_from_slice(&stream.to_le_bytes());
     h[12] = kind as u8;
@@ -174,13 +193,22 @@ pub fn encode_json<T: Serialize>(kind: Kind, stream: u32, msg: &T) -> Result<Vec
         what: "outgoing",
         reason: e.to_string(),
     })?;
-    if body.len() > MAX_CONTROL {
+    let max = max_control(kind);
+    if body.len() > max {
         return Err(FrameError::TooLarge {
             len: body.len(),
-            max: MAX_CONTROL,
+            max,
         });
     }
     encode(kind, stream, &body)
+}
+
+/// Largest JSON message a frame of `kind` may carry.
+pub fn max_control(kind: Kind) -> usize {
+    match kind {
+        Kind::Request => MAX_REQUEST,
+        _ => MAX_CONTROL,
+    }
 }
 
 /// Encodes a `Data` frame: `[channel][bytes]`. `bytes` must be at most
@@ -213,12 +241,13 @@ pub fn encode_close(stream: u32) -> Vec<u8> {
 }
 
 impl Frame {
-    /// Parses a JSON control payload, bounded by `MAX_CONTROL`.
+    /// Parses a JSON control payload, bounded by `max_control(kind)`.
     pub fn json<'a, T: Deserialize<'a>>(&'a self, what: &'static str) -> Result<T, FrameError> {
-        if self.payload.len() > MAX_CONTROL {
+        let max = max_control(self.kind);
+        if self.payload.len() > max {
             return Err(FrameError::TooLarge {
                 len: self.payload.len(),
-                max: MAX_CONTROL,
+                max,
             });
         }
         serde_json::from_slice(&self.payload).map_err(|e| FrameError::Json {
@@ -266,10 +295,23 @@ impl Frame {
 /// Incremental, resynchronising frame decoder. Feed it bytes as they arrive;
 /// take frames out. Bytes that cannot start a valid header are skipped and
 /// counted in `discarded` (a reader should log that, rate-limited).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Decoder {
     buf: VecDeque<u8>,
     discarded: u64,
+    /// Largest `Request` payload accepted (`MAX_PAYLOAD` unless this is
+    /// the guest's decoder).
+    max_request: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder {
+            buf: VecDeque::new(),
+            discarded: 0,
+            max_request: MAX_PAYLOAD,
+        }
+    }
 }
 
 /// What `Decoder::next_frame` found.
@@ -282,8 +324,18 @@ pub enum Decoded {
 }
 
 impl Decoder {
+    /// A decoder that accepts payloads up to `MAX_PAYLOAD` of any kind.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The guest's decoder: also accepts `Request` frames up to
+    /// `MAX_REQUEST` (large commands and environments).
+    pub fn accepting_requests() -> Self {
+        Decoder {
+            max_request: MAX_REQUEST,
+            ..Self::default()
+        }
     }
 
     /// Appends received bytes.
@@ -332,13 +384,15 @@ impl Decoder {
             }
             let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
             let stream = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-            if len > MAX_PAYLOAD {
+            let max = if h[12] == Kind::Request as u8 {
+                self.max_request
+            } else {
+                MAX_PAYLOAD
+            };
+            if len > max {
                 self.buf.drain(..HEADER_LEN);
                 self.discarded += HEADER_LEN as u64;
-                return Some(Decoded::Invalid(FrameError::TooLarge {
-                    len,
-                    max: MAX_PAYLOAD,
-                }));
+                return Some(Decoded::Invalid(FrameError::TooLarge { len, max }));
             }
             if self.buf.len() < HEADER_LEN + len {
                 return None;
@@ -607,6 +661,98 @@ pub struct ExecRequest {
     /// it blocks) until a host sends `Attach`, so nothing is lost.
     #[serde(default)]
     pub detached: bool,
+}
+
+/// A command or environment Linux would refuse to `execve`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExecLimitError {
+    #[error("the command is empty")]
+    Empty,
+    #[error(
+        "{what} is {len} bytes long; Linux allows at most {max} bytes per argument or \
+         environment variable"
+    )]
+    StringTooLong {
+        what: String,
+        len: usize,
+        max: usize,
+    },
+    #[error(
+        "the command and environment take {total} bytes together; Linux allows at most {max} \
+         (ARG_MAX)"
+    )]
+    TooLarge { total: usize, max: usize },
+    #[error("{what} contains a NUL byte, which Linux cannot pass to a process")]
+    Nul { what: String },
+    #[error(
+        "the command and environment need {len} bytes once encoded (control characters are \
+         escaped); at most {max} can be sent"
+    )]
+    Encoded { len: usize, max: usize },
+}
+
+impl ExecRequest {
+    /// Checks the command and environment against what Linux's `execve`
+    /// accepts (`MAX_ARG_STRLEN` per string, `ARG_MAX` together), so a
+    /// request that cannot run is refused on the host with a message about
+    /// the user's input, before anything is sent. Everything that passes
+    /// fits one `Request` frame (`MAX_REQUEST`).
+    pub fn check_limits(&self) -> Result<(), ExecLimitError> {
+        if self.argv.is_empty() {
+            return Err(ExecLimitError::Empty);
+        }
+        let mut total = 0usize;
+        let named = self
+            .argv
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a, false, i))
+            .chain(self.env.iter().enumerate().map(|(i, e)| (e, true, i)));
+        for (s, is_env, i) in named {
+            let what = || {
+                if is_env {
+                    let key = s.split('=').next().unwrap_or_default();
+                    format!(
+                        "environment variable {}",
+                        crate::text::sanitize(&short(key))
+                    )
+                } else {
+                    format!("argument {i}")
+                }
+            };
+            if s.contains('\0') {
+                return Err(ExecLimitError::Nul { what: what() });
+            }
+            if s.len() + 1 > MAX_ARG_STRLEN {
+                return Err(ExecLimitError::StringTooLong {
+                    what: what(),
+                    len: s.len(),
+                    max: MAX_ARG_STRLEN - 1,
+                });
+            }
+            total += s.len() + 1 + std::mem::size_of::<u64>();
+        }
+        if total > ARG_MAX {
+            return Err(ExecLimitError::TooLarge {
+                total,
+                max: ARG_MAX,
+            });
+        }
+        // Escaping (control characters take six bytes in JSON) can make
+        // a request that Linux would take too large for one frame.
+        let encoded = serde_json::to_vec(self).map_or(usize::MAX, |v| v.len()) + 64;
+        if encoded > MAX_REQUEST {
+            return Err(ExecLimitError::Encoded {
+                len: encoded,
+                max: MAX_REQUEST,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(64).collect()
 }
 
 /// guest → host: the answer to a `Request`.

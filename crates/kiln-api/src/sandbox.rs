@@ -25,6 +25,8 @@ pub const MIN_MEMORY_MIB: u32 = 64;
 pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
 pub const MIN_DISK_MIB: u32 = 16;
 pub const MAX_DISK_MIB: u32 = 1024 * 1024;
+/// The smallest output log a sandbox may ask for, bytes.
+pub const MIN_LOG_LIMIT: u64 = 64 * 1024;
 /// The most labels a sandbox may carry, and their key/value lengths.
 pub const MAX_LABELS: usize = 64;
 pub const MAX_LABEL_KEY: usize = 63;
@@ -193,6 +195,9 @@ pub struct SandboxSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(default = "default_origin")]
     pub origin: Origin,
+    /// Bytes of output the node keeps (the newest); `None`: its default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_limit: Option<u64>,
 }
 
 fn default_origin() -> Origin {
@@ -219,6 +224,7 @@ impl SandboxSpec {
             restart: RestartPolicy::Never,
             labels: BTreeMap::new(),
             origin: Origin::Image,
+            log_limit: None,
         }
     }
 
@@ -240,6 +246,9 @@ impl SandboxSpec {
         }
         if self.timeout_secs == Some(0) {
             return Err(SpecError::Timeout);
+        }
+        if self.log_limit.is_some_and(|l| l < MIN_LOG_LIMIT) {
+            return Err(SpecError::LogLimit);
         }
         for e in &self.env {
             match e.split_once('=') {
@@ -355,6 +364,8 @@ pub enum SpecError {
     Disk { mib: u32 },
     #[error("timeout: must be at least 1 second")]
     Timeout,
+    #[error("log limit: must be at least {MIN_LOG_LIMIT} bytes")]
+    LogLimit,
     #[error("env: {0:?} is not of the form KEY=VALUE")]
     Env(String),
     #[error("command and environment: a NUL byte cannot be passed to a process")]

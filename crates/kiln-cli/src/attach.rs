@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use kiln_api::proto::{self, Channel, ExecRequest, Kind, Request};
+use kiln_api::text::sanitize;
 use kiln_node::ctl::{CtlConn, CtlRequest, CtlResponse};
 use kiln_node::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -64,11 +65,20 @@ pub async fn attach_main_or_replay(
     }
 }
 
-/// Writes a whole output log to stdout and stderr.
+/// Writes a whole output log to stdout and stderr, saying first how much
+/// older output the log limit dropped.
 pub fn replay_log(path: &Path) -> Result<()> {
     use std::io::Write;
     if !path.exists() {
         return Ok(());
+    }
+    let dropped = kiln_node::logs::dropped(path).unwrap_or(0);
+    if dropped > 0 {
+        eprintln!(
+            "kiln: {dropped} bytes of earlier output were dropped (the log keeps the newest; \
+             set the size with kiln run --log-limit or {})",
+            kiln_node::logs::LIMIT_ENV
+        );
     }
     let mut r = kiln_node::logs::LogReader::open(path, 0)?;
     let mut out = std::io::stdout().lock();
@@ -92,7 +102,7 @@ async fn follow_main(
     let pid = match resp {
         CtlResponse::Started { pid } => pid,
         CtlResponse::Error { message, exit_code } => {
-            eprintln!("kiln: {message}");
+            eprintln!("kiln: {}", sanitize(&message));
             return Ok(exit_code.unwrap_or(125));
         }
         other => bail!("unexpected answer from the supervisor: {other:?}"),
@@ -100,7 +110,33 @@ async fn follow_main(
     stream(sock, conn, pid, stdin, tty, true, at_exit).await
 }
 
-/// Starts a process with `exec` and streams it.
+/// How long `kiln exec` waits for the sandbox to start the process
+/// (`--start-timeout`, `KILN_EXEC_START_TIMEOUT` in seconds).
+pub const START_TIMEOUT_ENV: &str = "KILN_EXEC_START_TIMEOUT";
+const DEFAULT_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+static START_TIMEOUT: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+
+/// Sets the start deadline of `exec` (from `--start-timeout`).
+pub fn set_start_timeout(d: std::time::Duration) {
+    let _ = START_TIMEOUT.set(d);
+}
+
+fn start_timeout() -> std::time::Duration {
+    if let Some(d) = START_TIMEOUT.get() {
+        return *d;
+    }
+    std::env::var(START_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(std::time::Duration::from_secs_f64)
+        .unwrap_or(DEFAULT_START_TIMEOUT)
+}
+
+/// Starts a process with `exec` and streams it. The command is checked
+/// against what Linux can run first; a guest too busy to start it in
+/// `start_timeout()` gets a clear error instead of a hang.
 pub async fn exec(
     sock: &Path,
     req: ExecRequest,
@@ -108,11 +144,25 @@ pub async fn exec(
     tty: bool,
     detach: bool,
 ) -> Result<i32> {
-    let (conn, resp) = CtlConn::open(sock, &CtlRequest::Exec(req)).await?;
+    req.check_limits()?;
+    let limit = start_timeout();
+    let (conn, resp) = match tokio::time::timeout(
+        limit,
+        CtlConn::open(sock, &CtlRequest::Exec(req)),
+    )
+    .await
+    {
+        Ok(r) => r?,
+        Err(_) => bail!(
+            "the sandbox did not start the command within {:.0} s: its guest is too busy to answer \
+             (raise the deadline with --start-timeout, or kiln stop the sandbox)",
+            limit.as_secs_f64()
+        ),
+    };
     let pid = match resp {
         CtlResponse::Started { pid } => pid,
         CtlResponse::Error { message, exit_code } => {
-            eprintln!("kiln: {message}");
+            eprintln!("kiln: {}", sanitize(&message));
             return Ok(exit_code.unwrap_or(125));
         }
         other => bail!("unexpected answer from the supervisor: {other:?}"),
@@ -130,7 +180,7 @@ pub async fn exec_attach(sock: &Path, pid: u32, stdin: bool, tty: bool) -> Resul
     match resp {
         CtlResponse::Started { .. } => {}
         CtlResponse::Error { message, exit_code } => {
-            eprintln!("kiln: {message}");
+            eprintln!("kiln: {}", sanitize(&message));
             return Ok(exit_code.unwrap_or(125));
         }
         other => bail!("unexpected answer from the supervisor: {other:?}"),
@@ -291,20 +341,72 @@ fn parse_loc(s: &str) -> Loc {
     Loc::Local(PathBuf::from(s))
 }
 
-/// `kiln cp`.
+/// `kiln cp`. Ctrl-C (or SIGTERM) cancels it: nothing is left on either
+/// side (a file being replaced in the sandbox keeps its old content, a
+/// partial copy on the host is removed) and the exit code is 130.
 pub async fn cp(node: &kiln_node::node::Node, src: &str, dst: &str) -> Result<i32> {
-    match (parse_loc(src), parse_loc(dst)) {
+    let mut cancel = Cancel::on_signals()?;
+    let outcome = match (parse_loc(src), parse_loc(dst)) {
         (Loc::Sandbox(id, path), Loc::Local(local)) => {
             let (_, sock) = node.active_socket(&id)?;
-            copy_out(&sock, &path, &local).await?;
-            Ok(0)
+            copy_out(&sock, &path, &local, &mut cancel).await?
         }
         (Loc::Local(local), Loc::Sandbox(id, path)) => {
             let (_, sock) = node.active_socket(&id)?;
-            copy_in(&sock, &local, &path).await?;
-            Ok(0)
+            copy_in(&sock, &local, &path, &mut cancel).await?
         }
         _ => bail!("kiln cp needs exactly one side in a sandbox: ID:/path"),
+    };
+    match outcome {
+        Outcome::Done => Ok(0),
+        Outcome::Cancelled => {
+            eprintln!("kiln: copy cancelled");
+            Ok(130)
+        }
+    }
+}
+
+/// How a copy ended (errors aside).
+enum Outcome {
+    Done,
+    Cancelled,
+}
+
+/// Set once the user interrupted the command.
+struct Cancel(tokio::sync::watch::Receiver<bool>);
+
+impl Cancel {
+    /// Listens for SIGINT and SIGTERM from now on.
+    fn on_signals() -> Result<Cancel> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            let _ = tx.send(true);
+            // Stay registered: a second Ctrl-C must not kill us half-way
+            // through removing what the copy left.
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+        });
+        Ok(Cancel(rx))
+    }
+
+    /// Resolves once cancelled.
+    async fn wait(&mut self) {
+        while !*self.0.borrow_and_update() {
+            if self.0.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }
 
@@ -341,12 +443,12 @@ async fn guest_stat(sock: &Path, path: &str) -> Result<Option<proto::FileStat>> 
     .await?;
     match resp {
         CtlResponse::Stat { stat } => Ok(stat),
-        CtlResponse::Error { message, .. } => bail!("{message}"),
+        CtlResponse::Error { message, .. } => bail!("{}", sanitize(&message)),
         other => bail!("unexpected answer from the supervisor: {other:?}"),
     }
 }
 
-async fn copy_in(sock: &Path, local: &Path, path: &str) -> Result<()> {
+async fn copy_in(sock: &Path, local: &Path, path: &str, cancel: &mut Cancel) -> Result<Outcome> {
     let from_stdin = local == Path::new("-");
     let (dest, name) = if from_stdin {
         (path.to_string(), String::new())
@@ -373,7 +475,7 @@ async fn copy_in(sock: &Path, local: &Path, path: &str) -> Result<()> {
     let (conn, resp) = CtlConn::open(sock, &CtlRequest::CopyIn { dest: dest.clone() }).await?;
     match resp {
         CtlResponse::Ok => {}
-        CtlResponse::Error { message, .. } => bail!("{message}"),
+        CtlResponse::Error { message, .. } => bail!("{}", sanitize(&message)),
         other => bail!("unexpected answer from the supervisor: {other:?}"),
     }
     let CtlConn {
@@ -404,9 +506,24 @@ async fn copy_in(sock: &Path, local: &Path, path: &str) -> Result<()> {
             w.finish()
         }
     });
-    while let Some(chunk) = rx.recv().await {
-        let chunk = chunk?;
-        writer.data(Channel::Tar, &chunk).await?;
+    loop {
+        let chunk = tokio::select! {
+            c = rx.recv() => c,
+            () = cancel.wait() => {
+                // Closing the connection without an end of archive makes
+                // the supervisor cancel the copy; the guest removes the
+                // file it was writing and keeps the one it replaced.
+                drop(writer);
+                drop(reader);
+                drop(rx);
+                if !from_stdin {
+                    let _ = producer.await;
+                }
+                return Ok(Outcome::Cancelled);
+            }
+        };
+        let Some(chunk) = chunk else { break };
+        writer.data(Channel::Tar, &chunk?).await?;
     }
     producer
         .await
@@ -420,8 +537,14 @@ async fn copy_in(sock: &Path, local: &Path, path: &str) -> Result<()> {
         .context("the supervisor closed the connection before the copy finished")?;
     let resp: CtlResponse = f.json("copy result")?;
     match resp {
-        CtlResponse::Ok => Ok(()),
-        CtlResponse::Error { message, .. } => bail!("copy into {dest} failed: {message}"),
+        CtlResponse::Ok => Ok(Outcome::Done),
+        CtlResponse::Error { message, .. } => {
+            bail!(
+                "copy into {} failed: {}",
+                sanitize(&dest),
+                sanitize(&message)
+            )
+        }
         other => bail!("unexpected answer from the supervisor: {other:?}"),
     }
 }
@@ -465,20 +588,7 @@ impl std::io::Write for ChunkWriter {
     }
 }
 
-async fn copy_out(sock: &Path, path: &str, local: &Path) -> Result<()> {
-    let (conn, resp) = CtlConn::open(
-        sock,
-        &CtlRequest::CopyOut {
-            path: path.to_string(),
-        },
-    )
-    .await?;
-    match resp {
-        CtlResponse::Ok => {}
-        CtlResponse::Error { message, .. } => bail!("{message}"),
-        other => bail!("unexpected answer from the supervisor: {other:?}"),
-    }
-    let CtlConn { mut reader, .. } = conn;
+async fn copy_out(sock: &Path, path: &str, local: &Path, cancel: &mut Cancel) -> Result<Outcome> {
     let to_stdout = local == Path::new("-");
     // Where the top-level entry goes: into an existing directory under its
     // own name, or to `local` itself.
@@ -499,6 +609,22 @@ async fn copy_out(sock: &Path, path: &str, local: &Path) -> Result<()> {
             .context("the local destination has no file name")?;
         (parent.to_path_buf(), Some(name.to_os_string()))
     };
+    if !to_stdout {
+        reap_stale_copies(&target_dir);
+    }
+    let (conn, resp) = CtlConn::open(
+        sock,
+        &CtlRequest::CopyOut {
+            path: path.to_string(),
+        },
+    )
+    .await?;
+    match resp {
+        CtlResponse::Ok => {}
+        CtlResponse::Error { message, .. } => bail!("{}", sanitize(&message)),
+        other => bail!("unexpected answer from the supervisor: {other:?}"),
+    }
+    let CtlConn { mut reader, .. } = conn;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
     let consumer = tokio::task::spawn_blocking(move || -> Result<()> {
         let r = ChunkReader {
@@ -514,7 +640,22 @@ async fn copy_out(sock: &Path, path: &str, local: &Path) -> Result<()> {
         unpack_from_guest(r, &target_dir, rename.as_deref())
     });
     let mut ok = false;
-    while let Some(f) = reader.next().await? {
+    loop {
+        let f = tokio::select! {
+            f = reader.next() => f?,
+            () = cancel.wait() => {
+                // The consumer sees the stream end early, fails, and removes
+                // its temporary directory; the supervisor sees us go and
+                // stops the guest's side.
+                drop(reader);
+                drop(tx);
+                if !to_stdout {
+                    let _ = consumer.await;
+                }
+                return Ok(Outcome::Cancelled);
+            }
+        };
+        let Some(f) = f else { break };
         match f.kind {
             Kind::Data => {
                 let (_, bytes) = f.data()?;
@@ -529,7 +670,11 @@ async fn copy_out(sock: &Path, path: &str, local: &Path) -> Result<()> {
             Kind::Response => {
                 if let Ok(CtlResponse::Error { message, .. }) = f.json::<CtlResponse>("copy result")
                 {
-                    bail!("copy out of {path} failed: {message}");
+                    bail!(
+                        "copy out of {} failed: {}",
+                        sanitize(path),
+                        sanitize(&message)
+                    );
                 }
             }
             _ => {}
@@ -538,9 +683,9 @@ async fn copy_out(sock: &Path, path: &str, local: &Path) -> Result<()> {
     drop(tx);
     consumer.await.context("tar consumer failed")??;
     if !ok {
-        bail!("the copy of {path} ended early");
+        bail!("the copy of {} ended early", sanitize(path));
     }
-    Ok(())
+    Ok(Outcome::Done)
 }
 
 struct ChunkReader {
@@ -567,42 +712,123 @@ impl std::io::Read for ChunkReader {
     }
 }
 
+/// Prefix of the temporary directories copies out of a sandbox unpack into.
+pub const COPY_TEMP_PREFIX: &str = ".kiln-cp-";
+
+/// A temporary directory younger than this is never reaped: its creator
+/// may not have locked it yet.
+const REAP_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Removes the temporary directories of copies into `dir` whose `kiln cp`
+/// died (SIGKILL, a crash, power loss). A live copy holds an exclusive
+/// `flock` on its directory for as long as it runs, so a directory that can
+/// be locked (and is not brand new) has no owner.
+pub fn reap_stale_copies(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with(COPY_TEMP_PREFIX) {
+            continue;
+        }
+        let path = e.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if !meta.is_dir()
+            || meta
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_none_or(|age| age < REAP_MIN_AGE)
+        {
+            continue;
+        }
+        let Ok(f) = std::fs::File::open(&path) else {
+            continue;
+        };
+        if let Ok(lock) = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            tracing::info!(path = %path.display(), "removing the leftover of a killed kiln cp");
+            let _ = std::fs::remove_dir_all(&path);
+            drop(lock);
+        }
+    }
+}
+
+/// A tar error caused by what the sandbox sent; its text (which may quote
+/// guest bytes) is escaped.
+fn malformed(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the sandbox sent a malformed archive: {}",
+        sanitize(&e.to_string())
+    )
+}
+
 /// Unpacks a tar stream from a guest (hostile input) into `dir`, renaming
 /// the top-level entry to `rename` if given. `tar`'s `unpack_in` refuses
 /// entries that would land outside the directory it unpacks into; we unpack
-/// into a fresh temporary directory inside `dir` and move the result.
+/// into a fresh temporary directory inside `dir` (locked while we work, see
+/// `reap_stale_copies`) and move the result.
 fn unpack_from_guest(
     r: impl std::io::Read,
     dir: &Path,
     rename: Option<&std::ffi::OsStr>,
 ) -> Result<()> {
     let tmp = tempfile::Builder::new()
-        .prefix(".kiln-cp-")
+        .prefix(COPY_TEMP_PREFIX)
         .tempdir_in(dir)
         .with_context(|| format!("cannot create a temporary directory in {}", dir.display()))?;
+    let _lock = std::fs::File::open(tmp.path())
+        .ok()
+        .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).ok());
     let mut ar = tar::Archive::new(r);
     ar.set_preserve_permissions(true);
     // Files from the guest are untrusted: never setuid, setgid or sticky on the host.
     ar.set_mask(0o7000);
     let mut top: Option<std::ffi::OsString> = None;
-    for entry in ar.entries()? {
-        let mut entry = entry?;
-        let path = entry.path()?.into_owned();
+    for entry in ar.entries().map_err(malformed)? {
+        let mut entry = entry.map_err(malformed)?;
+        let path = entry.path().map_err(malformed)?.into_owned();
         let mut comps = path
             .components()
             .filter(|c| !matches!(c, std::path::Component::CurDir));
         let Some(std::path::Component::Normal(first)) = comps.next() else {
-            bail!("the sandbox sent an unsafe path {:?}", path);
+            bail!(
+                "the sandbox sent a malformed archive: unsafe path {}",
+                kiln_api::text::sanitize_bytes(path.as_os_str().as_encoded_bytes())
+            );
         };
         match &top {
             None => top = Some(first.to_os_string()),
             Some(t) if t.as_os_str() != first => {
-                bail!("the sandbox sent a tar stream with more than one top-level entry")
+                bail!("the sandbox sent a malformed archive: more than one top-level entry")
             }
             _ => {}
         }
-        if !entry.unpack_in(tmp.path())? {
-            bail!("the sandbox sent an unsafe path {:?}", path);
+        match entry.unpack_in(tmp.path()) {
+            Ok(true) => {}
+            Ok(false) => bail!(
+                "the sandbox sent a malformed archive: unsafe path {}",
+                kiln_api::text::sanitize_bytes(path.as_os_str().as_encoded_bytes())
+            ),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::StorageFull
+                        | std::io::ErrorKind::PermissionDenied
+                        | std::io::ErrorKind::ReadOnlyFilesystem
+                        | std::io::ErrorKind::QuotaExceeded
+                        | std::io::ErrorKind::FileTooLarge
+                ) =>
+            {
+                bail!(
+                    "cannot write the copy into {}: {}",
+                    dir.display(),
+                    sanitize(&e.to_string())
+                )
+            }
+            Err(e) => return Err(malformed(e)),
         }
     }
     let Some(top) = top else {

@@ -102,6 +102,7 @@ pub async fn warm(
         timeout_secs: None,
         driver: "auto".into(),
         auto_remove: false,
+        log_limit: None,
     };
     let holder = format!("bench-{}", std::process::id());
     templates.add_user(&name, &holder)?;

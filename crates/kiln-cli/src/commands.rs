@@ -250,6 +250,7 @@ fn run_request(args: &RunArgs) -> Result<RunRequest> {
     };
     spec.timeout_secs = args.timeout;
     spec.auto_remove = args.rm;
+    spec.log_limit = args.log_limit;
     spec.driver = driver_preference(&args.driver)?;
     spec.start = if args.cold {
         StartPreference::Cold

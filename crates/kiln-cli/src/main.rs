@@ -222,6 +222,10 @@ pub struct RunArgs {
     /// Boot the VM even if a template for this image and resources exists.
     #[arg(long)]
     cold: bool,
+    /// Most output the sandbox's log keeps on the host (e.g. 16M, 1G); older
+    /// output is dropped first. Default: KILN_LOG_LIMIT, else 64M.
+    #[arg(long = "log-limit", value_name = "SIZE", value_parser = parse_log_limit)]
+    log_limit: Option<u64>,
     /// IMAGE [-- CMD [ARGS...]]
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     rest: Vec<String>,
@@ -238,16 +242,86 @@ pub struct ExecArgs {
     /// Start the process and print its PID instead of attaching.
     #[arg(short = 'd', long)]
     detach: bool,
+    /// Seconds to wait for the sandbox to start the process before giving
+    /// up (a guest too busy to answer). Default: KILN_EXEC_START_TIMEOUT, else 30.
+    #[arg(long = "start-timeout", value_name = "SECS", value_parser = parse_secs)]
+    start_timeout: Option<std::time::Duration>,
     /// ID [-- CMD [ARGS...]]
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
     rest: Vec<String>,
+}
+
+fn parse_log_limit(s: &str) -> Result<u64, String> {
+    let n = kiln_node::logs::parse_limit(s).map_err(|e| e.to_string())?;
+    if n < kiln_node::logs::MIN_LIMIT {
+        return Err(format!(
+            "{s} is below the smallest log limit, {} bytes",
+            kiln_node::logs::MIN_LIMIT
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => {
+            Ok(std::time::Duration::from_secs_f64(v))
+        }
+        _ => Err(format!(
+            "{s:?} is not a number of seconds between 0 and 86400"
+        )),
+    }
+}
+
+/// Exit status of a process killed by SIGPIPE, as shells report it.
+const SIGPIPE_EXIT: i32 = 128 + 13;
+
+/// Whether our stdout is a pipe or socket whose reader has gone (`kiln ps |
+/// head -1`): then the command ends quietly, like Unix tools killed by
+/// SIGPIPE (Rust ignores SIGPIPE, and Kiln must not take it back: a
+/// supervisor that dies would otherwise kill `kiln` silently).
+fn stdout_reader_gone() -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let out = std::io::stdout();
+    let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLOUT)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP))
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn main() {
     // Sandboxes hold guest RAM, disks, env and output: everything Kiln and
     // the VMMs it starts create is private to the user running them.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    // `println!` panics when stdout's reader has gone; end quietly then.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if msg.contains("failed printing to stdout") && stdout_reader_gone() {
+            std::process::exit(SIGPIPE_EXIT);
+        }
+        default_hook(info);
+    }));
     let cli = Cli::parse();
+    if let Command::Exec(a) = &cli.command
+        && let Some(t) = a.start_timeout
+    {
+        attach::set_start_timeout(t);
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
@@ -270,8 +344,14 @@ fn main() {
     let code = rt.block_on(async move {
         match commands::dispatch(cli.command).await {
             Ok(code) => code,
+            Err(e) if is_broken_pipe(&e) && stdout_reader_gone() => SIGPIPE_EXIT,
             Err(e) => {
-                eprintln!("kiln: {e:#}");
+                // Messages may quote what a guest sent: never print its
+                // control characters raw.
+                eprintln!(
+                    "kiln: {}",
+                    kiln_api::text::escape_controls(&format!("{e:#}"))
+                );
                 125
             }
         }

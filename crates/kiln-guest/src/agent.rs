@@ -205,6 +205,19 @@ struct CopyJob {
     result: Option<Result<(), (ErrorKind, String)>>,
     /// Copy-in answers once the worker finished; copy-out answered at start.
     responded: bool,
+    /// Set when the job goes away before the host ended its input: the
+    /// worker then puts nothing more in place (see `copy::unpack`).
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for CopyJob {
+    fn drop(&mut self) {
+        // Runs before the input pipe closes, so the worker sees the flag
+        // when it reads the end of its input.
+        if self.input.as_ref().is_some_and(|i| !i.eof) {
+            self.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 type Results = Arc<Mutex<Vec<(u64, Result<(), (ErrorKind, String)>)>>>;
@@ -294,7 +307,7 @@ impl Agent {
             out: Vec::new(),
             out_pos: 0,
             quiesce_mark: None,
-            dec: proto::Decoder::new(),
+            dec: proto::Decoder::accepting_requests(),
             session: None,
             boot_id,
             procs: BTreeMap::new(),
@@ -519,7 +532,7 @@ impl Agent {
                 // A new connection replaces the old one; the session starts
                 // with its Hello.
                 self.conn = Some(fd);
-                self.dec = proto::Decoder::new();
+                self.dec = proto::Decoder::accepting_requests();
                 self.out.clear();
                 self.out_pos = 0;
                 self.quiesce_mark = None;
@@ -1174,9 +1187,11 @@ impl Agent {
             self.respond(s, &err(ErrorKind::Internal, format!("fcntl: {e}")));
             return;
         }
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let worker_cancel = Arc::clone(&cancel);
         let id = self.spawn_worker(move || {
             let mut reader = File::from(r);
-            let res = crate::copy::unpack(&mut reader, Path::new(&dest));
+            let res = crate::copy::unpack(&mut reader, Path::new(&dest), &worker_cancel);
             // Drain the rest (tar padding) so the host's EOF goes through.
             let _ = std::io::copy(&mut reader, &mut std::io::sink());
             match res {
@@ -1196,6 +1211,7 @@ impl Agent {
                 output: None,
                 result: None,
                 responded: false,
+                cancel,
             },
         );
     }
@@ -1237,6 +1253,7 @@ impl Agent {
                 output: Some(OutPipe::new(Channel::Tar, r)),
                 result: None,
                 responded: true,
+                cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             },
         );
     }

@@ -1,11 +1,17 @@
 //! File copies as tar streams. Unpacking never writes outside the
 //! destination: names must be relative without `..`, no existing symlink is
 //! followed on the way to an entry, and links may not point outside.
+//!
+//! Every regular file is written under a temporary name in its own
+//! directory (`.kiln-cp-<pid>-<n>`) and renamed over its final name only
+//! once complete, so a copy that fails or is cancelled half-way leaves the
+//! file it was replacing untouched and no temporary behind.
 
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -23,6 +29,58 @@ pub enum CopyError {
     },
     #[error("reading the archive: {0}")]
     Archive(#[source] std::io::Error),
+    #[error("the copy was cancelled")]
+    Cancelled,
+}
+
+/// Prefix of the temporary names of files being copied in.
+pub const TEMP_PREFIX: &str = ".kiln-cp-";
+
+/// A file being written under a temporary name; removed unless persisted.
+struct TempFile {
+    path: PathBuf,
+    done: bool,
+}
+
+impl TempFile {
+    fn create(dir: &Path) -> Result<(TempFile, fs::File), CopyError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = dir.join(format!("{TEMP_PREFIX}{}-{n}", std::process::id()));
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(f) => return Ok((TempFile { path, done: false }, f)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io(&path)(e)),
+            }
+        }
+    }
+
+    /// Renames the file over `target` (atomically replacing a file or
+    /// symlink there; never following one).
+    fn persist(mut self, target: &Path) -> Result<(), CopyError> {
+        if fs::symlink_metadata(target).is_ok_and(|m| m.is_dir()) {
+            return Err(CopyError::Io {
+                path: target.display().to_string(),
+                source: std::io::Error::other("a directory is in the way"),
+            });
+        }
+        fs::rename(&self.path, target).map_err(io(target))?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CopyError + '_ {
@@ -103,8 +161,10 @@ fn remove_existing(p: &Path) -> Result<(), CopyError> {
     }
 }
 
-/// Unpacks the tar stream `r` under the directory `dest`.
-pub fn unpack(r: impl Read, dest: &Path) -> Result<u64, CopyError> {
+/// Unpacks the tar stream `r` under the directory `dest`. Once `cancel` is
+/// set (the host went away before the end of the stream) nothing more is
+/// put in place.
+pub fn unpack(r: impl Read, dest: &Path, cancel: &AtomicBool) -> Result<u64, CopyError> {
     if !fs::metadata(dest).is_ok_and(|m| m.is_dir()) {
         return Err(CopyError::NotADirectory(dest.display().to_string()));
     }
@@ -130,16 +190,35 @@ pub fn unpack(r: impl Read, dest: &Path) -> Result<u64, CopyError> {
                 Err(_) => fs::create_dir(&path).map_err(io(&path))?,
             }
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(io(&path))?;
-        } else if kind.is_file() || kind == tar::EntryType::Continuous {
-            remove_existing(&path)?;
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(io(&path))?;
-            std::io::copy(&mut entry, &mut f).map_err(CopyError::Archive)?;
+        } else if kind.is_file() || kind.is_gnu_sparse() || kind == tar::EntryType::Continuous {
+            let parent = path.parent().unwrap_or(dest);
+            let (tmp, mut f) = TempFile::create(parent)?;
+            let want = entry.size();
+            let got = std::io::copy(&mut entry, &mut f).map_err(CopyError::Archive)?;
+            if got != want {
+                // The stream ended inside the file: the host went away.
+                return Err(CopyError::Archive(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "{}: the archive ended after {got} of {want} bytes",
+                        rel.display()
+                    ),
+                )));
+            }
             f.flush().map_err(io(&path))?;
-            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(io(&path))?;
+            fs::set_permissions(&tmp.path, fs::Permissions::from_mode(mode)).map_err(io(&path))?;
+            if let (Some(uid), Some(gid)) = (uid, gid) {
+                let _ =
+                    std::os::unix::fs::fchown(&f, u32::try_from(uid).ok(), u32::try_from(gid).ok());
+                let _ = fs::set_permissions(&tmp.path, fs::Permissions::from_mode(mode));
+            }
+            drop(f);
+            if cancel.load(Ordering::SeqCst) {
+                return Err(CopyError::Cancelled);
+            }
+            tmp.persist(&path)?;
+            count += 1;
+            continue;
         } else if kind.is_symlink() {
             let target = entry
                 .link_name()
@@ -175,6 +254,9 @@ pub fn unpack(r: impl Read, dest: &Path) -> Result<u64, CopyError> {
         } else {
             // Devices, fifos and extension headers are skipped.
             continue;
+        }
+        if cancel.load(Ordering::SeqCst) {
+            return Err(CopyError::Cancelled);
         }
         if let (Some(uid), Some(gid)) = (uid, gid) {
             // Best effort: ownership as recorded in the archive.
@@ -265,17 +347,75 @@ mod tests {
             tar_with(&[("l", E::Symlink, "..", b"")]),
             tar_with(&[("h", E::Link, "../outside", b"")]),
         ] {
-            assert!(unpack(&bad[..], &dest).is_err());
+            assert!(unpack(&bad[..], &dest, &AtomicBool::new(false)).is_err());
         }
         // A symlink pre-existing inside dest is never followed.
         symlink(t.path(), dest.join("up")).unwrap();
         let via = tar_with(&[("up/evil", E::Regular, "", b"x")]);
         assert!(matches!(
-            unpack(&via[..], &dest),
+            unpack(&via[..], &dest, &AtomicBool::new(false)),
             Err(CopyError::UnsafePath(_))
         ));
         assert!(!t.path().join("evil").exists());
         assert!(!t.path().join("outside").exists());
+    }
+
+    #[test]
+    fn a_cut_copy_leaves_the_old_file_and_no_temporary() {
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path();
+        fs::write(dest.join("data.bin"), b"old content").unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let new = vec![b'n'; 100_000];
+        let mut h = tar::Header::new_gnu();
+        h.set_size(new.len() as u64);
+        h.set_mode(0o600);
+        h.set_cksum();
+        b.append_data(&mut h, "data.bin", &new[..]).unwrap();
+        let full = b.into_inner().unwrap();
+        // Cut in the middle of the file's content.
+        let cut = &full[..50_000];
+        assert!(unpack(cut, dest, &AtomicBool::new(false)).is_err());
+        assert_eq!(fs::read(dest.join("data.bin")).unwrap(), b"old content");
+        let names: Vec<_> = fs::read_dir(dest)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("data.bin")]);
+        // Cancelled: nothing is put in place, even a complete file.
+        assert!(matches!(
+            unpack(&full[..], dest, &AtomicBool::new(true)),
+            Err(CopyError::Cancelled)
+        ));
+        assert_eq!(fs::read(dest.join("data.bin")).unwrap(), b"old content");
+        assert_eq!(fs::read_dir(dest).unwrap().count(), 1);
+        // The whole stream replaces it; mode as in the archive.
+        unpack(&full[..], dest, &AtomicBool::new(false)).unwrap();
+        assert!(fs::read(dest.join("data.bin")).unwrap() == new);
+        let mode = fs::metadata(dest.join("data.bin"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(fs::read_dir(dest).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn sparse_files_are_unpacked() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("sparse.bin");
+        let f = fs::File::create(&src).unwrap();
+        f.set_len(8 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, b"data", 4 << 20).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_path_with_name(&src, "copy.bin").unwrap();
+        let ar = b.into_inner().unwrap();
+        let dest = t.path().join("d");
+        fs::create_dir(&dest).unwrap();
+        assert_eq!(unpack(&ar[..], &dest, &AtomicBool::new(false)).unwrap(), 1);
+        let got = fs::read(dest.join("copy.bin")).unwrap();
+        assert_eq!(got.len(), 8 << 20);
+        assert_eq!(&got[4 << 20..(4 << 20) + 4], b"data");
     }
 
     #[test]
@@ -289,14 +429,14 @@ mod tests {
         pack(&src, &mut buf).unwrap();
         let dest = t.path().join("dest");
         fs::create_dir(&dest).unwrap();
-        unpack(&buf[..], &dest).unwrap();
+        unpack(&buf[..], &dest, &AtomicBool::new(false)).unwrap();
         assert_eq!(fs::read(dest.join("src/sub/f")).unwrap(), b"hello");
         assert_eq!(
             fs::read_link(dest.join("src/l")).unwrap(),
             PathBuf::from("sub/f")
         );
         assert!(matches!(
-            unpack(&buf[..], &dest.join("src/sub/f")),
+            unpack(&buf[..], &dest.join("src/sub/f"), &AtomicBool::new(false)),
             Err(CopyError::NotADirectory(_))
         ));
     }

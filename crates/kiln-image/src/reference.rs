@@ -60,9 +60,12 @@ pub enum ParseImageRefError {
         /// The registry part.
         registry: String,
     },
-    /// A bad repository path.
+    /// A bad repository path. The message names the input once (the
+    /// repository only when it is not just the input, perhaps with
+    /// `library/` in front), so callers need not repeat it.
     #[error(
-        "image reference {input:?}: repository {repository:?} is not valid (lowercase letters, digits, and . _ - separators)"
+        "image reference {input:?}: {} is not valid (lowercase letters, digits, and . _ - separators)",
+        repository_part(.input, .repository)
     )]
     Repository {
         /// The input.
@@ -86,6 +89,17 @@ pub enum ParseImageRefError {
         /// The digest part.
         digest: String,
     },
+}
+
+/// How a repository error names the repository: not at all when it is
+/// the input itself.
+fn repository_part(input: &str, repository: &str) -> String {
+    let bare = repository.strip_prefix("library/").unwrap_or(repository);
+    if input.trim() == repository || input.trim() == bare || input.trim().starts_with(bare) {
+        "the repository name".into()
+    } else {
+        format!("repository {repository:?}")
+    }
 }
 
 impl ImageRef {
@@ -413,6 +427,18 @@ mod tests {
             "host.io/",
         ] {
             assert!(ImageRef::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_reference_once() {
+        for bad in [
+            "Bad Reference!!",
+            "UPPER/case:v1",
+            "reg.example:5000/Bad Name",
+        ] {
+            let e = ImageRef::parse(bad).unwrap_err().to_string();
+            assert_eq!(e.matches(bad).count(), 1, "{e}");
         }
     }
 }

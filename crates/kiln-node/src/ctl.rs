@@ -19,8 +19,9 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 /// The stream id every control connection uses.
 pub const STREAM: u32 = 1;
-/// Longest request line accepted by the supervisor.
-pub const MAX_REQUEST_LINE: usize = 1024 * 1024;
+/// Longest request line accepted by the supervisor: an `Exec` carries a
+/// command and environment up to what Linux accepts (`proto::MAX_REQUEST`).
+pub const MAX_REQUEST_LINE: usize = proto::MAX_REQUEST + 64 * 1024;
 
 /// What a client asks the supervisor for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +103,8 @@ pub enum CtlError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the sandbox's supervisor is gone (killed or crashed); `kiln ps` cleans up after it")]
+    Gone(#[source] std::io::Error),
     #[error("control connection failed")]
     Io(#[from] std::io::Error),
     #[error("control connection protocol error: {0}")]
@@ -201,23 +204,37 @@ pub struct CtlConn {
 impl CtlConn {
     /// Connects and sends `req`; returns the supervisor's first answer.
     pub async fn open(sock: &Path, req: &CtlRequest) -> Result<(CtlConn, CtlResponse), CtlError> {
-        let s = UnixStream::connect(sock)
-            .await
-            .map_err(|source| CtlError::Connect {
-                path: sock.display().to_string(),
-                source,
-            })?;
+        let s = UnixStream::connect(sock).await.map_err(|source| {
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            ) {
+                CtlError::Gone(source)
+            } else {
+                CtlError::Connect {
+                    path: sock.display().to_string(),
+                    source,
+                }
+            }
+        })?;
         let (r, mut w) = s.into_split();
         let mut line = serde_json::to_vec(req).expect("requests always serialize");
         line.push(b'\n');
-        w.write_all(&line).await?;
+        w.write_all(&line).await.map_err(gone)?;
         let mut conn = CtlConn {
             reader: FrameReader::new(r),
             writer: FrameWriter::new(w),
         };
-        let first = conn.reader.next().await?.ok_or_else(|| {
-            CtlError::Protocol("supervisor closed the connection without answering".into())
-        })?;
+        let first = match conn.reader.next().await {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                return Err(CtlError::Protocol(
+                    "supervisor closed the connection without answering".into(),
+                ));
+            }
+            Err(CtlError::Io(e)) => return Err(gone(e)),
+            Err(e) => return Err(e),
+        };
         if first.kind != Kind::Response {
             return Err(CtlError::Protocol(format!(
                 "expected a response, got {:?}",
@@ -228,6 +245,18 @@ impl CtlConn {
             .json("control response")
             .map_err(|e| CtlError::Protocol(e.to_string()))?;
         Ok((conn, resp))
+    }
+}
+
+/// An I/O error on a fresh control connection: a peer that hung up is a
+/// supervisor that died (its socket file outlives it).
+fn gone(e: std::io::Error) -> CtlError {
+    match e.kind() {
+        std::io::ErrorKind::BrokenPipe
+        | std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::ConnectionRefused
+        | std::io::ErrorKind::UnexpectedEof => CtlError::Gone(e),
+        _ => CtlError::Io(e),
     }
 }
 

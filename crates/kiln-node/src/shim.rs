@@ -126,6 +126,8 @@ struct Shim {
     /// Set once Kiln killed the VMM itself because the guest did not act
     /// on a signal (a hung or hostile guest).
     hard_killed: std::sync::atomic::AtomicBool,
+    /// Bytes of output `output.log` keeps (the newest).
+    log_limit: u64,
 }
 
 /// Where the supervisor reports whether the sandbox started: the pipe of
@@ -412,7 +414,12 @@ async fn launch(store: &Store, rec: &mut SandboxRecord, up: Up) -> Result<Starte
         main_pid: process.pid(),
     };
     store.save(rec)?;
-    let log = LogWriter::open(&dir.join("output.log")).map_err(ShimError::Log)?;
+    let log_limit = rec
+        .spec
+        .log_limit
+        .unwrap_or_else(crate::logs::limit_from_env);
+    let log =
+        LogWriter::open_with_limit(&dir.join("output.log"), log_limit).map_err(ShimError::Log)?;
     let (state, _) = watch::channel(MainState {
         log_len: log.len(),
         exit: None,
@@ -428,6 +435,7 @@ async fn launch(store: &Store, rec: &mut SandboxRecord, up: Up) -> Result<Starte
         state,
         paused: Mutex::new(None),
         hard_killed: std::sync::atomic::AtomicBool::new(false),
+        log_limit,
     };
     Ok((shim, process, log, listener))
 }
@@ -719,6 +727,7 @@ async fn supervise(
     timeout_secs: Option<u64>,
 ) -> Result<(), ShimError> {
     let mut clients = JoinSet::new();
+    let mut reattached = 0u32;
     let mut timed_out = false;
     let mut log_error: Option<String> = None;
     let deadline = timeout_secs.map(Duration::from_secs);
@@ -747,6 +756,32 @@ async fn supervise(
                     }
                 },
                 Some(Ok(Output::Exit(st))) => break Some(st),
+                Some(Err(e @ agent::StreamError::Protocol { .. })) => {
+                    // A bad frame fails its stream, not the sandbox (the
+                    // guest may be hostile, or a workload may write to the
+                    // agent port): attach to the main process again.
+                    reattached += 1;
+                    if reattached <= 5 {
+                        warn!(error = %e, "the main process's output stream failed; re-attaching");
+                    }
+                    if reattached > 5 {
+                        // A guest that keeps doing it gets served slowly.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    let stdin = shim.main_stdin.lock().await.is_some();
+                    match shim.agent.attach(shim.main_pid, stdin).await {
+                        Ok(mut p) => {
+                            if stdin {
+                                *shim.main_stdin.lock().await = p.take_stdin();
+                            }
+                            process = p;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "cannot re-attach to the main process");
+                            break None;
+                        }
+                    }
+                }
                 Some(Err(e)) => {
                     warn!(error = %e, "the main process's output stream failed");
                     break None;
@@ -921,22 +956,36 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
             let copy = tokio::spawn(async move { agent.copy_in(&dest, rx).await });
             let mut tx = Some(tx);
             writer.json(Kind::Response, &CtlResponse::Ok).await?;
-            while let Some(f) = reader.next().await? {
+            // Whether the client ended the stream (or the guest refused
+            // early); otherwise the client went away: cancel.
+            let mut ended = false;
+            while let Ok(Some(f)) = reader.next().await {
                 match f.kind {
                     Kind::Data => {
-                        let (_, bytes) = f
-                            .data()
-                            .map_err(|e| ctl::CtlError::Protocol(e.to_string()))?;
+                        let Ok((_, bytes)) = f.data() else { break };
                         if let Some(t) = tx.as_mut() {
                             use tokio::io::AsyncWriteExt;
                             if t.write_all(bytes).await.is_err() {
+                                ended = true;
                                 break;
                             }
                         }
                     }
-                    Kind::Eof => break,
+                    Kind::Eof => {
+                        ended = true;
+                        break;
+                    }
                     _ => {}
                 }
+            }
+            if !ended {
+                // Dropping the copy closes its stream without an end of
+                // archive: the guest removes what it was writing.
+                copy.abort();
+                let _ = copy.await;
+                return Err(ctl::CtlError::Protocol(
+                    "the client went away before the end of the copy; cancelled".into(),
+                ));
             }
             drop(tx.take());
             let result = match copy.await {
@@ -1337,6 +1386,7 @@ async fn attach_main(
         })
     };
     let result = async {
+        let mut told = 0;
         loop {
             let st = *rx.borrow_and_update();
             let mut chunks: Vec<(LogStream, Vec<u8>)> = Vec::new();
@@ -1345,6 +1395,16 @@ async fn attach_main(
                 Ok(())
             })
             .map_err(|e| ctl::CtlError::Protocol(e.to_string()))?;
+            if log.skipped() > told {
+                // Output the log limit dropped before this client read it.
+                let note = format!(
+                    "kiln: {} bytes of output were dropped (the sandbox's log keeps the newest {})\n",
+                    log.skipped() - told,
+                    shim.log_limit
+                );
+                told = log.skipped();
+                writer.data(Channel::Stderr, note.as_bytes()).await?;
+            }
             for (s, b) in chunks {
                 let ch = if s == LogStream::Stdout {
                     Channel::Stdout

@@ -1217,6 +1217,7 @@ mod tests {
             timeout_secs: None,
             driver: "auto".into(),
             auto_remove: false,
+            log_limit: None,
         };
         ManifestParts {
             name: name.into(),

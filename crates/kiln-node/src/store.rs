@@ -43,6 +43,10 @@ pub struct SandboxSpec {
     /// Remove everything once the main process has exited and its status
     /// was collected.
     pub auto_remove: bool,
+    /// Bytes of output `output.log` keeps (the newest); `None`: the node's
+    /// default (`KILN_LOG_LIMIT`, else 64 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_limit: Option<u64>,
 }
 
 /// Where a sandbox is in its life.
@@ -390,6 +394,7 @@ mod tests {
             timeout_secs: None,
             driver: "auto".into(),
             auto_remove: false,
+            log_limit: None,
         }
     }
 

@@ -87,6 +87,7 @@ impl TemplateParams {
             timeout_secs: None,
             driver: driver.to_string(),
             auto_remove: false,
+            log_limit: None,
         }
     }
 }

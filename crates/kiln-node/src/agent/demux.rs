@@ -38,6 +38,8 @@ pub(crate) struct Slot {
     /// The process this stream belongs to (exec/attach), checked on Exit.
     pid: Option<u32>,
     exited: bool,
+    /// Channels the guest already ended.
+    eof: Vec<Channel>,
 }
 
 /// The host's handles on a newly opened stream.
@@ -109,6 +111,7 @@ impl Demux {
                 send_credit,
                 pid: None,
                 exited: false,
+                eof: Vec::new(),
             },
         );
         Ok(opened)
@@ -283,6 +286,12 @@ impl Demux {
             }
             Kind::Eof => match f.eof() {
                 Ok(ch) if slot.recv_window.iter().any(|(c, _)| *c == ch) => {
+                    // One Eof per channel: a flood of them must not grow
+                    // the (unbounded, credit-bounded) inbound queue.
+                    if slot.eof.contains(&ch) {
+                        return self.violation(id, format!("a second EOF on channel {ch:?}"));
+                    }
+                    slot.eof.push(ch);
                     if let Some(i) = &slot.inbound {
                         let _ = i.send(Inbound::Eof);
                     }

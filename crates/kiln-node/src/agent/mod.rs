@@ -19,6 +19,7 @@ use kiln_api::proto::{
     self, Channel, Configure, Decoded, ErrorKind, ExecRequest, ExitStatus, Hello, HelloAck, Kind,
     MAX_DATA_CHUNK, ProcessInfo, Request, Response,
 };
+use kiln_api::text::sanitize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -37,7 +38,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AgentStream for T {}
 pub enum StreamError {
     #[error("agent connection closed")]
     Closed,
-    #[error("guest broke the agent protocol on stream {stream}: {reason}")]
+    #[error("guest broke the agent protocol on stream {stream}: {}", sanitize(.reason))]
     Protocol { stream: u32, reason: String },
     #[error("the guest detached stream {0} (another host attached to the process?)")]
     Detached(u32),
@@ -69,13 +70,13 @@ const HANDSHAKE_BYTE_LIMIT: usize = 4 << 20;
 pub enum RequestError {
     #[error(transparent)]
     Stream(#[from] StreamError),
-    #[error("guest agent refused {request}: {message} ({kind:?})")]
+    #[error("guest agent refused {request}: {} ({kind:?})", sanitize(.message))]
     Refused {
         request: &'static str,
         kind: ErrorKind,
         message: String,
     },
-    #[error("guest agent answered {request} with an unexpected {response}")]
+    #[error("guest agent answered {request} with an unexpected {}", sanitize(.response))]
     Unexpected {
         request: &'static str,
         response: String,
@@ -85,18 +86,22 @@ pub enum RequestError {
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     /// Shell convention: exit code 127.
-    #[error("{0}")]
+    #[error("{}", sanitize(.0))]
     NotFound(String),
     /// Shell convention: exit code 126.
-    #[error("{0}")]
+    #[error("{}", sanitize(.0))]
     NotExecutable(String),
-    #[error("{0}")]
+    #[error("{}", sanitize(.0))]
     NoSuchUser(String),
-    #[error("guest agent refused to start the process: {message} ({kind:?})")]
+    #[error("guest agent refused to start the process: {} ({kind:?})", sanitize(.message))]
     Refused { kind: ErrorKind, message: String },
+    /// The command or environment is more than Linux can pass to a
+    /// process; refused before anything is sent.
+    #[error("cannot run the command: {0}")]
+    Limits(#[from] proto::ExecLimitError),
     #[error(transparent)]
     Stream(#[from] StreamError),
-    #[error("guest agent answered exec with an unexpected {0}")]
+    #[error("guest agent answered exec with an unexpected {}", sanitize(.0))]
     Unexpected(String),
 }
 
@@ -119,7 +124,7 @@ pub enum CopyInError {
         #[source]
         source: std::io::Error,
     },
-    #[error("guest refused to unpack into {dest}: {message} ({kind:?})")]
+    #[error("guest refused to unpack into {}: {} ({kind:?})", sanitize(.dest), sanitize(.message))]
     Refused {
         dest: String,
         kind: ErrorKind,
@@ -127,13 +132,13 @@ pub enum CopyInError {
     },
     #[error(transparent)]
     Stream(#[from] StreamError),
-    #[error("guest agent answered copy-in with an unexpected {0}")]
+    #[error("guest agent answered copy-in with an unexpected {}", sanitize(.0))]
     Unexpected(String),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyOutError {
-    #[error("guest cannot send {path}: {message} ({kind:?})")]
+    #[error("guest cannot send {}: {} ({kind:?})", sanitize(.path), sanitize(.message))]
     Refused {
         path: String,
         kind: ErrorKind,
@@ -141,7 +146,7 @@ pub enum CopyOutError {
     },
     #[error(transparent)]
     Stream(#[from] StreamError),
-    #[error("guest agent answered copy-out with an unexpected {0}")]
+    #[error("guest agent answered copy-out with an unexpected {}", sanitize(.0))]
     Unexpected(String),
 }
 
@@ -519,6 +524,7 @@ impl AgentClient {
 
     /// Starts a process.
     pub async fn exec(&self, req: ExecRequest) -> Result<Process, ExecError> {
+        req.check_limits()?;
         let stdin = req.stdin;
         let recv: &'static [Channel] = if req.tty {
             &[Channel::Stdout]
@@ -552,6 +558,7 @@ impl AgentClient {
     /// Starts a process without attaching to it (`req.detached` is set):
     /// its output waits in the guest until [`AgentClient::attach`].
     pub async fn exec_detached(&self, mut req: ExecRequest) -> Result<u32, ExecError> {
+        req.check_limits()?;
         req.detached = true;
         let spec = SlotSpec {
             recv: &[],
@@ -644,6 +651,13 @@ impl AgentClient {
             spec,
         )?;
         let (id, mut rx) = (o.id, o.response);
+        // Dropped before the end (the caller cancelled): close the stream
+        // without an end of archive, so the guest drops the copy.
+        let mut guard = CloseOnDrop {
+            inner: Arc::clone(&self.inner),
+            id,
+            armed: true,
+        };
         let Some(credit) = o.send_credit else {
             return Err(StreamError::Closed.into());
         };
@@ -668,6 +682,7 @@ impl AgentClient {
             Some(r) => r,
             None => response(rx).await,
         };
+        guard.armed = false;
         self.inner.lock().close_quietly(id);
         match r? {
             Response::Ok => Ok(()),
@@ -715,6 +730,21 @@ impl AgentClient {
                 self.inner.close_stream(id);
                 Err(CopyOutError::Unexpected(format!("{other:?}")))
             }
+        }
+    }
+}
+
+/// Closes a stream when dropped while armed.
+struct CloseOnDrop {
+    inner: Arc<Inner>,
+    id: u32,
+    armed: bool,
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inner.close_stream(self.id);
         }
     }
 }

@@ -57,6 +57,8 @@ pub enum RunError {
     #[error(transparent)]
     Compose(#[from] ComposeError),
     #[error(transparent)]
+    Limits(#[from] kiln_api::proto::ExecLimitError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
@@ -93,6 +95,20 @@ impl Node {
             hostname: String::new(),
         };
         let composed = compose::compose(&image.defaults, &ov, |_| None)?;
+        // What `execve` would refuse is refused now, before a VM exists.
+        kiln_api::proto::ExecRequest {
+            argv: composed.argv.clone(),
+            env: composed.env.clone(),
+            cwd: None,
+            user: None,
+            tty: false,
+            rows: None,
+            cols: None,
+            stdin: false,
+            main: true,
+            detached: false,
+        }
+        .check_limits()?;
         Ok((
             SandboxSpec {
                 image: spec.image.clone(),
@@ -110,6 +126,7 @@ impl Node {
                 timeout_secs: spec.timeout_secs,
                 driver: spec.driver.to_string(),
                 auto_remove: spec.auto_remove,
+                log_limit: spec.log_limit,
             },
             cached,
         ))
