@@ -1,15 +1,53 @@
 #!/usr/bin/env bash
 # The README's second command: sets up what is missing (as quickstart.sh
-# does), then runs the whole test suite: formatting, clippy, unit tests and
-# end-to-end tests on real microVMs.
-set -euo pipefail
+# does), then runs the whole test suite: formatting, clippy, unit and
+# component tests, and end-to-end tests on real microVMs, one group at a
+# time, printing how long each group took. Every group runs even when an
+# earlier one failed; the exit code says whether all passed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
+set -e
 kiln_prepare
-echo "==> cargo fmt --check" >&2
-cargo fmt --all -- --check
-echo "==> cargo clippy" >&2
-cargo clippy --workspace --all-targets --quiet -- -D warnings
-echo "==> cargo test" >&2
-cargo test --workspace --no-fail-fast "$@"
+set +e
+
+failed=()
+times=()
+group() {
+  local name=$1
+  shift
+  local t0=$SECONDS
+  echo "==> $name" >&2
+  "$@"
+  local rc=$?
+  local took=$((SECONDS - t0))
+  times+=("$(printf '%-28s %5d s  %s' "$name" "$took" "$([ $rc = 0 ] && echo ok || echo FAILED)")")
+  echo "==> $name: ${took} s (exit $rc)" >&2
+  [ $rc = 0 ] || failed+=("$name")
+}
+
+group "cargo fmt --check" cargo fmt --all -- --check
+group "cargo clippy" cargo clippy --workspace --all-targets --quiet -- -D warnings
+# Unit and component tests, one crate a group (kiln-cli's own unit tests
+# too; its end-to-end tests below).
+for c in crates/*/; do
+  c=$(basename "$c")
+  [ "$c" = kiln-cli ] && continue
+  group "$c" cargo test -p "$c" --no-fail-fast "$@"
+done
+group "kiln-cli unit tests" cargo test -p kiln-cli --bins --no-fail-fast "$@"
+# End-to-end tests on real microVMs, one file a group.
+for f in crates/kiln-cli/tests/e2e_*.rs; do
+  t=$(basename "$f" .rs)
+  group "$t" cargo test -p kiln-cli --test "$t" --no-fail-fast "$@"
+done
+
+echo >&2
+echo "==> time per group" >&2
+printf '  %s\n' "${times[@]}" >&2
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "==> FAILED: ${failed[*]}" >&2
+  exit 1
+fi
+echo "==> all groups passed" >&2
