@@ -10,13 +10,12 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use kiln_api::proto::{Configure, ExecRequest, GuestNetwork};
 use kiln_net::{Action, Endpoint, NetConfig, Network, Policy, Rule};
 use kiln_node::agent::AgentClient;
-use tokio::net::UnixStream;
 
 fn sh(cmd: &mut Command) -> String {
     let out = cmd
@@ -36,7 +35,8 @@ fn ip(args: &[&str]) {
 
 /// Everything the test creates, removed on drop (also on panic).
 struct Guard {
-    qemu: Option<Child>,
+    /// The VM's runtime directory: its VMM is killed on drop.
+    vm_dir: Option<PathBuf>,
     dir: PathBuf,
     net: Option<Network>,
     ns: String,
@@ -45,9 +45,13 @@ struct Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if let Some(mut q) = self.qemu.take() {
-            let _ = q.kill();
-            let _ = q.wait();
+        if let Some(vm_dir) = self.vm_dir.take() {
+            for pid in kiln_vmm::conformance::processes_mentioning(&vm_dir.display().to_string()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
         if std::thread::panicking() {
             let console = std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
@@ -147,7 +151,7 @@ async fn story() {
     let dir = std::env::temp_dir().join(format!("kiln-net-vm-{n}"));
     std::fs::create_dir_all(&dir).unwrap();
     let mut g = Guard {
-        qemu: None,
+        vm_dir: None,
         dir: dir.clone(),
         net: None,
         ns: format!("knvm{n}"),
@@ -221,45 +225,37 @@ async fn story() {
         .set_len(64 << 20)
         .unwrap();
     sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&rw));
-    let sock = dir.join("agent.sock");
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-M", "microvm,acpi=off,rtc=on", "-accel", "tcg"])
-        .args(["-bios", "/usr/share/qemu/qboot.rom", "-m", "256", "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .arg("-serial")
-        .arg(format!("file:{}", dir.join("console.log").display()))
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initramfs)
-        .arg("-append")
-        .arg("console=ttyS0 reboot=t panic=-1 quiet kiln.root=/dev/vda kiln.rw=/dev/vdb kiln.channel=serial")
-        .arg("-drive")
-        .arg(format!("id=d0,file={},format=raw,if=none,read-only=on", root.display()))
-        .args(["-device", "virtio-blk-device,drive=d0"])
-        .arg("-drive")
-        .arg(format!("id=d1,file={},format=raw,if=none", rw.display()))
-        .args(["-device", "virtio-blk-device,drive=d1"])
-        .args(kiln_vmm::qemu::netdev_args(&dev))
-        .args(["-device", "virtio-serial-device"])
-        .arg("-chardev")
-        .arg(format!("socket,id=agent,path={},server=on,wait=off", sock.display()))
-        .args(["-device", "virtserialport,chardev=agent,name=kiln.agent"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    g.qemu = Some(cmd.spawn().expect("spawning qemu-system-x86_64"));
-
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let stream = loop {
-        match UnixStream::connect(&sock).await {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
-            Err(e) => panic!("agent socket: {e}"),
-        }
+    // The QEMU driver, with the tap as `VmSpec::network`.
+    let driver = kiln_vmm::qemu::QemuDriver::detect(kiln_vmm::Accel::Tcg).expect("QEMU 10");
+    let vm_spec = kiln_vmm::VmSpec {
+        id: id.clone(),
+        dir: dir.join("vm"),
+        kernel: kernel.clone(),
+        initrd: Some(initramfs.clone()),
+        cmdline: "quiet kiln.root=/dev/vda kiln.rw=/dev/vdb kiln.channel=serial".into(),
+        cpus: 1,
+        memory_mib: 256,
+        disks: vec![
+            kiln_vmm::DiskSpec {
+                path: root.clone(),
+                read_only: true,
+            },
+            kiln_vmm::DiskSpec {
+                path: rw.clone(),
+                read_only: false,
+            },
+        ],
+        agent_channel: true,
+        console_log: dir.join("console.log"),
+        network: Some(dev.clone()),
     };
+    use kiln_vmm::VmmDriver;
+    g.vm_dir = Some(vm_spec.dir.clone());
+    let vm = driver
+        .start(&vm_spec)
+        .await
+        .expect("the QEMU driver starts the VM");
+    let stream = vm.connect_agent().await.expect("agent channel");
     let (client, _) = AgentClient::connect(stream, Duration::from_secs(60))
         .await
         .expect("agent handshake");
@@ -304,4 +300,6 @@ async fn story() {
     assert!(c.default.dropped_packets >= 1, "{:?}", c.default);
     let spoofed = c.drops.iter().map(|(_, c)| c.dropped_packets).sum::<u64>();
     eprintln!("pre-policy drops: {spoofed} ({:?})", c.drops);
+    let _ = vm.kill().await;
+    let _ = vm.cleanup().await;
 }

@@ -94,8 +94,8 @@ pub struct Capabilities {
     pub vsock: bool,
     /// The agent channel can be carried over a virtio-serial port.
     pub virtio_serial: bool,
-    /// A network interface (tap) can be given to the guest. Neither driver
-    /// attaches one yet, although both VMMs could.
+    /// A network interface on a host tap can be given to the guest
+    /// ([`VmSpec::network`]).
     pub network: bool,
     /// The guest channel transport [`Vm::connect_agent`] uses with this
     /// driver's configuration.

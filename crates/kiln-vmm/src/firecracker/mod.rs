@@ -293,7 +293,7 @@ fn capabilities() -> Capabilities {
         virtio_fs: false,
         vsock: true,
         virtio_serial: false,
-        network: false,
+        network: true,
         agent_transport: AgentTransport::HybridVsock,
     }
 }

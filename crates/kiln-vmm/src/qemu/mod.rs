@@ -78,7 +78,7 @@ fn qemu_capabilities(transport: AgentTransport, vsock_backend: bool) -> Capabili
         virtio_fs: true,
         vsock: vsock_backend,
         virtio_serial: true,
-        network: false,
+        network: true,
         agent_transport: transport,
     }
 }
