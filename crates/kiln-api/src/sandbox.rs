@@ -150,6 +150,48 @@ pub enum Origin {
     Snapshot { snapshot: String },
 }
 
+/// Allow or deny, for a network policy rule or default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyAction {
+    Allow,
+    Deny,
+}
+
+/// One rule, `CIDR|DOMAIN[:PROTO[:PORT[-PORT]]]`, parsed and checked by
+/// the node (`kiln_net::Rule`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRule {
+    pub action: PolicyAction,
+    pub rule: String,
+}
+
+/// A sandbox's network.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NetworkSpec {
+    /// No network device at all.
+    #[default]
+    None,
+    /// A network device on the node's bridge, NAT to the outside, the
+    /// policy enforced on the host: `rules` in order, then `policy`'s
+    /// rules (a preset: `internet-only` (the default) or `none`), then
+    /// `policy_default` (else the preset's default).
+    Default {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy_default: Option<PolicyAction>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        rules: Vec<PolicyRule>,
+    },
+}
+
+/// Most rules a policy may carry, and the longest rule.
+pub const MAX_POLICY_RULES: usize = 1024;
+pub const MAX_RULE_LEN: usize = 300;
+
 /// Everything a client says about a sandbox it wants. Host-independent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -198,6 +240,12 @@ pub struct SandboxSpec {
     /// Bytes of output the node keeps (the newest); `None`: its default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_limit: Option<u64>,
+    #[serde(default, skip_serializing_if = "is_no_network")]
+    pub network: NetworkSpec,
+}
+
+fn is_no_network(n: &NetworkSpec) -> bool {
+    *n == NetworkSpec::None
 }
 
 fn default_origin() -> Origin {
@@ -225,6 +273,7 @@ impl SandboxSpec {
             labels: BTreeMap::new(),
             origin: Origin::Image,
             log_limit: None,
+            network: NetworkSpec::None,
         }
     }
 
@@ -249,6 +298,22 @@ impl SandboxSpec {
         }
         if self.log_limit.is_some_and(|l| l < MIN_LOG_LIMIT) {
             return Err(SpecError::LogLimit);
+        }
+        if let NetworkSpec::Default { policy, rules, .. } = &self.network {
+            if rules.len() > MAX_POLICY_RULES {
+                return Err(SpecError::Network(format!(
+                    "{} rules, at most {MAX_POLICY_RULES}",
+                    rules.len()
+                )));
+            }
+            for text in rules.iter().map(|r| &r.rule).chain(policy.iter()) {
+                if text.is_empty() || text.len() > MAX_RULE_LEN || has_control(text) {
+                    return Err(SpecError::Network(format!(
+                        "{:?} is not a rule or preset",
+                        truncate(text)
+                    )));
+                }
+            }
         }
         for e in &self.env {
             match e.split_once('=') {
@@ -366,6 +431,8 @@ pub enum SpecError {
     Timeout,
     #[error("log limit: must be at least {MIN_LOG_LIMIT} bytes")]
     LogLimit,
+    #[error("network: {0}")]
+    Network(String),
     #[error("env: {0:?} is not of the form KEY=VALUE")]
     Env(String),
     #[error("command and environment: a NUL byte cannot be passed to a process")]

@@ -103,6 +103,7 @@ pub async fn warm(
         driver: "auto".into(),
         auto_remove: false,
         log_limit: None,
+        network: None,
     };
     let holder = format!("bench-{}", std::process::id());
     templates.add_user(&name, &holder)?;

@@ -20,7 +20,7 @@ use kiln_node::paths::Dirs;
 use kiln_node::shim;
 use kiln_node::store::SandboxState;
 
-use crate::{Command, ExecArgs, ProcessArgs, RunArgs, attach, images};
+use crate::{Command, ExecArgs, PolicyArgs, PolicyCommand, ProcessArgs, RunArgs, attach, images};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -87,7 +87,7 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
     let node = Node::open(Dirs::from_env());
     let store = node.store();
     match cmd {
-        Command::Run(args) => run(&node, args).await,
+        Command::Run(args) => run(&node, *args).await,
         Command::Ps { all, quiet } => ps(&node, all, quiet).await,
         Command::Exec(args) => exec(&node, args).await,
         Command::Cp { src, dst } => attach::cp(&node, &src, &dst).await,
@@ -136,6 +136,7 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
         }
         Command::Fork { id, count } => crate::snapshots::fork(&node, &id, count).await,
         Command::Template { command } => crate::templates::dispatch(&node, command).await,
+        Command::Policy { command } => policy(&node, command),
         Command::Shim { id } => {
             // The supervisor must not die with the terminal or the command
             // that started it: leave its session. Fails only if we already
@@ -251,6 +252,16 @@ fn run_request(args: &RunArgs) -> Result<RunRequest> {
     spec.timeout_secs = args.timeout;
     spec.auto_remove = args.rm;
     spec.log_limit = args.log_limit;
+    spec.network = match args.net.mode.as_str() {
+        "default" => network_spec(&args.net.policy),
+        _ => {
+            let p = &args.net.policy;
+            if p.policy.is_some() || p.policy_default.is_some() || !p.ordered.is_empty() {
+                bail!("--policy, --policy-default, --allow and --deny need --net default");
+            }
+            kiln_api::sandbox::NetworkSpec::None
+        }
+    };
     spec.driver = driver_preference(&args.driver)?;
     spec.start = if args.cold {
         StartPreference::Cold
@@ -380,6 +391,85 @@ pub(crate) fn check_resources(cpus: u32, memory: u32, disk: u32) -> Result<()> {
         bail!("--disk {disk} is too large: at most {MAX_DISK_MIB} MiB");
     }
     Ok(())
+}
+
+/// The network of `--net default` with these policy flags.
+fn network_spec(p: &PolicyArgs) -> kiln_api::sandbox::NetworkSpec {
+    use kiln_api::sandbox::{NetworkSpec, PolicyAction, PolicyRule};
+    let action = |allow: bool| {
+        if allow {
+            PolicyAction::Allow
+        } else {
+            PolicyAction::Deny
+        }
+    };
+    NetworkSpec::Default {
+        policy: p.policy.clone(),
+        policy_default: p.policy_default.as_deref().map(|d| action(d == "allow")),
+        rules: p
+            .ordered
+            .iter()
+            .map(|(allow, rule)| PolicyRule {
+                action: action(*allow),
+                rule: rule.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// `kiln policy get|set`.
+fn policy(node: &Node, cmd: PolicyCommand) -> Result<i32> {
+    match cmd {
+        PolicyCommand::Get { id } => {
+            let (id, policy, c) = node.policy(&id)?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "sandbox {id}: default {}", policy.default)?;
+            writeln!(
+                out,
+                "{:<4}  {:<48}  {:>12}  {:>12}  {:>12}  {:>12}",
+                "#", "RULE", "ALLOWED PKTS", "ALLOWED B", "DROPPED PKTS", "DROPPED B"
+            )?;
+            let row = |out: &mut std::io::StdoutLock,
+                       n: &str,
+                       what: &str,
+                       k: &kiln_net::Counter| {
+                writeln!(
+                    out,
+                    "{:<4}  {:<48}  {:>12}  {:>12}  {:>12}  {:>12}",
+                    n, what, k.allowed_packets, k.allowed_bytes, k.dropped_packets, k.dropped_bytes
+                )
+            };
+            for (i, (rule, k)) in policy.egress.iter().zip(&c.rules).enumerate() {
+                row(&mut out, &(i + 1).to_string(), &rule.to_string(), k)?;
+            }
+            row(
+                &mut out,
+                "-",
+                &format!("default ({})", policy.default),
+                &c.default,
+            )?;
+            row(
+                &mut out,
+                "-",
+                "protected (host, link-local, other sandboxes)",
+                &c.protected,
+            )?;
+            row(&mut out, "-", "replies to flows peers started", &c.replies)?;
+            for (why, k) in &c.drops {
+                row(
+                    &mut out,
+                    "-",
+                    &format!("dropped before the policy: {why}"),
+                    k,
+                )?;
+            }
+            Ok(0)
+        }
+        PolicyCommand::Set { id, policy } => {
+            println!("{}", node.set_policy(&id, &network_spec(&policy))?);
+            Ok(0)
+        }
+    }
 }
 
 async fn ps(node: &Node, all: bool, quiet: bool) -> Result<i32> {

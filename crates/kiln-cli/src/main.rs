@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a command in a new sandbox.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List sandboxes.
     Ps {
         /// Include sandboxes that have ended.
@@ -123,9 +123,28 @@ enum Command {
         #[command(subcommand)]
         command: templates::TemplateCommand,
     },
+    /// A sandbox's network policy: `kiln policy get ID` (rules and
+    /// counters), `kiln policy set ID [--policy P] [--policy-default D]
+    /// [--allow RULE] [--deny RULE]` (changed live).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// The per-sandbox supervisor (started by `kiln run`).
     #[command(hide = true)]
     Shim { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// The rules, in order, with packets and bytes allowed and dropped.
+    Get { id: String },
+    /// Replace the policy; the old one stays if the new one is invalid.
+    Set {
+        id: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -222,6 +241,8 @@ pub struct RunArgs {
     /// Boot the VM even if a template for this image and resources exists.
     #[arg(long)]
     cold: bool,
+    #[command(flatten)]
+    net: NetArgs,
     /// Most output the sandbox's log keeps on the host (e.g. 16M, 1G); older
     /// output is dropped first. Default: KILN_LOG_LIMIT, else 64M.
     #[arg(long = "log-limit", value_name = "SIZE", value_parser = parse_log_limit)]
@@ -229,6 +250,42 @@ pub struct RunArgs {
     /// IMAGE [-- CMD [ARGS...]]
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     rest: Vec<String>,
+}
+
+/// `--net` and the policy flags of `kiln run`.
+#[derive(Debug, Args, Clone)]
+pub struct NetArgs {
+    /// The sandbox's network: `none` (no network device, the default) or
+    /// `default` (an address on the node's bridge, NAT outwards, the policy
+    /// enforced in the host kernel).
+    #[arg(long = "net", default_value = "none", value_parser = ["none", "default"])]
+    mode: String,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+/// A network policy on the command line: `--allow`/`--deny` rules in the
+/// order given, then the `--policy` preset's rules, then the default.
+#[derive(Debug, Args, Clone, Default)]
+pub struct PolicyArgs {
+    /// A preset (`internet-only`: everything public, nothing private,
+    /// link-local or on the host; `none`: nothing) or a policy file.
+    /// Default `internet-only`.
+    #[arg(long)]
+    policy: Option<String>,
+    /// What no rule matches gets: allow or deny (default: the preset's).
+    #[arg(long = "policy-default", value_parser = ["allow", "deny"])]
+    policy_default: Option<String>,
+    /// Allow `CIDR|DOMAIN[:PROTO[:PORT[-PORT]]]` (repeatable; order counts).
+    #[arg(long = "allow", value_name = "RULE")]
+    allow: Vec<String>,
+    /// Deny `CIDR|DOMAIN[:PROTO[:PORT[-PORT]]]` (repeatable; order counts).
+    #[arg(long = "deny", value_name = "RULE")]
+    deny: Vec<String>,
+    /// `--allow`/`--deny` in the order given (filled from the parsed
+    /// command line).
+    #[arg(skip)]
+    ordered: Vec<(bool, String)>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -298,6 +355,18 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// `--allow` (true) and `--deny` (false) values in command-line order.
+fn ordered_rules(m: &clap::ArgMatches) -> Vec<(bool, String)> {
+    let mut out: Vec<(usize, bool, String)> = vec![];
+    for (id, allow) in [("allow", true), ("deny", false)] {
+        if let (Some(vals), Some(idx)) = (m.get_many::<String>(id), m.indices_of(id)) {
+            out.extend(idx.zip(vals).map(|(i, v)| (i, allow, v.clone())));
+        }
+    }
+    out.sort_by_key(|(i, _, _)| *i);
+    out.into_iter().map(|(_, a, v)| (a, v)).collect()
+}
+
 fn main() {
     // Sandboxes hold guest RAM, disks, env and output: everything Kiln and
     // the VMMs it starts create is private to the user running them.
@@ -316,7 +385,26 @@ fn main() {
         }
         default_hook(info);
     }));
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    // `--allow`/`--deny` are evaluated in the order given across both.
+    match (&mut cli.command, matches.subcommand()) {
+        (Command::Run(a), Some(("run", m))) => a.net.policy.ordered = ordered_rules(m),
+        (
+            Command::Policy {
+                command: PolicyCommand::Set { policy, .. },
+            },
+            Some(("policy", m)),
+        ) => {
+            if let Some(("set", m)) = m.subcommand() {
+                policy.ordered = ordered_rules(m);
+            }
+        }
+        _ => {}
+    }
     if let Command::Exec(a) = &cli.command
         && let Some(t) = a.start_timeout
     {

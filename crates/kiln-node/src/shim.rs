@@ -164,7 +164,16 @@ fn write_ready(w: &mut impl std::io::Write, line: &ReadyLine) {
 /// warm-pool member: once it is offered; the run that claims it gets the
 /// main process's line on its control connection).
 #[instrument(skip_all, fields(sandbox = %id))]
-pub async fn run(
+pub async fn run(store: Store, id: String, ready: impl std::io::Write) -> Result<(), ShimError> {
+    let result = run_sandbox(store.clone(), id.clone(), ready).await;
+    // The VM is gone (or never came): its tap, address and policy program
+    // go too. (A supervisor killed before this is repaired by the node's
+    // reconciler.)
+    crate::node::release_network(store.dirs(), &id);
+    result
+}
+
+async fn run_sandbox(
     store: Store,
     id: String,
     mut ready: impl std::io::Write,
@@ -349,7 +358,7 @@ async fn launch(store: &Store, rec: &mut SandboxRecord, up: Up) -> Result<Starte
     let dir = store.dir(&rec.id);
     let result = async {
         agent
-            .configure(vm::identity(&rec.id))
+            .configure(vm::identity_with(&rec.id, rec.spec.network.as_ref()))
             .await
             .map_err(|e| ShimError::Configure(e.to_string()))?;
         let configured_ms = vm_ready.elapsed().as_millis() as u64;

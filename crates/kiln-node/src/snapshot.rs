@@ -1218,6 +1218,7 @@ mod tests {
             driver: "auto".into(),
             auto_remove: false,
             log_limit: None,
+            network: None,
         };
         ManifestParts {
             name: name.into(),

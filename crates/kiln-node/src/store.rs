@@ -47,6 +47,10 @@ pub struct SandboxSpec {
     /// default (`KILN_LOG_LIMIT`, else 64 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_limit: Option<u64>,
+    /// Its network (tap, address, MAC), attached by the node before the
+    /// supervisor starts; `None`: no network device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<kiln_net::Attachment>,
 }
 
 /// Where a sandbox is in its life.
@@ -395,6 +399,7 @@ mod tests {
             driver: "auto".into(),
             auto_remove: false,
             log_limit: None,
+            network: None,
         }
     }
 

@@ -88,6 +88,7 @@ impl TemplateParams {
             driver: driver.to_string(),
             auto_remove: false,
             log_limit: None,
+            network: None,
         }
     }
 }

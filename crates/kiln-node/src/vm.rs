@@ -252,7 +252,10 @@ pub fn sandbox_vm_spec(
         ],
         agent_channel: true,
         console_log: console,
-        network: None,
+        network: spec.network.as_ref().map(|a| kiln_vmm::NetDevice {
+            tap: a.ifname.clone(),
+            mac: kiln_net::format_mac(&a.mac),
+        }),
     }
 }
 
@@ -314,6 +317,20 @@ pub async fn restore_sandbox_vm(
 }
 
 /// The identity pushed to a guest after boot or restore.
+/// [`identity`], with the guest's network (address, route, MAC, resolver)
+/// when the sandbox has one.
+pub fn identity_with(id: &str, net: Option<&kiln_net::Attachment>) -> Configure {
+    let mut c = identity(id);
+    c.network = net.map(|a| kiln_api::proto::GuestNetwork {
+        mac: kiln_net::format_mac(&a.mac),
+        address: a.ip,
+        prefix_len: a.prefix_len,
+        gateway: a.gateway,
+        dns: a.dns.clone(),
+    });
+    c
+}
+
 pub fn identity(id: &str) -> Configure {
     let mut entropy = [0u8; 64];
     rand::fill(&mut entropy);

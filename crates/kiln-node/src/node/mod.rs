@@ -180,6 +180,29 @@ impl Node {
     }
 }
 
+/// The node's sandbox network (bridge, NAT, IPAM under `<state>/net`),
+/// set up idempotently.
+pub fn open_network(dirs: &Dirs) -> Result<kiln_net::Network, kiln_net::OpenNetworkError> {
+    kiln_net::Network::open(kiln_net::NetConfig::new(&dirs.state.join("net")))
+}
+
+/// Detaches sandbox `id` from the network if it has ever been on it (tap,
+/// lease, policy program); idempotent; errors are logged.
+pub fn release_network(dirs: &Dirs, id: &str) {
+    let net_dir = dirs.state.join("net");
+    if !net_dir.is_dir() {
+        return;
+    }
+    match open_network(dirs) {
+        Ok(net) => {
+            if let Err(e) = net.detach(id) {
+                tracing::warn!(sandbox = %id, error = %e, "cannot release the sandbox's network");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot open the sandbox network"),
+    }
+}
+
 /// Where state directories register as users of a cache.
 const STATE_DIRS: &str = "state-dirs";
 
@@ -205,6 +228,61 @@ fn register_state_dir(dirs: &Dirs) {
 
 fn hex_prefix(bytes: &[u8]) -> String {
     bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// A sandbox's network policy could not be read or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyOpError {
+    #[error(transparent)]
+    Sandbox(#[from] SandboxOpError),
+    #[error("sandbox {0} has no network (it was started with --net none)")]
+    NoNetwork(String),
+    #[error("sandbox {0} has ended: its network is gone")]
+    Ended(String),
+    #[error("network policy: {0}")]
+    Policy(#[from] kiln_net::policy::LoadPolicyError),
+    #[error("cannot open the sandbox network")]
+    Open(#[from] kiln_net::OpenNetworkError),
+    #[error(transparent)]
+    Update(#[from] kiln_net::UpdatePolicyError),
+}
+
+impl Node {
+    /// The policy of sandbox `prefix` and its counters.
+    pub fn policy(
+        &self,
+        prefix: &str,
+    ) -> Result<(String, kiln_net::Policy, kiln_net::Counters), PolicyOpError> {
+        let rec = self.networked(prefix)?;
+        let (policy, counters) = open_network(self.dirs())?.policy(&rec)?;
+        Ok((rec, policy, counters))
+    }
+
+    /// Replaces sandbox `prefix`'s policy live (maps rewritten in place,
+    /// nothing reloaded); a policy that does not parse changes nothing.
+    pub fn set_policy(
+        &self,
+        prefix: &str,
+        net: &kiln_api::sandbox::NetworkSpec,
+    ) -> Result<String, PolicyOpError> {
+        let id = self.networked(prefix)?;
+        let Some(policy) = run::policy_of(net)? else {
+            return Err(PolicyOpError::NoNetwork(id));
+        };
+        open_network(self.dirs())?.update_policy(&id, &policy)?;
+        Ok(id)
+    }
+
+    fn networked(&self, prefix: &str) -> Result<String, PolicyOpError> {
+        let rec = self.get(prefix)?;
+        if rec.spec.network.is_none() {
+            return Err(PolicyOpError::NoNetwork(rec.id));
+        }
+        if rec.state.is_finished() {
+            return Err(PolicyOpError::Ended(rec.id));
+        }
+        Ok(rec.id)
+    }
 }
 
 /// The hostname of sandbox `id`: its first 12 hex digits.

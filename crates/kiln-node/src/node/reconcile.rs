@@ -49,6 +49,25 @@ impl Node {
         // `template create`s, and staging directories of killed snapshots.
         self.snapshots().release_dead_holders();
         crate::template::reap_abandoned(self.dirs()).await;
+        // Taps, leases and policy programs of sandboxes whose VM is gone
+        // (a supervisor killed before it released them).
+        if self.dirs().state.join("net").is_dir()
+            && let Ok(records) = self.store.list()
+        {
+            let live: std::collections::BTreeSet<String> = records
+                .into_iter()
+                .filter(|r| !self.refresh(r.clone()).state.is_finished())
+                .map(|r| r.id)
+                .collect();
+            match super::open_network(self.dirs()) {
+                Ok(net) => {
+                    if let Err(e) = net.reconcile(&live) {
+                        tracing::warn!(error = %e, "cannot reconcile the sandbox network");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot open the sandbox network"),
+            }
+        }
         done.staging += self.snapshots().reap_staging(STAGING_GRACE);
         done.staging += self.templates().reap_staging(STAGING_GRACE);
         done

@@ -62,6 +62,12 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
+    #[error("network policy: {0}")]
+    Policy(#[from] kiln_net::policy::LoadPolicyError),
+    #[error("cannot set up the sandbox network")]
+    OpenNetwork(#[from] kiln_net::OpenNetworkError),
+    #[error("cannot attach the sandbox to the network")]
+    Attach(#[from] kiln_net::AttachError),
     #[error("{what} {asked} MiB is more than this host has ({has} MiB)")]
     Capacity {
         what: &'static str,
@@ -127,6 +133,7 @@ impl Node {
                 driver: spec.driver.to_string(),
                 auto_remove: spec.auto_remove,
                 log_limit: spec.log_limit,
+                network: None,
             },
             cached,
         ))
@@ -141,6 +148,7 @@ impl Node {
     ) -> Result<Started, RunError> {
         let t0 = Instant::now();
         let mut notes = vec![];
+        let policy = policy_of(&req.spec.network)?;
         let (spec, cached) = self.resolve(req, progress).await?;
         notes.push(format!(
             "image {} ({}{}) ready in {} ms",
@@ -150,9 +158,11 @@ impl Node {
             t0.elapsed().as_millis()
         ));
         let image_digest = spec.image_digest.clone();
-        let template = match req.spec.start {
-            StartPreference::Cold => Err("--cold".to_string()),
-            StartPreference::Warm => self.find_template(&spec),
+        let template = match (req.spec.start, &policy) {
+            (StartPreference::Cold, _) => Err("--cold".to_string()),
+            // Templates and pool members have no network device.
+            (_, Some(_)) => Err("warm starts have no network device yet".to_string()),
+            (StartPreference::Warm, None) => self.find_template(&spec),
         };
         // The fastest start: a member of the template's warm pool. Whether
         // or not one was left, the pool is refilled in the background.
@@ -191,6 +201,28 @@ impl Node {
             }
         }
         let mut rec = self.create_record(spec)?;
+        if let Some(policy) = &policy {
+            let attached = open_network_for(self).and_then(|net| {
+                net.attach(&rec.id, kiln_net::Endpoint::Tap, policy)
+                    .map_err(RunError::from)
+            });
+            match attached {
+                Ok(a) => {
+                    notes.push(format!(
+                        "network: {} on {} ({})",
+                        a.ip,
+                        a.ifname,
+                        kiln_net::format_mac(&a.mac)
+                    ));
+                    rec.spec.network = Some(a);
+                }
+                Err(e) => {
+                    let _ = self.store.remove(&rec.id);
+                    super::release_network(self.dirs(), &rec.id);
+                    return Err(e);
+                }
+            }
+        }
         // A warm start when a template for exactly this exists (checked
         // like a snapshot before a restore), else a boot.
         let cold_reason = match template {
@@ -216,6 +248,7 @@ impl Node {
             Ok(r) => r,
             Err(e) => {
                 self.release_template(&rec);
+                super::release_network(self.dirs(), &rec.id);
                 return Err(e.into());
             }
         };
@@ -249,6 +282,7 @@ impl Node {
         if path == StartPath::Cold
             && ready.ok
             && req.spec.start == StartPreference::Warm
+            && policy.is_none()
             && self.config.auto_templates
         {
             // The next run of this image with these resources starts warm.
@@ -302,6 +336,37 @@ impl Node {
         }
         self.store.save(&rec)?;
         Ok(rec)
+    }
+}
+
+fn open_network_for(node: &Node) -> Result<kiln_net::Network, RunError> {
+    Ok(super::open_network(node.dirs())?)
+}
+
+/// The policy a spec's network asks for (`None`: no network), checked.
+pub fn policy_of(
+    net: &kiln_api::sandbox::NetworkSpec,
+) -> Result<Option<kiln_net::Policy>, kiln_net::policy::LoadPolicyError> {
+    use kiln_api::sandbox::{NetworkSpec, PolicyAction};
+    let action = |a: PolicyAction| match a {
+        PolicyAction::Allow => kiln_net::Action::Allow,
+        PolicyAction::Deny => kiln_net::Action::Deny,
+    };
+    match net {
+        NetworkSpec::None => Ok(None),
+        NetworkSpec::Default {
+            policy,
+            policy_default,
+            rules,
+        } => {
+            // A preset, or a policy file the node can read.
+            let base = kiln_net::Policy::load(policy.as_deref().unwrap_or("internet-only"))?;
+            let rules: Vec<(kiln_net::Action, String)> = rules
+                .iter()
+                .map(|r| (action(r.action), r.rule.clone()))
+                .collect();
+            kiln_net::Policy::from_flags(Some(base), policy_default.map(action), &rules).map(Some)
+        }
     }
 }
 

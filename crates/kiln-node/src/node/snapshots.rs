@@ -58,6 +58,10 @@ pub enum SnapshotOpError {
     Supervisor(#[from] SupervisorError),
     #[error("-n {0} is out of range (1 to {MAX_FORKS})")]
     ForkCount(u32),
+    #[error(
+        "sandbox {0} has a network device: snapshots and forks of sandboxes with a network are not supported yet"
+    )]
+    Networked(String),
     #[error("a fork task failed")]
     Task(#[source] tokio::task::JoinError),
 }
@@ -97,6 +101,9 @@ impl Node {
         ephemeral: bool,
     ) -> Result<(String, String), SnapshotOpError> {
         let (id, sock) = self.running_socket(prefix)?;
+        if self.store.load(&id)?.spec.network.is_some() {
+            return Err(SnapshotOpError::Networked(id));
+        }
         let snapshots = self.snapshots();
         let name =
             name.unwrap_or_else(|| snapshot::new_name(if ephemeral { "fork" } else { "snap" }));
