@@ -38,12 +38,9 @@ pub enum PullPolicy {
 /// An image operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageOpError {
-    #[error("bad image reference {reference:?}")]
-    Reference {
-        reference: String,
-        #[source]
-        source: ParseImageRefError,
-    },
+    /// (The parse error names the reference itself.)
+    #[error(transparent)]
+    Reference(#[from] ParseImageRefError),
     #[error("cannot open the image cache")]
     Open(#[source] OpenStoreError),
     #[error("cannot read the image cache")]
@@ -101,10 +98,7 @@ impl Node {
         policy: PullPolicy,
         progress: &dyn Progress,
     ) -> Result<(PulledImage, bool), ImageOpError> {
-        let r = ImageRef::parse(reference).map_err(|source| ImageOpError::Reference {
-            reference: reference.to_string(),
-            source,
-        })?;
+        let r = ImageRef::parse(reference)?;
         let images = self.images()?;
         // Local sources (layout directories, archives) are always read
         // again: that costs a file read, and they change under the same name.
