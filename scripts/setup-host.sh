@@ -89,8 +89,9 @@ install_vhost_vsock() {
     return 0
   fi
   if ! command -v cargo >/dev/null 2>&1; then
-    echo "cargo is needed to install vhost-device-vsock (vsock on QEMU)" >&2
-    exit 1
+    # Optional: only QEMU's vsock agent channel (and its tests) need it.
+    echo "warning: no cargo on PATH here: vhost-device-vsock not installed (QEMU's vsock agent channel unavailable)" >&2
+    return 0
   fi
   log "installing vhost-device-vsock $VHOST_VSOCK_VERSION (cargo install, ~1.5 min)"
   cargo install --locked --quiet vhost-device-vsock --version "$VHOST_VSOCK_VERSION"

@@ -46,6 +46,9 @@ done
 echo >&2
 echo "==> time per group" >&2
 printf '  %s\n' "${times[@]}" >&2
+if [ -z "${KILN_FIRECRACKER_BIN:-}" ]; then
+  echo "==> Firecracker conformance: SKIPPED (KILN_FIRECRACKER_BIN is not set; docs/vmm-drivers.md says how to build one and run it)" >&2
+fi
 if [ ${#failed[@]} -gt 0 ]; then
   echo "==> FAILED: ${failed[*]}" >&2
   exit 1

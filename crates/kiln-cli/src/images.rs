@@ -86,6 +86,14 @@ pub async fn dispatch(node: &Node, cmd: ImagesCommand) -> Result<i32> {
         } => {
             let mut code = 0;
             for name in &names {
+                // Automatic templates are a cache: they go with the image.
+                if let Ok((plan, _)) = node.image_removal(name)
+                    && plan.deletes_image
+                {
+                    for t in node.evict_automatic_of_image(&plan.digest).await {
+                        println!("evicted automatic template {t}");
+                    }
+                }
                 if let Err(e) = rm_one(node, name, force) {
                     eprintln!("kiln: cannot remove {name}: {e:#}");
                     code = 125;

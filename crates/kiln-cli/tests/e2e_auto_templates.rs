@@ -241,3 +241,23 @@ fn a_stale_automatic_template_is_rebuilt_never_used() {
     }
     k.assert_clean();
 }
+
+/// Automatic templates are a cache: `kiln images rm` evicts an idle one
+/// made from the image instead of refusing (a user's template still
+/// refuses, as before).
+#[test]
+fn images_rm_evicts_idle_automatic_templates() {
+    let k = Kiln::with_own_cache();
+    let bb = busybox();
+    let none: &[(&str, String)] = &[];
+    ok(auto(&k, none, &["run", "--rm", &bb, "--", "true"]));
+    let name = wait_template(&k, none, 256);
+    let (out, _) = ok(auto(&k, none, &["images", "rm", &bb]));
+    assert!(
+        out.contains(&format!("evicted automatic template {name}"))
+            && out.contains("removed sha256:"),
+        "{out}"
+    );
+    assert!(templates(&k, none).is_empty(), "{:?}", templates(&k, none));
+    k.assert_clean();
+}

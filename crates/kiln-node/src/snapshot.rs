@@ -642,7 +642,7 @@ impl SnapshotStore {
         let mut out = vec![];
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if validate_name(&name).is_err() {
+            if validate_name(&name).is_err() || !e.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
             match self.manifest(&name) {
@@ -714,7 +714,7 @@ impl SnapshotStore {
     pub fn release_dead_holders(&self) {
         let Ok(entries) = self.list() else { return };
         for e in entries {
-            if let Some(dead) = e.users.iter().find(|u| holder_is_dead(u)) {
+            for dead in e.users.iter().filter(|u| holder_is_dead(u)) {
                 self.release_user(&e.manifest.name, dead);
             }
         }

@@ -136,6 +136,11 @@ pub struct SandboxRecord {
     /// (`kiln template create --pool`); cleared once a run claims it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// The process that created the record: while the sandbox is
+    /// `Creating` and has no supervisor yet, it counts as alive as long as
+    /// this process does (its template and image must not go).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator: Option<ProcessIdentity>,
 }
 
 /// Reading or writing the state directory failed.
@@ -222,6 +227,7 @@ impl Store {
             restored_from: None,
             template: None,
             pool: None,
+            creator: Some(ProcessIdentity::current()),
         };
         self.save(&rec)?;
         Ok(rec)

@@ -505,7 +505,12 @@ pub async fn reap_abandoned(dirs: &Dirs) {
         }
         // Killed while the driver was starting it: the VMM names its
         // runtime directory (this one) on its command line.
-        for pid in kiln_vmm::conformance::processes_mentioning(&dir.to_string_lossy()) {
+        // Only VMM processes (QEMU, Firecracker, the vsock backend): an
+        // operator's `tail -f` of a file in there is not ours to kill.
+        for pid in kiln_vmm::conformance::processes_mentioning(&dir.to_string_lossy())
+            .into_iter()
+            .filter(|pid| is_vmm_process(*pid))
+        {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -522,6 +527,15 @@ pub async fn reap_abandoned(dirs: &Dirs) {
         }
         let _ = fs::remove_dir_all(&dir);
     }
+}
+
+/// Whether process `pid` runs a VMM binary Kiln starts.
+fn is_vmm_process(pid: i32) -> bool {
+    fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+        exe.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            n.starts_with("qemu-system") || n == "firecracker" || n == "vhost-device-vsock"
+        })
+    })
 }
 
 /// Removes template `name` unless a live sandbox (`alive`) was started from

@@ -180,6 +180,13 @@ impl Node {
         if r.state.is_finished() {
             return r;
         }
+        // Being created: no supervisor yet, its creator still at work.
+        if r.state == SandboxState::Creating
+            && r.shim_pid.is_none()
+            && r.creator.is_some_and(|c| c.alive())
+        {
+            return r;
+        }
         if !r.shim_pid.is_some_and(process_alive) {
             // Re-read: the supervisor may have just finished.
             if let Ok(again) = self.store.load(&r.id)
@@ -469,5 +476,50 @@ impl Node {
         if let Err(e) = self.store.save(&rec) {
             tracing::warn!(error = %e, "cannot record the reaped sandbox");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paths::Dirs;
+    use crate::store::ProcessIdentity;
+
+    #[test]
+    fn a_record_being_created_is_alive_while_its_creator_lives() {
+        let t = tempfile::tempdir().expect("tmp");
+        let node = Node::open(Dirs::new(t.path().join("state"), t.path().join("cache")));
+        let spec = crate::store::SandboxSpec {
+            image: "busybox".into(),
+            image_digest: "sha256:00".into(),
+            image_disk: "/nonexistent".into(),
+            argv: vec!["true".into()],
+            env: vec![],
+            cwd: None,
+            user: None,
+            tty: false,
+            stdin: false,
+            cpus: 1,
+            memory_mib: 256,
+            disk_mib: 1024,
+            timeout_secs: None,
+            driver: "auto".into(),
+            auto_remove: false,
+            log_limit: None,
+            network: None,
+        };
+        let mut rec = node.store().create(spec).expect("create");
+        assert_eq!(rec.creator, Some(ProcessIdentity::current()));
+        assert_eq!(node.refresh(rec.clone()).state, SandboxState::Creating);
+        assert!(node.alive(&rec.id));
+        // The creator died before a supervisor took over: failed.
+        let me = ProcessIdentity::current();
+        rec.creator = Some(ProcessIdentity {
+            start_time: me.start_time + 1,
+            ..me
+        });
+        node.store().save(&rec).expect("save");
+        assert!(node.refresh(rec.clone()).state.is_finished());
+        assert!(!node.alive(&rec.id));
     }
 }

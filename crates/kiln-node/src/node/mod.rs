@@ -105,9 +105,18 @@ impl Node {
     pub fn open(dirs: Dirs) -> Node {
         let state = &dirs.state;
         if std::fs::create_dir_all(state).is_ok() {
-            use std::os::unix::fs::PermissionsExt;
-            if let Err(e) = std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700))
-            {
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            // Never a shared directory (sticky bit, e.g. /tmp) or one of
+            // another user: those are not Kiln's to lock down.
+            let ours = std::fs::metadata(state)
+                .is_ok_and(|m| m.mode() & 0o1000 == 0 && m.uid() == nix::unistd::getuid().as_raw());
+            let set = if ours {
+                std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700))
+            } else {
+                tracing::warn!(dir = %state.display(), "the state directory is shared or not ours: left as it is");
+                Ok(())
+            };
+            if let Err(e) = set {
                 tracing::warn!(error = %e, dir = %state.display(), "cannot make the state directory private");
             }
         }

@@ -98,6 +98,8 @@ pub enum TemplateOpError {
     List(#[from] snapshot::ListSnapshotsError),
     #[error("another automatic template is being made")]
     Busy,
+    #[error("{0}")]
+    Capacity(String),
     #[error("cannot lock the template store")]
     Lock(#[source] std::io::Error),
 }
@@ -174,6 +176,8 @@ impl Node {
         let mut check = kiln_api::sandbox::SandboxSpec::for_image(req.image.clone());
         check.resources = req.resources;
         check.validate()?;
+        self.check_capacity(&req.resources)
+            .map_err(|e| TemplateOpError::Capacity(e.to_string()))?;
         let (img, _) = self
             .pull(&req.image, &req.insecure_registries, req.pull, progress)
             .await?;
@@ -308,7 +312,7 @@ impl Node {
         let spawned = (|| -> std::io::Result<()> {
             use std::os::unix::process::CommandExt;
             std::fs::create_dir_all(&root)?;
-            let path = root.join("auto.log");
+            let path = root.join(".auto.log");
             if std::fs::metadata(&path).is_ok_and(|m| m.len() > 1 << 20) {
                 let _ = std::fs::remove_file(&path);
             }
@@ -360,6 +364,34 @@ impl Node {
             Err(std::fs::TryLockError::WouldBlock) => Err(TemplateOpError::Busy),
             Err(std::fs::TryLockError::Error(e)) => Err(TemplateOpError::Lock(e)),
         }
+    }
+
+    /// Removes the idle automatic templates (no sandbox uses them, no
+    /// pool) made from the image with manifest digest `digest`: they are
+    /// a cache, and must not keep a user's `images rm` from working.
+    pub async fn evict_automatic_of_image(&self, digest: &str) -> Vec<String> {
+        let templates = self.templates();
+        let Ok(entries) = templates.list() else {
+            return vec![];
+        };
+        let mut evicted = vec![];
+        for e in entries {
+            let name = e.manifest.name.clone();
+            if e.manifest.image_digest != digest
+                || !templates.dir(&name).join(AUTOMATIC).is_file()
+                || e.users.iter().any(|id| self.alive(id))
+                || self.pool_status(&name).is_some()
+            {
+                continue;
+            }
+            match self.remove_template(&name).await {
+                Ok(()) => evicted.push(name),
+                Err(e) => {
+                    tracing::warn!(template = %name, error = %e, "cannot evict an automatic template")
+                }
+            }
+        }
+        evicted
     }
 
     /// Evicts automatic templates, least recently used first, until they
