@@ -53,62 +53,9 @@ pub struct SandboxSpec {
     pub network: Option<kiln_net::Attachment>,
 }
 
-/// Where a sandbox is in its life.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum SandboxState {
-    /// The supervisor is booting the VM.
-    Creating,
-    /// A warm-pool member: restored from its template, paused, waiting to
-    /// be claimed by a `kiln run` (no main process yet).
-    Pooled,
-    /// The main process runs.
-    Running { main_pid: u32 },
-    /// The VM is paused.
-    Paused { main_pid: u32 },
-    /// The main process ended; the VM is gone.
-    Exited {
-        exit_code: i32,
-        signal: Option<i32>,
-        finished_at: u64,
-        /// The main process was killed because `--timeout` ran out.
-        #[serde(default)]
-        timed_out: bool,
-    },
-    /// The sandbox could not start, or its VM died.
-    Failed { error: String, exit_code: i32 },
-}
-
-impl SandboxState {
-    /// The exit code of a sandbox that has ended.
-    pub fn exit_code(&self) -> Option<i32> {
-        match self {
-            SandboxState::Exited { exit_code, .. } | SandboxState::Failed { exit_code, .. } => {
-                Some(*exit_code)
-            }
-            _ => None,
-        }
-    }
-
-    pub fn is_finished(&self) -> bool {
-        matches!(
-            self,
-            SandboxState::Exited { .. } | SandboxState::Failed { .. }
-        )
-    }
-
-    /// Short human label for `kiln ps`.
-    pub fn label(&self) -> String {
-        match self {
-            SandboxState::Creating => "creating".into(),
-            SandboxState::Pooled => "pooled".into(),
-            SandboxState::Running { .. } => "running".into(),
-            SandboxState::Paused { .. } => "paused".into(),
-            SandboxState::Exited { exit_code, .. } => format!("exited ({exit_code})"),
-            SandboxState::Failed { exit_code, .. } => format!("failed ({exit_code})"),
-        }
-    }
-}
+/// Where a sandbox is in its life: the portable type (one definition for
+/// the node, the control plane and the API).
+pub use kiln_api::sandbox::SandboxState;
 
 /// Everything Kiln knows about one sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize)]
