@@ -53,7 +53,7 @@ fn wait_template(k: &Kiln, env: &[(&str, String)], memory: u32) -> String {
             t0.elapsed() < Duration::from_secs(180),
             "no automatic template for {memory} MiB: {:?}; log: {}",
             templates(k, env),
-            std::fs::read_to_string(k.state_dir().join("templates/auto.log")).unwrap_or_default()
+            std::fs::read_to_string(k.state_dir().join("templates/.auto.log")).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(500));
     }
