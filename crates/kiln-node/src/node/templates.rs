@@ -306,7 +306,7 @@ impl Node {
 
     /// Starts `kiln template create --auto --when-idle` for `spec`'s image
     /// and resources, detached (it outlives this process, in its own
-    /// process group, logging to `templates/auto.log`).
+    /// process group, logging to `templates/.auto.log`).
     pub fn create_template_in_background(&self, spec: &kiln_api::sandbox::SandboxSpec) {
         let root = self.templates().root().to_path_buf();
         let spawned = (|| -> std::io::Result<()> {
