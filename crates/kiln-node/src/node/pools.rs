@@ -79,13 +79,21 @@ impl Node {
     /// Claims a member of template `name`'s pool for `spec` and has its
     /// supervisor start `spec`'s main process. `None` when no member is ready
     /// (or none answered): the caller restores the template itself.
+    /// Whatever happens, the pool is refilled in the background: the refill
+    /// starts once a member was taken (before, it could count the pool full
+    /// and stop), or at once when none was ready.
     pub(crate) async fn claim_pool_member(
         &self,
         name: &str,
         spec: &SandboxSpec,
     ) -> Option<Claimed> {
         let pool = Pool::of(self.dirs(), name);
+        let mut refilling = false;
         while let Some(id) = pool.take() {
+            if !refilling {
+                self.refill_in_background(name);
+                refilling = true;
+            }
             let Ok(rec) = self.store.load(&id) else {
                 continue;
             };
@@ -138,6 +146,9 @@ impl Node {
                     self.reap_orphan(&id).await;
                 }
             }
+        }
+        if !refilling {
+            self.refill_in_background(name);
         }
         None
     }

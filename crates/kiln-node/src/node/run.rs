@@ -167,8 +167,6 @@ impl Node {
         // The fastest start: a member of the template's warm pool. Whether
         // or not one was left, the pool is refilled in the background.
         if let Ok(name) = &template {
-            // Started first: a run killed while it claims still refills.
-            self.refill_in_background(name);
             match self.claim_pool_member(name, &spec).await {
                 Some(c) if !c.ready.ok && c.ready.restore_failed => {
                     // The member broke before running anything.
