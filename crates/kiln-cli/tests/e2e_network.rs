@@ -294,4 +294,12 @@ fn policies_are_enforced_on_real_traffic_and_changed_live() {
         "BPF pins outlived the sandbox"
     );
     k.assert_clean();
+    // The node's bridge and NAT table (made by the first `--net default`)
+    // go too when no sandbox on this host uses them any more.
+    if taps() == 0 {
+        let _ = Command::new("ip").args(["link", "del", "kiln0"]).output();
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", "kiln"])
+            .output();
+    }
 }
