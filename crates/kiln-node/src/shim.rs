@@ -778,15 +778,32 @@ async fn supervise(
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                     let stdin = shim.main_stdin.lock().await.is_some();
-                    match shim.agent.attach(shim.main_pid, stdin).await {
-                        Ok(mut p) => {
+                    // The re-attach's own answer may be hit by the same
+                    // forged frames: try again a few times before giving
+                    // up; only a closed connection ends it at once.
+                    let mut attached = None;
+                    for attempt in 0..10u32 {
+                        match shim.agent.attach(shim.main_pid, stdin).await {
+                            Ok(p) => {
+                                attached = Some(p);
+                                break;
+                            }
+                            Err(agent::RequestError::Stream(agent::StreamError::Closed)) => break,
+                            Err(e) => {
+                                warn!(error = %e, attempt, "cannot re-attach to the main process yet");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
+                    match attached {
+                        Some(mut p) => {
                             if stdin {
                                 *shim.main_stdin.lock().await = p.take_stdin();
                             }
                             process = p;
                         }
-                        Err(e) => {
-                            warn!(error = %e, "cannot re-attach to the main process");
+                        None => {
+                            warn!("cannot re-attach to the main process");
                             break None;
                         }
                     }
