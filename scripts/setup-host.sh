@@ -76,6 +76,8 @@ PACKAGES=(
   clang llvm libbpf-dev
   # network tests: ICMP reachability from namespaces
   iputils-ping
+  # the node protocol's gRPC code (crates/kiln-api/proto, compiled by its build.rs)
+  protobuf-compiler
 )
 BACKPORTS_PACKAGES=(qemu-system-x86 qemu-system-data qemu-utils)
 

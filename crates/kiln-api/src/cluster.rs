@@ -13,6 +13,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::sandbox::{SandboxId, SandboxSpec};
+
 /// A worker node's name (`kiln node --name`, default the host name):
 /// 1-63 characters of `[a-z0-9-]`, not starting or ending with `-`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -149,6 +151,31 @@ pub enum DesiredState {
     Stopped,
     /// Remove everything; the record goes once the node confirms.
     Deleted,
+}
+
+/// What a node must converge to: the payload of the node watch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeDesired {
+    pub node: NodeName,
+    pub cordoned: bool,
+    pub status: NodeStatus,
+    /// The highest `mod_index` among its sandboxes: a watch that saw this
+    /// revision has seen every change to them.
+    pub revision: u64,
+    pub sandboxes: Vec<Assignment>,
+    /// `(scoped template name, target)` of the pools on this node.
+    pub pools: Vec<(String, u32)>,
+}
+
+/// One sandbox a node must run (or stop, or remove).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub id: SandboxId,
+    pub tenant: TenantName,
+    pub spec: SandboxSpec,
+    pub desired: DesiredState,
+    pub generation: u64,
+    pub observed_generation: u64,
 }
 
 #[cfg(test)]

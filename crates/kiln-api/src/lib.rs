@@ -12,3 +12,12 @@ pub mod cluster;
 pub mod proto;
 pub mod sandbox;
 pub mod text;
+
+/// The node protocol (gRPC): generated from `proto/kiln/node/v1/node.proto`.
+/// Domain payloads travel as JSON of this crate's serde types; see the
+/// proto file for authentication and leader rules.
+#[cfg(feature = "grpc")]
+#[allow(clippy::all, clippy::pedantic, missing_docs, unreachable_pub)]
+pub mod node_rpc {
+    tonic::include_proto!("kiln.node.v1");
+}

@@ -139,30 +139,7 @@ pub fn get_sandbox<'a>(
         .filter(|r| tenant.is_none_or(|t| *t == r.tenant))
 }
 
-/// What a node must converge to: the payload of the node watch.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct NodeDesired {
-    pub node: NodeName,
-    pub cordoned: bool,
-    pub status: NodeStatus,
-    /// The highest `mod_index` among its sandboxes: a watch that saw this
-    /// revision has seen every change to them.
-    pub revision: u64,
-    pub sandboxes: Vec<Assignment>,
-    /// `(scoped template name, target)` of the pools on this node.
-    pub pools: Vec<(String, u32)>,
-}
-
-/// One sandbox a node must run (or stop, or remove).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Assignment {
-    pub id: SandboxId,
-    pub tenant: TenantName,
-    pub spec: SandboxSpec,
-    pub desired: DesiredState,
-    pub generation: u64,
-    pub observed_generation: u64,
-}
+pub use kiln_api::cluster::{Assignment, NodeDesired};
 
 /// The desired state of one node, or `None` if it is not registered.
 pub fn node_desired(st: &State, node: &NodeName) -> Option<NodeDesired> {
