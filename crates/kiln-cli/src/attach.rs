@@ -13,6 +13,18 @@ use tokio::sync::mpsc;
 
 use crate::term;
 
+/// When this process first wrote a sandbox's output (`kiln run -v`).
+static FIRST_OUTPUT: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// When the first byte of a sandbox's output was written here, if any was.
+pub fn first_output() -> Option<std::time::Instant> {
+    FIRST_OUTPUT.get().copied()
+}
+
+fn mark_output() {
+    let _ = FIRST_OUTPUT.set(std::time::Instant::now());
+}
+
 /// What the input side sends to the supervisor.
 enum Input {
     Data(Vec<u8>),
@@ -83,9 +95,12 @@ pub fn replay_log(path: &Path) -> Result<()> {
     let mut r = kiln_node::logs::LogReader::open(path, 0)?;
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr().lock();
-    r.read_to_end(|s, b| match s {
-        kiln_node::logs::LogStream::Stdout => out.write_all(b),
-        kiln_node::logs::LogStream::Stderr => err.write_all(b),
+    r.read_to_end(|s, b| {
+        mark_output();
+        match s {
+            kiln_node::logs::LogStream::Stdout => out.write_all(b),
+            kiln_node::logs::LogStream::Stderr => err.write_all(b),
+        }
     })?;
     out.flush()?;
     Ok(())
@@ -303,10 +318,12 @@ async fn stream(
                     Channel::Stdout => {
                         out.write_all(bytes).await?;
                         out.flush().await?;
+                        mark_output();
                     }
                     Channel::Stderr => {
                         err.write_all(bytes).await?;
                         err.flush().await?;
+                        mark_output();
                     }
                     _ => {}
                 }

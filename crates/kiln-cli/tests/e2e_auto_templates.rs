@@ -75,6 +75,26 @@ fn the_second_run_starts_warm_without_a_hand_made_template() {
     tracing::info!("first run: cold, and its template is made in the background");
     let (first, err) = run(&[]);
     assert!(err.contains("cold boot: no template"), "{err}");
+    // `-v` ends with the one-line breakdown of where the time went.
+    let timing = err
+        .lines()
+        .find(|l| l.starts_with("kiln: timing: "))
+        .unwrap_or_else(|| panic!("no timing line: {err}"));
+    for phase in [
+        "resolve ",
+        "prepare ",
+        "VMM spawn ",
+        "boot ",
+        "configure ",
+        "exec ",
+        "agent ready at ",
+        "first byte at ",
+        "exit at ",
+        "teardown ",
+        "total ",
+    ] {
+        assert!(timing.contains(phase), "{phase:?} missing: {timing}");
+    }
     assert!(err.contains("template in the background"), "{err}");
     let name = wait_template(&k, none, 256);
 
@@ -83,6 +103,10 @@ fn the_second_run_starts_warm_without_a_hand_made_template() {
     assert!(
         err.contains(&format!("warm start from template {name}")),
         "{err}"
+    );
+    assert!(
+        err.contains(", restore "),
+        "the breakdown says restore: {err}"
     );
     let strip = |s: &str| -> Vec<String> {
         s.lines()

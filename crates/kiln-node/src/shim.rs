@@ -56,6 +56,26 @@ pub struct ReadyLine {
     /// template, or its agent): the caller may boot instead.
     #[serde(default)]
     pub restore_failed: bool,
+    /// Where the supervisor's time went before the main process ran (for
+    /// `kiln run -v`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<StartTimings>,
+}
+
+/// The supervisor's part of a start, in milliseconds. For a warm-pool
+/// claim, `vm_ms` and `agent_ms` are 0 (the member was up before the
+/// claim) and `configure_ms` includes resuming it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartTimings {
+    /// Supervisor start → the VMM runs the VM (spawn, configuration, or
+    /// the restore of a snapshot/template).
+    pub vm_ms: u64,
+    /// → the guest agent answered (the boot, or the restored guest's wake-up).
+    pub agent_ms: u64,
+    /// → the identity (hostname, clock, network, entropy) is pushed.
+    pub configure_ms: u64,
+    /// → the main process was started (or re-attached).
+    pub exec_ms: u64,
 }
 
 /// The supervisor could not start the sandbox.
@@ -128,6 +148,8 @@ struct Shim {
     hard_killed: std::sync::atomic::AtomicBool,
     /// Bytes of output `output.log` keeps (the newest).
     log_limit: u64,
+    /// Where the start's time went (reported once in the ready line).
+    timings: StartTimings,
 }
 
 /// Where the supervisor reports whether the sandbox started: the pipe of
@@ -199,6 +221,7 @@ async fn run_sandbox(
                 exit_code: None,
                 driver: rec.driver.clone(),
                 restore_failed: false,
+                timings: Some(shim.timings),
             };
             report.send(&line).await;
             info!(
@@ -236,6 +259,7 @@ async fn run_sandbox(
                 }),
                 exit_code: Some(code),
                 driver: rec.driver.clone(),
+                timings: None,
                 // Nothing of the command ran: the caller may start it
                 // another way (another pool member, the template, a boot).
                 restore_failed: rec.template.is_some()
@@ -291,11 +315,14 @@ struct Up {
     ack: proto::HelloAck,
     /// When the driver reported the VM running.
     vm_ready: Instant,
+    /// Time from the supervisor's start (or the claim) to `vm_ready`.
+    vm_ms: u64,
 }
 
 /// Boots the sandbox's VM, or restores it (snapshot or template), and opens
 /// the agent session. On failure nothing of the VM is left.
 async fn bring_up(store: &Store, rec: &mut SandboxRecord) -> Result<Up, ShimError> {
+    let t0 = Instant::now();
     let artifacts = GuestArtifacts::locate(store.dirs())?;
     let vm = match (rec.restored_from.clone(), rec.template.clone()) {
         (Some(name), _) => {
@@ -330,6 +357,7 @@ async fn bring_up(store: &Store, rec: &mut SandboxRecord) -> Result<Up, ShimErro
             agent,
             ack,
             vm_ready,
+            vm_ms: vm_ready.duration_since(t0).as_millis() as u64,
         }),
         Err(e) => {
             vm.kill().await;
@@ -353,8 +381,14 @@ async fn launch(store: &Store, rec: &mut SandboxRecord, up: Up) -> Result<Starte
         agent,
         ack,
         vm_ready,
+        vm_ms,
     } = up;
     let agent_ms = vm_ready.elapsed().as_millis() as u64;
+    let mut timings = StartTimings {
+        vm_ms,
+        agent_ms: vm_ms + agent_ms,
+        ..StartTimings::default()
+    };
     let dir = store.dir(&rec.id);
     let result = async {
         agent
@@ -362,6 +396,7 @@ async fn launch(store: &Store, rec: &mut SandboxRecord, up: Up) -> Result<Starte
             .await
             .map_err(|e| ShimError::Configure(e.to_string()))?;
         let configured_ms = vm_ready.elapsed().as_millis() as u64;
+        timings.configure_ms = vm_ms + configured_ms;
         let process = if rec.restored_from.is_some() {
             // The main process runs already: follow it again (its output
             // held in the guest meanwhile comes first).
@@ -411,6 +446,7 @@ async fn launch(store: &Store, rec: &mut SandboxRecord, up: Up) -> Result<Starte
         Ok::<_, ShimError>((process, listener))
     }
     .await;
+    timings.exec_ms = vm_ms + vm_ready.elapsed().as_millis() as u64;
     let (mut process, listener) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -445,6 +481,7 @@ async fn launch(store: &Store, rec: &mut SandboxRecord, up: Up) -> Result<Starte
         paused: Mutex::new(None),
         hard_killed: std::sync::atomic::AtomicBool::new(false),
         log_limit,
+        timings,
     };
     Ok((shim, process, log, listener))
 }
@@ -517,6 +554,7 @@ async fn pooled(
                 exit_code: Some(e.exit_code()),
                 driver: rec.driver.clone(),
                 restore_failed: true,
+                timings: None,
             };
             write_ready(ready, &line);
             forget_member(store, rec, &pool);
@@ -535,6 +573,7 @@ async fn pooled(
         exit_code: None,
         driver: rec.driver.clone(),
         restore_failed: false,
+        timings: None,
     };
     write_ready(ready, &line);
     info!(
@@ -612,6 +651,10 @@ async fn pooled(
                 rec.state = SandboxState::Creating;
                 store.save(rec)?;
                 drop(listener);
+                // The claim's own timings: the member was up before it.
+                let mut up = up;
+                up.vm_ready = Instant::now();
+                up.vm_ms = 0;
                 let outcome = match up.vm.resume().await {
                     Ok(()) => launch(store, rec, up).await,
                     Err(e) => {

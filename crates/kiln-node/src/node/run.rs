@@ -45,6 +45,11 @@ pub struct Started {
     /// One line each on how the start went (image, warm or why cold,
     /// fallbacks), for `kiln run -v`.
     pub notes: Vec<String>,
+    /// Milliseconds from the call to the image being resolved (pulled if
+    /// needed, base disk ready), and to the supervisor being spawned (or
+    /// the pool member claimed): `kiln run -v`'s breakdown.
+    pub resolved_ms: u64,
+    pub spawned_ms: u64,
 }
 
 /// A sandbox could not be started.
@@ -150,6 +155,7 @@ impl Node {
         let mut notes = vec![];
         let policy = policy_of(&req.spec.network)?;
         let (spec, cached) = self.resolve(req, progress).await?;
+        let resolved_ms = t0.elapsed().as_millis() as u64;
         notes.push(format!(
             "image {} ({}{}) ready in {} ms",
             spec.image,
@@ -167,6 +173,7 @@ impl Node {
         // The fastest start: a member of the template's warm pool. Whether
         // or not one was left, the pool is refilled in the background.
         if let Ok(name) = &template {
+            let spawned_ms = t0.elapsed().as_millis() as u64;
             match self.claim_pool_member(name, &spec).await {
                 Some(c) if !c.ready.ok && c.ready.restore_failed => {
                     // The member broke before running anything.
@@ -193,6 +200,8 @@ impl Node {
                         },
                         image_digest,
                         notes,
+                        resolved_ms,
+                        spawned_ms,
                     });
                 }
                 None => {}
@@ -242,6 +251,7 @@ impl Node {
             (None, Some(why)) => notes.push(format!("cold boot: {why}")),
             (None, None) => {}
         }
+        let mut spawned_ms = t0.elapsed().as_millis() as u64;
         let (mut ready, mut shim_pid) = match self.spawn_supervisor(&rec).await {
             Ok(r) => r,
             Err(e) => {
@@ -274,6 +284,7 @@ impl Node {
                 }
             }
             rec = self.create_record(spec)?;
+            spawned_ms = t0.elapsed().as_millis() as u64;
             (ready, shim_pid) = self.spawn_supervisor(&rec).await?;
             path = StartPath::Cold;
         }
@@ -294,6 +305,8 @@ impl Node {
             path,
             image_digest,
             notes,
+            resolved_ms,
+            spawned_ms,
         })
     }
 
