@@ -61,6 +61,25 @@ pub async fn bench(node: &kiln_node::node::Node, cmd: BenchCommand) -> Result<i3
             fork,
         } => crate::bench_warm::warm(node, image, runs, concurrent, &fork, &out).await,
         BenchCommand::Vmm { rounds, json: out } => vmm(rounds, &out).await,
+        BenchCommand::Density {
+            image,
+            kinds,
+            count,
+            budget_mib,
+            memory,
+            json: out,
+        } => {
+            crate::bench_density::density(
+                node.store(),
+                image,
+                &kinds,
+                count,
+                budget_mib,
+                memory,
+                &out,
+            )
+            .await
+        }
         BenchCommand::Api {
             creates,
             concurrency,

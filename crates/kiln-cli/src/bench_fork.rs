@@ -65,7 +65,7 @@ struct Pss {
 
 /// Idle guests: how long they took to get there, and their CPU use then.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
-struct Idle {
+pub(crate) struct Idle {
     waited_ms: u64,
     /// CPU use of the VMMs over the last window, per VM (1.0 = one core).
     cpu_per_vm: f64,
@@ -380,7 +380,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 /// Waits until the VMMs of `ids` together use less than `IDLE_CPU` of a
 /// core each over `IDLE_WINDOW` (at most `IDLE_MAX`).
-async fn wait_idle(store: &Store, ids: &[String]) -> Result<Idle> {
+pub(crate) async fn wait_idle(store: &Store, ids: &[String]) -> Result<Idle> {
     let pids = ids
         .iter()
         .map(|id| sandbox_pids(store, id).map(|(vmm, _)| vmm))

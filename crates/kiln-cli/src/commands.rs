@@ -68,6 +68,35 @@ pub enum BenchCommand {
         #[arg(long, default_value = "bench-vmm.json")]
         json: PathBuf,
     },
+    /// Idle sandboxes per host: starts them (booted, warm-started, pool
+    /// members, forks) until --count or the memory budget, and reports host
+    /// memory per sandbox (PSS and the drop of MemAvailable).
+    Density {
+        /// Image to run (a template is created for it if missing).
+        #[arg(long)]
+        image: Option<String>,
+        /// Kinds of sandboxes to measure, one after another.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "boot,warm,pool,fork"
+        )]
+        kinds: Vec<crate::bench_density::Kind>,
+        /// Sandboxes per kind at most.
+        #[arg(long, default_value_t = 50)]
+        count: usize,
+        /// Stop a kind once the host's available memory fell by this many
+        /// MiB (default: half of what is available at the start).
+        #[arg(long)]
+        budget_mib: Option<u64>,
+        /// Guest memory of each sandbox, MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u32,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "bench-density.json")]
+        json: PathBuf,
+    },
     /// Control-plane writes: sandbox creates committed per second through
     /// 1 and 3 Raft replicas on loopback, and commit latency (no VM boots).
     Api {

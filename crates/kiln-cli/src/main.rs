@@ -5,6 +5,7 @@
 
 mod attach;
 mod bench;
+mod bench_density;
 mod bench_fork;
 mod bench_warm;
 mod commands;
