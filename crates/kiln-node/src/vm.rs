@@ -298,7 +298,10 @@ pub async fn restore_sandbox_vm(
     // A template's VM gets its own copy of the RAM (it is likely to be
     // snapshotted or forked, which is then as cheap as for a booted VM); a
     // snapshot's restores and forks map it and share unchanged pages.
-    let memory = if what == "template" {
+    // `KILN_WARM_MEMORY=shared` maps the template's RAM too (a density
+    // lever: unchanged pages are shared by every warm start; their
+    // snapshots and forks then carry their RAM, see docs/BENCHMARKS.md).
+    let memory = if what == "template" && !warm_memory_shared() {
         kiln_vmm::RestoreMemory::Owned
     } else {
         kiln_vmm::RestoreMemory::Mapped
@@ -314,6 +317,12 @@ pub async fn restore_sandbox_vm(
         console: spec.console_log,
         keep_console: dir.join("console.log"),
     })
+}
+
+/// Whether warm starts map their template's RAM (`KILN_WARM_MEMORY=shared`)
+/// rather than owning a copy of it (`owned`, the default).
+pub fn warm_memory_shared() -> bool {
+    std::env::var("KILN_WARM_MEMORY").is_ok_and(|v| v == "shared")
 }
 
 /// The identity pushed to a guest after boot or restore.

@@ -82,6 +82,21 @@ pub fn netdev_args(dev: &crate::NetDevice) -> Vec<String> {
     ]
 }
 
+/// `-accel`'s value. Under TCG, `KILN_TCG_TB_MIB` sizes the translation
+/// buffer (QEMU's default is 1 GiB of address space, filled as code is
+/// translated): a density lever, see docs/BENCHMARKS.md.
+fn accel_arg(accel: Accel) -> String {
+    match (
+        accel,
+        std::env::var("KILN_TCG_TB_MIB")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok()),
+    ) {
+        (Accel::Tcg, Some(mib)) if mib > 0 => format!("tcg,tb-size={mib}"),
+        _ => accel.to_string(),
+    }
+}
+
 pub(super) fn qemu_args(
     spec: &VmSpec,
     paths: &Paths,
@@ -113,7 +128,7 @@ pub(super) fn qemu_args(
         "-M".into(),
         "microvm,acpi=off,rtc=on,memory-backend=mem".into(),
         "-accel".into(),
-        accel.to_string(),
+        accel_arg(accel),
         "-cpu".into(),
         cpu_model.into(),
         "-bios".into(),
