@@ -466,11 +466,14 @@ async fn finish_run(
     .await?;
     let exit_ms = timing.as_ref().map(|t| t.t0.elapsed().as_millis() as u64);
     let teardown = Instant::now();
-    // The sandbox has ended; return once its VM is gone too, so nothing of
-    // it outlives this command.
-    if let Err(e) = node
-        .wait_supervisor_gone(id, Duration::from_secs(30), Some(shim_pid))
-        .await
+    // The exit status is known and recorded: the supervisor powers the VM
+    // off and removes its files on its own, off the path of this command's
+    // exit. With --rm, return once the sandbox is gone (as `docker run
+    // --rm`), so that nothing of it is left when the command returns.
+    if args.rm
+        && let Err(e) = node
+            .wait_supervisor_gone(id, Duration::from_secs(30), Some(shim_pid))
+            .await
     {
         eprintln!("kiln: {e:#}");
     }

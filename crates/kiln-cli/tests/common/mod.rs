@@ -169,7 +169,16 @@ impl Kiln {
     }
 
     /// Asserts that no VMM or supervisor process, socket or VM file is left.
+    ///
+    /// A supervisor tears its VM down after `kiln run` returned (off the
+    /// command's exit path), so this allows it a few seconds to finish.
     pub fn assert_clean(&self) {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_secs(10)
+            && !(self.leftover_processes().is_empty() && self.leftover_files().is_empty())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let procs = self.leftover_processes();
         assert!(procs.is_empty(), "processes left behind: {procs:#?}");
         let files = self.leftover_files();
