@@ -61,6 +61,12 @@ pub async fn bench(node: &kiln_node::node::Node, cmd: BenchCommand) -> Result<i3
             fork,
         } => crate::bench_warm::warm(node, image, runs, concurrent, &fork, &out).await,
         BenchCommand::Vmm { rounds, json: out } => vmm(rounds, &out).await,
+        BenchCommand::Net {
+            image,
+            rules,
+            updates,
+            json: out,
+        } => crate::bench_net::net(image, rules, updates, &out).await,
         BenchCommand::Density {
             image,
             kinds,

@@ -97,6 +97,22 @@ pub enum BenchCommand {
         #[arg(long, default_value = "bench-density.json")]
         json: PathBuf,
     },
+    /// Network policy costs: live policy update latency (1 and --rules
+    /// rules), guest → host TCP throughput and connection rate with no
+    /// rules and behind --rules rules (real microVMs; needs root).
+    Net {
+        /// Image to run (needs busybox `sh`, `dd` and `nc`).
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        rules: usize,
+        /// Updates measured per policy size.
+        #[arg(long, default_value_t = 50)]
+        updates: usize,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "bench-net.json")]
+        json: PathBuf,
+    },
     /// Control-plane writes: sandbox creates committed per second through
     /// 1 and 3 Raft replicas on loopback, and commit latency (no VM boots).
     Api {

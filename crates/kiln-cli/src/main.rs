@@ -7,6 +7,7 @@ mod attach;
 mod bench;
 mod bench_density;
 mod bench_fork;
+mod bench_net;
 mod bench_warm;
 mod commands;
 mod images;
