@@ -152,6 +152,61 @@ fn a_killed_snapshot_leaves_no_staging_directory() {
     k.assert_clean();
 }
 
+/// The `.work-*` directories of a template store.
+fn work_dirs(state: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(state.join("templates"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".work-"))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// `kill -9` of `template create` the moment its work directory appears
+/// (it then makes the writable disk, before its VM starts): the next
+/// command removes the directory. (It used to be kept for an hour, since
+/// its owner was recorded only once the disk was made: the fault-injection
+/// test below caught it as "template work dirs left".)
+#[test]
+fn a_template_create_killed_early_leaves_no_work_directory() {
+    let k = Kiln::new();
+    let bb = busybox();
+    for attempt in 0..3 {
+        let mut create = k
+            .cmd()
+            .args(["template", "create", "--memory", "288", &bb])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kiln template create runs");
+        let t0 = Instant::now();
+        while work_dirs(k.state_dir()).is_empty() && t0.elapsed() < Duration::from_secs(60) {
+            if create.try_wait().expect("wait").is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            !work_dirs(k.state_dir()).is_empty(),
+            "template create ended before it made its work directory"
+        );
+        let _ = create.kill();
+        let _ = create.wait();
+        ok_in(&k, None, &["ps"]);
+        assert!(
+            work_dirs(k.state_dir()).is_empty(),
+            "attempt {attempt}: left behind: {:?}",
+            work_dirs(k.state_dir())
+        );
+        assert!(staging_dirs(k.state_dir()).is_empty(), "attempt {attempt}");
+    }
+    for name in ok_in(&k, None, &["template", "ls", "-q"]).lines() {
+        ok_in(&k, None, &["template", "rm", name]);
+    }
+    k.assert_clean();
+}
+
 /// Two state directories on one image cache: a snapshot in the second
 /// keeps the image from `kiln images rm` (and `prune`) in the first; once
 /// the snapshot is gone the image can be removed.
@@ -431,13 +486,7 @@ fn kill_9_anywhere_loses_and_leaks_nothing() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    let work: Vec<_> = std::fs::read_dir(k.state_dir().join("templates"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".work-"))
-        .map(|e| e.path())
-        .collect();
+    let work = work_dirs(k.state_dir());
     assert!(
         work.is_empty(),
         "template work dirs left (seed {seed}): {work:?}"

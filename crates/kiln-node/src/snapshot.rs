@@ -391,12 +391,9 @@ impl SnapshotStore {
         // Its owner (the process that will publish it) is in its name, so
         // no moment exists at which it has no owner: `reap_staging`.
         let me = crate::store::ProcessIdentity::current();
-        let dir = self.root.join(format!(
-            ".staging-{}.{}.{}",
-            new_name(name),
-            me.pid,
-            me.start_time
-        ));
+        let dir = self
+            .root
+            .join(format!(".staging-{}.{}", new_name(name), me.suffix()));
         fs::create_dir_all(&dir).map_err(|source| CreateSnapshotError::Io {
             path: dir.clone(),
             source,
@@ -752,10 +749,7 @@ impl SnapshotStore {
 /// The owner named in a staging directory's name
 /// (`.staging-NAME.PID.START`).
 fn staging_owner(dir_name: &str) -> Option<crate::store::ProcessIdentity> {
-    let mut parts = dir_name.rsplitn(3, '.');
-    let start_time = parts.next()?.parse().ok()?;
-    let pid = parts.next()?.parse().ok()?;
-    Some(crate::store::ProcessIdentity { pid, start_time })
+    crate::store::ProcessIdentity::from_suffix(dir_name)
 }
 
 fn short(hex: &str) -> String {

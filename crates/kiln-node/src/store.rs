@@ -307,6 +307,21 @@ impl ProcessIdentity {
         }
     }
 
+    /// `PID.START`: how a temporary's name carries its owner (so no moment
+    /// exists at which it has none).
+    pub fn suffix(&self) -> String {
+        format!("{}.{}", self.pid, self.start_time)
+    }
+
+    /// The owner at the end of a temporary's name (`….PID.START`).
+    pub fn from_suffix(name: &str) -> Option<ProcessIdentity> {
+        let mut parts = name.rsplitn(3, '.');
+        let start_time = parts.next()?.parse().ok()?;
+        let pid = parts.next()?.parse().ok()?;
+        parts.next()?;
+        Some(ProcessIdentity { pid, start_time })
+    }
+
     /// Whether this very process still runs.
     pub fn alive(&self) -> bool {
         matches!(proc_stat(self.pid), Some((state, t)) if t == self.start_time && state != 'Z' && state != 'X')
