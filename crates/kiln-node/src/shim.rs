@@ -645,6 +645,12 @@ async fn pooled(
                 }
                 pool.withdraw(&rec.id);
                 info!("claimed by a run");
+                // The run waits for `Ready` from here on, however long it
+                // takes: it must never start the command elsewhere too.
+                // (Acknowledged before the record stops naming the pool.)
+                if let Err(e) = writer.json(Kind::Response, &CtlResponse::Claimed).await {
+                    warn!(error = %e, "cannot acknowledge the claim");
+                }
                 rec.spec = *spec;
                 rec.pool = None;
                 rec.created_at = crate::store::now_secs();
