@@ -573,3 +573,34 @@ fn a_claimed_pool_member_is_waited_for_not_run_around() {
     assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
     k.assert_clean();
 }
+
+/// `kiln bench api` prints its table and where it wrote the JSON, and
+/// nothing of the Raft library's expected election and teardown warnings.
+#[test]
+fn bench_api_output_is_only_its_table() {
+    let k = Kiln::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let json = dir.path().join("api.json");
+    for _ in 0..3 {
+        let out = k.run(&[
+            "bench",
+            "api",
+            "--creates",
+            "300",
+            "--concurrency",
+            "16",
+            "--json",
+            json.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+        let table = stdout(&out);
+        assert_eq!(table.lines().count(), 3, "{table}");
+        assert!(table.starts_with("REPLICAS"), "{table}");
+        assert_eq!(
+            stderr(&out).trim(),
+            format!("wrote {}", json.display()),
+            "stdout: {table}"
+        );
+    }
+    k.assert_clean();
+}

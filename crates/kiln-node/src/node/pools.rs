@@ -11,7 +11,7 @@ use super::hostname_of;
 use crate::ctl::{CtlConn, CtlRequest, CtlResponse};
 use crate::pool::Pool;
 use crate::shim::ReadyLine;
-use crate::store::{SandboxSpec, StoreError, process_alive};
+use crate::store::{SandboxSpec, StoreError};
 
 /// A pool could not be filled or drained.
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +100,7 @@ impl Node {
             let Ok(rec) = self.store.load(&id) else {
                 continue;
             };
-            let Some(shim_pid) = rec.shim_pid.filter(|p| process_alive(*p)) else {
+            let Some(shim_pid) = rec.shim_pid.filter(|_| rec.shim_alive()) else {
                 self.reap_orphan(&id).await;
                 continue;
             };
@@ -381,7 +381,7 @@ impl Node {
         let mut out = vec![];
         for id in pool.ready() {
             match self.store.load(&id) {
-                Ok(r) if r.shim_pid.is_some_and(process_alive) => out.push(id),
+                Ok(r) if r.shim_alive() => out.push(id),
                 Ok(_) => {
                     pool.withdraw(&id);
                     self.reap_orphan(&id).await;
@@ -434,7 +434,7 @@ impl Node {
             if r.pool.as_deref() != Some(name) {
                 continue;
             }
-            if r.shim_pid.is_some_and(process_alive) {
+            if r.shim_alive() {
                 self.remove_member(&r.id).await;
                 n += 1;
             } else {
@@ -457,7 +457,7 @@ impl Node {
             .filter(|id| {
                 self.store
                     .load(id)
-                    .is_ok_and(|r| r.shim_pid.is_some_and(process_alive))
+                    .is_ok_and(|r| r.shim_alive())
             })
             .count();
         (size > 0).then_some((live, size))
