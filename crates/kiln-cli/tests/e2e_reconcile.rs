@@ -531,7 +531,11 @@ fn kill_9_anywhere_loses_and_leaks_nothing() {
         ok_in(
             &k,
             None,
-            &["cp", &format!("{src}:/etc/hostname"), &out_dir.display().to_string()],
+            &[
+                "cp",
+                &format!("{src}:/etc/hostname"),
+                &out_dir.display().to_string(),
+            ],
         );
         assert!(
             leaked().is_empty(),

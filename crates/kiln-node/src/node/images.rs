@@ -304,7 +304,12 @@ impl ImageUsers {
 struct Usage {
     /// (record, VM may run, recorded VMM pid, its state directory if not
     /// this node's).
-    sandboxes: Vec<(crate::store::SandboxRecord, bool, Option<u32>, Option<PathBuf>)>,
+    sandboxes: Vec<(
+        crate::store::SandboxRecord,
+        bool,
+        Option<u32>,
+        Option<PathBuf>,
+    )>,
     /// With their state directory if not this node's.
     snapshots: Vec<(Manifest, Option<PathBuf>)>,
     templates: Vec<(Manifest, Option<PathBuf>)>,

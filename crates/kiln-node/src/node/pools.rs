@@ -454,11 +454,7 @@ impl Node {
         let live = pool
             .ready()
             .iter()
-            .filter(|id| {
-                self.store
-                    .load(id)
-                    .is_ok_and(|r| r.shim_alive())
-            })
+            .filter(|id| self.store.load(id).is_ok_and(|r| r.shim_alive()))
             .count();
         (size > 0).then_some((live, size))
     }
