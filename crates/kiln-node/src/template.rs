@@ -503,12 +503,12 @@ pub async fn reap_abandoned(dirs: &Dirs) {
         let alive = match (creator, &owner) {
             (Some(c), _) => c.alive(),
             (None, Some(o)) => crate::store::process_alive(o.pid),
-            (None, None) => !e
+            (None, None) => e
                 .metadata()
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > Duration::from_secs(3600)),
+                .is_none_or(|age| age <= Duration::from_secs(3600)),
         };
         if alive {
             continue;
