@@ -47,7 +47,8 @@ pub async fn snapshot_cmd(node: &Node, args: SnapshotArgs) -> Result<i32> {
                     Ok(()) => println!("{name}"),
                     Err(e) => {
                         eprintln!("kiln: {e}");
-                        code = 1;
+                        // As `template rm`, `images rm` and `rm` refuse.
+                        code = 125;
                     }
                 }
             }

@@ -513,3 +513,94 @@ fn exec_deadline_and_closed_stdout() {
     assert_eq!(stderr(&out), "", "kiln ps into a closed pipe is quiet");
     assert_eq!(code(&out), 141);
 }
+
+/// A pool member that took a run's claim belongs to that run, however
+/// long it then takes to start the command (here its supervisor is
+/// stopped for longer than the claim's 20 s deadline): the run waits for
+/// it and never starts the command elsewhere too. (It used to give up
+/// after 20 s, kill the member and restore the template: the command
+/// could run twice.)
+#[test]
+fn a_claimed_pool_member_is_waited_for_not_run_around() {
+    let k = Kiln::new();
+    let bb = busybox();
+    let out = k.run(&["template", "create", "--pool", "1", &bb]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    let name = stdout(&out)
+        .split_whitespace()
+        .find(|w| w.starts_with("tpl-"))
+        .expect("template name")
+        .to_string();
+    let ready = k.state_dir().join("pools").join(&name).join("ready");
+    let member = std::fs::read_dir(&ready)
+        .expect("pool dir")
+        .flatten()
+        .next()
+        .expect("a pool member")
+        .file_name()
+        .to_string_lossy()
+        .into_owned();
+    let shim = record(&k, &member)["shim_pid"].as_i64().expect("shim pid") as i32;
+    let run = k
+        .cmd()
+        .args(["run", "--rm", "-v", &bb, "--", "echo", "once"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln run");
+    // The member's record stops naming the pool once it took the claim.
+    let t0 = Instant::now();
+    while record(&k, &member).get("pool").is_some() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never claimed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let stop = |sig| nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), sig);
+    stop(nix::sys::signal::Signal::SIGSTOP).expect("stop the supervisor");
+    std::thread::sleep(Duration::from_secs(25));
+    stop(nix::sys::signal::Signal::SIGCONT).expect("continue the supervisor");
+    let out = run.wait_with_output().expect("kiln run ends");
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), "once\n");
+    assert!(
+        stderr(&out).contains(&format!("warm start from the pool of template {name}")),
+        "stderr: {}",
+        stderr(&out)
+    );
+    // Nothing else was started or left failed.
+    let ps = k.run(&["ps", "-a", "-q"]);
+    assert_eq!(stdout(&ps).trim(), "", "ps -a: {}", stdout(&ps));
+    let out = k.run(&["template", "rm", &name]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    k.assert_clean();
+}
+
+/// `kiln bench api` prints its table and where it wrote the JSON, and
+/// nothing of the Raft library's expected election and teardown warnings.
+#[test]
+fn bench_api_output_is_only_its_table() {
+    let k = Kiln::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let json = dir.path().join("api.json");
+    for _ in 0..3 {
+        let out = k.run(&[
+            "bench",
+            "api",
+            "--creates",
+            "300",
+            "--concurrency",
+            "16",
+            "--json",
+            json.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+        let table = stdout(&out);
+        assert_eq!(table.lines().count(), 3, "{table}");
+        assert!(table.starts_with("REPLICAS"), "{table}");
+        assert_eq!(
+            stderr(&out).trim(),
+            format!("wrote {}", json.display()),
+            "stdout: {table}"
+        );
+    }
+    k.assert_clean();
+}

@@ -152,6 +152,61 @@ fn a_killed_snapshot_leaves_no_staging_directory() {
     k.assert_clean();
 }
 
+/// The `.work-*` directories of a template store.
+fn work_dirs(state: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(state.join("templates"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".work-"))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// `kill -9` of `template create` the moment its work directory appears
+/// (it then makes the writable disk, before its VM starts): the next
+/// command removes the directory. (It used to be kept for an hour, since
+/// its owner was recorded only once the disk was made: the fault-injection
+/// test below caught it as "template work dirs left".)
+#[test]
+fn a_template_create_killed_early_leaves_no_work_directory() {
+    let k = Kiln::new();
+    let bb = busybox();
+    for attempt in 0..3 {
+        let mut create = k
+            .cmd()
+            .args(["template", "create", "--memory", "288", &bb])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kiln template create runs");
+        let t0 = Instant::now();
+        while work_dirs(k.state_dir()).is_empty() && t0.elapsed() < Duration::from_secs(60) {
+            if create.try_wait().expect("wait").is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            !work_dirs(k.state_dir()).is_empty(),
+            "template create ended before it made its work directory"
+        );
+        let _ = create.kill();
+        let _ = create.wait();
+        ok_in(&k, None, &["ps"]);
+        assert!(
+            work_dirs(k.state_dir()).is_empty(),
+            "attempt {attempt}: left behind: {:?}",
+            work_dirs(k.state_dir())
+        );
+        assert!(staging_dirs(k.state_dir()).is_empty(), "attempt {attempt}");
+    }
+    for name in ok_in(&k, None, &["template", "ls", "-q"]).lines() {
+        ok_in(&k, None, &["template", "rm", name]);
+    }
+    k.assert_clean();
+}
+
 /// Two state directories on one image cache: a snapshot in the second
 /// keeps the image from `kiln images rm` (and `prune`) in the first; once
 /// the snapshot is gone the image can be removed.
@@ -173,7 +228,15 @@ fn images_rm_sees_users_in_other_state_dirs() {
     let out = k.run(&["images", "rm", &bb]);
     assert_eq!(code(&out), 125, "stdout: {}", stdout(&out));
     let err = stderr(&out);
-    assert!(err.contains("snapshot keep"), "{err}");
+    // Named with its state directory, and how to reach it.
+    assert!(
+        err.contains(&format!(
+            "snapshot keep of state directory {}",
+            other.path().display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("KILN_STATE_DIR"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     // -f only untags: the other directory's snapshot still restores.
     ok_in(&k, None, &["images", "rm", "-f", &bb]);
@@ -378,6 +441,17 @@ fn kill_9_anywhere_loses_and_leaks_nothing() {
                         if code(&out) == 0 && stdout(&out).trim() == "ok" {
                             break;
                         }
+                        // A sandbox whose VMM was killed in the last round
+                        // is shown running until its supervisor has seen
+                        // the VMM exit; it must then be reported ended.
+                        let now = ps_all(&k)
+                            .into_iter()
+                            .find(|(i, _)| i == id)
+                            .map(|(_, s)| s)
+                            .unwrap_or_default();
+                        if now.starts_with("exited") || now.starts_with("failed") {
+                            break;
+                        }
                         assert!(
                             t1.elapsed() < Duration::from_secs(60),
                             "sandbox {id} is reported running but unusable (seed {seed}): {}",
@@ -431,31 +505,43 @@ fn kill_9_anywhere_loses_and_leaks_nothing() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    let work: Vec<_> = std::fs::read_dir(k.state_dir().join("templates"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".work-"))
-        .map(|e| e.path())
-        .collect();
+    let work = work_dirs(k.state_dir());
     assert!(
         work.is_empty(),
         "template work dirs left (seed {seed}): {work:?}"
     );
-    let leaked: Vec<_> = std::fs::read_dir(&out_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(".kiln-cp-"))
-        })
-        .collect();
-    // A killed copy-out's temporary is for the next `kiln cp` into the
-    // directory to remove (issue 13, item 3): reported, not failed, here.
-    if !leaked.is_empty() {
-        tracing::warn!(?leaked, "copy-out temporaries of killed copies");
+    let leaked = || -> Vec<PathBuf> {
+        std::fs::read_dir(&out_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(".kiln-cp-"))
+            })
+            .collect()
+    };
+    // A killed copy-out's temporary is removed by the next `kiln cp` into
+    // that directory (issue 13, item 3; only one older than 2 s, so that
+    // a copy just starting is never taken for a dead one).
+    if !leaked().is_empty() {
+        tracing::info!(leaked = ?leaked(), "copy-out temporaries of killed copies");
+        std::thread::sleep(Duration::from_millis(2100));
+        ok_in(
+            &k,
+            None,
+            &[
+                "cp",
+                &format!("{src}:/etc/hostname"),
+                &out_dir.display().to_string(),
+            ],
+        );
+        assert!(
+            leaked().is_empty(),
+            "the next cp left (seed {seed}): {:?}",
+            leaked()
+        );
     }
     // Everything removed: nothing of it is left.
     for (id, _) in ps_all(&k) {

@@ -88,6 +88,9 @@ pub enum CtlResponse {
     Stat {
         stat: Option<kiln_api::proto::FileStat>,
     },
+    /// First answer to `Claim`: the member took it (it is the run's now,
+    /// and may start the command at any moment); `Ready` follows.
+    Claimed,
     /// Answer to `Claim`: what a supervisor's ready line says.
     Ready {
         line: crate::shim::ReadyLine,
@@ -204,6 +207,13 @@ pub struct CtlConn {
 impl CtlConn {
     /// Connects and sends `req`; returns the supervisor's first answer.
     pub async fn open(sock: &Path, req: &CtlRequest) -> Result<(CtlConn, CtlResponse), CtlError> {
+        let mut conn = Self::send(sock, req).await?;
+        let resp = conn.response().await?;
+        Ok((conn, resp))
+    }
+
+    /// Connects and sends `req` (its answers: `response`).
+    pub async fn send(sock: &Path, req: &CtlRequest) -> Result<CtlConn, CtlError> {
         let s = UnixStream::connect(sock).await.map_err(|source| {
             if matches!(
                 source.kind(),
@@ -221,11 +231,15 @@ impl CtlConn {
         let mut line = serde_json::to_vec(req).expect("requests always serialize");
         line.push(b'\n');
         w.write_all(&line).await.map_err(gone)?;
-        let mut conn = CtlConn {
+        Ok(CtlConn {
             reader: FrameReader::new(r),
             writer: FrameWriter::new(w),
-        };
-        let first = match conn.reader.next().await {
+        })
+    }
+
+    /// The supervisor's next answer (after `Claimed`, the `Ready`).
+    pub async fn response(&mut self) -> Result<CtlResponse, CtlError> {
+        let first = match self.reader.next().await {
             Ok(Some(f)) => f,
             Ok(None) => {
                 return Err(CtlError::Protocol(
@@ -244,7 +258,7 @@ impl CtlConn {
         let resp: CtlResponse = first
             .json("control response")
             .map_err(|e| CtlError::Protocol(e.to_string()))?;
-        Ok((conn, resp))
+        Ok(resp)
     }
 }
 

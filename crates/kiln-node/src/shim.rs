@@ -202,7 +202,7 @@ async fn run_sandbox(
 ) -> Result<(), ShimError> {
     let started = Instant::now();
     let mut rec = store.load(&id)?;
-    rec.shim_pid = Some(std::process::id());
+    rec.set_shim(Some(crate::store::ProcessIdentity::current()));
     store.save(&rec)?;
     let (outcome, report) = if rec.pool.is_some() {
         match pooled(&store, &mut rec, &mut ready).await? {
@@ -246,7 +246,7 @@ async fn run_sandbox(
                 error: chain.clone(),
                 exit_code: code,
             };
-            rec.shim_pid = None;
+            rec.set_shim(None);
             rec.vm = None;
             store.save(&rec)?;
             let line = ReadyLine {
@@ -645,6 +645,12 @@ async fn pooled(
                 }
                 pool.withdraw(&rec.id);
                 info!("claimed by a run");
+                // The run waits for `Ready` from here on, however long it
+                // takes: it must never start the command elsewhere too.
+                // (Acknowledged before the record stops naming the pool.)
+                if let Err(e) = writer.json(Kind::Response, &CtlResponse::Claimed).await {
+                    warn!(error = %e, "cannot acknowledge the claim");
+                }
                 rec.spec = *spec;
                 rec.pool = None;
                 rec.created_at = crate::store::now_secs();
@@ -966,7 +972,7 @@ async fn supervise(
     })
     .await;
     let mut rec = shim.store.load(&shim.id)?;
-    rec.shim_pid = None;
+    rec.set_shim(None);
     rec.vm = None;
     shim.store.save(&rec)?;
     release_snapshot(&shim.store, &rec);
@@ -1210,6 +1216,9 @@ async fn snapshot(
     if !staging_ok {
         return Err(SnapshotSandboxError::Dest(dest.to_path_buf()));
     }
+    // The staging directory is owned by the `kiln snapshot` that asked;
+    // while this writes it, it is not reaped even if that command is killed.
+    let _writing = crate::snapshot::SnapshotStore::lock_staging(dest)?;
     // Holding the VM lock keeps pause/resume out until the VM is consistent.
     let vm = shim.vm.lock().await;
     let was_paused = shim.paused.lock().await.is_some();

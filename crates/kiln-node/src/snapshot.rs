@@ -200,7 +200,7 @@ pub struct ManifestParts {
 #[derive(Debug, thiserror::Error)]
 pub enum CreateSnapshotError {
     #[error(
-        "invalid snapshot name {0:?}: use 1-64 characters of [A-Za-z0-9._-], starting with a letter or digit"
+        "invalid snapshot name {0:?}: use 1-128 characters of [A-Za-z0-9._-], not starting with . or -"
     )]
     InvalidName(String),
     #[error("a snapshot named {0:?} already exists")]
@@ -290,7 +290,8 @@ pub enum RemoveSnapshotError {
     #[error("no snapshot named {0:?}")]
     NotFound(String),
     #[error(
-        "snapshot {name} is in use by sandboxes restored from it: {users:?}; remove them first"
+        "snapshot {name} is in use by sandboxes restored from it: {}; remove them first",
+        users.join(", ")
     )]
     InUse { name: String, users: Vec<String> },
     #[error("cannot remove {path}")]
@@ -320,13 +321,8 @@ pub struct SnapshotEntry {
 
 /// Checks a user-given snapshot name.
 pub fn validate_name(name: &str) -> Result<(), CreateSnapshotError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
+    // The same rule as the API's (`kiln_api::sandbox::valid_name`).
+    if kiln_api::sandbox::valid_name(name) {
         Ok(())
     } else {
         Err(CreateSnapshotError::InvalidName(name.to_string()))
@@ -391,12 +387,9 @@ impl SnapshotStore {
         // Its owner (the process that will publish it) is in its name, so
         // no moment exists at which it has no owner: `reap_staging`.
         let me = crate::store::ProcessIdentity::current();
-        let dir = self.root.join(format!(
-            ".staging-{}.{}.{}",
-            new_name(name),
-            me.pid,
-            me.start_time
-        ));
+        let dir = self
+            .root
+            .join(format!(".staging-{}.{}", new_name(name), me.suffix()));
         fs::create_dir_all(&dir).map_err(|source| CreateSnapshotError::Io {
             path: dir.clone(),
             source,
@@ -431,14 +424,46 @@ impl SnapshotStore {
                     .and_then(|t| t.elapsed().ok())
                     .is_some_and(|age| age > grace),
             };
-            if abandoned {
-                tracing::info!(dir = %dir.display(), "removing the staging directory of a process that died");
-                if fs::remove_dir_all(&dir).is_ok() {
-                    n += 1;
-                }
+            if !abandoned {
+                continue;
+            }
+            // A process still writing into it (a supervisor whose `kiln
+            // snapshot` was killed) holds its lock: leave it until it is done.
+            let Ok(lock) = fs::File::open(&dir) else {
+                continue;
+            };
+            if lock.try_lock().is_err() {
+                continue;
+            }
+            tracing::info!(dir = %dir.display(), "removing the staging directory of a process that died");
+            if fs::remove_dir_all(&dir).is_ok() {
+                n += 1;
             }
         }
         n
+    }
+
+    /// Locks staging directory `dir` for a process that writes into it but
+    /// is not its owner (the supervisor of a `kiln snapshot`):
+    /// `reap_staging` never removes it while the lock is held, even once
+    /// its owner died. Fails if the directory is gone (reaped before).
+    pub fn lock_staging(dir: &Path) -> Result<StagingLock, CreateSnapshotError> {
+        use std::os::unix::fs::MetadataExt;
+        let io = |source| CreateSnapshotError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let f = fs::File::open(dir).map_err(io)?;
+        f.lock().map_err(io)?;
+        // A reaper may have removed it while this waited for the lock.
+        let (held, now) = (f.metadata().map_err(io)?, fs::metadata(dir).map_err(io)?);
+        if (held.dev(), held.ino()) != (now.dev(), now.ino()) || held.nlink() == 0 {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the staging directory was removed",
+            )));
+        }
+        Ok(StagingLock(f))
     }
 
     /// Makes a complete staging directory the snapshot `name`.
@@ -749,13 +774,14 @@ impl SnapshotStore {
     }
 }
 
+/// Held while a process writes into a staging directory it does not own
+/// (`SnapshotStore::lock_staging`); released on drop.
+pub struct StagingLock(#[allow(dead_code)] fs::File);
+
 /// The owner named in a staging directory's name
 /// (`.staging-NAME.PID.START`).
 fn staging_owner(dir_name: &str) -> Option<crate::store::ProcessIdentity> {
-    let mut parts = dir_name.rsplitn(3, '.');
-    let start_time = parts.next()?.parse().ok()?;
-    let pid = parts.next()?.parse().ok()?;
-    Some(crate::store::ProcessIdentity { pid, start_time })
+    crate::store::ProcessIdentity::from_suffix(dir_name)
 }
 
 fn short(hex: &str) -> String {
@@ -809,19 +835,25 @@ pub fn guest_digests(
 
 /// The name under which a process (not a sandbox) holds a snapshot while
 /// it restores from it.
-pub fn holder_name(pid: u32) -> String {
-    format!("fork-{pid}")
+/// (`fork-PID.START`: a later process with the same pid is not taken for
+/// it).
+pub fn holder_name(p: crate::store::ProcessIdentity) -> String {
+    format!("fork-{}", p.suffix())
 }
 
 /// Whether `user` is a process's hold (`holder_name`) whose process is gone.
 fn holder_is_dead(user: &str) -> bool {
-    let Some(pid) = user
-        .strip_prefix("fork-")
-        .and_then(|p| p.parse::<u32>().ok())
-    else {
+    let Some(rest) = user.strip_prefix("fork-") else {
         return false;
     };
-    !crate::store::process_alive(pid)
+    if let Some((pid, start)) = rest.split_once('.')
+        && let (Ok(pid), Ok(start_time)) = (pid.parse(), start.parse())
+    {
+        return !crate::store::ProcessIdentity { pid, start_time }.alive();
+    }
+    // Holds taken before they named the start time.
+    rest.parse::<u32>()
+        .is_ok_and(|pid| !crate::store::process_alive(pid))
 }
 
 fn hex(b: &[u8]) -> String {
@@ -1117,14 +1149,38 @@ mod tests {
         assert!(!unknown.exists() && live.is_dir());
     }
 
+    /// The staging directory of a killed `kiln snapshot` is left alone
+    /// while its writer (the sandbox's supervisor) still writes it; it
+    /// used to be removed under the writer's feet.
+    #[test]
+    fn a_staging_dir_being_written_is_not_reaped() {
+        let t = tempfile::tempdir().unwrap();
+        let store = super::SnapshotStore::at(t.path().to_path_buf());
+        let me = crate::store::ProcessIdentity::current();
+        let dead_owner = t
+            .path()
+            .join(format!(".staging-s-1.{}.{}", me.pid, me.start_time + 1));
+        std::fs::create_dir_all(dead_owner.join("vm")).unwrap();
+        let writing = super::SnapshotStore::lock_staging(&dead_owner).unwrap();
+        assert_eq!(store.reap_staging(std::time::Duration::ZERO), 0);
+        assert!(dead_owner.join("vm").is_dir());
+        drop(writing);
+        assert_eq!(store.reap_staging(std::time::Duration::ZERO), 1);
+        assert!(!dead_owner.exists());
+        // A writer that comes after the reaper finds it gone.
+        assert!(super::SnapshotStore::lock_staging(&dead_owner).is_err());
+    }
+
     use super::*;
 
     #[test]
     fn names() {
-        for ok in ["a", "snap-1", "A.b_c-9", &"x".repeat(64)] {
+        for ok in ["a", "snap-1", "A.b_c-9", "_x", &"x".repeat(128)] {
             assert!(validate_name(ok).is_ok(), "{ok}");
+            assert!(kiln_api::sandbox::valid_name(ok), "{ok}");
         }
-        for bad in ["", ".hidden", "-x", "a/b", "..", "a b", &"x".repeat(65)] {
+        for bad in ["", ".hidden", "-x", "a/b", "..", "a b", &"x".repeat(129)] {
+            assert!(!kiln_api::sandbox::valid_name(bad), "{bad}");
             assert!(validate_name(bad).is_err(), "{bad}");
         }
         assert!(validate_name(&new_name("fork")).is_ok());
@@ -1316,5 +1372,27 @@ mod tests {
         store.release_user("fork-1", "b");
         assert!(!store.dir("fork-1").exists());
         store.release_user("fork-1", "b");
+    }
+
+    /// A fork's hold names its process by pid and start time: a later
+    /// process with the same pid does not keep it (it used to: the pid
+    /// alone counted).
+    #[test]
+    fn holds_of_dead_forks_are_told_from_a_reused_pid() {
+        let me = crate::store::ProcessIdentity::current();
+        let reused = crate::store::ProcessIdentity {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!holder_is_dead(&holder_name(me)));
+        assert!(holder_is_dead(&holder_name(reused)));
+        // Holds written before: the pid alone.
+        assert!(!holder_is_dead(&format!("fork-{}", me.pid)));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        assert!(holder_is_dead(&format!("fork-{gone}")));
+        // A sandbox ID is not a hold.
+        assert!(!holder_is_dead("0123456789abcdef"));
     }
 }

@@ -64,8 +64,14 @@ pub struct SandboxRecord {
     pub created_at: u64,
     pub spec: SandboxSpec,
     pub state: SandboxState,
-    /// The supervisor process (`kiln shim`), while it runs.
+    /// The supervisor process (`kiln shim`), while it runs (with
+    /// `shim_start`: `shim()`).
     pub shim_pid: Option<u32>,
+    /// The supervisor's start time (field 22 of `/proc/PID/stat`), so that
+    /// a process that reused its pid is not taken for it. `None` in records
+    /// written before it existed (then the pid alone counts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shim_start: Option<u64>,
     /// The VMM, as its driver recorded it.
     pub vm: Option<serde_json::Value>,
     /// Which driver runs it and why.
@@ -88,6 +94,32 @@ pub struct SandboxRecord {
     /// this process does (its template and image must not go).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creator: Option<ProcessIdentity>,
+}
+
+impl SandboxRecord {
+    /// The supervisor, as recorded.
+    pub fn shim(&self) -> Option<ProcessIdentity> {
+        Some(ProcessIdentity {
+            pid: self.shim_pid?,
+            start_time: self.shim_start?,
+        })
+    }
+
+    /// Records `shim` as the supervisor (`None`: it has ended).
+    pub fn set_shim(&mut self, shim: Option<ProcessIdentity>) {
+        self.shim_pid = shim.map(|s| s.pid);
+        self.shim_start = shim.map(|s| s.start_time);
+    }
+
+    /// Whether the recorded supervisor still runs (not a later process
+    /// with its pid).
+    pub fn shim_alive(&self) -> bool {
+        match (self.shim(), self.shim_pid) {
+            (Some(s), _) => s.alive(),
+            (None, Some(pid)) => process_alive(pid),
+            (None, None) => false,
+        }
+    }
 }
 
 /// Reading or writing the state directory failed.
@@ -169,6 +201,7 @@ impl Store {
             spec,
             state: SandboxState::Creating,
             shim_pid: None,
+            shim_start: None,
             vm: None,
             driver: None,
             restored_from: None,
@@ -307,6 +340,21 @@ impl ProcessIdentity {
         }
     }
 
+    /// `PID.START`: how a temporary's name carries its owner (so no moment
+    /// exists at which it has none).
+    pub fn suffix(&self) -> String {
+        format!("{}.{}", self.pid, self.start_time)
+    }
+
+    /// The owner at the end of a temporary's name (`….PID.START`).
+    pub fn from_suffix(name: &str) -> Option<ProcessIdentity> {
+        let mut parts = name.rsplitn(3, '.');
+        let start_time = parts.next()?.parse().ok()?;
+        let pid = parts.next()?.parse().ok()?;
+        parts.next()?;
+        Some(ProcessIdentity { pid, start_time })
+    }
+
     /// Whether this very process still runs.
     pub fn alive(&self) -> bool {
         matches!(proc_stat(self.pid), Some((state, t)) if t == self.start_time && state != 'Z' && state != 'X')
@@ -397,6 +445,36 @@ mod tests {
         let pid = child.id();
         child.wait().unwrap();
         assert!(!process_alive(pid));
+    }
+
+    /// The supervisor is recorded with its start time: a process that
+    /// reused its pid does not keep the sandbox "running"; records without
+    /// it still load and use the pid.
+    #[test]
+    fn a_supervisor_is_told_from_a_reused_pid() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::new(Dirs::new(t.path().join("state"), t.path().join("cache")));
+        let mut r = store.create(spec()).unwrap();
+        assert!(!r.shim_alive());
+        let me = ProcessIdentity::current();
+        r.set_shim(Some(me));
+        store.save(&r).unwrap();
+        let loaded = store.load(&r.id).unwrap();
+        assert_eq!(loaded.shim(), Some(me));
+        assert!(loaded.shim_alive());
+        r.set_shim(Some(ProcessIdentity {
+            start_time: me.start_time + 1,
+            ..me
+        }));
+        assert!(!r.shim_alive(), "a reused pid counts as the supervisor");
+        // A record from before `shim_start`.
+        let mut v = serde_json::to_value(&loaded).unwrap();
+        v.as_object_mut().unwrap().remove("shim_start");
+        let old: SandboxRecord = serde_json::from_value(v).unwrap();
+        assert_eq!((old.shim_pid, old.shim()), (Some(me.pid), None));
+        assert!(old.shim_alive());
+        r.set_shim(None);
+        assert_eq!((r.shim_pid, r.shim_start), (None, None));
     }
 
     #[test]

@@ -299,9 +299,14 @@ pub async fn create(
     }
     info!(template = %name, driver = %sel.kind, accel = %sel.accel, "creating a template");
     let staging = templates.staging(&name)?;
-    let work = templates
-        .root()
-        .join(format!(".work-{}", snapshot::new_name(&name)));
+    // Its owner (this process) is in its name, like a staging directory's:
+    // a creator killed at any moment (even before `owner.json` exists, while
+    // the writable disk is made) leaves a directory the next sweep removes.
+    let work = templates.root().join(format!(
+        ".work-{}.{}",
+        snapshot::new_name(&name),
+        crate::store::ProcessIdentity::current().suffix()
+    ));
     let result = boot_and_snapshot(&*drv, &artifacts, p, &sel, &name, &staging, &work).await;
     let _ = fs::remove_dir_all(&work);
     let (boot_ms, quiesce_ms, snapshot_ms) = match result {
@@ -377,7 +382,6 @@ async fn boot_and_snapshot(
     }
     fs::create_dir_all(work).map_err(io(work))?;
     let rw = work.join(snapshot::RW_DISK);
-    vm::make_writable_disk(&rw, p.disk_mib).await?;
     let spec = vm::sandbox_vm_spec(
         drv,
         name,
@@ -391,6 +395,7 @@ async fn boot_and_snapshot(
     let record_owner = |vm: Option<serde_json::Value>| {
         let owner = Owner {
             pid: std::process::id(),
+            owner: Some(crate::store::ProcessIdentity::current()),
             vm,
             staging: Some(staging.to_path_buf()),
         };
@@ -402,6 +407,7 @@ async fn boot_and_snapshot(
         }
     };
     record_owner(None);
+    vm::make_writable_disk(&rw, p.disk_mib).await?;
     let t0 = Instant::now();
     let vmm = drv
         .start(&spec)
@@ -451,7 +457,11 @@ async fn boot_and_snapshot(
 /// Who boots a template's VM, in its work directory.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Owner {
+    /// Its pid (records before `owner` existed name only this).
     pid: u32,
+    /// The process, told apart from a later one with the same pid.
+    #[serde(default)]
+    owner: Option<crate::store::ProcessIdentity>,
     /// Once the driver started it (until then, its VMM is found by the
     /// work directory on its command line).
     vm: Option<serde_json::Value>,
@@ -482,25 +492,29 @@ pub async fn reap_abandoned(dirs: &Dirs) {
         let owner: Option<Owner> = fs::read(dir.join(OWNER))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let Some(owner) = owner else {
-            // Not written yet (a live creator), or a creator that died
-            // before its VM started: only an old one is abandoned.
-            let old = e
+        // The creator: named by the directory (since it carries one), else
+        // by `owner.json`; a directory with neither (made by an older
+        // `kiln` that died before writing it) is abandoned once old.
+        let creator = e
+            .file_name()
+            .to_str()
+            .and_then(crate::store::ProcessIdentity::from_suffix)
+            .or_else(|| owner.as_ref().and_then(|o| o.owner));
+        let alive = match (creator, &owner) {
+            (Some(c), _) => c.alive(),
+            (None, Some(o)) => crate::store::process_alive(o.pid),
+            (None, None) => e
                 .metadata()
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > Duration::from_secs(3600));
-            if old {
-                let _ = fs::remove_dir_all(&dir);
-            }
-            continue;
+                .is_none_or(|age| age <= Duration::from_secs(3600)),
         };
-        if crate::store::process_alive(owner.pid) {
+        if alive {
             continue;
         }
-        warn!(dir = %dir.display(), pid = owner.pid, "a template create was killed; removing its VM");
-        if let Some(vm) = owner.vm {
+        warn!(dir = %dir.display(), "a template create was killed; removing its VM");
+        if let Some(vm) = owner.as_ref().and_then(|o| o.vm.clone()) {
             vm::destroy_recorded(vm).await;
         }
         // Killed while the driver was starting it: the VMM names its
@@ -517,7 +531,7 @@ pub async fn reap_abandoned(dirs: &Dirs) {
             );
         }
         // Only a staging directory of this store, as `staging()` names them.
-        if let Some(staging) = owner.staging.filter(|p| {
+        if let Some(staging) = owner.and_then(|o| o.staging).filter(|p| {
             p.parent() == Some(templates.root())
                 && p.file_name()
                     .and_then(|n| n.to_str())
@@ -651,6 +665,57 @@ mod tests {
 
     fn validate(n: &str) -> bool {
         snapshot::validate_name(n).is_ok()
+    }
+
+    /// A `template create` killed before its VM started (while it made
+    /// the writable disk) left a work directory with no `owner.json`, kept
+    /// for an hour; its name now says who owns it.
+    #[test]
+    fn work_dirs_of_dead_creators_are_reaped_at_once() {
+        let t = tempfile::tempdir().unwrap();
+        let dirs = Dirs::new(t.path().join("state"), t.path().join("cache"));
+        let root = store(&dirs).root().to_path_buf();
+        let me = crate::store::ProcessIdentity::current();
+        // The pid of a process that was, with another start time: reused.
+        let reused = crate::store::ProcessIdentity {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        let dead = root.join(format!(".work-tpl-0-1.{}", reused.suffix()));
+        let live = root.join(format!(".work-tpl-0-2.{}", me.suffix()));
+        // Older `kiln`s: the owner in `owner.json` only, or nowhere yet.
+        let legacy_dead = root.join(".work-tpl-0-3");
+        let legacy_young = root.join(".work-tpl-0-4");
+        let legacy_reused = root.join(".work-tpl-0-5");
+        for d in [&dead, &live, &legacy_dead, &legacy_young, &legacy_reused] {
+            fs::create_dir_all(d).unwrap();
+            fs::write(d.join(snapshot::RW_DISK), b"disk").unwrap();
+        }
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let write_owner = |d: &Path, pid: u32, owner| {
+            let o = Owner {
+                pid,
+                owner,
+                vm: None,
+                staging: None,
+            };
+            fs::write(d.join(OWNER), serde_json::to_vec(&o).unwrap()).unwrap();
+        };
+        write_owner(&legacy_dead, gone, None);
+        write_owner(&legacy_reused, me.pid, Some(reused));
+        // An old record without `owner` still loads.
+        let old: Owner = serde_json::from_str(r#"{"pid":7,"vm":null}"#).unwrap();
+        assert_eq!((old.pid, old.owner), (7, None));
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(reap_abandoned(&dirs));
+        assert!(!dead.exists(), "a dead creator's work dir is kept");
+        assert!(!legacy_dead.exists());
+        assert!(!legacy_reused.exists(), "a reused pid counts as alive");
+        assert!(live.exists() && legacy_young.exists());
     }
 
     #[test]

@@ -79,6 +79,20 @@ pub enum LocalClusterError {
     Rejected(Response),
 }
 
+/// Stops every replica of a local cluster at once (one by one, the
+/// survivors would go on replicating to, or electing among, the stopped
+/// ones for a while).
+pub async fn shutdown_all(nodes: &[Arc<RaftNode>]) {
+    let downs: Vec<_> = nodes
+        .iter()
+        .cloned()
+        .map(|n| tokio::spawn(async move { n.shutdown().await }))
+        .collect();
+    for d in downs {
+        let _ = d.await;
+    }
+}
+
 /// What one run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -194,8 +208,6 @@ pub async fn bench_creates(
         p99_ms: pct(0.99),
         max_ms: pct(1.0),
     };
-    for n in &nodes {
-        n.shutdown().await;
-    }
+    shutdown_all(&nodes).await;
     Ok(report)
 }

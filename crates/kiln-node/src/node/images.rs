@@ -192,10 +192,19 @@ pub fn decide(plan: &Removal, users: &ImageUsers, force: bool) -> RemoveVerdict 
     }
     let image = short_digest(&plan.digest);
     if !users.live.is_empty() || !users.processes.is_empty() {
+        // A sandbox of another state directory is removed from there.
+        let env = |dir: &Option<PathBuf>| {
+            dir.as_ref()
+                .map(|d| format!("KILN_STATE_DIR={} ", d.display()))
+                .unwrap_or_default()
+        };
         let hint = match users.live.as_slice() {
             [] => "wait for it to end".to_string(),
-            [(id, _)] => format!("remove the sandbox first (kiln rm -f {id})"),
-            [(id, _), ..] => format!("remove the sandboxes first (kiln rm -f {id} ...)"),
+            [(id, _, dir)] => format!("remove the sandbox first ({}kiln rm -f {id})", env(dir)),
+            [(id, _, dir), ..] => format!(
+                "remove the sandboxes first ({}kiln rm -f {id} ...)",
+                env(dir)
+            ),
         };
         return RemoveVerdict::Refuse(format!(
             "image {image} is in use by {}; {hint}; -f cannot remove an image a VM runs from",
@@ -213,8 +222,13 @@ pub fn decide(plan: &Removal, users: &ImageUsers, force: bool) -> RemoveVerdict 
         if !users.templates.is_empty() {
             commands.push("kiln template rm");
         }
+        let there = if users.elsewhere {
+            ", with KILN_STATE_DIR set to the state directory named"
+        } else {
+            ""
+        };
         return RemoveVerdict::Refuse(format!(
-            "image {image} is in use by {}; remove them first ({}) or use -f",
+            "image {image} is in use by {}; remove them first ({}{there}) or use -f",
             users.describe(),
             commands.join(", ")
         ));
@@ -235,14 +249,18 @@ pub fn decide(plan: &Removal, users: &ImageUsers, force: bool) -> RemoveVerdict 
 /// Who uses one image.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageUsers {
-    /// Sandboxes whose VM may run: (ID, state).
-    live: Vec<(String, String)>,
+    /// Sandboxes whose VM may run: (ID, state, state directory if not
+    /// this one).
+    live: Vec<(String, String, Option<PathBuf>)>,
     /// Other processes holding the base disk open: (pid, name).
     processes: Vec<(u32, String)>,
     /// Sandbox IDs that have ended (kept until `kiln rm`).
     ended: Vec<String>,
     snapshots: Vec<String>,
     templates: Vec<String>,
+    /// Some of them belong to another state directory sharing the cache
+    /// (each is named with it).
+    elsewhere: bool,
 }
 
 impl ImageUsers {
@@ -261,7 +279,7 @@ impl ImageUsers {
         all.extend(
             self.live
                 .iter()
-                .map(|(id, state)| format!("sandbox {id} ({state})")),
+                .map(|(id, state, _)| format!("sandbox {id} ({state})")),
         );
         all.extend(
             self.processes
@@ -284,10 +302,17 @@ impl ImageUsers {
 /// Everything in the state directory (and every process) that may use an
 /// image of the cache, read once.
 struct Usage {
-    /// (record, VM may run, recorded VMM pid).
-    sandboxes: Vec<(crate::store::SandboxRecord, bool, Option<u32>)>,
-    snapshots: Vec<Manifest>,
-    templates: Vec<Manifest>,
+    /// (record, VM may run, recorded VMM pid, its state directory if not
+    /// this node's).
+    sandboxes: Vec<(
+        crate::store::SandboxRecord,
+        bool,
+        Option<u32>,
+        Option<PathBuf>,
+    )>,
+    /// With their state directory if not this node's.
+    snapshots: Vec<(Manifest, Option<PathBuf>)>,
+    templates: Vec<(Manifest, Option<PathBuf>)>,
     /// Base disks of the cache held open by a process: path → (pid, name).
     open: HashMap<PathBuf, Vec<(u32, String)>>,
 }
@@ -306,6 +331,7 @@ impl Usage {
         // Every state directory that shares this cache: an image one of
         // them needs must not be removed from another.
         for state in node.state_dirs_sharing_cache() {
+            let origin = (state != node.dirs().state).then(|| state.clone());
             let other = Node {
                 store: crate::store::Store::new(crate::paths::Dirs::new(
                     state,
@@ -314,12 +340,12 @@ impl Usage {
                 supervisor_exe: node.supervisor_exe.clone(),
                 config: node.config.clone(),
             };
-            usage.add(&other)?;
+            usage.add(&other, origin)?;
         }
         Ok(usage)
     }
 
-    fn add(&mut self, node: &Node) -> Result<(), ImageOpError> {
+    fn add(&mut self, node: &Node, origin: Option<PathBuf>) -> Result<(), ImageOpError> {
         for rec in node.store.list().map_err(ImageOpError::Sandboxes)? {
             let rec = node.refresh(rec);
             let vm_pid = rec
@@ -330,16 +356,17 @@ impl Usage {
                 .and_then(|p| u32::try_from(p).ok());
             let vm_alive = vm_pid.is_some_and(crate::store::process_alive);
             let live = !rec.state.is_finished() || vm_alive;
-            self.sandboxes.push((rec, live, vm_pid));
+            self.sandboxes.push((rec, live, vm_pid, origin.clone()));
         }
-        let manifests =
-            |s: SnapshotStore, what: &'static str| -> Result<Vec<Manifest>, ImageOpError> {
-                Ok(s.list()
-                    .map_err(|source| ImageOpError::Snapshots { what, source })?
-                    .into_iter()
-                    .map(|e| e.manifest)
-                    .collect())
-            };
+        let manifests = |s: SnapshotStore,
+                         what: &'static str|
+         -> Result<Vec<(Manifest, Option<PathBuf>)>, ImageOpError> {
+            Ok(s.list()
+                .map_err(|source| ImageOpError::Snapshots { what, source })?
+                .into_iter()
+                .map(|e| (e.manifest, origin.clone()))
+                .collect())
+        };
         self.snapshots
             .extend(manifests(node.snapshots(), "snapshots")?);
         self.templates
@@ -352,35 +379,41 @@ impl Usage {
     fn of(&self, digest: &str, disk: &Path) -> ImageUsers {
         let mut users = ImageUsers::default();
         let mut vmm_pids = vec![];
-        for (rec, live, vm_pid) in &self.sandboxes {
+        // Users of another state directory are named with it.
+        let tag = |o: &Option<PathBuf>| {
+            o.as_ref()
+                .map(|d| format!(" of state directory {}", d.display()))
+                .unwrap_or_default()
+        };
+        for (rec, live, vm_pid, origin) in &self.sandboxes {
             if rec.spec.image_digest != digest && rec.spec.image_disk != disk {
                 continue;
             }
+            users.elsewhere |= origin.is_some();
             if *live {
                 let state = if rec.state.is_finished() {
                     format!("{}, its VMM still runs", rec.state.label())
                 } else {
                     rec.state.label()
                 };
-                users.live.push((rec.id.clone(), state));
+                let state = format!("{state}{}", tag(origin));
+                users.live.push((rec.id.clone(), state, origin.clone()));
                 vmm_pids.extend(*vm_pid);
             } else {
-                users.ended.push(rec.id.clone());
+                users.ended.push(format!("{}{}", rec.id, tag(origin)));
             }
         }
-        let uses = |m: &&Manifest| m.image_digest == digest || m.image_disk == disk;
-        users.snapshots = self
-            .snapshots
-            .iter()
-            .filter(uses)
-            .map(|m| m.name.clone())
-            .collect();
-        users.templates = self
-            .templates
-            .iter()
-            .filter(uses)
-            .map(|m| m.name.clone())
-            .collect();
+        let uses = |(m, _): &&(Manifest, Option<PathBuf>)| {
+            m.image_digest == digest || m.image_disk == disk
+        };
+        for (m, origin) in self.snapshots.iter().filter(uses) {
+            users.elsewhere |= origin.is_some();
+            users.snapshots.push(format!("{}{}", m.name, tag(origin)));
+        }
+        for (m, origin) in self.templates.iter().filter(uses) {
+            users.elsewhere |= origin.is_some();
+            users.templates.push(format!("{}{}", m.name, tag(origin)));
+        }
         let disk = std::fs::canonicalize(disk).unwrap_or_else(|_| disk.to_path_buf());
         users.processes = self
             .open
@@ -470,16 +503,38 @@ mod tests {
         );
         // Another reference keeps the image: untagging is always allowed.
         let running = ImageUsers {
-            live: vec![("a1".into(), "running".into())],
+            live: vec![("a1".into(), "running".into(), None)],
             ..ImageUsers::default()
         };
         assert_eq!(decide(&plan(false), &running, false), RemoveVerdict::Remove);
     }
 
     #[test]
+    fn users_of_another_state_directory_are_named_with_it() {
+        let other = ImageUsers {
+            live: vec![(
+                "a1".into(),
+                "running of state directory /b".into(),
+                Some("/b".into()),
+            )],
+            ..ImageUsers::default()
+        };
+        let why = refused(decide(&plan(true), &other, true));
+        assert!(why.contains("(KILN_STATE_DIR=/b kiln rm -f a1)"), "{why}");
+        let snap = ImageUsers {
+            snapshots: vec!["keep of state directory /b".into()],
+            elsewhere: true,
+            ..ImageUsers::default()
+        };
+        let why = refused(decide(&plan(true), &snap, false));
+        assert!(why.contains("snapshot keep of state directory /b"), "{why}");
+        assert!(why.contains("KILN_STATE_DIR"), "{why}");
+    }
+
+    #[test]
     fn a_running_vm_refuses_even_with_force() {
         let running = ImageUsers {
-            live: vec![("a1b2".into(), "running".into())],
+            live: vec![("a1b2".into(), "running".into(), None)],
             snapshots: vec!["s1".into()],
             ..ImageUsers::default()
         };

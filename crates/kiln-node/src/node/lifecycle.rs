@@ -187,10 +187,10 @@ impl Node {
         {
             return r;
         }
-        if !r.shim_pid.is_some_and(process_alive) {
+        if !r.shim_alive() {
             // Re-read: the supervisor may have just finished.
             if let Ok(again) = self.store.load(&r.id)
-                && (again.state.is_finished() || again.shim_pid.is_some_and(process_alive))
+                && (again.state.is_finished() || again.shim_alive())
             {
                 return again;
             }
@@ -444,7 +444,7 @@ impl Node {
         let Ok(mut rec) = self.store.load(id) else {
             return;
         };
-        if rec.shim_pid.is_some_and(process_alive) {
+        if rec.shim_alive() {
             return;
         }
         if let Some(vm) = rec.vm.take() {
@@ -472,7 +472,7 @@ impl Node {
                 exit_code: 255,
             };
         }
-        rec.shim_pid = None;
+        rec.set_shim(None);
         if let Err(e) = self.store.save(&rec) {
             tracing::warn!(error = %e, "cannot record the reaped sandbox");
         }

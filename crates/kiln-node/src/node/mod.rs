@@ -9,8 +9,12 @@
 //!   [`Node::spawn_supervisor`]) that owns its VMM. The supervisor outlives
 //!   whatever started it, so a node process may die and be restarted
 //!   without touching running sandboxes.
-//! - One liveness rule: a process is identified by its pid and it is alive
-//!   while `/proc/PID` exists and is not a zombie ([`crate::store::process_alive`]).
+//! - One liveness rule: a process is identified by its pid and start time
+//!   ([`crate::store::ProcessIdentity`]: supervisors, template creators,
+//!   fork holds, staging and work directories), so a reused pid never makes
+//!   a dead owner look alive; it is alive while `/proc/PID` exists with that
+//!   start time and is not a zombie. (Records written before the start time
+//!   was recorded fall back to the pid alone.)
 //! - Cleanup is level-triggered: [`Node::reconcile`] observes records,
 //!   pools, holds and processes, and repairs what a killed process left
 //!   (orphaned VMs, dead pool members, holds of dead forks, template VMs of

@@ -11,7 +11,7 @@ use super::hostname_of;
 use crate::ctl::{CtlConn, CtlRequest, CtlResponse};
 use crate::pool::Pool;
 use crate::shim::ReadyLine;
-use crate::store::{SandboxSpec, StoreError, process_alive};
+use crate::store::{SandboxSpec, StoreError};
 
 /// A pool could not be filled or drained.
 #[derive(Debug, thiserror::Error)]
@@ -53,9 +53,12 @@ pub enum PoolError {
 /// Consecutive members that fail to come up before a refill gives up (a
 /// broken template must not make it loop forever).
 const MAX_FILL_FAILURES: u32 = 3;
-/// How long a claimed member may take to start the command (a burst of
+/// How long a member may take to take a claim (`Claimed`; a burst of
 /// claims on a loaded host takes seconds; a stuck one never answers).
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a member that acknowledged a claim may take to report that the
+/// command started (resume, identity push, exec) before the run fails.
+const CLAIMED_START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a background refill waits at most for a spare CPU before it
 /// restores a member anyway.
 const MAX_YIELD: Duration = Duration::from_secs(5);
@@ -97,7 +100,7 @@ impl Node {
             let Ok(rec) = self.store.load(&id) else {
                 continue;
             };
-            let Some(shim_pid) = rec.shim_pid.filter(|p| process_alive(*p)) else {
+            let Some(shim_pid) = rec.shim_pid.filter(|_| rec.shim_alive()) else {
                 self.reap_orphan(&id).await;
                 continue;
             };
@@ -112,12 +115,27 @@ impl Node {
             let req = CtlRequest::Claim {
                 spec: Box::new(spec),
             };
-            let answer = match tokio::time::timeout(CLAIM_TIMEOUT, CtlConn::open(&sock, &req)).await
+            let deadline = tokio::time::Instant::now() + CLAIM_TIMEOUT;
+            let mut conn = match tokio::time::timeout_at(deadline, CtlConn::send(&sock, &req)).await
             {
-                Ok(a) => a,
-                Err(_) => {
+                Ok(Ok(c)) => Some(c),
+                Ok(Err(e)) => {
+                    tracing::info!(sandbox = %id, error = %e, "a pool member did not take its claim");
+                    self.reap_orphan(&id).await;
+                    continue;
+                }
+                Err(_) => None,
+            };
+            let answered = match conn.as_mut() {
+                Some(c) => tokio::time::timeout_at(deadline, c.response()).await.ok(),
+                None => None,
+            };
+            let answer = match (answered, conn) {
+                (Some(a), Some(c)) => a.map(|r| (c, r)),
+                (_, conn) => {
                     // A stuck member (its supervisor or VMM does not answer):
-                    // remove it and go on.
+                    // remove it and go on, unless it took the claim at the
+                    // last moment (then it is this run's, as below).
                     tracing::info!(sandbox = %id, "a pool member did not answer its claim in time; removing it");
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(shim_pid as i32),
@@ -126,11 +144,36 @@ impl Node {
                     let _ = self
                         .wait_supervisor_gone(&id, Duration::from_secs(5), Some(shim_pid))
                         .await;
+                    if let Some(mut c) = conn
+                        && let Ok(Ok(r)) =
+                            tokio::time::timeout(Duration::from_secs(1), c.response()).await
+                        && matches!(r, CtlResponse::Claimed | CtlResponse::Ready { .. })
+                    {
+                        let why = format!(
+                            "took the claim only after {} s, when the run had given up on it; it was killed",
+                            CLAIM_TIMEOUT.as_secs()
+                        );
+                        return Some(Claimed {
+                            ready: self.claimed_member_failed(&id, &why).await,
+                            id,
+                            shim_pid,
+                        });
+                    }
                     self.reap_orphan(&id).await;
                     continue;
                 }
             };
             match answer {
+                Ok((conn, CtlResponse::Claimed)) => {
+                    // The member is this run's now and may already run the
+                    // command: whatever happens, never start it elsewhere.
+                    let ready = self.await_claimed(&id, shim_pid, conn).await;
+                    return Some(Claimed {
+                        id,
+                        ready,
+                        shim_pid,
+                    });
+                }
                 Ok((_conn, CtlResponse::Ready { line })) => {
                     return Some(Claimed {
                         id,
@@ -151,6 +194,52 @@ impl Node {
             self.refill_in_background(name);
         }
         None
+    }
+
+    /// The ready report of member `id`, which acknowledged this run's
+    /// claim on `conn`. If its supervisor dies, or does not report within
+    /// `CLAIMED_START_TIMEOUT` (it is then killed), the run fails and says
+    /// why: it never falls back to the template, since the member may
+    /// already have started the command.
+    async fn await_claimed(&self, id: &str, shim_pid: u32, mut conn: CtlConn) -> ReadyLine {
+        let why = match tokio::time::timeout(CLAIMED_START_TIMEOUT, conn.response()).await {
+            Ok(Ok(CtlResponse::Ready { line })) => return line,
+            Ok(Ok(other)) => format!("answered its claim with {other:?}"),
+            Ok(Err(e)) => format!("took the claim, then its supervisor died ({e})"),
+            Err(_) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(shim_pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = self
+                    .wait_supervisor_gone(id, Duration::from_secs(5), Some(shim_pid))
+                    .await;
+                format!(
+                    "took the claim but did not start the command within {} s; it was killed",
+                    CLAIMED_START_TIMEOUT.as_secs()
+                )
+            }
+        };
+        self.claimed_member_failed(id, &why).await
+    }
+
+    /// Records claimed member `id` (whose supervisor is gone) as failed
+    /// and says why in a ready line the run reports.
+    async fn claimed_member_failed(&self, id: &str, why: &str) -> ReadyLine {
+        tracing::warn!(sandbox = %id, why, "a claimed pool member failed");
+        // Recorded as failed (its VM, if any, killed): `kiln ps -a` shows it.
+        self.reap_orphan(id).await;
+        ReadyLine {
+            ok: false,
+            main_pid: None,
+            error: Some(format!(
+                "the warm-pool member {id} {why}; the command was not started again elsewhere (it may have run in that sandbox)"
+            )),
+            exit_code: Some(125),
+            driver: None,
+            restore_failed: false,
+            timings: None,
+        }
     }
 
     /// Starts `kiln template fill NAME` detached (it outlives this command) if
@@ -292,7 +381,7 @@ impl Node {
         let mut out = vec![];
         for id in pool.ready() {
             match self.store.load(&id) {
-                Ok(r) if r.shim_pid.is_some_and(process_alive) => out.push(id),
+                Ok(r) if r.shim_alive() => out.push(id),
                 Ok(_) => {
                     pool.withdraw(&id);
                     self.reap_orphan(&id).await;
@@ -345,7 +434,7 @@ impl Node {
             if r.pool.as_deref() != Some(name) {
                 continue;
             }
-            if r.shim_pid.is_some_and(process_alive) {
+            if r.shim_alive() {
                 self.remove_member(&r.id).await;
                 n += 1;
             } else {
@@ -365,11 +454,7 @@ impl Node {
         let live = pool
             .ready()
             .iter()
-            .filter(|id| {
-                self.store
-                    .load(id)
-                    .is_ok_and(|r| r.shim_pid.is_some_and(process_alive))
-            })
+            .filter(|id| self.store.load(id).is_ok_and(|r| r.shim_alive()))
             .count();
         (size > 0).then_some((live, size))
     }

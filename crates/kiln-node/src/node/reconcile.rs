@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use super::Node;
-use crate::store::{now_secs, process_alive};
+use crate::store::now_secs;
 
 /// How long a pool member's record may exist without a supervisor before it
 /// counts as abandoned (the filler writes the record first).
@@ -31,13 +31,13 @@ impl Node {
         let mut done = Reconciled::default();
         if let Ok(records) = self.store.list() {
             for r in records {
-                let dead_shim = r.shim_pid.is_some_and(|p| !process_alive(p));
+                let dead_shim = r.shim_pid.is_some() && !r.shim_alive();
                 let orphan = if r.pool.is_some() {
                     let never_started = r.shim_pid.is_none()
                         && now_secs().saturating_sub(r.created_at) > POOL_MEMBER_GRACE_SECS;
                     dead_shim || never_started
                 } else {
-                    r.vm.is_some() && !r.shim_pid.is_some_and(process_alive)
+                    r.vm.is_some() && !r.shim_alive()
                 };
                 if orphan {
                     self.reap_orphan(&r.id).await;

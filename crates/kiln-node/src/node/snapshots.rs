@@ -229,7 +229,7 @@ impl Node {
         let t0 = Instant::now();
         let (id, name) = self.take_snapshot(prefix, None, true).await?;
         let snapshots = self.snapshots();
-        let holder = snapshot::holder_name(std::process::id());
+        let holder = snapshot::holder_name(crate::store::ProcessIdentity::current());
         if let Err(e) = snapshots.add_user(&name, &holder) {
             // Nobody else uses it yet: removing it is safe.
             let _ = snapshots.remove(&name, |_| false);

@@ -82,6 +82,12 @@ pub enum TemplateOpError {
     #[error(transparent)]
     Name(#[from] snapshot::CreateSnapshotError),
     #[error(
+        "invalid template name {0:?}: use 1-128 characters of [A-Za-z0-9._-], not starting with . or -"
+    )]
+    InvalidName(String),
+    #[error("no template named {0:?}")]
+    NotFound(String),
+    #[error(
         "template {name} is in use by sandboxes started from it: {}; remove them first",
         users.join(", ")
     )]
@@ -244,7 +250,12 @@ impl Node {
     /// Removes template `name` and its pool; refused while sandboxes
     /// started from it run.
     pub async fn remove_template(&self, name: &str) -> Result<(), TemplateOpError> {
-        snapshot::validate_name(name)?;
+        if snapshot::validate_name(name).is_err() {
+            return Err(TemplateOpError::InvalidName(name.to_string()));
+        }
+        if !self.templates().exists(name) {
+            return Err(TemplateOpError::NotFound(name.to_string()));
+        }
         // Refused before its pool is touched while runs use it.
         let busy: Vec<String> = self
             .templates()
@@ -264,7 +275,13 @@ impl Node {
                 name: name.to_string(),
                 source: Box::new(source),
             })?;
-        template::remove(self.dirs(), name, |id| self.alive(id))?;
+        template::remove(self.dirs(), name, |id| self.alive(id)).map_err(|e| match e {
+            snapshot::RemoveSnapshotError::NotFound(n) => TemplateOpError::NotFound(n),
+            snapshot::RemoveSnapshotError::InUse { name, users } => {
+                TemplateOpError::InUse { name, users }
+            }
+            e => TemplateOpError::Remove(e),
+        })?;
         Ok(())
     }
 
