@@ -210,6 +210,9 @@ pub struct ReconcileReport {
 pub struct Network {
     cfg: NetConfig,
     ipam: Ipam,
+    /// The protected ranges as last read, for DNS admissions (read at most
+    /// once a second: reading the host's addresses runs `ip`).
+    protected_cache: std::sync::Mutex<Option<(std::time::Instant, Protected)>>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -249,7 +252,11 @@ impl Network {
             }
         })?;
         info!(bridge = %cfg.bridge, subnet = %ipam.subnet(), "sandbox network ready");
-        Ok(Network { cfg, ipam })
+        Ok(Network {
+            cfg,
+            ipam,
+            protected_cache: std::sync::Mutex::new(None),
+        })
     }
 
     pub fn config(&self) -> &NetConfig {
@@ -450,7 +457,7 @@ impl Network {
         if rules.is_empty() || answers.is_empty() {
             return Ok(0);
         }
-        let protected = self.protected().map_err(AdmitError::HostAddrs)?;
+        let protected = self.protected_recent().map_err(AdmitError::HostAddrs)?;
         let now = bpf::monotonic_ns();
         let mut admitted = 0;
         for &(addr, ttl) in answers {
@@ -463,6 +470,21 @@ impl Network {
             admitted += 1;
         }
         Ok(admitted)
+    }
+
+    fn protected_recent(&self) -> Result<Protected, host::HostNetError> {
+        let mut cache = self
+            .protected_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((at, p)) = cache.as_ref()
+            && at.elapsed() < std::time::Duration::from_secs(1)
+        {
+            return Ok(p.clone());
+        }
+        let p = self.protected()?;
+        *cache = Some((std::time::Instant::now(), p.clone()));
+        Ok(p)
     }
 
     /// The addresses admitted for sandbox `id`'s domain rules, in force now.
