@@ -273,6 +273,16 @@ fn tcp_dns_bytes(k: &Kiln, id: &str, server: Ipv4Addr, name: &str) -> usize {
     out.trim().parse().unwrap_or(0)
 }
 
+/// The pid of sandbox `id`'s supervisor (`kiln shim ID`).
+fn shim_pid(id: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        (args.len() >= 3 && args[1] == b"shim" && args[2] == id.as_bytes()).then_some(pid)
+    })
+}
+
 #[test]
 fn domain_rules_admit_what_the_node_resolved_for_its_ttl() {
     let k = Kiln::new();
@@ -368,9 +378,33 @@ fn domain_rules_admit_what_the_node_resolved_for_its_ttl() {
     let get = ok(k.run(&["policy", "get", &a]), "policy get");
     assert!(get.contains("allowed.kiln.test"), "{get}");
 
+    tracing::info!("kill -9 of the supervisor running the resolver: another one takes over");
+    let holder = shim_pid(&a).expect("a's supervisor");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(holder as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let t0 = Instant::now();
+    let again = loop {
+        let got = nslookup(&k, &b, "other.example.test", None);
+        if !got.is_empty() || t0.elapsed() > Duration::from_secs(20) {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(again, vec![a2.to_string()], "b resolves after the crash");
+    tracing::info!(
+        takeover_ms = t0.elapsed().as_millis() as u64,
+        "resolver taken over"
+    );
+
     for id in [&a, &b] {
         ok(k.run(&["rm", "-f", id]), "rm");
     }
+    // The killed supervisor could not release a's network; the next
+    // command's reconcile pass does.
+    ok(k.run(&["ps", "-a"]), "ps");
     for id in [&a, &b] {
         assert!(
             !std::path::Path::new("/sys/fs/bpf/kiln").join(id).exists(),
