@@ -242,7 +242,7 @@ fn nslookup(k: &Kiln, id: &str, name: &str, server: Option<Ipv4Addr>) -> Vec<Str
             block
                 .lines()
                 .filter_map(|l| l.trim().strip_prefix("Address:"))
-                .map(|a| a.trim().split_whitespace().next().unwrap_or("").to_string())
+                .map(|a| a.split_whitespace().next().unwrap_or("").to_string())
                 .collect::<Vec<_>>()
         })
         .collect()
@@ -394,9 +394,9 @@ fn domain_rules_admit_what_the_node_resolved_for_its_ttl() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(again, vec![a2.to_string()], "b resolves after the crash");
-    tracing::info!(
-        takeover_ms = t0.elapsed().as_millis() as u64,
-        "resolver taken over"
+    eprintln!(
+        "resolver taken over: a surviving guest resolved {} ms after kill -9",
+        t0.elapsed().as_millis()
     );
 
     for id in [&a, &b] {
