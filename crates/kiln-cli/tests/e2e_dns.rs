@@ -330,6 +330,12 @@ fn domain_rules_admit_what_the_node_resolved_for_its_ttl() {
         "hello",
         "the resolved address is admitted"
     );
+    let get = ok(k.run(&["policy", "get", &a]), "policy get");
+    let line = get
+        .lines()
+        .find(|l| l.trim_start().starts_with(&a1.to_string()))
+        .unwrap_or_else(|| panic!("no admission shown: {get}"));
+    assert_eq!(line.split_whitespace().nth(1), Some("1"), "{get}");
     assert_eq!(
         reach(&k, &a, a2),
         "",
