@@ -603,6 +603,25 @@ fn policy(node: &Node, cmd: PolicyCommand) -> Result<i32> {
                     k,
                 )?;
             }
+            // Addresses the node's resolver admitted for domain rules.
+            let admitted = kiln_node::node::open_network(node.dirs())
+                .ok()
+                .and_then(|net| net.admissions(&id).ok())
+                .unwrap_or_default();
+            if !admitted.is_empty() {
+                writeln!(out, "admitted by DNS (address, rules, seconds left):")?;
+                let now = kiln_net::bpf::monotonic_ns();
+                for a in admitted {
+                    let rules: Vec<String> = a.rules.iter().map(|r| (r + 1).to_string()).collect();
+                    writeln!(
+                        out,
+                        "  {:<15}  {:<12}  {}",
+                        a.addr,
+                        rules.join(","),
+                        a.expires_ns.saturating_sub(now) / 1_000_000_000
+                    )?;
+                }
+            }
             Ok(0)
         }
         PolicyCommand::Set { id, policy } => {

@@ -429,8 +429,15 @@ fn main() {
     {
         attach::set_start_timeout(t);
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(log_directives(&cli.log))
+    let mut filter = tracing_subscriber::EnvFilter::try_new(log_directives(&cli.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_directives("warn")));
+    // hickory-server logs every DNS request at info: guests must not be
+    // able to fill a supervisor's log (the node resolver runs in one).
+    if !cli.log.contains("hickory")
+        && let Ok(d) = "hickory_server=warn".parse()
+    {
+        filter = filter.add_directive(d);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

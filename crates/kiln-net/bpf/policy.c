@@ -8,10 +8,15 @@
 //   3. ARP: hardware/protocol types are Ethernet/IPv4, the sender MAC is the
 //      sandbox's and the sender IP is the sandbox's (or 0.0.0.0, a probe);
 //   4. IPv4: the source address is the sandbox's;
+//   4b. DNS (TCP/UDP port 53, and DNS over TLS on 853) goes only to the node's
+//      resolver (`identity.resolver`, when set), whatever the policy says;
 //   5. the policy: longest-prefix lookup of the destination gives a bitmask of
 //      candidate rules (see src/compile.rs), whose set bits are tried in rule
 //      order against protocol and port; the first match decides, else the
-//      prefix's protected flag denies, else the default decides.
+//      prefix's protected flag denies, else the default decides. Addresses
+//      the node's resolver admitted for domain rules (`dns`, keyed by address,
+//      with an expiry) add those rules' bits to the candidates, unless the
+//      address is protected.
 // `kiln_ingress` runs on the tap's egress hook (frames to the guest). It drops
 // IPv6 and records flows a peer starts (TCP SYN, first UDP/ICMP packet) in
 // `flows`, so that the guest's answers pass `kiln_egress` as replies even
@@ -52,7 +57,10 @@
 #define DROP_IPV6 3
 #define DROP_ETHERTYPE 4
 #define DROP_MALFORMED 5
-#define DROP_REASONS 6
+#define DROP_DNS 6
+#define DROP_REASONS 7
+
+#define MAX_ADMITTED 8192
 
 #define ACTION_ALLOW 0
 #define ACTION_DENY 1
@@ -63,6 +71,7 @@ struct identity {
 	__u8 mac[6];
 	__u8 pad[2];
 	__u32 ip; // network order
+	__u32 resolver; // network order; 0: no node resolver, DNS follows the policy
 };
 
 struct gen_config {
@@ -87,6 +96,15 @@ struct lpm_val {
 	__u64 mask[MASK_WORDS];
 	__u32 protected;
 	__u32 pad;
+};
+
+// An address the node's resolver admitted: the domain rules (per generation,
+// as bits in rule order) whose names resolved to it, until `expires_ns`
+// (CLOCK_MONOTONIC, what bpf_ktime_get_ns reads).
+struct admit {
+	__u64 expires_ns;
+	__u64 mask0[MASK_WORDS];
+	__u64 mask1[MASK_WORDS];
 };
 
 struct flow_key {
@@ -166,6 +184,13 @@ struct {
 	__type(key, __u32);
 	__type(value, struct counter);
 } drops SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_ADMITTED);
+	__type(key, __u32);
+	__type(value, struct admit);
+} dns SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -323,7 +348,8 @@ static long scan_word(__u64 w, void *ctx)
 	return c->hit >= 0 ? 1 : 0;
 }
 
-static __always_inline int decide(struct __sk_buff *skb, __u32 addr, __u8 proto, int port)
+static __always_inline int decide(struct __sk_buff *skb, __u32 addr, __u8 proto, int port,
+				  __u64 now)
 {
 	__u32 zero = 0;
 	__u32 *genp = bpf_map_lookup_elem(&active, &zero);
@@ -342,7 +368,16 @@ static __always_inline int decide(struct __sk_buff *skb, __u32 addr, __u8 proto,
 		val = bpf_map_lookup_elem(&prefixes1, &key);
 	else
 		val = bpf_map_lookup_elem(&prefixes0, &key);
-	if (!val)
+	__u32 is_protected = val ? val->protected : 0;
+	// Domain admissions never open a protected address (a name resolving
+	// to the node, another sandbox or 169.254.169.254 admits nothing).
+	struct admit *ad = 0;
+	if (!is_protected) {
+		ad = bpf_map_lookup_elem(&dns, &addr);
+		if (ad && now >= ad->expires_ns)
+			ad = 0;
+	}
+	if (!val && !ad)
 		return count(base + SLOT_DEFAULT, def == ACTION_ALLOW, skb);
 
 	struct scan c = {
@@ -351,11 +386,18 @@ static __always_inline int decide(struct __sk_buff *skb, __u32 addr, __u8 proto,
 		.proto = proto,
 		.hit = -1,
 	};
-	__builtin_memcpy(c.mask, val->mask, sizeof(c.mask));
+	if (val)
+		__builtin_memcpy(c.mask, val->mask, sizeof(c.mask));
+	if (ad) {
+		const __u64 *m = gen ? ad->mask1 : ad->mask0;
+#pragma unroll
+		for (int w = 0; w < MASK_WORDS; w++)
+			c.mask[w] |= m[w];
+	}
 	bpf_loop(MASK_WORDS, scan_word, &c, 0);
 	if (c.hit >= 0 && c.hit < MAX_RULES)
 		return count(base + (__u32)c.hit, c.action == ACTION_ALLOW, skb);
-	if (val->protected)
+	if (is_protected)
 		return count(base + SLOT_PROTECTED, 0, skb);
 	return count(base + SLOT_DEFAULT, def == ACTION_ALLOW, skb);
 }
@@ -402,6 +444,16 @@ int kiln_egress(struct __sk_buff *skb)
 	if (ip.saddr != id->ip)
 		return drop(DROP_IP, skb);
 
+	// DNS only to the node's resolver: a domain rule must not be bypassed by
+	// resolving elsewhere (over UDP, TCP or TLS). Queries to the resolver
+	// pass whatever the policy (it is a protected address otherwise).
+	if (id->resolver && (ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP) &&
+	    (port == 53 || port == 853)) {
+		if (ip.daddr == id->resolver && port == 53)
+			return TC_ACT_OK;
+		return drop(DROP_DNS, skb);
+	}
+
 	struct flow_key fk = {
 		.peer = ip.daddr,
 		.peer_port = port < 0 ? 0 : (__u16)port,
@@ -415,7 +467,7 @@ int kiln_egress(struct __sk_buff *skb)
 			return count_reply(skb);
 		fv->last_seen_ns = now;
 	}
-	int verdict = decide(skb, ip.daddr, ip.protocol, port);
+	int verdict = decide(skb, ip.daddr, ip.protocol, port, now);
 	if (verdict == TC_ACT_OK && !fv) {
 		struct flow_val v = { .last_seen_ns = now, .origin = FLOW_GUEST };
 		bpf_map_update_elem(&flows, &fk, &v, BPF_ANY);

@@ -37,16 +37,18 @@ const SLOTS: u32 = MAX_RULES as u32 + 3;
 const SLOT_DEFAULT: u32 = MAX_RULES as u32;
 const SLOT_PROTECTED: u32 = MAX_RULES as u32 + 1;
 const SLOT_REPLY: u32 = MAX_RULES as u32 + 2;
-const DROP_REASONS: [&str; 6] = [
+const DROP_REASONS: [&str; 7] = [
     "spoofed-mac",
     "spoofed-ip",
     "bad-arp",
     "ipv6",
     "ethertype",
     "malformed",
+    "dns-elsewhere",
 ];
-const MAPS: [&str; 9] = [
+const MAPS: [&str; 10] = [
     "flows",
+    "dns",
     "identity",
     "active",
     "gens",
@@ -64,6 +66,7 @@ struct Identity {
     mac: [u8; 6],
     pad: [u8; 2],
     ip: u32,
+    resolver: u32,
 }
 // SAFETY: repr(C), only integer fields, no padding bytes left implicit.
 unsafe impl Pod for Identity {}
@@ -98,6 +101,39 @@ struct LpmVal {
 }
 // SAFETY: repr(C), integer fields, size a multiple of 8 with explicit padding.
 unsafe impl Pod for LpmVal {}
+
+/// An address the node's resolver admitted (`struct admit` in policy.c).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawAdmit {
+    expires_ns: u64,
+    mask: [[u64; MASK_WORDS]; 2],
+}
+// SAFETY: repr(C), only u64 fields.
+unsafe impl Pod for RawAdmit {}
+
+/// One address admitted for domain rules, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    pub addr: Ipv4Addr,
+    /// CLOCK_MONOTONIC nanoseconds after which the program ignores it.
+    pub expires_ns: u64,
+    /// Rule indices (of the policy in force) it is admitted for.
+    pub rules: Vec<usize>,
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always readable");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+fn mask_bits(mask: &[u64; MASK_WORDS]) -> Vec<usize> {
+    (0..MAX_RULES)
+        .filter(|i| mask[i / 64] & (1u64 << (i % 64)) != 0)
+        .collect()
+}
 
 /// Packets and bytes one rule (or the default) let through and dropped.
 #[repr(C)]
@@ -216,12 +252,14 @@ fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Wri
 impl PolicyProgram {
     /// Loads the program for a sandbox with `mac` and `ip`, writes `policy`,
     /// attaches it to the ingress hook of `ifname` and pins everything under
-    /// `dir`. On error nothing stays pinned.
+    /// `dir`. With a `resolver`, DNS (TCP/UDP 53, TLS 853) may go only to
+    /// it. On error nothing stays pinned.
     pub fn attach(
         dir: &Path,
         ifname: &str,
         mac: [u8; 6],
         ip: Ipv4Addr,
+        resolver: Option<Ipv4Addr>,
         policy: &Compiled,
     ) -> Result<PolicyProgram, AttachProgramError> {
         ensure_bpffs()?;
@@ -231,7 +269,7 @@ impl PolicyProgram {
         let prog = PolicyProgram {
             dir: dir.to_owned(),
         };
-        let result = prog.load_and_attach(ifname, mac, ip, policy);
+        let result = prog.load_and_attach(ifname, mac, ip, resolver, policy);
         if result.is_err() {
             let _ = remove_pins(dir);
         }
@@ -243,6 +281,7 @@ impl PolicyProgram {
         ifname: &str,
         mac: [u8; 6],
         ip: Ipv4Addr,
+        resolver: Option<Ipv4Addr>,
         policy: &Compiled,
     ) -> Result<(), AttachProgramError> {
         let t0 = std::time::Instant::now();
@@ -261,6 +300,7 @@ impl PolicyProgram {
                     mac,
                     pad: [0; 2],
                     ip: u32::from_ne_bytes(ip.octets()),
+                    resolver: resolver.map_or(0, |r| u32::from_ne_bytes(r.octets())),
                 },
                 0,
             )
@@ -268,7 +308,7 @@ impl PolicyProgram {
         tracing::debug!(elapsed = ?t0.elapsed(), "maps pinned, identity written");
         // Generation 1 is written, then `active` flips from 0 to 1: the same
         // path every later update takes.
-        self.update(policy)?;
+        self.update(policy, &[])?;
 
         // Frames to the guest first (it records the flows peers start), then
         // frames from the guest: both are enforcing once the second is in.
@@ -336,9 +376,89 @@ impl PolicyProgram {
         LpmTrie::try_from(Map::LpmTrie(self.map(name)?)).map_err(map_err(name, "open"))
     }
 
+    fn admits(&self) -> Result<aya::maps::HashMap<MapData, u32, RawAdmit>, WriteMapsError> {
+        aya::maps::HashMap::try_from(Map::HashMap(self.map("dns")?)).map_err(map_err("dns", "open"))
+    }
+
+    /// Admits `addr` for the domain rules `rules` (indices in the policy in
+    /// force) until `expires_ns` (CLOCK_MONOTONIC). An admission still in
+    /// force keeps its rules and the later expiry. Callers hold the
+    /// sandbox's lock (so no update flips the generation meanwhile).
+    pub fn admit(
+        &self,
+        addr: Ipv4Addr,
+        rules: &[usize],
+        expires_ns: u64,
+    ) -> Result<(), WriteMapsError> {
+        let active: Array<MapData, u32> = self.array("active")?;
+        let generation = (active.get(&0, 0).map_err(map_err("active", "get"))? & 1) as usize;
+        let mut map = self.admits()?;
+        let key = u32::from_ne_bytes(addr.octets());
+        let now = monotonic_ns();
+        let mut entry = match map.get(&key, 0) {
+            Ok(e) if e.expires_ns > now => e,
+            _ => RawAdmit {
+                expires_ns: 0,
+                mask: [[0; MASK_WORDS]; 2],
+            },
+        };
+        entry.expires_ns = entry.expires_ns.max(expires_ns);
+        for &r in rules.iter().filter(|&&r| r < MAX_RULES) {
+            entry.mask[generation][r / 64] |= 1u64 << (r % 64);
+        }
+        if let Err(e) = map.insert(key, entry, 0) {
+            // Full: make room from what has expired, then try once more.
+            self.sweep()?;
+            map.insert(key, entry, 0)
+                .map_err(|_| e)
+                .map_err(map_err("dns", "insert"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes expired admissions (the program already ignores them);
+    /// returns how many.
+    pub fn sweep(&self) -> Result<usize, WriteMapsError> {
+        let mut map = self.admits()?;
+        let now = monotonic_ns();
+        let expired: Vec<u32> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.expires_ns <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &expired {
+            let _ = map.remove(k);
+        }
+        Ok(expired.len())
+    }
+
+    /// The admissions in force (not expired), for the policy in force.
+    pub fn admissions(&self) -> Result<Vec<Admission>, WriteMapsError> {
+        let active: Array<MapData, u32> = self.array("active")?;
+        let generation = (active.get(&0, 0).map_err(map_err("active", "get"))? & 1) as usize;
+        let now = monotonic_ns();
+        let mut out: Vec<Admission> = self
+            .admits()?
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.expires_ns > now)
+            .map(|(k, v)| Admission {
+                addr: Ipv4Addr::from(k.to_ne_bytes()),
+                expires_ns: v.expires_ns,
+                rules: mask_bits(&v.mask[generation]),
+            })
+            .collect();
+        out.sort_by_key(|a| a.addr);
+        Ok(out)
+    }
+
     /// Replaces the policy in place: writes the inactive generation and flips
-    /// to it. Counters of the new generation start at zero.
-    pub fn update(&self, policy: &Compiled) -> Result<(), WriteMapsError> {
+    /// to it. Counters of the new generation start at zero. `carry[i]` lists
+    /// the new policy's rules that take over what old rule `i` admitted
+    /// (the domain rules with the same pattern); admissions of rules not in
+    /// it end with the flip.
+    pub fn update(&self, policy: &Compiled, carry: &[Vec<usize>]) -> Result<(), WriteMapsError> {
         let mut active: Array<MapData, u32> = self.array("active")?;
         let cur = active.get(&0, 0).map_err(map_err("active", "get"))? & 1;
         let next = 1 - cur;
@@ -395,6 +515,22 @@ impl PolicyProgram {
             };
             trie.insert(&key, val, 0)
                 .map_err(map_err(trie_name, "insert"))?;
+        }
+
+        // Admissions: the next generation's bits, before the flip.
+        let mut admits = self.admits()?;
+        let entries: Vec<(u32, RawAdmit)> = admits.iter().filter_map(Result::ok).collect();
+        for (k, mut v) in entries {
+            let mut next_mask = [0u64; MASK_WORDS];
+            for old in mask_bits(&v.mask[cur as usize]) {
+                for &new in carry.get(old).map(Vec::as_slice).unwrap_or(&[]) {
+                    if new < MAX_RULES {
+                        next_mask[new / 64] |= 1u64 << (new % 64);
+                    }
+                }
+            }
+            v.mask[next as usize] = next_mask;
+            admits.insert(k, v, 0).map_err(map_err("dns", "insert"))?;
         }
 
         let mut gens: Array<MapData, GenConfig> = self.array("gens")?;

@@ -16,6 +16,7 @@
 
 pub mod bpf;
 pub mod compile;
+pub mod dns;
 pub mod host;
 pub mod ipam;
 pub mod nft;
@@ -54,9 +55,15 @@ pub struct NetConfig {
     pub bpf_root: PathBuf,
     /// Prefix of tap names (`<prefix><hash of the sandbox id>`). Default `kt`.
     pub tap_prefix: String,
-    /// DNS servers handed to guests. Default: none until the node's resolver
-    /// exists (then: the gateway).
+    /// DNS servers handed to guests when there is no node resolver.
+    /// Default: none.
     pub dns: Vec<Ipv4Addr>,
+    /// The node runs its resolver ([`dns`]) on the gateway, port 53: guests
+    /// get the gateway as their only DNS server, their policy program drops
+    /// DNS (TCP/UDP 53, TLS 853) to any other address, and domain rules
+    /// admit what it resolves for them. Default: false (the library alone
+    /// runs no resolver; whoever sets this runs one).
+    pub resolver: bool,
 }
 
 impl NetConfig {
@@ -69,6 +76,7 @@ impl NetConfig {
             bpf_root: PathBuf::from("/sys/fs/bpf/kiln"),
             tap_prefix: "kt".to_owned(),
             dns: Vec::new(),
+            resolver: false,
         }
     }
 }
@@ -171,6 +179,18 @@ pub enum UpdatePolicyError {
 }
 
 #[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error(transparent)]
+    Policy(#[from] UpdatePolicyError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("cannot read the host's addresses")]
+    HostAddrs(#[source] host::HostNetError),
+    #[error(transparent)]
+    Maps(#[from] bpf::WriteMapsError),
+}
+
+#[derive(Debug, thiserror::Error)]
 #[error("cannot lock {0}")]
 pub struct LockError(PathBuf, #[source] io::Error);
 
@@ -190,6 +210,9 @@ pub struct ReconcileReport {
 pub struct Network {
     cfg: NetConfig,
     ipam: Ipam,
+    /// The protected ranges as last read, for DNS admissions (read at most
+    /// once a second: reading the host's addresses runs `ip`).
+    protected_cache: std::sync::Mutex<Option<(std::time::Instant, Protected)>>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -229,7 +252,11 @@ impl Network {
             }
         })?;
         info!(bridge = %cfg.bridge, subnet = %ipam.subnet(), "sandbox network ready");
-        Ok(Network { cfg, ipam })
+        Ok(Network {
+            cfg,
+            ipam,
+            protected_cache: std::sync::Mutex::new(None),
+        })
     }
 
     pub fn config(&self) -> &NetConfig {
@@ -339,6 +366,7 @@ impl Network {
             &lease.ifname,
             lease.mac,
             lease.ip,
+            self.cfg.resolver.then(|| self.ipam.gateway()),
             &compiled,
         )?;
         tracing::debug!(program = ?t_link.elapsed(), "attach: program loaded and pinned");
@@ -350,7 +378,11 @@ impl Network {
             ip: lease.ip,
             prefix_len: self.ipam.subnet().prefix_len(),
             gateway: self.ipam.gateway(),
-            dns: self.cfg.dns.clone(),
+            dns: if self.cfg.resolver {
+                vec![self.ipam.gateway()]
+            } else {
+                self.cfg.dns.clone()
+            },
         })
     }
 
@@ -362,7 +394,16 @@ impl Network {
             .ok_or_else(|| UpdatePolicyError::NotAttached(id.to_owned()))?;
         let protected = self.protected().map_err(UpdatePolicyError::HostAddrs)?;
         let compiled = compile::compile(&policy.egress, policy.default, &protected);
-        prog.update(&compiled)?;
+        // Addresses admitted for a domain rule stay admitted for the new
+        // policy's rules with the same pattern (until their TTL ends).
+        let carry = match self.saved_policy(id) {
+            Ok(old) => dns::carry_admissions(&old.egress, &policy.egress),
+            Err(e) => {
+                warn!(sandbox = id, error = %e, "no saved policy: domain admissions end");
+                Vec::new()
+            }
+        };
+        prog.update(&compiled, &carry)?;
         ipam::write_atomic(
             &self.policy_path(id),
             &serde_json::to_vec_pretty(policy).expect("a policy serialises"),
@@ -376,12 +417,93 @@ impl Network {
     pub fn policy(&self, id: &str) -> Result<(Policy, Counters), UpdatePolicyError> {
         let prog = PolicyProgram::open(&self.pin_dir(id))
             .ok_or_else(|| UpdatePolicyError::NotAttached(id.to_owned()))?;
-        let path = self.policy_path(id);
-        let bytes = fs::read(&path).map_err(|e| UpdatePolicyError::ReadPolicy(path.clone(), e))?;
-        let policy: Policy = serde_json::from_slice(&bytes)
-            .map_err(|e| UpdatePolicyError::CorruptPolicy(path, e))?;
+        let policy = self.saved_policy(id)?;
         let counters = prog.counters(policy.egress.len())?;
         Ok((policy, counters))
+    }
+
+    fn saved_policy(&self, id: &str) -> Result<Policy, UpdatePolicyError> {
+        let path = self.policy_path(id);
+        let bytes = fs::read(&path).map_err(|e| UpdatePolicyError::ReadPolicy(path.clone(), e))?;
+        serde_json::from_slice(&bytes).map_err(|e| UpdatePolicyError::CorruptPolicy(path, e))
+    }
+
+    /// The sandbox holding address `ip`, if any (the lease table).
+    pub fn sandbox_of(&self, ip: Ipv4Addr) -> Result<Option<String>, ipam::IpamError> {
+        Ok(self
+            .ipam
+            .leases()?
+            .into_iter()
+            .find(|(_, l)| l.ip == ip)
+            .map(|(id, _)| id))
+    }
+
+    /// Admits the addresses a DNS answer for `name` gave sandbox `id`, each
+    /// `(address, ttl seconds)`, for the domain rules of its policy that
+    /// match `name`, until the TTL ends. Protected addresses (the node,
+    /// sandboxes, link-local, ...) are never admitted. Returns how many
+    /// addresses were admitted (0 when no domain rule matches `name`).
+    pub fn admit(
+        &self,
+        id: &str,
+        name: &str,
+        answers: &[(Ipv4Addr, u32)],
+    ) -> Result<usize, AdmitError> {
+        let _lock = self.lock(id)?;
+        let prog = PolicyProgram::open(&self.pin_dir(id))
+            .ok_or_else(|| UpdatePolicyError::NotAttached(id.to_owned()))?;
+        let policy = self.saved_policy(id)?;
+        let rules = dns::matching_rules(&policy.egress, name);
+        if rules.is_empty() || answers.is_empty() {
+            return Ok(0);
+        }
+        let protected = self.protected_recent().map_err(AdmitError::HostAddrs)?;
+        let now = bpf::monotonic_ns();
+        let mut admitted = 0;
+        for &(addr, ttl) in answers {
+            if protected.contains(addr) {
+                warn!(sandbox = id, name, %addr, "a name resolved to a protected address: not admitted");
+                continue;
+            }
+            let ttl = u64::from(ttl.min(dns::MAX_ADMIT_TTL));
+            prog.admit(addr, &rules, now + ttl * 1_000_000_000)?;
+            admitted += 1;
+        }
+        Ok(admitted)
+    }
+
+    fn protected_recent(&self) -> Result<Protected, host::HostNetError> {
+        let mut cache = self
+            .protected_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((at, p)) = cache.as_ref()
+            && at.elapsed() < std::time::Duration::from_secs(1)
+        {
+            return Ok(p.clone());
+        }
+        let p = self.protected()?;
+        *cache = Some((std::time::Instant::now(), p.clone()));
+        Ok(p)
+    }
+
+    /// The addresses admitted for sandbox `id`'s domain rules, in force now.
+    pub fn admissions(&self, id: &str) -> Result<Vec<bpf::Admission>, AdmitError> {
+        let prog = PolicyProgram::open(&self.pin_dir(id))
+            .ok_or_else(|| UpdatePolicyError::NotAttached(id.to_owned()))?;
+        Ok(prog.admissions()?)
+    }
+
+    /// Removes expired admissions of every sandbox (the programs already
+    /// ignore them; this frees map space).
+    pub fn sweep_admissions(&self) -> Result<usize, ipam::IpamError> {
+        let mut n = 0;
+        for id in self.ipam.leases()?.keys() {
+            if let Some(prog) = PolicyProgram::open(&self.pin_dir(id)) {
+                n += prog.sweep().unwrap_or(0);
+            }
+        }
+        Ok(n)
     }
 
     /// Removes a sandbox's program, interface and lease. Idempotent.

@@ -187,6 +187,7 @@ fn write_ready(w: &mut impl std::io::Write, line: &ReadyLine) {
 /// main process's line on its control connection).
 #[instrument(skip_all, fields(sandbox = %id))]
 pub async fn run(store: Store, id: String, ready: impl std::io::Write) -> Result<(), ShimError> {
+    crate::dns::start_candidate_if_networked(&store, &id);
     let result = run_sandbox(store.clone(), id.clone(), ready).await;
     // The VM is gone (or never came): its tap, address and policy program
     // go too. (A supervisor killed before this is repaired by the node's

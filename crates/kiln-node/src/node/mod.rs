@@ -195,8 +195,11 @@ impl Node {
 
 /// The node's sandbox network (bridge, NAT, IPAM under `<state>/net`),
 /// set up idempotently.
+/// Its guests resolve through the node's resolver (see [`crate::dns`]).
 pub fn open_network(dirs: &Dirs) -> Result<kiln_net::Network, kiln_net::OpenNetworkError> {
-    kiln_net::Network::open(kiln_net::NetConfig::new(&dirs.state.join("net")))
+    let mut cfg = kiln_net::NetConfig::new(&dirs.state.join("net"));
+    cfg.resolver = true;
+    kiln_net::Network::open(cfg)
 }
 
 /// Detaches sandbox `id` from the network if it has ever been on it (tap,
