@@ -84,6 +84,10 @@ pub struct Attachment {
     pub prefix_len: u8,
     pub gateway: Ipv4Addr,
     pub dns: Vec<Ipv4Addr>,
+    /// The policy it was attached with (a restore of a snapshot of this
+    /// sandbox attaches its new interface with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
 }
 
 /// How the sandbox's host side interface comes to be.
@@ -351,6 +355,7 @@ impl Network {
             prefix_len: self.ipam.subnet().prefix_len(),
             gateway: self.ipam.gateway(),
             dns: self.cfg.dns.clone(),
+            policy: Some(policy.clone()),
         })
     }
 
