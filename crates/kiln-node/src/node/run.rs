@@ -164,15 +164,18 @@ impl Node {
             t0.elapsed().as_millis()
         ));
         let image_digest = spec.image_digest.clone();
-        let template = match (req.spec.start, &policy) {
-            (StartPreference::Cold, _) => Err("--cold".to_string()),
-            // Templates and pool members have no network device.
-            (_, Some(_)) => Err("warm starts have no network device yet".to_string()),
-            (StartPreference::Warm, None) => self.find_template(&spec),
+        let template = match req.spec.start {
+            StartPreference::Cold => Err("--cold".to_string()),
+            // A networked run restores a networked template (its VM has a
+            // NIC) with a tap, lease and MAC of its own.
+            StartPreference::Warm => self.find_template(&spec, policy.is_some()),
         };
         // The fastest start: a member of the template's warm pool. Whether
         // or not one was left, the pool is refilled in the background.
-        if let Ok(name) = &template {
+        // (Networked templates have no pools yet.)
+        if let Ok(name) = &template
+            && policy.is_none()
+        {
             let spawned_ms = t0.elapsed().as_millis() as u64;
             match self.claim_pool_member(name, &spec).await {
                 Some(c) if !c.ready.ok && c.ready.restore_failed => {
@@ -209,26 +212,7 @@ impl Node {
         }
         let mut rec = self.create_record(spec)?;
         if let Some(policy) = &policy {
-            let attached = open_network_for(self).and_then(|net| {
-                net.attach(&rec.id, kiln_net::Endpoint::Tap, policy)
-                    .map_err(RunError::from)
-            });
-            match attached {
-                Ok(a) => {
-                    notes.push(format!(
-                        "network: {} on {} ({})",
-                        a.ip,
-                        a.ifname,
-                        kiln_net::format_mac(&a.mac)
-                    ));
-                    rec.spec.network = Some(a);
-                }
-                Err(e) => {
-                    let _ = self.store.remove(&rec.id);
-                    super::release_network(self.dirs(), &rec.id);
-                    return Err(e);
-                }
-            }
+            self.attach_network(&mut rec, policy, &mut notes)?;
         }
         // A warm start when a template for exactly this exists (checked
         // like a snapshot before a restore), else a boot.
@@ -283,7 +267,13 @@ impl Node {
                     *e = "HOSTNAME=".into();
                 }
             }
+            // The failed sandbox's supervisor released its network.
+            spec.network = None;
             rec = self.create_record(spec)?;
+            if let Some(policy) = &policy {
+                self.attach_network(&mut rec, policy, &mut notes)?;
+                self.store.save(&rec)?;
+            }
             spawned_ms = t0.elapsed().as_millis() as u64;
             (ready, shim_pid) = self.spawn_supervisor(&rec).await?;
             path = StartPath::Cold;
@@ -291,7 +281,6 @@ impl Node {
         if path == StartPath::Cold
             && ready.ok
             && req.spec.start == StartPreference::Warm
-            && policy.is_none()
             && self.config.auto_templates
         {
             // The next run of this image with these resources starts warm.
@@ -334,6 +323,37 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// Attaches a new sandbox to the network (tap, lease, MAC, policy
+    /// program) and records it in its spec; on error the record is gone.
+    fn attach_network(
+        &self,
+        rec: &mut SandboxRecord,
+        policy: &kiln_net::Policy,
+        notes: &mut Vec<String>,
+    ) -> Result<(), RunError> {
+        let attached = open_network_for(self).and_then(|net| {
+            net.attach(&rec.id, kiln_net::Endpoint::Tap, policy)
+                .map_err(RunError::from)
+        });
+        match attached {
+            Ok(a) => {
+                notes.push(format!(
+                    "network: {} on {} ({})",
+                    a.ip,
+                    a.ifname,
+                    kiln_net::format_mac(&a.mac)
+                ));
+                rec.spec.network = Some(a);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.store.remove(&rec.id);
+                super::release_network(self.dirs(), &rec.id);
+                Err(e)
+            }
+        }
     }
 
     /// A new sandbox record for `spec`; `HOSTNAME` becomes its short ID.
