@@ -185,3 +185,121 @@ fn warm_starts_from_a_networked_template_get_their_own_address() {
     k.assert_clean();
     drop_node_network();
 }
+
+/// `busybox nc` from namespace `ns` (None: the host) to `addr:port`.
+fn nc_from(ns: Option<&str>, addr: &str, port: u16) -> String {
+    let mut c = match ns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns, "busybox"]);
+            c
+        }
+        None => std::process::Command::new("busybox"),
+    };
+    let out = c
+        .args(["nc", "-w", "2", addr, &port.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("nc");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_published_port_is_reachable_through_it_and_nothing_else() {
+    let k = Kiln::new();
+    let bb = busybox();
+    let out = Outside::new();
+    let taps_before = taps();
+    let host_ip = match out.addr.rsplit_once('.') {
+        Some((net, _)) => format!("{net}.1"),
+        None => panic!("bad address {}", out.addr),
+    };
+    let host_port = 20000 + (std::process::id() % 5000) as u16;
+    let publish = format!("{host_port}:8000");
+
+    tracing::info!("bad and conflicting -p are refused before anything exists");
+    let bad = k.run(&["run", "--net", "default", "-p", "80", &bb, "--", "true"]);
+    assert_ne!(code(&bad), 0);
+    assert!(
+        stderr(&bad).contains("HOSTPORT:GUESTPORT"),
+        "{}",
+        stderr(&bad)
+    );
+    let bad = k.run(&["run", "-p", &publish, &bb, "--", "true"]);
+    assert!(stderr(&bad).contains("--net default"), "{}", stderr(&bad));
+
+    let id = ok(
+        &k,
+        &[
+            "run",
+            "-d",
+            "--net",
+            "default",
+            "-p",
+            &publish,
+            &bb,
+            "--",
+            "sh",
+            "-c",
+            "nc -ll -p 8000 -e echo published & nc -ll -p 8001 -e echo secret & sleep 600",
+        ],
+    )
+    .trim()
+    .to_string();
+    let guest_ip = guest_addr(&k, &id).0.split('/').next().unwrap().to_string();
+    let t0 = std::time::Instant::now();
+    loop {
+        if nc_from(Some(&out.ns), &host_ip, host_port) == "published" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "the published port never answered from outside"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    tracing::info!("reached from another host; and from the host itself");
+    assert_eq!(nc_from(None, &host_ip, host_port), "published");
+
+    tracing::info!("nothing else of the guest is reachable from outside");
+    net_support::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &out.ns,
+        "ip",
+        "route",
+        "add",
+        "10.88.0.0/16",
+        "via",
+        &host_ip,
+    ]);
+    assert_eq!(nc_from(Some(&out.ns), &guest_ip, 8000), "");
+    assert_eq!(nc_from(Some(&out.ns), &guest_ip, 8001), "");
+    assert_eq!(nc_from(Some(&out.ns), &host_ip, host_port + 1), "");
+
+    tracing::info!("a second sandbox cannot take the same host port");
+    let before = ok(&k, &["ps", "-a", "-q"]);
+    let taken = k.run(&["run", "--net", "default", "-p", &publish, &bb, "--", "true"]);
+    assert_ne!(code(&taken), 0);
+    assert!(
+        stderr(&taken).contains("already published"),
+        "{}",
+        stderr(&taken)
+    );
+    assert_eq!(ok(&k, &["ps", "-a", "-q"]), before);
+
+    ok(&k, &["rm", "-f", &id]);
+    let table = std::process::Command::new("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .expect("nft");
+    assert!(
+        !String::from_utf8_lossy(&table.stdout).contains(&format!("kiln:{id}")),
+        "a published port outlived its sandbox"
+    );
+    assert_eq!(nc_from(None, &host_ip, host_port), "");
+    assert_eq!(taps(), taps_before, "a tap outlived its sandbox");
+    k.assert_clean();
+    drop_node_network();
+}

@@ -73,6 +73,10 @@ pub enum RunError {
     OpenNetwork(#[from] kiln_net::OpenNetworkError),
     #[error("cannot attach the sandbox to the network")]
     Attach(#[from] kiln_net::AttachError),
+    #[error(transparent)]
+    BadPublish(#[from] kiln_net::publish::ParsePublishError),
+    #[error("cannot publish the port")]
+    Publish(#[from] kiln_net::PublishError),
     #[error("{what} {asked} MiB is more than this host has ({has} MiB)")]
     Capacity {
         what: &'static str,
@@ -154,6 +158,11 @@ impl Node {
         let t0 = Instant::now();
         let mut notes = vec![];
         let policy = policy_of(&req.spec.network)?;
+        let ports = publish_of(&req.spec.network)?;
+        if !ports.is_empty() {
+            // A host port that is taken is refused before anything exists.
+            open_network_for(self)?.check_publish(&ports)?;
+        }
         let (spec, cached) = self.resolve(req, progress).await?;
         let resolved_ms = t0.elapsed().as_millis() as u64;
         notes.push(format!(
@@ -212,7 +221,7 @@ impl Node {
         }
         let mut rec = self.create_record(spec)?;
         if let Some(policy) = &policy {
-            self.attach_network(&mut rec, policy, &mut notes)?;
+            self.attach_network(&mut rec, policy, &ports, &mut notes)?;
         }
         // A warm start when a template for exactly this exists (checked
         // like a snapshot before a restore), else a boot.
@@ -271,7 +280,7 @@ impl Node {
             spec.network = None;
             rec = self.create_record(spec)?;
             if let Some(policy) = &policy {
-                self.attach_network(&mut rec, policy, &mut notes)?;
+                self.attach_network(&mut rec, policy, &ports, &mut notes)?;
                 self.store.save(&rec)?;
             }
             spawned_ms = t0.elapsed().as_millis() as u64;
@@ -331,11 +340,15 @@ impl Node {
         &self,
         rec: &mut SandboxRecord,
         policy: &kiln_net::Policy,
+        ports: &[kiln_net::Publish],
         notes: &mut Vec<String>,
     ) -> Result<(), RunError> {
         let attached = open_network_for(self).and_then(|net| {
-            net.attach(&rec.id, kiln_net::Endpoint::Tap, policy)
-                .map_err(RunError::from)
+            let a = net
+                .attach(&rec.id, kiln_net::Endpoint::Tap, policy)
+                .map_err(RunError::from)?;
+            net.publish(&a, ports)?;
+            Ok(a)
         });
         match attached {
             Ok(a) => {
@@ -389,6 +402,7 @@ pub fn policy_of(
             policy,
             policy_default,
             rules,
+            ..
         } => {
             // A preset, or a policy file the node can read.
             let base = kiln_net::Policy::load(policy.as_deref().unwrap_or("internet-only"))?;
@@ -398,6 +412,18 @@ pub fn policy_of(
                 .collect();
             kiln_net::Policy::from_flags(Some(base), policy_default.map(action), &rules).map(Some)
         }
+    }
+}
+
+/// The ports a spec's network publishes, checked.
+pub fn publish_of(
+    net: &kiln_api::sandbox::NetworkSpec,
+) -> Result<Vec<kiln_net::Publish>, kiln_net::publish::ParsePublishError> {
+    match net {
+        kiln_api::sandbox::NetworkSpec::Default { publish, .. } => {
+            publish.iter().map(|p| p.parse()).collect()
+        }
+        kiln_api::sandbox::NetworkSpec::None => Ok(vec![]),
     }
 }
 
