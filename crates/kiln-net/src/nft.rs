@@ -131,7 +131,7 @@ pub fn remove_bridge_rules(bridge: &str) -> Result<(), NftError> {
         format!("out_{c}"),
     ];
     for name in &ours {
-        if chains.contains(&name) {
+        if chains.contains(name) {
             script.push_str(&format!(
                 "flush chain inet {TABLE} {name}\ndelete chain inet {TABLE} {name}\n"
             ));
