@@ -185,6 +185,10 @@ pub enum NetworkSpec {
         policy_default: Option<PolicyAction>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         rules: Vec<PolicyRule>,
+        /// Published ports, `[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]`
+        /// (checked by the node before anything is created).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        publish: Vec<String>,
     },
 }
 

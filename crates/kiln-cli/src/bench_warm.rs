@@ -46,6 +46,7 @@ pub async fn warm(
         cpus: 1,
         memory_mib: 256,
         disk_mib: 4096,
+        network: false,
     };
     let created = template::create(store.dirs(), &p, "auto", |_| true).await?;
     let name = created.manifest.name.clone();

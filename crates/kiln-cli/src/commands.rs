@@ -298,11 +298,20 @@ fn run_request(args: &RunArgs) -> Result<RunRequest> {
     spec.auto_remove = args.rm;
     spec.log_limit = args.log_limit;
     spec.network = match args.net.mode.as_str() {
-        "default" => network_spec(&args.net.policy),
+        "default" => {
+            let mut n = network_spec(&args.net.policy);
+            if let kiln_api::sandbox::NetworkSpec::Default { publish, .. } = &mut n {
+                publish.clone_from(&args.net.publish);
+            }
+            n
+        }
         _ => {
             let p = &args.net.policy;
             if p.policy.is_some() || p.policy_default.is_some() || !p.ordered.is_empty() {
                 bail!("--policy, --policy-default, --allow and --deny need --net default");
+            }
+            if !args.net.publish.is_empty() {
+                bail!("-p/--publish needs --net default");
             }
             kiln_api::sandbox::NetworkSpec::None
         }
@@ -554,6 +563,7 @@ fn network_spec(p: &PolicyArgs) -> kiln_api::sandbox::NetworkSpec {
                 rule: rule.clone(),
             })
             .collect(),
+        publish: vec![],
     }
 }
 

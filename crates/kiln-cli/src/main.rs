@@ -264,6 +264,11 @@ pub struct NetArgs {
     mode: String,
     #[command(flatten)]
     policy: PolicyArgs,
+    /// Publish a guest port on the host: `[HOSTIP:]HOSTPORT:GUESTPORT`,
+    /// `/udp` for UDP (repeatable; needs `--net default`). The guest is
+    /// reachable from outside through these ports only.
+    #[arg(short = 'p', long = "publish", value_name = "PORTS")]
+    publish: Vec<String>,
 }
 
 /// A network policy on the command line: `--allow`/`--deny` rules in the

@@ -37,6 +37,11 @@ pub enum TemplateCommand {
         /// the pool off). On an existing template, only resizes its pool.
         #[arg(long, value_name = "K")]
         pool: Option<u32>,
+        /// `default`: a template for `kiln run --net default` (its VM has a
+        /// network device; each run restores it with its own tap, address
+        /// and MAC). `none`: for `--net none` runs.
+        #[arg(long = "net", default_value = "none", value_parser = ["none", "default"])]
+        net: String,
         /// Print timings on stderr.
         #[arg(short = 'v', long)]
         verbose: bool,
@@ -86,6 +91,7 @@ pub async fn dispatch(node: &Node, cmd: TemplateCommand) -> Result<i32> {
             verbose,
             auto,
             when_idle,
+            net,
         } => {
             crate::commands::check_resources(cpus, memory, disk)?;
             let req = TemplateRequest {
@@ -101,6 +107,7 @@ pub async fn dispatch(node: &Node, cmd: TemplateCommand) -> Result<i32> {
                 pool,
                 automatic: auto,
                 when_idle,
+                network: net == "default",
             };
             let t0 = std::time::Instant::now();
             let progress = crate::images::Bars::new(

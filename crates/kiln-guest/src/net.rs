@@ -43,6 +43,11 @@ pub fn configure(n: &GuestNetwork) -> Result<(), String> {
     sys::set_ipv4(&sock, &ifname, n.address, mask)
         .map_err(|e| format!("{ifname} address {}: {e}", n.address))?;
     sys::set_up(&sock, &ifname, true).map_err(|e| format!("{ifname} up: {e}"))?;
+    // A restored guest (fork, pool member, warm start) still knows its
+    // parent's neighbours: forget them all, the gateway included.
+    for addr in neighbours(&ifname) {
+        sys::forget_neighbour(&sock, &ifname, addr);
+    }
     sys::forget_neighbour(&sock, &ifname, n.gateway);
     sys::set_default_route(&sock, n.gateway)
         .map_err(|e| format!("default route via {}: {e}", n.gateway))?;
@@ -54,4 +59,37 @@ pub fn configure(n: &GuestNetwork) -> Result<(), String> {
             .map_err(|e| format!("writing /etc/resolv.conf: {e}"))?;
     }
     Ok(())
+}
+
+/// The IPv4 neighbours the kernel has for `ifname` (`/proc/net/arp`).
+fn neighbours(ifname: &str) -> Vec<Ipv4Addr> {
+    let text = std::fs::read_to_string("/proc/net/arp").unwrap_or_default();
+    parse_arp(&text, ifname)
+}
+
+fn parse_arp(text: &str, ifname: &str) -> Vec<Ipv4Addr> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 6 && f[5] == ifname)
+                .then(|| f[0].parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn arp_table_entries_of_one_interface() {
+        let text = "IP address       HW type     Flags       HW address            Mask     Device\n\
+                    10.88.0.1        0x1         0x2         aa:bb:cc:dd:ee:ff     *        eth0\n\
+                    10.88.0.9        0x1         0x2         aa:bb:cc:dd:ee:01     *        eth1\n\
+                    garbage\n";
+        assert_eq!(
+            super::parse_arp(text, "eth0"),
+            vec!["10.88.0.1".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+    }
 }

@@ -21,6 +21,7 @@ pub mod host;
 pub mod ipam;
 pub mod nft;
 pub mod policy;
+pub mod publish;
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
@@ -38,6 +39,7 @@ pub use bpf::{Counter, Counters, PolicyProgram};
 pub use compile::{Compiled, Protected};
 pub use ipam::{Ipam, Lease, format_mac, mac_for};
 pub use policy::{Action, Policy, Preset, Rule};
+pub use publish::{Publish, PublishError};
 
 /// Where the node's network lives. Defaults are documented per field.
 #[derive(Debug, Clone)]
@@ -92,6 +94,10 @@ pub struct Attachment {
     pub prefix_len: u8,
     pub gateway: Ipv4Addr,
     pub dns: Vec<Ipv4Addr>,
+    /// The policy it was attached with (a restore of a snapshot of this
+    /// sandbox attaches its new interface with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
 }
 
 /// How the sandbox's host side interface comes to be.
@@ -158,6 +164,8 @@ pub enum DetachError {
     Ipam(#[from] ipam::IpamError),
     #[error("cannot remove {0}")]
     State(PathBuf, #[source] io::Error),
+    #[error("cannot remove published ports")]
+    Unpublish(#[source] nft::NftError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -383,6 +391,7 @@ impl Network {
             } else {
                 self.cfg.dns.clone()
             },
+            policy: Some(policy.clone()),
         })
     }
 
@@ -506,9 +515,26 @@ impl Network {
         Ok(n)
     }
 
-    /// Removes a sandbox's program, interface and lease. Idempotent.
+    /// Refuses ports that cannot be published (see [`publish::check`]).
+    pub fn check_publish(&self, ports: &[Publish]) -> Result<(), PublishError> {
+        publish::check(&self.cfg.bridge, ports)
+    }
+
+    /// Publishes `ports` of an attached sandbox on the host (DNAT to its
+    /// address); removed by [`Network::detach`].
+    pub fn publish(&self, a: &Attachment, ports: &[Publish]) -> Result<(), PublishError> {
+        let _lock = self.lock(&a.id)?;
+        publish::check(&self.cfg.bridge, ports)?;
+        publish::add(&self.cfg.bridge, &a.id, a.ip, ports)?;
+        info!(sandbox = %a.id, ports = ?ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "ports published");
+        Ok(())
+    }
+
+    /// Removes a sandbox's published ports, program, interface and lease.
+    /// Idempotent.
     pub fn detach(&self, id: &str) -> Result<(), DetachError> {
         let _lock = self.lock(id)?;
+        publish::remove(&self.cfg.bridge, &|owner| owner == id).map_err(DetachError::Unpublish)?;
         bpf::remove_pins(&self.pin_dir(id))?;
         if let Some(lease) = self.ipam.leases()?.get(id) {
             host::delete_link(&lease.ifname)
@@ -539,6 +565,18 @@ impl Network {
             }
         }
         let leases = self.ipam.leases()?;
+        // Published ports of sandboxes without a lease (a crash between
+        // publishing and detaching). Other state dirs share the bridge's
+        // chains: only ids with a saved policy here are judged.
+        let orphans = publish::remove(&self.cfg.bridge, &|owner| {
+            !leases.contains_key(owner) && self.owns_pin(owner, &leases)
+        })
+        .map_err(DetachError::Unpublish)?;
+        report.orphan_links.extend(
+            orphans
+                .into_iter()
+                .map(|id| format!("published ports of {id}")),
+        );
         let known: BTreeSet<&str> = leases.values().map(|l| l.ifname.as_str()).collect();
         let ports = host::bridge_ports(&self.cfg.bridge)
             .map_err(|e| DetachError::Link(self.cfg.bridge.clone(), e))?;

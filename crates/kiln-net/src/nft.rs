@@ -51,8 +51,17 @@ fn lock() -> Result<Flock<File>, NftError> {
 }
 
 fn nft(script: &str) -> Result<String, NftError> {
+    run(script, false)
+}
+
+/// Runs an `nft -f -` script (`handles`: `-a`, rule handles in listings).
+pub(crate) fn run(script: &str, handles: bool) -> Result<String, NftError> {
     let mut child = Command::new("nft")
-        .args(["-f", "-"])
+        .args(if handles {
+            &["-a", "-f", "-"][..]
+        } else {
+            &["-f", "-"][..]
+        })
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -87,8 +96,11 @@ pub fn ensure_bridge_rules(bridge: &str, subnet: Ipv4Net) -> Result<(), NftError
          flush chain inet {TABLE} fwd_{c}\n\
          add rule inet {TABLE} fwd_{c} iifname \"{bridge}\" oifname != \"{bridge}\" ip saddr {subnet} accept\n\
          add rule inet {TABLE} fwd_{c} oifname \"{bridge}\" iifname != \"{bridge}\" ct state established,related accept\n\
+         add rule inet {TABLE} fwd_{c} oifname \"{bridge}\" iifname != \"{bridge}\" ct status dnat accept\n\
          add rule inet {TABLE} fwd_{c} oifname \"{bridge}\" iifname != \"{bridge}\" drop\n\
-         add rule inet {TABLE} fwd_{c} iifname \"{bridge}\" oifname != \"{bridge}\" drop\n"
+         add rule inet {TABLE} fwd_{c} iifname \"{bridge}\" oifname != \"{bridge}\" drop\n\
+         add chain inet {TABLE} pre_{c} {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
+         add chain inet {TABLE} out_{c} {{ type nat hook output priority -100; policy accept; }}\n"
     );
     nft(&script).map(|_| ())
 }
@@ -112,16 +124,20 @@ pub fn remove_bridge_rules(bridge: &str) -> Result<(), NftError> {
     let c = chain_suffix(bridge);
     let chains = table_chains()?;
     let mut script = String::new();
-    for name in [format!("nat_{c}"), format!("fwd_{c}")] {
-        if chains.contains(&name) {
+    let ours = [
+        format!("nat_{c}"),
+        format!("fwd_{c}"),
+        format!("pre_{c}"),
+        format!("out_{c}"),
+    ];
+    for name in &ours {
+        if chains.contains(name) {
             script.push_str(&format!(
                 "flush chain inet {TABLE} {name}\ndelete chain inet {TABLE} {name}\n"
             ));
         }
     }
-    let others = chains
-        .iter()
-        .any(|n| n != &format!("nat_{c}") && n != &format!("fwd_{c}"));
+    let others = chains.iter().any(|n| !ours.contains(n));
     if !chains.is_empty() && !others {
         script = format!("delete table inet {TABLE}\n");
     }

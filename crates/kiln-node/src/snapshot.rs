@@ -174,6 +174,9 @@ pub struct TemplateInfo {
     pub key: String,
     /// Size of the writable disk.
     pub disk_mib: u32,
+    /// Its VM has a network device (a template for `--net default` runs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub network: bool,
 }
 
 impl Manifest {

@@ -59,13 +59,24 @@ pub struct TemplateParams {
     pub cpus: u32,
     pub memory_mib: u32,
     pub disk_mib: u32,
+    /// A template for networked runs: its VM has a virtio-net device (on a
+    /// placeholder tap that goes nowhere), so a restore with the run's own
+    /// tap has the device model the snapshot was taken with.
+    pub network: bool,
 }
 
 impl TemplateParams {
     fn describe(&self) -> String {
         format!(
-            "{} CPU, {} MiB memory, {} MiB disk",
-            self.cpus, self.memory_mib, self.disk_mib
+            "{} CPU, {} MiB memory, {} MiB disk{}",
+            self.cpus,
+            self.memory_mib,
+            self.disk_mib,
+            if self.network {
+                ", a network device (kiln template create --net default)"
+            } else {
+                ""
+            }
         )
     }
 
@@ -114,6 +125,13 @@ pub fn key(p: &TemplateParams, guest: &GuestDigests, driver: &DriverInfo) -> Str
         &p.memory_mib.to_string(),
         &p.disk_mib.to_string(),
     ] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    // Only networked templates hash one more part: the keys (and names)
+    // of existing templates without a network stay what they were.
+    if p.network {
+        let part = "network:virtio-net";
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
@@ -185,7 +203,10 @@ pub fn find(
         .unwrap_or_default()
         .into_iter()
         .map(|e| e.manifest)
-        .filter(|m| m.template.is_some() && m.image_digest == p.image_digest)
+        .filter(|m| {
+            m.template.as_ref().is_some_and(|t| t.network == p.network)
+                && m.image_digest == p.image_digest
+        })
         .collect();
     for m in &same_image {
         let disk = m.template.as_ref().map(|t| t.disk_mib).unwrap_or(0);
@@ -223,6 +244,8 @@ pub enum CreateTemplateError {
     Hash(#[source] std::io::Error),
     #[error(transparent)]
     Vm(#[from] vm::StartSandboxVmError),
+    #[error("cannot make the template's placeholder tap: {0}")]
+    Network(String),
     #[error("the template's guest agent did not come up")]
     Agent(#[source] agent::ConnectAgentError),
     #[error("the template's guest did not quiesce")]
@@ -329,6 +352,7 @@ pub async fn create(
     let info = TemplateInfo {
         key: k,
         disk_mib: p.disk_mib,
+        network: p.network,
     };
     let dest = staging.clone();
     let memo = templates.memo().map(Path::to_path_buf);
@@ -382,7 +406,7 @@ async fn boot_and_snapshot(
     }
     fs::create_dir_all(work).map_err(io(work))?;
     let rw = work.join(snapshot::RW_DISK);
-    let spec = vm::sandbox_vm_spec(
+    let mut spec = vm::sandbox_vm_spec(
         drv,
         name,
         &p.spec(&sel.kind.to_string()),
@@ -390,6 +414,47 @@ async fn boot_and_snapshot(
         work,
         rw.clone(),
     );
+    // A networked template's NIC sits on a tap of its own, on no bridge and
+    // down: the template's guest reaches nothing, and never has an
+    // address (it gets one from the identity push after each restore).
+    let tap = p.network.then(|| placeholder_tap(work));
+    if let Some(tap) = &tap {
+        kiln_net::host::ip(&["tuntap", "add", "dev", tap, "mode", "tap"])
+            .map_err(|e| CreateTemplateError::Network(e.to_string()))?;
+        spec.network = Some(kiln_vmm::NetDevice {
+            tap: tap.clone(),
+            mac: PLACEHOLDER_MAC.into(),
+        });
+    }
+    let result = boot_and_snapshot_on(drv, name, staging, work, &rw, &spec, tap.clone()).await;
+    if let Some(tap) = &tap {
+        let _ = kiln_net::host::delete_link(tap);
+    }
+    result
+}
+
+/// The MAC of a networked template's NIC (locally administered; every
+/// restore sets its own).
+const PLACEHOLDER_MAC: &str = "02:00:00:00:00:01";
+
+/// The placeholder tap of a template being made in `work`: `ktp` and 12
+/// hex digits (a sandbox's tap is `kt` and 13 hex digits: no collision).
+fn placeholder_tap(work: &Path) -> String {
+    let h = Sha256::digest(work.to_string_lossy().as_bytes());
+    let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+    format!("ktp{}", &hex[..12])
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn boot_and_snapshot_on(
+    drv: &dyn kiln_vmm::VmmDriver,
+    name: &str,
+    staging: &Path,
+    work: &Path,
+    rw: &Path,
+    spec: &kiln_vmm::VmSpec,
+    tap: Option<String>,
+) -> Result<(u64, u64, u64), CreateTemplateError> {
     // This VM has no supervisor: if this process is killed, whoever next
     // sweeps the template store (`reap_abandoned`) finds it from here.
     let record_owner = |vm: Option<serde_json::Value>| {
@@ -398,6 +463,7 @@ async fn boot_and_snapshot(
             owner: Some(crate::store::ProcessIdentity::current()),
             vm,
             staging: Some(staging.to_path_buf()),
+            tap: tap.clone(),
         };
         if let Err(e) = fs::write(
             work.join(OWNER),
@@ -410,7 +476,7 @@ async fn boot_and_snapshot(
     vm::make_writable_disk(&rw, p.disk_mib).await?;
     let t0 = Instant::now();
     let vmm = drv
-        .start(&spec)
+        .start(spec)
         .await
         .map_err(vm::StartSandboxVmError::from)?;
     record_owner(Some(
@@ -438,7 +504,7 @@ async fn boot_and_snapshot(
             .await
             .map_err(CreateTemplateError::Snapshot)?;
         // The vCPUs are stopped: the disk matches the memory image.
-        snapshot::sparse_copy(&rw, &staging.join(snapshot::RW_DISK)).await?;
+        snapshot::sparse_copy(rw, &staging.join(snapshot::RW_DISK)).await?;
         let snapshot_ms = t2.elapsed().as_millis() as u64;
         drop(agent);
         Ok((boot_ms, quiesce_ms, snapshot_ms))
@@ -468,6 +534,9 @@ struct Owner {
     /// The template's staging directory (removed with the work dir).
     #[serde(default)]
     staging: Option<PathBuf>,
+    /// A networked template's placeholder tap (deleted with the VM).
+    #[serde(default)]
+    tap: Option<String>,
 }
 
 const OWNER: &str = "owner.json";
@@ -539,6 +608,9 @@ pub async fn reap_abandoned(dirs: &Dirs) {
         }) {
             let _ = fs::remove_dir_all(staging);
         }
+        if let Some(tap) = owner.tap.filter(|t| t.starts_with("ktp")) {
+            let _ = kiln_net::host::delete_link(&tap);
+        }
         let _ = fs::remove_dir_all(&dir);
     }
 }
@@ -591,6 +663,7 @@ mod tests {
             cpus: 1,
             memory_mib: 256,
             disk_mib: 4096,
+            network: false,
         }
     }
 
@@ -632,6 +705,9 @@ mod tests {
         check(key(&p, &guest(), &driver()));
         let mut p = params();
         p.image_digest = "sha256:01".into();
+        check(key(&p, &guest(), &driver()));
+        let mut p = params();
+        p.network = true;
         check(key(&p, &guest(), &driver()));
         for i in 0..3 {
             let mut g = guest();

@@ -73,6 +73,10 @@ pub enum RunError {
     OpenNetwork(#[from] kiln_net::OpenNetworkError),
     #[error("cannot attach the sandbox to the network")]
     Attach(#[from] kiln_net::AttachError),
+    #[error(transparent)]
+    BadPublish(#[from] kiln_net::publish::ParsePublishError),
+    #[error("cannot publish the port")]
+    Publish(#[from] kiln_net::PublishError),
     #[error("{what} {asked} MiB is more than this host has ({has} MiB)")]
     Capacity {
         what: &'static str,
@@ -154,6 +158,11 @@ impl Node {
         let t0 = Instant::now();
         let mut notes = vec![];
         let policy = policy_of(&req.spec.network)?;
+        let ports = publish_of(&req.spec.network)?;
+        if !ports.is_empty() {
+            // A host port that is taken is refused before anything exists.
+            open_network_for(self)?.check_publish(&ports)?;
+        }
         let (spec, cached) = self.resolve(req, progress).await?;
         let resolved_ms = t0.elapsed().as_millis() as u64;
         notes.push(format!(
@@ -164,15 +173,18 @@ impl Node {
             t0.elapsed().as_millis()
         ));
         let image_digest = spec.image_digest.clone();
-        let template = match (req.spec.start, &policy) {
-            (StartPreference::Cold, _) => Err("--cold".to_string()),
-            // Templates and pool members have no network device.
-            (_, Some(_)) => Err("warm starts have no network device yet".to_string()),
-            (StartPreference::Warm, None) => self.find_template(&spec),
+        let template = match req.spec.start {
+            StartPreference::Cold => Err("--cold".to_string()),
+            // A networked run restores a networked template (its VM has a
+            // NIC) with a tap, lease and MAC of its own.
+            StartPreference::Warm => self.find_template(&spec, policy.is_some()),
         };
         // The fastest start: a member of the template's warm pool. Whether
         // or not one was left, the pool is refilled in the background.
-        if let Ok(name) = &template {
+        // (Networked templates have no pools yet.)
+        if let Ok(name) = &template
+            && policy.is_none()
+        {
             let spawned_ms = t0.elapsed().as_millis() as u64;
             match self.claim_pool_member(name, &spec).await {
                 Some(c) if !c.ready.ok && c.ready.restore_failed => {
@@ -209,26 +221,7 @@ impl Node {
         }
         let mut rec = self.create_record(spec)?;
         if let Some(policy) = &policy {
-            let attached = open_network_for(self).and_then(|net| {
-                net.attach(&rec.id, kiln_net::Endpoint::Tap, policy)
-                    .map_err(RunError::from)
-            });
-            match attached {
-                Ok(a) => {
-                    notes.push(format!(
-                        "network: {} on {} ({})",
-                        a.ip,
-                        a.ifname,
-                        kiln_net::format_mac(&a.mac)
-                    ));
-                    rec.spec.network = Some(a);
-                }
-                Err(e) => {
-                    let _ = self.store.remove(&rec.id);
-                    super::release_network(self.dirs(), &rec.id);
-                    return Err(e);
-                }
-            }
+            self.attach_network(&mut rec, policy, &ports, &mut notes)?;
         }
         // A warm start when a template for exactly this exists (checked
         // like a snapshot before a restore), else a boot.
@@ -283,7 +276,13 @@ impl Node {
                     *e = "HOSTNAME=".into();
                 }
             }
+            // The failed sandbox's supervisor released its network.
+            spec.network = None;
             rec = self.create_record(spec)?;
+            if let Some(policy) = &policy {
+                self.attach_network(&mut rec, policy, &ports, &mut notes)?;
+                self.store.save(&rec)?;
+            }
             spawned_ms = t0.elapsed().as_millis() as u64;
             (ready, shim_pid) = self.spawn_supervisor(&rec).await?;
             path = StartPath::Cold;
@@ -291,7 +290,6 @@ impl Node {
         if path == StartPath::Cold
             && ready.ok
             && req.spec.start == StartPreference::Warm
-            && policy.is_none()
             && self.config.auto_templates
         {
             // The next run of this image with these resources starts warm.
@@ -336,6 +334,41 @@ impl Node {
         Ok(())
     }
 
+    /// Attaches a new sandbox to the network (tap, lease, MAC, policy
+    /// program) and records it in its spec; on error the record is gone.
+    fn attach_network(
+        &self,
+        rec: &mut SandboxRecord,
+        policy: &kiln_net::Policy,
+        ports: &[kiln_net::Publish],
+        notes: &mut Vec<String>,
+    ) -> Result<(), RunError> {
+        let attached = open_network_for(self).and_then(|net| {
+            let a = net
+                .attach(&rec.id, kiln_net::Endpoint::Tap, policy)
+                .map_err(RunError::from)?;
+            net.publish(&a, ports)?;
+            Ok(a)
+        });
+        match attached {
+            Ok(a) => {
+                notes.push(format!(
+                    "network: {} on {} ({})",
+                    a.ip,
+                    a.ifname,
+                    kiln_net::format_mac(&a.mac)
+                ));
+                rec.spec.network = Some(a);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.store.remove(&rec.id);
+                super::release_network(self.dirs(), &rec.id);
+                Err(e)
+            }
+        }
+    }
+
     /// A new sandbox record for `spec`; `HOSTNAME` becomes its short ID.
     pub(crate) fn create_record(&self, spec: SandboxSpec) -> Result<SandboxRecord, StoreError> {
         let mut rec = self.store.create(spec)?;
@@ -369,6 +402,7 @@ pub fn policy_of(
             policy,
             policy_default,
             rules,
+            ..
         } => {
             // A preset, or a policy file the node can read.
             let base = kiln_net::Policy::load(policy.as_deref().unwrap_or("internet-only"))?;
@@ -378,6 +412,18 @@ pub fn policy_of(
                 .collect();
             kiln_net::Policy::from_flags(Some(base), policy_default.map(action), &rules).map(Some)
         }
+    }
+}
+
+/// The ports a spec's network publishes, checked.
+pub fn publish_of(
+    net: &kiln_api::sandbox::NetworkSpec,
+) -> Result<Vec<kiln_net::Publish>, kiln_net::publish::ParsePublishError> {
+    match net {
+        kiln_api::sandbox::NetworkSpec::Default { publish, .. } => {
+            publish.iter().map(|p| p.parse()).collect()
+        }
+        kiln_api::sandbox::NetworkSpec::None => Ok(vec![]),
     }
 }
 

@@ -58,10 +58,10 @@ pub enum SnapshotOpError {
     Supervisor(#[from] SupervisorError),
     #[error("-n {0} is out of range (1 to {MAX_FORKS})")]
     ForkCount(u32),
-    #[error(
-        "sandbox {0} has a network device: snapshots and forks of sandboxes with a network are not supported yet"
-    )]
-    Networked(String),
+    #[error("cannot open the sandbox network")]
+    OpenNetwork(#[from] kiln_net::OpenNetworkError),
+    #[error("cannot attach the restored sandbox to the network")]
+    Attach(#[from] kiln_net::AttachError),
     #[error("a fork task failed")]
     Task(#[source] tokio::task::JoinError),
 }
@@ -101,9 +101,6 @@ impl Node {
         ephemeral: bool,
     ) -> Result<(String, String), SnapshotOpError> {
         let (id, sock) = self.running_socket(prefix)?;
-        if self.store.load(&id)?.spec.network.is_some() {
-            return Err(SnapshotOpError::Networked(id));
-        }
         let snapshots = self.snapshots();
         let name =
             name.unwrap_or_else(|| snapshot::new_name(if ephemeral { "fork" } else { "snap" }));
@@ -181,14 +178,48 @@ impl Node {
     }
 
     /// Creates the record of a sandbox restored from `m` and registers it
-    /// as a user of the snapshot.
-    fn create_restored(&self, m: &Manifest) -> Result<SandboxRecord, SnapshotOpError> {
+    /// as a user of the snapshot. When the snapshot's sandbox had a network,
+    /// the new one gets its own (tap, lease, MAC, policy program) with
+    /// `policy`, else the policy the snapshot's sandbox was attached with;
+    /// the guest takes the new address and MAC from the identity push after
+    /// the restore (docs/networking.md, "Restores, forks and warm starts").
+    fn create_restored(
+        &self,
+        m: &Manifest,
+        policy: Option<&kiln_net::Policy>,
+    ) -> Result<SandboxRecord, SnapshotOpError> {
         let mut spec = m.spec.clone();
         spec.auto_remove = false;
+        let parent_net = spec.network.take();
         let mut rec = self.store.create(spec)?;
         rec.restored_from = Some(m.name.clone());
-        self.store.save(&rec)?;
+        if let Some(parent) = parent_net {
+            let policy = policy
+                .cloned()
+                .or(parent.policy)
+                .unwrap_or_else(|| kiln_net::Preset::InternetOnly.policy());
+            let attached = super::open_network(self.dirs())
+                .map_err(SnapshotOpError::from)
+                .and_then(|net| {
+                    net.attach(&rec.id, kiln_net::Endpoint::Tap, &policy)
+                        .map_err(SnapshotOpError::from)
+                });
+            match attached {
+                Ok(a) => rec.spec.network = Some(a),
+                Err(e) => {
+                    super::release_network(self.dirs(), &rec.id);
+                    let _ = self.store.remove(&rec.id);
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = self.store.save(&rec) {
+            super::release_network(self.dirs(), &rec.id);
+            let _ = self.store.remove(&rec.id);
+            return Err(e.into());
+        }
         if let Err(source) = self.snapshots().add_user(&m.name, &rec.id) {
+            super::release_network(self.dirs(), &rec.id);
             let _ = self.store.remove(&rec.id);
             return Err(SnapshotOpError::Register {
                 name: m.name.clone(),
@@ -202,11 +233,12 @@ impl Node {
     /// returns once its supervisor reported.
     pub async fn restore(&self, name: &str) -> Result<Restored, SnapshotOpError> {
         let m = self.verify_snapshot(name, true)?;
-        let record = self.create_restored(&m)?;
+        let record = self.create_restored(&m, None)?;
         let (ready, shim_pid) = match self.spawn_supervisor(&record).await {
             Ok(r) => r,
             Err(e) => {
                 self.snapshots().release_user(name, &record.id);
+                super::release_network(self.dirs(), &record.id);
                 return Err(e.into());
             }
         };
@@ -228,6 +260,15 @@ impl Node {
         }
         let t0 = Instant::now();
         let (id, name) = self.take_snapshot(prefix, None, true).await?;
+        // Forks take the source's policy as it is now (`kiln policy set`
+        // may have changed it since the run).
+        let live_policy = match self.store.load(&id)?.spec.network {
+            Some(_) => super::open_network(self.dirs())
+                .ok()
+                .and_then(|net| net.policy(&id).ok())
+                .map(|(p, _)| p),
+            None => None,
+        };
         let snapshots = self.snapshots();
         let holder = snapshot::holder_name(crate::store::ProcessIdentity::current());
         if let Err(e) = snapshots.add_user(&name, &holder) {
@@ -240,7 +281,7 @@ impl Node {
             let m = self.verify_snapshot(&name, false)?;
             let mut tasks = tokio::task::JoinSet::new();
             for i in 0..n {
-                let rec = self.create_restored(&m)?;
+                let rec = self.create_restored(&m, live_policy.as_ref())?;
                 let node = self.clone();
                 tasks.spawn(async move {
                     let r = node.spawn_supervisor(&rec).await;
@@ -283,6 +324,7 @@ impl Node {
                 }
                 Err(e) => {
                     snapshots.release_user(&name, &rec.id);
+                    super::release_network(self.dirs(), &rec.id);
                     crate::error_chain(&e)
                 }
             };

@@ -28,6 +28,8 @@ pub struct TemplateRequest {
     pub automatic: bool,
     /// Wait (a few seconds at most) for a spare CPU before booting.
     pub when_idle: bool,
+    /// A template for `--net default` runs (its VM has a network device).
+    pub network: bool,
 }
 
 /// What `template create` did.
@@ -108,6 +110,10 @@ pub enum TemplateOpError {
     Capacity(String),
     #[error("cannot lock the template store")]
     Lock(#[source] std::io::Error),
+    #[error(
+        "warm pools of networked templates are not supported yet: a run restores the template with its own tap (drop --pool, or make the template with --net none)"
+    )]
+    NetworkedPool,
 }
 
 /// Marks an automatic template (a file in its directory, outside its
@@ -117,9 +123,10 @@ const AUTOMATIC: &str = "automatic";
 const AUTO_LOCK: &str = ".auto.lock";
 
 impl Node {
-    /// The template for `spec` (checked like a snapshot before a restore):
-    /// its name, or why a run boots cold.
-    pub fn find_template(&self, spec: &SandboxSpec) -> Result<String, String> {
+    /// The template for `spec` (checked like a snapshot before a restore),
+    /// with a network device when `network`: its name, or why a run boots
+    /// cold.
+    pub fn find_template(&self, spec: &SandboxSpec, network: bool) -> Result<String, String> {
         let templates = self.templates();
         if !templates.root().is_dir() {
             return Err(format!(
@@ -139,6 +146,7 @@ impl Node {
             cpus: spec.cpus,
             memory_mib: spec.memory_mib,
             disk_mib: spec.disk_mib,
+            network,
         };
         let m = template::find(&templates, &p, &guest, drv.info()).map_err(|e| e.0)?;
         if m.image_disk != spec.image_disk {
@@ -179,6 +187,9 @@ impl Node {
         if let Some(k) = req.pool.filter(|k| *k > crate::pool::MAX_SIZE) {
             return Err(TemplateOpError::PoolTooLarge(k));
         }
+        if req.network && req.pool.is_some_and(|k| k > 0) {
+            return Err(TemplateOpError::NetworkedPool);
+        }
         let mut check = kiln_api::sandbox::SandboxSpec::for_image(req.image.clone());
         check.resources = req.resources;
         check.validate()?;
@@ -194,6 +205,7 @@ impl Node {
             cpus: req.resources.cpus,
             memory_mib: req.resources.memory_mib,
             disk_mib: req.resources.disk_mib,
+            network: req.network,
         };
         // One automatic template at a time (they are made in the
         // background, on spare CPU): a second request gives way.
@@ -351,6 +363,10 @@ impl Node {
                 .args(["--memory", &r.memory_mib.to_string()])
                 .args(["--disk", &r.disk_mib.to_string()])
                 .args(["--driver", &spec.driver.to_string()])
+                .args(match spec.network {
+                    kiln_api::sandbox::NetworkSpec::None => ["--net", "none"],
+                    kiln_api::sandbox::NetworkSpec::Default { .. } => ["--net", "default"],
+                })
                 .arg(&spec.image)
                 .env("KILN_STATE_DIR", &self.dirs().state)
                 .env("KILN_CACHE_DIR", &self.dirs().cache)

@@ -1,0 +1,305 @@
+//! Networking for everything that is not a cold boot, through the `kiln`
+//! binary on real microVMs: restores of a snapshot of a networked sandbox
+//! and forks of it get their own tap, address and MAC (configured in the
+//! guest after the restore), keep the policy, reach an allowed server in a
+//! namespace, and leave the parent working; warm starts from a networked
+//! template (its VM has a NIC on a placeholder tap) likewise; nothing
+//! outlives them.
+
+mod common;
+mod net_support;
+
+use common::{Kiln, busybox, code, stderr};
+use net_support::{Outside, drop_node_network, guest_addr, ok, reach, taps};
+
+#[test]
+fn restores_and_forks_of_a_networked_sandbox_get_their_own_address() {
+    let k = Kiln::new();
+    let bb = busybox();
+    let out = Outside::new();
+    let addr = out.addr.clone();
+    let taps_before = taps();
+    let allow = format!("{addr}/32:tcp:8080");
+
+    let parent = ok(
+        &k,
+        &[
+            "run",
+            "-d",
+            "--net",
+            "default",
+            "--policy-default",
+            "deny",
+            "--allow",
+            &allow,
+            &bb,
+            "--",
+            "sleep",
+            "600",
+        ],
+    )
+    .trim()
+    .to_string();
+    assert_eq!(reach(&k, &parent, &addr, 8080), "allowed");
+    let parent_addr = guest_addr(&k, &parent);
+
+    tracing::info!("two forks: each its own address and MAC, the policy kept");
+    let t0 = std::time::Instant::now();
+    let forks: Vec<String> = ok(&k, &["fork", &parent, "-n", "2"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    tracing::info!(fork_ms = t0.elapsed().as_millis() as u64, "forked");
+    assert_eq!(forks.len(), 2, "{forks:?}");
+    let mut seen = vec![parent_addr.clone()];
+    for f in &forks {
+        assert_eq!(reach(&k, f, &addr, 8080), "allowed", "fork {f}");
+        assert_eq!(reach(&k, f, &addr, 9090), "", "fork {f}: policy lost");
+        let a = guest_addr(&k, f);
+        for s in &seen {
+            assert_ne!(a.0, s.0, "fork {f} shares an address");
+            assert_ne!(a.1, s.1, "fork {f} shares a MAC");
+        }
+        seen.push(a);
+    }
+    tracing::info!("the parent still works, with its own address");
+    assert_eq!(reach(&k, &parent, &addr, 8080), "allowed");
+    assert_eq!(guest_addr(&k, &parent), parent_addr);
+
+    tracing::info!("a named snapshot, restored after the parent is gone");
+    ok(&k, &["snapshot", &parent, "--name", "netsnap"]);
+    ok(&k, &["rm", "-f", &parent]);
+    let restored = ok(&k, &["restore", "-d", "netsnap"]).trim().to_string();
+    assert_eq!(reach(&k, &restored, &addr, 8080), "allowed");
+    assert_eq!(reach(&k, &restored, &addr, 9090), "");
+    let r = guest_addr(&k, &restored);
+    assert!(
+        seen.iter().all(|s| s.1 != r.1),
+        "the restored sandbox reuses a MAC: {r:?} {seen:?}"
+    );
+    // The policy is the restored sandbox's own: `kiln policy get` reads it.
+    let get = ok(&k, &["policy", "get", &restored]);
+    assert!(get.contains("8080"), "{get}");
+
+    for id in forks.iter().chain([&restored]) {
+        ok(&k, &["rm", "-f", id]);
+        assert!(
+            !std::path::Path::new("/sys/fs/bpf/kiln").join(id).exists(),
+            "BPF pins of {id} outlived it"
+        );
+    }
+    ok(&k, &["snapshot", "rm", "netsnap"]);
+    assert_eq!(taps(), taps_before, "a tap outlived its sandbox");
+    k.assert_clean();
+    drop_node_network();
+}
+
+#[test]
+fn warm_starts_from_a_networked_template_get_their_own_address() {
+    let k = Kiln::new();
+    let bb = busybox();
+    let out = Outside::new();
+    let addr = out.addr.clone();
+    let taps_before = taps();
+    let allow = format!("{addr}/32:tcp:8080");
+
+    tracing::info!("a pool of a networked template is refused before anything is made");
+    let refused = k.run(&["template", "create", "--net", "default", "--pool", "1", &bb]);
+    assert_ne!(code(&refused), 0);
+    assert!(
+        stderr(&refused).contains("pools of networked templates"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(ok(&k, &["template", "ls", "-q"]).trim(), "");
+
+    let t0 = std::time::Instant::now();
+    let name = ok(&k, &["template", "create", "--net", "default", &bb])
+        .trim()
+        .to_string();
+    tracing::info!(create_ms = t0.elapsed().as_millis() as u64, %name, "networked template");
+    assert_eq!(
+        taps(),
+        taps_before,
+        "the template's placeholder tap outlived its VM"
+    );
+
+    let mut seen: Vec<(String, String)> = vec![];
+    let mut ids = vec![];
+    for _ in 0..2 {
+        let t0 = std::time::Instant::now();
+        let run = k.run(&[
+            "run",
+            "-d",
+            "-v",
+            "--net",
+            "default",
+            "--policy-default",
+            "deny",
+            "--allow",
+            &allow,
+            &bb,
+            "--",
+            "sleep",
+            "600",
+        ]);
+        assert_eq!(code(&run), 0, "{}", stderr(&run));
+        assert!(
+            stderr(&run).contains(&format!("warm start from template {name}")),
+            "not a warm start: {}",
+            stderr(&run)
+        );
+        tracing::info!(
+            run_ms = t0.elapsed().as_millis() as u64,
+            "networked warm start"
+        );
+        let id = common::stdout(&run).trim().to_string();
+        assert_eq!(reach(&k, &id, &addr, 8080), "allowed", "warm start {id}");
+        assert_eq!(reach(&k, &id, &addr, 9090), "", "warm start {id}: policy");
+        let a = guest_addr(&k, &id);
+        assert_ne!(a.1, "02:00:00:00:00:01", "the template's MAC");
+        for s in &seen {
+            assert_ne!(a.0, s.0, "two warm starts share an address");
+            assert_ne!(a.1, s.1, "two warm starts share a MAC");
+        }
+        seen.push(a);
+        ids.push(id);
+    }
+    tracing::info!("a --net none run does not take the networked template");
+    let none = k.run(&["run", "--rm", "-v", &bb, "--", "ls", "/sys/class/net"]);
+    assert_eq!(code(&none), 0, "{}", stderr(&none));
+    assert!(!stderr(&none).contains(&name), "{}", stderr(&none));
+    assert!(
+        common::stdout(&none)
+            .split_whitespace()
+            .all(|l| l == "lo" || l == "sit0"),
+        "{}",
+        common::stdout(&none)
+    );
+
+    for id in &ids {
+        ok(&k, &["rm", "-f", id]);
+    }
+    ok(&k, &["template", "rm", &name]);
+    assert_eq!(taps(), taps_before, "a tap outlived its sandbox");
+    k.assert_clean();
+    drop_node_network();
+}
+
+/// `busybox nc` from namespace `ns` (None: the host) to `addr:port`.
+fn nc_from(ns: Option<&str>, addr: &str, port: u16) -> String {
+    let mut c = match ns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns, "busybox"]);
+            c
+        }
+        None => std::process::Command::new("busybox"),
+    };
+    let out = c
+        .args(["nc", "-w", "2", addr, &port.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("nc");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_published_port_is_reachable_through_it_and_nothing_else() {
+    let k = Kiln::new();
+    let bb = busybox();
+    let out = Outside::new();
+    let taps_before = taps();
+    let host_ip = match out.addr.rsplit_once('.') {
+        Some((net, _)) => format!("{net}.1"),
+        None => panic!("bad address {}", out.addr),
+    };
+    let host_port = 20000 + (std::process::id() % 5000) as u16;
+    let publish = format!("{host_port}:8000");
+
+    tracing::info!("bad and conflicting -p are refused before anything exists");
+    let bad = k.run(&["run", "--net", "default", "-p", "80", &bb, "--", "true"]);
+    assert_ne!(code(&bad), 0);
+    assert!(
+        stderr(&bad).contains("HOSTPORT:GUESTPORT"),
+        "{}",
+        stderr(&bad)
+    );
+    let bad = k.run(&["run", "-p", &publish, &bb, "--", "true"]);
+    assert!(stderr(&bad).contains("--net default"), "{}", stderr(&bad));
+
+    let id = ok(
+        &k,
+        &[
+            "run",
+            "-d",
+            "--net",
+            "default",
+            "-p",
+            &publish,
+            &bb,
+            "--",
+            "sh",
+            "-c",
+            "nc -ll -p 8000 -e echo published & nc -ll -p 8001 -e echo secret & sleep 600",
+        ],
+    )
+    .trim()
+    .to_string();
+    let guest_ip = guest_addr(&k, &id).0.split('/').next().unwrap().to_string();
+    let t0 = std::time::Instant::now();
+    loop {
+        if nc_from(Some(&out.ns), &host_ip, host_port) == "published" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "the published port never answered from outside"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    tracing::info!("reached from another host; and from the host itself");
+    assert_eq!(nc_from(None, &host_ip, host_port), "published");
+
+    tracing::info!("nothing else of the guest is reachable from outside");
+    net_support::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &out.ns,
+        "ip",
+        "route",
+        "add",
+        "10.88.0.0/16",
+        "via",
+        &host_ip,
+    ]);
+    assert_eq!(nc_from(Some(&out.ns), &guest_ip, 8000), "");
+    assert_eq!(nc_from(Some(&out.ns), &guest_ip, 8001), "");
+    assert_eq!(nc_from(Some(&out.ns), &host_ip, host_port + 1), "");
+
+    tracing::info!("a second sandbox cannot take the same host port");
+    let before = ok(&k, &["ps", "-a", "-q"]);
+    let taken = k.run(&["run", "--net", "default", "-p", &publish, &bb, "--", "true"]);
+    assert_ne!(code(&taken), 0);
+    assert!(
+        stderr(&taken).contains("already published"),
+        "{}",
+        stderr(&taken)
+    );
+    assert_eq!(ok(&k, &["ps", "-a", "-q"]), before);
+
+    ok(&k, &["rm", "-f", &id]);
+    let table = std::process::Command::new("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .expect("nft");
+    assert!(
+        !String::from_utf8_lossy(&table.stdout).contains(&format!("kiln:{id}")),
+        "a published port outlived its sandbox"
+    );
+    assert_eq!(nc_from(None, &host_ip, host_port), "");
+    assert_eq!(taps(), taps_before, "a tap outlived its sandbox");
+    k.assert_clean();
+    drop_node_network();
+}
