@@ -426,7 +426,8 @@ async fn boot_and_snapshot(
             mac: PLACEHOLDER_MAC.into(),
         });
     }
-    let result = boot_and_snapshot_on(drv, name, staging, work, &rw, &spec, tap.clone()).await;
+    let result =
+        boot_and_snapshot_on(drv, name, staging, work, &rw, p.disk_mib, &spec, tap.clone()).await;
     if let Some(tap) = &tap {
         let _ = kiln_net::host::delete_link(tap);
     }
@@ -452,6 +453,7 @@ async fn boot_and_snapshot_on(
     staging: &Path,
     work: &Path,
     rw: &Path,
+    disk_mib: u32,
     spec: &kiln_vmm::VmSpec,
     tap: Option<String>,
 ) -> Result<(u64, u64, u64), CreateTemplateError> {
@@ -473,7 +475,7 @@ async fn boot_and_snapshot_on(
         }
     };
     record_owner(None);
-    vm::make_writable_disk(&rw, p.disk_mib).await?;
+    vm::make_writable_disk(rw, disk_mib).await?;
     let t0 = Instant::now();
     let vmm = drv
         .start(spec)
@@ -600,6 +602,7 @@ pub async fn reap_abandoned(dirs: &Dirs) {
             );
         }
         // Only a staging directory of this store, as `staging()` names them.
+        let tap = owner.as_ref().and_then(|o| o.tap.clone());
         if let Some(staging) = owner.and_then(|o| o.staging).filter(|p| {
             p.parent() == Some(templates.root())
                 && p.file_name()
@@ -608,7 +611,7 @@ pub async fn reap_abandoned(dirs: &Dirs) {
         }) {
             let _ = fs::remove_dir_all(staging);
         }
-        if let Some(tap) = owner.tap.filter(|t| t.starts_with("ktp")) {
+        if let Some(tap) = tap.filter(|t| t.starts_with("ktp")) {
             let _ = kiln_net::host::delete_link(&tap);
         }
         let _ = fs::remove_dir_all(&dir);
