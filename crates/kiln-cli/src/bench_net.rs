@@ -169,11 +169,17 @@ async fn traffic(image: &str, rules: usize) -> Result<Traffic> {
             let mut buf = vec![0u8; 256 * 1024];
             let t0 = Instant::now();
             let mut n = 0u64;
+            // busybox nc does not close its side when its input ends: the
+            // host closes once everything arrived.
+            let want = u64::from(STREAM_MIB) << 20;
             while let Ok(k) = s.read(&mut buf).await {
                 if k == 0 {
                     break;
                 }
                 n += k as u64;
+                if n >= want {
+                    break;
+                }
             }
             r2.store(n, Ordering::SeqCst);
             fl2.lock().expect("not poisoned").0 = Some(t0);
