@@ -138,6 +138,10 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
         Command::Template { command } => crate::templates::dispatch(&node, command).await,
         Command::Policy { command } => policy(&node, command),
         Command::Server(a) => crate::server_cmd::run(*a).await,
+        Command::Nodes { conn, command } => crate::admin::nodes(conn, command).await,
+        Command::Cluster { conn, command } => crate::admin::cluster(conn, command).await,
+        Command::Tenants { conn, command } => crate::admin::tenants(conn, command).await,
+        Command::Tokens { conn, command } => crate::admin::tokens(conn, command).await,
         Command::Shim { id } => {
             // The supervisor must not die with the terminal or the command
             // that started it: leave its session. Fails only if we already

@@ -3,6 +3,7 @@
 //! One binary: the user commands, and `kiln shim`, the per-sandbox
 //! supervisor the commands start (hidden; not for users).
 
+mod admin;
 mod attach;
 mod bench;
 mod bench_fork;
@@ -133,6 +134,34 @@ enum Command {
     },
     /// A control-plane server replica (REST API, node protocol, Raft).
     Server(Box<server_cmd::ServerArgs>),
+    /// Worker nodes of a cluster: `kiln nodes ls|cordon|uncordon|drain`.
+    Nodes {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        command: admin::NodesCommand,
+    },
+    /// The control plane: `kiln cluster status|add|remove`.
+    Cluster {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        command: admin::ClusterCommand,
+    },
+    /// Tenants: `kiln tenants create|ls`.
+    Tenants {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        command: admin::TenantsCommand,
+    },
+    /// API tokens: `kiln tokens create|revoke`.
+    Tokens {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        command: admin::TokensCommand,
+    },
     /// The per-sandbox supervisor (started by `kiln run`).
     #[command(hide = true)]
     Shim { id: String },
@@ -444,6 +473,11 @@ fn main() {
         let r = match cli.command {
             // The server opens no node state: it never touches a VM.
             Command::Server(a) => server_cmd::run(*a).await,
+            // API clients: no node state either.
+            Command::Nodes { conn, command } => admin::nodes(conn, command).await,
+            Command::Cluster { conn, command } => admin::cluster(conn, command).await,
+            Command::Tenants { conn, command } => admin::tenants(conn, command).await,
+            Command::Tokens { conn, command } => admin::tokens(conn, command).await,
             c => commands::dispatch(c).await,
         };
         match r {
