@@ -125,9 +125,14 @@ impl NodeRpc {
                     )));
                 }
                 None => {
-                    if tokio::time::timeout_at(deadline, applied.changed())
-                        .await
-                        .is_err()
+                    // The leader applied every credential it acknowledged:
+                    // only a follower may be behind.
+                    let leads = self.shared.raft.status().role == kiln_store::RaftRole::Leader;
+                    if leads
+                        || !matches!(
+                            tokio::time::timeout_at(deadline, applied.changed()).await,
+                            Ok(Ok(()))
+                        )
                     {
                         return Err(Status::unauthenticated(
                             "unknown or revoked node credential; register again",

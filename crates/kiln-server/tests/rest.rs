@@ -386,12 +386,18 @@ async fn rest_api_on_three_replicas() {
         )
         .await;
     assert_eq!(r.status, 200);
-    let d = next(&mut watch).await;
-    let asg = d
-        .sandboxes
-        .iter()
-        .find(|s| s.id == sb.id)
-        .expect("still assigned");
+    // Updates queued before the delete may come first.
+    let asg = loop {
+        let d = next(&mut watch).await;
+        let a = d
+            .sandboxes
+            .into_iter()
+            .find(|s| s.id == sb.id)
+            .expect("still assigned");
+        if a.desired == kiln_api::cluster::DesiredState::Deleted {
+            break a;
+        }
+    };
     node.report(authed(
         ReportRequest {
             name: "h1".into(),
@@ -464,6 +470,21 @@ async fn rest_api_on_three_replicas() {
             .is_some_and(|v| v.starts_with("3.1"))
     );
     assert!(doc["paths"]["/v1/sandboxes"]["post"].is_object());
+
+    // Prometheus metrics on the leader.
+    let r = api.get(&format!("{lead}/metrics"), "").await;
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    for m in [
+        "kiln_create_seconds_count 3",
+        "kiln_scheduler_decisions_total{outcome=\"no_nodes\"} 1",
+        "kiln_raft_term ",
+        "kiln_raft_is_leader 1",
+        "kiln_raft_apply_lag ",
+        "kiln_sandboxes{state=\"creating\"} 1",
+        "kiln_scheduler_decisions_total{outcome=\"placed\"}",
+    ] {
+        assert!(text.contains(m), "{m} missing from:\n{text}");
+    }
 
     drop(watch);
     c.shutdown().await;

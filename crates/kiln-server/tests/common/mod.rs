@@ -22,7 +22,7 @@ pub fn config(id: u64, dir: &std::path::Path) -> ServerConfig {
     c.raft_heartbeat_ms = 50;
     c.reconcile_ms = 100;
     c.heartbeat_interval_ms = 200;
-    c.grace_ms = 3000;
+    c.grace_ms = 30_000;
     c
 }
 
