@@ -78,6 +78,8 @@ PACKAGES=(
   iputils-ping
   # the node protocol's gRPC code (crates/kiln-api/proto, compiled by its build.rs)
   protobuf-compiler
+  # the OpenAPI validator's virtualenv (scripts/lib.sh kiln_openapi_venv)
+  python3-venv
 )
 BACKPORTS_PACKAGES=(qemu-system-x86 qemu-system-data qemu-utils)
 

@@ -182,6 +182,11 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
         Command::Fork { id, count } => crate::snapshots::fork(&node, &id, count).await,
         Command::Template { command } => crate::templates::dispatch(&node, command).await,
         Command::Policy { command } => policy(&node, command),
+        Command::Server(a) => crate::server_cmd::run(*a).await,
+        Command::Nodes { conn, command } => crate::admin::nodes(conn, command).await,
+        Command::Cluster { conn, command } => crate::admin::cluster(conn, command).await,
+        Command::Tenants { conn, command } => crate::admin::tenants(conn, command).await,
+        Command::Tokens { conn, command } => crate::admin::tokens(conn, command).await,
         Command::Shim { id } => {
             // The supervisor must not die with the terminal or the command
             // that started it: leave its session. Fails only if we already

@@ -3,6 +3,7 @@
 //! One binary: the user commands, and `kiln shim`, the per-sandbox
 //! supervisor the commands start (hidden; not for users).
 
+mod admin;
 mod attach;
 mod bench;
 mod bench_density;
@@ -12,6 +13,7 @@ mod bench_warm;
 mod commands;
 mod images;
 mod info;
+mod server_cmd;
 mod snapshots;
 mod templates;
 mod term;
@@ -131,6 +133,36 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// A control-plane server replica (REST API, node protocol, Raft).
+    Server(Box<server_cmd::ServerArgs>),
+    /// Worker nodes of a cluster: `kiln nodes ls|cordon|uncordon|drain`.
+    Nodes {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        command: admin::NodesCommand,
+    },
+    /// The control plane: `kiln cluster status|add|remove`.
+    Cluster {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        command: admin::ClusterCommand,
+    },
+    /// Tenants: `kiln tenants create|ls`.
+    Tenants {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        command: admin::TenantsCommand,
+    },
+    /// API tokens: `kiln tokens create|revoke`.
+    Tokens {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        command: admin::TokensCommand,
     },
     /// The per-sandbox supervisor (started by `kiln run`).
     #[command(hide = true)]
@@ -443,12 +475,20 @@ fn main() {
     {
         filter = filter.add_directive(d);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    if matches!(&cli.command, Command::Server(a) if a.log_format == server_cmd::LogFormat::Json) {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_target(false)
+            .init();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -461,7 +501,17 @@ fn main() {
         }
     };
     let code = rt.block_on(async move {
-        match commands::dispatch(cli.command).await {
+        let r = match cli.command {
+            // The server opens no node state: it never touches a VM.
+            Command::Server(a) => server_cmd::run(*a).await,
+            // API clients: no node state either.
+            Command::Nodes { conn, command } => admin::nodes(conn, command).await,
+            Command::Cluster { conn, command } => admin::cluster(conn, command).await,
+            Command::Tenants { conn, command } => admin::tenants(conn, command).await,
+            Command::Tokens { conn, command } => admin::tokens(conn, command).await,
+            c => commands::dispatch(c).await,
+        };
+        match r {
             Ok(code) => code,
             Err(e) if is_broken_pipe(&e) && stdout_reader_gone() => SIGPIPE_EXIT,
             Err(e) => {
