@@ -84,6 +84,9 @@ pub enum BenchCommand {
 }
 
 pub async fn dispatch(cmd: Command) -> Result<i32> {
+    if let Command::Node(args) = cmd {
+        return crate::node_cmd::run(*args).await;
+    }
     let node = Node::open(Dirs::from_env());
     let store = node.store();
     match cmd {
@@ -137,6 +140,7 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
         Command::Fork { id, count } => crate::snapshots::fork(&node, &id, count).await,
         Command::Template { command } => crate::templates::dispatch(&node, command).await,
         Command::Policy { command } => policy(&node, command),
+        Command::Node(_) => anyhow::bail!("kiln node is dispatched above"),
         Command::Shim { id } => {
             // The supervisor must not die with the terminal or the command
             // that started it: leave its session. Fails only if we already
@@ -272,6 +276,7 @@ fn run_request(args: &RunArgs) -> Result<RunRequest> {
         spec,
         pull: args.pull.into(),
         insecure_registries: args.insecure.clone(),
+        id: None,
     })
 }
 

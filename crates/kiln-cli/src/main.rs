@@ -10,6 +10,7 @@ mod bench_warm;
 mod commands;
 mod images;
 mod info;
+mod node_cmd;
 mod snapshots;
 mod templates;
 mod term;
@@ -130,6 +131,9 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Run this host as a node of a Kiln cluster: register with the
+    /// server, run the sandboxes it assigns, report them.
+    Node(Box<node_cmd::NodeArgs>),
     /// The per-sandbox supervisor (started by `kiln run`).
     #[command(hide = true)]
     Shim { id: String },

@@ -19,6 +19,10 @@ pub struct RunRequest {
     pub pull: PullPolicy,
     /// Registries reached over plain HTTP (`host[:port]`).
     pub insecure_registries: Vec<String>,
+    /// The sandbox's ID when the control plane chose it (`kiln node`);
+    /// `None`: a fresh one. A given ID never starts from a pool member
+    /// (a member has its own ID) and is refused if it exists already.
+    pub id: Option<String>,
 }
 
 /// How a sandbox was started.
@@ -172,7 +176,9 @@ impl Node {
         };
         // The fastest start: a member of the template's warm pool. Whether
         // or not one was left, the pool is refilled in the background.
-        if let Ok(name) = &template {
+        if let Ok(name) = &template
+            && req.id.is_none()
+        {
             let spawned_ms = t0.elapsed().as_millis() as u64;
             match self.claim_pool_member(name, &spec).await {
                 Some(c) if !c.ready.ok && c.ready.restore_failed => {
@@ -207,7 +213,7 @@ impl Node {
                 None => {}
             }
         }
-        let mut rec = self.create_record(spec)?;
+        let mut rec = self.create_record(req.id.clone(), spec)?;
         if let Some(policy) = &policy {
             let attached = open_network_for(self).and_then(|net| {
                 net.attach(&rec.id, kiln_net::Endpoint::Tap, policy)
@@ -283,7 +289,7 @@ impl Node {
                     *e = "HOSTNAME=".into();
                 }
             }
-            rec = self.create_record(spec)?;
+            rec = self.create_record(req.id.clone(), spec)?;
             spawned_ms = t0.elapsed().as_millis() as u64;
             (ready, shim_pid) = self.spawn_supervisor(&rec).await?;
             path = StartPath::Cold;
@@ -337,8 +343,15 @@ impl Node {
     }
 
     /// A new sandbox record for `spec`; `HOSTNAME` becomes its short ID.
-    pub(crate) fn create_record(&self, spec: SandboxSpec) -> Result<SandboxRecord, StoreError> {
-        let mut rec = self.store.create(spec)?;
+    pub(crate) fn create_record(
+        &self,
+        id: Option<String>,
+        spec: SandboxSpec,
+    ) -> Result<SandboxRecord, StoreError> {
+        let mut rec = match id {
+            Some(id) => self.store.create_with_id(id, spec)?,
+            None => self.store.create(spec)?,
+        };
         let host = hostname_of(&rec.id);
         for e in rec.spec.env.iter_mut() {
             if e == "HOSTNAME=" {
