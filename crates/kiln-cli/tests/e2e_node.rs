@@ -1,0 +1,349 @@
+//! `kiln node` as a process in its own network namespace (its own "host")
+//! with its own state directory, against a fake control plane that speaks
+//! the node protocol (tests/fake_cp; e2e_cluster drives the real `kiln
+//! server`): registration and the stored credential, 200 sandboxes on a
+//! dry-run node, and on real microVMs: create with the server's ID, output,
+//! exit codes reported, `kill -9` of the node leaving its VMs running and
+//! adopted after a restart (same supervisor, no second VM), fencing of a
+//! sandbox moved elsewhere, deletion.
+
+mod common;
+mod fake_cp;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Kiln, busybox, code, stderr, stdout};
+use fake_cp::FakeCp;
+use kiln_api::cluster::DesiredState;
+use kiln_api::sandbox::{SandboxId, SandboxSpec, SandboxState};
+
+/// A network namespace joined to the root namespace by a veth pair
+/// (`10.250.N.1` here, `10.250.N.2` there); removed on drop.
+struct Netns {
+    name: String,
+    veth: String,
+    host_ip: String,
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let n = std::process::id() % 250 + 1;
+        let tag = format!("{:04x}{:02x}", std::process::id() & 0xffff, rand_u8());
+        let ns = Netns {
+            name: format!("kiln-node-{tag}"),
+            veth: format!("kvr{tag}"),
+            host_ip: format!("10.250.{n}.1"),
+        };
+        let peer = format!("kvn{tag}");
+        sh(&["ip", "netns", "add", &ns.name]);
+        sh(&["ip", "link", "add", &ns.veth, "type", "veth", "peer", "name", &peer]);
+        sh(&["ip", "link", "set", &peer, "netns", &ns.name]);
+        sh(&["ip", "addr", "add", &format!("{}/30", ns.host_ip), "dev", &ns.veth]);
+        sh(&["ip", "link", "set", &ns.veth, "up"]);
+        let inside = |a: &[&str]| {
+            let mut v = vec!["ip", "netns", "exec", &ns.name];
+            v.extend_from_slice(a);
+            sh(&v);
+        };
+        inside(&["ip", "link", "set", "lo", "up"]);
+        inside(&["ip", "addr", "add", &format!("10.250.{n}.2/30"), "dev", &peer]);
+        inside(&["ip", "link", "set", &peer, "up"]);
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.veth]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+fn rand_u8() -> u8 {
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    b[0]
+}
+
+/// A `kiln node` process in `ns`; killed (SIGKILL) on drop if still there.
+struct NodeProc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl NodeProc {
+    fn start(k: &Kiln, ns: &Netns, cp: &FakeCp, name: &str, extra: &[&str]) -> NodeProc {
+        let token = k.state_dir().join("join-token");
+        std::fs::write(&token, "join-secret\n").expect("token file");
+        let log = k.state_dir().join(format!("node-{name}.log"));
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(&k.bin)
+            .args(["node", "--server"])
+            .arg(cp.url())
+            .arg("--join-token-file")
+            .arg(&token)
+            .args(["--name", name, "--state-dir"])
+            .arg(k.state_dir())
+            .args(extra)
+            .env("KILN_STATE_DIR", k.state_dir())
+            .env("KILN_AUTO_TEMPLATES", "0")
+            .env("KILN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("kiln node starts");
+        NodeProc { child, log }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn term(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}
+
+fn spec(cmd: &[&str]) -> SandboxSpec {
+    let mut s = SandboxSpec::for_image(busybox());
+    s.cmd = cmd.iter().map(|c| c.to_string()).collect();
+    s.resources.memory_mib = 128;
+    s.resources.disk_mib = 64;
+    s
+}
+
+fn shim_pid(state: &Path, id: &SandboxId) -> Option<u32> {
+    let body = std::fs::read(state.join("sandboxes").join(id.as_str()).join("record.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    v.get("shim_pid")?.as_u64().map(|p| p as u32)
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let state = s.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+/// Processes (VMMs) whose command line names sandbox `id`'s directory.
+fn vmm_processes(state: &Path, id: &SandboxId) -> Vec<u32> {
+    let needle = format!("{}/sandboxes/{id}/", state.display());
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).replace('\0', " ").contains(&needle) && alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn is_running(o: &Option<(u64, SandboxState)>, generation: u64) -> bool {
+    matches!(o, Some((g, SandboxState::Running { .. })) if *g == generation)
+}
+
+/// A dry-run node registers (detected capacity, driver; credential stored
+/// 0600), runs 200 sandboxes as records and reports each running; pause,
+/// stop and delete are converged and reported; after a restart it
+/// registers again presenting its stored credential.
+#[test]
+fn a_dry_run_node_reports_200_sandboxes() {
+    let k = Kiln::new();
+    let ns = Netns::new();
+    let cp = FakeCp::start(&format!("{}:0", ns.host_ip), "join-secret");
+    let mut node = NodeProc::start(&k, &ns, &cp, "dry-1", &["--dry-run"]);
+    cp.wait_for(Duration::from_secs(30), "registration", |s| {
+        s.nodes.get("dry-1").is_some_and(|n| n.registrations == 1)
+    });
+    let cap: kiln_api::cluster::Capacity =
+        serde_json::from_slice(&cp.state().nodes["dry-1"].capacity_json).expect("capacity");
+    assert!(cap.cpus >= 1 && cap.memory_mib > 0 && cap.disk_mib > 0, "{cap:?}");
+    let cred_file = k.state_dir().join("node/credential.json");
+    let t = Instant::now();
+    while !cred_file.exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&cred_file).expect("credential stored").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let t0 = Instant::now();
+    let ids: Vec<SandboxId> = (0..200)
+        .map(|_| cp.create("dry-1", SandboxSpec::for_image("busybox")))
+        .collect();
+    cp.wait_for(Duration::from_secs(60), "200 running", |s| {
+        ids.iter()
+            .all(|id| is_running(&s.sandboxes[id].observed, 1))
+    });
+    eprintln!("200 dry-run sandboxes reported running in {} ms", t0.elapsed().as_millis());
+    cp.set_desired(&ids[0], DesiredState::Paused);
+    cp.set_desired(&ids[1], DesiredState::Stopped);
+    cp.set_desired(&ids[2], DesiredState::Deleted);
+    cp.wait_for(Duration::from_secs(20), "pause, stop, delete converged", |s| {
+        matches!(s.sandboxes[&ids[0]].observed, Some((2, SandboxState::Paused { .. })))
+            && matches!(s.sandboxes[&ids[1]].observed, Some((2, SandboxState::Exited { .. })))
+            && matches!(s.sandboxes[&ids[2]].observed, Some((2, SandboxState::Exited { signal: Some(9), .. })))
+    });
+    cp.forget(&ids[2]);
+    assert_eq!(cp.state().refused, 0, "no report was refused");
+    // A restart: registers with the stored credential, reports again.
+    let cred = cp.state().nodes["dry-1"].credential.clone();
+    node.kill9();
+    let mut node = NodeProc::start(&k, &ns, &cp, "dry-1", &["--dry-run"]);
+    cp.wait_for(Duration::from_secs(30), "re-registration", |s| {
+        s.nodes["dry-1"].registrations == 2
+    });
+    assert_eq!(cp.state().nodes["dry-1"].register_auth[1], Some(cred));
+    cp.wait_for(Duration::from_secs(30), "reports after the restart", |s| {
+        ids[3..].iter().all(|id| s.sandboxes[id].reports.len() >= 2)
+    });
+    assert!(cp.state().nodes["dry-1"].heartbeats > 0);
+    node.term();
+    assert!(node.log().contains("registered"), "{}", node.log());
+}
+
+/// Real microVMs: a sandbox the server assigns runs under its ID; its
+/// output is in `kiln logs`; an exit code is reported; `kill -9` of the
+/// node leaves the VM running and a restarted node adopts it (same
+/// supervisor, one VMM) and reports it; a sandbox moved to another node is
+/// removed (fencing); delete removes the VM.
+#[test]
+fn a_node_runs_adopts_and_removes_real_microvms() {
+    let k = Kiln::new();
+    let ns = Netns::new();
+    let cp = FakeCp::start(&format!("{}:0", ns.host_ip), "join-secret");
+    let mut node = NodeProc::start(&k, &ns, &cp, "real-1", &[]);
+    cp.wait_for(Duration::from_secs(60), "registration", |s| {
+        s.nodes.get("real-1").is_some_and(|n| n.registrations == 1)
+    });
+    let t0 = Instant::now();
+    let a = cp.create(
+        "real-1",
+        spec(&["sh", "-c", "echo hello-from-node; exec sleep 600"]),
+    );
+    let b = cp.create("real-1", spec(&["sh", "-c", "exit 3"]));
+    cp.wait_for(Duration::from_secs(120), "A running", |s| {
+        is_running(&s.sandboxes[&a].observed, 1)
+    });
+    eprintln!("A reported running in {} ms", t0.elapsed().as_millis());
+    cp.wait_for(Duration::from_secs(120), "B exited 3", |s| {
+        matches!(s.sandboxes[&b].observed, Some((1, SandboxState::Exited { exit_code: 3, .. })))
+    });
+    // Its output, through the node's own state directory.
+    let t1 = Instant::now();
+    loop {
+        let out = k.run(&["logs", a.as_str()]);
+        if stdout(&out).contains("hello-from-node") {
+            break;
+        }
+        assert!(t1.elapsed() < Duration::from_secs(30), "no output: {}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let shim = shim_pid(k.state_dir(), &a).expect("A has a supervisor");
+    assert!(alive(shim));
+    assert_eq!(vmm_processes(k.state_dir(), &a).len(), 1, "one VMM for A");
+
+    // kill -9 of the node: the VM runs on.
+    node.kill9();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(alive(shim), "the supervisor survived the node");
+    let reports_before = cp.reports(&a).len();
+    let node_log_before = node.log().len();
+    let mut node = NodeProc::start(&k, &ns, &cp, "real-1", &[]);
+    cp.wait_for(Duration::from_secs(60), "A reported again after the restart", |s| {
+        s.nodes["real-1"].registrations == 2 && s.sandboxes[&a].reports.len() > reports_before
+    });
+    assert!(is_running(&cp.observed(&a), 1), "{:?}", cp.observed(&a));
+    assert_eq!(shim_pid(k.state_dir(), &a), Some(shim), "same supervisor");
+    assert!(alive(shim));
+    assert_eq!(vmm_processes(k.state_dir(), &a).len(), 1, "no second VM for A");
+    assert!(
+        !node.log()[node_log_before.min(node.log().len())..].contains("created"),
+        "nothing was created again: {}",
+        node.log()
+    );
+
+    // Fencing: moved to another node, it is removed here.
+    cp.reassign(&b, "elsewhere");
+    let c = cp.create("real-1", spec(&["sleep", "600"]));
+    cp.wait_for(Duration::from_secs(120), "C running", |s| {
+        is_running(&s.sandboxes[&c].observed, 1)
+    });
+    cp.reassign(&c, "elsewhere");
+    let t2 = Instant::now();
+    while k.state_dir().join("sandboxes").join(c.as_str()).exists()
+        || k.state_dir().join("sandboxes").join(b.as_str()).exists()
+    {
+        assert!(t2.elapsed() < Duration::from_secs(60), "fenced sandboxes were not removed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(vmm_processes(k.state_dir(), &c).is_empty());
+
+    // Delete: the VM goes, the final state is reported at the new generation.
+    cp.set_desired(&a, DesiredState::Deleted);
+    cp.wait_for(Duration::from_secs(60), "A deleted", |s| {
+        matches!(&s.sandboxes[&a].observed, Some((2, st)) if st.is_finished())
+    });
+    assert!(!k.state_dir().join("sandboxes").join(a.as_str()).exists());
+    assert!(!alive(shim));
+    assert!(vmm_processes(k.state_dir(), &a).is_empty());
+    cp.forget(&a);
+    assert_eq!(cp.state().refused, 0, "no report was refused");
+    node.term();
+    let ps = k.run(&["ps", "-a", "-q"]);
+    assert_eq!(code(&ps), 0);
+    assert!(stdout(&ps).trim().is_empty(), "left: {}", stdout(&ps));
+    k.assert_clean();
+}
