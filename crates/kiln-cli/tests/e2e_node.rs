@@ -347,3 +347,43 @@ fn a_node_runs_adopts_and_removes_real_microvms() {
     assert!(stdout(&ps).trim().is_empty(), "left: {}", stdout(&ps));
     k.assert_clean();
 }
+
+/// 20 real microVMs assigned at once start in parallel (bounded by the
+/// node's CPUs × 2) and are all reported running, then all deleted.
+#[test]
+fn twenty_real_microvms_converge_in_parallel() {
+    let k = Kiln::new();
+    let ns = Netns::new();
+    let cp = FakeCp::start(&format!("{}:0", ns.host_ip), "join-secret");
+    let mut node = NodeProc::start(&k, &ns, &cp, "real-20", &[]);
+    cp.wait_for(Duration::from_secs(60), "registration", |s| {
+        s.nodes.get("real-20").is_some_and(|n| n.registrations == 1)
+    });
+    let t0 = Instant::now();
+    let ids: Vec<SandboxId> = (0..20)
+        .map(|_| cp.create("real-20", spec(&["sleep", "600"])))
+        .collect();
+    cp.wait_for(Duration::from_secs(300), "20 running", |s| {
+        ids.iter().all(|id| is_running(&s.sandboxes[id].observed, 1))
+    });
+    let started = t0.elapsed();
+    eprintln!("20 real microVMs reported running in {} ms", started.as_millis());
+    for id in &ids {
+        assert_eq!(vmm_processes(k.state_dir(), id).len(), 1, "one VMM for {id}");
+    }
+    let t1 = Instant::now();
+    for id in &ids {
+        cp.set_desired(id, DesiredState::Deleted);
+    }
+    cp.wait_for(Duration::from_secs(120), "20 deleted", |s| {
+        ids.iter()
+            .all(|id| matches!(&s.sandboxes[id].observed, Some((2, st)) if st.is_finished()))
+    });
+    eprintln!("20 real microVMs deleted in {} ms", t1.elapsed().as_millis());
+    for id in &ids {
+        cp.forget(id);
+    }
+    assert_eq!(cp.state().refused, 0, "no report was refused");
+    node.term();
+    k.assert_clean();
+}
