@@ -28,7 +28,10 @@ struct Netns {
 }
 
 fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("runs");
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("runs");
     assert!(
         out.status.success(),
         "{args:?}: {}",
@@ -38,7 +41,10 @@ fn sh(args: &[&str]) {
 
 impl Netns {
     fn new() -> Netns {
-        let n = std::process::id() % 250 + 1;
+        // One subnet per namespace of this process (tests run in parallel).
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = (std::process::id() + seq * 61) % 250 + 1;
         let tag = format!("{:04x}{:02x}", std::process::id() & 0xffff, rand_u8());
         let ns = Netns {
             name: format!("kiln-node-{tag}"),
@@ -47,9 +53,18 @@ impl Netns {
         };
         let peer = format!("kvn{tag}");
         sh(&["ip", "netns", "add", &ns.name]);
-        sh(&["ip", "link", "add", &ns.veth, "type", "veth", "peer", "name", &peer]);
+        sh(&[
+            "ip", "link", "add", &ns.veth, "type", "veth", "peer", "name", &peer,
+        ]);
         sh(&["ip", "link", "set", &peer, "netns", &ns.name]);
-        sh(&["ip", "addr", "add", &format!("{}/30", ns.host_ip), "dev", &ns.veth]);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", ns.host_ip),
+            "dev",
+            &ns.veth,
+        ]);
         sh(&["ip", "link", "set", &ns.veth, "up"]);
         let inside = |a: &[&str]| {
             let mut v = vec!["ip", "netns", "exec", &ns.name];
@@ -57,7 +72,14 @@ impl Netns {
             sh(&v);
         };
         inside(&["ip", "link", "set", "lo", "up"]);
-        inside(&["ip", "addr", "add", &format!("10.250.{n}.2/30"), "dev", &peer]);
+        inside(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.250.{n}.2/30"),
+            "dev",
+            &peer,
+        ]);
         inside(&["ip", "link", "set", &peer, "up"]);
         ns
     }
@@ -65,8 +87,12 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.veth]).output();
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -85,6 +111,16 @@ struct NodeProc {
 
 impl NodeProc {
     fn start(k: &Kiln, ns: &Netns, cp: &FakeCp, name: &str, extra: &[&str]) -> NodeProc {
+        NodeProc::start_with_servers(k, ns, &cp.url(), name, extra)
+    }
+
+    fn start_with_servers(
+        k: &Kiln,
+        ns: &Netns,
+        servers: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> NodeProc {
         let token = k.state_dir().join("join-token");
         std::fs::write(&token, "join-secret\n").expect("token file");
         let log = k.state_dir().join(format!("node-{name}.log"));
@@ -96,8 +132,7 @@ impl NodeProc {
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name])
             .arg(&k.bin)
-            .args(["node", "--server"])
-            .arg(cp.url())
+            .args(["node", "--server", servers])
             .arg("--join-token-file")
             .arg(&token)
             .args(["--name", name, "--state-dir"])
@@ -160,7 +195,13 @@ fn spec(cmd: &[&str]) -> SandboxSpec {
 }
 
 fn shim_pid(state: &Path, id: &SandboxId) -> Option<u32> {
-    let body = std::fs::read(state.join("sandboxes").join(id.as_str()).join("record.json")).ok()?;
+    let body = std::fs::read(
+        state
+            .join("sandboxes")
+            .join(id.as_str())
+            .join("record.json"),
+    )
+    .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
     v.get("shim_pid")?.as_u64().map(|p| p as u32)
 }
@@ -183,7 +224,11 @@ fn vmm_processes(state: &Path, id: &SandboxId) -> Vec<u32> {
             continue;
         };
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmd).replace('\0', " ").contains(&needle) && alive(pid) {
+        if String::from_utf8_lossy(&cmd)
+            .replace('\0', " ")
+            .contains(&needle)
+            && alive(pid)
+        {
             out.push(pid);
         }
     }
@@ -209,14 +254,19 @@ fn a_dry_run_node_reports_200_sandboxes() {
     });
     let cap: kiln_api::cluster::Capacity =
         serde_json::from_slice(&cp.state().nodes["dry-1"].capacity_json).expect("capacity");
-    assert!(cap.cpus >= 1 && cap.memory_mib > 0 && cap.disk_mib > 0, "{cap:?}");
+    assert!(
+        cap.cpus >= 1 && cap.memory_mib > 0 && cap.disk_mib > 0,
+        "{cap:?}"
+    );
     let cred_file = k.state_dir().join("node/credential.json");
     let t = Instant::now();
     while !cred_file.exists() && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(&cred_file).expect("credential stored").permissions(),
+        &std::fs::metadata(&cred_file)
+            .expect("credential stored")
+            .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
     let t0 = Instant::now();
@@ -227,15 +277,35 @@ fn a_dry_run_node_reports_200_sandboxes() {
         ids.iter()
             .all(|id| is_running(&s.sandboxes[id].observed, 1))
     });
-    eprintln!("200 dry-run sandboxes reported running in {} ms", t0.elapsed().as_millis());
+    eprintln!(
+        "200 dry-run sandboxes reported running in {} ms",
+        t0.elapsed().as_millis()
+    );
     cp.set_desired(&ids[0], DesiredState::Paused);
     cp.set_desired(&ids[1], DesiredState::Stopped);
     cp.set_desired(&ids[2], DesiredState::Deleted);
-    cp.wait_for(Duration::from_secs(20), "pause, stop, delete converged", |s| {
-        matches!(s.sandboxes[&ids[0]].observed, Some((2, SandboxState::Paused { .. })))
-            && matches!(s.sandboxes[&ids[1]].observed, Some((2, SandboxState::Exited { .. })))
-            && matches!(s.sandboxes[&ids[2]].observed, Some((2, SandboxState::Exited { signal: Some(9), .. })))
-    });
+    cp.wait_for(
+        Duration::from_secs(20),
+        "pause, stop, delete converged",
+        |s| {
+            matches!(
+                s.sandboxes[&ids[0]].observed,
+                Some((2, SandboxState::Paused { .. }))
+            ) && matches!(
+                s.sandboxes[&ids[1]].observed,
+                Some((2, SandboxState::Exited { .. }))
+            ) && matches!(
+                s.sandboxes[&ids[2]].observed,
+                Some((
+                    2,
+                    SandboxState::Exited {
+                        signal: Some(9),
+                        ..
+                    }
+                ))
+            )
+        },
+    );
     cp.forget(&ids[2]);
     assert_eq!(cp.state().refused, 0, "no report was refused");
     // A restart: registers with the stored credential, reports again.
@@ -252,6 +322,35 @@ fn a_dry_run_node_reports_200_sandboxes() {
     assert!(cp.state().nodes["dry-1"].heartbeats > 0);
     node.term();
     assert!(node.log().contains("registered"), "{}", node.log());
+}
+
+/// Several server URLs: a dead one is skipped; a follower's `kiln-leader`
+/// hint is followed to the leader.
+#[test]
+fn a_node_finds_the_leader_among_several_servers() {
+    let k = Kiln::new();
+    let ns = Netns::new();
+    let leader = FakeCp::start(&format!("{}:0", ns.host_ip), "join-secret");
+    let follower = FakeCp::start(&format!("{}:0", ns.host_ip), "join-secret");
+    follower.down(&leader.url());
+    // A port nobody listens on, then the follower.
+    let dead = format!("http://{}:1", ns.host_ip);
+    let mut node = NodeProc::start_with_servers(
+        &k,
+        &ns,
+        &format!("{dead},{}", follower.url()),
+        "multi-1",
+        &["--dry-run"],
+    );
+    leader.wait_for(Duration::from_secs(30), "registration at the leader", |s| {
+        s.nodes.get("multi-1").is_some_and(|n| n.registrations == 1)
+    });
+    assert!(follower.state().unavailable > 0, "the follower was asked");
+    let id = leader.create("multi-1", SandboxSpec::for_image("busybox"));
+    leader.wait_for(Duration::from_secs(20), "running", |s| {
+        is_running(&s.sandboxes[&id].observed, 1)
+    });
+    node.term();
 }
 
 /// Real microVMs: a sandbox the server assigns runs under its ID; its
@@ -279,7 +378,10 @@ fn a_node_runs_adopts_and_removes_real_microvms() {
     });
     eprintln!("A reported running in {} ms", t0.elapsed().as_millis());
     cp.wait_for(Duration::from_secs(120), "B exited 3", |s| {
-        matches!(s.sandboxes[&b].observed, Some((1, SandboxState::Exited { exit_code: 3, .. })))
+        matches!(
+            s.sandboxes[&b].observed,
+            Some((1, SandboxState::Exited { exit_code: 3, .. }))
+        )
     });
     // Its output, through the node's own state directory.
     let t1 = Instant::now();
@@ -288,12 +390,31 @@ fn a_node_runs_adopts_and_removes_real_microvms() {
         if stdout(&out).contains("hello-from-node") {
             break;
         }
-        assert!(t1.elapsed() < Duration::from_secs(30), "no output: {}", stderr(&out));
+        assert!(
+            t1.elapsed() < Duration::from_secs(30),
+            "no output: {}",
+            stderr(&out)
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let shim = shim_pid(k.state_dir(), &a).expect("A has a supervisor");
     assert!(alive(shim));
     assert_eq!(vmm_processes(k.state_dir(), &a).len(), 1, "one VMM for A");
+
+    // The server unreachable for a while: nothing stops.
+    cp.down("");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(alive(shim), "the sandbox runs on while the server is down");
+    assert!(
+        matches!(node.child.try_wait(), Ok(None)),
+        "the node runs on"
+    );
+    let beats = cp.state().nodes["real-1"].heartbeats;
+    cp.up();
+    cp.wait_for(Duration::from_secs(30), "heartbeats again", |s| {
+        s.nodes["real-1"].heartbeats > beats
+    });
+    assert!(is_running(&cp.observed(&a), 1));
 
     // kill -9 of the node: the VM runs on.
     node.kill9();
@@ -302,13 +423,19 @@ fn a_node_runs_adopts_and_removes_real_microvms() {
     let reports_before = cp.reports(&a).len();
     let node_log_before = node.log().len();
     let mut node = NodeProc::start(&k, &ns, &cp, "real-1", &[]);
-    cp.wait_for(Duration::from_secs(60), "A reported again after the restart", |s| {
-        s.nodes["real-1"].registrations == 2 && s.sandboxes[&a].reports.len() > reports_before
-    });
+    cp.wait_for(
+        Duration::from_secs(60),
+        "A reported again after the restart",
+        |s| s.nodes["real-1"].registrations == 2 && s.sandboxes[&a].reports.len() > reports_before,
+    );
     assert!(is_running(&cp.observed(&a), 1), "{:?}", cp.observed(&a));
     assert_eq!(shim_pid(k.state_dir(), &a), Some(shim), "same supervisor");
     assert!(alive(shim));
-    assert_eq!(vmm_processes(k.state_dir(), &a).len(), 1, "no second VM for A");
+    assert_eq!(
+        vmm_processes(k.state_dir(), &a).len(),
+        1,
+        "no second VM for A"
+    );
     assert!(
         !node.log()[node_log_before.min(node.log().len())..].contains("created"),
         "nothing was created again: {}",
@@ -326,16 +453,21 @@ fn a_node_runs_adopts_and_removes_real_microvms() {
     while k.state_dir().join("sandboxes").join(c.as_str()).exists()
         || k.state_dir().join("sandboxes").join(b.as_str()).exists()
     {
-        assert!(t2.elapsed() < Duration::from_secs(60), "fenced sandboxes were not removed");
+        assert!(
+            t2.elapsed() < Duration::from_secs(60),
+            "fenced sandboxes were not removed"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(vmm_processes(k.state_dir(), &c).is_empty());
 
     // Delete: the VM goes, the final state is reported at the new generation.
     cp.set_desired(&a, DesiredState::Deleted);
-    cp.wait_for(Duration::from_secs(60), "A deleted", |s| {
-        matches!(&s.sandboxes[&a].observed, Some((2, st)) if st.is_finished())
-    });
+    cp.wait_for(
+        Duration::from_secs(60),
+        "A deleted",
+        |s| matches!(&s.sandboxes[&a].observed, Some((2, st)) if st.is_finished()),
+    );
     assert!(!k.state_dir().join("sandboxes").join(a.as_str()).exists());
     assert!(!alive(shim));
     assert!(vmm_processes(k.state_dir(), &a).is_empty());
@@ -364,12 +496,20 @@ fn twenty_real_microvms_converge_in_parallel() {
         .map(|_| cp.create("real-20", spec(&["sleep", "600"])))
         .collect();
     cp.wait_for(Duration::from_secs(300), "20 running", |s| {
-        ids.iter().all(|id| is_running(&s.sandboxes[id].observed, 1))
+        ids.iter()
+            .all(|id| is_running(&s.sandboxes[id].observed, 1))
     });
     let started = t0.elapsed();
-    eprintln!("20 real microVMs reported running in {} ms", started.as_millis());
+    eprintln!(
+        "20 real microVMs reported running in {} ms",
+        started.as_millis()
+    );
     for id in &ids {
-        assert_eq!(vmm_processes(k.state_dir(), id).len(), 1, "one VMM for {id}");
+        assert_eq!(
+            vmm_processes(k.state_dir(), id).len(),
+            1,
+            "one VMM for {id}"
+        );
     }
     let t1 = Instant::now();
     for id in &ids {
@@ -379,7 +519,10 @@ fn twenty_real_microvms_converge_in_parallel() {
         ids.iter()
             .all(|id| matches!(&s.sandboxes[id].observed, Some((2, st)) if st.is_finished()))
     });
-    eprintln!("20 real microVMs deleted in {} ms", t1.elapsed().as_millis());
+    eprintln!(
+        "20 real microVMs deleted in {} ms",
+        t1.elapsed().as_millis()
+    );
     for id in &ids {
         cp.forget(id);
     }

@@ -51,6 +51,11 @@ pub struct CpState {
     pub sandboxes: BTreeMap<SandboxId, Sb>,
     pub index: u64,
     pub refused: u64,
+    /// While set, every call is answered UNAVAILABLE (a server that is
+    /// down or partitioned), with this `kiln-leader` hint if non-empty.
+    pub down: Option<String>,
+    /// Calls answered while down.
+    pub unavailable: u64,
 }
 
 #[derive(Clone)]
@@ -72,7 +77,22 @@ fn bearer<T>(r: &Request<T>) -> Option<String> {
 }
 
 impl Svc {
+    fn up(&self) -> Result<(), Status> {
+        let mut st = lock(&self.st);
+        let Some(hint) = st.down.clone() else {
+            return Ok(());
+        };
+        st.unavailable += 1;
+        let mut s = Status::unavailable("not the leader");
+        if !hint.is_empty() {
+            s.metadata_mut()
+                .insert("kiln-leader", hint.parse().expect("ascii hint"));
+        }
+        Err(s)
+    }
+
     fn check<T>(&self, r: &Request<T>, name: &str) -> Result<(), Status> {
+        self.up()?;
         let st = lock(&self.st);
         match (st.nodes.get(name), bearer(r)) {
             (Some(n), Some(c)) if n.credential == c => Ok(()),
@@ -118,6 +138,7 @@ impl NodeService for Svc {
         &self,
         r: Request<RegisterRequest>,
     ) -> Result<Response<RegisterReply>, Status> {
+        self.up()?;
         let auth = bearer(&r);
         let req = r.into_inner();
         let mut st = lock(&self.st);
@@ -155,10 +176,7 @@ impl NodeService for Svc {
 
     type WatchStream = WatchStream;
 
-    async fn watch(
-        &self,
-        r: Request<WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, r: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let name = r.get_ref().name.clone();
         self.check(&r, &name)?;
         let st = self.st.clone();
@@ -166,6 +184,10 @@ impl NodeService for Svc {
         let stream = async_stream(move |tx| async move {
             let mut last: Option<NodeDesired> = None;
             loop {
+                if lock(&st).down.is_some() {
+                    let _ = tx.send(Err(Status::unavailable("going down"))).await;
+                    return;
+                }
                 let d = desired_of(&lock(&st), &name);
                 if last.as_ref() != Some(&d) {
                     let upd = DesiredUpdate {
@@ -185,10 +207,7 @@ impl NodeService for Svc {
         Ok(Response::new(stream))
     }
 
-    async fn report(
-        &self,
-        r: Request<ReportRequest>,
-    ) -> Result<Response<ReportReply>, Status> {
+    async fn report(&self, r: Request<ReportRequest>) -> Result<Response<ReportReply>, Status> {
         let name = r.get_ref().name.clone();
         self.check(&r, &name)?;
         let req = r.into_inner();
@@ -292,6 +311,18 @@ impl FakeCp {
         self.bump.send_modify(|n| *n += 1);
     }
 
+    /// Answers every call UNAVAILABLE (with a `kiln-leader` hint if
+    /// `hint` is non-empty) until [`FakeCp::up`]; open watches end.
+    pub fn down(&self, hint: &str) {
+        self.state().down = Some(hint.to_string());
+        self.changed();
+    }
+
+    pub fn up(&self) {
+        self.state().down = None;
+        self.changed();
+    }
+
     /// Assigns a new sandbox to `node`, desired running.
     pub fn create(&self, node: &str, spec: SandboxSpec) -> SandboxId {
         let mut b = [0u8; 8];
@@ -347,7 +378,10 @@ impl FakeCp {
     }
 
     pub fn observed(&self, id: &SandboxId) -> Option<(u64, SandboxState)> {
-        self.state().sandboxes.get(id).and_then(|s| s.observed.clone())
+        self.state()
+            .sandboxes
+            .get(id)
+            .and_then(|s| s.observed.clone())
     }
 
     pub fn reports(&self, id: &SandboxId) -> Vec<(u64, SandboxState)> {
@@ -362,7 +396,10 @@ impl FakeCp {
     pub fn wait_for(&self, limit: Duration, what: &str, f: impl Fn(&CpState) -> bool) {
         let t0 = Instant::now();
         while !f(&self.state()) {
-            assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+            assert!(
+                t0.elapsed() < limit,
+                "timed out after {limit:?} waiting for {what}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
