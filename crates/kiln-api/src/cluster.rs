@@ -140,6 +140,9 @@ pub enum Role {
     Admin,
     /// Only its own tenant's sandboxes, snapshots and templates.
     Tenant,
+    /// A worker node's credential (minted at registration): the node
+    /// protocol only, and only for the node it is bound to.
+    Node,
 }
 
 /// What a client wants a sandbox to be; the node converges to it.

@@ -141,6 +141,7 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
         Command::Template { command } => crate::templates::dispatch(&node, command).await,
         Command::Policy { command } => policy(&node, command),
         Command::Node(_) => anyhow::bail!("kiln node is dispatched above"),
+        Command::Server(a) => crate::server_cmd::run(*a).await,
         Command::Shim { id } => {
             // The supervisor must not die with the terminal or the command
             // that started it: leave its session. Fails only if we already

@@ -11,6 +11,7 @@ mod commands;
 mod images;
 mod info;
 mod node_cmd;
+mod server_cmd;
 mod snapshots;
 mod templates;
 mod term;
@@ -134,6 +135,8 @@ enum Command {
     /// Run this host as a node of a Kiln cluster: register with the
     /// server, run the sandboxes it assigns, report them.
     Node(Box<node_cmd::NodeArgs>),
+    /// A control-plane server replica (REST API, node protocol, Raft).
+    Server(Box<server_cmd::ServerArgs>),
     /// The per-sandbox supervisor (started by `kiln run`).
     #[command(hide = true)]
     Shim { id: String },
@@ -416,12 +419,20 @@ fn main() {
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    if matches!(&cli.command, Command::Server(a) if a.log_format == server_cmd::LogFormat::Json) {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_target(false)
+            .init();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -434,7 +445,12 @@ fn main() {
         }
     };
     let code = rt.block_on(async move {
-        match commands::dispatch(cli.command).await {
+        let r = match cli.command {
+            // The server opens no node state: it never touches a VM.
+            Command::Server(a) => server_cmd::run(*a).await,
+            c => commands::dispatch(c).await,
+        };
+        match r {
             Ok(code) => code,
             Err(e) if is_broken_pipe(&e) && stdout_reader_gone() => SIGPIPE_EXIT,
             Err(e) => {

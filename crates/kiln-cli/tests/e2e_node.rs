@@ -9,230 +9,20 @@
 
 mod common;
 mod fake_cp;
+mod node_host;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Kiln, busybox, code, stderr, stdout};
+use common::{Kiln, code, stderr, stdout};
 use fake_cp::FakeCp;
 use kiln_api::cluster::DesiredState;
 use kiln_api::sandbox::{SandboxId, SandboxSpec, SandboxState};
-
-/// A network namespace joined to the root namespace by a veth pair
-/// (`10.250.N.1` here, `10.250.N.2` there); removed on drop.
-struct Netns {
-    name: String,
-    veth: String,
-    host_ip: String,
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Netns {
-    fn new() -> Netns {
-        // One subnet per namespace of this process (tests run in parallel).
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let n = (std::process::id() + seq * 61) % 250 + 1;
-        let tag = format!("{:04x}{:02x}", std::process::id() & 0xffff, rand_u8());
-        let ns = Netns {
-            name: format!("kiln-node-{tag}"),
-            veth: format!("kvr{tag}"),
-            host_ip: format!("10.250.{n}.1"),
-        };
-        let peer = format!("kvn{tag}");
-        sh(&["ip", "netns", "add", &ns.name]);
-        sh(&[
-            "ip", "link", "add", &ns.veth, "type", "veth", "peer", "name", &peer,
-        ]);
-        sh(&["ip", "link", "set", &peer, "netns", &ns.name]);
-        sh(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{}/30", ns.host_ip),
-            "dev",
-            &ns.veth,
-        ]);
-        sh(&["ip", "link", "set", &ns.veth, "up"]);
-        let inside = |a: &[&str]| {
-            let mut v = vec!["ip", "netns", "exec", &ns.name];
-            v.extend_from_slice(a);
-            sh(&v);
-        };
-        inside(&["ip", "link", "set", "lo", "up"]);
-        inside(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("10.250.{n}.2/30"),
-            "dev",
-            &peer,
-        ]);
-        inside(&["ip", "link", "set", &peer, "up"]);
-        ns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.veth])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-fn rand_u8() -> u8 {
-    use std::io::Read;
-    let mut b = [0u8; 1];
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
-    b[0]
-}
-
-/// A `kiln node` process in `ns`; killed (SIGKILL) on drop if still there.
-struct NodeProc {
-    child: Child,
-    log: PathBuf,
-}
+use node_host::{Netns, NodeProc, alive, shim_pid, spec, vmm_processes};
 
 impl NodeProc {
     fn start(k: &Kiln, ns: &Netns, cp: &FakeCp, name: &str, extra: &[&str]) -> NodeProc {
         NodeProc::start_with_servers(k, ns, &cp.url(), name, extra)
     }
-
-    fn start_with_servers(
-        k: &Kiln,
-        ns: &Netns,
-        servers: &str,
-        name: &str,
-        extra: &[&str],
-    ) -> NodeProc {
-        let token = k.state_dir().join("join-token");
-        std::fs::write(&token, "join-secret\n").expect("token file");
-        let log = k.state_dir().join(format!("node-{name}.log"));
-        let logf = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(&k.bin)
-            .args(["node", "--server", servers])
-            .arg("--join-token-file")
-            .arg(&token)
-            .args(["--name", name, "--state-dir"])
-            .arg(k.state_dir())
-            .args(extra)
-            .env("KILN_STATE_DIR", k.state_dir())
-            .env("KILN_AUTO_TEMPLATES", "0")
-            .env("KILN_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .expect("kiln node starts");
-        NodeProc { child, log }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn term(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid()),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(10) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.kill9();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.kill9();
-        }
-    }
-}
-
-fn spec(cmd: &[&str]) -> SandboxSpec {
-    let mut s = SandboxSpec::for_image(busybox());
-    s.cmd = cmd.iter().map(|c| c.to_string()).collect();
-    s.resources.memory_mib = 128;
-    s.resources.disk_mib = 64;
-    s
-}
-
-fn shim_pid(state: &Path, id: &SandboxId) -> Option<u32> {
-    let body = std::fs::read(
-        state
-            .join("sandboxes")
-            .join(id.as_str())
-            .join("record.json"),
-    )
-    .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    v.get("shim_pid")?.as_u64().map(|p| p as u32)
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            let state = s.rsplit(')').next().unwrap_or("").trim_start();
-            !state.starts_with('Z')
-        })
-        .unwrap_or(false)
-}
-
-/// Processes (VMMs) whose command line names sandbox `id`'s directory.
-fn vmm_processes(state: &Path, id: &SandboxId) -> Vec<u32> {
-    let needle = format!("{}/sandboxes/{id}/", state.display());
-    let mut out = vec![];
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmd)
-            .replace('\0', " ")
-            .contains(&needle)
-            && alive(pid)
-        {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 fn is_running(o: &Option<(u64, SandboxState)>, generation: u64) -> bool {
@@ -247,7 +37,7 @@ fn is_running(o: &Option<(u64, SandboxState)>, generation: u64) -> bool {
 fn a_dry_run_node_reports_200_sandboxes() {
     let k = Kiln::new();
     let ns = Netns::new();
-    let cp = FakeCp::start(&format!("{}:0", ns.host_ip), "join-secret");
+    let cp = FakeCp::start(&format!("{}:0", ns.host_ip), node_host::JOIN);
     let mut node = NodeProc::start(&k, &ns, &cp, "dry-1", &["--dry-run"]);
     cp.wait_for(Duration::from_secs(30), "registration", |s| {
         s.nodes.get("dry-1").is_some_and(|n| n.registrations == 1)
@@ -330,8 +120,8 @@ fn a_dry_run_node_reports_200_sandboxes() {
 fn a_node_finds_the_leader_among_several_servers() {
     let k = Kiln::new();
     let ns = Netns::new();
-    let leader = FakeCp::start(&format!("{}:0", ns.host_ip), "join-secret");
-    let follower = FakeCp::start(&format!("{}:0", ns.host_ip), "join-secret");
+    let leader = FakeCp::start(&format!("{}:0", ns.host_ip), node_host::JOIN);
+    let follower = FakeCp::start(&format!("{}:0", ns.host_ip), node_host::JOIN);
     follower.down(&leader.url());
     // A port nobody listens on, then the follower.
     let dead = format!("http://{}:1", ns.host_ip);
@@ -362,7 +152,7 @@ fn a_node_finds_the_leader_among_several_servers() {
 fn a_node_runs_adopts_and_removes_real_microvms() {
     let k = Kiln::new();
     let ns = Netns::new();
-    let cp = FakeCp::start(&format!("{}:0", ns.host_ip), "join-secret");
+    let cp = FakeCp::start(&format!("{}:0", ns.host_ip), node_host::JOIN);
     let mut node = NodeProc::start(&k, &ns, &cp, "real-1", &[]);
     cp.wait_for(Duration::from_secs(60), "registration", |s| {
         s.nodes.get("real-1").is_some_and(|n| n.registrations == 1)
@@ -486,7 +276,7 @@ fn a_node_runs_adopts_and_removes_real_microvms() {
 fn twenty_real_microvms_converge_in_parallel() {
     let k = Kiln::new();
     let ns = Netns::new();
-    let cp = FakeCp::start(&format!("{}:0", ns.host_ip), "join-secret");
+    let cp = FakeCp::start(&format!("{}:0", ns.host_ip), node_host::JOIN);
     let mut node = NodeProc::start(&k, &ns, &cp, "real-20", &[]);
     cp.wait_for(Duration::from_secs(60), "registration", |s| {
         s.nodes.get("real-20").is_some_and(|n| n.registrations == 1)

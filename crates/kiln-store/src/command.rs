@@ -193,6 +193,10 @@ pub enum Command {
         #[serde(default)]
         description: String,
         now_ms: u64,
+        /// The node a `Role::Node` credential speaks for (none otherwise).
+        /// Creating one revokes that node's earlier credentials.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<NodeName>,
     },
     RevokeToken {
         id: String,

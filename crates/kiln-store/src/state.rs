@@ -155,6 +155,9 @@ pub struct TokenRecord {
     pub description: String,
     pub created_at_ms: u64,
     pub revoked_at_ms: Option<u64>,
+    /// The node a `Role::Node` credential is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeName>,
 }
 
 /// Room for the networking issue: a sandbox network policy, stored as the

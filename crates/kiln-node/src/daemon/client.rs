@@ -60,7 +60,7 @@ pub enum ClientError {
 impl ClientError {
     /// The server does not (or no longer) know this node's credential.
     pub fn is_auth(&self) -> bool {
-        matches!(self, ClientError::Status(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied))
+        matches!(self, ClientError::Status(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied | Code::NotFound))
     }
 }
 

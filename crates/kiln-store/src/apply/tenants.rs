@@ -64,6 +64,7 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             sha256,
             description,
             now_ms,
+            node,
         } => {
             if id.is_empty()
                 || id.len() > 64
@@ -93,10 +94,31 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                     Err(e)
                 }
             })?;
+            match (role, node) {
+                (Role::Node, None) => {
+                    return Err(Rejection::invalid(
+                        "node",
+                        "a node credential needs its node",
+                    ));
+                }
+                (Role::Admin | Role::Tenant, Some(_)) => {
+                    return Err(Rejection::invalid(
+                        "node",
+                        "only a node credential is bound to a node",
+                    ));
+                }
+                _ => {}
+            }
             match (role, tenant) {
-                (Role::Admin, None) => {}
+                (Role::Admin | Role::Node, None) => {}
                 (Role::Tenant, Some(t)) => {
                     tenant_rec(st, t)?;
+                }
+                (Role::Node, Some(_)) => {
+                    return Err(Rejection::invalid(
+                        "tenant",
+                        "a node credential has no tenant",
+                    ));
                 }
                 (Role::Admin, Some(_)) => {
                     return Err(Rejection::invalid("tenant", "an admin token has no tenant"));
@@ -114,6 +136,17 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             if st.idx.token_by_hash.contains_key(sha256) {
                 return Err(Rejection::conflict("a token with this hash exists"));
             }
+            if let Some(n) = node {
+                // One live credential per node: a re-registration rotates it.
+                for tok in st.tokens.values_mut() {
+                    if tok.role == Role::Node
+                        && tok.node.as_ref() == Some(n)
+                        && tok.revoked_at_ms.is_none()
+                    {
+                        tok.revoked_at_ms = Some(*now_ms);
+                    }
+                }
+            }
             st.idx.token_by_hash.insert(sha256.clone(), id.clone());
             st.tokens.insert(
                 id.clone(),
@@ -125,6 +158,7 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                     description: description.clone(),
                     created_at_ms: *now_ms,
                     revoked_at_ms: None,
+                    node: node.clone(),
                 },
             );
             Ok(Response::Done)

@@ -426,6 +426,7 @@ fn tokens_are_stored_hashed_and_revocable() {
         sha256: sha256.into(),
         description: String::new(),
         now_ms: 3,
+        node: None,
     };
     assert!(matches!(
         sm.rejected(mk("t1", None, Role::Admin, "s3cret")),
@@ -462,6 +463,55 @@ fn tokens_are_stored_hashed_and_revocable() {
         now_ms: 9,
     });
     assert!(query::token_by_hash(&sm.st, &hash).is_none());
+}
+
+#[test]
+fn node_credentials_are_bound_to_one_node_and_rotate() {
+    let mut sm = Sm::new();
+    sm.ok(tenant("a", Quotas::default()));
+    let mk =
+        |id: &str, tenant: Option<&str>, node: Option<&str>, secret: &str| Command::CreateToken {
+            id: id.into(),
+            tenant: tenant.map(t),
+            role: Role::Node,
+            sha256: query::hash_token(secret),
+            description: String::new(),
+            now_ms: 5,
+            node: node.map(n),
+        };
+    assert!(matches!(
+        sm.rejected(mk("n1", None, None, "x1")),
+        Rejection::Invalid { .. }
+    ));
+    assert!(matches!(
+        sm.rejected(mk("n1", Some("a"), Some("h1"), "x1")),
+        Rejection::Invalid { .. }
+    ));
+    // Only node credentials name a node.
+    assert!(matches!(
+        sm.rejected(Command::CreateToken {
+            id: "t".into(),
+            tenant: Some(t("a")),
+            role: Role::Tenant,
+            sha256: query::hash_token("y"),
+            description: String::new(),
+            now_ms: 5,
+            node: Some(n("h1")),
+        }),
+        Rejection::Invalid { .. }
+    ));
+    sm.ok(mk("n1", None, Some("h1"), "x1"));
+    sm.ok(mk("n2", None, Some("h2"), "x2"));
+    let tok = query::token_by_hash(&sm.st, &query::hash_token("x1")).expect("live");
+    assert_eq!((tok.role, tok.node.clone()), (Role::Node, Some(n("h1"))));
+    // A new credential for h1 revokes the old one, not h2's.
+    sm.ok(mk("n3", None, Some("h1"), "x3"));
+    assert!(query::token_by_hash(&sm.st, &query::hash_token("x1")).is_none());
+    assert!(query::token_by_hash(&sm.st, &query::hash_token("x2")).is_some());
+    assert!(query::token_by_hash(&sm.st, &query::hash_token("x3")).is_some());
+    let mut rebuilt = sm.st.clone();
+    rebuilt.rebuild_indexes();
+    assert_eq!(rebuilt.idx, sm.st.idx);
 }
 
 #[test]

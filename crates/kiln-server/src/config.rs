@@ -1,0 +1,163 @@
+//! How one `kiln server` replica is configured (the flags of
+//! `kiln server`), and the `--peers` syntax.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use kiln_store::{ServerId, ServerNode};
+
+/// Everything one replica needs to start.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// This replica's Raft ID (`--id`, ≥ 1).
+    pub id: ServerId,
+    /// Where the API listens: REST under `/v1`, `/metrics`, and the node
+    /// protocol (gRPC over HTTP/2 cleartext) on the same port.
+    pub listen: SocketAddr,
+    /// The URL other servers, clients and nodes use to reach `listen`
+    /// (default `http://<listen>`; needed when `listen` is a wildcard).
+    pub advertise: Option<String>,
+    /// Where the Raft listener binds (private to the servers).
+    pub raft_listen: SocketAddr,
+    /// Every member of a new cluster, this one included (used with
+    /// `init`). Empty with `init`: a single-replica cluster.
+    pub peers: BTreeMap<ServerId, ServerNode>,
+    /// Raft database, the bootstrap admin token.
+    pub state_dir: PathBuf,
+    /// The secret nodes present to `Register`.
+    pub join_token: String,
+    /// Initialise a new cluster from `peers` (one server, once).
+    pub init: bool,
+    /// Where the bootstrap admin token goes (default
+    /// `<state_dir>/admin.token`).
+    pub admin_token_file: Option<PathBuf>,
+    /// How often nodes heartbeat, and after how long silent they are
+    /// marked unreachable.
+    pub heartbeat_interval_ms: u64,
+    pub grace_ms: u64,
+    /// How often the leader places pending sandboxes and expires nodes.
+    pub reconcile_ms: u64,
+    /// Raft timing (tests shorten elections).
+    pub raft_heartbeat_ms: u64,
+    pub election_timeout_ms: (u64, u64),
+}
+
+impl ServerConfig {
+    /// Defaults: heartbeats every second, 10 s grace, reconcile every
+    /// 500 ms, Raft heartbeats 100 ms and elections 400-800 ms.
+    pub fn new(
+        id: ServerId,
+        listen: SocketAddr,
+        raft_listen: SocketAddr,
+        state_dir: impl Into<PathBuf>,
+        join_token: impl Into<String>,
+    ) -> ServerConfig {
+        ServerConfig {
+            id,
+            listen,
+            advertise: None,
+            raft_listen,
+            peers: BTreeMap::new(),
+            state_dir: state_dir.into(),
+            join_token: join_token.into(),
+            init: false,
+            admin_token_file: None,
+            heartbeat_interval_ms: 1000,
+            grace_ms: 10_000,
+            reconcile_ms: 500,
+            raft_heartbeat_ms: 100,
+            election_timeout_ms: (400, 800),
+        }
+    }
+
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.admin_token_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("admin.token"))
+    }
+}
+
+/// A `--peers` value that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeersError {
+    #[error("peer {0:?} is not ID=RAFT_ADDR=API_ADDR")]
+    Shape(String),
+    #[error("peer {0:?}: the ID must be a positive integer")]
+    Id(String),
+    #[error("peer {0:?}: the Raft address must be host:port")]
+    RaftAddr(String),
+    #[error("server {0} is listed twice")]
+    Duplicate(ServerId),
+}
+
+/// Parses `ID=RAFT_ADDR=API_ADDR,...` (API_ADDR `host:port` or a URL; a
+/// bare `host:port` becomes `http://host:port`).
+pub fn parse_peers(s: &str) -> Result<BTreeMap<ServerId, ServerNode>, PeersError> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let mut it = part.splitn(3, '=');
+        let (Some(id), Some(raft), Some(api)) = (it.next(), it.next(), it.next()) else {
+            return Err(PeersError::Shape(part.to_owned()));
+        };
+        let id: ServerId = id
+            .parse()
+            .ok()
+            .filter(|i| *i > 0)
+            .ok_or_else(|| PeersError::Id(part.to_owned()))?;
+        if raft
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err(PeersError::RaftAddr(part.to_owned()));
+        }
+        if api.is_empty() {
+            return Err(PeersError::Shape(part.to_owned()));
+        }
+        let node = ServerNode {
+            raft_addr: raft.to_owned(),
+            api_addr: api_url(api),
+        };
+        if out.insert(id, node).is_some() {
+            return Err(PeersError::Duplicate(id));
+        }
+    }
+    Ok(out)
+}
+
+/// `host:port` → `http://host:port`; a URL stays as it is (no trailing `/`).
+pub fn api_url(s: &str) -> String {
+    let s = s.trim_end_matches('/');
+    if s.starts_with("http://") || s.starts_with("https://") {
+        s.to_owned()
+    } else {
+        format!("http://{s}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_refuse_garbage() {
+        let p =
+            parse_peers("1=10.0.0.1:7001=10.0.0.1:7000, 2=h2:7001=https://h2:7000/").expect("ok");
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[&1].api_addr, "http://10.0.0.1:7000");
+        assert_eq!(p[&2].api_addr, "https://h2:7000");
+        assert_eq!(p[&2].raft_addr, "h2:7001");
+        assert!(matches!(parse_peers("1=a:1"), Err(PeersError::Shape(_))));
+        assert!(matches!(parse_peers("0=a:1=b:2"), Err(PeersError::Id(_))));
+        assert!(matches!(parse_peers("x=a:1=b:2"), Err(PeersError::Id(_))));
+        assert!(matches!(
+            parse_peers("1=a=b:2"),
+            Err(PeersError::RaftAddr(_))
+        ));
+        assert!(matches!(
+            parse_peers("1=a:1=b:2,1=c:1=d:2"),
+            Err(PeersError::Duplicate(1))
+        ));
+        assert!(parse_peers("").expect("empty").is_empty());
+    }
+}

@@ -1,0 +1,344 @@
+//! The node protocol's server side (`kiln.node.v1.NodeService`, tonic):
+//! `Register` (join token → per-node credential, stored hashed in the
+//! Raft state as a `Role::Node` token bound to the node's name),
+//! `Heartbeat`, `Watch` (the node's `query::node_desired`, streamed from
+//! this replica's applied state) and `Report`.
+//!
+//! Invariants:
+//! - Every call but `Register` carries `authorization: Bearer
+//!   <credential>`; the credential must be a live node credential bound to
+//!   the node named in the request (else UNAUTHENTICATED /
+//!   PERMISSION_DENIED).
+//! - Writes (`Register`, `Heartbeat`, `Report`) are proposed here only on
+//!   the leader; a follower answers UNAVAILABLE with the leader's API URL
+//!   (which also serves gRPC) in the `kiln-leader` metadata, or without it
+//!   during an election ("retry shortly").
+//! - `Watch` never sends two equal `NodeDesired` in a row (compared by
+//!   content: the revision does not move when a sandbox is forgotten).
+//! - Payload JSON is decoded into kiln-api types (unknown fields refused);
+//!   a bad payload is INVALID_ARGUMENT, never a panic.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use kiln_api::cluster::{Capacity, DriverKind, NodeName, Role};
+use kiln_api::node_rpc::node_service_server::{NodeService, NodeServiceServer};
+use kiln_api::node_rpc::{
+    DesiredUpdate, HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest, ReportReply,
+    ReportRequest, WatchRequest,
+};
+use kiln_api::sandbox::{SandboxId, SandboxState};
+use kiln_store::{Command, Response, WriteError, query};
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Status};
+
+use crate::server::{Shared, ct_eq, now_ms, random_hex, sha256};
+
+/// Most sandboxes one `Report` may carry.
+pub const MAX_REPORT_ITEMS: usize = 10_000;
+/// Largest gRPC message accepted (a report of many sandboxes).
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// The NodeService as an axum router (merged into the API listener).
+pub fn router(shared: Arc<Shared>) -> axum::Router {
+    let svc = NodeServiceServer::new(NodeRpc { shared })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    tonic::service::Routes::new(svc).into_axum_router()
+}
+
+struct NodeRpc {
+    shared: Arc<Shared>,
+}
+
+/// A write refused because this replica does not lead.
+pub(crate) fn write_status(e: WriteError) -> Status {
+    match e {
+        WriteError::ForwardToLeader { leader } => {
+            let url = leader.and_then(|l| l.node).map(|n| n.api_addr);
+            let mut st = Status::unavailable(match &url {
+                Some(u) => format!("not the leader; the leader is {u} (kiln-leader)"),
+                None => "no leader is known (election in progress); retry shortly".to_owned(),
+            });
+            if let Some(u) = url
+                && let Ok(v) = u.parse()
+            {
+                st.metadata_mut().insert("kiln-leader", v);
+            }
+            st
+        }
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+fn rejected(r: &kiln_store::Rejection) -> Status {
+    use kiln_store::Rejection as R;
+    match r {
+        R::NotFound { .. } => Status::not_found(r.to_string()),
+        R::Invalid { .. } => Status::invalid_argument(r.to_string()),
+        R::AlreadyExists { .. } => Status::already_exists(r.to_string()),
+        R::QuotaExceeded { .. } => Status::resource_exhausted(r.to_string()),
+        _ => Status::failed_precondition(r.to_string()),
+    }
+}
+
+fn node_name(s: &str) -> Result<NodeName, Status> {
+    NodeName::new(s).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn json<T: serde::de::DeserializeOwned>(field: &str, b: &[u8]) -> Result<T, Status> {
+    serde_json::from_slice(b).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+fn bearer(md: &MetadataMap) -> Option<&str> {
+    md.get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+impl NodeRpc {
+    /// Checks the credential speaks for `node`. A credential minted a
+    /// moment ago may not have reached this replica yet: wait briefly for
+    /// the applied index to move before refusing.
+    async fn authenticate(&self, md: &MetadataMap, node: &NodeName) -> Result<(), Status> {
+        let secret = bearer(md).ok_or_else(|| {
+            Status::unauthenticated("missing `authorization: Bearer <node credential>`")
+        })?;
+        let hash = query::hash_token(secret);
+        let mut applied = self.shared.raft.subscribe_applied();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let found = self
+                .shared
+                .raft
+                .read_local(|s| query::token_by_hash(s, &hash).map(|t| (t.role, t.node.clone())));
+            match found {
+                Some((Role::Node, Some(n))) if n == *node => return Ok(()),
+                Some(_) => {
+                    return Err(Status::permission_denied(format!(
+                        "this credential does not speak for node {node}"
+                    )));
+                }
+                None => {
+                    if tokio::time::timeout_at(deadline, applied.changed())
+                        .await
+                        .is_err()
+                    {
+                        return Err(Status::unauthenticated(
+                            "unknown or revoked node credential; register again",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write(&self, cmd: Command) -> Result<Response, Status> {
+        let r = self.shared.raft.write(cmd).await.map_err(write_status)?;
+        match r {
+            Response::Rejected(rej) => Err(rejected(&rej)),
+            ok => Ok(ok),
+        }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<DesiredUpdate, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl NodeService for NodeRpc {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<tonic::Response<RegisterReply>, Status> {
+        let r = req.into_inner();
+        if !ct_eq(&sha256(r.join_token.as_bytes()), &self.shared.join_hash) {
+            return Err(Status::unauthenticated("wrong join token"));
+        }
+        let name = node_name(&r.name)?;
+        let capacity: Capacity = json("capacity_json", &r.capacity_json)?;
+        let driver: DriverKind = json("driver_json", &r.driver_json)?;
+        if r.address.is_empty() || r.address.len() > 1024 || r.address.chars().any(char::is_control)
+        {
+            return Err(Status::invalid_argument(
+                "address: 1-1024 printable characters",
+            ));
+        }
+        if r.images.len() > 10_000 || r.images.iter().any(|i| i.len() > 4096) {
+            return Err(Status::invalid_argument(
+                "images: at most 10000 references of at most 4096 bytes",
+            ));
+        }
+        let now = now_ms();
+        self.write(Command::RegisterNode {
+            name: name.clone(),
+            address: r.address,
+            capacity,
+            driver,
+            labels: r.labels.into_iter().collect(),
+            images: r.images.into_iter().collect(),
+            now_ms: now,
+        })
+        .await?;
+        let secret = format!("kilnnode_{}", random_hex(24));
+        self.write(Command::CreateToken {
+            id: format!("node-{}", random_hex(8)),
+            tenant: None,
+            role: Role::Node,
+            sha256: query::hash_token(&secret),
+            description: format!("credential of node {name}"),
+            now_ms: now,
+            node: Some(name.clone()),
+        })
+        .await?;
+        tracing::info!(node = %name, "node registered");
+        Ok(tonic::Response::new(RegisterReply {
+            credential: secret,
+            heartbeat_interval_ms: self.shared.cfg.heartbeat_interval_ms,
+            grace_ms: self.shared.cfg.grace_ms,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<tonic::Response<HeartbeatReply>, Status> {
+        let name = node_name(&req.get_ref().name)?;
+        self.authenticate(req.metadata(), &name).await?;
+        let r = req.into_inner();
+        if r.images.len() > 10_000 || r.images.iter().any(|i| i.len() > 4096) {
+            return Err(Status::invalid_argument(
+                "images: at most 10000 references of at most 4096 bytes",
+            ));
+        }
+        let images = r
+            .images_changed
+            .then(|| r.images.into_iter().collect::<BTreeSet<_>>());
+        self.write(Command::Heartbeat {
+            name,
+            now_ms: now_ms(),
+            images,
+        })
+        .await?;
+        Ok(tonic::Response::new(HeartbeatReply {}))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, Status> {
+        let name = node_name(&req.get_ref().name)?;
+        self.authenticate(req.metadata(), &name).await?;
+        let shared = self.shared.clone();
+        if shared
+            .raft
+            .read_local(|s| query::node_desired(s, &name))
+            .is_none()
+        {
+            return Err(Status::not_found(format!(
+                "node {name} is not registered; register first"
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<DesiredUpdate, Status>>(4);
+        tokio::spawn(async move {
+            let mut applied = shared.raft.subscribe_applied();
+            let mut last: Option<kiln_api::cluster::NodeDesired> = None;
+            loop {
+                applied.borrow_and_update();
+                let now = shared.raft.read_local(|s| query::node_desired(s, &name));
+                let Some(now) = now else {
+                    let _ = tx
+                        .send(Err(Status::not_found(format!(
+                            "node {name} was removed from the cluster"
+                        ))))
+                        .await;
+                    return;
+                };
+                if last.as_ref() != Some(&now) {
+                    let update = match serde_json::to_vec(&now) {
+                        Ok(desired_json) => Ok(DesiredUpdate {
+                            revision: now.revision,
+                            desired_json,
+                        }),
+                        Err(e) => Err(Status::internal(e.to_string())),
+                    };
+                    if tx.send(update).await.is_err() {
+                        return;
+                    }
+                    last = Some(now);
+                }
+                tokio::select! {
+                    r = applied.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn report(
+        &self,
+        req: Request<ReportRequest>,
+    ) -> Result<tonic::Response<ReportReply>, Status> {
+        let name = node_name(&req.get_ref().name)?;
+        self.authenticate(req.metadata(), &name).await?;
+        let r = req.into_inner();
+        if r.sandboxes.len() > MAX_REPORT_ITEMS {
+            return Err(Status::invalid_argument(format!(
+                "sandboxes: at most {MAX_REPORT_ITEMS} per report"
+            )));
+        }
+        let now = now_ms();
+        // Decode everything first; refuse per item what does not decode.
+        let mut refused = vec![String::new(); r.sandboxes.len()];
+        let mut cmds = Vec::new();
+        for (i, s) in r.sandboxes.into_iter().enumerate() {
+            let id = match SandboxId::try_from(s.id) {
+                Ok(id) => id,
+                Err(e) => {
+                    refused[i] = e.to_string();
+                    continue;
+                }
+            };
+            let state: SandboxState = match serde_json::from_slice(&s.state_json) {
+                Ok(st) => st,
+                Err(e) => {
+                    refused[i] = format!("state_json: {e}");
+                    continue;
+                }
+            };
+            cmds.push((
+                i,
+                Command::ReportSandbox {
+                    node: name.clone(),
+                    id,
+                    generation: s.generation,
+                    state,
+                    now_ms: now,
+                },
+            ));
+        }
+        // Concurrent writes become one Raft entry (group proposal).
+        let results = futures::future::join_all(
+            cmds.into_iter()
+                .map(|(i, c)| async move { (i, self.shared.raft.write(c).await) }),
+        )
+        .await;
+        for (i, res) in results {
+            match res {
+                Ok(Response::Rejected(rej)) => refused[i] = rej.to_string(),
+                Ok(_) => {}
+                Err(e) => return Err(write_status(e)),
+            }
+        }
+        Ok(tonic::Response::new(ReportReply { refused }))
+    }
+}

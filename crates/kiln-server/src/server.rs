@@ -1,0 +1,297 @@
+//! One `kiln server` replica: its Raft node, the API listener (REST,
+//! `/metrics` and the node protocol on one port), the bootstrap admin
+//! token and the leader's reconcile loop.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_api::cluster::Role;
+use kiln_store::{
+    ClusterError, Command, RaftNode, RaftNodeConfig, Response, ServerId, ServerNode, StartError,
+    WriteError,
+};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{ServerConfig, api_url};
+use crate::metrics::Metrics;
+
+/// What every handler shares.
+pub struct Shared {
+    pub raft: RaftNode,
+    pub cfg: ServerConfig,
+    /// SHA-256 of the join token (compared hashed, in constant time).
+    pub join_hash: [u8; 32],
+    /// This replica's API URL.
+    pub api_url: String,
+    pub metrics: Metrics,
+    /// Client for forwarding REST writes to the leader.
+    pub http: reqwest::Client,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the join token is empty")]
+    EmptyJoinToken,
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("cannot write the admin token to {path}")]
+    AdminToken {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot build the HTTP client")]
+    Http(#[source] reqwest::Error),
+    #[error("the bootstrap admin token could not be committed: {0}")]
+    Bootstrap(String),
+}
+
+/// A running replica.
+pub struct Server {
+    shared: Arc<Shared>,
+    api_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Milliseconds since the epoch (the leader's clock, carried in commands).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `n` random bytes as lower-case hex.
+pub fn random_hex(n: usize) -> String {
+    let bytes: Vec<u8> = (0..n).map(|_| rand::random::<u8>()).collect();
+    hex::encode(bytes)
+}
+
+impl Server {
+    /// Binds the API and Raft listeners and starts Raft. A new state
+    /// directory starts uninitialised; with `cfg.init` the cluster is
+    /// initialised from `cfg.peers` (this replica alone when empty).
+    pub async fn start(mut cfg: ServerConfig) -> Result<Server, ServerError> {
+        if cfg.join_token.is_empty() {
+            return Err(ServerError::EmptyJoinToken);
+        }
+        let listener =
+            TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|source| ServerError::Listen {
+                    addr: cfg.listen,
+                    source,
+                })?;
+        let api_addr = listener
+            .local_addr()
+            .map_err(|source| ServerError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        cfg.listen = api_addr;
+        let api = cfg
+            .advertise
+            .as_deref()
+            .map_or_else(|| format!("http://{api_addr}"), api_url);
+        let mut rc = RaftNodeConfig::new(cfg.id, &cfg.state_dir, cfg.raft_listen);
+        rc.api_addr = api.clone();
+        rc.heartbeat_ms = cfg.raft_heartbeat_ms;
+        rc.election_timeout_ms = cfg.election_timeout_ms;
+        let raft = RaftNode::start(rc).await?;
+        let join_hash = sha256(cfg.join_token.as_bytes());
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(ServerError::Http)?;
+        let shared = Arc::new(Shared {
+            raft,
+            cfg,
+            join_hash,
+            api_url: api,
+            metrics: Metrics::new(),
+            http,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let app = crate::rest::router(shared.clone()).merge(crate::grpc::router(shared.clone()));
+        let mut rx = stop_rx.clone();
+        let serve = tokio::spawn(async move {
+            let r = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "API listener failed");
+            }
+        });
+        let reconcile = tokio::spawn(crate::leader::run(shared.clone(), stop_rx));
+        let server = Server {
+            shared,
+            api_addr,
+            stop,
+            tasks: vec![serve, reconcile],
+        };
+        if server.shared.cfg.init {
+            let mut members = server.shared.cfg.peers.clone();
+            members
+                .entry(server.shared.cfg.id)
+                .or_insert_with(|| server.node_info());
+            match server.shared.raft.initialize(members).await {
+                Ok(()) | Err(ClusterError::AlreadyInitialized) => {}
+                Err(e) => return Err(e.into()),
+            }
+            server.bootstrap_admin().await?;
+        }
+        tracing::info!(id = server.shared.cfg.id, api = %server.shared.api_url, "kiln server started");
+        Ok(server)
+    }
+
+    /// This replica's Raft and API addresses, as members list them.
+    pub fn node_info(&self) -> ServerNode {
+        ServerNode {
+            raft_addr: self.shared.raft.local_addr().to_string(),
+            api_addr: self.shared.api_url.clone(),
+        }
+    }
+
+    pub fn id(&self) -> ServerId {
+        self.shared.cfg.id
+    }
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+    /// `http://host:port` of the API.
+    pub fn api_url(&self) -> &str {
+        &self.shared.api_url
+    }
+    pub fn raft(&self) -> &RaftNode {
+        &self.shared.raft
+    }
+    pub fn config(&self) -> &ServerConfig {
+        &self.shared.cfg
+    }
+
+    /// Initialises a new cluster with these voters (tests start replicas
+    /// on ephemeral ports, then initialise one with everyone's addresses).
+    pub async fn initialize(
+        &self,
+        members: BTreeMap<ServerId, ServerNode>,
+    ) -> Result<(), ServerError> {
+        self.shared.raft.initialize(members).await?;
+        self.bootstrap_admin().await
+    }
+
+    /// Mints the first admin token and writes its secret (mode 0600) to
+    /// the admin token file, unless that file exists already. Waits (up to
+    /// 30 s) for a leader; proposes from this replica, so it must be the
+    /// one that initialised the cluster (it stands first for election).
+    async fn bootstrap_admin(&self) -> Result<(), ServerError> {
+        let path = self.shared.cfg.admin_token_path();
+        if path.exists() {
+            return Ok(());
+        }
+        let secret = format!("kiln_{}", random_hex(24));
+        let id = format!("admin-{}", random_hex(4));
+        let cmd = Command::CreateToken {
+            id,
+            tenant: None,
+            role: Role::Admin,
+            sha256: kiln_store::query::hash_token(&secret),
+            description: "bootstrap admin token".into(),
+            now_ms: now_ms(),
+            node: None,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.shared.raft.write(cmd.clone()).await {
+                Ok(Response::Rejected(r)) => return Err(ServerError::Bootstrap(r.to_string())),
+                Ok(_) => break,
+                Err(e @ WriteError::ForwardToLeader { .. }) => {
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(ServerError::Bootstrap(e.to_string()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(ServerError::Bootstrap(e.to_string())),
+            }
+        }
+        write_secret_file(&path, &secret).map_err(|source| ServerError::AdminToken {
+            path: path.clone(),
+            source,
+        })?;
+        tracing::info!(path = %path.display(), "bootstrap admin token written");
+        Ok(())
+    }
+
+    /// Stops the listeners, the loops and Raft (as a crash would: nothing
+    /// not already durable is flushed).
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.shared.raft.shutdown().await;
+    }
+
+    /// Runs until SIGINT or SIGTERM.
+    pub async fn run_until_signal(self) {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch SIGTERM");
+                    let _ = tokio::signal::ctrl_c().await;
+                    self.shutdown().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        self.shutdown().await;
+    }
+}
+
+fn write_secret_file(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+pub fn sha256(b: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(b).into()
+}
+
+/// Equal without an early exit (secrets are compared hashed).
+pub fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
