@@ -19,11 +19,13 @@ use crate::sandbox::{SandboxId, SandboxSpec};
 /// 1-63 characters of `[a-z0-9-]`, not starting or ending with `-`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeName(String);
 
 /// A tenant's name: same rules as [`NodeName`].
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TenantName(String);
 
 fn dns_label(s: &str) -> bool {
@@ -85,6 +87,7 @@ label_name!(TenantName, "tenant name");
 /// Which VMM a node runs its sandboxes with (reported, never guessed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum DriverKind {
     Firecracker,
     QemuKvm,
@@ -94,6 +97,7 @@ pub enum DriverKind {
 /// What a node offers to sandboxes, or what is allocated of it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Capacity {
     pub cpus: u32,
     pub memory_mib: u64,
@@ -103,6 +107,7 @@ pub struct Capacity {
 /// A node's health as the control plane sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum NodeStatus {
     /// Heartbeating; takes new sandboxes unless cordoned.
     Ready,
@@ -116,6 +121,7 @@ pub enum NodeStatus {
 /// are neither deleted nor finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Quotas {
     pub sandboxes: u32,
     pub cpus: u32,
@@ -135,6 +141,7 @@ impl Default for Quotas {
 /// What a bearer token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Role {
     /// Nodes, cluster membership, tenants and tokens; every tenant's objects.
     Admin,
@@ -148,6 +155,7 @@ pub enum Role {
 /// What a client wants a sandbox to be; the node converges to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum DesiredState {
     Running,
     Paused,

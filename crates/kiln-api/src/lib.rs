@@ -10,6 +10,7 @@
 
 pub mod cluster;
 pub mod proto;
+pub mod rest;
 pub mod sandbox;
 pub mod text;
 

@@ -35,6 +35,7 @@ pub const MAX_LABEL_VALUE: usize = 256;
 /// A sandbox ID: 16 lower-case hex digits.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SandboxId(String);
 
 impl SandboxId {
@@ -79,6 +80,7 @@ impl fmt::Display for SandboxId {
 /// CPU, memory and disk of one sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Resources {
     pub cpus: u32,
     pub memory_mib: u32,
@@ -99,6 +101,7 @@ impl Default for Resources {
 /// What happens to a sandbox whose node is lost.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum RestartPolicy {
     /// It is reported lost (the default: its processes are gone).
     #[default]
@@ -110,6 +113,7 @@ pub enum RestartPolicy {
 /// Which VMM a sandbox asks for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum DriverPreference {
     /// The node's best: Firecracker on hardware KVM, else QEMU.
     #[default]
@@ -131,6 +135,7 @@ impl fmt::Display for DriverPreference {
 /// Whether a run may start from a template or pool.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum StartPreference {
     /// From a warm pool, else a template, else a boot.
     #[default]
@@ -142,6 +147,7 @@ pub enum StartPreference {
 /// Where a sandbox's VM comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Origin {
     /// A new VM from the image (booted, or warm-started from a template or
     /// pool of the same image and resources: the node's choice).
@@ -153,6 +159,7 @@ pub enum Origin {
 /// Allow or deny, for a network policy rule or default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum PolicyAction {
     Allow,
     Deny,
@@ -162,6 +169,7 @@ pub enum PolicyAction {
 /// the node (`kiln_net::Rule`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PolicyRule {
     pub action: PolicyAction,
     pub rule: String,
@@ -170,6 +178,7 @@ pub struct PolicyRule {
 /// A sandbox's network.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum NetworkSpec {
     /// No network device at all.
     #[default]
@@ -195,6 +204,7 @@ pub const MAX_RULE_LEN: usize = 300;
 /// Everything a client says about a sandbox it wants. Host-independent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SandboxSpec {
     /// Image reference (`registry/repo:tag`, `…@sha256:…`, `oci:DIR[:TAG]`,
     /// `docker-archive:FILE`).
@@ -454,6 +464,7 @@ pub enum SpecError {
 /// Where a sandbox is in its life, as observed by the node that runs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum SandboxState {
     /// Accepted, not yet running (placing, pulling, booting).
     Creating,

@@ -2,8 +2,9 @@
 //! (`kiln_server::Server`, in this process: Raft with redb, the node
 //! protocol, the leader's scheduler and reconcile loop) listening on the
 //! root side of a veth pair, and a `kiln node` process in its own network
-//! namespace with its own state directory. Sandboxes are created through
-//! the replicated state (`Command::CreateSandbox` without a node: the
+//! namespace with its own state directory. Sandboxes are created with
+//! `POST /v1/sandboxes` and through the replicated state
+//! (`Command::CreateSandbox` without a node: the
 //! leader's scheduler places them), as the REST API will once it exists.
 //!
 //! Real microVMs: a sandbox runs on the node, its output is in `kiln logs`
@@ -30,6 +31,8 @@ struct OneServer {
     server: Option<Server>,
     _dir: tempfile::TempDir,
     tenant: TenantName,
+    /// A tenant token for the REST API.
+    token: String,
 }
 
 impl OneServer {
@@ -71,12 +74,44 @@ impl OneServer {
             now_ms: 1,
         }))
         .expect("tenant");
+        let token = "tenant-acme-secret-0123456789abcdef".to_string();
+        rt.block_on(server.raft().write(Command::CreateToken {
+            id: "acme-1".into(),
+            tenant: Some(tenant.clone()),
+            role: kiln_api::cluster::Role::Tenant,
+            sha256: kiln_store::query::hash_token(&token),
+            description: String::new(),
+            now_ms: 2,
+            node: None,
+        }))
+        .expect("token");
         OneServer {
             rt,
             server: Some(server),
             _dir: dir,
             tenant,
+            token,
         }
+    }
+
+    /// `curl` against the REST API with the tenant's token: (status, body).
+    fn rest(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        let mut c = std::process::Command::new("curl");
+        c.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {}", self.token))
+            .arg(format!("{}{path}", self.url()));
+        if let Some(b) = body {
+            c.args(["-H", "Content-Type: application/json", "--data-binary", b]);
+        }
+        let out = c.output().expect("curl runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        let status = status.trim().parse().unwrap_or(0);
+        (
+            status,
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     fn server(&self) -> &Server {
@@ -180,11 +215,16 @@ fn a_real_node_runs_adopts_and_deletes_microvms_for_the_server() {
         s.nodes.keys().any(|n| n.as_str() == "host-a")
     });
     let t0 = Instant::now();
-    let a = srv.create(spec(&[
+    // Through the REST API, as a client would.
+    let body = serde_json::to_string(&spec(&[
         "sh",
         "-c",
         "echo hello-through-the-server; exec sleep 600",
-    ]));
+    ]))
+    .expect("json");
+    let (status, created) = srv.rest("POST", "/v1/sandboxes", Some(&body));
+    assert_eq!(status, 201, "{created}");
+    let a: SandboxId = serde_json::from_value(created["id"].clone()).expect("an ID");
     srv.wait_for(Duration::from_secs(120), "A running", |s| running(s, &a));
     eprintln!(
         "create → running through the server: {} ms",
@@ -231,7 +271,8 @@ fn a_real_node_runs_adopts_and_deletes_microvms_for_the_server() {
     });
 
     // Delete: the VM goes and the server forgets the sandbox.
-    srv.delete(&a);
+    let (status, body) = srv.rest("DELETE", &format!("/v1/sandboxes/{a}"), None);
+    assert!((200..300).contains(&status), "{status} {body}");
     srv.delete(&b);
     srv.wait_for(Duration::from_secs(60), "A and B forgotten", |s| {
         !s.sandboxes.contains_key(&a) && !s.sandboxes.contains_key(&b)

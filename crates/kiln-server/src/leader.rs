@@ -61,6 +61,7 @@ pub async fn round(shared: &Shared) {
             return;
         }
     }
+    forget_deleted(shared).await;
     let view = shared.raft.read_local(query::cluster_view);
     if view.pending.is_empty() {
         return;
@@ -88,6 +89,37 @@ pub async fn round(shared: &Shared) {
             Ok(Response::Rejected(rej)) => tracing::debug!(%rej, "placement refused; next round"),
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "placement not proposed"),
+        }
+    }
+}
+
+/// Drops the records of deleted sandboxes the node has let go of: it
+/// reported a finished state at the deleting generation, or the sandbox
+/// has no node, or its node is unreachable or gone.
+async fn forget_deleted(shared: &Shared) {
+    use kiln_api::cluster::{DesiredState, NodeStatus};
+    let ids: Vec<_> = shared.raft.read_local(|s| {
+        s.sandboxes
+            .values()
+            .filter(|r| r.desired == DesiredState::Deleted)
+            .filter(|r| {
+                let node_gone = r.node.as_ref().is_none_or(|n| {
+                    s.nodes
+                        .get(n)
+                        .is_none_or(|n| n.status == NodeStatus::Unreachable)
+                });
+                node_gone || (r.observed.is_finished() && r.observed_generation >= r.generation)
+            })
+            .map(|r| r.id.clone())
+            .take(1000)
+            .collect()
+    });
+    let writes = ids
+        .into_iter()
+        .map(|id| shared.raft.write(Command::ForgetSandbox { id }));
+    for r in futures::future::join_all(writes).await {
+        if let Ok(Response::Rejected(rej)) = r {
+            tracing::debug!(%rej, "forget_sandbox refused");
         }
     }
 }

@@ -1,0 +1,188 @@
+//! Bodies of Kiln's REST API (`/v1`, served by `kiln server`): what the
+//! CLI, the server and later the E2B gateway exchange. Requests refuse
+//! unknown fields; every error is an [`ErrorBody`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::{
+    Capacity, DesiredState, DriverKind, NodeName, NodeStatus, Quotas, Role, TenantName,
+};
+use crate::sandbox::{SandboxId, SandboxSpec, SandboxState};
+
+/// `{ "error": { "code": "...", "message": "..." } }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ErrorDetail {
+    /// Stable, machine-readable (e.g. `malformed_json`, `unknown_field`,
+    /// `invalid_spec`, `not_found`, `quota_exceeded`, `unschedulable`).
+    pub code: String,
+    /// For people.
+    pub message: String,
+    /// With `unschedulable`: the scheduler's reason code (`no_nodes`,
+    /// `insufficient`, ...); with `quota_exceeded`: the resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A sandbox as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Sandbox {
+    pub id: SandboxId,
+    pub tenant: TenantName,
+    pub spec: SandboxSpec,
+    pub desired: DesiredState,
+    /// As last reported by its node (`creating` until then).
+    pub state: SandboxState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeName>,
+    pub generation: u64,
+    pub observed_generation: u64,
+    pub created_at_ms: u64,
+}
+
+/// One page of sandboxes; pass `next` as `cursor` for the following one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SandboxList {
+    pub items: Vec<Sandbox>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// The answer of `GET /v1/sandboxes/{id}/wait`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WaitResult {
+    /// Whether it ended (else the timeout ran out first).
+    pub finished: bool,
+    pub sandbox: Sandbox,
+}
+
+/// A worker node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Node {
+    pub name: NodeName,
+    pub address: String,
+    pub driver: DriverKind,
+    pub capacity: Capacity,
+    /// What its sandboxes hold of it.
+    pub allocated: Capacity,
+    pub status: NodeStatus,
+    pub cordoned: bool,
+    pub labels: BTreeMap<String, String>,
+    pub images: Vec<String>,
+    pub sandboxes: u64,
+    pub last_heartbeat_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NodeList {
+    pub items: Vec<Node>,
+}
+
+/// One control-plane replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Member {
+    pub id: u64,
+    pub raft_addr: String,
+    pub api_url: String,
+    pub voter: bool,
+}
+
+/// `kiln cluster status`: the leader's view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ClusterStatus {
+    /// The replica that answered (the leader).
+    pub id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<u64>,
+    pub term: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_log_index: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_index: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_index: Option<u64>,
+    pub members: Vec<Member>,
+}
+
+/// `POST /v1/cluster/members`: a new replica (started without `--init`)
+/// joins as a learner, catches up, then becomes a voter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AddMember {
+    pub id: u64,
+    pub raft_addr: String,
+    pub api_url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreateTenant {
+    pub name: TenantName,
+    /// Defaults: 100 sandboxes, 64 vCPUs, 64 GiB.
+    #[serde(default)]
+    pub quotas: Option<Quotas>,
+}
+
+/// Used right now; counted over sandboxes neither deleted nor finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Usage {
+    pub sandboxes: u32,
+    pub cpus: u32,
+    pub memory_mib: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Tenant {
+    pub name: TenantName,
+    pub quotas: Quotas,
+    pub usage: Usage,
+    pub created_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TenantList {
+    pub items: Vec<Tenant>,
+}
+
+/// `POST /v1/tokens`: an admin token (no tenant) or a tenant's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreateToken {
+    pub role: Role,
+    #[serde(default)]
+    pub tenant: Option<TenantName>,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// The secret is shown once; the server keeps its SHA-256 only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TokenCreated {
+    pub id: String,
+    pub secret: String,
+    pub role: Role,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<TenantName>,
+}
