@@ -129,6 +129,9 @@ pub enum BenchCommand {
 }
 
 pub async fn dispatch(cmd: Command) -> Result<i32> {
+    if let Command::Node(args) = cmd {
+        return crate::node_cmd::run(*args).await;
+    }
     let node = Node::open(Dirs::from_env());
     let store = node.store();
     match cmd {
@@ -182,6 +185,7 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
         Command::Fork { id, count } => crate::snapshots::fork(&node, &id, count).await,
         Command::Template { command } => crate::templates::dispatch(&node, command).await,
         Command::Policy { command } => policy(&node, command),
+        Command::Node(_) => anyhow::bail!("kiln node is dispatched above"),
         Command::Server(a) => crate::server_cmd::run(*a).await,
         Command::Nodes { conn, command } => crate::admin::nodes(conn, command).await,
         Command::Cluster { conn, command } => crate::admin::cluster(conn, command).await,
@@ -331,6 +335,7 @@ fn run_request(args: &RunArgs) -> Result<RunRequest> {
         spec,
         pull: args.pull.into(),
         insecure_registries: args.insecure.clone(),
+        id: None,
     })
 }
 

@@ -13,6 +13,7 @@ mod bench_warm;
 mod commands;
 mod images;
 mod info;
+mod node_cmd;
 mod server_cmd;
 mod snapshots;
 mod templates;
@@ -134,6 +135,9 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Run this host as a node of a Kiln cluster: register with the
+    /// server, run the sandboxes it assigns, report them.
+    Node(Box<node_cmd::NodeArgs>),
     /// A control-plane server replica (REST API, node protocol, Raft).
     Server(Box<server_cmd::ServerArgs>),
     /// Worker nodes of a cluster: `kiln nodes ls|cordon|uncordon|drain`.

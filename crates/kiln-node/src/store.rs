@@ -132,6 +132,8 @@ pub enum StoreError {
         prefix: String,
         matches: Vec<String>,
     },
+    #[error("sandbox {0} already exists on this node")]
+    Exists(String),
     #[error("cannot access {path}")]
     Io {
         path: PathBuf,
@@ -192,9 +194,30 @@ impl Store {
 
     /// Creates a sandbox directory and its first record.
     pub fn create(&self, spec: SandboxSpec) -> Result<SandboxRecord, StoreError> {
-        let id = new_id();
+        self.create_with_id(new_id(), spec)
+    }
+
+    /// [`Store::create`] with a given ID (the control plane's): refused
+    /// with [`StoreError::Exists`] when a sandbox of that ID exists, so one
+    /// ID never gets two records (or two VMs).
+    pub fn create_with_id(
+        &self,
+        id: String,
+        spec: SandboxSpec,
+    ) -> Result<SandboxRecord, StoreError> {
+        if !valid_id(&id) {
+            return Err(StoreError::NotFound(id));
+        }
         let dir = self.dir(&id);
-        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let parent = self.dirs.sandboxes();
+        fs::create_dir_all(&parent).map_err(io(&parent))?;
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(StoreError::Exists(id));
+            }
+            Err(e) => return Err(io(&dir)(e)),
+        }
         let rec = SandboxRecord {
             id,
             created_at: now_secs(),

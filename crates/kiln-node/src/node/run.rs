@@ -19,6 +19,10 @@ pub struct RunRequest {
     pub pull: PullPolicy,
     /// Registries reached over plain HTTP (`host[:port]`).
     pub insecure_registries: Vec<String>,
+    /// The sandbox's ID when the control plane chose it (`kiln node`);
+    /// `None`: a fresh one. A given ID never starts from a pool member
+    /// (a member has its own ID) and is refused if it exists already.
+    pub id: Option<String>,
 }
 
 /// How a sandbox was started.
@@ -181,9 +185,11 @@ impl Node {
         };
         // The fastest start: a member of the template's warm pool. Whether
         // or not one was left, the pool is refilled in the background.
-        // (Networked templates have no pools yet.)
+        // (Networked templates have no pools yet; a server-assigned ID
+        // cannot take a pool member, whose ID is its own.)
         if let Ok(name) = &template
             && policy.is_none()
+            && req.id.is_none()
         {
             let spawned_ms = t0.elapsed().as_millis() as u64;
             match self.claim_pool_member(name, &spec).await {
@@ -219,7 +225,7 @@ impl Node {
                 None => {}
             }
         }
-        let mut rec = self.create_record(spec)?;
+        let mut rec = self.create_record(req.id.clone(), spec)?;
         if let Some(policy) = &policy {
             self.attach_network(&mut rec, policy, &ports, &mut notes)?;
         }
@@ -278,7 +284,7 @@ impl Node {
             }
             // The failed sandbox's supervisor released its network.
             spec.network = None;
-            rec = self.create_record(spec)?;
+            rec = self.create_record(req.id.clone(), spec)?;
             if let Some(policy) = &policy {
                 self.attach_network(&mut rec, policy, &ports, &mut notes)?;
                 self.store.save(&rec)?;
@@ -370,8 +376,15 @@ impl Node {
     }
 
     /// A new sandbox record for `spec`; `HOSTNAME` becomes its short ID.
-    pub(crate) fn create_record(&self, spec: SandboxSpec) -> Result<SandboxRecord, StoreError> {
-        let mut rec = self.store.create(spec)?;
+    pub(crate) fn create_record(
+        &self,
+        id: Option<String>,
+        spec: SandboxSpec,
+    ) -> Result<SandboxRecord, StoreError> {
+        let mut rec = match id {
+            Some(id) => self.store.create_with_id(id, spec)?,
+            None => self.store.create(spec)?,
+        };
         let host = hostname_of(&rec.id);
         for e in rec.spec.env.iter_mut() {
             if e == "HOSTNAME=" {

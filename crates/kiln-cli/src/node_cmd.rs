@@ -1,0 +1,118 @@
+//! `kiln node`: flags only; the daemon is `kiln_node::daemon`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use kiln_api::cluster::NodeName;
+use kiln_node::daemon::{self, CapacityOverrides, DaemonConfig};
+use kiln_node::node::Node;
+use kiln_node::paths::Dirs;
+
+#[derive(Debug, Args, Clone)]
+pub struct NodeArgs {
+    /// The control plane's node-protocol URLs, comma-separated
+    /// (`http://host:port` or `host:port`); tried in turn.
+    #[arg(long, env = "KILN_NODE_SERVER", required = true)]
+    server: String,
+    /// A file holding the cluster's join token.
+    #[arg(long = "join-token-file", value_name = "FILE")]
+    join_token_file: PathBuf,
+    /// The node's name (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Where this node serves its stream endpoints (`host:port`).
+    #[arg(long)]
+    address: Option<String>,
+    /// The node's state directory (default: KILN_STATE_DIR, else Kiln's).
+    #[arg(long = "state-dir", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Record sandboxes as running without booting VMs (for testing the
+    /// control plane at scale); reports exactly like a real node.
+    #[arg(long = "dry-run")]
+    dry_run: bool,
+    /// A label `KEY=VALUE` the scheduler may match (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// CPUs offered to sandboxes (default: the host's).
+    #[arg(long = "capacity-cpus")]
+    capacity_cpus: Option<u32>,
+    /// Memory offered to sandboxes, MiB (default: the host's RAM).
+    #[arg(long = "capacity-memory-mib")]
+    capacity_memory_mib: Option<u64>,
+    /// Disk offered to sandboxes, MiB (default: the state directory's filesystem).
+    #[arg(long = "capacity-disk-mib")]
+    capacity_disk_mib: Option<u64>,
+    /// Most sandbox starts at once (default: CPUs × 2).
+    #[arg(long = "max-parallel-starts")]
+    max_parallel_starts: Option<usize>,
+    /// Seconds from SIGTERM to SIGKILL when the server stops a sandbox.
+    #[arg(long = "stop-grace", default_value_t = 10)]
+    stop_grace: u64,
+    /// Registries to reach over plain HTTP (host[:port]).
+    #[arg(long = "insecure-registry")]
+    insecure: Vec<String>,
+}
+
+pub async fn run(args: NodeArgs) -> Result<i32> {
+    let token = std::fs::read_to_string(&args.join_token_file)
+        .with_context(|| format!("cannot read {}", args.join_token_file.display()))?;
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        bail!("{} holds no join token", args.join_token_file.display());
+    }
+    let name = match args.name {
+        Some(n) => n,
+        None => nix::unistd::gethostname()
+            .context("cannot read the host name; give --name")?
+            .to_string_lossy()
+            .to_lowercase(),
+    };
+    let name = NodeName::new(name)?;
+    let mut labels = HashMap::new();
+    for l in &args.labels {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("--label {l:?}: expected KEY=VALUE");
+        };
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let env = Dirs::from_env();
+    let dirs = match args.state_dir {
+        Some(s) => Dirs::new(s, env.cache),
+        None => env,
+    };
+    let node = Node::open(dirs);
+    let cfg = DaemonConfig {
+        servers: args.server.split(',').map(str::to_string).collect(),
+        join_token: token,
+        address: args.address.unwrap_or_else(|| format!("{name}:0")),
+        name,
+        labels,
+        dry_run: args.dry_run,
+        capacity: CapacityOverrides {
+            cpus: args.capacity_cpus,
+            memory_mib: args.capacity_memory_mib,
+            disk_mib: args.capacity_disk_mib,
+        },
+        insecure_registries: args.insecure,
+        max_parallel_starts: args.max_parallel_starts,
+        stop_grace: args.stop_grace,
+    };
+    let shutdown = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    };
+    daemon::run(node, cfg, shutdown).await?;
+    Ok(0)
+}

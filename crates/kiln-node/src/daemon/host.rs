@@ -1,0 +1,69 @@
+//! What a node tells the server about its host when it registers:
+//! capacity (CPUs, RAM, the state directory's filesystem), driver (from
+//! `kiln-vmm`'s detection, never guessed) and cached images.
+
+use kiln_api::cluster::{Capacity, DriverKind};
+
+use crate::node::Node;
+
+/// Overrides of the detected capacity (`--capacity-*`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapacityOverrides {
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub disk_mib: Option<u64>,
+}
+
+/// The host's CPUs, RAM and the state directory's filesystem size, with
+/// `over` applied.
+pub fn capacity(node: &Node, over: CapacityOverrides) -> Capacity {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let memory_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            let line = t.lines().find(|l| l.starts_with("MemTotal:"))?.to_owned();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib >> 10);
+    let disk_mib = nix::sys::statvfs::statvfs(&node.dirs().state)
+        .map(|fs| fs.blocks().saturating_mul(fs.fragment_size()) >> 20)
+        .unwrap_or(0);
+    Capacity {
+        cpus: over.cpus.unwrap_or(cpus),
+        memory_mib: over.memory_mib.unwrap_or(memory_mib),
+        disk_mib: over.disk_mib.unwrap_or(disk_mib),
+    }
+}
+
+/// The driver this host runs sandboxes with (`kiln_vmm`'s automatic
+/// selection), or why there is none.
+pub fn driver() -> Result<(DriverKind, String), kiln_vmm::SelectDriverError> {
+    let host = kiln_vmm::detect(&kiln_vmm::DriverConfig::default());
+    let sel = kiln_vmm::select(kiln_vmm::DriverChoice::Auto, &host)?;
+    let kind = match (sel.kind, sel.accel) {
+        (kiln_vmm::DriverKind::Firecracker, _) => DriverKind::Firecracker,
+        (kiln_vmm::DriverKind::Qemu, kiln_vmm::Accel::Kvm) => DriverKind::QemuKvm,
+        (kiln_vmm::DriverKind::Qemu, kiln_vmm::Accel::Tcg) => DriverKind::QemuTcg,
+    };
+    Ok((kind, sel.reason))
+}
+
+/// References of the images whose base disks are cached, sorted.
+pub fn cached_images(node: &Node) -> Vec<String> {
+    let mut out: Vec<String> = match node.images().map(|s| s.list()) {
+        Ok(Ok(images)) => images.into_iter().map(|i| i.reference).collect(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot list the cached images");
+            vec![]
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the image cache");
+            vec![]
+        }
+    };
+    out.sort();
+    out.dedup();
+    out
+}
