@@ -8,8 +8,8 @@
 pub mod agent;
 pub mod compose;
 pub mod ctl;
-pub mod dns;
 pub mod daemon;
+pub mod dns;
 pub mod logs;
 pub mod node;
 pub mod paths;

@@ -426,8 +426,17 @@ async fn boot_and_snapshot(
             mac: PLACEHOLDER_MAC.into(),
         });
     }
-    let result =
-        boot_and_snapshot_on(drv, name, staging, work, &rw, p.disk_mib, &spec, tap.clone()).await;
+    let result = boot_and_snapshot_on(
+        drv,
+        name,
+        staging,
+        work,
+        &rw,
+        p.disk_mib,
+        &spec,
+        tap.clone(),
+    )
+    .await;
     if let Some(tap) = &tap {
         let _ = kiln_net::host::delete_link(tap);
     }
@@ -779,6 +788,7 @@ mod tests {
                 owner,
                 vm: None,
                 staging: None,
+                tap: None,
             };
             fs::write(d.join(OWNER), serde_json::to_vec(&o).unwrap()).unwrap();
         };
