@@ -53,6 +53,10 @@ pub struct ServerArgs {
     /// After how long without a heartbeat a node is unreachable, ms.
     #[arg(long, default_value_t = 10_000)]
     pub grace_ms: u64,
+    /// Accept sandboxes whose image is a path on the node (`oci:DIR`,
+    /// `docker-archive:FILE`): single-host setups and tests only.
+    #[arg(long)]
+    pub allow_local_images: bool,
     /// Log lines as text or JSON objects.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -75,6 +79,7 @@ pub async fn run(a: ServerArgs) -> Result<i32> {
     cfg.peers = kiln_server::parse_peers(&a.peers)?;
     cfg.advertise = a.advertise;
     cfg.init = a.init;
+    cfg.allow_local_images = a.allow_local_images;
     cfg.admin_token_file = a.admin_token_file;
     cfg.heartbeat_interval_ms = a.heartbeat_ms.max(50);
     cfg.grace_ms = a.grace_ms.max(cfg.heartbeat_interval_ms * 2);

@@ -54,6 +54,8 @@ impl OneServer {
             JOIN,
         );
         cfg.init = true;
+        // The node runs the test's busybox OCI layout from its disk.
+        cfg.allow_local_images = true;
         cfg.heartbeat_interval_ms = 300;
         cfg.grace_ms = 10_000;
         cfg.reconcile_ms = 100;

@@ -53,6 +53,20 @@ pub fn matching_rules(rules: &[Rule], name: &str) -> Vec<usize> {
         .collect()
 }
 
+/// Whether a sandbox with `policy` may have `name` resolved: always under
+/// default allow; under default deny only when the first domain rule
+/// matching `name` allows it.
+pub fn may_resolve(policy: &crate::policy::Policy, name: &str) -> bool {
+    if policy.default == crate::policy::Action::Allow {
+        return true;
+    }
+    policy
+        .egress
+        .iter()
+        .find(|r| matches!(&r.target, Target::Domain(d) if d.matches(name)))
+        .is_some_and(|r| r.action == crate::policy::Action::Allow)
+}
+
 /// For each rule of `old`, the rules of `new` that take over its domain
 /// admissions: the domain rules with the same pattern. CIDR rules carry none.
 pub fn carry_admissions(old: &[Rule], new: &[Rule]) -> Vec<Vec<usize>> {
@@ -191,6 +205,18 @@ impl Handler {
         }
     }
 
+    async fn may_resolve(&self, id: String, name: String) -> bool {
+        let net = self.net.clone();
+        match tokio::task::spawn_blocking(move || net.may_resolve(&id, &name)).await {
+            Ok(Ok(yes)) => yes,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot read a sandbox's policy: its query is refused");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
     async fn admit(&self, id: String, name: String, answers: Vec<(Ipv4Addr, u32)>) {
         let net = self.net.clone();
         let t0 = Instant::now();
@@ -256,6 +282,13 @@ impl RequestHandler for Handler {
         };
         let mut name = info.query.original().name().clone();
         name.set_fqdn(true);
+        // Under a default-deny policy the resolver is no way out: only names
+        // an allow domain rule matches are looked up (else DNS itself would
+        // carry data to and from any domain's servers).
+        if !self.may_resolve(id.clone(), name.to_ascii()).await {
+            debug!(sandbox = %id, %name, "no allow rule for this name under default deny: refused");
+            return respond(request, handle, ResponseCode::Refused, &[]).await;
+        }
         let rtype = info.query.query_type();
         let looked = self.resolver.lookup(name.clone(), rtype).await;
         let records: Vec<Record> = match looked {

@@ -437,6 +437,12 @@ impl Network {
         serde_json::from_slice(&bytes).map_err(|e| UpdatePolicyError::CorruptPolicy(path, e))
     }
 
+    /// Whether sandbox `id`'s policy lets the node's resolver look `name`
+    /// up for it ([`dns::may_resolve`]).
+    pub fn may_resolve(&self, id: &str, name: &str) -> Result<bool, UpdatePolicyError> {
+        Ok(dns::may_resolve(&self.saved_policy(id)?, name))
+    }
+
     /// The sandbox holding address `ip`, if any (the lease table).
     pub fn sandbox_of(&self, ip: Ipv4Addr) -> Result<Option<String>, ipam::IpamError> {
         Ok(self

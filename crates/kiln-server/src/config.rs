@@ -41,6 +41,10 @@ pub struct ServerConfig {
     /// Raft timing (tests shorten elections).
     pub raft_heartbeat_ms: u64,
     pub election_timeout_ms: (u64, u64),
+    /// Accept sandboxes whose image names a path on the node (`oci:DIR`,
+    /// `docker-archive:FILE`): only for single-host setups and tests,
+    /// where the API's callers may read the node's files. Off by default.
+    pub allow_local_images: bool,
 }
 
 impl ServerConfig {
@@ -68,6 +72,7 @@ impl ServerConfig {
             reconcile_ms: 500,
             raft_heartbeat_ms: 100,
             election_timeout_ms: (400, 800),
+            allow_local_images: false,
         }
     }
 

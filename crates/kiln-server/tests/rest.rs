@@ -339,6 +339,10 @@ async fn rest_api_on_three_replicas() {
         (b"{\"image\":\"busybox\",\"resources\":{\"cpus\":0,\"memory_mib\":256,\"disk_mib\":1024}}", 422, "invalid_spec"),
         (b"{\"image\":\"busybox\",\"resources\":{\"cpus\":1,\"memory_mib\":1,\"disk_mib\":1024}}", 422, "invalid_spec"),
         (b"{\"image\":\"\"}", 422, "invalid_spec"),
+        // A path on the node's disk, and host ports: not through the API.
+        (b"{\"image\":\"docker-archive:/etc/shadow\"}", 422, "invalid_spec"),
+        (b"{\"image\":\"oci:/var/lib/x\"}", 422, "invalid_spec"),
+        (b"{\"image\":\"busybox\",\"network\":{\"mode\":\"default\",\"publish\":[\"22:22\"]}}", 422, "invalid_spec"),
         (b"{\"image\":\"busybox\",\"resources\":{\"cpus\":64,\"memory_mib\":256,\"disk_mib\":1024}}", 422, "unschedulable"),
     ];
     for (body, status, code) in cases {

@@ -111,6 +111,7 @@ pub async fn create(
             e.to_string(),
         )
     })?;
+    scheduled_spec_check(&spec, s.cfg.allow_local_images)?;
     let id = SandboxId::from_random(rand::random());
     let mut attempt = 0;
     let resp = loop {
@@ -412,4 +413,39 @@ pub async fn wait(
             }
         }
     }
+}
+
+/// What a spec may not ask of a node through the API, although the node's
+/// own CLI allows it: an image named by a path on the node's filesystem
+/// (`oci:DIR`, `docker-archive:FILE`: the API's caller has no business
+/// reading the node's files, and a scheduled spec must mean the same on
+/// every node), and host ports (`publish`: a host-level resource the
+/// scheduler does not allocate yet, and that could capture the host's own
+/// connections).
+fn scheduled_spec_check(spec: &SandboxSpec, allow_local_images: bool) -> Result<(), ApiError> {
+    let image = spec.image.trim();
+    let lower = image.to_ascii_lowercase();
+    if !allow_local_images
+        && (lower.starts_with("oci:")
+            || lower.starts_with("docker-archive:")
+            || image.starts_with('/')
+            || image.starts_with('.'))
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_spec",
+            "image: only registry references (REGISTRY/REPO[:TAG][@DIGEST]) can be scheduled; \
+             oci: and docker-archive: name files on a node (kiln server --allow-local-images)",
+        ));
+    }
+    if let kiln_api::sandbox::NetworkSpec::Default { publish, .. } = &spec.network
+        && !publish.is_empty()
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_spec",
+            "network.publish: publishing host ports is not available through the API yet",
+        ));
+    }
+    Ok(())
 }
