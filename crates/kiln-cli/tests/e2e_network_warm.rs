@@ -14,6 +14,7 @@ use net_support::{Outside, drop_node_network, guest_addr, ok, reach, taps};
 
 #[test]
 fn restores_and_forks_of_a_networked_sandbox_get_their_own_address() {
+    let _net = net_support::exclusive();
     let k = Kiln::new();
     let bb = busybox();
     let out = Outside::new();
@@ -96,6 +97,7 @@ fn restores_and_forks_of_a_networked_sandbox_get_their_own_address() {
 
 #[test]
 fn warm_starts_from_a_networked_template_get_their_own_address() {
+    let _net = net_support::exclusive();
     let k = Kiln::new();
     let bb = busybox();
     let out = Outside::new();
@@ -206,6 +208,7 @@ fn nc_from(ns: Option<&str>, addr: &str, port: u16) -> String {
 
 #[test]
 fn a_published_port_is_reachable_through_it_and_nothing_else() {
+    let _net = net_support::exclusive();
     let k = Kiln::new();
     let bb = busybox();
     let out = Outside::new();

@@ -167,3 +167,14 @@ pub fn drop_node_network() {
             .output();
     }
 }
+
+/// Serializes the networked tests of one test binary: they share the host's
+/// bridge, nftables table and namespace names, and each one's `kiln ps`
+/// reconciles the host network from its own state directory (which removes
+/// taps of sandboxes another state directory leased: a known limit of one
+/// network per host, see docs/networking.md).
+#[allow(dead_code)]
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -80,6 +80,28 @@ pub enum DaemonError {
     NoDriver(#[source] kiln_vmm::SelectDriverError),
     #[error("no server URL was given")]
     NoServer,
+    #[error("another kiln node runs on state directory {0} (two would fence each other's sandboxes)")]
+    Busy(std::path::PathBuf),
+    #[error("cannot lock the node state {0}")]
+    Lock(std::path::PathBuf, #[source] std::io::Error),
+}
+
+/// One daemon per state directory: held for the daemon's lifetime (the
+/// kernel releases it when the process dies, even by SIGKILL).
+fn lock_state_dir(
+    state: &std::path::Path,
+) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
+    let dir = state.join("node");
+    std::fs::create_dir_all(&dir).map_err(|e| DaemonError::Lock(dir.clone(), e))?;
+    let path = dir.join(".daemon.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| DaemonError::Lock(path.clone(), e))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| DaemonError::Busy(state.to_path_buf()))
 }
 
 /// The state the daemon's tasks share.
@@ -111,6 +133,7 @@ pub async fn run(
     if cfg.servers.iter().all(|s| s.trim().is_empty()) {
         return Err(DaemonError::NoServer);
     }
+    let _one_daemon = lock_state_dir(&node.dirs().state)?;
     let driver = match tokio::task::spawn_blocking(host::driver).await {
         Ok(Ok((kind, reason))) => {
             tracing::info!(driver = ?kind, %reason, "driver");

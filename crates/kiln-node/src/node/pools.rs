@@ -204,22 +204,24 @@ impl Node {
     async fn await_claimed(&self, id: &str, shim_pid: u32, mut conn: CtlConn) -> ReadyLine {
         let why = match tokio::time::timeout(CLAIMED_START_TIMEOUT, conn.response()).await {
             Ok(Ok(CtlResponse::Ready { line })) => return line,
-            Ok(Ok(other)) => format!("answered its claim with {other:?}"),
-            Ok(Err(e)) => format!("took the claim, then its supervisor died ({e})"),
-            Err(_) => {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(shim_pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                let _ = self
-                    .wait_supervisor_gone(id, Duration::from_secs(5), Some(shim_pid))
-                    .await;
-                format!(
-                    "took the claim but did not start the command within {} s; it was killed",
-                    CLAIMED_START_TIMEOUT.as_secs()
-                )
-            }
+            Ok(Ok(other)) => format!("answered its claim with {other:?}; it was killed"),
+            Ok(Err(e)) => format!("took the claim, then its connection failed ({e}); it was killed"),
+            Err(_) => format!(
+                "took the claim but did not start the command within {} s; it was killed",
+                CLAIMED_START_TIMEOUT.as_secs()
+            ),
         };
+        // Whatever went wrong, nobody follows this member any more: it must
+        // not go on running the command unattended.
+        if self.store.load(id).is_ok_and(|r| r.shim_alive()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(shim_pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self
+            .wait_supervisor_gone(id, Duration::from_secs(5), Some(shim_pid))
+            .await;
         self.claimed_member_failed(id, &why).await
     }
 
