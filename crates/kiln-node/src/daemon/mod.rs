@@ -80,7 +80,9 @@ pub enum DaemonError {
     NoDriver(#[source] kiln_vmm::SelectDriverError),
     #[error("no server URL was given")]
     NoServer,
-    #[error("another kiln node runs on state directory {0} (two would fence each other's sandboxes)")]
+    #[error(
+        "another kiln node runs on state directory {0} (two would fence each other's sandboxes)"
+    )]
     Busy(std::path::PathBuf),
     #[error("cannot lock the node state {0}")]
     Lock(std::path::PathBuf, #[source] std::io::Error),

@@ -205,7 +205,9 @@ impl Node {
         let why = match tokio::time::timeout(CLAIMED_START_TIMEOUT, conn.response()).await {
             Ok(Ok(CtlResponse::Ready { line })) => return line,
             Ok(Ok(other)) => format!("answered its claim with {other:?}; it was killed"),
-            Ok(Err(e)) => format!("took the claim, then its connection failed ({e}); it was killed"),
+            Ok(Err(e)) => {
+                format!("took the claim, then its connection failed ({e}); it was killed")
+            }
             Err(_) => format!(
                 "took the claim but did not start the command within {} s; it was killed",
                 CLAIMED_START_TIMEOUT.as_secs()
