@@ -8,6 +8,8 @@
 //! TCP) is dropped even under a default-allow policy.
 
 mod common;
+#[allow(dead_code)]
+mod net_support;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -285,6 +287,7 @@ fn shim_pid(id: &str) -> Option<u32> {
 
 #[test]
 fn domain_rules_admit_what_the_node_resolved_for_its_ttl() {
+    let _net = net_support::exclusive();
     let k = Kiln::new();
     let bb = busybox();
     const TTL: u64 = 12;

@@ -15,6 +15,7 @@ use net_support::{Outside, ok, reach, taps};
 
 #[test]
 fn policies_are_enforced_on_real_traffic_and_changed_live() {
+    let _net = net_support::exclusive();
     let k = Kiln::new();
     let bb = busybox();
     let out = Outside::new();

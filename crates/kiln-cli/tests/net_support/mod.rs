@@ -168,13 +168,33 @@ pub fn drop_node_network() {
     }
 }
 
-/// Serializes the networked tests of one test binary: they share the host's
-/// bridge, nftables table and namespace names, and each one's `kiln ps`
-/// reconciles the host network from its own state directory (which removes
-/// taps of sandboxes another state directory leased: a known limit of one
-/// network per host, see docs/networking.md).
+/// Serializes the networked tests on this host: within one test binary
+/// (a mutex) and across test processes and checkouts (an `flock` on
+/// `/run/lock/kiln-e2e-net.lock`). They share the host's bridge, nftables
+/// table and namespace names, and each one's `kiln ps` reconciles the host
+/// network from its own state directory (which removes taps of sandboxes
+/// another state directory leased: a known limit of one network per host,
+/// see docs/networking.md).
 #[allow(dead_code)]
-pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+pub struct Exclusive {
+    _thread: std::sync::MutexGuard<'static, ()>,
+    _host: std::fs::File,
+}
+
+#[allow(dead_code)]
+pub fn exclusive() -> Exclusive {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    let thread = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = std::fs::create_dir_all("/run/lock");
+    let host = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/lock/kiln-e2e-net.lock")
+        .expect("open /run/lock/kiln-e2e-net.lock");
+    host.lock().expect("flock /run/lock/kiln-e2e-net.lock");
+    Exclusive {
+        _thread: thread,
+        _host: host,
+    }
 }
