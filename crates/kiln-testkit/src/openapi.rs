@@ -67,6 +67,12 @@ impl ApiSchemas {
         best.map(|(_, t)| t.clone())
     }
 
+    /// Whether the document has an operation for `method` on `path`.
+    pub fn describes(&self, method: &str, path: &str) -> bool {
+        self.route(path)
+            .is_some_and(|r| self.doc["paths"][&r][method.to_ascii_lowercase()].is_object())
+    }
+
     /// Checks one answer: `method` and `path` of the request, the status
     /// and body of the response.
     pub fn check(&self, method: &str, path: &str, status: u16, body: &[u8]) -> Result<()> {
