@@ -66,6 +66,35 @@ impl utoipa::Modify for Security {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+        // Every operation can also answer 401 (token), 503 (no leader,
+        // commit timeout) and the body decoder's 4xx: all an `ErrorBody`.
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let error = ResponseBuilder::new()
+            .description("An error: a machine-readable code and a message")
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build();
+        for item in api.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.responses
+                    .responses
+                    .entry("default".to_owned())
+                    .or_insert_with(|| RefOr::T(error.clone()));
+            }
+        }
     }
 }
 
@@ -202,6 +231,51 @@ impl From<ReadError> for ApiError {
     fn from(e: ReadError) -> ApiError {
         ApiError::unavailable(e.to_string())
     }
+}
+
+/// How long an API request waits for its write to commit, or for a
+/// quorum to confirm a linearizable read. A leader cut off from its
+/// majority keeps its leadership until it hears of a newer term, and its
+/// proposals wait; the client gets a 503 instead of a hung request.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Proposes `cmd` and waits (at most [`COMMIT_TIMEOUT`]) until it is
+/// committed and applied. A timeout is 503 `commit_timeout`: the write may
+/// still commit later (a retry with the same `Idempotency-Key` finds it) or
+/// never (a minority leader's entry is discarded once a majority elects
+/// another leader).
+pub(crate) async fn commit(
+    s: &Shared,
+    cmd: kiln_store::Command,
+) -> Result<kiln_store::Response, ApiError> {
+    match tokio::time::timeout(COMMIT_TIMEOUT, s.raft.write(cmd)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(commit_timeout("the write was not committed")),
+    }
+}
+
+/// A linearizable read (leadership confirmed by a quorum), bounded by
+/// [`COMMIT_TIMEOUT`] like a write.
+pub(crate) async fn confirmed<T>(
+    s: &Shared,
+    f: impl FnOnce(&kiln_store::State) -> T,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(COMMIT_TIMEOUT, s.raft.read(f)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(commit_timeout("the read was not confirmed by a quorum")),
+    }
+}
+
+fn commit_timeout(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "commit_timeout",
+        format!(
+            "{what} within {} s: this replica cannot reach a majority of the servers; retry (with the same Idempotency-Key for a create)",
+            COMMIT_TIMEOUT.as_secs()
+        ),
+    )
+    .retry(1)
 }
 
 /// How a state-machine refusal is answered.
