@@ -107,12 +107,21 @@ async fn tenant_token(api: &Api, base: &str, admin: &str, name: &str, quotas: Va
     r.json::<TokenCreated>().secret
 }
 
+/// A node-protocol request carrying the join token in its metadata (the
+/// server checks it there before reading the message).
+fn joined<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut()
+        .insert("kiln-join-token", JOIN.parse().expect("metadata"));
+    r
+}
+
 async fn register(url: &str, name: &str) -> (NodeServiceClient<tonic::transport::Channel>, String) {
     let mut c = NodeServiceClient::connect(url.to_owned())
         .await
         .expect("connect");
     let cred = c
-        .register(RegisterRequest {
+        .register(joined(RegisterRequest {
             join_token: JOIN.into(),
             name: name.into(),
             address: format!("{name}:0"),
@@ -125,7 +134,7 @@ async fn register(url: &str, name: &str) -> (NodeServiceClient<tonic::transport:
             driver_json: serde_json::to_vec(&DriverKind::QemuTcg).expect("json"),
             labels: Default::default(),
             images: vec![],
-        })
+        }))
         .await
         .expect("register")
         .into_inner()
@@ -529,7 +538,7 @@ async fn leader_killed_while_creating_loses_and_doubles_nothing() {
     let mut reg = NodeServiceClient::connect(lead.clone())
         .await
         .expect("connect");
-    reg.register(RegisterRequest {
+    reg.register(joined(RegisterRequest {
         join_token: JOIN.into(),
         name: "big".into(),
         address: "big:0".into(),
@@ -542,7 +551,7 @@ async fn leader_killed_while_creating_loses_and_doubles_nothing() {
         driver_json: serde_json::to_vec(&DriverKind::QemuTcg).expect("json"),
         labels: Default::default(),
         images: vec![],
-    })
+    }))
     .await
     .expect("register");
 
