@@ -16,6 +16,10 @@ pub struct NodeArgs {
     /// (`http://host:port` or `host:port`); tried in turn.
     #[arg(long, env = "KILN_NODE_SERVER", required = true)]
     server: String,
+    /// CA certificate(s) (PEM) the server's TLS certificate must chain to
+    /// (needed for https:// server URLs).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
     /// A file holding the cluster's join token.
     #[arg(long = "join-token-file", value_name = "FILE")]
     join_token_file: PathBuf,
@@ -98,6 +102,12 @@ pub async fn run(args: NodeArgs) -> Result<i32> {
         insecure_registries: args.insecure,
         max_parallel_starts: args.max_parallel_starts,
         stop_grace: args.stop_grace,
+        ca_pem: match &args.ca {
+            Some(p) => {
+                Some(std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?)
+            }
+            None => None,
+        },
     };
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};

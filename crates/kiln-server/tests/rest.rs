@@ -123,12 +123,21 @@ async fn tenant_token(api: &Api, base: &str, admin: &str, name: &str, quotas: Va
     r.json::<TokenCreated>().secret
 }
 
+/// A node-protocol request carrying the join token in its metadata (the
+/// server checks it there before reading the message).
+fn joined<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut()
+        .insert("kiln-join-token", JOIN.parse().expect("metadata"));
+    r
+}
+
 async fn register(url: &str, name: &str) -> (NodeServiceClient<tonic::transport::Channel>, String) {
     let mut c = NodeServiceClient::connect(url.to_owned())
         .await
         .expect("connect");
     let cred = c
-        .register(RegisterRequest {
+        .register(joined(RegisterRequest {
             join_token: JOIN.into(),
             name: name.into(),
             address: format!("{name}:0"),
@@ -141,7 +150,7 @@ async fn register(url: &str, name: &str) -> (NodeServiceClient<tonic::transport:
             driver_json: serde_json::to_vec(&DriverKind::QemuTcg).expect("json"),
             labels: Default::default(),
             images: vec![],
-        })
+        }))
         .await
         .expect("register")
         .into_inner()
@@ -545,7 +554,7 @@ async fn leader_killed_while_creating_loses_and_doubles_nothing() {
     let mut reg = NodeServiceClient::connect(lead.clone())
         .await
         .expect("connect");
-    reg.register(RegisterRequest {
+    reg.register(joined(RegisterRequest {
         join_token: JOIN.into(),
         name: "big".into(),
         address: "big:0".into(),
@@ -558,7 +567,7 @@ async fn leader_killed_while_creating_loses_and_doubles_nothing() {
         driver_json: serde_json::to_vec(&DriverKind::QemuTcg).expect("json"),
         labels: Default::default(),
         images: vec![],
-    })
+    }))
     .await
     .expect("register");
 

@@ -78,6 +78,8 @@ pub struct Client {
     credential: std::sync::RwLock<Option<String>>,
     credential_path: PathBuf,
     name: NodeName,
+    /// CA certificate(s) (PEM) an `https://` server must chain to.
+    ca_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -121,8 +123,15 @@ impl Client {
             }),
             credential: std::sync::RwLock::new(stored),
             credential_path,
+            ca_pem: None,
             name,
         }
+    }
+
+    /// Verifies `https://` servers against these CA certificate(s) (PEM).
+    pub fn with_ca(mut self, ca_pem: Vec<u8>) -> Client {
+        self.ca_pem = Some(ca_pem);
+        self
     }
 
     pub fn name(&self) -> &NodeName {
@@ -155,6 +164,25 @@ impl Client {
             })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
+        let ep = if url.starts_with("https://") {
+            let Some(ca) = &self.ca_pem else {
+                return Err(ClientError::BadUrl {
+                    url,
+                    message: "an https:// server needs the CA certificate (kiln node --ca FILE)"
+                        .into(),
+                });
+            };
+            ep.tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            )
+            .map_err(|e| ClientError::BadUrl {
+                url: url.clone(),
+                message: e.to_string(),
+            })?
+        } else {
+            ep
+        };
         match ep.connect().await {
             Ok(ch) => {
                 let cl = NodeServiceClient::new(ch);
@@ -232,6 +260,12 @@ impl Client {
             labels: reg.labels.clone(),
             images: reg.images.clone(),
         }));
+        // The join token goes in metadata too: the server checks it there
+        // before it reads the message.
+        let mut req = req;
+        if let Ok(v) = reg.join_token.parse() {
+            req.metadata_mut().insert("kiln-join-token", v);
+        }
         let reply = match cl.register(req).await {
             Ok(r) => r.into_inner(),
             Err(s) => {

@@ -71,6 +71,8 @@ pub struct DaemonConfig {
     /// Seconds from SIGTERM to SIGKILL when the server wants a sandbox
     /// stopped.
     pub stop_grace: u64,
+    /// CA certificate(s) (PEM) that `https://` servers must chain to.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// The daemon could not start.
@@ -167,7 +169,10 @@ pub async fn run(
     let parallel = cfg
         .max_parallel_starts
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() * 2));
-    let client = Client::new(&cfg.servers, cfg.name.clone(), &node.dirs().state);
+    let mut client = Client::new(&cfg.servers, cfg.name.clone(), &node.dirs().state);
+    if let Some(ca) = &cfg.ca_pem {
+        client = client.with_ca(ca.clone());
+    }
     let (desired_tx, desired_rx) = watch::channel(None);
     let (observed_tx, observed_rx) = watch::channel(BTreeMap::new());
     let shared = Arc::new(Shared {

@@ -114,6 +114,51 @@ pub async fn drain(
     node_cmd(&s, &headers, &name, |name| Command::DrainNode { name }).await
 }
 
+/// Revoke a node's credential, so that a new host may register under its
+/// name with the join token (the old one's calls are refused from now).
+#[utoipa::path(post, path = "/v1/nodes/{name}/revoke-credential", tag = "nodes", params(("name" = String, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn revoke_credential(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller(&s, &headers)?.require_admin()?;
+    let name = node_name(&name)?;
+    let ids: Vec<String> = s
+        .raft
+        .read(|st| {
+            st.tokens
+                .values()
+                .filter(|t| {
+                    t.role == Role::Node
+                        && t.node.as_ref() == Some(&name)
+                        && t.revoked_at_ms.is_none()
+                })
+                .map(|t| t.id.clone())
+                .collect()
+        })
+        .await?;
+    if ids.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("node {name} has no live credential"),
+        ));
+    }
+    for id in ids {
+        write(
+            &s,
+            Command::RevokeToken {
+                id,
+                now_ms: now_ms(),
+            },
+        )
+        .await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// Members, leader, term, commit and applied index, API URLs.
 #[utoipa::path(get, path = "/v1/cluster", tag = "cluster",
     responses((status = 200, body = ClusterStatus), (status = 403, body = ErrorBody)))]

@@ -46,7 +46,7 @@ use crate::server::Shared;
     paths(
         sandboxes::create, sandboxes::list, sandboxes::get_one, sandboxes::delete,
         sandboxes::stop, sandboxes::pause, sandboxes::resume, sandboxes::wait,
-        admin::nodes, admin::cordon, admin::uncordon, admin::drain,
+        admin::nodes, admin::cordon, admin::uncordon, admin::drain, admin::revoke_credential,
         admin::cluster_status, admin::add_member, admin::remove_member,
         admin::create_tenant, admin::list_tenants, admin::set_quotas,
         admin::create_token, admin::revoke_token,
@@ -120,6 +120,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/nodes/{name}/cordon", post(admin::cordon))
         .route("/nodes/{name}/uncordon", post(admin::uncordon))
         .route("/nodes/{name}/drain", post(admin::drain))
+        .route(
+            "/nodes/{name}/revoke-credential",
+            post(admin::revoke_credential),
+        )
         .route("/cluster", get(admin::cluster_status))
         .route("/cluster/members", post(admin::add_member))
         .route(
@@ -137,7 +141,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/tokens", post(admin::create_token))
         .route("/tokens/{id}", axum::routing::delete(admin::revoke_token))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(shared.clone(), to_leader));
+        .layer(middleware::from_fn_with_state(shared.clone(), to_leader))
+        .layer(middleware::from_fn_with_state(shared.clone(), authenticate));
     Router::new()
         .route("/v1/openapi.json", get(openapi))
         .nest("/v1", v1)
@@ -350,6 +355,46 @@ pub fn caller(s: &Shared, headers: &HeaderMap) -> Result<Caller, ApiError> {
 }
 
 const FORWARDED: &str = "x-kiln-forwarded";
+/// The longest a REST request may take to produce its response head (the
+/// longest is a `wait`, bounded by `MAX_WAIT_SECS`).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(sandboxes::MAX_WAIT_SECS + 60);
+
+/// Refuses (401) a request whose bearer token is missing, unknown or a
+/// node credential before its body is read (or forwarded): handlers still
+/// check roles and tenants. A token minted a moment ago may not have
+/// reached this replica yet, so a follower waits briefly for its applied
+/// index to move before refusing.
+async fn authenticate(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut applied = s.raft.subscribe_applied();
+    loop {
+        match caller(&s, req.headers()) {
+            Ok(_) => {
+                return match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+                    Ok(r) => r,
+                    Err(_) => ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout",
+                        "the request took too long; retry",
+                    )
+                    .into_response(),
+                };
+            }
+            Err(e) => {
+                let follower = s.raft.status().role != RaftRole::Leader;
+                let has_token = req.headers().contains_key(header::AUTHORIZATION);
+                if !(follower && has_token)
+                    || !matches!(
+                        tokio::time::timeout_at(deadline, applied.changed()).await,
+                        Ok(Ok(()))
+                    )
+                {
+                    return e.into_response();
+                }
+            }
+        }
+    }
+}
 
 /// On a follower, sends the request to the leader and relays its answer.
 async fn to_leader(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {

@@ -23,7 +23,7 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                 ));
             }
             check_labels(labels)?;
-            if images.len() > 4096 {
+            if images.len() > kiln_api::cluster::MAX_NODE_IMAGES {
                 return Err(Rejection::invalid("images", "at most 4096 cached images"));
             }
             for i in images {
@@ -62,7 +62,7 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             images,
         } => {
             if let Some(images) = images {
-                if images.len() > 4096 {
+                if images.len() > kiln_api::cluster::MAX_NODE_IMAGES {
                     return Err(Rejection::invalid("images", "at most 4096 cached images"));
                 }
                 for i in images {
