@@ -202,8 +202,7 @@ mod tests {
             ("10.0.0.1:sctp", "sctp"),
             ("exa*mple.com", "'*'"),
         ] {
-            let e = check_policy(None, None, &[rule(PolicyAction::Allow, bad)])
-                .expect_err(bad);
+            let e = check_policy(None, None, &[rule(PolicyAction::Allow, bad)]).expect_err(bad);
             assert!(e.contains(needle), "{bad}: {e}");
         }
         let e = check_policy(Some("/etc/passwd"), None, &[]).expect_err("a file");

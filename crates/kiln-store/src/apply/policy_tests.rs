@@ -152,7 +152,10 @@ fn policy_changes_are_scoped_and_refused_without_a_network_or_when_ended() {
         Rejection::Invalid { .. }
     ));
     assert!(matches!(
-        refused(&mut st, set(Some("acme"), 1, vec![rule(PolicyAction::Allow, "a\nb")])),
+        refused(
+            &mut st,
+            set(Some("acme"), 1, vec![rule(PolicyAction::Allow, "a\nb")])
+        ),
         Rejection::Invalid { .. }
     ));
     // Being deleted: refused.

@@ -140,7 +140,15 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             policy,
             policy_default,
             rules,
-        } => set_policy(st, tenant.as_ref(), id, policy, *policy_default, rules, meta),
+        } => set_policy(
+            st,
+            tenant.as_ref(),
+            id,
+            policy,
+            *policy_default,
+            rules,
+            meta,
+        ),
         Command::ForgetSandbox { id } => {
             let rec = st
                 .sandboxes
