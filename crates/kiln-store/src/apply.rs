@@ -71,7 +71,8 @@ fn apply_inner(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
         | Command::PlaceSandbox { .. }
         | Command::SetDesired { .. }
         | Command::ReportSandbox { .. }
-        | Command::ForgetSandbox { .. } => sandboxes::apply(st, cmd, meta),
+        | Command::ForgetSandbox { .. }
+        | Command::SetSandboxPolicy { .. } => sandboxes::apply(st, cmd, meta),
         Command::PutTemplate { .. }
         | Command::ReportTemplate { .. }
         | Command::DeleteTemplate { .. }
@@ -107,5 +108,7 @@ mod room;
 mod sandboxes;
 mod tenants;
 
+#[cfg(test)]
+mod policy_tests;
 #[cfg(test)]
 mod tests;

@@ -80,6 +80,12 @@ pub struct SandboxRecord {
     /// The sandbox group it belongs to (placed together).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// The generation at which its network policy was last set (1 for the
+    /// policy it was created with; 0 in records from before this field,
+    /// meaning the same). The node enforces it once `observed_generation`
+    /// has reached it.
+    #[serde(default)]
+    pub policy_generation: u64,
 }
 
 impl SandboxRecord {

@@ -432,13 +432,21 @@ async fn pass(sh: &Arc<Shared>) {
                 observed,
                 converged: marker.map_or(0, |m| m.converged),
                 owned: marker.is_some(),
+                policy_stale: false,
             },
         );
     }
-    let busy = lock(&sh.busy).clone();
-    let actions = decide(&desired.sandboxes, &local, &busy);
     let by_id: HashMap<&SandboxId, &Assignment> =
         desired.sandboxes.iter().map(|a| (&a.id, a)).collect();
+    // A networked sandbox enforces what the daemon last applied to it.
+    for (id, l) in local.iter_mut() {
+        if let (Some(a), Some(m)) = (by_id.get(id), markers.get(id)) {
+            l.policy_stale = a.spec.network != kiln_api::sandbox::NetworkSpec::None
+                && m.network.as_ref() != Some(&a.spec.network);
+        }
+    }
+    let busy = lock(&sh.busy).clone();
+    let actions = decide(&desired.sandboxes, &local, &busy);
     for a in actions {
         let id = a.id().clone();
         if !lock(&sh.busy).insert(id.clone()) {
@@ -525,6 +533,7 @@ async fn execute(sh: &Shared, a: &Action, assignment: Option<&Assignment>) {
                 let Some(asg) = assignment else { return Ok(()) };
                 let mut marker = b.marker(id).unwrap_or_default();
                 marker.terminal = None;
+                marker.network = Some(asg.spec.network.clone());
                 b.set_marker(id, &marker)?;
                 let _permit = sh.starts.acquire().await;
                 let t0 = std::time::Instant::now();
@@ -571,6 +580,16 @@ async fn execute(sh: &Shared, a: &Action, assignment: Option<&Assignment>) {
                     marker.terminal = Some(backend::never_started("stopped"));
                 }
                 b.set_marker(id, &marker)?;
+            }
+            Action::UpdatePolicy { id, generation } => {
+                let Some(asg) = assignment else { return Ok(()) };
+                let t0 = std::time::Instant::now();
+                b.update_policy(id, &asg.spec.network).await?;
+                let mut marker = b.marker(id).unwrap_or_default();
+                marker.network = Some(asg.spec.network.clone());
+                marker.converged = *generation;
+                b.set_marker(id, &marker)?;
+                tracing::info!(sandbox = %id, generation, us = t0.elapsed().as_micros() as u64, "policy updated live");
             }
             Action::Fence { id } => {
                 tracing::info!(sandbox = %id, "no longer assigned here: removing");

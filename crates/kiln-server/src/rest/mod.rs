@@ -17,6 +17,7 @@
 
 mod admin;
 mod body;
+mod policy;
 mod sandboxes;
 
 use std::collections::BTreeMap;
@@ -46,6 +47,7 @@ use crate::server::Shared;
     paths(
         sandboxes::create, sandboxes::list, sandboxes::get_one, sandboxes::delete,
         sandboxes::stop, sandboxes::pause, sandboxes::resume, sandboxes::wait,
+        policy::get_policy, policy::put_policy,
         admin::nodes, admin::cordon, admin::uncordon, admin::drain, admin::revoke_credential,
         admin::cluster_status, admin::add_member, admin::remove_member,
         admin::create_tenant, admin::list_tenants, admin::set_quotas,
@@ -116,6 +118,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/sandboxes/{id}/pause", post(sandboxes::pause))
         .route("/sandboxes/{id}/resume", post(sandboxes::resume))
         .route("/sandboxes/{id}/wait", get(sandboxes::wait))
+        .route(
+            "/sandboxes/{id}/policy",
+            get(policy::get_policy).put(policy::put_policy),
+        )
         .route("/nodes", get(admin::nodes))
         .route("/nodes/{name}/cordon", post(admin::cordon))
         .route("/nodes/{name}/uncordon", post(admin::uncordon))

@@ -437,14 +437,27 @@ fn scheduled_spec_check(spec: &SandboxSpec, allow_local_images: bool) -> Result<
              oci: and docker-archive: name files on a node (kiln server --allow-local-images)",
         ));
     }
-    if let kiln_api::sandbox::NetworkSpec::Default { publish, .. } = &spec.network
-        && !publish.is_empty()
+    if let kiln_api::sandbox::NetworkSpec::Default {
+        publish,
+        policy,
+        policy_default,
+        rules,
+    } = &spec.network
     {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_spec",
-            "network.publish: publishing host ports is not available through the API yet",
-        ));
+        if !publish.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_spec",
+                "network.publish: publishing host ports is not available through the API yet",
+            ));
+        }
+        super::policy::check_policy(policy.as_deref(), *policy_default, rules).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_spec",
+                format!("network.{e}"),
+            )
+        })?;
     }
     Ok(())
 }
