@@ -18,6 +18,7 @@
 mod admin;
 mod body;
 mod sandboxes;
+mod streams;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -46,12 +47,15 @@ use crate::server::Shared;
     paths(
         sandboxes::create, sandboxes::list, sandboxes::get_one, sandboxes::delete,
         sandboxes::stop, sandboxes::pause, sandboxes::resume, sandboxes::wait,
+        streams::exec, streams::attach, streams::logs, streams::download, streams::upload,
         admin::nodes, admin::cordon, admin::uncordon, admin::drain,
         admin::cluster_status, admin::add_member, admin::remove_member,
         admin::create_tenant, admin::list_tenants, admin::set_quotas,
         admin::create_token, admin::revoke_token,
     ),
-    components(schemas(ErrorBody, ErrorDetail)),
+    components(schemas(ErrorBody, ErrorDetail, kiln_api::stream::ExecStart,
+        kiln_api::stream::AttachStart, kiln_api::stream::ClientMsg, kiln_api::stream::ServerMsg,
+        kiln_api::stream::LogRecord, kiln_api::stream::LogStreamName)),
     modifiers(&Security),
     security(("bearer" = [])),
 )]
@@ -87,6 +91,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/sandboxes/{id}/pause", post(sandboxes::pause))
         .route("/sandboxes/{id}/resume", post(sandboxes::resume))
         .route("/sandboxes/{id}/wait", get(sandboxes::wait))
+        .route("/sandboxes/{id}/exec", get(streams::exec))
+        .route("/sandboxes/{id}/attach", get(streams::attach))
+        .route("/sandboxes/{id}/logs", get(streams::logs))
+        .route(
+            "/sandboxes/{id}/files",
+            get(streams::download).put(streams::upload),
+        )
         .route("/nodes", get(admin::nodes))
         .route("/nodes/{name}/cordon", post(admin::cordon))
         .route("/nodes/{name}/uncordon", post(admin::uncordon))
@@ -277,10 +288,18 @@ pub fn caller(s: &Shared, headers: &HeaderMap) -> Result<Caller, ApiError> {
 
 const FORWARDED: &str = "x-kiln-forwarded";
 
+/// The stream routes (`/sandboxes/{id}/exec|attach|logs|files`) are served
+/// by the replica that receives them (see `streams`).
+fn is_stream_route(path: &str) -> bool {
+    let p = path.strip_prefix("/v1").unwrap_or(path);
+    let parts: Vec<&str> = p.trim_start_matches('/').split('/').collect();
+    matches!(parts.as_slice(), ["sandboxes", _, "exec" | "attach" | "logs" | "files"])
+}
+
 /// On a follower, sends the request to the leader and relays its answer.
 async fn to_leader(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let status = s.raft.status();
-    if status.role == RaftRole::Leader {
+    if status.role == RaftRole::Leader || is_stream_route(req.uri().path()) {
         return next.run(req).await;
     }
     if req.headers().contains_key(FORWARDED) {
