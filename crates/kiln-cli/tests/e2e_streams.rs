@@ -265,7 +265,7 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
     // S runs for the exec and files checks; L prints and exits 4.
     let mut s_spec = spec(&["sleep", "3600"]);
     s_spec.resources.memory_mib = 256;
-    s_spec.resources.disk_mib = mib * 2 + 512;
+    s_spec.resources.disk_mib = u32::try_from(mib * 2 + 512).expect("disk size");
     let s = api.create(&s_spec);
     let l = api.create(&spec(&[
         "sh",
@@ -433,7 +433,7 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
     });
     assert_eq!(got, format!("{want}  /root/big.bin\n"));
     let get = format!(
-        "set -o pipefail; curl -sS -f -H 'Authorization: Bearer {}' '{}/v1/sandboxes/{s}/files?path=/root/big.bin' | tar -xOf - big.bin | sha256sum",
+        "set -o pipefail; curl -sS -f -H 'Authorization: Bearer {}' '{}/v1/sandboxes/{s}/files?path=/root/big.bin' | tar -xOf - | sha256sum",
         api.a,
         api.url()
     );

@@ -486,7 +486,11 @@ async fn logs(
             };
             if let Ok((mut conn, CtlResponse::Started { .. })) = CtlConn::open(&sockp, &req).await {
                 loop {
-                    let line = match conn.reader.next().await {
+                    let next = tokio::select! {
+                        f = conn.reader.next() => f,
+                        () = tx.closed() => return, // the client went away
+                    };
+                    let line = match next {
                         Ok(Some(f)) if f.kind == Kind::Data => match f.data() {
                             Ok((Channel::Stdout, b)) if keep(LogStreamName::Stdout) => {
                                 output(LogStreamName::Stdout, b)
@@ -557,6 +561,16 @@ async fn logs(
             });
         })
         .await;
+        // A followed sandbox whose supervisor was tearing down when we
+        // came: its final state is recorded in a moment.
+        if follow && running {
+            for _ in 0..200 {
+                if cx.node.get(id.as_str()).map_or(true, |r| r.state.is_finished()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         if let Some(rec) = cx.node.get(id.as_str()).ok().filter(|r| r.state.is_finished()) {
             let (exit_code, signal) = match &rec.state {
                 kiln_api::sandbox::SandboxState::Exited {
