@@ -150,6 +150,7 @@ async fn register(url: &str, name: &str) -> (NodeServiceClient<tonic::transport:
             driver_json: serde_json::to_vec(&DriverKind::QemuTcg).expect("json"),
             labels: Default::default(),
             images: vec![],
+            stream_key: String::new(),
         }))
         .await
         .expect("register")
@@ -567,6 +568,7 @@ async fn leader_killed_while_creating_loses_and_doubles_nothing() {
         driver_json: serde_json::to_vec(&DriverKind::QemuTcg).expect("json"),
         labels: Default::default(),
         images: vec![],
+        stream_key: String::new(),
     }))
     .await
     .expect("register");

@@ -19,6 +19,7 @@ mod admin;
 mod body;
 mod policy;
 mod sandboxes;
+mod streams;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -48,12 +49,15 @@ use crate::server::Shared;
         sandboxes::create, sandboxes::list, sandboxes::get_one, sandboxes::delete,
         sandboxes::stop, sandboxes::pause, sandboxes::resume, sandboxes::wait,
         policy::get_policy, policy::put_policy,
+        streams::exec, streams::attach, streams::logs, streams::download, streams::upload,
         admin::nodes, admin::cordon, admin::uncordon, admin::drain, admin::revoke_credential,
         admin::cluster_status, admin::add_member, admin::remove_member,
         admin::create_tenant, admin::list_tenants, admin::set_quotas,
         admin::create_token, admin::revoke_token,
     ),
-    components(schemas(ErrorBody, ErrorDetail)),
+    components(schemas(ErrorBody, ErrorDetail, kiln_api::stream::ExecStart,
+        kiln_api::stream::AttachStart, kiln_api::stream::ClientMsg, kiln_api::stream::ServerMsg,
+        kiln_api::stream::LogRecord, kiln_api::stream::LogStreamName)),
     modifiers(&Security),
     security(("bearer" = [])),
 )]
@@ -121,6 +125,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/sandboxes/{id}/policy",
             get(policy::get_policy).put(policy::put_policy),
+        )
+        .route("/sandboxes/{id}/exec", get(streams::exec))
+        .route("/sandboxes/{id}/attach", get(streams::attach))
+        .route("/sandboxes/{id}/logs", get(streams::logs))
+        .route(
+            "/sandboxes/{id}/files",
+            get(streams::download).put(streams::upload),
         )
         .route("/nodes", get(admin::nodes))
         .route("/nodes/{name}/cordon", post(admin::cordon))
@@ -402,10 +413,18 @@ async fn authenticate(State(s): State<Arc<Shared>>, req: Request, next: Next) ->
     }
 }
 
+/// The stream routes (`/sandboxes/{id}/exec|attach|logs|files`) are served
+/// by the replica that receives them (see `streams`).
+fn is_stream_route(path: &str) -> bool {
+    let p = path.strip_prefix("/v1").unwrap_or(path);
+    let parts: Vec<&str> = p.trim_start_matches('/').split('/').collect();
+    matches!(parts.as_slice(), ["sandboxes", _, "exec" | "attach" | "logs" | "files"])
+}
+
 /// On a follower, sends the request to the leader and relays its answer.
 async fn to_leader(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let status = s.raft.status();
-    if status.role == RaftRole::Leader {
+    if status.role == RaftRole::Leader || is_stream_route(req.uri().path()) {
         return next.run(req).await;
     }
     if req.headers().contains_key(FORWARDED) {
