@@ -18,8 +18,8 @@
 //      with an expiry) add those rules' bits to the candidates, unless the
 //      address is protected.
 // `kiln_ingress` runs on the tap's egress hook (frames to the guest). It drops
-// IPv6 and records flows a peer starts (TCP SYN, first UDP/ICMP packet) in
-// `flows`, so that the guest's answers pass `kiln_egress` as replies even
+// IPv6 and records flows a peer starts (TCP SYN, first UDP packet, ICMP echo
+// request keyed by its identifier; ICMP errors start nothing) in `flows`, so that the guest's answers pass `kiln_egress` as replies even
 // where its policy would not let it start that flow. A flow the guest started
 // is marked as the guest's, so a policy that stops allowing it stops it
 // (no reply bypass). Ingress *rules* are not enforced yet.
@@ -278,6 +278,34 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 l3, struct ip
 	return 0;
 }
 
+// ICMP flows: only echo (ping) has a flow. The key's peer_port is the echo
+// identifier and local_port says who asked: ICMP_BY_PEER for a peer's
+// request (the guest's echo replies are replies), ICMP_BY_GUEST for the
+// guest's (judged by the policy). Every other ICMP message (errors such as
+// port unreachable, timestamps, ...) has no flow: from a peer it records
+// nothing, so it cannot open ICMP back to that peer; from the guest the
+// policy judges it.
+#define ICMP_ECHO_REPLY 0
+#define ICMP_ECHO_REQUEST 8
+#define ICMP_BY_PEER 1
+#define ICMP_BY_GUEST 2
+
+// The ICMP type and echo identifier at `l3` (-1 type: none, e.g. a later
+// fragment or a short packet).
+static __always_inline int icmp_echo(struct __sk_buff *skb, __u32 l3, const struct iphdr *ip,
+				     __u16 *ident)
+{
+	__u8 hdr[6];
+	*ident = 0;
+	if ((bpf_ntohs(ip->frag_off) & 0x1fff) != 0)
+		return -1;
+	__u32 l4 = l3 + ((__u32)ip->ihl & 0xf) * 4;
+	if (bpf_skb_load_bytes(skb, l4, hdr, sizeof(hdr)) < 0)
+		return -1;
+	*ident = (__u16)((__u16)hdr[4] << 8 | hdr[5]);
+	return hdr[0];
+}
+
 // Index of the only set bit of `v` (clang's BPF backend has no ctz).
 static __always_inline __u32 bit_index(__u64 v)
 {
@@ -460,15 +488,29 @@ int kiln_egress(struct __sk_buff *skb)
 		.local_port = sport < 0 ? 0 : (__u16)sport,
 		.proto = ip.protocol,
 	};
+	int flowful = 1;
+	if (ip.protocol == IPPROTO_ICMP) {
+		__u16 ident;
+		int type = icmp_echo(skb, sizeof(eth), &ip, &ident);
+		fk.peer_port = ident;
+		if (type == ICMP_ECHO_REPLY)
+			fk.local_port = ICMP_BY_PEER; // answering a peer's ping
+		else if (type == ICMP_ECHO_REQUEST)
+			fk.local_port = ICMP_BY_GUEST;
+		else
+			flowful = 0;
+	}
 	__u64 now = bpf_ktime_get_ns();
-	struct flow_val *fv = bpf_map_lookup_elem(&flows, &fk);
+	struct flow_val *fv = flowful ? bpf_map_lookup_elem(&flows, &fk) : 0;
 	if (fv && now - fv->last_seen_ns < FLOW_IDLE_NS) {
 		if (fv->origin == FLOW_PEER)
 			return count_reply(skb);
 		fv->last_seen_ns = now;
 	}
 	int verdict = decide(skb, ip.daddr, ip.protocol, port, now);
-	if (verdict == TC_ACT_OK && !fv) {
+	// A guest's echo reply never starts a flow of its own.
+	if (verdict == TC_ACT_OK && !fv && flowful && !(ip.protocol == IPPROTO_ICMP &&
+							  fk.local_port == ICMP_BY_PEER)) {
 		struct flow_val v = { .last_seen_ns = now, .origin = FLOW_GUEST };
 		bpf_map_update_elem(&flows, &fk, &v, BPF_ANY);
 	}
@@ -496,6 +538,23 @@ int kiln_ingress(struct __sk_buff *skb)
 		.local_port = port < 0 ? 0 : (__u16)port,
 		.proto = ip.protocol,
 	};
+	if (ip.protocol == IPPROTO_ICMP) {
+		__u16 ident;
+		int type = icmp_echo(skb, sizeof(eth), &ip, &ident);
+		fk.peer_port = ident;
+		if (type == ICMP_ECHO_REQUEST)
+			fk.local_port = ICMP_BY_PEER; // a peer's ping: may start a flow
+		else if (type == ICMP_ECHO_REPLY)
+			fk.local_port = ICMP_BY_GUEST; // refreshes the guest's flow only
+		else
+			return TC_ACT_OK; // errors and the rest start nothing
+		if (type == ICMP_ECHO_REPLY) {
+			struct flow_val *g = bpf_map_lookup_elem(&flows, &fk);
+			if (g && g->origin == FLOW_GUEST)
+				g->last_seen_ns = bpf_ktime_get_ns();
+			return TC_ACT_OK;
+		}
+	}
 	__u64 now = bpf_ktime_get_ns();
 	struct flow_val *fv = bpf_map_lookup_elem(&flows, &fk);
 	if (fv && now - fv->last_seen_ns < FLOW_IDLE_NS) {

@@ -21,6 +21,7 @@ pub mod host;
 pub mod ipam;
 pub mod nft;
 pub mod policy;
+pub mod protect;
 pub mod publish;
 
 use std::collections::BTreeSet;
@@ -66,6 +67,11 @@ pub struct NetConfig {
     /// admit what it resolves for them. Default: false (the library alone
     /// runs no resolver; whoever sets this runs one).
     pub resolver: bool,
+    /// Node-level protected infrastructure ranges (control-plane servers,
+    /// management networks): closed like the node's own addresses, opened
+    /// only by a rule whose CIDR lies inside one. Default: none; the node
+    /// fills it from [`protect::configured`].
+    pub protected: Vec<Ipv4Net>,
 }
 
 impl NetConfig {
@@ -79,6 +85,7 @@ impl NetConfig {
             tap_prefix: "kt".to_owned(),
             dns: Vec::new(),
             resolver: false,
+            protected: Vec::new(),
         }
     }
 }
@@ -130,6 +137,8 @@ pub enum OpenNetworkError {
         #[source]
         source: nft::NftError,
     },
+    #[error(transparent)]
+    Protected(#[from] protect::ProtectedCidrsError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -307,11 +316,12 @@ impl Network {
     }
 
     /// The protected destinations: always-protected ranges, the sandbox
-    /// subnet, and the host's addresses as of now.
+    /// subnet, the host's addresses as of now, and the configured
+    /// infrastructure ranges ([`NetConfig::protected`]).
     pub fn protected(&self) -> Result<Protected, host::HostNetError> {
         let mut addrs = host::host_addresses()?;
         addrs.push(self.ipam.gateway());
-        Ok(Protected::new(self.ipam.subnet(), &addrs))
+        Ok(Protected::new(self.ipam.subnet(), &addrs).with_extra(&self.cfg.protected))
     }
 
     /// Gives a sandbox its address, MAC, interface and policy program.
