@@ -514,7 +514,8 @@ fn protected_infrastructure_ranges_need_a_narrow_rule() {
         "a narrow rule opens it"
     );
     assert_eq!(reach(&k, &id, &addr, 9090), "", "only what the rule names");
-    assert!(policy_dropped(&k, &id, "protected") >= 3);
+    // Counters are per policy generation: this one saw the 9090 attempt.
+    assert!(policy_dropped(&k, &id, "protected") >= 1);
 
     tracing::info!("the node's file protects too; without any, the path is open");
     let file = k.state_dir().join("net").join("protected-cidrs");

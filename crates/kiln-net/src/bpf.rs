@@ -122,7 +122,16 @@ pub struct Admission {
     pub rules: Vec<usize>,
 }
 
-/// CLOCK_MONOTONIC now, in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+/// How many Kiln policy programs (`kiln_egress`, `kiln_ingress`: two per
+/// attached sandbox) the kernel holds, whoever loaded them: for leak checks.
+pub fn loaded_policy_programs() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| matches!(p.name_as_str(), Some("kiln_egress" | "kiln_ingress")))
+        .count()
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (what `bpf_ktime_get_ns` reads).
 pub fn monotonic_ns() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always readable");
