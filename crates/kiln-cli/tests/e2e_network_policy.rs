@@ -493,7 +493,9 @@ fn protected_infrastructure_ranges_need_a_narrow_rule() {
     let id = stdout(&o).trim().to_string();
     assert_eq!(reach(&k, &id, &addr, 8080), "", "default allow reached it");
     let set = |rules: &[&str], env: Option<&str>| {
-        let mut a = vec!["policy", "set", id.as_str()];
+        // `--policy none`: without it the base is internet-only, which
+        // denies private ranges by itself.
+        let mut a = vec!["policy", "set", id.as_str(), "--policy", "none"];
         a.extend_from_slice(rules);
         let o = with_env(&a, env);
         assert_eq!(code(&o), 0, "policy set {rules:?}: {}", stderr(&o));
