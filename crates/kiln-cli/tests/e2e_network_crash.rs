@@ -21,7 +21,9 @@ use net_support::{Outside, ok, sh, taps};
 /// contains `needle`.
 fn counted(ns: &str, needle: &str) -> u64 {
     let out = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "list", "chain", "inet", "cnt", "in"])
+        .args([
+            "netns", "exec", ns, "nft", "list", "chain", "inet", "cnt", "in",
+        ])
         .output()
         .expect("nft");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -170,7 +172,10 @@ fn kill_9_of_every_kiln_process_keeps_policies_and_leaks_nothing() {
     }
     let t0 = Instant::now();
     while cnt("8080") < 2 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "A never reached 8080");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "A never reached 8080"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(cnt("9090"), 0, "a denied SYN arrived");
@@ -227,7 +232,10 @@ fn kill_9_of_every_kiln_process_keeps_policies_and_leaks_nothing() {
         .output()
         .expect("nft");
     let nft = String::from_utf8_lossy(&nft.stdout);
-    assert!(!nft.contains(&format!("kiln:{a}")), "A's -p rule left: {nft}");
+    assert!(
+        !nft.contains(&format!("kiln:{a}")),
+        "A's -p rule left: {nft}"
+    );
 
     tracing::info!("removed: as before the test");
     for id in ok(&k, &["ps", "-a", "-q"]).lines() {

@@ -360,6 +360,8 @@ fn udp_icmp_spoofing_peers_host_metadata_ipv6_and_bad_input() {
             "policy",
             "set",
             &a,
+            "--policy",
+            "none",
             "--policy-default",
             "deny",
             "--allow",
@@ -417,6 +419,62 @@ fn udp_icmp_spoofing_peers_host_metadata_ipv6_and_bad_input() {
     }
     assert_eq!(reach(&k, &a, &b_ip, 8080), "sandbox-b", "still in force");
     assert_eq!(reach(&k, &a, &addr, 8080), "", "still in force");
+
+    tracing::info!("drop events: what was dropped, and by what");
+    let ev = ok(&k, &["events", &a]);
+    let has = |ev: &str, proto: &str, dest: &str, port: &str, by: &str| {
+        ev.lines().any(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.len() >= 5 && w[1] == proto && w[2] == dest && w[3] == port && l.contains(by)
+        })
+    };
+    let first_rule = format!("rule 1 (deny {addr}/32:udp:7071)");
+    for (proto, dest, port, by) in [
+        ("udp", addr.as_str(), "7071", first_rule.as_str()),
+        ("tcp", b_ip.as_str(), "8080", "protected destination"),
+        ("tcp", "10.88.0.1", "8181", "protected destination"),
+        ("tcp", "169.254.169.254", "8080", "protected destination"),
+        ("udp", addr.as_str(), "7070", "default deny"),
+        ("icmp", addr.as_str(), "-", "default deny"),
+        ("tcp", host_ip.as_str(), "8181", "protected destination"),
+        ("tcp", addr.as_str(), "8080", "default deny"),
+    ] {
+        assert!(
+            has(&ev, proto, dest, port, by),
+            "no event {proto} {dest} {port} {by}: {ev}"
+        );
+    }
+    assert!(
+        !has(&ev, "tcp", &b_ip, "8080", "default"),
+        "an allowed flow: {ev}"
+    );
+    tracing::info!("a flood of denied datagrams: rate-limited, the rest counted");
+    let shown = |ev: &str| ev.lines().filter(|l| l.contains(" 7099 ")).count();
+    let before = shown(&ev);
+    assert_eq!(before, 0);
+    let t = Instant::now();
+    let (rc, _) = guest(&k, &a, &format!("/net_tool udp {addr} 7099 2000"));
+    assert_eq!(rc, 0);
+    std::thread::sleep(Duration::from_millis(1100));
+    let (rc, _) = guest(&k, &a, &format!("/net_tool udp {addr} 7099"));
+    assert_eq!(rc, 0);
+    let secs = t.elapsed().as_secs() + 1;
+    let ev = ok(&k, &["events", &a]);
+    let n = shown(&ev);
+    let suppressed: u64 = ev
+        .lines()
+        .filter(|l| l.contains(" 7099 "))
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("(+")?;
+            rest.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum();
+    tracing::info!(n, suppressed, secs, "flood events");
+    assert!(n >= 2 && n as u64 <= 20 * secs, "{n} events in {secs} s");
+    assert!(
+        n as u64 + suppressed >= 1990 && n as u64 + suppressed <= 2001,
+        "shown {n} + suppressed {suppressed}"
+    );
 
     tracing::info!("removed: no tap, pin or process left");
     drop(extras);

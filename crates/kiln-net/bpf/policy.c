@@ -211,6 +211,79 @@ struct arp_ipv4 {
 	__u8 tip[4];
 } __attribute__((packed));
 
+// Drop events: one record per connection attempt the policy drops (and DNS
+// to another server), into a ring buffer user space drains (`kiln events`).
+// Rate-limited per sandbox (this object is one sandbox's): at most
+// EVENTS_PER_SEC a second; the rest are counted in `evstate.suppressed` and
+// reported with the next event that passes, so a guest cannot flood the
+// host, only lose its own events.
+#define EVENTS_PER_SEC 20
+#define EV_RULE_DEFAULT 0xffffffffu
+#define EV_RULE_PROTECTED 0xfffffffeu
+#define EV_RULE_DNS 0xfffffffdu
+
+struct drop_event {
+	__u64 time_ns; // CLOCK_MONOTONIC
+	__u32 daddr; // network order
+	__u32 rule; // rule index in the policy in force, or EV_RULE_*
+	__u16 dport; // host order; 0 without a port
+	__u8 proto;
+	__u8 pad;
+	__u32 suppressed; // events dropped by the rate limit before this one
+};
+
+struct evstate {
+	__u64 window_ns;
+	__u32 sent;
+	__u32 suppressed;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct evstate);
+} evstate SEC(".maps");
+
+static __always_inline void emit_drop(__u32 rule, __u32 daddr, __u8 proto, int port)
+{
+	__u32 zero = 0;
+	struct evstate *st = bpf_map_lookup_elem(&evstate, &zero);
+	if (!st)
+		return;
+	__u64 now = bpf_ktime_get_ns();
+	if (now - st->window_ns >= 1000000000ull) {
+		st->window_ns = now;
+		st->sent = 0;
+	}
+	if (st->sent >= EVENTS_PER_SEC) {
+		__sync_fetch_and_add(&st->suppressed, 1);
+		return;
+	}
+	struct drop_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		__sync_fetch_and_add(&st->suppressed, 1);
+		return;
+	}
+	st->sent += 1;
+	e->time_ns = now;
+	e->daddr = daddr;
+	e->rule = rule;
+	e->dport = port < 0 ? 0 : (__u16)port;
+	e->proto = proto;
+	e->pad = 0;
+	// Not atomic with the adds of other CPUs: a count may be off by the
+	// few that race, never by more.
+	e->suppressed = st->suppressed;
+	st->suppressed = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
 static __always_inline int drop(__u32 reason, struct __sk_buff *skb)
 {
 	struct counter *c = bpf_map_lookup_elem(&drops, &reason);
@@ -405,8 +478,11 @@ static __always_inline int decide(struct __sk_buff *skb, __u32 addr, __u8 proto,
 		if (ad && now >= ad->expires_ns)
 			ad = 0;
 	}
-	if (!val && !ad)
+	if (!val && !ad) {
+		if (def != ACTION_ALLOW)
+			emit_drop(EV_RULE_DEFAULT, addr, proto, port);
 		return count(base + SLOT_DEFAULT, def == ACTION_ALLOW, skb);
+	}
 
 	struct scan c = {
 		.rbase = gen * MAX_RULES,
@@ -423,10 +499,17 @@ static __always_inline int decide(struct __sk_buff *skb, __u32 addr, __u8 proto,
 			c.mask[w] |= m[w];
 	}
 	bpf_loop(MASK_WORDS, scan_word, &c, 0);
-	if (c.hit >= 0 && c.hit < MAX_RULES)
+	if (c.hit >= 0 && c.hit < MAX_RULES) {
+		if (c.action != ACTION_ALLOW)
+			emit_drop((__u32)c.hit, addr, proto, port);
 		return count(base + (__u32)c.hit, c.action == ACTION_ALLOW, skb);
-	if (is_protected)
+	}
+	if (is_protected) {
+		emit_drop(EV_RULE_PROTECTED, addr, proto, port);
 		return count(base + SLOT_PROTECTED, 0, skb);
+	}
+	if (def != ACTION_ALLOW)
+		emit_drop(EV_RULE_DEFAULT, addr, proto, port);
 	return count(base + SLOT_DEFAULT, def == ACTION_ALLOW, skb);
 }
 
@@ -479,6 +562,7 @@ int kiln_egress(struct __sk_buff *skb)
 	    (port == 53 || port == 853)) {
 		if (ip.daddr == id->resolver && port == 53)
 			return TC_ACT_OK;
+		emit_drop(EV_RULE_DNS, ip.daddr, ip.protocol, port);
 		return drop(DROP_DNS, skb);
 	}
 

@@ -2,8 +2,9 @@
  * e2e_network_policy.rs (built there with `cc -static`). Busybox's nc has
  * no UDP and no source address, so this sends what the tests need:
  *
- *   net_tool udp DSTIP PORT
- *       one UDP datagram through the kernel (an ordinary socket).
+ *   net_tool udp DSTIP PORT [COUNT]
+ *       COUNT (default 1, at most 100000) UDP datagrams through the kernel
+ *       (an ordinary socket), as fast as it can send them.
  *   net_tool frame IFACE SRCMAC SRCIP DSTMAC DSTIP PORT
  *       one hand-made Ethernet/IPv4/UDP frame through an AF_PACKET socket:
  *       the guest's kernel adds nothing, so the source MAC and IP are
@@ -119,7 +120,7 @@ static int frame6(char **a) {
     return send_frame(a[0], f, sizeof f);
 }
 
-static int udp(char **a) {
+static int udp(char **a, int count) {
     struct sockaddr_in to;
     memset(&to, 0, sizeof to);
     to.sin_family = AF_INET;
@@ -131,15 +132,21 @@ static int udp(char **a) {
     to.sin_port = htons((uint16_t)port);
     int fd = socket(AF_INET, SOCK_DGRAM, 0);
     if (fd < 0) { perror("socket"); return 1; }
-    if (sendto(fd, "udp", 3, 0, (struct sockaddr *)&to, sizeof to) != 3) { perror("sendto"); return 1; }
+    for (int i = 0; i < count; i++)
+        if (sendto(fd, "udp", 3, 0, (struct sockaddr *)&to, sizeof to) != 3) { perror("sendto"); return 1; }
     close(fd);
     return 0;
 }
 
 int main(int argc, char **argv) {
-    if (argc == 4 && strcmp(argv[1], "udp") == 0) return udp(argv + 2);
+    if (argc == 4 && strcmp(argv[1], "udp") == 0) return udp(argv + 2, 1);
+    if (argc == 5 && strcmp(argv[1], "udp") == 0) {
+        int n = atoi(argv[4]);
+        if (n < 1 || n > 100000) { fprintf(stderr, "bad COUNT\n"); return 2; }
+        return udp(argv + 2, n);
+    }
     if (argc == 8 && strcmp(argv[1], "frame") == 0) return frame4(argv + 2);
     if (argc == 5 && strcmp(argv[1], "frame6") == 0) return frame6(argv + 2);
-    fprintf(stderr, "usage: net_tool udp DSTIP PORT | frame IFACE SRCMAC SRCIP DSTMAC DSTIP PORT | frame6 IFACE SRCMAC DSTMAC\n");
+    fprintf(stderr, "usage: net_tool udp DSTIP PORT [COUNT] | frame IFACE SRCMAC SRCIP DSTMAC DSTIP PORT | frame6 IFACE SRCMAC DSTMAC\n");
     return 2;
 }

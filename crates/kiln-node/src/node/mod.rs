@@ -279,6 +279,17 @@ impl Node {
         Ok((rec, policy, counters))
     }
 
+    /// Sandbox `prefix`'s drop events (the policy program's ring buffer
+    /// drained into its bounded events file; see `kiln_net::events`).
+    pub fn drop_events(
+        &self,
+        prefix: &str,
+    ) -> Result<(String, Vec<kiln_net::events::DropEvent>), PolicyOpError> {
+        let rec = self.networked(prefix)?;
+        let events = open_network(self.dirs())?.drop_events(&rec)?;
+        Ok((rec, events))
+    }
+
     /// Replaces sandbox `prefix`'s policy live (maps rewritten in place,
     /// nothing reloaded); a policy that does not parse changes nothing.
     pub fn set_policy(
