@@ -378,7 +378,14 @@ fn udp_icmp_spoofing_peers_host_metadata_ipv6_and_bad_input() {
     assert_eq!(rc, 0);
     let (rc, _) = guest(&k, &a, &format!("/net_tool udp {addr} 7071"));
     assert_eq!(rc, 0);
-    assert!(settle(|| cnt("dport 7071") == 1), "allowed UDP 7071");
+    if !settle(|| cnt("dport 7071") == 1) {
+        panic!(
+            "allowed UDP 7071 did not arrive; policy: {}\nevents: {}\nguest: {:?}",
+            ok(&k, &["policy", "get", &a]),
+            ok(&k, &["events", &a]),
+            guest(&k, &a, "ip neigh; ip route; cat /proc/net/snmp | grep Udp")
+        );
+    }
     assert_eq!(cnt("dport 7070"), 1, "UDP 7070 arrived under default deny");
     let (rc, _) = guest(&k, &a, &format!("ping -c 1 -W 2 {addr}"));
     assert_ne!(rc, 0, "ping passed under default deny");
