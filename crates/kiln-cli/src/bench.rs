@@ -275,7 +275,7 @@ async fn cold(
         let dir = scratch.path().join(format!("vm{i}"));
         std::fs::create_dir_all(&dir)?;
         let rw = dir.join("rw.ext4");
-        kiln_node::vm::make_writable_disk(&rw, 256).await?;
+        kiln_node::vm::make_writable_disk(&store.dirs().blank_disks(), &rw, 256).await?;
         let spec = VmSpec {
             id: format!("bench{i}"),
             dir: dir.join("vm"),
@@ -445,7 +445,7 @@ async fn raw_boot(
             dir: dir.join("vm"),
             kernel: artifacts.kernel_for(kind).to_path_buf(),
             initrd: Some(initrd.clone()),
-            cmdline: "quiet".into(),
+            cmdline: kiln_node::vm::KERNEL_BOOT_PARAMS.into(),
             cpus: 1,
             memory_mib: 256,
             disks: vec![],
