@@ -45,8 +45,11 @@ use sha2::{Digest, Sha256};
 use crate::paths::{Dirs, GuestArtifacts};
 use crate::store::{SandboxSpec, now_secs};
 
-/// Version of the manifest format (and of the snapshot layout).
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the manifest format (and of the snapshot layout: the VM's
+/// devices must match at a restore). 2: QEMU's virtio-serial device has
+/// two ports (`max_ports=2`); a format-1 snapshot is refused, a format-1
+/// template replaced.
+pub const FORMAT_VERSION: u32 = 2;
 /// The manifest's file name.
 pub const MANIFEST: &str = "manifest.json";
 /// The driver's snapshot, inside a snapshot directory.
