@@ -400,12 +400,12 @@ async fn authenticate(State(s): State<Arc<Shared>>, req: Request, next: Next) ->
             Err(e) => {
                 let follower = s.raft.status().role != RaftRole::Leader;
                 let has_token = req.headers().contains_key(header::AUTHORIZATION);
-                if !(follower && has_token)
-                    || !matches!(
-                        tokio::time::timeout_at(deadline, applied.changed()).await,
-                        Ok(Ok(()))
-                    )
-                {
+                let may_catch_up = follower && has_token;
+                if !may_catch_up {
+                    return e.into_response();
+                }
+                let moved = tokio::time::timeout_at(deadline, applied.changed()).await;
+                if !matches!(moved, Ok(Ok(()))) {
                     return e.into_response();
                 }
             }
@@ -418,7 +418,10 @@ async fn authenticate(State(s): State<Arc<Shared>>, req: Request, next: Next) ->
 fn is_stream_route(path: &str) -> bool {
     let p = path.strip_prefix("/v1").unwrap_or(path);
     let parts: Vec<&str> = p.trim_start_matches('/').split('/').collect();
-    matches!(parts.as_slice(), ["sandboxes", _, "exec" | "attach" | "logs" | "files"])
+    matches!(
+        parts.as_slice(),
+        ["sandboxes", _, "exec" | "attach" | "logs" | "files"]
+    )
 }
 
 /// On a follower, sends the request to the leader and relays its answer.
