@@ -131,14 +131,14 @@ fn policy_rules(k: &Kiln, id: &str) -> Vec<String> {
 }
 
 /// Polls until `f` is true (counters in another namespace settle quickly
-/// but not instantly) or 3 s have passed; whether it became true.
+/// but not instantly) or 8 s have passed; whether it became true.
 fn settle(mut f: impl FnMut() -> bool) -> bool {
     let t0 = Instant::now();
     loop {
         if f() {
             return true;
         }
-        if t0.elapsed() > Duration::from_secs(3) {
+        if t0.elapsed() > Duration::from_secs(8) {
             return false;
         }
         std::thread::sleep(Duration::from_millis(100));
