@@ -26,7 +26,7 @@ mod ha_support;
 mod node_host;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,22 @@ impl Cluster {
             }
             assert!(t0.elapsed() < Duration::from_secs(30), "no leader");
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Kills every server when the test ends, also on a panic while the
+/// killer thread still holds them, and tells that thread to stop.
+struct Teardown {
+    servers: Vec<Arc<Mutex<ServerProc>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for s in &self.servers {
+            lock(s).kill9();
         }
     }
 }
@@ -121,8 +137,21 @@ fn list_all(api: &Api, url: &str, token: &str, query: &str) -> Vec<Value> {
         if let Some(c) = &cursor {
             q.push_str(&format!("&cursor={c}"));
         }
-        let r = api.must(url, "GET", &q, token, None);
-        assert_eq!(r.status, 200, "{}", r.body);
+        // A read may meet an election (a restarted server can start one):
+        // 503 with Retry-After, which a client retries.
+        let t0 = Instant::now();
+        let r = loop {
+            match api.call(url, "GET", &q, token, None, None) {
+                Ok(r) if r.status == 200 => break r,
+                Ok(r) if r.status == 503 && t0.elapsed() < Duration::from_secs(30) => {
+                    assert!(r.retry_after.is_some(), "503 without Retry-After");
+                }
+                Ok(r) => panic!("GET {url}/v1{q}: {} {}", r.status, r.body),
+                Err(e) if t0.elapsed() < Duration::from_secs(30) => eprintln!("GET {q}: {e}"),
+                Err(e) => panic!("GET {url}/v1{q}: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
         out.extend(r.body["items"].as_array().cloned().unwrap_or_default());
         match r.body["next"].as_str() {
             Some(n) => cursor = Some(n.to_owned()),
@@ -203,6 +232,10 @@ fn three_servers_two_nodes_survive_kills_partitions_and_membership_changes() {
             Arc::new(Mutex::new(s))
         })
         .collect();
+    let teardown = Teardown {
+        servers: servers.clone(),
+        stop: Arc::new(AtomicBool::new(false)),
+    };
     let urls: Vec<String> = servers.iter().map(|s| lock(s).url()).collect();
     let api = Api::new(&urls[0]);
     let token_file = lock(&servers[0]).dir.join("admin.token");
@@ -296,6 +329,7 @@ fn three_servers_two_nodes_survive_kills_partitions_and_membership_changes() {
     let acked = Arc::new(AtomicUsize::new(0));
     let killer = {
         let acked = acked.clone();
+        let stop = teardown.stop.clone();
         let servers = c.servers.clone();
         let urls = urls.clone();
         let admin = admin.clone();
@@ -310,6 +344,9 @@ fn three_servers_two_nodes_survive_kills_partitions_and_membership_changes() {
             let mut killed = vec![];
             for at in [8, 110] {
                 while acked.load(Ordering::SeqCst) < at {
+                    if stop.load(Ordering::SeqCst) {
+                        return killed;
+                    }
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 let l = c.wait_leader(&api);
@@ -320,7 +357,11 @@ fn three_servers_two_nodes_survive_kills_partitions_and_membership_changes() {
                 );
                 killed.push(l);
                 std::thread::sleep(Duration::from_millis(1500));
-                lock(&c.servers[l]).start(&bin, false);
+                let mut s = lock(&c.servers[l]);
+                if stop.load(Ordering::SeqCst) {
+                    return killed;
+                }
+                s.start(&bin, false);
             }
             killed
         })
@@ -500,7 +541,9 @@ fn three_servers_two_nodes_survive_kills_partitions_and_membership_changes() {
         "minority write refused after {} ms",
         t_minority.elapsed().as_millis()
     );
-    let r = api.must(&urls[l], "GET", "/sandboxes?limit=1", &alpha, None);
+    let r = api
+        .call(&urls[l], "GET", "/sandboxes?limit=1", &alpha, None, None)
+        .expect("the minority answers");
     assert_eq!(r.status, 503, "a minority read: {}", r.body);
     assert!(
         matches!(r.code(), "commit_timeout" | "no_leader"),

@@ -373,7 +373,8 @@ impl Api {
         })
     }
 
-    /// As [`Api::call`], a transport failure fails the test.
+    /// As [`Api::call`], retrying what a client retries (no answer, or
+    /// 503 with Retry-After during an election) for up to 30 s.
     pub fn must(
         &self,
         base: &str,
@@ -382,8 +383,18 @@ impl Api {
         token: &str,
         body: Option<&Value>,
     ) -> Reply {
-        self.call(base, method, path, token, body, None)
-            .unwrap_or_else(|e| panic!("{method} {base}/v1{path}: {e}"))
+        let t0 = Instant::now();
+        loop {
+            let r = self.call(base, method, path, token, body, None);
+            let again = match &r {
+                Ok(r) => r.status == 503 && r.retry_after.is_some(),
+                Err(_) => true,
+            };
+            if !again || t0.elapsed() > Duration::from_secs(30) {
+                return r.unwrap_or_else(|e| panic!("{method} {base}/v1{path}: {e}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Checks a body the test got another way (the CLI's `-o json`).
