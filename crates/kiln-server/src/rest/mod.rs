@@ -293,7 +293,10 @@ const FORWARDED: &str = "x-kiln-forwarded";
 fn is_stream_route(path: &str) -> bool {
     let p = path.strip_prefix("/v1").unwrap_or(path);
     let parts: Vec<&str> = p.trim_start_matches('/').split('/').collect();
-    matches!(parts.as_slice(), ["sandboxes", _, "exec" | "attach" | "logs" | "files"])
+    matches!(
+        parts.as_slice(),
+        ["sandboxes", _, "exec" | "attach" | "logs" | "files"]
+    )
 }
 
 /// On a follower, sends the request to the leader and relays its answer.
