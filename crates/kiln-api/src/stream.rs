@@ -95,8 +95,9 @@ pub enum ClientMsg {
     Resize { rows: u16, cols: u16 },
     /// A signal (1-64) for the process.
     Signal { signal: i32 },
-    /// No more stdin.
-    StdinEof,
+    /// No more stdin. (A struct variant, so that extra fields are refused
+    /// like in every other message.)
+    StdinEof {},
 }
 
 /// Messages from the server (text frames).
@@ -201,6 +202,10 @@ mod tests {
         );
         assert!(serde_json::from_str::<ClientMsg>(r#"{"type":"resize","rows":1}"#).is_err());
         assert!(serde_json::from_str::<ClientMsg>(r#"{"type":"stdin_eof","x":1}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<ClientMsg>(r#"{"type":"stdin_eof"}"#).expect("eof"),
+            ClientMsg::StdinEof {}
+        );
         assert!(
             serde_json::from_str::<ClientMsg>(r#"{"type":"resize","rows":70000,"cols":1}"#)
                 .is_err()

@@ -560,6 +560,37 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
         "the right key works"
     );
 
+    // Attach to S's main process (what `kiln run` does) and signal it: the
+    // sandbox ends with 143 and the server hears it.
+    api.rt.block_on(async {
+        let mut w = ws(&url, &api.a, &s, "attach").await;
+        w.send(Message::text(r#"{"stdin":false,"replay":true}"#))
+            .await
+            .expect("send");
+        assert!(matches!(
+            recv_msg(&mut w).await,
+            Some(ServerMsg::Started { .. })
+        ));
+        w.send(Message::text(r#"{"type":"signal","signal":15}"#))
+            .await
+            .expect("signal");
+        let mut o = Outcome::default();
+        drain(&mut w, &mut o, |_| false).await;
+        assert_eq!(
+            o.end,
+            Some(ServerMsg::Exit {
+                exit_code: 143,
+                signal: Some(15)
+            })
+        );
+    });
+    api.wait_for(Duration::from_secs(60), "S exited 143", |st| {
+        matches!(
+            st.sandboxes.get(&s).map(|r| &r.observed),
+            Some(SandboxState::Exited { exit_code: 143, .. })
+        )
+    });
+
     // Clean up through the API.
     for id in [&s, &l] {
         let (status, _) = api.curl(&api.a, "DELETE", &format!("/v1/sandboxes/{id}"), &[]);

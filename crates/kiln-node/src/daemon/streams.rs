@@ -369,7 +369,7 @@ async fn session(cx: Arc<Ctx>, id: SandboxId, mut sock: WebSocket, main: bool) {
                         }
                     };
                     match m {
-                        ClientMsg::StdinEof => writer.eof(Channel::Stdin).await,
+                        ClientMsg::StdinEof {} => writer.eof(Channel::Stdin).await,
                         ClientMsg::Signal { signal } => {
                             writer
                                 .json(Kind::Request, &proto::Request::Signal { pid, signal })
