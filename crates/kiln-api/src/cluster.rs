@@ -26,7 +26,8 @@ pub const MAX_IMAGE_REF: usize = 1024;
 /// [`MAX_NODE_IMAGES`]. Returns how many were left out.
 pub fn bound_node_images(images: &mut Vec<String>) -> usize {
     let before = images.len();
-    images.retain(|i| !i.is_empty() && i.len() <= MAX_IMAGE_REF && !i.chars().any(char::is_control));
+    images
+        .retain(|i| !i.is_empty() && i.len() <= MAX_IMAGE_REF && !i.chars().any(char::is_control));
     images.sort();
     images.dedup();
     images.truncate(MAX_NODE_IMAGES);

@@ -190,9 +190,7 @@ impl Client {
             (Some(p), _) => read_token(p)?,
             (None, Some(t)) => t.clone(),
             (None, None) => match ctx {
-                Some(Context_ {
-                    token: Some(t), ..
-                }) => t.clone(),
+                Some(Context_ { token: Some(t), .. }) => t.clone(),
                 Some(Context_ {
                     token_file: Some(p),
                     ..
@@ -214,11 +212,7 @@ impl Client {
         } else {
             format!("http://{}", base.trim_end_matches('/'))
         };
-        Ok(Client {
-            http,
-            base,
-            token,
-        })
+        Ok(Client { http, base, token })
     }
 
     async fn call(

@@ -106,7 +106,11 @@ impl Server {
                 source,
             })?;
         cfg.listen = api_addr;
-        let tls = cfg.tls.as_ref().map(crate::tls::server_config).transpose()?;
+        let tls = cfg
+            .tls
+            .as_ref()
+            .map(crate::tls::server_config)
+            .transpose()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let api = cfg
             .advertise
@@ -255,9 +259,10 @@ impl Server {
             match self.shared.raft.write(cmd.clone()).await {
                 Ok(Response::Rejected(r)) => {
                     // Committed before a crash: the same secret is there.
-                    let there = self.shared.raft.read_local(|st| {
-                        kiln_store::query::token_by_hash(st, &sha256).is_some()
-                    });
+                    let there = self
+                        .shared
+                        .raft
+                        .read_local(|st| kiln_store::query::token_by_hash(st, &sha256).is_some());
                     if !there {
                         return Err(ServerError::Bootstrap(r.to_string()));
                     }

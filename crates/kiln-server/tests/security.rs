@@ -152,7 +152,10 @@ async fn api_over_tls_verifies_the_server() {
         .build()
         .expect("client");
     let r = plain
-        .get(format!("{}/v1/nodes", url.replacen("https://", "http://", 1)))
+        .get(format!(
+            "{}/v1/nodes",
+            url.replacen("https://", "http://", 1)
+        ))
         .bearer_auth(&admin)
         .send()
         .await;
@@ -196,7 +199,9 @@ async fn unauthenticated_bodies_are_not_read_and_image_lists_are_bounded() {
     // gRPC: a call with neither join token nor credential is refused
     // before its message is read.
     let url = server.api_url().to_owned();
-    let mut node = NodeServiceClient::connect(url.clone()).await.expect("connect");
+    let mut node = NodeServiceClient::connect(url.clone())
+        .await
+        .expect("connect");
     let mut bare = registration("n1", vec![]);
     bare.metadata_mut().remove("kiln-join-token");
     bare.get_mut().join_token = JOIN.into();
@@ -205,7 +210,9 @@ async fn unauthenticated_bodies_are_not_read_and_image_lists_are_bounded() {
 
     // A node with more cached images than the state takes registers and
     // heartbeats: the list is cut, never refused.
-    let many: Vec<String> = (0..5000).map(|i| format!("registry.test/img{i:05}:1")).collect();
+    let many: Vec<String> = (0..5000)
+        .map(|i| format!("registry.test/img{i:05}:1"))
+        .collect();
     let cred = node
         .register(registration("n1", many.clone()))
         .await
@@ -222,7 +229,9 @@ async fn unauthenticated_bodies_are_not_read_and_image_lists_are_bounded() {
         "authorization",
         format!("Bearer {cred}").parse().expect("metadata"),
     );
-    node.heartbeat(hb).await.expect("heartbeat with 5000 images");
+    node.heartbeat(hb)
+        .await
+        .expect("heartbeat with 5000 images");
     let admin = admin_token(dir.path());
     let bytes = reqwest::Client::new()
         .get(format!("{url}/v1/nodes"))

@@ -343,11 +343,7 @@ async fn check_secret(
         .is_some_and(|v| ct_eq(&secret_hash(v.as_bytes()), &want));
     if !ok {
         tracing::warn!(uri = %req.uri(), "Raft RPC without the cluster secret refused");
-        return (
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong cluster secret",
-        )
-            .into_response();
+        return (StatusCode::UNAUTHORIZED, "missing or wrong cluster secret").into_response();
     }
     next.run(req).await
 }

@@ -44,11 +44,8 @@ async fn raft_rpcs_need_the_cluster_secret() -> anyhow::Result<()> {
     let r = post(addr, Some(LOCAL_CLUSTER_SECRET), 5, b"{oops").await?;
     assert!(r.contains(" 400 "), "right secret, bad body: {r}");
     // A replica refuses to start without a secret.
-    let mut cfg = kiln_store::node::RaftNodeConfig::new(
-        2,
-        dir.path().join("2"),
-        ([127, 0, 0, 1], 0).into(),
-    );
+    let mut cfg =
+        kiln_store::node::RaftNodeConfig::new(2, dir.path().join("2"), ([127, 0, 0, 1], 0).into());
     cfg.cluster_secret = "short".into();
     assert!(matches!(
         kiln_store::RaftNode::start(cfg).await,
