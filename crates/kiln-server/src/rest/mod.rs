@@ -307,9 +307,9 @@ async fn authenticate(State(s): State<Arc<Shared>>, req: Request, next: Next) ->
                 };
             }
             Err(e) => {
-                let follower = s.raft.status().role != RaftRole::Leader;
-                let has_token = req.headers().contains_key(header::AUTHORIZATION);
-                if !(follower && has_token)
+                let may_lag = s.raft.status().role != RaftRole::Leader
+                    && req.headers().contains_key(header::AUTHORIZATION);
+                if !may_lag
                     || !matches!(
                         tokio::time::timeout_at(deadline, applied.changed()).await,
                         Ok(Ok(()))
