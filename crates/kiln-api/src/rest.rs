@@ -186,3 +186,38 @@ pub struct TokenCreated {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<TenantName>,
 }
+
+/// `PUT /v1/sandboxes/{id}/policy`: a networked sandbox's new policy,
+/// enforced live (its published ports stay). `rules` are evaluated in
+/// order, then `policy`'s (a preset: `internet-only`, the default, or
+/// `none`), then `policy_default` (else the preset's default).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SetPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_default: Option<crate::sandbox::PolicyAction>,
+    #[serde(default)]
+    pub rules: Vec<crate::sandbox::PolicyRule>,
+}
+
+/// A sandbox's policy as the API shows it: what is desired, and whether
+/// its node enforces it yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SandboxPolicy {
+    pub id: SandboxId,
+    /// The desired policy (as last set).
+    pub policy: SetPolicy,
+    /// The sandbox generation at which this policy was set.
+    pub revision: u64,
+    /// The generation its node last reported having converged to.
+    pub observed_generation: u64,
+    /// Whether the node enforces this policy (`observed_generation >=
+    /// revision`); until then it enforces an earlier one.
+    pub applied: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeName>,
+}

@@ -266,6 +266,7 @@ impl NodeService for NodeRpc {
         }
         bound_images(&name, &mut r.images);
         let now = now_ms();
+        let stream_key = r.stream_key;
         self.write(Command::RegisterNode {
             name: name.clone(),
             address: r.address,
@@ -276,6 +277,13 @@ impl NodeService for NodeRpc {
             now_ms: now,
         })
         .await?;
+        if !stream_key.is_empty() {
+            self.write(Command::SetNodeStreamKey {
+                name: name.clone(),
+                key: stream_key,
+            })
+            .await?;
+        }
         let secret = format!("kilnnode_{}", random_hex(24));
         self.write(Command::CreateToken {
             id: format!("node-{}", random_hex(8)),

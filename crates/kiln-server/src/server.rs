@@ -125,6 +125,8 @@ impl Server {
         let join_hash = sha256(cfg.join_token.as_bytes());
         let mut http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
+            // A leader behind a partition: fail the forward fast (503).
+            .connect_timeout(Duration::from_secs(2))
             .redirect(reqwest::redirect::Policy::none());
         // Writes are forwarded to the leader's API: over https, trust the
         // peers' CA (default: this server's own certificate file).

@@ -46,6 +46,7 @@ pub fn register_msg(name: &str, join: &str) -> RegisterRequest {
         driver_json: serde_json::to_vec(&DriverKind::QemuTcg).expect("json"),
         labels: Default::default(),
         images: vec!["busybox".into()],
+        stream_key: String::new(),
     }
 }
 

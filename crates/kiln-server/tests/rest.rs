@@ -19,6 +19,8 @@ use serde_json::{Value, json};
 
 struct Api {
     http: reqwest::Client,
+    /// Every answer on a documented route is checked against its schema.
+    schemas: kiln_testkit::ApiSchemas,
 }
 
 struct Reply {
@@ -49,6 +51,8 @@ impl Api {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .expect("client"),
+            schemas: kiln_testkit::ApiSchemas::new(kiln_server::rest::openapi_json().as_bytes())
+                .expect("the OpenAPI document"),
         }
     }
     async fn call(
@@ -72,11 +76,23 @@ impl Api {
             rb = rb.header(*k, *v);
         }
         let r = rb.send().await.expect("request");
-        Reply {
+        let reply = Reply {
             status: r.status().as_u16(),
             headers: r.headers().clone(),
             body: r.bytes().await.expect("body").to_vec(),
+        };
+        // Routes and methods the document does not have (the tests' bad
+        // requests) are answered outside it; everything else must match.
+        let path = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.find('/').map(|i| &rest[i..]))
+            .unwrap_or("/");
+        if self.schemas.describes(method, path)
+            && let Err(e) = self.schemas.check(method, path, reply.status, &reply.body)
+        {
+            panic!("{method} {url}: {e:#}");
         }
+        reply
     }
     async fn post(&self, url: &str, token: &str, v: &Value) -> Reply {
         let b = serde_json::to_vec(v).expect("json");
@@ -134,6 +150,7 @@ async fn register(url: &str, name: &str) -> (NodeServiceClient<tonic::transport:
             driver_json: serde_json::to_vec(&DriverKind::QemuTcg).expect("json"),
             labels: Default::default(),
             images: vec![],
+            stream_key: String::new(),
         }))
         .await
         .expect("register")
@@ -551,6 +568,7 @@ async fn leader_killed_while_creating_loses_and_doubles_nothing() {
         driver_json: serde_json::to_vec(&DriverKind::QemuTcg).expect("json"),
         labels: Default::default(),
         images: vec![],
+        stream_key: String::new(),
     }))
     .await
     .expect("register");

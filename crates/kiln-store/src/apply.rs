@@ -66,12 +66,14 @@ fn apply_inner(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
         | Command::CordonNode { .. }
         | Command::DrainNode { .. }
         | Command::ExpireNodes { .. }
-        | Command::RemoveNode { .. } => nodes::apply(st, cmd, meta),
+        | Command::RemoveNode { .. }
+        | Command::SetNodeStreamKey { .. } => nodes::apply(st, cmd, meta),
         Command::CreateSandbox { .. }
         | Command::PlaceSandbox { .. }
         | Command::SetDesired { .. }
         | Command::ReportSandbox { .. }
-        | Command::ForgetSandbox { .. } => sandboxes::apply(st, cmd, meta),
+        | Command::ForgetSandbox { .. }
+        | Command::SetSandboxPolicy { .. } => sandboxes::apply(st, cmd, meta),
         Command::PutTemplate { .. }
         | Command::ReportTemplate { .. }
         | Command::DeleteTemplate { .. }
@@ -107,5 +109,7 @@ mod room;
 mod sandboxes;
 mod tenants;
 
+#[cfg(test)]
+mod policy_tests;
 #[cfg(test)]
 mod tests;

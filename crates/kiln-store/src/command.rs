@@ -14,7 +14,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use kiln_api::cluster::{Capacity, DesiredState, DriverKind, NodeName, Quotas, Role, TenantName};
-use kiln_api::sandbox::{Resources, SandboxId, SandboxSpec, SandboxState};
+use kiln_api::sandbox::{
+    PolicyAction, PolicyRule, Resources, SandboxId, SandboxSpec, SandboxState,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::state::MigrationPhase;
@@ -73,6 +75,12 @@ pub enum Command {
     RemoveNode {
         name: NodeName,
     },
+    /// The key a registered node demands on its stream endpoints (exec,
+    /// attach, logs, files); the server presents it as a bearer token.
+    SetNodeStreamKey {
+        name: NodeName,
+        key: String,
+    },
 
     // --- sandboxes ---
     /// A tenant's new sandbox. With an idempotency key already used by the
@@ -112,6 +120,19 @@ pub enum Command {
     /// Drops the record of a deleted sandbox once its node let it go.
     ForgetSandbox {
         id: SandboxId,
+    },
+    /// A tenant (or an admin) replaces a networked sandbox's policy (preset,
+    /// default and rules; published ports stay). Moves the generation, so
+    /// the node's watch delivers it and the node rewrites its maps live.
+    SetSandboxPolicy {
+        tenant: Option<TenantName>,
+        id: SandboxId,
+        #[serde(default)]
+        policy: Option<String>,
+        #[serde(default)]
+        policy_default: Option<PolicyAction>,
+        #[serde(default)]
+        rules: Vec<PolicyRule>,
     },
 
     // --- templates and pools ---
@@ -263,11 +284,13 @@ impl Command {
             Command::DrainNode { .. } => "drain_node",
             Command::ExpireNodes { .. } => "expire_nodes",
             Command::RemoveNode { .. } => "remove_node",
+            Command::SetNodeStreamKey { .. } => "set_node_stream_key",
             Command::CreateSandbox { .. } => "create_sandbox",
             Command::PlaceSandbox { .. } => "place_sandbox",
             Command::SetDesired { .. } => "set_desired",
             Command::ReportSandbox { .. } => "report_sandbox",
             Command::ForgetSandbox { .. } => "forget_sandbox",
+            Command::SetSandboxPolicy { .. } => "set_sandbox_policy",
             Command::PutTemplate { .. } => "put_template",
             Command::ReportTemplate { .. } => "report_template",
             Command::DeleteTemplate { .. } => "delete_template",

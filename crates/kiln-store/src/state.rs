@@ -53,6 +53,11 @@ pub struct NodeRecord {
     pub registered_at_ms: u64,
     /// Leader-supplied time of the last heartbeat (carried in the command).
     pub last_heartbeat_ms: u64,
+    /// The bearer key the node demands on its stream endpoints (the server
+    /// must present it, so it is kept, unlike tokens, in clear; never shown
+    /// by the API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_key: Option<String>,
 }
 
 /// One sandbox: what was asked for and what the node last reported.
@@ -80,6 +85,12 @@ pub struct SandboxRecord {
     /// The sandbox group it belongs to (placed together).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// The generation at which its network policy was last set (1 for the
+    /// policy it was created with; 0 in records from before this field,
+    /// meaning the same). The node enforces it once `observed_generation`
+    /// has reached it.
+    #[serde(default)]
+    pub policy_generation: u64,
 }
 
 impl SandboxRecord {

@@ -29,6 +29,10 @@ pub struct Marker {
     /// Its final state when it has no record (never created, or removed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminal: Option<SandboxState>,
+    /// The network (and so the policy) it was created with or last had
+    /// applied by the daemon (`None`: unknown, e.g. adopted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<kiln_api::sandbox::NetworkSpec>,
 }
 
 /// An action on a sandbox failed (logged; the next pass tries again).
@@ -46,6 +50,8 @@ pub enum BackendError {
     },
     #[error("sandbox {0} is not on this node")]
     Missing(String),
+    #[error(transparent)]
+    Policy(#[from] crate::node::PolicyOpError),
 }
 
 /// A sandbox's final state when it was stopped before it ever started.
@@ -224,6 +230,30 @@ impl Backend {
                 if !started.ready.ok {
                     tracing::warn!(sandbox = %id, error = ?started.ready.error, "the sandbox did not start");
                 }
+                Ok(())
+            }
+        }
+    }
+
+    /// Enforces `net`'s policy on running sandbox `id` live, through the
+    /// node service path of `kiln policy set` (maps rewritten in place).
+    pub async fn update_policy(
+        &self,
+        id: &SandboxId,
+        net: &kiln_api::sandbox::NetworkSpec,
+    ) -> Result<(), BackendError> {
+        match self {
+            Backend::DryRun(d) => {
+                if !d.lock().records.contains_key(id) {
+                    return Err(BackendError::Missing(id.to_string()));
+                }
+                Ok(())
+            }
+            Backend::Real(r) => {
+                let (node, id, net) = (r.node.clone(), id.to_string(), net.clone());
+                tokio::task::spawn_blocking(move || node.set_policy(&id, &net).map(|_| ()))
+                    .await
+                    .map_err(|e| BackendError::Missing(format!("policy update task: {e}")))??;
                 Ok(())
             }
         }

@@ -22,6 +22,8 @@ pub struct Registration {
     pub join_token: String,
     pub name: NodeName,
     pub address: String,
+    /// The key the node's stream endpoints demand (empty: none served).
+    pub stream_key: String,
     pub capacity_json: Vec<u8>,
     pub driver_json: Vec<u8>,
     pub labels: std::collections::HashMap<String, String>,
@@ -259,6 +261,7 @@ impl Client {
             driver_json: reg.driver_json.clone(),
             labels: reg.labels.clone(),
             images: reg.images.clone(),
+            stream_key: reg.stream_key.clone(),
         }));
         // The join token goes in metadata too: the server checks it there
         // before it reads the message.

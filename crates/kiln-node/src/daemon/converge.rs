@@ -16,6 +16,10 @@
 //!   state satisfies the desired state it is `Converged` at that generation.
 //! - An owned sandbox no longer assigned here is fenced (stopped, removed,
 //!   forgotten): the server has rescheduled or forgotten it.
+//! - A sandbox that runs (or is paused) as desired but enforces another
+//!   network policy than its assignment's gets `UpdatePolicy` (maps
+//!   rewritten in place, never a restart), and is `Converged` only once
+//!   the policy matches.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -56,6 +60,9 @@ pub struct Local {
     pub converged: u64,
     /// Created or adopted by this daemon for the server.
     pub owned: bool,
+    /// Its network policy is not the assignment's (the daemon last applied
+    /// another one, or does not know which one it enforces).
+    pub policy_stale: bool,
 }
 
 /// One thing to do.
@@ -96,6 +103,12 @@ pub enum Action {
     Fence {
         id: SandboxId,
     },
+    /// Enforce the assignment's network policy live (what `kiln policy
+    /// set` does), then record `generation` as converged.
+    UpdatePolicy {
+        id: SandboxId,
+        generation: u64,
+    },
 }
 
 impl Action {
@@ -108,6 +121,7 @@ impl Action {
             | Action::Stop { id }
             | Action::Remove { id, .. }
             | Action::Converged { id, .. }
+            | Action::UpdatePolicy { id, .. }
             | Action::Fence { id } => id,
         }
     }
@@ -160,6 +174,9 @@ pub fn decide(
             (D::Deleted, O::Running | O::Paused | O::Finished) => {
                 Some(Action::Remove { id, generation })
             }
+            (D::Running, O::Running) | (D::Paused, O::Paused) if l.policy_stale => {
+                Some(Action::UpdatePolicy { id, generation })
+            }
             (D::Running, O::Running | O::Finished)
             | (D::Paused, O::Paused | O::Finished)
             | (D::Stopped, O::Finished | O::Absent)
@@ -202,6 +219,7 @@ mod tests {
             observed,
             converged,
             owned: true,
+            policy_stale: false,
         }
     }
 
@@ -225,6 +243,7 @@ mod tests {
                 observed: Observed::Running,
                 converged: 0,
                 owned: false,
+                policy_stale: false,
             },
         );
         assert_eq!(decide(&d, &l, &busy), [Action::Adopt { id: id(1) }]);
@@ -239,6 +258,59 @@ mod tests {
         );
         l.insert(id(1), owned(Observed::Running, 1));
         assert!(decide(&d, &l, &busy).is_empty());
+    }
+
+    #[test]
+    fn a_policy_change_is_applied_live_then_converged() {
+        let d = [assignment(1, DesiredState::Running, 4)];
+        let busy = BTreeSet::new();
+        let mut l = BTreeMap::new();
+        let mut stale = owned(Observed::Running, 3);
+        stale.policy_stale = true;
+        l.insert(id(1), stale);
+        assert_eq!(
+            decide(&d, &l, &busy),
+            [Action::UpdatePolicy {
+                id: id(1),
+                generation: 4
+            }]
+        );
+        // Paused as desired: updated as well (the maps do not need the VM).
+        let dp = [assignment(1, DesiredState::Paused, 4)];
+        let mut paused = stale;
+        paused.observed = Observed::Paused;
+        l.insert(id(1), paused);
+        assert_eq!(
+            decide(&dp, &l, &busy),
+            [Action::UpdatePolicy {
+                id: id(1),
+                generation: 4
+            }]
+        );
+        // Desired paused while running: pause first, the policy after.
+        l.insert(id(1), stale);
+        assert_eq!(decide(&dp, &l, &busy), [Action::Pause { id: id(1) }]);
+        // Being deleted: removed, no policy update.
+        let dd = [assignment(1, DesiredState::Deleted, 4)];
+        assert_eq!(
+            decide(&dd, &l, &busy),
+            [Action::Remove {
+                id: id(1),
+                generation: 4
+            }]
+        );
+        // Busy (an update in flight): nothing more.
+        let b: BTreeSet<_> = [id(1)].into();
+        assert!(decide(&d, &l, &b).is_empty());
+        // Once it matches: converged.
+        l.insert(id(1), owned(Observed::Running, 3));
+        assert_eq!(
+            decide(&d, &l, &busy),
+            [Action::Converged {
+                id: id(1),
+                generation: 4
+            }]
+        );
     }
 
     #[test]
@@ -259,6 +331,7 @@ mod tests {
                 observed: Observed::Running,
                 converged: 0,
                 owned: false,
+                policy_stale: false,
             },
         );
         assert_eq!(
@@ -286,6 +359,7 @@ mod tests {
             match a {
                 Action::Create { id, .. } => {
                     *vms.entry(id.clone()).or_default() += 1;
+                    // A new VM starts with its assignment's policy.
                     let converged = local.get(id).map_or(0, |l| l.converged);
                     local.insert(id.clone(), owned(Observed::Running, converged));
                 }
@@ -294,6 +368,7 @@ mod tests {
                         observed: Observed::Absent,
                         converged: 0,
                         owned: true,
+                        policy_stale: false,
                     });
                     l.owned = true;
                 }
@@ -320,6 +395,13 @@ mod tests {
                 Action::Fence { id } => {
                     local.remove(id);
                     vms.remove(id);
+                }
+                Action::UpdatePolicy { id, generation } => {
+                    assert_eq!(*generation, gen_of(id));
+                    let l = local.get_mut(id).expect("local");
+                    assert!(matches!(l.observed, Observed::Running | Observed::Paused));
+                    l.policy_stale = false;
+                    l.converged = *generation;
                 }
             }
         }
@@ -348,15 +430,15 @@ mod tests {
         #[test]
         fn decisions_are_safe_and_converge(
             desired in proptest::collection::vec((0u8..12, any_desired(), 1u64..5), 0..12),
-            local in proptest::collection::vec((0u8..12, any_observed(), 0u64..5, any::<bool>()), 0..12),
+            local in proptest::collection::vec((0u8..12, any_observed(), 0u64..5, any::<bool>(), any::<bool>()), 0..12),
             busy in proptest::collection::btree_set(0u8..12, 0..3),
         ) {
             let d: Vec<Assignment> = desired.iter().map(|&(n, s, g)| assignment(n, s, g)).collect();
             let mut l: BTreeMap<SandboxId, Local> = local
                 .iter()
-                .map(|&(n, o, c, own)| {
+                .map(|&(n, o, c, own, stale)| {
                     let o = if !own && o == Observed::Absent { Observed::Running } else { o };
-                    (id(n), Local { observed: o, converged: c, owned: own })
+                    (id(n), Local { observed: o, converged: c, owned: own, policy_stale: stale })
                 })
                 .collect();
             let busy: BTreeSet<SandboxId> = busy.into_iter().map(id).collect();
@@ -372,6 +454,7 @@ mod tests {
                 .filter(|(_, x)| matches!(x.observed, Observed::Running | Observed::Paused))
                 .map(|(i, _)| (i.clone(), 1))
                 .collect();
+            let initial = l.clone();
             let mut rounds = 0;
             loop {
                 let actions = decide(&d, &l, &busy);
@@ -380,6 +463,13 @@ mod tests {
                     prop_assert!(seen.insert(a.id().clone()), "two actions for one ID: {actions:?}");
                     prop_assert!(!busy.contains(a.id()), "an action on a busy ID: {a:?}");
                     prop_assert!(!foreign.contains(a.id()), "touched a sandbox it does not own: {a:?}");
+                    if let Action::UpdatePolicy { id, .. } = a {
+                        let x = l.get(id).map(|x| x.observed);
+                        prop_assert!(
+                            matches!(x, Some(Observed::Running | Observed::Paused)),
+                            "a policy update of a sandbox that does not run: {a:?}"
+                        );
+                    }
                     if let Action::Create { id, .. } = a {
                         let existing = l.get(id).map(|x| x.observed);
                         prop_assert!(
@@ -413,6 +503,13 @@ mod tests {
                 let x = l.get(&a.id).expect("every assignment is local at the fixpoint");
                 prop_assert!(x.owned);
                 prop_assert!(x.converged >= a.generation || x.observed == Observed::Creating);
+                // Converged to a newer generation means its policy too.
+                let runs_as_desired = matches!(
+                    (a.desired, x.observed),
+                    (DesiredState::Running, Observed::Running) | (DesiredState::Paused, Observed::Paused)
+                );
+                let was_behind = initial.get(&a.id).is_none_or(|x| x.converged < a.generation);
+                prop_assert!(!(runs_as_desired && was_behind && x.policy_stale), "converged with a stale policy: {x:?}");
             }
         }
     }

@@ -28,6 +28,7 @@ pub mod backend;
 pub mod client;
 pub mod converge;
 pub mod host;
+pub mod streams;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -185,10 +186,12 @@ pub async fn run(
         starts: Semaphore::new(parallel.max(1)),
         observed: observed_tx,
     });
+    let (address, stream_key, listener) = stream_listener(&node, &cfg.address).await;
     let reg = Registration {
         join_token: cfg.join_token.clone(),
         name: cfg.name.clone(),
-        address: cfg.address.clone(),
+        address,
+        stream_key: stream_key.clone(),
         capacity_json: serde_json::to_vec(&capacity).expect("capacity serializes"),
         driver_json: serde_json::to_vec(&driver).expect("driver serializes"),
         labels: cfg.labels.clone(),
@@ -196,6 +199,13 @@ pub async fn run(
     };
     let (registered_tx, registered_rx) = watch::channel(0u64);
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(l) = listener {
+        let sh = shared.clone();
+        let owned: Arc<dyn Fn(&SandboxId) -> bool + Send + Sync> =
+            Arc::new(move |id| streams::owned_by(&sh.backend, id));
+        let cx = Arc::new(streams::Ctx::new(node.clone(), &stream_key, owned));
+        tasks.spawn(streams::serve(l, cx));
+    }
     tasks.spawn(converge_loop(shared.clone()));
     tasks.spawn(session_loop(
         shared.clone(),
@@ -213,6 +223,40 @@ pub async fn run(
     tracing::info!("shutting down; sandboxes keep running");
     tasks.abort_all();
     Ok(())
+}
+
+/// Binds the stream endpoints on `address` (`host:port`; port 0 picks
+/// one) and loads the node's stream key. Returns the address to advertise,
+/// the key, and the listener; a node that cannot bind (an address that is
+/// no local `host:port`) runs without stream endpoints and says so.
+async fn stream_listener(
+    node: &Node,
+    address: &str,
+) -> (String, String, Option<tokio::net::TcpListener>) {
+    let key = match streams::load_or_create_key(&node.dirs().state) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot create the stream key; no stream endpoints");
+            return (address.to_owned(), String::new(), None);
+        }
+    };
+    let bind = address
+        .strip_prefix("http://")
+        .unwrap_or(address)
+        .trim_end_matches('/');
+    match tokio::net::TcpListener::bind(bind).await {
+        Ok(l) => {
+            let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+            let host = bind.rsplit_once(':').map_or(bind, |(h, _)| h);
+            let advertised = format!("{host}:{port}");
+            tracing::info!(address = %advertised, "stream endpoints (exec, attach, logs, files)");
+            (advertised, key, Some(l))
+        }
+        Err(e) => {
+            tracing::warn!(%address, error = %e, "cannot listen for the stream endpoints; exec, logs and files through the API will fail (give --address HOST:PORT)");
+            (address.to_owned(), String::new(), None)
+        }
+    }
 }
 
 /// Registers, then heartbeats; registers again when the server no longer
@@ -432,13 +476,21 @@ async fn pass(sh: &Arc<Shared>) {
                 observed,
                 converged: marker.map_or(0, |m| m.converged),
                 owned: marker.is_some(),
+                policy_stale: false,
             },
         );
     }
-    let busy = lock(&sh.busy).clone();
-    let actions = decide(&desired.sandboxes, &local, &busy);
     let by_id: HashMap<&SandboxId, &Assignment> =
         desired.sandboxes.iter().map(|a| (&a.id, a)).collect();
+    // A networked sandbox enforces what the daemon last applied to it.
+    for (id, l) in local.iter_mut() {
+        if let (Some(a), Some(m)) = (by_id.get(id), markers.get(id)) {
+            l.policy_stale = a.spec.network != kiln_api::sandbox::NetworkSpec::None
+                && m.network.as_ref() != Some(&a.spec.network);
+        }
+    }
+    let busy = lock(&sh.busy).clone();
+    let actions = decide(&desired.sandboxes, &local, &busy);
     for a in actions {
         let id = a.id().clone();
         if !lock(&sh.busy).insert(id.clone()) {
@@ -525,6 +577,7 @@ async fn execute(sh: &Shared, a: &Action, assignment: Option<&Assignment>) {
                 let Some(asg) = assignment else { return Ok(()) };
                 let mut marker = b.marker(id).unwrap_or_default();
                 marker.terminal = None;
+                marker.network = Some(asg.spec.network.clone());
                 b.set_marker(id, &marker)?;
                 let _permit = sh.starts.acquire().await;
                 let t0 = std::time::Instant::now();
@@ -571,6 +624,16 @@ async fn execute(sh: &Shared, a: &Action, assignment: Option<&Assignment>) {
                     marker.terminal = Some(backend::never_started("stopped"));
                 }
                 b.set_marker(id, &marker)?;
+            }
+            Action::UpdatePolicy { id, generation } => {
+                let Some(asg) = assignment else { return Ok(()) };
+                let t0 = std::time::Instant::now();
+                b.update_policy(id, &asg.spec.network).await?;
+                let mut marker = b.marker(id).unwrap_or_default();
+                marker.network = Some(asg.spec.network.clone());
+                marker.converged = *generation;
+                b.set_marker(id, &marker)?;
+                tracing::info!(sandbox = %id, generation, us = t0.elapsed().as_micros() as u64, "policy updated live");
             }
             Action::Fence { id } => {
                 tracing::info!(sandbox = %id, "no longer assigned here: removing");

@@ -22,7 +22,7 @@ use crate::config::api_url;
 use crate::server::{Shared, now_ms, random_hex};
 
 async fn write(s: &Shared, cmd: Command) -> Result<Response, ApiError> {
-    match s.raft.write(cmd).await? {
+    match super::commit(s, cmd).await? {
         Response::Rejected(r) => Err(rejection(r)),
         ok => Ok(ok),
     }
@@ -40,27 +40,25 @@ pub async fn nodes(
     headers: HeaderMap,
 ) -> Result<Json<NodeList>, ApiError> {
     caller(&s, &headers)?.require_admin()?;
-    let items = s
-        .raft
-        .read(|st| {
-            st.nodes
-                .values()
-                .map(|n| Node {
-                    name: n.name.clone(),
-                    address: n.address.clone(),
-                    driver: n.driver,
-                    capacity: n.capacity,
-                    allocated: st.idx.allocated.get(&n.name).copied().unwrap_or_default(),
-                    status: n.status,
-                    cordoned: n.cordoned,
-                    labels: n.labels.clone(),
-                    images: n.images.iter().cloned().collect(),
-                    sandboxes: st.idx.by_node.get(&n.name).map_or(0, |s| s.len() as u64),
-                    last_heartbeat_ms: n.last_heartbeat_ms,
-                })
-                .collect()
-        })
-        .await?;
+    let items = super::confirmed(&s, |st| {
+        st.nodes
+            .values()
+            .map(|n| Node {
+                name: n.name.clone(),
+                address: n.address.clone(),
+                driver: n.driver,
+                capacity: n.capacity,
+                allocated: st.idx.allocated.get(&n.name).copied().unwrap_or_default(),
+                status: n.status,
+                cordoned: n.cordoned,
+                labels: n.labels.clone(),
+                images: n.images.iter().cloned().collect(),
+                sandboxes: st.idx.by_node.get(&n.name).map_or(0, |s| s.len() as u64),
+                last_heartbeat_ms: n.last_heartbeat_ms,
+            })
+            .collect()
+    })
+    .await?;
     Ok(Json(NodeList { items }))
 }
 
@@ -303,10 +301,10 @@ pub async fn list_tenants(
     headers: HeaderMap,
 ) -> Result<Json<TenantList>, ApiError> {
     caller(&s, &headers)?.require_admin()?;
-    let items = s
-        .raft
-        .read(|st| st.tenants.values().map(|t| tenant_view(st, t)).collect())
-        .await?;
+    let items = super::confirmed(&s, |st| {
+        st.tenants.values().map(|t| tenant_view(st, t)).collect()
+    })
+    .await?;
     Ok(Json(TenantList { items }))
 }
 

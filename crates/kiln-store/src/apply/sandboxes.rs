@@ -1,5 +1,7 @@
 //! Sandboxes: create (idempotency, quotas, capacity), place, desired state, reports, forget.
 
+use kiln_api::sandbox::{NetworkSpec, PolicyAction, PolicyRule};
+
 use super::checks::*;
 use super::*;
 
@@ -132,6 +134,21 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                 Ok(false)
             })
         }
+        Command::SetSandboxPolicy {
+            tenant,
+            id,
+            policy,
+            policy_default,
+            rules,
+        } => set_policy(
+            st,
+            tenant.as_ref(),
+            id,
+            policy,
+            *policy_default,
+            rules,
+            meta,
+        ),
         Command::ForgetSandbox { id } => {
             let rec = st
                 .sandboxes
@@ -262,6 +279,7 @@ fn create_sandbox(
         idempotency_key: key.map(str::to_owned),
         mod_index: meta.index,
         group: None,
+        policy_generation: 1,
     };
     index_sandbox(&mut st.idx, &rec, true);
     st.sandboxes.insert(id.clone(), rec);
@@ -269,5 +287,55 @@ fn create_sandbox(
         id: id.clone(),
         created: true,
         generation: 1,
+    })
+}
+
+/// Replaces a networked sandbox's policy (see [`Command::SetSandboxPolicy`]).
+/// The same policy again changes nothing (the generation stays).
+fn set_policy(
+    st: &mut State,
+    tenant: Option<&TenantName>,
+    id: &SandboxId,
+    policy: &Option<String>,
+    policy_default: Option<PolicyAction>,
+    rules: &[PolicyRule],
+    meta: ApplyMeta,
+) -> Applied {
+    let rec = visible_sandbox(st, tenant, id)?;
+    if rec.desired == DesiredState::Deleted {
+        return Err(Rejection::conflict(format!(
+            "sandbox {id} is being deleted"
+        )));
+    }
+    if rec.observed.is_finished() {
+        return Err(Rejection::conflict(format!(
+            "sandbox {id} has ended ({}); its network is gone",
+            rec.observed.label()
+        )));
+    }
+    let NetworkSpec::Default { publish, .. } = &rec.spec.network else {
+        return Err(Rejection::conflict(format!(
+            "sandbox {id} has no network (network mode none): it has no policy"
+        )));
+    };
+    let mut spec = rec.spec.clone();
+    spec.network = NetworkSpec::Default {
+        policy: policy.clone(),
+        policy_default,
+        rules: rules.to_vec(),
+        publish: publish.clone(),
+    };
+    if spec.network == rec.spec.network {
+        return Ok(Response::SandboxChanged {
+            id: id.clone(),
+            generation: rec.generation,
+        });
+    }
+    spec.validate()
+        .map_err(|e| Rejection::invalid("policy", e.to_string()))?;
+    modify_sandbox(st, id, meta, |r| {
+        r.spec = spec;
+        r.policy_generation = r.generation + 1;
+        Ok(true)
     })
 }
