@@ -190,12 +190,21 @@ mod tests {
 
     #[test]
     fn messages_are_strict_and_validated() {
-        let m: ClientMsg = serde_json::from_str(r#"{"type":"resize","rows":40,"cols":120}"#)
-            .expect("resize");
-        assert_eq!(m, ClientMsg::Resize { rows: 40, cols: 120 });
+        let m: ClientMsg =
+            serde_json::from_str(r#"{"type":"resize","rows":40,"cols":120}"#).expect("resize");
+        assert_eq!(
+            m,
+            ClientMsg::Resize {
+                rows: 40,
+                cols: 120
+            }
+        );
         assert!(serde_json::from_str::<ClientMsg>(r#"{"type":"resize","rows":1}"#).is_err());
         assert!(serde_json::from_str::<ClientMsg>(r#"{"type":"stdin_eof","x":1}"#).is_err());
-        assert!(serde_json::from_str::<ClientMsg>(r#"{"type":"resize","rows":70000,"cols":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<ClientMsg>(r#"{"type":"resize","rows":70000,"cols":1}"#)
+                .is_err()
+        );
         assert!(ClientMsg::Signal { signal: 0 }.validate().is_err());
         assert!(ClientMsg::Signal { signal: 15 }.validate().is_ok());
         assert!(ClientMsg::Resize { rows: 0, cols: 3 }.validate().is_err());
@@ -203,7 +212,11 @@ mod tests {
         let e: ExecStart = serde_json::from_str(r#"{"cmd":["cat"],"stdin":true}"#).expect("exec");
         assert!(e.stdin && !e.tty && e.env.is_empty());
         assert_eq!(
-            serde_json::to_string(&ServerMsg::Exit { exit_code: 3, signal: None }).expect("json"),
+            serde_json::to_string(&ServerMsg::Exit {
+                exit_code: 3,
+                signal: None
+            })
+            .expect("json"),
             r#"{"type":"exit","exit_code":3,"signal":null}"#
         );
         assert!(check_path("/a/b").is_ok());

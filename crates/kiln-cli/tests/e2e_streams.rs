@@ -103,11 +103,7 @@ impl Api {
     }
 
     fn url(&self) -> String {
-        self.server
-            .as_ref()
-            .expect("running")
-            .api_url()
-            .to_string()
+        self.server.as_ref().expect("running").api_url().to_string()
     }
 
     fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
@@ -134,7 +130,10 @@ impl Api {
             .expect("curl runs");
         let body = out.stdout;
         let cut = body.iter().rposition(|&b| b == b'\n').unwrap_or(0);
-        let status = String::from_utf8_lossy(&body[cut..]).trim().parse().unwrap_or(0);
+        let status = String::from_utf8_lossy(&body[cut..])
+            .trim()
+            .parse()
+            .unwrap_or(0);
         (status, body[..cut].to_vec())
     }
 
@@ -144,7 +143,12 @@ impl Api {
             &self.a,
             "POST",
             "/v1/sandboxes",
-            &["-H", "Content-Type: application/json", "--data-binary", &body],
+            &[
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &body,
+            ],
         );
         assert_eq!(status, 201, "{}", String::from_utf8_lossy(&out));
         let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
@@ -166,12 +170,14 @@ fn running(s: &State, id: &SandboxId) -> bool {
         .is_some_and(|r| matches!(r.observed, SandboxState::Running { .. }))
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn ws(api_url: &str, token: &str, id: &SandboxId, what: &str) -> Ws {
-    let url = format!("{}/v1/sandboxes/{id}/{what}", api_url.replacen("http", "ws", 1));
+    let url = format!(
+        "{}/v1/sandboxes/{id}/{what}",
+        api_url.replacen("http", "ws", 1)
+    );
     let mut req = url.into_client_request().expect("request");
     req.headers_mut().insert(
         "authorization",
@@ -254,11 +260,15 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
         "host-s",
         &["--address", &format!("{node_ip}:0")],
     );
-    api.wait_for(Duration::from_secs(60), "the node registered with a key", |s| {
-        s.nodes
-            .values()
-            .any(|n| n.name.as_str() == "host-s" && n.stream_key.is_some())
-    });
+    api.wait_for(
+        Duration::from_secs(60),
+        "the node registered with a key",
+        |s| {
+            s.nodes
+                .values()
+                .any(|n| n.name.as_str() == "host-s" && n.stream_key.is_some())
+        },
+    );
     let node_addr = api.read(|s| s.nodes.values().next().expect("node").address.clone());
     assert!(node_addr.starts_with(&node_ip), "{node_addr}");
 
@@ -279,7 +289,12 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
     eprintln!("two sandboxes running: {} ms", t0.elapsed().as_millis());
 
     // Logs of L followed until its exit (NDJSON, base64, exit record last).
-    let (status, body) = api.curl(&api.a, "GET", &format!("/v1/sandboxes/{l}/logs?follow=true"), &[]);
+    let (status, body) = api.curl(
+        &api.a,
+        "GET",
+        &format!("/v1/sandboxes/{l}/logs?follow=true"),
+        &[],
+    );
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let recs: Vec<LogRecord> = body
         .split(|&b| b == b'\n')
@@ -314,7 +329,11 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
     assert_eq!(status, 200);
     let text = String::from_utf8_lossy(&body);
     assert!(!text.contains("\"stderr\""), "{text}");
-    assert!(text.trim_end().ends_with(r#"{"type":"exit","exit_code":4,"signal":null}"#), "{text}");
+    assert!(
+        text.trim_end()
+            .ends_with(r#"{"type":"exit","exit_code":4,"signal":null}"#),
+        "{text}"
+    );
 
     let url = api.url();
     api.rt.block_on(async {
@@ -418,17 +437,35 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
     );
     let t = Instant::now();
     let out = Proc::new("sh").args(["-c", &put]).output().expect("sh");
-    assert!(out.status.success(), "upload: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "upload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let up = t.elapsed().as_secs_f64();
-    eprintln!("upload {mib} MiB into a 256 MiB guest: {up:.1} s, {:.1} MiB/s", mib as f64 / up);
+    eprintln!(
+        "upload {mib} MiB into a 256 MiB guest: {up:.1} s, {:.1} MiB/s",
+        mib as f64 / up
+    );
     std::fs::remove_file(&src).expect("rm");
     let got = api.rt.block_on(async {
         let mut w = ws(&url, &api.a, &s, "exec").await;
-        w.send(Message::text(r#"{"cmd":["sha256sum","/root/big.bin"]}"#)).await.expect("send");
-        assert!(matches!(recv_msg(&mut w).await, Some(ServerMsg::Started { .. })));
+        w.send(Message::text(r#"{"cmd":["sha256sum","/root/big.bin"]}"#))
+            .await
+            .expect("send");
+        assert!(matches!(
+            recv_msg(&mut w).await,
+            Some(ServerMsg::Started { .. })
+        ));
         let mut o = Outcome::default();
         drain(&mut w, &mut o, |_| false).await;
-        assert_eq!(o.end, Some(ServerMsg::Exit { exit_code: 0, signal: None }));
+        assert_eq!(
+            o.end,
+            Some(ServerMsg::Exit {
+                exit_code: 0,
+                signal: None
+            })
+        );
         String::from_utf8_lossy(&o.stdout).into_owned()
     });
     assert_eq!(got, format!("{want}  /root/big.bin\n"));
@@ -438,10 +475,21 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
         api.url()
     );
     let t = Instant::now();
-    let out = Proc::new("bash").args(["-c", &get]).stdin(Stdio::null()).output().expect("bash");
-    assert!(out.status.success(), "download: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Proc::new("bash")
+        .args(["-c", &get])
+        .stdin(Stdio::null())
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "download: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let down = t.elapsed().as_secs_f64();
-    eprintln!("download {mib} MiB: {down:.1} s, {:.1} MiB/s", mib as f64 / down);
+    eprintln!(
+        "download {mib} MiB: {down:.1} s, {:.1} MiB/s",
+        mib as f64 / down
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{want}  -\n"));
 
     // Tenant B: 404 on everything of A's sandbox, exactly like a missing one.
@@ -449,11 +497,24 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
         ("GET", format!("/v1/sandboxes/{s}/exec"), vec![]),
         ("GET", format!("/v1/sandboxes/{s}/attach"), vec![]),
         ("GET", format!("/v1/sandboxes/{s}/logs?follow=true"), vec![]),
-        ("GET", format!("/v1/sandboxes/{s}/files?path=/root/big.bin"), vec![]),
-        ("PUT", format!("/v1/sandboxes/{s}/files?path=/root"), vec!["--data-binary", "x"]),
+        (
+            "GET",
+            format!("/v1/sandboxes/{s}/files?path=/root/big.bin"),
+            vec![],
+        ),
+        (
+            "PUT",
+            format!("/v1/sandboxes/{s}/files?path=/root"),
+            vec!["--data-binary", "x"],
+        ),
     ] {
         let (status, body) = api.curl(&api.b, method, &path, &extra);
-        assert_eq!(status, 404, "{method} {path}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            status,
+            404,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&body)
+        );
         assert!(has(&body, "not_found"));
     }
     // A missing sandbox looks the same; A itself gets a clear 400 on a
@@ -473,7 +534,16 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
         "X-Nothing: 1".to_string(),
     ] {
         let out = Proc::new("curl")
-            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", &auth, &node_logs])
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                &auth,
+                &node_logs,
+            ])
             .output()
             .expect("curl");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "401", "{auth}");
@@ -484,7 +554,11 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
         .arg(&node_logs)
         .output()
         .expect("curl");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "the right key works");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "the right key works"
+    );
 
     // Clean up through the API.
     for id in [&s, &l] {

@@ -56,6 +56,7 @@ fn registration(name: &str, images: Vec<String>) -> tonic::Request<RegisterReque
         driver_json: serde_json::to_vec(&DriverKind::QemuTcg).expect("json"),
         labels: Default::default(),
         images,
+        stream_key: String::new(),
     });
     r.metadata_mut()
         .insert("kiln-join-token", JOIN.parse().expect("metadata"));

@@ -163,7 +163,13 @@ async fn auth(State(cx): State<Arc<Ctx>>, req: Request, next: Next) -> Response 
 /// The owned sandbox `id`, or the 404 for anything else.
 #[allow(clippy::result_large_err)]
 fn owned(cx: &Ctx, id: &str) -> Result<SandboxId, Response> {
-    let nf = || err(StatusCode::NOT_FOUND, "not_found", "no such sandbox on this node");
+    let nf = || {
+        err(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such sandbox on this node",
+        )
+    };
     let sid = SandboxId::try_from(id.to_owned()).map_err(|_| nf())?;
     if !(cx.backend)(&sid) || cx.node.store().load(sid.as_str()).is_err() {
         return Err(nf());
@@ -319,7 +325,11 @@ async fn session(cx: Arc<Ctx>, id: SandboxId, mut sock: WebSocket, main: bool) {
             let r = match msg {
                 Ok(Message::Binary(b)) => {
                     if b.len() > stream::MAX_BINARY {
-                        fail(ServerMsg::error("frame_too_large", "binary frames: at most 256 KiB + 1")).await;
+                        fail(ServerMsg::error(
+                            "frame_too_large",
+                            "binary frames: at most 256 KiB + 1",
+                        ))
+                        .await;
                         return;
                     }
                     match b.split_first() {
@@ -341,7 +351,11 @@ async fn session(cx: Arc<Ctx>, id: SandboxId, mut sock: WebSocket, main: bool) {
                 }
                 Ok(Message::Text(t)) => {
                     if t.len() > stream::MAX_TEXT {
-                        fail(ServerMsg::error("frame_too_large", "control messages: at most 4 KiB")).await;
+                        fail(ServerMsg::error(
+                            "frame_too_large",
+                            "control messages: at most 4 KiB",
+                        ))
+                        .await;
                         return;
                     }
                     let m = match serde_json::from_str::<ClientMsg>(&t)
@@ -459,13 +473,23 @@ async fn logs(
     let (mut follow, mut out, mut errs) = (false, true, true);
     for (k, v) in form_urlencoded_pairs(q.as_deref().unwrap_or("")) {
         let Some(b) = bool_param(&v) else {
-            return err(StatusCode::BAD_REQUEST, "invalid_query", format!("{k}: true or false"));
+            return err(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("{k}: true or false"),
+            );
         };
         match k.as_str() {
             "follow" => follow = b,
             "stdout" => out = b,
             "stderr" => errs = b,
-            _ => return err(StatusCode::BAD_REQUEST, "invalid_query", "unknown query parameter"),
+            _ => {
+                return err(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    "unknown query parameter",
+                );
+            }
         }
     }
     let (tx, rx) = mpsc::channel::<Bytes>(8);
@@ -520,7 +544,8 @@ async fn logs(
                                 .send(log_line(&LogRecord::Error {
                                     error: ErrorDetail {
                                         code: "node_unavailable".into(),
-                                        message: "the sandbox's supervisor closed the stream".into(),
+                                        message: "the sandbox's supervisor closed the stream"
+                                            .into(),
                                         reason: None,
                                     },
                                 }))
@@ -542,7 +567,11 @@ async fn logs(
                 return;
             }
             let dropped = crate::logs::dropped(&path).unwrap_or(0);
-            if dropped > 0 && tx2.blocking_send(log_line(&LogRecord::Dropped { bytes: dropped })).is_err() {
+            if dropped > 0
+                && tx2
+                    .blocking_send(log_line(&LogRecord::Dropped { bytes: dropped }))
+                    .is_err()
+            {
                 return;
             }
             let Ok(mut r) = crate::logs::LogReader::open(&path, 0) else {
@@ -565,25 +594,34 @@ async fn logs(
         // came: its final state is recorded in a moment.
         if follow && running {
             for _ in 0..200 {
-                if cx.node.get(id.as_str()).map_or(true, |r| r.state.is_finished()) {
+                if cx
+                    .node
+                    .get(id.as_str())
+                    .map_or(true, |r| r.state.is_finished())
+                {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        if let Some(rec) = cx.node.get(id.as_str()).ok().filter(|r| r.state.is_finished()) {
+        if let Some(rec) = cx
+            .node
+            .get(id.as_str())
+            .ok()
+            .filter(|r| r.state.is_finished())
+        {
             let (exit_code, signal) = match &rec.state {
                 kiln_api::sandbox::SandboxState::Exited {
                     exit_code, signal, ..
                 } => (*exit_code, *signal),
                 s => (s.exit_code().unwrap_or(255), None),
             };
-            let _ = tx.send(log_line(&LogRecord::Exit { exit_code, signal })).await;
+            let _ = tx
+                .send(log_line(&LogRecord::Exit { exit_code, signal }))
+                .await;
         }
     });
-    let body = Body::from_stream(
-        tokio_stream_from(rx).map(Ok::<Bytes, std::convert::Infallible>),
-    );
+    let body = Body::from_stream(tokio_stream_from(rx).map(Ok::<Bytes, std::convert::Infallible>));
     ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
 }
 
@@ -617,7 +655,13 @@ fn path_param(q: Option<&str>) -> Result<String, Response> {
     for (k, v) in form_urlencoded_pairs(q.unwrap_or("")) {
         match k.as_str() {
             "path" => path = Some(v),
-            _ => return Err(err(StatusCode::BAD_REQUEST, "invalid_query", "unknown query parameter")),
+            _ => {
+                return Err(err(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    "unknown query parameter",
+                ));
+            }
         }
     }
     let p = path.ok_or_else(|| err(StatusCode::BAD_REQUEST, "invalid_query", "path: required"))?;
@@ -761,9 +805,15 @@ mod tests {
     fn query_decoding_is_bounded_and_total() {
         assert_eq!(
             form_urlencoded_pairs("path=%2Froot%2Fa+b&x"),
-            vec![("path".into(), "/root/a b".into()), ("x".into(), String::new())]
+            vec![
+                ("path".into(), "/root/a b".into()),
+                ("x".into(), String::new())
+            ]
         );
-        assert_eq!(form_urlencoded_pairs("path=%zz%"), vec![("path".into(), "%zz%".into())]);
+        assert_eq!(
+            form_urlencoded_pairs("path=%zz%"),
+            vec![("path".into(), "%zz%".into())]
+        );
         assert_eq!(form_urlencoded_pairs(&"a=1&".repeat(100)).len(), 16);
         assert!(ct_eq(b"abc", b"abc") && !ct_eq(b"abc", b"abd") && !ct_eq(b"ab", b"abc"));
     }
@@ -775,7 +825,10 @@ mod tests {
         let k = load_or_create_key(d.path()).expect("key");
         assert_eq!(k.len(), 64);
         assert_eq!(load_or_create_key(d.path()).expect("again"), k);
-        let mode = std::fs::metadata(key_path(d.path())).expect("meta").permissions().mode();
+        let mode = std::fs::metadata(key_path(d.path()))
+            .expect("meta")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -32,7 +32,12 @@ use super::{ApiError, caller};
 use crate::server::Shared;
 
 /// The node stream endpoint of sandbox `id` for this caller, and the key.
-fn target(s: &Shared, headers: &HeaderMap, id: &str, what: &str) -> Result<(String, String), ApiError> {
+fn target(
+    s: &Shared,
+    headers: &HeaderMap,
+    id: &str,
+    what: &str,
+) -> Result<(String, String), ApiError> {
     let who = caller(s, headers)?;
     let nf = || {
         let shown: String = id.chars().take(64).filter(|c| !c.is_control()).collect();

@@ -934,7 +934,11 @@ fn a_node_stream_key_is_validated_and_kept() {
         Rejection::NotFound { .. }
     ));
     sm.ok(node("a", 4, 4096));
-    for bad in ["short", "has space 0123456789abcdef0123456789", &"x".repeat(129)] {
+    for bad in [
+        "short",
+        "has space 0123456789abcdef0123456789",
+        &"x".repeat(129),
+    ] {
         assert!(matches!(
             sm.rejected(Command::SetNodeStreamKey {
                 name: n("a"),
@@ -949,5 +953,8 @@ fn a_node_stream_key_is_validated_and_kept() {
     });
     // Re-registration keeps the key until the node sends a new one.
     sm.ok(node("a", 4, 4096));
-    assert_eq!(sm.st.nodes[&n("a")].stream_key.as_deref(), Some(key.as_str()));
+    assert_eq!(
+        sm.st.nodes[&n("a")].stream_key.as_deref(),
+        Some(key.as_str())
+    );
 }
