@@ -373,7 +373,8 @@ pub fn caller(s: &Shared, headers: &HeaderMap) -> Result<Caller, ApiError> {
 
 const FORWARDED: &str = "x-kiln-forwarded";
 /// The longest a REST request may take to produce its response head (the
-/// longest is a `wait`, bounded by `MAX_WAIT_SECS`).
+/// longest is a `wait`, bounded by `MAX_WAIT_SECS`). Stream routes (exec,
+/// attach, logs, files) have no deadline.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(sandboxes::MAX_WAIT_SECS + 60);
 
 /// Refuses (401) a request whose bearer token is missing, unknown or a
@@ -387,6 +388,11 @@ async fn authenticate(State(s): State<Arc<Shared>>, req: Request, next: Next) ->
     loop {
         match caller(&s, req.headers()) {
             Ok(_) => {
+                // Streams (exec, attach, logs, file transfers) last as long
+                // as their data: no deadline on them.
+                if is_stream_route(req.uri().path()) {
+                    return next.run(req).await;
+                }
                 return match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
                     Ok(r) => r,
                     Err(_) => ApiError::new(
