@@ -15,6 +15,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::sandbox::{SandboxId, SandboxSpec};
 
+/// Most cached image references a node reports (registration and
+/// heartbeats); a node with more reports the first ones, sorted.
+pub const MAX_NODE_IMAGES: usize = 4096;
+/// Longest image reference a node reports (longer ones are left out).
+pub const MAX_IMAGE_REF: usize = 1024;
+
+/// `images` cut to what the control plane accepts: references of 1 to
+/// [`MAX_IMAGE_REF`] printable characters, sorted, deduplicated, at most
+/// [`MAX_NODE_IMAGES`]. Returns how many were left out.
+pub fn bound_node_images(images: &mut Vec<String>) -> usize {
+    let before = images.len();
+    images.retain(|i| !i.is_empty() && i.len() <= MAX_IMAGE_REF && !i.chars().any(char::is_control));
+    images.sort();
+    images.dedup();
+    images.truncate(MAX_NODE_IMAGES);
+    before - images.len()
+}
+
 /// A worker node's name (`kiln node --name`, default the host name):
 /// 1-63 characters of `[a-z0-9-]`, not starting or ending with `-`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod proto;
 pub mod rest;
 pub mod sandbox;
+pub mod stream;
 pub mod text;
 
 /// The node protocol (gRPC): generated from `proto/kiln/node/v1/node.proto`.

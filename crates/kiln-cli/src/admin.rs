@@ -1,14 +1,17 @@
 //! Admin commands as clients of a `kiln server`'s REST API: `kiln nodes`,
 //! `kiln cluster`, `kiln tenants`, `kiln tokens`. The server comes from
 //! `--server`, `KILN_SERVER` or the current (or `--context`) context of
-//! `~/.config/kiln/config.toml`; the token from `--token`, `KILN_TOKEN` or
-//! that context:
+//! `~/.config/kiln/config.toml`; the token from `--token-file`,
+//! `KILN_TOKEN`, `--token` (visible in argv: avoid) or that context (`token`
+//! or `token-file`); an https server is verified against `--ca` or the
+//! context's `ca`:
 //!
 //! ```toml
 //! current-context = "prod"
 //! [contexts.prod]
-//! server = "http://10.0.0.1:7070"
-//! token = "kiln_…"
+//! server = "https://10.0.0.1:7070"
+//! token-file = "/home/me/.config/kiln/prod.token"
+//! ca = "/home/me/.config/kiln/prod-ca.pem"
 //! ```
 
 use std::collections::BTreeMap;
@@ -33,9 +36,17 @@ pub struct Conn {
     /// The server's API URL.
     #[arg(long, global = true, env = "KILN_SERVER")]
     pub server: Option<String>,
-    /// An API token.
+    /// An API token (prefer --token-file or KILN_TOKEN: argv is visible to
+    /// every user of the host).
     #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A file holding the API token.
+    #[arg(long, global = true, value_name = "FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) an https:// server must chain to (default:
+    /// the context's `ca`, else the system's roots).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
     /// A context of ~/.config/kiln/config.toml (default: current-context).
     #[arg(long, global = true)]
     pub context: Option<String>,
@@ -56,6 +67,11 @@ pub enum NodesCommand {
     },
     /// Cordon and mark draining.
     Drain {
+        name: String,
+    },
+    /// Revoke the node's credential (to replace a dead host under the same
+    /// name: the new one then registers with the join token).
+    RevokeCredential {
         name: String,
     },
 }
@@ -116,9 +132,14 @@ struct Config {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 struct Context_ {
     server: Option<String>,
     token: Option<String>,
+    /// A file holding the token.
+    token_file: Option<PathBuf>,
+    /// CA certificate(s) for an https:// server.
+    ca: Option<PathBuf>,
 }
 
 fn config_path() -> Option<PathBuf> {
@@ -160,18 +181,41 @@ impl Client {
             .context(
                 "no server: use --server, KILN_SERVER or a context in ~/.config/kiln/config.toml",
             )?;
-        let token = c
-            .token
-            .clone()
-            .or_else(|| ctx.and_then(|x| x.token.clone()))
-            .context("no token: use --token, KILN_TOKEN or a context")?;
+        let read_token = |p: &PathBuf| -> Result<String> {
+            let t = std::fs::read_to_string(p)
+                .with_context(|| format!("reading the token in {}", p.display()))?;
+            Ok(t.trim().to_owned())
+        };
+        let token = match (&c.token_file, &c.token) {
+            (Some(p), _) => read_token(p)?,
+            (None, Some(t)) => t.clone(),
+            (None, None) => match ctx {
+                Some(Context_ {
+                    token: Some(t), ..
+                }) => t.clone(),
+                Some(Context_ {
+                    token_file: Some(p),
+                    ..
+                }) => read_token(p)?,
+                _ => bail!("no token: use --token-file, KILN_TOKEN, --token or a context"),
+            },
+        };
+        let ca = c.ca.clone().or_else(|| ctx.and_then(|x| x.ca.clone()));
+        let mut http = reqwest::Client::builder();
+        if let Some(p) = &ca {
+            let pem = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("{} holds no usable PEM certificate", p.display()))?;
+            http = http.tls_certs_only(certs);
+        }
+        let http = http.build().context("building the HTTP client")?;
         let base = if base.starts_with("http://") || base.starts_with("https://") {
             base.trim_end_matches('/').to_owned()
         } else {
             format!("http://{}", base.trim_end_matches('/'))
         };
         Ok(Client {
-            http: reqwest::Client::new(),
+            http,
             base,
             token,
         })
@@ -251,6 +295,7 @@ pub async fn nodes(conn: Conn, cmd: NodesCommand) -> Result<i32> {
         NodesCommand::Cordon { name } => ("cordon", name),
         NodesCommand::Uncordon { name } => ("uncordon", name),
         NodesCommand::Drain { name } => ("drain", name),
+        NodesCommand::RevokeCredential { name } => ("revoke-credential", name),
     };
     c.call("POST", &format!("/nodes/{name}/{verb}"), None)
         .await?;

@@ -275,7 +275,7 @@ async fn cold(
         let dir = scratch.path().join(format!("vm{i}"));
         std::fs::create_dir_all(&dir)?;
         let rw = dir.join("rw.ext4");
-        kiln_node::vm::make_writable_disk(&rw, 256).await?;
+        kiln_node::vm::make_writable_disk(&store.dirs().blank_disks(), &rw, 256).await?;
         let spec = VmSpec {
             id: format!("bench{i}"),
             dir: dir.join("vm"),
@@ -308,23 +308,26 @@ async fn cold(
         let _ = vm.cleanup().await;
     }
 
-    // 2b. The floor: the same kernel with a trivial init that prints a
-    // marker (VMM spawn → marker on the console), same VMM flags.
-    let raw = raw_boot(&*drv, &artifacts, sel.kind, scratch.path(), runs).await?;
-
-    // 3. `kiln run` → first output byte, as a user sees it.
+    // 3. `kiln run` → first output byte, as a user sees it, interleaved
+    // with the floor: the same kernel with the same boot parameters and a
+    // trivial init that prints a marker (VMM spawn → marker on the
+    // console), same VMM flags, no devices.
+    let initrd = raw_initramfs(scratch.path())?;
     let mut first_byte = Vec::new();
-    for _ in 0..runs {
+    let mut raw = Vec::new();
+    for i in 0..runs {
+        raw.push(raw_boot(&*drv, &artifacts, sel.kind, scratch.path(), &initrd, i).await?);
         let args = [
-            "run", "--rm", "--driver", driver, &image, "--", "echo", "ready",
+            "run", "--rm", "--cold", "--driver", driver, &image, "--", "echo", "ready",
         ];
         first_byte
             .push(crate::bench::first_byte(args.iter().map(|a| a.to_string()).collect()).await?);
+        eprintln!("run {}/{runs}", i + 1);
     }
 
     // 4. Host memory of one idle sandbox (VMM + supervisor), proportional set size.
     let id = kiln(&[
-        "run", "-d", "--driver", driver, &image, "--", "sleep", "3600",
+        "run", "-d", "--cold", "--driver", driver, &image, "--", "sleep", "3600",
     ])
     .await
     .context("cannot start the idle sandbox")?;
@@ -394,16 +397,11 @@ async fn cold(
     Ok(0)
 }
 
-/// Boots `runs` VMs of the node's kernel with an initramfs whose `/init`
-/// (busybox) only prints a marker and powers off; spawn → marker times.
-async fn raw_boot(
-    drv: &dyn kiln_vmm::VmmDriver,
-    artifacts: &GuestArtifacts,
-    kind: kiln_vmm::DriverKind,
-    scratch: &std::path::Path,
-    runs: usize,
-) -> Result<Vec<Duration>> {
-    const MARKER: &str = "KILN-RAW-BOOT-MARKER";
+const MARKER: &str = "KILN-RAW-BOOT-MARKER";
+
+/// Packs an initramfs whose `/init` (busybox) only prints a marker and
+/// powers off (the floor of a boot: [`raw_boot`]); returns its path.
+fn raw_initramfs(scratch: &std::path::Path) -> Result<std::path::PathBuf> {
     let root = scratch.join("raw-root");
     std::fs::create_dir_all(root.join("bin"))?;
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
@@ -435,8 +433,20 @@ async fn raw_boot(
     if !status.success() {
         bail!("cpio could not pack the raw-boot initramfs");
     }
-    let mut out = Vec::with_capacity(runs);
-    for i in 0..runs {
+    Ok(initrd)
+}
+
+/// Boots the node's kernel with `initrd` from [`raw_initramfs`] (run `i`);
+/// VMM spawn → marker on the console.
+async fn raw_boot(
+    drv: &dyn kiln_vmm::VmmDriver,
+    artifacts: &GuestArtifacts,
+    kind: kiln_vmm::DriverKind,
+    scratch: &std::path::Path,
+    initrd: &std::path::Path,
+    i: usize,
+) -> Result<Duration> {
+    {
         let dir = scratch.join(format!("raw{i}"));
         std::fs::create_dir_all(&dir)?;
         let console = dir.join("console.log");
@@ -444,8 +454,8 @@ async fn raw_boot(
             id: format!("raw{i}"),
             dir: dir.join("vm"),
             kernel: artifacts.kernel_for(kind).to_path_buf(),
-            initrd: Some(initrd.clone()),
-            cmdline: "quiet".into(),
+            initrd: Some(initrd.to_path_buf()),
+            cmdline: kiln_node::vm::KERNEL_BOOT_PARAMS.into(),
             cpus: 1,
             memory_mib: 256,
             disks: vec![],
@@ -466,14 +476,13 @@ async fn raw_boot(
         };
         let _ = vm.kill().await;
         let _ = vm.cleanup().await;
-        out.push(seen.with_context(|| {
+        seen.with_context(|| {
             format!(
                 "the raw-boot guest printed no marker in 60 s ({})",
                 console.display()
             )
-        })?);
+        })
     }
-    Ok(out)
 }
 
 /// Proportional set size of a process, KiB (0 if unreadable).

@@ -185,6 +185,7 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
         Command::Fork { id, count } => crate::snapshots::fork(&node, &id, count).await,
         Command::Template { command } => crate::templates::dispatch(&node, command).await,
         Command::Policy { command } => policy(&node, command),
+        Command::Events { id } => drop_events(&node, &id),
         Command::Node(_) => anyhow::bail!("kiln node is dispatched above"),
         Command::Server(a) => crate::server_cmd::run(*a).await,
         Command::Nodes { conn, command } => crate::admin::nodes(conn, command).await,
@@ -575,6 +576,34 @@ fn network_spec(p: &PolicyArgs) -> kiln_api::sandbox::NetworkSpec {
             .collect(),
         publish: vec![],
     }
+}
+
+/// `kiln events ID`: the sandbox's drop events.
+fn drop_events(node: &Node, id: &str) -> Result<i32> {
+    let (_, events) = node.drop_events(id)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<24}  {:<5}  {:<15}  {:>5}  DROPPED BY",
+        "TIME", "PROTO", "DESTINATION", "PORT"
+    )?;
+    for e in events {
+        let port = e.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        let mut by = e.by.clone();
+        if e.suppressed > 0 {
+            by.push_str(&format!(" (+{} not shown: rate limit)", e.suppressed));
+        }
+        writeln!(
+            out,
+            "{:<24}  {:<5}  {:<15}  {:>5}  {}",
+            kiln_net::events::format_utc(e.unix_ms),
+            e.proto,
+            e.destination,
+            port,
+            by
+        )?;
+    }
+    Ok(0)
 }
 
 /// `kiln policy get|set`.

@@ -135,6 +135,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// What a sandbox's network policy dropped, oldest first: time, proto,
+    /// destination, port and the rule (or default, protected destination,
+    /// DNS elsewhere) that dropped it. Rate-limited to 20 a second per
+    /// sandbox; the last 1,000 are kept.
+    Events { id: String },
     /// Run this host as a node of a Kiln cluster: register with the
     /// server, run the sandboxes it assigns, report them.
     Node(Box<node_cmd::NodeArgs>),

@@ -16,6 +16,10 @@ pub struct NodeArgs {
     /// (`http://host:port` or `host:port`); tried in turn.
     #[arg(long, env = "KILN_NODE_SERVER", required = true)]
     server: String,
+    /// CA certificate(s) (PEM) the server's TLS certificate must chain to
+    /// (needed for https:// server URLs).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
     /// A file holding the cluster's join token.
     #[arg(long = "join-token-file", value_name = "FILE")]
     join_token_file: PathBuf,
@@ -53,6 +57,66 @@ pub struct NodeArgs {
     /// Registries to reach over plain HTTP (host[:port]).
     #[arg(long = "insecure-registry")]
     insecure: Vec<String>,
+    /// An infrastructure range (IPv4 CIDR or address) no sandbox reaches
+    /// unless a rule whose CIDR lies inside it allows it, like the node's
+    /// own addresses (repeatable; `KILN_PROTECTED_CIDRS` adds more). The
+    /// addresses of the `--server` URLs are always protected.
+    #[arg(long = "protected-cidr", value_name = "CIDR")]
+    protected: Vec<String>,
+}
+
+/// The IPv4 addresses a server URL (`http://host:port`, `host:port`,
+/// `host`) names now; an unresolvable name gives none (logged).
+fn server_addrs(url: &str) -> Vec<std::net::Ipv4Addr> {
+    use std::net::{IpAddr, ToSocketAddrs};
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let hostport = rest.split('/').next().unwrap_or_default();
+    let hostport = hostport.rsplit_once('@').map_or(hostport, |(_, h)| h);
+    let with_port = if hostport.starts_with('[') || hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:80")
+    };
+    match with_port.to_socket_addrs() {
+        Ok(addrs) => {
+            let mut v: Vec<_> = addrs
+                .filter_map(|a| match a.ip() {
+                    IpAddr::V4(ip) => Some(ip),
+                    IpAddr::V6(_) => None,
+                })
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        }
+        Err(e) => {
+            tracing::warn!(server = url, error = %e, "cannot resolve a server to protect its address");
+            vec![]
+        }
+    }
+}
+
+/// The node's protected ranges: `--protected-cidr` and its servers'
+/// addresses, written where every Kiln process of this state directory
+/// reads them (`kiln_net::protect`).
+fn protected_ranges(
+    flags: &[String],
+    servers: &[String],
+) -> Result<Vec<kiln_net::protect::Ipv4Net>> {
+    let mut ranges = Vec::new();
+    for f in flags {
+        ranges.extend(kiln_net::protect::parse_list(f, "--protected-cidr")?);
+    }
+    for s in servers {
+        ranges.extend(
+            server_addrs(s)
+                .into_iter()
+                .map(|a| kiln_net::protect::Ipv4Net::new(a, 32).expect("32 is a valid prefix")),
+        );
+    }
+    ranges.sort();
+    ranges.dedup();
+    Ok(ranges)
 }
 
 pub async fn run(args: NodeArgs) -> Result<i32> {
@@ -82,9 +146,13 @@ pub async fn run(args: NodeArgs) -> Result<i32> {
         Some(s) => Dirs::new(s, env.cache),
         None => env,
     };
+    let servers: Vec<String> = args.server.split(',').map(str::to_string).collect();
+    let protected = protected_ranges(&args.protected, &servers)?;
+    kiln_net::protect::write_file(&dirs.state.join("net"), &protected)?;
+    tracing::info!(ranges = ?protected, "protected infrastructure ranges");
     let node = Node::open(dirs);
     let cfg = DaemonConfig {
-        servers: args.server.split(',').map(str::to_string).collect(),
+        servers,
         join_token: token,
         address: args.address.unwrap_or_else(|| format!("{name}:0")),
         name,
@@ -98,6 +166,12 @@ pub async fn run(args: NodeArgs) -> Result<i32> {
         insecure_registries: args.insecure,
         max_parallel_starts: args.max_parallel_starts,
         stop_grace: args.stop_grace,
+        ca_pem: match &args.ca {
+            Some(p) => {
+                Some(std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?)
+            }
+            None => None,
+        },
     };
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};
@@ -115,4 +189,35 @@ pub async fn run(args: NodeArgs) -> Result<i32> {
     };
     daemon::run(node, cfg, shutdown).await?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_and_flags_become_protected_ranges() {
+        let got = protected_ranges(
+            &["10.0.0.0/8".into(), "192.168.7.7".into()],
+            &[
+                "http://127.0.0.2:7400".into(),
+                "127.0.0.3:7400".into(),
+                "https://user@127.0.0.2:1/x".into(),
+            ],
+        )
+        .unwrap();
+        let s: Vec<String> = got.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            s,
+            [
+                "10.0.0.0/8",
+                "127.0.0.2/32",
+                "127.0.0.3/32",
+                "192.168.7.7/32"
+            ]
+        );
+        let e = protected_ranges(&["10.0.0.0/40".into()], &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("10.0.0.0/40"), "{e:#}");
+        assert!(server_addrs("http://[::1]:80").is_empty());
+    }
 }

@@ -40,6 +40,24 @@ pub struct ServerArgs {
     /// File holding the secret nodes must present to register.
     #[arg(long)]
     pub join_token_file: PathBuf,
+    /// File holding the secret every server of this cluster shares (every
+    /// Raft RPC carries it). Default: STATE_DIR/cluster.secret if present;
+    /// else `--init` of a single server generates it there (0600); else a
+    /// key derived from the join token (nodes know that: give servers a
+    /// file of their own in production).
+    #[arg(long)]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Serve the API (REST, gRPC for nodes, /metrics) over TLS with this
+    /// certificate chain (PEM); needs --tls-key. Without it: plain HTTP.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) other servers' API certificates chain to,
+    /// for forwarding writes to the leader (default: --tls-cert).
+    #[arg(long, value_name = "FILE")]
+    pub peer_ca: Option<PathBuf>,
     /// Initialise a new cluster from --peers (alone when none): run it on
     /// one server, once. It writes the first admin token.
     #[arg(long)]
@@ -62,6 +80,45 @@ pub struct ServerArgs {
     pub log_format: LogFormat,
 }
 
+/// The cluster secret: from `--cluster-secret-file`, else from the state
+/// directory, else generated there by `--init` of a single server, else
+/// none (the server derives one from the join token).
+fn cluster_secret(a: &ServerArgs, single: bool) -> Result<Option<String>> {
+    let read = |p: &std::path::Path| -> Result<String> {
+        let s = std::fs::read_to_string(p)
+            .with_context(|| format!("reading the cluster secret {}", p.display()))?;
+        let s = s.trim().to_owned();
+        if s.len() < 16 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+            bail!(
+                "the cluster secret in {} must be at least 16 printable characters",
+                p.display()
+            );
+        }
+        Ok(s)
+    };
+    if let Some(p) = &a.cluster_secret_file {
+        return read(p).map(Some);
+    }
+    let own = a.state_dir.join("cluster.secret");
+    if own.exists() {
+        return read(&own).map(Some);
+    }
+    if a.init && single {
+        let s = kiln_server::server::random_hex(32);
+        kiln_server::server::write_secret_file(&own, &s)
+            .with_context(|| format!("writing the cluster secret {}", own.display()))?;
+        eprintln!(
+            "kiln server: cluster secret in {} (give other servers the same file with --cluster-secret-file)",
+            own.display()
+        );
+        return Ok(Some(s));
+    }
+    tracing::warn!(
+        "no --cluster-secret-file: Raft RPCs are authenticated with a key derived from the join token, which nodes also hold"
+    );
+    Ok(None)
+}
+
 pub async fn run(a: ServerArgs) -> Result<i32> {
     if a.id == 0 {
         bail!("--id must be 1 or more");
@@ -77,10 +134,15 @@ pub async fn run(a: ServerArgs) -> Result<i32> {
     }
     let mut cfg = kiln_server::ServerConfig::new(a.id, a.listen, a.raft_listen, &a.state_dir, join);
     cfg.peers = kiln_server::parse_peers(&a.peers)?;
+    cfg.cluster_secret = cluster_secret(&a, cfg.peers.len() <= 1)?;
     cfg.advertise = a.advertise;
     cfg.init = a.init;
     cfg.allow_local_images = a.allow_local_images;
     cfg.admin_token_file = a.admin_token_file;
+    if let (Some(cert), Some(key)) = (a.tls_cert, a.tls_key) {
+        cfg.tls = Some(kiln_server::tls::TlsFiles { cert, key });
+    }
+    cfg.peer_ca = a.peer_ca;
     cfg.heartbeat_interval_ms = a.heartbeat_ms.max(50);
     cfg.grace_ms = a.grace_ms.max(cfg.heartbeat_interval_ms * 2);
     let init = cfg.init;

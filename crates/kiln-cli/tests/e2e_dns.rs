@@ -8,7 +8,6 @@
 //! TCP) is dropped even under a default-allow policy.
 
 mod common;
-#[allow(dead_code)]
 mod net_support;
 
 use std::collections::HashMap;

@@ -567,6 +567,19 @@ struct ArchiveManifest {
     layers: Vec<String>,
 }
 
+/// What to say of an error reading a `docker save` archive. The tar
+/// parser quotes the bytes of a header field it cannot read; the path may
+/// name any file the caller can read (`kiln run docker-archive:/etc/shadow`
+/// as root), so its bytes never go into a message.
+fn tar_error(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::InvalidData | io::ErrorKind::Other | io::ErrorKind::UnexpectedEof => {
+            "is not a tar archive (a header is malformed or the file is cut short)".into()
+        }
+        _ => format!("unreadable: {}", e.kind()),
+    }
+}
+
 /// Unpacks a `docker save` archive into content-addressed blobs and builds a manifest.
 fn open_archive(path: &Path, scratch_root: &Path, what: &str) -> Result<Source, PullImageError> {
     let bad = |reason: String| PullImageError::Archive {
@@ -584,8 +597,8 @@ fn open_archive(path: &Path, scratch_root: &Path, what: &str) -> Result<Source, 
     // Archive member name -> (digest, size). Members are copied by content, never by name.
     let mut members: BTreeMap<String, (String, u64)> = BTreeMap::new();
     let mut manifest_json: Option<Vec<u8>> = None;
-    for entry in ar.entries().map_err(|e| bad(e.to_string()))? {
-        let mut entry = entry.map_err(|e| bad(format!("unreadable: {e}")))?;
+    for entry in ar.entries().map_err(|e| bad(tar_error(&e)))? {
+        let mut entry = entry.map_err(|e| bad(tar_error(&e)))?;
         if !entry.header().entry_type().is_file() {
             continue;
         }
@@ -607,9 +620,7 @@ fn open_archive(path: &Path, scratch_root: &Path, what: &str) -> Result<Source, 
         let mut buf = vec![0u8; 256 << 10];
         let mut size = 0u64;
         loop {
-            let n = entry
-                .read(&mut buf)
-                .map_err(|e| bad(format!("unreadable: {e}")))?;
+            let n = entry.read(&mut buf).map_err(|e| bad(tar_error(&e)))?;
             if n == 0 {
                 break;
             }
@@ -767,6 +778,23 @@ pub(crate) fn size_limit(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_file_that_is_not_a_tar_archive_is_never_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("shadow");
+        let mut text = String::from("root:$6$SECRETSALT$SECRETHASHSECRETHASH:19000:0:99999:7:::\n");
+        while text.len() < 4096 {
+            text.push_str("daemon:*:19000:0:99999:7:::SECRETLINE\n");
+        }
+        std::fs::write(&secret, &text).unwrap();
+        let Err(err) = super::open_archive(&secret, dir.path(), "docker-archive:shadow") else {
+            panic!("a text file opened as an archive");
+        };
+        let msg = err.to_string();
+        assert!(!msg.contains("SECRET") && !msg.contains("root:"), "{msg}");
+        assert!(msg.contains("not a tar archive"), "{msg}");
+    }
+
     use super::*;
 
     #[test]

@@ -18,8 +18,8 @@
 //      with an expiry) add those rules' bits to the candidates, unless the
 //      address is protected.
 // `kiln_ingress` runs on the tap's egress hook (frames to the guest). It drops
-// IPv6 and records flows a peer starts (TCP SYN, first UDP/ICMP packet) in
-// `flows`, so that the guest's answers pass `kiln_egress` as replies even
+// IPv6 and records flows a peer starts (TCP SYN, first UDP packet, ICMP echo
+// request keyed by its identifier; ICMP errors start nothing) in `flows`, so that the guest's answers pass `kiln_egress` as replies even
 // where its policy would not let it start that flow. A flow the guest started
 // is marked as the guest's, so a policy that stops allowing it stops it
 // (no reply bypass). Ingress *rules* are not enforced yet.
@@ -211,6 +211,79 @@ struct arp_ipv4 {
 	__u8 tip[4];
 } __attribute__((packed));
 
+// Drop events: one record per connection attempt the policy drops (and DNS
+// to another server), into a ring buffer user space drains (`kiln events`).
+// Rate-limited per sandbox (this object is one sandbox's): at most
+// EVENTS_PER_SEC a second; the rest are counted in `evstate.suppressed` and
+// reported with the next event that passes, so a guest cannot flood the
+// host, only lose its own events.
+#define EVENTS_PER_SEC 20
+#define EV_RULE_DEFAULT 0xffffffffu
+#define EV_RULE_PROTECTED 0xfffffffeu
+#define EV_RULE_DNS 0xfffffffdu
+
+struct drop_event {
+	__u64 time_ns; // CLOCK_MONOTONIC
+	__u32 daddr; // network order
+	__u32 rule; // rule index in the policy in force, or EV_RULE_*
+	__u16 dport; // host order; 0 without a port
+	__u8 proto;
+	__u8 pad;
+	__u32 suppressed; // events dropped by the rate limit before this one
+};
+
+struct evstate {
+	__u64 window_ns;
+	__u32 sent;
+	__u32 suppressed;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct evstate);
+} evstate SEC(".maps");
+
+static __always_inline void emit_drop(__u32 rule, __u32 daddr, __u8 proto, int port)
+{
+	__u32 zero = 0;
+	struct evstate *st = bpf_map_lookup_elem(&evstate, &zero);
+	if (!st)
+		return;
+	__u64 now = bpf_ktime_get_ns();
+	if (now - st->window_ns >= 1000000000ull) {
+		st->window_ns = now;
+		st->sent = 0;
+	}
+	if (st->sent >= EVENTS_PER_SEC) {
+		__sync_fetch_and_add(&st->suppressed, 1);
+		return;
+	}
+	struct drop_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		__sync_fetch_and_add(&st->suppressed, 1);
+		return;
+	}
+	st->sent += 1;
+	e->time_ns = now;
+	e->daddr = daddr;
+	e->rule = rule;
+	e->dport = port < 0 ? 0 : (__u16)port;
+	e->proto = proto;
+	e->pad = 0;
+	// Not atomic with the adds of other CPUs: a count may be off by the
+	// few that race, never by more.
+	e->suppressed = st->suppressed;
+	st->suppressed = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
 static __always_inline int drop(__u32 reason, struct __sk_buff *skb)
 {
 	struct counter *c = bpf_map_lookup_elem(&drops, &reason);
@@ -276,6 +349,34 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 l3, struct ip
 		*sport = (int)bpf_ntohs(ports[0]);
 	}
 	return 0;
+}
+
+// ICMP flows: only echo (ping) has a flow. The key's peer_port is the echo
+// identifier and local_port says who asked: ICMP_BY_PEER for a peer's
+// request (the guest's echo replies are replies), ICMP_BY_GUEST for the
+// guest's (judged by the policy). Every other ICMP message (errors such as
+// port unreachable, timestamps, ...) has no flow: from a peer it records
+// nothing, so it cannot open ICMP back to that peer; from the guest the
+// policy judges it.
+#define ICMP_ECHO_REPLY 0
+#define ICMP_ECHO_REQUEST 8
+#define ICMP_BY_PEER 1
+#define ICMP_BY_GUEST 2
+
+// The ICMP type and echo identifier at `l3` (-1 type: none, e.g. a later
+// fragment or a short packet).
+static __always_inline int icmp_echo(struct __sk_buff *skb, __u32 l3, const struct iphdr *ip,
+				     __u16 *ident)
+{
+	__u8 hdr[6];
+	*ident = 0;
+	if ((bpf_ntohs(ip->frag_off) & 0x1fff) != 0)
+		return -1;
+	__u32 l4 = l3 + ((__u32)ip->ihl & 0xf) * 4;
+	if (bpf_skb_load_bytes(skb, l4, hdr, sizeof(hdr)) < 0)
+		return -1;
+	*ident = (__u16)((__u16)hdr[4] << 8 | hdr[5]);
+	return hdr[0];
 }
 
 // Index of the only set bit of `v` (clang's BPF backend has no ctz).
@@ -377,8 +478,11 @@ static __always_inline int decide(struct __sk_buff *skb, __u32 addr, __u8 proto,
 		if (ad && now >= ad->expires_ns)
 			ad = 0;
 	}
-	if (!val && !ad)
+	if (!val && !ad) {
+		if (def != ACTION_ALLOW)
+			emit_drop(EV_RULE_DEFAULT, addr, proto, port);
 		return count(base + SLOT_DEFAULT, def == ACTION_ALLOW, skb);
+	}
 
 	struct scan c = {
 		.rbase = gen * MAX_RULES,
@@ -395,10 +499,17 @@ static __always_inline int decide(struct __sk_buff *skb, __u32 addr, __u8 proto,
 			c.mask[w] |= m[w];
 	}
 	bpf_loop(MASK_WORDS, scan_word, &c, 0);
-	if (c.hit >= 0 && c.hit < MAX_RULES)
+	if (c.hit >= 0 && c.hit < MAX_RULES) {
+		if (c.action != ACTION_ALLOW)
+			emit_drop((__u32)c.hit, addr, proto, port);
 		return count(base + (__u32)c.hit, c.action == ACTION_ALLOW, skb);
-	if (is_protected)
+	}
+	if (is_protected) {
+		emit_drop(EV_RULE_PROTECTED, addr, proto, port);
 		return count(base + SLOT_PROTECTED, 0, skb);
+	}
+	if (def != ACTION_ALLOW)
+		emit_drop(EV_RULE_DEFAULT, addr, proto, port);
 	return count(base + SLOT_DEFAULT, def == ACTION_ALLOW, skb);
 }
 
@@ -451,6 +562,7 @@ int kiln_egress(struct __sk_buff *skb)
 	    (port == 53 || port == 853)) {
 		if (ip.daddr == id->resolver && port == 53)
 			return TC_ACT_OK;
+		emit_drop(EV_RULE_DNS, ip.daddr, ip.protocol, port);
 		return drop(DROP_DNS, skb);
 	}
 
@@ -460,15 +572,29 @@ int kiln_egress(struct __sk_buff *skb)
 		.local_port = sport < 0 ? 0 : (__u16)sport,
 		.proto = ip.protocol,
 	};
+	int flowful = 1;
+	if (ip.protocol == IPPROTO_ICMP) {
+		__u16 ident;
+		int type = icmp_echo(skb, sizeof(eth), &ip, &ident);
+		fk.peer_port = ident;
+		if (type == ICMP_ECHO_REPLY)
+			fk.local_port = ICMP_BY_PEER; // answering a peer's ping
+		else if (type == ICMP_ECHO_REQUEST)
+			fk.local_port = ICMP_BY_GUEST;
+		else
+			flowful = 0;
+	}
 	__u64 now = bpf_ktime_get_ns();
-	struct flow_val *fv = bpf_map_lookup_elem(&flows, &fk);
+	struct flow_val *fv = flowful ? bpf_map_lookup_elem(&flows, &fk) : 0;
 	if (fv && now - fv->last_seen_ns < FLOW_IDLE_NS) {
 		if (fv->origin == FLOW_PEER)
 			return count_reply(skb);
 		fv->last_seen_ns = now;
 	}
 	int verdict = decide(skb, ip.daddr, ip.protocol, port, now);
-	if (verdict == TC_ACT_OK && !fv) {
+	// A guest's echo reply never starts a flow of its own.
+	if (verdict == TC_ACT_OK && !fv && flowful && !(ip.protocol == IPPROTO_ICMP &&
+							  fk.local_port == ICMP_BY_PEER)) {
 		struct flow_val v = { .last_seen_ns = now, .origin = FLOW_GUEST };
 		bpf_map_update_elem(&flows, &fk, &v, BPF_ANY);
 	}
@@ -496,6 +622,23 @@ int kiln_ingress(struct __sk_buff *skb)
 		.local_port = port < 0 ? 0 : (__u16)port,
 		.proto = ip.protocol,
 	};
+	if (ip.protocol == IPPROTO_ICMP) {
+		__u16 ident;
+		int type = icmp_echo(skb, sizeof(eth), &ip, &ident);
+		fk.peer_port = ident;
+		if (type == ICMP_ECHO_REQUEST)
+			fk.local_port = ICMP_BY_PEER; // a peer's ping: may start a flow
+		else if (type == ICMP_ECHO_REPLY)
+			fk.local_port = ICMP_BY_GUEST; // refreshes the guest's flow only
+		else
+			return TC_ACT_OK; // errors and the rest start nothing
+		if (type == ICMP_ECHO_REPLY) {
+			struct flow_val *g = bpf_map_lookup_elem(&flows, &fk);
+			if (g && g->origin == FLOW_GUEST)
+				g->last_seen_ns = bpf_ktime_get_ns();
+			return TC_ACT_OK;
+		}
+	}
 	__u64 now = bpf_ktime_get_ns();
 	struct flow_val *fv = bpf_map_lookup_elem(&flows, &fk);
 	if (fv && now - fv->last_seen_ns < FLOW_IDLE_NS) {

@@ -46,7 +46,9 @@ const DROP_REASONS: [&str; 7] = [
     "malformed",
     "dns-elsewhere",
 ];
-const MAPS: [&str; 10] = [
+const MAPS: [&str; 12] = [
+    "events",
+    "evstate",
     "flows",
     "dns",
     "identity",
@@ -122,7 +124,57 @@ pub struct Admission {
     pub rules: Vec<usize>,
 }
 
-/// CLOCK_MONOTONIC now, in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+/// One record of the program's `events` ring buffer (`struct drop_event`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawDropEvent {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub time_ns: u64,
+    pub daddr: Ipv4Addr,
+    /// Rule index, or one of the `EV_RULE_*` codes.
+    pub rule: u32,
+    pub dport: u16,
+    pub proto: u8,
+    /// Events the rate limit dropped before this one.
+    pub suppressed: u32,
+}
+
+/// `rule` of an event the default action dropped.
+pub const EV_RULE_DEFAULT: u32 = 0xffff_ffff;
+/// `rule` of an event dropped as a protected destination.
+pub const EV_RULE_PROTECTED: u32 = 0xffff_fffe;
+/// `rule` of a DNS query to a server other than the node's resolver.
+pub const EV_RULE_DNS: u32 = 0xffff_fffd;
+
+impl RawDropEvent {
+    /// Parses the 24-byte record (native endian, as the kernel wrote it).
+    fn parse(b: &[u8]) -> Option<RawDropEvent> {
+        if b.len() < 24 {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let mut t = [0u8; 8];
+        t.copy_from_slice(&b[0..8]);
+        Some(RawDropEvent {
+            time_ns: u64::from_ne_bytes(t),
+            daddr: Ipv4Addr::from([b[8], b[9], b[10], b[11]]),
+            rule: u32_at(12),
+            dport: u16::from_ne_bytes([b[16], b[17]]),
+            proto: b[18],
+            suppressed: u32_at(20),
+        })
+    }
+}
+
+/// How many Kiln policy programs (`kiln_egress`, `kiln_ingress`: two per
+/// attached sandbox) the kernel holds, whoever loaded them: for leak checks.
+pub fn loaded_policy_programs() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| matches!(p.name_as_str(), Some("kiln_egress" | "kiln_ingress")))
+        .count()
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (what `bpf_ktime_get_ns` reads).
 pub fn monotonic_ns() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always readable");
@@ -374,6 +426,24 @@ impl PolicyProgram {
 
     fn trie(&self, name: &'static str) -> Result<LpmTrie<MapData, u32, LpmVal>, WriteMapsError> {
         LpmTrie::try_from(Map::LpmTrie(self.map(name)?)).map_err(map_err(name, "open"))
+    }
+
+    /// Takes every drop event the program queued since the last call (the
+    /// ring buffer is consumed: one reader at a time, under the sandbox's
+    /// lock). A program pinned before events existed has none.
+    pub fn drain_events(&self) -> Result<Vec<RawDropEvent>, WriteMapsError> {
+        if !self.dir.join("events").exists() {
+            return Ok(vec![]);
+        }
+        let mut ring = aya::maps::RingBuf::try_from(Map::RingBuf(self.map("events")?))
+            .map_err(map_err("events", "open"))?;
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Some(e) = RawDropEvent::parse(&item) {
+                out.push(e);
+            }
+        }
+        Ok(out)
     }
 
     fn admits(&self) -> Result<aya::maps::HashMap<MapData, u32, RawAdmit>, WriteMapsError> {

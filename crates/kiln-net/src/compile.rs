@@ -70,6 +70,14 @@ impl Protected {
         ranges.dedup();
         Protected { ranges }
     }
+    /// Adds the node's configured infrastructure ranges
+    /// ([`crate::protect`]): treated like the node's own addresses.
+    pub fn with_extra(mut self, extra: &[Ipv4Net]) -> Self {
+        self.ranges.extend(extra.iter().map(Ipv4Net::trunc));
+        self.ranges.sort();
+        self.ranges.dedup();
+        self
+    }
     pub fn ranges(&self) -> &[Ipv4Net] {
         &self.ranges
     }

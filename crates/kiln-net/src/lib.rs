@@ -17,10 +17,12 @@
 pub mod bpf;
 pub mod compile;
 pub mod dns;
+pub mod events;
 pub mod host;
 pub mod ipam;
 pub mod nft;
 pub mod policy;
+pub mod protect;
 pub mod publish;
 
 use std::collections::BTreeSet;
@@ -66,6 +68,11 @@ pub struct NetConfig {
     /// admit what it resolves for them. Default: false (the library alone
     /// runs no resolver; whoever sets this runs one).
     pub resolver: bool,
+    /// Node-level protected infrastructure ranges (control-plane servers,
+    /// management networks): closed like the node's own addresses, opened
+    /// only by a rule whose CIDR lies inside one. Default: none; the node
+    /// fills it from [`protect::configured`].
+    pub protected: Vec<Ipv4Net>,
 }
 
 impl NetConfig {
@@ -79,6 +86,7 @@ impl NetConfig {
             tap_prefix: "kt".to_owned(),
             dns: Vec::new(),
             resolver: false,
+            protected: Vec::new(),
         }
     }
 }
@@ -130,6 +138,8 @@ pub enum OpenNetworkError {
         #[source]
         source: nft::NftError,
     },
+    #[error(transparent)]
+    Protected(#[from] protect::ProtectedCidrsError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +194,8 @@ pub enum UpdatePolicyError {
     ReadPolicy(PathBuf, #[source] io::Error),
     #[error("the sandbox's saved policy {0} is corrupt")]
     CorruptPolicy(PathBuf, #[source] serde_json::Error),
+    #[error("cannot keep the sandbox's drop events in {0}")]
+    Events(PathBuf, #[source] io::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -307,11 +319,12 @@ impl Network {
     }
 
     /// The protected destinations: always-protected ranges, the sandbox
-    /// subnet, and the host's addresses as of now.
+    /// subnet, the host's addresses as of now, and the configured
+    /// infrastructure ranges ([`NetConfig::protected`]).
     pub fn protected(&self) -> Result<Protected, host::HostNetError> {
         let mut addrs = host::host_addresses()?;
         addrs.push(self.ipam.gateway());
-        Ok(Protected::new(self.ipam.subnet(), &addrs))
+        Ok(Protected::new(self.ipam.subnet(), &addrs).with_extra(&self.cfg.protected))
     }
 
     /// Gives a sandbox its address, MAC, interface and policy program.
@@ -405,13 +418,26 @@ impl Network {
         let compiled = compile::compile(&policy.egress, policy.default, &protected);
         // Addresses admitted for a domain rule stay admitted for the new
         // policy's rules with the same pattern (until their TTL ends).
-        let carry = match self.saved_policy(id) {
+        let old = self.saved_policy(id);
+        let carry = match &old {
             Ok(old) => dns::carry_admissions(&old.egress, &policy.egress),
             Err(e) => {
                 warn!(sandbox = id, error = %e, "no saved policy: domain admissions end");
                 Vec::new()
             }
         };
+        // Drop events so far name rules of the old policy: keep them with
+        // its rule texts (best effort; events are not worth failing for).
+        match prog.drain_events() {
+            Ok(raw) if !raw.is_empty() => {
+                let evs = events::convert(&raw, old.as_ref().ok());
+                if let Err(e) = events::append_and_read(&self.events_path(id), &evs) {
+                    warn!(sandbox = id, error = %e, "cannot keep drop events");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!(sandbox = id, error = %e, "cannot read drop events"),
+        }
         prog.update(&compiled, &carry)?;
         ipam::write_atomic(
             &self.policy_path(id),
@@ -429,6 +455,30 @@ impl Network {
         let policy = self.saved_policy(id)?;
         let counters = prog.counters(policy.egress.len())?;
         Ok((policy, counters))
+    }
+
+    /// The drop events of sandbox `id` ([`events`]): drains its program's
+    /// ring buffer into its bounded events file and returns the file's
+    /// events, oldest first. A sandbox without a network has none.
+    pub fn drop_events(&self, id: &str) -> Result<Vec<events::DropEvent>, UpdatePolicyError> {
+        let _lock = self.lock(id)?;
+        let path = self.events_path(id);
+        let new = match PolicyProgram::open(&self.pin_dir(id)) {
+            Some(prog) => {
+                let raw = prog.drain_events()?;
+                let policy = self.saved_policy(id).ok();
+                events::convert(&raw, policy.as_ref())
+            }
+            None => vec![],
+        };
+        events::append_and_read(&path, &new).map_err(|e| UpdatePolicyError::Events(path, e))
+    }
+
+    fn events_path(&self, id: &str) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("events")
+            .join(format!("{id}.jsonl"))
     }
 
     fn saved_policy(&self, id: &str) -> Result<Policy, UpdatePolicyError> {
@@ -554,6 +604,7 @@ impl Network {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(DetachError::State(path, e)),
         }
+        let _ = fs::remove_file(self.events_path(id));
         let _ = fs::remove_file(self.cfg.state_dir.join("locks").join(format!("{id}.lock")));
         info!(sandbox = id, "sandbox network detached");
         Ok(())

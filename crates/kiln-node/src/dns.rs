@@ -2,14 +2,14 @@
 //! node daemon: the supervisors (`kiln shim`) of networked sandboxes.
 //!
 //! Every supervisor of a `--net default` sandbox starts a *candidate*
-//! thread that polls a host-wide lock (`/run/kiln/dns-<bridge>.lock`, one
+//! thread that waits (a blocking `flock`) on a host-wide lock (`/run/kiln/dns-<bridge>.lock`, one
 //! resolver per bridge, since it binds the gateway's port 53). The one
 //! holding it runs the resolver; the others wait. The resolver so lives
 //! exactly as long as some networked sandbox does, in a process that
 //! already outlives the CLI, without a process of its own: when its
 //! supervisor exits (its sandbox ended, or it was killed), the kernel
 //! releases the lock and closes its sockets, and another live supervisor
-//! takes over within a poll interval (queries in that gap are retried by
+//! takes over at once (queries in that gap are retried by
 //! the guest's resolver). A crash leaves nothing behind: the lock is an
 //! flock, the resolver has no pins of its own (its admissions live in the
 //! sandboxes' pinned maps, expire on their own, and go with the sandbox).
@@ -32,7 +32,6 @@ use crate::paths::Dirs;
 /// Overrides the host's upstream DNS servers (`IP:PORT[,IP:PORT...]`).
 pub const UPSTREAM_ENV: &str = "KILN_DNS_UPSTREAM";
 
-const POLL: Duration = Duration::from_millis(200);
 const SWEEP: Duration = Duration::from_secs(5);
 
 /// Starts a resolver candidate for this process (a detached thread; it ends
@@ -82,13 +81,12 @@ fn candidate(dirs: Dirs) {
             return;
         }
     };
+    // Blocks this thread (not a poll) until the holder's process ends and
+    // the kernel releases the lock; retried only when a signal interrupts.
     let lock = loop {
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        match Flock::lock(file, FlockArg::LockExclusive) {
             Ok(l) => break l,
-            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
-                file = f;
-                std::thread::sleep(POLL);
-            }
+            Err((f, nix::errno::Errno::EINTR)) => file = f,
             Err((_, e)) => {
                 warn!(error = %e, "DNS resolver: cannot take its lock");
                 return;

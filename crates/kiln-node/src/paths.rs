@@ -61,6 +61,11 @@ impl Dirs {
         self.cache.join("memo")
     }
 
+    /// Blank formatted writable disks, one per size (`vm::make_writable_disk`).
+    pub fn blank_disks(&self) -> PathBuf {
+        self.cache.join("blank-disks")
+    }
+
     pub fn sandboxes(&self) -> PathBuf {
         self.state.join("sandboxes")
     }

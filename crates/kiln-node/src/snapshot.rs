@@ -45,8 +45,11 @@ use sha2::{Digest, Sha256};
 use crate::paths::{Dirs, GuestArtifacts};
 use crate::store::{SandboxSpec, now_secs};
 
-/// Version of the manifest format (and of the snapshot layout).
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the manifest format (and of the snapshot layout: the VM's
+/// devices must match at a restore). 2: QEMU's virtio-serial device has
+/// two ports (`max_ports=2`); a format-1 snapshot is refused, a format-1
+/// template replaced.
+pub const FORMAT_VERSION: u32 = 2;
 /// The manifest's file name.
 pub const MANIFEST: &str = "manifest.json";
 /// The driver's snapshot, inside a snapshot directory.
@@ -750,6 +753,8 @@ impl SnapshotStore {
 
     /// Removes snapshot `name`. Users for which `alive` is false (their
     /// sandbox ended or is gone) are dropped first; live ones make it fail.
+    /// A process's hold (`holder_name`: a `kiln fork` restoring from it)
+    /// counts as a user while that process lives, whatever `alive` says.
     pub fn remove(
         &self,
         name: &str,
@@ -759,7 +764,11 @@ impl SnapshotStore {
             return Err(RemoveSnapshotError::NotFound(name.to_string()));
         }
         let dir = self.dir(name);
-        let live: Vec<String> = self.users(name).into_iter().filter(|u| alive(u)).collect();
+        let live: Vec<String> = self
+            .users(name)
+            .into_iter()
+            .filter(|u| is_process_hold(u) && !holder_is_dead(u) || alive(u))
+            .collect();
         if !live.is_empty() {
             return Err(RemoveSnapshotError::InUse {
                 name: name.to_string(),
@@ -842,6 +851,14 @@ pub fn guest_digests(
 /// it).
 pub fn holder_name(p: crate::store::ProcessIdentity) -> String {
     format!("fork-{}", p.suffix())
+}
+
+/// Whether `user` names a process's hold (`holder_name`), not a sandbox.
+fn is_process_hold(user: &str) -> bool {
+    user.strip_prefix("fork-").is_some_and(|rest| {
+        rest.split('.')
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
 
 /// Whether `user` is a process's hold (`holder_name`) whose process is gone.
@@ -1377,6 +1394,39 @@ mod tests {
         store.release_user("fork-1", "b");
     }
 
+    /// `snapshot rm` while a `kiln fork` restores from it: the fork's hold
+    /// is a user while its process lives (it used to be asked of the
+    /// sandbox store, which knows no such ID, and dropped).
+    #[test]
+    fn a_live_fork_hold_keeps_a_snapshot_from_removal() {
+        let t = tempfile::tempdir().unwrap();
+        let dirs = Dirs::new(t.path().join("state"), t.path().join("cache"));
+        let store = SnapshotStore::new(&dirs);
+        let staging = store.staging("snap-held").unwrap();
+        fs::write(staging.join("x"), b"data").unwrap();
+        let parts = parts(
+            "snap-held",
+            Path::new("/nonexistent"),
+            driver(kiln_vmm::Accel::Tcg, "max"),
+        );
+        write_manifest(&staging, parts, None).unwrap();
+        store.publish(&staging, "snap-held").unwrap();
+        let me = crate::store::ProcessIdentity::current();
+        store.add_user("snap-held", &holder_name(me)).unwrap();
+        assert!(matches!(
+            store.remove("snap-held", |_| false),
+            Err(RemoveSnapshotError::InUse { .. })
+        ));
+        store.release_user("snap-held", &holder_name(me));
+        let gone = crate::store::ProcessIdentity {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        store.add_user("snap-held", &holder_name(gone)).unwrap();
+        store.remove("snap-held", |_| false).unwrap();
+        assert!(!store.exists("snap-held"));
+    }
+
     /// A fork's hold names its process by pid and start time: a later
     /// process with the same pid does not keep it (it used to: the pid
     /// alone counted).
@@ -1391,6 +1441,11 @@ mod tests {
         assert!(holder_is_dead(&holder_name(reused)));
         // Holds written before: the pid alone.
         assert!(!holder_is_dead(&format!("fork-{}", me.pid)));
+        assert!(
+            is_process_hold(&holder_name(me))
+                && !is_process_hold("fork-x")
+                && !is_process_hold("abc")
+        );
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let gone = child.id();
         child.wait().unwrap();

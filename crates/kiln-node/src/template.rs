@@ -330,7 +330,9 @@ pub async fn create(
         snapshot::new_name(&name),
         crate::store::ProcessIdentity::current().suffix()
     ));
-    let result = boot_and_snapshot(&*drv, &artifacts, p, &sel, &name, &staging, &work).await;
+    let blanks = dirs.blank_disks();
+    let result =
+        boot_and_snapshot(&*drv, &artifacts, p, &sel, &name, &staging, &work, &blanks).await;
     let _ = fs::remove_dir_all(&work);
     let (boot_ms, quiesce_ms, snapshot_ms) = match result {
         Ok(t) => t,
@@ -388,6 +390,7 @@ pub async fn create(
 
 /// Boots the template's VM in `work`, snapshots it into `staging` and tears
 /// it down. Returns (boot, quiesce, snapshot) times in ms.
+#[allow(clippy::too_many_arguments)]
 async fn boot_and_snapshot(
     drv: &dyn kiln_vmm::VmmDriver,
     artifacts: &GuestArtifacts,
@@ -396,6 +399,7 @@ async fn boot_and_snapshot(
     name: &str,
     staging: &Path,
     work: &Path,
+    blanks: &Path,
 ) -> Result<(u64, u64, u64), CreateTemplateError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -431,6 +435,7 @@ async fn boot_and_snapshot(
         name,
         staging,
         work,
+        blanks,
         &rw,
         p.disk_mib,
         &spec,
@@ -461,6 +466,7 @@ async fn boot_and_snapshot_on(
     name: &str,
     staging: &Path,
     work: &Path,
+    blanks: &Path,
     rw: &Path,
     disk_mib: u32,
     spec: &kiln_vmm::VmSpec,
@@ -484,7 +490,7 @@ async fn boot_and_snapshot_on(
         }
     };
     record_owner(None);
-    vm::make_writable_disk(rw, disk_mib).await?;
+    vm::make_writable_disk(blanks, rw, disk_mib).await?;
     let t0 = Instant::now();
     let vmm = drv
         .start(spec)

@@ -27,6 +27,11 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// The secret nodes present to `Register`.
     pub join_token: String,
+    /// The secret every server of the cluster shares, required on every
+    /// Raft RPC. `None`: derived from the join token (every server of a
+    /// cluster has the same join token, but so do the nodes: give servers
+    /// their own secret with `--cluster-secret-file` in production).
+    pub cluster_secret: Option<String>,
     /// Initialise a new cluster from `peers` (one server, once).
     pub init: bool,
     /// Where the bootstrap admin token goes (default
@@ -41,6 +46,15 @@ pub struct ServerConfig {
     /// Raft timing (tests shorten elections).
     pub raft_heartbeat_ms: u64,
     pub election_timeout_ms: (u64, u64),
+    /// Serve the API over TLS with this certificate chain and key (PEM).
+    /// `None`: plain HTTP (fine on loopback or a trusted network only).
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// CA certificate(s) (PEM) that other servers' API certificates chain
+    /// to (used when forwarding writes to the leader over https). Default:
+    /// this server's own certificate file.
+    pub peer_ca: Option<PathBuf>,
+    /// Connection and concurrency limits of the API listener.
+    pub limits: crate::tls::Limits,
     /// Accept sandboxes whose image names a path on the node (`oci:DIR`,
     /// `docker-archive:FILE`): only for single-host setups and tests,
     /// where the API's callers may read the node's files. Off by default.
@@ -65,6 +79,7 @@ impl ServerConfig {
             peers: BTreeMap::new(),
             state_dir: state_dir.into(),
             join_token: join_token.into(),
+            cluster_secret: None,
             init: false,
             admin_token_file: None,
             heartbeat_interval_ms: 1000,
@@ -73,6 +88,24 @@ impl ServerConfig {
             raft_heartbeat_ms: 100,
             election_timeout_ms: (400, 800),
             allow_local_images: false,
+            tls: None,
+            peer_ca: None,
+            limits: crate::tls::Limits::default(),
+        }
+    }
+
+    /// The cluster secret in force: the configured one, else one derived
+    /// from the join token.
+    pub fn effective_cluster_secret(&self) -> String {
+        match &self.cluster_secret {
+            Some(s) => s.clone(),
+            None => {
+                use sha2::Digest;
+                let mut h = sha2::Sha256::new();
+                h.update(b"kiln cluster secret from join token\0");
+                h.update(self.join_token.as_bytes());
+                hex::encode(h.finalize())
+            }
         }
     }
 

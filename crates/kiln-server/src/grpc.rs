@@ -5,6 +5,17 @@
 //! this replica's applied state) and `Report`.
 //!
 //! Invariants:
+//! - A gate in front of the service ([`gate`]) refuses, before a byte of
+//!   the message is read or decoded, every call that carries neither the
+//!   join token (`kiln-join-token` metadata) nor a live node credential
+//!   (`authorization: Bearer`). Messages are bounded by [`MAX_MESSAGE`].
+//! - `Register` for a name that has a live credential must present that
+//!   credential: the join token alone cannot take over a registered node
+//!   (an operator replacing a dead node revokes its credential first:
+//!   `kiln nodes revoke-credential NAME`).
+//! - Image lists are bounded, not refused: a node reporting more than
+//!   `MAX_NODE_IMAGES` references has the first ones recorded, with a
+//!   warning, so its heartbeats never fail over them.
 //! - Every call but `Register` carries `authorization: Bearer
 //!   <credential>`; the credential must be a live node credential bound to
 //!   the node named in the request (else UNAUTHENTICATED /
@@ -39,15 +50,57 @@ use crate::server::{Shared, ct_eq, now_ms, random_hex, sha256};
 
 /// Most sandboxes one `Report` may carry.
 pub const MAX_REPORT_ITEMS: usize = 10_000;
-/// Largest gRPC message accepted (a report of many sandboxes).
-const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+/// Largest gRPC message accepted: a report of `MAX_REPORT_ITEMS`
+/// sandboxes, or a registration with `MAX_NODE_IMAGES` references, fits.
+pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+/// Metadata carrying the join token (also accepted in `RegisterRequest`).
+pub const JOIN_TOKEN_METADATA: &str = "kiln-join-token";
 
 /// The NodeService as an axum router (merged into the API listener).
 pub fn router(shared: Arc<Shared>) -> axum::Router {
-    let svc = NodeServiceServer::new(NodeRpc { shared })
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    tonic::service::Routes::new(svc).into_axum_router()
+    let svc = NodeServiceServer::new(NodeRpc {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE);
+    tonic::service::Routes::new(svc)
+        .into_axum_router()
+        .layer(axum::middleware::from_fn_with_state(shared, gate))
+}
+
+/// Lets a call through only with the join token or a live node
+/// credential in its headers; the message body is not touched before.
+async fn gate(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let h = req.headers();
+    let join_ok = h
+        .get(JOIN_TOKEN_METADATA)
+        .is_some_and(|v| ct_eq(&sha256(v.as_bytes()), &shared.join_hash));
+    let cred_ok = || {
+        h.get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|secret| {
+                let hash = query::hash_token(secret.trim());
+                shared.raft.read_local(|s| {
+                    query::token_by_hash(s, &hash).is_some_and(|t| t.role == Role::Node)
+                })
+            })
+    };
+    // A credential minted a moment ago may not have reached a follower:
+    // let such a call through when this replica does not lead (the
+    // handler waits for it, then decides).
+    let follower = || shared.raft.status().role != kiln_store::RaftRole::Leader;
+    if join_ok || (h.contains_key("authorization") && (cred_ok() || follower())) {
+        return next.run(req).await;
+    }
+    Status::unauthenticated(
+        "a node call needs the join token (kiln-join-token) or its node credential (authorization: Bearer)",
+    )
+    .into_http()
 }
 
 struct NodeRpc {
@@ -101,7 +154,38 @@ fn bearer(md: &MetadataMap) -> Option<&str> {
         .map(str::trim)
 }
 
+/// Cuts a node's image list to what the state accepts (never refuses it).
+fn bound_images(node: &NodeName, images: &mut Vec<String>) {
+    let left_out = kiln_api::cluster::bound_node_images(images);
+    if left_out > 0 {
+        tracing::warn!(%node, left_out, recorded = images.len(), "image list bounded");
+    }
+}
+
 impl NodeRpc {
+    /// A node name with a live credential is re-registered only by the
+    /// holder of that credential.
+    fn may_register(&self, name: &NodeName, presented: Option<&str>) -> Result<(), Status> {
+        let live: Vec<String> = self.shared.raft.read_local(|s| {
+            s.tokens
+                .values()
+                .filter(|t| {
+                    t.role == Role::Node
+                        && t.node.as_ref() == Some(name)
+                        && t.revoked_at_ms.is_none()
+                })
+                .map(|t| t.sha256.clone())
+                .collect()
+        });
+        if live.is_empty() || presented.is_some_and(|p| live.iter().any(|h| h == p)) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "node {name} is registered with a live credential: present it, or have an admin \
+             revoke it (`kiln nodes revoke-credential {name}`) to replace the node"
+        )))
+    }
+
     /// Checks the credential speaks for `node`. A credential minted a
     /// moment ago may not have reached this replica yet: wait briefly for
     /// the applied index to move before refusing.
@@ -160,11 +244,18 @@ impl NodeService for NodeRpc {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<tonic::Response<RegisterReply>, Status> {
-        let r = req.into_inner();
-        if !ct_eq(&sha256(r.join_token.as_bytes()), &self.shared.join_hash) {
+        let md_join = req
+            .metadata()
+            .get(JOIN_TOKEN_METADATA)
+            .map(|v| v.as_bytes().to_vec());
+        let presented = bearer(req.metadata()).map(query::hash_token);
+        let mut r = req.into_inner();
+        let join = md_join.unwrap_or_else(|| r.join_token.as_bytes().to_vec());
+        if !ct_eq(&sha256(&join), &self.shared.join_hash) {
             return Err(Status::unauthenticated("wrong join token"));
         }
         let name = node_name(&r.name)?;
+        self.may_register(&name, presented.as_deref())?;
         let capacity: Capacity = json("capacity_json", &r.capacity_json)?;
         let driver: DriverKind = json("driver_json", &r.driver_json)?;
         if r.address.is_empty() || r.address.len() > 1024 || r.address.chars().any(char::is_control)
@@ -173,12 +264,9 @@ impl NodeService for NodeRpc {
                 "address: 1-1024 printable characters",
             ));
         }
-        if r.images.len() > 10_000 || r.images.iter().any(|i| i.len() > 4096) {
-            return Err(Status::invalid_argument(
-                "images: at most 10000 references of at most 4096 bytes",
-            ));
-        }
+        bound_images(&name, &mut r.images);
         let now = now_ms();
+        let stream_key = r.stream_key;
         self.write(Command::RegisterNode {
             name: name.clone(),
             address: r.address,
@@ -189,6 +277,13 @@ impl NodeService for NodeRpc {
             now_ms: now,
         })
         .await?;
+        if !stream_key.is_empty() {
+            self.write(Command::SetNodeStreamKey {
+                name: name.clone(),
+                key: stream_key,
+            })
+            .await?;
+        }
         let secret = format!("kilnnode_{}", random_hex(24));
         self.write(Command::CreateToken {
             id: format!("node-{}", random_hex(8)),
@@ -214,11 +309,9 @@ impl NodeService for NodeRpc {
     ) -> Result<tonic::Response<HeartbeatReply>, Status> {
         let name = node_name(&req.get_ref().name)?;
         self.authenticate(req.metadata(), &name).await?;
-        let r = req.into_inner();
-        if r.images.len() > 10_000 || r.images.iter().any(|i| i.len() > 4096) {
-            return Err(Status::invalid_argument(
-                "images: at most 10000 references of at most 4096 bytes",
-            ));
+        let mut r = req.into_inner();
+        if r.images_changed {
+            bound_images(&name, &mut r.images);
         }
         let images = r
             .images_changed

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod rest;
 pub mod scheduler;
 pub mod server;
+pub mod tls;
 
 pub use config::{ServerConfig, parse_peers};
 pub use scheduler::{Decision, Outcome, Pending, Policy, Unschedulable, place};

@@ -54,9 +54,14 @@ pub enum ServerError {
     },
     #[error("cannot build the HTTP client")]
     Http(#[source] reqwest::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("the bootstrap admin token could not be committed: {0}")]
     Bootstrap(String),
 }
+
+/// Requests handled at once on the API listener (more wait their turn).
+pub const MAX_CONCURRENT_REQUESTS: usize = 512;
 
 /// A running replica.
 pub struct Server {
@@ -101,21 +106,34 @@ impl Server {
                 source,
             })?;
         cfg.listen = api_addr;
+        let tls = cfg.tls.as_ref().map(crate::tls::server_config).transpose()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let api = cfg
             .advertise
             .as_deref()
-            .map_or_else(|| format!("http://{api_addr}"), api_url);
+            .map_or_else(|| format!("{scheme}://{api_addr}"), api_url);
         let mut rc = RaftNodeConfig::new(cfg.id, &cfg.state_dir, cfg.raft_listen);
         rc.api_addr = api.clone();
         rc.heartbeat_ms = cfg.raft_heartbeat_ms;
         rc.election_timeout_ms = cfg.election_timeout_ms;
+        rc.cluster_secret = cfg.effective_cluster_secret();
         let raft = RaftNode::start(rc).await?;
         let join_hash = sha256(cfg.join_token.as_bytes());
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(ServerError::Http)?;
+            // A leader behind a partition: fail the forward fast (503).
+            .connect_timeout(Duration::from_secs(2))
+            .redirect(reqwest::redirect::Policy::none());
+        // Writes are forwarded to the leader's API: over https, trust the
+        // peers' CA (default: this server's own certificate file).
+        if let Some(ca) = cfg
+            .peer_ca
+            .as_deref()
+            .or(cfg.tls.as_ref().map(|t| t.cert.as_path()))
+        {
+            http = http.use_preconfigured_tls(crate::tls::client_config(ca)?);
+        }
+        let http = http.build().map_err(ServerError::Http)?;
         let shared = Arc::new(Shared {
             raft,
             cfg,
@@ -125,16 +143,17 @@ impl Server {
             http,
         });
         let (stop, stop_rx) = watch::channel(false);
-        let app = crate::rest::router(shared.clone()).merge(crate::grpc::router(shared.clone()));
+        let app = crate::rest::router(shared.clone())
+            .merge(crate::grpc::router(shared.clone()))
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                MAX_CONCURRENT_REQUESTS,
+            ));
         let mut rx = stop_rx.clone();
+        let limits = shared.cfg.limits;
         let serve = tokio::spawn(async move {
-            let r = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "API listener failed");
+            tokio::select! {
+                () = crate::tls::serve(listener, app, tls, limits) => {}
+                _ = rx.wait_for(|s| *s) => {}
             }
         });
         let reconcile = tokio::spawn(crate::leader::run(shared.clone(), stop_rx));
@@ -173,7 +192,7 @@ impl Server {
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
     }
-    /// `http://host:port` of the API.
+    /// `http(s)://host:port` of the API.
     pub fn api_url(&self) -> &str {
         &self.shared.api_url
     }
@@ -198,18 +217,37 @@ impl Server {
     /// the admin token file, unless that file exists already. Waits (up to
     /// 30 s) for a leader; proposes from this replica, so it must be the
     /// one that initialised the cluster (it stands first for election).
+    ///
+    /// Crash-safe: the secret is written (fsynced) to `<file>.pending`
+    /// before its hash is committed, and renamed to the file only after the
+    /// commit. A crash in between leaves the pending file, whose secret the
+    /// next start commits again (or finds committed), so the admin never
+    /// holds a token that is not in the state, nor the state one whose
+    /// secret is lost.
     async fn bootstrap_admin(&self) -> Result<(), ServerError> {
         let path = self.shared.cfg.admin_token_path();
         if path.exists() {
             return Ok(());
         }
-        let secret = format!("kiln_{}", random_hex(24));
-        let id = format!("admin-{}", random_hex(4));
+        let io_err = |source| ServerError::AdminToken {
+            path: path.clone(),
+            source,
+        };
+        let pending = pending_path(&path);
+        let secret = match std::fs::read_to_string(&pending) {
+            Ok(s) if s.trim().len() >= 16 => s.trim().to_owned(),
+            _ => {
+                let s = format!("kiln_{}", random_hex(24));
+                write_secret_file(&pending, &s).map_err(io_err)?;
+                s
+            }
+        };
+        let sha256 = kiln_store::query::hash_token(&secret);
         let cmd = Command::CreateToken {
-            id,
+            id: format!("admin-{}", &sha256[..8]),
             tenant: None,
             role: Role::Admin,
-            sha256: kiln_store::query::hash_token(&secret),
+            sha256: sha256.clone(),
             description: "bootstrap admin token".into(),
             now_ms: now_ms(),
             node: None,
@@ -217,7 +255,16 @@ impl Server {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             match self.shared.raft.write(cmd.clone()).await {
-                Ok(Response::Rejected(r)) => return Err(ServerError::Bootstrap(r.to_string())),
+                Ok(Response::Rejected(r)) => {
+                    // Committed before a crash: the same secret is there.
+                    let there = self.shared.raft.read_local(|st| {
+                        kiln_store::query::token_by_hash(st, &sha256).is_some()
+                    });
+                    if !there {
+                        return Err(ServerError::Bootstrap(r.to_string()));
+                    }
+                    break;
+                }
                 Ok(_) => break,
                 Err(e @ WriteError::ForwardToLeader { .. }) => {
                     if tokio::time::Instant::now() > deadline {
@@ -228,10 +275,10 @@ impl Server {
                 Err(e) => return Err(ServerError::Bootstrap(e.to_string())),
             }
         }
-        write_secret_file(&path, &secret).map_err(|source| ServerError::AdminToken {
-            path: path.clone(),
-            source,
-        })?;
+        std::fs::rename(&pending, &path).map_err(io_err)?;
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
         tracing::info!(path = %path.display(), "bootstrap admin token written");
         Ok(())
     }
@@ -267,7 +314,15 @@ impl Server {
     }
 }
 
-fn write_secret_file(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+/// Where the admin token waits until its hash is committed.
+pub fn pending_path(path: &std::path::Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".pending");
+    p.into()
+}
+
+/// Writes `secret` and a newline to `path` atomically, mode 0600, fsynced.
+pub fn write_secret_file(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {

@@ -23,7 +23,16 @@ pub async fn client(url: &str) -> NodeServiceClient<Channel> {
         .expect("connect")
 }
 
-pub fn register_req(name: &str, join: &str) -> RegisterRequest {
+/// A registration carrying `join` in its metadata (checked before the
+/// message is read) and its body.
+pub fn register_req(name: &str, join: &str) -> tonic::Request<RegisterRequest> {
+    let mut r = tonic::Request::new(register_msg(name, join));
+    r.metadata_mut()
+        .insert("kiln-join-token", join.parse().expect("metadata"));
+    r
+}
+
+pub fn register_msg(name: &str, join: &str) -> RegisterRequest {
     RegisterRequest {
         join_token: join.into(),
         name: name.into(),
@@ -37,6 +46,7 @@ pub fn register_req(name: &str, join: &str) -> RegisterRequest {
         driver_json: serde_json::to_vec(&DriverKind::QemuTcg).expect("json"),
         labels: Default::default(),
         images: vec!["busybox".into()],
+        stream_key: String::new(),
     }
 }
 
@@ -65,7 +75,7 @@ async fn node_registers_watches_and_reports() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     // Bad payloads are INVALID_ARGUMENT.
     let mut bad = register_req("h1", JOIN);
-    bad.capacity_json = b"{\"cpus\":1,\"bogus\":2}".to_vec();
+    bad.get_mut().capacity_json = b"{\"cpus\":1,\"bogus\":2}".to_vec();
     let e = leader.register(bad).await.expect_err("unknown field");
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     let e = leader
@@ -244,9 +254,29 @@ async fn node_registers_watches_and_reports() {
         .into_inner();
     assert!(!reply.refused[0].is_empty());
 
-    // Re-registering rotates the credential: the old one stops working.
-    let cred2 = leader
+    // The join token alone cannot take over a registered node name.
+    let e = leader
         .register(register_req("h1", JOIN))
+        .await
+        .expect_err("takeover");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // Neither can another node's credential.
+    let mut other = register_req("h1", JOIN);
+    other.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {h2}").parse().expect("metadata"),
+    );
+    let e = leader.register(other).await.expect_err("other credential");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // Re-registering with the credential rotates it: the old one stops
+    // working.
+    let mut again = register_req("h1", JOIN);
+    again.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {cred}").parse().expect("metadata"),
+    );
+    let cred2 = leader
+        .register(again)
         .await
         .expect("re-register")
         .into_inner()
@@ -272,6 +302,22 @@ async fn node_registers_watches_and_reports() {
         ))
         .await
         .expect("new credential");
+    // An admin revokes h1's credential: a replacement host may then
+    // register under the name with the join token alone.
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/nodes/h1/revoke-credential",
+            c.server(l).api_url()
+        ))
+        .bearer_auth(&c.admin)
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(r.status(), 204);
+    leader
+        .register(register_req("h1", JOIN))
+        .await
+        .expect("a replacement registers after the revocation");
     drop(stream);
     c.shutdown().await;
 }

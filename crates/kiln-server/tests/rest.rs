@@ -19,6 +19,8 @@ use serde_json::{Value, json};
 
 struct Api {
     http: reqwest::Client,
+    /// Every answer on a documented route is checked against its schema.
+    schemas: kiln_testkit::ApiSchemas,
 }
 
 struct Reply {
@@ -49,6 +51,8 @@ impl Api {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .expect("client"),
+            schemas: kiln_testkit::ApiSchemas::new(kiln_server::rest::openapi_json().as_bytes())
+                .expect("the OpenAPI document"),
         }
     }
     async fn call(
@@ -72,11 +76,23 @@ impl Api {
             rb = rb.header(*k, *v);
         }
         let r = rb.send().await.expect("request");
-        Reply {
+        let reply = Reply {
             status: r.status().as_u16(),
             headers: r.headers().clone(),
             body: r.bytes().await.expect("body").to_vec(),
+        };
+        // Routes and methods the document does not have (the tests' bad
+        // requests) are answered outside it; everything else must match.
+        let path = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.find('/').map(|i| &rest[i..]))
+            .unwrap_or("/");
+        if self.schemas.describes(method, path)
+            && let Err(e) = self.schemas.check(method, path, reply.status, &reply.body)
+        {
+            panic!("{method} {url}: {e:#}");
         }
+        reply
     }
     async fn post(&self, url: &str, token: &str, v: &Value) -> Reply {
         let b = serde_json::to_vec(v).expect("json");
@@ -107,12 +123,21 @@ async fn tenant_token(api: &Api, base: &str, admin: &str, name: &str, quotas: Va
     r.json::<TokenCreated>().secret
 }
 
+/// A node-protocol request carrying the join token in its metadata (the
+/// server checks it there before reading the message).
+fn joined<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut()
+        .insert("kiln-join-token", JOIN.parse().expect("metadata"));
+    r
+}
+
 async fn register(url: &str, name: &str) -> (NodeServiceClient<tonic::transport::Channel>, String) {
     let mut c = NodeServiceClient::connect(url.to_owned())
         .await
         .expect("connect");
     let cred = c
-        .register(RegisterRequest {
+        .register(joined(RegisterRequest {
             join_token: JOIN.into(),
             name: name.into(),
             address: format!("{name}:0"),
@@ -125,7 +150,8 @@ async fn register(url: &str, name: &str) -> (NodeServiceClient<tonic::transport:
             driver_json: serde_json::to_vec(&DriverKind::QemuTcg).expect("json"),
             labels: Default::default(),
             images: vec![],
-        })
+            stream_key: String::new(),
+        }))
         .await
         .expect("register")
         .into_inner()
@@ -529,7 +555,7 @@ async fn leader_killed_while_creating_loses_and_doubles_nothing() {
     let mut reg = NodeServiceClient::connect(lead.clone())
         .await
         .expect("connect");
-    reg.register(RegisterRequest {
+    reg.register(joined(RegisterRequest {
         join_token: JOIN.into(),
         name: "big".into(),
         address: "big:0".into(),
@@ -542,7 +568,8 @@ async fn leader_killed_while_creating_loses_and_doubles_nothing() {
         driver_json: serde_json::to_vec(&DriverKind::QemuTcg).expect("json"),
         labels: Default::default(),
         images: vec![],
-    })
+        stream_key: String::new(),
+    }))
     .await
     .expect("register");
 

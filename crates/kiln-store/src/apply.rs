@@ -66,7 +66,8 @@ fn apply_inner(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
         | Command::CordonNode { .. }
         | Command::DrainNode { .. }
         | Command::ExpireNodes { .. }
-        | Command::RemoveNode { .. } => nodes::apply(st, cmd, meta),
+        | Command::RemoveNode { .. }
+        | Command::SetNodeStreamKey { .. } => nodes::apply(st, cmd, meta),
         Command::CreateSandbox { .. }
         | Command::PlaceSandbox { .. }
         | Command::SetDesired { .. }

@@ -16,6 +16,10 @@ use serde::Serialize;
 use crate::node::{ClusterError, RaftNodeConfig, StartError, WriteError};
 use crate::{Command, RaftNode, Response, ServerId};
 
+/// The cluster secret of [`start_local_cluster`]'s replicas (loopback
+/// only, for benches and tests; a real cluster's comes from a file).
+pub const LOCAL_CLUSTER_SECRET: &str = "kiln-local-cluster-secret-for-tests";
+
 /// Starts `n` replicas on `127.0.0.1:0` with databases under `dir/<id>`,
 /// initialises them as one cluster through server 1, and waits for a
 /// leader. `tweak` adjusts each replica's configuration.
@@ -29,6 +33,7 @@ pub async fn start_local_cluster(
         let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
         let mut cfg = RaftNodeConfig::new(id, dir.join(id.to_string()), listen);
         cfg.api_addr = format!("http://api-{id}.invalid");
+        cfg.cluster_secret = LOCAL_CLUSTER_SECRET.into();
         tweak(&mut cfg);
         nodes.push(Arc::new(RaftNode::start(cfg).await?));
     }

@@ -75,6 +75,12 @@ pub enum Command {
     RemoveNode {
         name: NodeName,
     },
+    /// The key a registered node demands on its stream endpoints (exec,
+    /// attach, logs, files); the server presents it as a bearer token.
+    SetNodeStreamKey {
+        name: NodeName,
+        key: String,
+    },
 
     // --- sandboxes ---
     /// A tenant's new sandbox. With an idempotency key already used by the
@@ -278,6 +284,7 @@ impl Command {
             Command::DrainNode { .. } => "drain_node",
             Command::ExpireNodes { .. } => "expire_nodes",
             Command::RemoveNode { .. } => "remove_node",
+            Command::SetNodeStreamKey { .. } => "set_node_stream_key",
             Command::CreateSandbox { .. } => "create_sandbox",
             Command::PlaceSandbox { .. } => "place_sandbox",
             Command::SetDesired { .. } => "set_desired",

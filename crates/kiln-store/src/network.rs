@@ -11,6 +11,11 @@
 //! watches and generated clients pay for themselves.
 //!
 //! Invariants:
+//! - Every RPC carries the cluster secret ([`SECRET_HEADER`]); the serving
+//!   side compares its SHA-256 with its own in constant time and refuses a
+//!   request without it (401) in a middleware, before the body is read or
+//!   decoded. Anyone who can reach the Raft port but lacks the secret can
+//!   neither vote nor append.
 //! - Every request body is bounded ([`MAX_RPC_BYTES`]) and decoded into
 //!   openraft's typed messages; a bad body is a 400, never a panic.
 //! - [`Faults`] can cut this server's links to chosen peers: RPCs to them
@@ -51,6 +56,21 @@ pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;
 pub const MIN_RPC_TTL: Duration = Duration::from_millis(500);
 /// Header naming the sending server (used by [`Faults`]).
 const FROM_HEADER: &str = "x-kiln-raft-from";
+/// Header carrying the cluster secret every server shares.
+pub const SECRET_HEADER: &str = "x-kiln-cluster-secret";
+/// The shortest cluster secret accepted.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// SHA-256 of a cluster secret (what the serving side keeps).
+fn secret_hash(secret: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(secret).into()
+}
+
+/// Equal without an early exit.
+fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 /// Per-peer link cuts of one server (fault injection for tests).
 #[derive(Debug, Clone, Default)]
@@ -84,10 +104,14 @@ pub struct HttpNetwork {
     from: ServerId,
     client: Client<HttpConnector, Full<Bytes>>,
     faults: Faults,
+    /// The cluster secret, sent with every RPC.
+    secret: axum::http::HeaderValue,
 }
 
 impl HttpNetwork {
-    pub fn new(from: ServerId, faults: Faults) -> HttpNetwork {
+    /// A client sending `secret` (printable ASCII, checked by
+    /// [`crate::RaftNode::start`]) with every RPC.
+    pub fn new(from: ServerId, faults: Faults, secret: axum::http::HeaderValue) -> HttpNetwork {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -98,6 +122,7 @@ impl HttpNetwork {
             from,
             client,
             faults,
+            secret,
         }
     }
 }
@@ -172,6 +197,7 @@ impl PeerClient {
         let request = axum::http::Request::post(format!("http://{}{path}", self.addr))
             .header("content-type", "application/json")
             .header(FROM_HEADER, self.net.from.to_string())
+            .header(SECRET_HEADER, self.net.secret.clone())
             .body(Full::new(Bytes::from(body)))
             .map_err(SendError::Uri)?;
         // openraft derives the TTL from the heartbeat interval; on a loaded
@@ -287,16 +313,43 @@ struct Served {
     faults: Faults,
 }
 
-/// The serving side: `POST /raft/{append,vote,snapshot}`. Merge it into
-/// the server's internal listener, or let [`crate::RaftNode::start`] serve
-/// it on its own.
-pub fn raft_router(raft: Raft, faults: Faults) -> Router {
+/// The serving side: `POST /raft/{append,vote,snapshot}`, each refused
+/// (401, body unread) unless it carries `secret`. Merge it into the
+/// server's internal listener, or let [`crate::RaftNode::start`] serve it
+/// on its own.
+pub fn raft_router(raft: Raft, faults: Faults, secret: &[u8]) -> Router {
+    let want = Arc::new(secret_hash(secret));
     Router::new()
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .layer(DefaultBodyLimit::max(MAX_RPC_BYTES))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            check_secret(want.clone(), req, next)
+        }))
         .with_state(Served { raft, faults })
+}
+
+/// Refuses a request whose secret is missing or wrong before its body is
+/// read.
+async fn check_secret(
+    want: Arc<[u8; 32]>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> HttpResponse {
+    let ok = req
+        .headers()
+        .get(SECRET_HEADER)
+        .is_some_and(|v| ct_eq(&secret_hash(v.as_bytes()), &want));
+    if !ok {
+        tracing::warn!(uri = %req.uri(), "Raft RPC without the cluster secret refused");
+        return (
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong cluster secret",
+        )
+            .into_response();
+    }
+    next.run(req).await
 }
 
 fn refused(s: &Served, headers: &HeaderMap) -> Option<HttpResponse> {

@@ -44,6 +44,11 @@ pub struct RaftNodeConfig {
     /// Log entries kept behind a snapshot (so slow followers catch up from
     /// the log rather than a snapshot).
     pub keep_behind_snapshot: u64,
+    /// The secret every server of the cluster shares, sent with and
+    /// required on every Raft RPC (printable ASCII, at least
+    /// [`crate::network::MIN_SECRET_LEN`] characters; empty by default,
+    /// which [`RaftNode::start`] refuses).
+    pub cluster_secret: String,
 }
 
 impl RaftNodeConfig {
@@ -59,6 +64,7 @@ impl RaftNodeConfig {
             election_timeout_ms: (400, 800),
             snapshot_every: 10_000,
             keep_behind_snapshot: 1_000,
+            cluster_secret: String::new(),
         }
     }
 }
@@ -71,6 +77,11 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the cluster secret must be at least {} printable ASCII characters",
+        crate::network::MIN_SECRET_LEN
+    )]
+    ClusterSecret,
     #[error(transparent)]
     Store(#[from] OpenStoreError),
     #[error("cannot listen on {addr}")]
@@ -256,6 +267,14 @@ impl RaftNode {
     /// database starts uninitialised (call [`RaftNode::initialize`] on one
     /// server, or add it to an existing cluster); an existing one resumes.
     pub async fn start(cfg: RaftNodeConfig) -> Result<RaftNode, StartError> {
+        let secret = cfg.cluster_secret.trim();
+        if secret.len() < crate::network::MIN_SECRET_LEN
+            || !secret.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(StartError::ClusterSecret);
+        }
+        let secret_header =
+            axum::http::HeaderValue::from_str(secret).map_err(|_| StartError::ClusterSecret)?;
         std::fs::create_dir_all(&cfg.dir).map_err(|source| StartError::Dir {
             path: cfg.dir.clone(),
             source,
@@ -288,13 +307,13 @@ impl RaftNode {
         let raft = Raft::new(
             cfg.id,
             Arc::new(config),
-            HttpNetwork::new(cfg.id, faults.clone()),
+            HttpNetwork::new(cfg.id, faults.clone(), secret_header),
             log,
             sm.clone(),
         )
         .await
         .map_err(StartError::Raft)?;
-        let app = raft_router(raft.clone(), faults.clone());
+        let app = raft_router(raft.clone(), faults.clone(), secret.as_bytes());
         let id = cfg.id;
         let server = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {

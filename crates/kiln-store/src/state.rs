@@ -53,6 +53,11 @@ pub struct NodeRecord {
     pub registered_at_ms: u64,
     /// Leader-supplied time of the last heartbeat (carried in the command).
     pub last_heartbeat_ms: u64,
+    /// The bearer key the node demands on its stream endpoints (the server
+    /// must present it, so it is kept, unlike tokens, in clear; never shown
+    /// by the API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_key: Option<String>,
 }
 
 /// One sandbox: what was asked for and what the node last reported.

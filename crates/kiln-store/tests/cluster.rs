@@ -28,6 +28,7 @@ fn init_tracing() {
 
 /// Faster timeouts than production, still tolerant of a loaded 2-core host.
 fn tweak(cfg: &mut RaftNodeConfig) {
+    cfg.cluster_secret = kiln_store::bench::LOCAL_CLUSTER_SECRET.into();
     cfg.heartbeat_ms = 100;
     cfg.election_timeout_ms = (500, 1000);
 }

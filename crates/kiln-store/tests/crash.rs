@@ -21,6 +21,7 @@ const PORT_ENV: &str = "KILN_STORE_CRASH_PORT";
 fn cfg(dir: &str, port: u16) -> RaftNodeConfig {
     let mut c = RaftNodeConfig::new(1, dir, ([127, 0, 0, 1], port).into());
     c.heartbeat_ms = 100;
+    c.cluster_secret = kiln_store::bench::LOCAL_CLUSTER_SECRET.into();
     c.election_timeout_ms = (300, 600);
     c
 }

@@ -8,7 +8,9 @@
 #![forbid(unsafe_code)]
 
 pub mod images;
+pub mod openapi;
 pub mod registry;
 
 pub use images::{Hostile, OciLayout, cache_dir};
+pub use openapi::ApiSchemas;
 pub use registry::Registry;

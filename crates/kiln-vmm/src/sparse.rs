@@ -78,10 +78,66 @@ pub async fn copy(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Copies `from` to `to` (which must not exist) keeping holes, in this
+/// process: each data extent is copied with `copy_file_range` (through
+/// `std::io::copy`). For small sparse files on a start path, where
+/// spawning `cp` would cost more than the copy. On failure `to` is removed.
+pub fn copy_in_process(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let src = File::open(from)?;
+    let size = src.metadata()?.len();
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
+    let run = || -> std::io::Result<()> {
+        dst.set_len(size)?;
+        for ext in data_extents(&src, size) {
+            let (start, end) = ext?;
+            (&src).seek(SeekFrom::Start(start))?;
+            (&dst).seek(SeekFrom::Start(start))?;
+            let n = std::io::copy(&mut (&src).take(end - start), &mut &dst)?;
+            if n != end - start {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("{} shrank while being copied", from.display()),
+                ));
+            }
+        }
+        Ok(())
+    };
+    run().inspect_err(|_| {
+        let _ = std::fs::remove_file(to);
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
+
+    #[test]
+    fn in_process_copy_keeps_data_and_holes() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("f");
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.set_len(16 << 20).unwrap();
+        f.seek(SeekFrom::Start(3 << 20)).unwrap();
+        f.write_all(&[7u8; 8192]).unwrap();
+        drop(f);
+        let q = t.path().join("g");
+        copy_in_process(&p, &q).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), std::fs::read(&q).unwrap());
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&q).unwrap().blocks() * 512 < 1 << 20);
+        // The destination must not exist; a failed copy leaves nothing.
+        assert!(copy_in_process(&p, &q).is_err());
+        assert!(q.exists(), "an existing destination is not removed");
+        let missing = t.path().join("missing");
+        let r = t.path().join("r");
+        assert!(copy_in_process(&missing, &r).is_err());
+        assert!(!r.exists());
+    }
 
     #[test]
     fn extents_skip_holes_and_stop_at_size() {

@@ -113,6 +113,11 @@ impl NodeProc {
         name: &str,
         extra: &[&str],
     ) -> NodeProc {
+        NodeProc::start_in(k, &ns.name, servers, name, extra)
+    }
+
+    /// As [`NodeProc::start_with_servers`], in the namespace named `ns`.
+    pub fn start_in(k: &Kiln, ns: &str, servers: &str, name: &str, extra: &[&str]) -> NodeProc {
         let token = k.state_dir().join("join-token");
         std::fs::write(&token, format!("{JOIN}\n")).expect("token file");
         let log = k.state_dir().join(format!("node-{name}.log"));
@@ -122,7 +127,7 @@ impl NodeProc {
             .open(&log)
             .expect("log");
         let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
+            .args(["netns", "exec", ns])
             .arg(&k.bin)
             .args(["node", "--server", servers])
             .arg("--join-token-file")

@@ -22,6 +22,8 @@ pub struct Registration {
     pub join_token: String,
     pub name: NodeName,
     pub address: String,
+    /// The key the node's stream endpoints demand (empty: none served).
+    pub stream_key: String,
     pub capacity_json: Vec<u8>,
     pub driver_json: Vec<u8>,
     pub labels: std::collections::HashMap<String, String>,
@@ -78,6 +80,8 @@ pub struct Client {
     credential: std::sync::RwLock<Option<String>>,
     credential_path: PathBuf,
     name: NodeName,
+    /// CA certificate(s) (PEM) an `https://` server must chain to.
+    ca_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -121,8 +125,15 @@ impl Client {
             }),
             credential: std::sync::RwLock::new(stored),
             credential_path,
+            ca_pem: None,
             name,
         }
+    }
+
+    /// Verifies `https://` servers against these CA certificate(s) (PEM).
+    pub fn with_ca(mut self, ca_pem: Vec<u8>) -> Client {
+        self.ca_pem = Some(ca_pem);
+        self
     }
 
     pub fn name(&self) -> &NodeName {
@@ -155,6 +166,25 @@ impl Client {
             })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
+        let ep = if url.starts_with("https://") {
+            let Some(ca) = &self.ca_pem else {
+                return Err(ClientError::BadUrl {
+                    url,
+                    message: "an https:// server needs the CA certificate (kiln node --ca FILE)"
+                        .into(),
+                });
+            };
+            ep.tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            )
+            .map_err(|e| ClientError::BadUrl {
+                url: url.clone(),
+                message: e.to_string(),
+            })?
+        } else {
+            ep
+        };
         match ep.connect().await {
             Ok(ch) => {
                 let cl = NodeServiceClient::new(ch);
@@ -231,7 +261,14 @@ impl Client {
             driver_json: reg.driver_json.clone(),
             labels: reg.labels.clone(),
             images: reg.images.clone(),
+            stream_key: reg.stream_key.clone(),
         }));
+        // The join token goes in metadata too: the server checks it there
+        // before it reads the message.
+        let mut req = req;
+        if let Ok(v) = reg.join_token.parse() {
+            req.metadata_mut().insert("kiln-join-token", v);
+        }
         let reply = match cl.register(req).await {
             Ok(r) => r.into_inner(),
             Err(s) => {

@@ -63,7 +63,14 @@ pub fn cached_images(node: &Node) -> Vec<String> {
             vec![]
         }
     };
-    out.sort();
-    out.dedup();
+    let left_out = kiln_api::cluster::bound_node_images(&mut out);
+    if left_out > 0 {
+        tracing::warn!(
+            left_out,
+            reported = out.len(),
+            "more cached images than the control plane takes (or unusable references): reporting the first {}",
+            kiln_api::cluster::MAX_NODE_IMAGES
+        );
+    }
     out
 }

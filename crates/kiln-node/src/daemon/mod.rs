@@ -28,6 +28,7 @@ pub mod backend;
 pub mod client;
 pub mod converge;
 pub mod host;
+pub mod streams;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -71,6 +72,8 @@ pub struct DaemonConfig {
     /// Seconds from SIGTERM to SIGKILL when the server wants a sandbox
     /// stopped.
     pub stop_grace: u64,
+    /// CA certificate(s) (PEM) that `https://` servers must chain to.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// The daemon could not start.
@@ -167,7 +170,10 @@ pub async fn run(
     let parallel = cfg
         .max_parallel_starts
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() * 2));
-    let client = Client::new(&cfg.servers, cfg.name.clone(), &node.dirs().state);
+    let mut client = Client::new(&cfg.servers, cfg.name.clone(), &node.dirs().state);
+    if let Some(ca) = &cfg.ca_pem {
+        client = client.with_ca(ca.clone());
+    }
     let (desired_tx, desired_rx) = watch::channel(None);
     let (observed_tx, observed_rx) = watch::channel(BTreeMap::new());
     let shared = Arc::new(Shared {
@@ -180,10 +186,12 @@ pub async fn run(
         starts: Semaphore::new(parallel.max(1)),
         observed: observed_tx,
     });
+    let (address, stream_key, listener) = stream_listener(&node, &cfg.address).await;
     let reg = Registration {
         join_token: cfg.join_token.clone(),
         name: cfg.name.clone(),
-        address: cfg.address.clone(),
+        address,
+        stream_key: stream_key.clone(),
         capacity_json: serde_json::to_vec(&capacity).expect("capacity serializes"),
         driver_json: serde_json::to_vec(&driver).expect("driver serializes"),
         labels: cfg.labels.clone(),
@@ -191,6 +199,13 @@ pub async fn run(
     };
     let (registered_tx, registered_rx) = watch::channel(0u64);
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(l) = listener {
+        let sh = shared.clone();
+        let owned: Arc<dyn Fn(&SandboxId) -> bool + Send + Sync> =
+            Arc::new(move |id| streams::owned_by(&sh.backend, id));
+        let cx = Arc::new(streams::Ctx::new(node.clone(), &stream_key, owned));
+        tasks.spawn(streams::serve(l, cx));
+    }
     tasks.spawn(converge_loop(shared.clone()));
     tasks.spawn(session_loop(
         shared.clone(),
@@ -208,6 +223,40 @@ pub async fn run(
     tracing::info!("shutting down; sandboxes keep running");
     tasks.abort_all();
     Ok(())
+}
+
+/// Binds the stream endpoints on `address` (`host:port`; port 0 picks
+/// one) and loads the node's stream key. Returns the address to advertise,
+/// the key, and the listener; a node that cannot bind (an address that is
+/// no local `host:port`) runs without stream endpoints and says so.
+async fn stream_listener(
+    node: &Node,
+    address: &str,
+) -> (String, String, Option<tokio::net::TcpListener>) {
+    let key = match streams::load_or_create_key(&node.dirs().state) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot create the stream key; no stream endpoints");
+            return (address.to_owned(), String::new(), None);
+        }
+    };
+    let bind = address
+        .strip_prefix("http://")
+        .unwrap_or(address)
+        .trim_end_matches('/');
+    match tokio::net::TcpListener::bind(bind).await {
+        Ok(l) => {
+            let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+            let host = bind.rsplit_once(':').map_or(bind, |(h, _)| h);
+            let advertised = format!("{host}:{port}");
+            tracing::info!(address = %advertised, "stream endpoints (exec, attach, logs, files)");
+            (advertised, key, Some(l))
+        }
+        Err(e) => {
+            tracing::warn!(%address, error = %e, "cannot listen for the stream endpoints; exec, logs and files through the API will fail (give --address HOST:PORT)");
+            (address.to_owned(), String::new(), None)
+        }
+    }
 }
 
 /// Registers, then heartbeats; registers again when the server no longer

@@ -196,9 +196,14 @@ impl Node {
 /// The node's sandbox network (bridge, NAT, IPAM under `<state>/net`),
 /// set up idempotently.
 /// Its guests resolve through the node's resolver (see [`crate::dns`]).
+/// An invalid `KILN_PROTECTED_CIDRS` fails here, before anything is made.
 pub fn open_network(dirs: &Dirs) -> Result<kiln_net::Network, kiln_net::OpenNetworkError> {
-    let mut cfg = kiln_net::NetConfig::new(&dirs.state.join("net"));
+    let net_dir = dirs.state.join("net");
+    let mut cfg = kiln_net::NetConfig::new(&net_dir);
     cfg.resolver = true;
+    // Infrastructure ranges: `KILN_PROTECTED_CIDRS` and what `kiln node`
+    // wrote at start (its flags and its servers' addresses).
+    cfg.protected = kiln_net::protect::configured(&net_dir)?;
     kiln_net::Network::open(cfg)
 }
 
@@ -272,6 +277,17 @@ impl Node {
         let rec = self.networked(prefix)?;
         let (policy, counters) = open_network(self.dirs())?.policy(&rec)?;
         Ok((rec, policy, counters))
+    }
+
+    /// Sandbox `prefix`'s drop events (the policy program's ring buffer
+    /// drained into its bounded events file; see `kiln_net::events`).
+    pub fn drop_events(
+        &self,
+        prefix: &str,
+    ) -> Result<(String, Vec<kiln_net::events::DropEvent>), PolicyOpError> {
+        let rec = self.networked(prefix)?;
+        let events = open_network(self.dirs())?.drop_events(&rec)?;
+        Ok((rec, events))
     }
 
     /// Replaces sandbox `prefix`'s policy live (maps rewritten in place,

@@ -163,8 +163,9 @@ impl Node {
         let mut notes = vec![];
         let policy = policy_of(&req.spec.network)?;
         let ports = publish_of(&req.spec.network)?;
-        if !ports.is_empty() {
-            // A host port that is taken is refused before anything exists.
+        if policy.is_some() || !ports.is_empty() {
+            // A bad network configuration (KILN_PROTECTED_CIDRS) or a host
+            // port that is taken is refused before anything exists.
             open_network_for(self)?.check_publish(&ports)?;
         }
         let (spec, cached) = self.resolve(req, progress).await?;

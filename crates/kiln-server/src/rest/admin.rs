@@ -22,7 +22,7 @@ use crate::config::api_url;
 use crate::server::{Shared, now_ms, random_hex};
 
 async fn write(s: &Shared, cmd: Command) -> Result<Response, ApiError> {
-    match s.raft.write(cmd).await? {
+    match super::commit(s, cmd).await? {
         Response::Rejected(r) => Err(rejection(r)),
         ok => Ok(ok),
     }
@@ -40,27 +40,25 @@ pub async fn nodes(
     headers: HeaderMap,
 ) -> Result<Json<NodeList>, ApiError> {
     caller(&s, &headers)?.require_admin()?;
-    let items = s
-        .raft
-        .read(|st| {
-            st.nodes
-                .values()
-                .map(|n| Node {
-                    name: n.name.clone(),
-                    address: n.address.clone(),
-                    driver: n.driver,
-                    capacity: n.capacity,
-                    allocated: st.idx.allocated.get(&n.name).copied().unwrap_or_default(),
-                    status: n.status,
-                    cordoned: n.cordoned,
-                    labels: n.labels.clone(),
-                    images: n.images.iter().cloned().collect(),
-                    sandboxes: st.idx.by_node.get(&n.name).map_or(0, |s| s.len() as u64),
-                    last_heartbeat_ms: n.last_heartbeat_ms,
-                })
-                .collect()
-        })
-        .await?;
+    let items = super::confirmed(&s, |st| {
+        st.nodes
+            .values()
+            .map(|n| Node {
+                name: n.name.clone(),
+                address: n.address.clone(),
+                driver: n.driver,
+                capacity: n.capacity,
+                allocated: st.idx.allocated.get(&n.name).copied().unwrap_or_default(),
+                status: n.status,
+                cordoned: n.cordoned,
+                labels: n.labels.clone(),
+                images: n.images.iter().cloned().collect(),
+                sandboxes: st.idx.by_node.get(&n.name).map_or(0, |s| s.len() as u64),
+                last_heartbeat_ms: n.last_heartbeat_ms,
+            })
+            .collect()
+    })
+    .await?;
     Ok(Json(NodeList { items }))
 }
 
@@ -114,6 +112,51 @@ pub async fn drain(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     node_cmd(&s, &headers, &name, |name| Command::DrainNode { name }).await
+}
+
+/// Revoke a node's credential, so that a new host may register under its
+/// name with the join token (the old one's calls are refused from now).
+#[utoipa::path(post, path = "/v1/nodes/{name}/revoke-credential", tag = "nodes", params(("name" = String, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn revoke_credential(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller(&s, &headers)?.require_admin()?;
+    let name = node_name(&name)?;
+    let ids: Vec<String> = s
+        .raft
+        .read(|st| {
+            st.tokens
+                .values()
+                .filter(|t| {
+                    t.role == Role::Node
+                        && t.node.as_ref() == Some(&name)
+                        && t.revoked_at_ms.is_none()
+                })
+                .map(|t| t.id.clone())
+                .collect()
+        })
+        .await?;
+    if ids.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("node {name} has no live credential"),
+        ));
+    }
+    for id in ids {
+        write(
+            &s,
+            Command::RevokeToken {
+                id,
+                now_ms: now_ms(),
+            },
+        )
+        .await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Members, leader, term, commit and applied index, API URLs.
@@ -258,10 +301,10 @@ pub async fn list_tenants(
     headers: HeaderMap,
 ) -> Result<Json<TenantList>, ApiError> {
     caller(&s, &headers)?.require_admin()?;
-    let items = s
-        .raft
-        .read(|st| st.tenants.values().map(|t| tenant_view(st, t)).collect())
-        .await?;
+    let items = super::confirmed(&s, |st| {
+        st.tenants.values().map(|t| tenant_view(st, t)).collect()
+    })
+    .await?;
     Ok(Json(TenantList { items }))
 }
 

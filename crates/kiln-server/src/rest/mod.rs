@@ -19,6 +19,7 @@ mod admin;
 mod body;
 mod policy;
 mod sandboxes;
+mod streams;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -48,12 +49,15 @@ use crate::server::Shared;
         sandboxes::create, sandboxes::list, sandboxes::get_one, sandboxes::delete,
         sandboxes::stop, sandboxes::pause, sandboxes::resume, sandboxes::wait,
         policy::get_policy, policy::put_policy,
-        admin::nodes, admin::cordon, admin::uncordon, admin::drain,
+        streams::exec, streams::attach, streams::logs, streams::download, streams::upload,
+        admin::nodes, admin::cordon, admin::uncordon, admin::drain, admin::revoke_credential,
         admin::cluster_status, admin::add_member, admin::remove_member,
         admin::create_tenant, admin::list_tenants, admin::set_quotas,
         admin::create_token, admin::revoke_token,
     ),
-    components(schemas(ErrorBody, ErrorDetail)),
+    components(schemas(ErrorBody, ErrorDetail, kiln_api::stream::ExecStart,
+        kiln_api::stream::AttachStart, kiln_api::stream::ClientMsg, kiln_api::stream::ServerMsg,
+        kiln_api::stream::LogRecord, kiln_api::stream::LogStreamName)),
     modifiers(&Security),
     security(("bearer" = [])),
 )]
@@ -68,6 +72,35 @@ impl utoipa::Modify for Security {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+        // Every operation can also answer 401 (token), 503 (no leader,
+        // commit timeout) and the body decoder's 4xx: all an `ErrorBody`.
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let error = ResponseBuilder::new()
+            .description("An error: a machine-readable code and a message")
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build();
+        for item in api.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.responses
+                    .responses
+                    .entry("default".to_owned())
+                    .or_insert_with(|| RefOr::T(error.clone()));
+            }
+        }
     }
 }
 
@@ -93,10 +126,21 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/sandboxes/{id}/policy",
             get(policy::get_policy).put(policy::put_policy),
         )
+        .route("/sandboxes/{id}/exec", get(streams::exec))
+        .route("/sandboxes/{id}/attach", get(streams::attach))
+        .route("/sandboxes/{id}/logs", get(streams::logs))
+        .route(
+            "/sandboxes/{id}/files",
+            get(streams::download).put(streams::upload),
+        )
         .route("/nodes", get(admin::nodes))
         .route("/nodes/{name}/cordon", post(admin::cordon))
         .route("/nodes/{name}/uncordon", post(admin::uncordon))
         .route("/nodes/{name}/drain", post(admin::drain))
+        .route(
+            "/nodes/{name}/revoke-credential",
+            post(admin::revoke_credential),
+        )
         .route("/cluster", get(admin::cluster_status))
         .route("/cluster/members", post(admin::add_member))
         .route(
@@ -114,7 +158,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/tokens", post(admin::create_token))
         .route("/tokens/{id}", axum::routing::delete(admin::revoke_token))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(shared.clone(), to_leader));
+        .layer(middleware::from_fn_with_state(shared.clone(), to_leader))
+        .layer(middleware::from_fn_with_state(shared.clone(), authenticate));
     Router::new()
         .route("/v1/openapi.json", get(openapi))
         .nest("/v1", v1)
@@ -210,6 +255,51 @@ impl From<ReadError> for ApiError {
     }
 }
 
+/// How long an API request waits for its write to commit, or for a
+/// quorum to confirm a linearizable read. A leader cut off from its
+/// majority keeps its leadership until it hears of a newer term, and its
+/// proposals wait; the client gets a 503 instead of a hung request.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Proposes `cmd` and waits (at most [`COMMIT_TIMEOUT`]) until it is
+/// committed and applied. A timeout is 503 `commit_timeout`: the write may
+/// still commit later (a retry with the same `Idempotency-Key` finds it) or
+/// never (a minority leader's entry is discarded once a majority elects
+/// another leader).
+pub(crate) async fn commit(
+    s: &Shared,
+    cmd: kiln_store::Command,
+) -> Result<kiln_store::Response, ApiError> {
+    match tokio::time::timeout(COMMIT_TIMEOUT, s.raft.write(cmd)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(commit_timeout("the write was not committed")),
+    }
+}
+
+/// A linearizable read (leadership confirmed by a quorum), bounded by
+/// [`COMMIT_TIMEOUT`] like a write.
+pub(crate) async fn confirmed<T>(
+    s: &Shared,
+    f: impl FnOnce(&kiln_store::State) -> T,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(COMMIT_TIMEOUT, s.raft.read(f)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(commit_timeout("the read was not confirmed by a quorum")),
+    }
+}
+
+fn commit_timeout(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "commit_timeout",
+        format!(
+            "{what} within {} s: this replica cannot reach a majority of the servers; retry (with the same Idempotency-Key for a create)",
+            COMMIT_TIMEOUT.as_secs()
+        ),
+    )
+    .retry(1)
+}
+
 /// How a state-machine refusal is answered.
 pub fn rejection(r: Rejection) -> ApiError {
     let msg = r.to_string();
@@ -282,11 +372,59 @@ pub fn caller(s: &Shared, headers: &HeaderMap) -> Result<Caller, ApiError> {
 }
 
 const FORWARDED: &str = "x-kiln-forwarded";
+/// The longest a REST request may take to produce its response head (the
+/// longest is a `wait`, bounded by `MAX_WAIT_SECS`).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(sandboxes::MAX_WAIT_SECS + 60);
+
+/// Refuses (401) a request whose bearer token is missing, unknown or a
+/// node credential before its body is read (or forwarded): handlers still
+/// check roles and tenants. A token minted a moment ago may not have
+/// reached this replica yet, so a follower waits briefly for its applied
+/// index to move before refusing.
+async fn authenticate(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut applied = s.raft.subscribe_applied();
+    loop {
+        match caller(&s, req.headers()) {
+            Ok(_) => {
+                return match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+                    Ok(r) => r,
+                    Err(_) => ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout",
+                        "the request took too long; retry",
+                    )
+                    .into_response(),
+                };
+            }
+            Err(e) => {
+                let follower = s.raft.status().role != RaftRole::Leader;
+                let has_token = req.headers().contains_key(header::AUTHORIZATION);
+                if !(follower && has_token)
+                    || !matches!(
+                        tokio::time::timeout_at(deadline, applied.changed()).await,
+                        Ok(Ok(()))
+                    )
+                {
+                    return e.into_response();
+                }
+            }
+        }
+    }
+}
+
+/// The stream routes (`/sandboxes/{id}/exec|attach|logs|files`) are served
+/// by the replica that receives them (see `streams`).
+fn is_stream_route(path: &str) -> bool {
+    let p = path.strip_prefix("/v1").unwrap_or(path);
+    let parts: Vec<&str> = p.trim_start_matches('/').split('/').collect();
+    matches!(parts.as_slice(), ["sandboxes", _, "exec" | "attach" | "logs" | "files"])
+}
 
 /// On a follower, sends the request to the leader and relays its answer.
 async fn to_leader(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let status = s.raft.status();
-    if status.role == RaftRole::Leader {
+    if status.role == RaftRole::Leader || is_stream_route(req.uri().path()) {
         return next.run(req).await;
     }
     if req.headers().contains_key(FORWARDED) {

@@ -51,8 +51,7 @@ fn not_found(id: &str) -> ApiError {
 /// A sandbox the caller may see (another tenant's is 404 like a missing one).
 async fn visible(s: &Shared, tenant: Option<&TenantName>, id: &str) -> Result<Sandbox, ApiError> {
     let sid = SandboxId::try_from(id.to_owned()).map_err(|_| not_found(id))?;
-    s.raft
-        .read(|st| query::get_sandbox(st, tenant, &sid).map(to_rest))
+    super::confirmed(s, |st| query::get_sandbox(st, tenant, &sid).map(to_rest))
         .await?
         .ok_or_else(|| not_found(id))
 }
@@ -140,17 +139,18 @@ pub async fn create(
             }
             None => return Err(ApiError::unavailable("the scheduler gave no decision")),
         };
-        let r = s
-            .raft
-            .write(Command::CreateSandbox {
+        let r = super::commit(
+            &s,
+            Command::CreateSandbox {
                 id: id.clone(),
                 tenant: tenant.clone(),
                 spec: spec.clone(),
                 idempotency_key: key.clone(),
                 node: Some(node),
                 now_ms: now_ms(),
-            })
-            .await?;
+            },
+        )
+        .await?;
         match r {
             Response::Rejected(Rejection::Conflict { .. }) if attempt < PLACE_ATTEMPTS => continue,
             Response::Rejected(rej) => return Err(rejection(rej)),
@@ -246,9 +246,7 @@ pub async fn list(
 ) -> Result<Json<SandboxList>, ApiError> {
     let who = caller(&s, &headers)?;
     let q = list_query(raw.as_deref(), who.tenant.clone())?;
-    let page = s
-        .raft
-        .read(|st| query::list_sandboxes(st, &q))
+    let page = super::confirmed(&s, |st| query::list_sandboxes(st, &q))
         .await?
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_cursor", e.to_string()))?;
     Ok(Json(SandboxList {
@@ -278,14 +276,15 @@ async fn set_desired(
 ) -> Result<Json<Sandbox>, ApiError> {
     let who = caller(s, headers)?;
     let sid = SandboxId::try_from(id.to_owned()).map_err(|_| not_found(id))?;
-    let r = s
-        .raft
-        .write(Command::SetDesired {
+    let r = super::commit(
+        s,
+        Command::SetDesired {
             tenant: who.tenant.clone(),
             id: sid.clone(),
             desired,
-        })
-        .await?;
+        },
+    )
+    .await?;
     if let Response::Rejected(rej) = r {
         return Err(match rej {
             Rejection::NotFound { .. } => not_found(id),

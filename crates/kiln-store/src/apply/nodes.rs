@@ -23,7 +23,7 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                 ));
             }
             check_labels(labels)?;
-            if images.len() > 4096 {
+            if images.len() > kiln_api::cluster::MAX_NODE_IMAGES {
                 return Err(Rejection::invalid("images", "at most 4096 cached images"));
             }
             for i in images {
@@ -40,6 +40,7 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                 status: NodeStatus::Ready,
                 registered_at_ms: *now_ms,
                 last_heartbeat_ms: *now_ms,
+                stream_key: None,
             });
             rec.address = address.clone();
             rec.capacity = *capacity;
@@ -62,7 +63,7 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             images,
         } => {
             if let Some(images) = images {
-                if images.len() > 4096 {
+                if images.len() > kiln_api::cluster::MAX_NODE_IMAGES {
                     return Err(Rejection::invalid("images", "at most 4096 cached images"));
                 }
                 for i in images {
@@ -100,6 +101,23 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             Ok(Response::Done)
         }
         Command::ExpireNodes { now_ms, grace_ms } => Ok(expire_nodes(st, *now_ms, *grace_ms, meta)),
+        Command::SetNodeStreamKey { name, key } => {
+            if key.len() < 32
+                || key.len() > 128
+                || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(Rejection::invalid(
+                    "key",
+                    "32-128 characters of [A-Za-z0-9_]",
+                ));
+            }
+            let rec = st
+                .nodes
+                .get_mut(name)
+                .ok_or_else(|| Rejection::not_found(ObjectKind::Node, name))?;
+            rec.stream_key = Some(key.clone());
+            Ok(Response::Done)
+        }
         Command::RemoveNode { name } => {
             if !st.nodes.contains_key(name) {
                 return Err(Rejection::not_found(ObjectKind::Node, name));

@@ -921,3 +921,33 @@ fn tenants_see_only_their_snapshots_and_their_or_shared_templates() {
         }
     ));
 }
+
+#[test]
+fn a_node_stream_key_is_validated_and_kept() {
+    let mut sm = Sm::new();
+    let key = "0123456789abcdef0123456789abcdef".to_string();
+    assert!(matches!(
+        sm.rejected(Command::SetNodeStreamKey {
+            name: n("a"),
+            key: key.clone()
+        }),
+        Rejection::NotFound { .. }
+    ));
+    sm.ok(node("a", 4, 4096));
+    for bad in ["short", "has space 0123456789abcdef0123456789", &"x".repeat(129)] {
+        assert!(matches!(
+            sm.rejected(Command::SetNodeStreamKey {
+                name: n("a"),
+                key: bad.to_string()
+            }),
+            Rejection::Invalid { .. }
+        ));
+    }
+    sm.ok(Command::SetNodeStreamKey {
+        name: n("a"),
+        key: key.clone(),
+    });
+    // Re-registration keeps the key until the node sends a new one.
+    sm.ok(node("a", 4, 4096));
+    assert_eq!(sm.st.nodes[&n("a")].stream_key.as_deref(), Some(key.as_str()));
+}

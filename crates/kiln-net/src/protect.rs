@@ -1,0 +1,180 @@
+//! Node-level protected infrastructure ranges: CIDRs (control-plane
+//! servers, a management LAN, ...) that the policy program treats like the
+//! node's own addresses, so a broad rule or a default-allow policy never
+//! reaches them; only a rule whose CIDR lies inside one opens it.
+//!
+//! Two sources, unioned by every process that compiles a policy (so `kiln
+//! run`, `kiln policy set` and the node daemon agree):
+//! - `KILN_PROTECTED_CIDRS`: comma- or space-separated IPv4 CIDRs (a bare
+//!   address is a /32), read from the environment of each process;
+//! - `<state>/net/protected-cidrs`: one CIDR a line, written by `kiln node`
+//!   at start from its `--protected-cidr` flags and the addresses of its
+//!   `--server` URLs (replaced atomically on each start).
+
+use std::fs;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+pub use ipnet::Ipv4Net;
+
+/// The environment variable naming extra protected CIDRs.
+pub const ENV: &str = "KILN_PROTECTED_CIDRS";
+/// The file (in the network's state directory) the node daemon writes.
+pub const FILE: &str = "protected-cidrs";
+/// At most this many configured ranges (each is a trie key per sandbox).
+pub const MAX: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtectedCidrsError {
+    #[error("protected range {text:?} ({origin}): {why}")]
+    Parse {
+        text: String,
+        origin: String,
+        why: &'static str,
+    },
+    #[error("more than {MAX} protected ranges ({origin})")]
+    TooMany { origin: String },
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("cannot write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+}
+
+/// Parses one CIDR or address (IPv4 only: sandboxes have no IPv6).
+pub fn parse_one(text: &str, origin: &str) -> Result<Ipv4Net, ProtectedCidrsError> {
+    let err = |why| ProtectedCidrsError::Parse {
+        text: text.chars().take(64).collect(),
+        origin: origin.to_owned(),
+        why,
+    };
+    let (addr, len) = match text.split_once('/') {
+        Some((a, l)) => {
+            let len: u8 = l
+                .parse()
+                .ok()
+                .filter(|l| *l <= 32)
+                .ok_or_else(|| err("the prefix length must be a number 0-32"))?;
+            (a, len)
+        }
+        None => (text, 32),
+    };
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| err("not an IPv4 address (a.b.c.d or a.b.c.d/len)"))?;
+    let net = Ipv4Net::new(addr, len).map_err(|_| err("bad prefix length"))?;
+    if net.prefix_len() == 0 {
+        return Err(err(
+            "0.0.0.0/0 would protect everything: refuse all instead",
+        ));
+    }
+    Ok(net.trunc())
+}
+
+/// Parses a list separated by commas, spaces or newlines (`#` comments to
+/// the end of a line).
+pub fn parse_list(text: &str, origin: &str) -> Result<Vec<Ipv4Net>, ProtectedCidrsError> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or_default();
+        for item in line.split([',', ' ', '\t']).filter(|s| !s.is_empty()) {
+            out.push(parse_one(item, origin)?);
+            if out.len() > MAX {
+                return Err(ProtectedCidrsError::TooMany {
+                    origin: origin.to_owned(),
+                });
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The configured ranges: `KILN_PROTECTED_CIDRS` and the node's file in
+/// `net_dir` (absent: none).
+pub fn configured(net_dir: &Path) -> Result<Vec<Ipv4Net>, ProtectedCidrsError> {
+    let mut out = match std::env::var(ENV) {
+        Ok(v) => parse_list(&v, ENV)?,
+        Err(_) => Vec::new(),
+    };
+    let path = net_dir.join(FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => out.extend(parse_list(&text, &path.display().to_string())?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ProtectedCidrsError::Read(path, e)),
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Replaces the node's file with `ranges` (temp file, fsync, rename).
+pub fn write_file(net_dir: &Path, ranges: &[Ipv4Net]) -> Result<(), ProtectedCidrsError> {
+    let path = net_dir.join(FILE);
+    let werr = |e| ProtectedCidrsError::Write(path.clone(), e);
+    fs::create_dir_all(net_dir).map_err(werr)?;
+    let tmp = net_dir.join(format!(".{FILE}.tmp"));
+    let mut f = fs::File::create(&tmp).map_err(werr)?;
+    let mut text = String::from("# written by `kiln node` at start; see docs/networking.md\n");
+    for r in ranges {
+        text.push_str(&format!("{r}\n"));
+    }
+    f.write_all(text.as_bytes()).map_err(werr)?;
+    f.sync_all().map_err(werr)?;
+    fs::rename(&tmp, &path).map_err(werr)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_parse_and_bad_entries_are_named() {
+        let got = parse_list("10.0.0.0/8, 192.168.1.7 # a server\n172.16.0.0/12", "t").unwrap();
+        let want: Vec<Ipv4Net> = ["10.0.0.0/8", "172.16.0.0/12", "192.168.1.7/32"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(
+            parse_list("10.1.2.3/16", "t").unwrap(),
+            vec!["10.1.0.0/16".parse::<Ipv4Net>().unwrap()]
+        );
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "fd00::/8",
+            "0.0.0.0/0",
+            "x",
+            "10.0.0.1/",
+        ] {
+            let e = parse_list(bad, "KILN_PROTECTED_CIDRS")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(bad) && e.contains("KILN_PROTECTED_CIDRS"), "{e}");
+        }
+        let many: Vec<String> = (0..=MAX)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
+        assert!(matches!(
+            parse_list(&many.join(","), "t"),
+            Err(ProtectedCidrsError::TooMany { .. })
+        ));
+    }
+
+    #[test]
+    fn the_file_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(configured(dir.path()).unwrap().is_empty() || std::env::var(ENV).is_ok());
+        let r: Vec<Ipv4Net> = vec![
+            "10.9.0.0/16".parse().unwrap(),
+            "10.1.1.1/32".parse().unwrap(),
+        ];
+        write_file(dir.path(), &r).unwrap();
+        let got = parse_list(&fs::read_to_string(dir.path().join(FILE)).unwrap(), "f").unwrap();
+        assert_eq!(got.len(), 2);
+        assert!(got.contains(&r[0]) && got.contains(&r[1]));
+    }
+}

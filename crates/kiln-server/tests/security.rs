@@ -1,0 +1,301 @@
+//! Security of one real replica: the API over TLS (certificates made here
+//! with rcgen: a node registers over TLS, an admin lists nodes over TLS, a
+//! client trusting another CA is refused), REST authentication before the
+//! body is read, bounded node image lists, and a crash-safe bootstrap
+//! admin token.
+
+mod common;
+
+use std::time::Duration;
+
+use common::JOIN;
+use kiln_api::cluster::{Capacity, DriverKind};
+use kiln_api::node_rpc::node_service_client::NodeServiceClient;
+use kiln_api::node_rpc::{HeartbeatRequest, RegisterRequest};
+use kiln_server::Server;
+use kiln_server::tls::TlsFiles;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A CA and a server certificate for 127.0.0.1/localhost signed by it,
+/// written as PEM files into `dir`. Returns the CA file.
+fn make_certs(dir: &std::path::Path, tag: &str) -> (std::path::PathBuf, TlsFiles) {
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("kiln test CA {tag}"));
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).expect("p");
+    let cert = params.signed_by(&key, &issuer).expect("cert");
+    let ca = dir.join(format!("ca-{tag}.pem"));
+    std::fs::write(&ca, ca_cert.pem()).expect("write ca");
+    let files = TlsFiles {
+        cert: dir.join(format!("server-{tag}.pem")),
+        key: dir.join(format!("server-{tag}.key")),
+    };
+    std::fs::write(&files.cert, cert.pem()).expect("write cert");
+    std::fs::write(&files.key, key.serialize_pem()).expect("write key");
+    (ca, files)
+}
+
+fn registration(name: &str, images: Vec<String>) -> tonic::Request<RegisterRequest> {
+    let mut r = tonic::Request::new(RegisterRequest {
+        join_token: String::new(),
+        name: name.into(),
+        address: "127.0.0.1:9".into(),
+        capacity_json: serde_json::to_vec(&Capacity {
+            cpus: 4,
+            memory_mib: 4096,
+            disk_mib: 10_000,
+        })
+        .expect("json"),
+        driver_json: serde_json::to_vec(&DriverKind::QemuTcg).expect("json"),
+        labels: Default::default(),
+        images,
+    });
+    r.metadata_mut()
+        .insert("kiln-join-token", JOIN.parse().expect("metadata"));
+    r
+}
+
+async fn start_single(dir: &std::path::Path, tls: Option<TlsFiles>) -> Server {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("KILN_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let mut cfg = common::config(1, dir);
+    cfg.init = true;
+    cfg.tls = tls;
+    Server::start(cfg).await.expect("start")
+}
+
+fn admin_token(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("admin.token"))
+        .expect("admin token")
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_over_tls_verifies_the_server() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let certs = tempfile::tempdir().expect("tmp");
+    let (ca, files) = make_certs(certs.path(), "good");
+    let (other_ca, _) = make_certs(certs.path(), "other");
+    let server = start_single(dir.path(), Some(files)).await;
+    let url = server.api_url().to_owned();
+    assert!(url.starts_with("https://"), "{url}");
+    let admin = admin_token(dir.path());
+
+    // A node registers over TLS (gRPC, ALPN h2), verifying the server.
+    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+        tonic::transport::Certificate::from_pem(std::fs::read(&ca).expect("ca")),
+    );
+    let ch = tonic::transport::Endpoint::from_shared(url.clone())
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect over TLS");
+    let mut node = NodeServiceClient::new(ch);
+    let cred = node
+        .register(registration("tls-node", vec!["busybox".into()]))
+        .await
+        .expect("register over TLS")
+        .into_inner()
+        .credential;
+    assert!(!cred.is_empty());
+
+    // An admin lists it over TLS (REST).
+    let client = |ca: &std::path::Path| {
+        let pem = std::fs::read(ca).expect("ca");
+        reqwest::Client::builder()
+            .use_preconfigured_tls(kiln_server::tls::client_config(ca).expect("client config"))
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map(|c| (c, pem))
+            .expect("client")
+    };
+    let (good, _) = client(&ca);
+    let r = good
+        .get(format!("{url}/v1/nodes"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("list over TLS");
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value =
+        serde_json::from_slice(&r.bytes().await.expect("body")).expect("json");
+    assert_eq!(body["items"][0]["name"], "tls-node", "{body}");
+
+    // A client trusting another CA is refused during the handshake.
+    let (bad, _) = client(&other_ca);
+    let e = bad
+        .get(format!("{url}/v1/nodes"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect_err("wrong CA");
+    let chain = format!("{:?}", e);
+    assert!(
+        chain.contains("UnknownIssuer") || chain.contains("certificate"),
+        "{chain}"
+    );
+    // Plain HTTP to the TLS port gets no API answer.
+    let plain = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let r = plain
+        .get(format!("{}/v1/nodes", url.replacen("https://", "http://", 1)))
+        .bearer_auth(&admin)
+        .send()
+        .await;
+    assert!(r.is_err(), "plain HTTP on the TLS port: {r:?}");
+    server.shutdown().await;
+}
+
+/// Sends a request head only (a large body is declared, none is sent) and
+/// returns the status line the server answers with.
+async fn head_only(addr: std::net::SocketAddr, head: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(head.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 2048];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("the server answers without waiting for the body")
+        .expect("read");
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_bodies_are_not_read_and_image_lists_are_bounded() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = start_single(dir.path(), None).await;
+    let addr = server.api_addr();
+    // REST: no token, or a wrong one, is a 401 before the body arrives.
+    for auth in ["", "authorization: Bearer kiln_not_a_token\r\n"] {
+        let line = head_only(
+            addr,
+            &format!(
+                "POST /v1/sandboxes HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{auth}content-length: 900000\r\n\r\n"
+            ),
+        )
+        .await;
+        assert!(line.contains(" 401 "), "{auth:?}: {line}");
+    }
+    // gRPC: a call with neither join token nor credential is refused
+    // before its message is read.
+    let url = server.api_url().to_owned();
+    let mut node = NodeServiceClient::connect(url.clone()).await.expect("connect");
+    let mut bare = registration("n1", vec![]);
+    bare.metadata_mut().remove("kiln-join-token");
+    bare.get_mut().join_token = JOIN.into();
+    let e = node.register(bare).await.expect_err("no metadata");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+
+    // A node with more cached images than the state takes registers and
+    // heartbeats: the list is cut, never refused.
+    let many: Vec<String> = (0..5000).map(|i| format!("registry.test/img{i:05}:1")).collect();
+    let cred = node
+        .register(registration("n1", many.clone()))
+        .await
+        .expect("register with 5000 images")
+        .into_inner()
+        .credential;
+    let mut hb = tonic::Request::new(HeartbeatRequest {
+        name: "n1".into(),
+        images_changed: true,
+        images: many,
+        ..Default::default()
+    });
+    hb.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {cred}").parse().expect("metadata"),
+    );
+    node.heartbeat(hb).await.expect("heartbeat with 5000 images");
+    let admin = admin_token(dir.path());
+    let bytes = reqwest::Client::new()
+        .get(format!("{url}/v1/nodes"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("list")
+        .bytes()
+        .await
+        .expect("body");
+    let body: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+    let images = body["items"][0]["images"].as_array().expect("images").len();
+    assert_eq!(images, kiln_api::cluster::MAX_NODE_IMAGES);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_admin_token_survives_a_crash_between_commit_and_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = start_single(dir.path(), None).await;
+    let secret = admin_token(dir.path());
+    server.shutdown().await;
+    // A crash after the commit, before the rename: the secret is still in
+    // the pending file, the token in the state.
+    let file = dir.path().join("admin.token");
+    let pending = dir.path().join("admin.token.pending");
+    std::fs::rename(&file, &pending).expect("rename");
+    let server = start_restart(dir.path()).await;
+    assert!(!pending.exists(), "the pending file is renamed");
+    assert_eq!(admin_token(dir.path()), secret, "the same secret");
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/nodes", server.api_url()))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(r.status(), 200, "the recovered token works");
+    server.shutdown().await;
+
+    // A crash before the commit: a fresh directory with only the pending
+    // file; the next start commits that secret.
+    let dir2 = tempfile::tempdir().expect("tmp");
+    let pending2 = dir2.path().join("admin.token.pending");
+    std::fs::write(&pending2, "kiln_pending_secret_0123456789abcdef\n").expect("write");
+    let server = start_single(dir2.path(), None).await;
+    assert_eq!(
+        admin_token(dir2.path()),
+        "kiln_pending_secret_0123456789abcdef"
+    );
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/nodes", server.api_url()))
+        .bearer_auth("kiln_pending_secret_0123456789abcdef")
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(r.status(), 200);
+    server.shutdown().await;
+}
+
+/// Restarts a single replica from `dir` (`init` again, as `kiln server
+/// --init` rerun would; the flusher may hold the database a moment).
+async fn start_restart(dir: &std::path::Path) -> Server {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut cfg = common::config(1, dir);
+        cfg.init = true;
+        match Server::start(cfg).await {
+            Ok(s) => return s,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::info!(error = %e, "restart retry");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("restart: {e}"),
+        }
+    }
+}
