@@ -81,8 +81,10 @@ pub struct ServerArgs {
 }
 
 /// The cluster secret: from `--cluster-secret-file`, else from the state
-/// directory, else generated there by `--init` of a single server, else
-/// none (the server derives one from the join token).
+/// directory, else (a single server, which needs it only for its own Raft
+/// port) generated there. Servers with `--peers` must be given the same
+/// file: a secret derived from the join token would let any node host,
+/// which holds that token, speak Raft to the servers.
 fn cluster_secret(a: &ServerArgs, single: bool) -> Result<Option<String>> {
     let read = |p: &std::path::Path| -> Result<String> {
         let s = std::fs::read_to_string(p)
@@ -103,20 +105,20 @@ fn cluster_secret(a: &ServerArgs, single: bool) -> Result<Option<String>> {
     if own.exists() {
         return read(&own).map(Some);
     }
-    if a.init && single {
-        let s = kiln_server::server::random_hex(32);
-        kiln_server::server::write_secret_file(&own, &s)
-            .with_context(|| format!("writing the cluster secret {}", own.display()))?;
-        eprintln!(
-            "kiln server: cluster secret in {} (give other servers the same file with --cluster-secret-file)",
-            own.display()
+    if !single {
+        bail!(
+            "servers with --peers need --cluster-secret-file F, the same file on every server \
+             (at least 16 printable characters, e.g. `head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > F`)"
         );
-        return Ok(Some(s));
     }
-    tracing::warn!(
-        "no --cluster-secret-file: Raft RPCs are authenticated with a key derived from the join token, which nodes also hold"
+    let s = kiln_server::server::random_hex(32);
+    kiln_server::server::write_secret_file(&own, &s)
+        .with_context(|| format!("writing the cluster secret {}", own.display()))?;
+    eprintln!(
+        "kiln server: cluster secret in {} (servers added later need the same file: --cluster-secret-file)",
+        own.display()
     );
-    Ok(None)
+    Ok(Some(s))
 }
 
 pub async fn run(a: ServerArgs) -> Result<i32> {

@@ -182,6 +182,16 @@ impl ServerProc {
         format!("http://{}:{API_PORT}", self.ip)
     }
 
+    /// The cluster secret shared by the replicas, written once beside the
+    /// join token.
+    pub fn secret_file(&self) -> PathBuf {
+        let f = self.join_file.with_file_name("cluster.secret");
+        if !f.exists() {
+            std::fs::write(&f, "e2e-cluster-secret-0123456789abcdef").expect("cluster secret");
+        }
+        f
+    }
+
     pub fn raft_addr(&self) -> String {
         format!("{}:{RAFT_PORT}", self.ip)
     }
@@ -203,6 +213,9 @@ impl ServerProc {
             self.dir.to_string_lossy().into_owned(),
             "--join-token-file".into(),
             self.join_file.to_string_lossy().into_owned(),
+            // Every replica the same secret (one file beside the join token).
+            "--cluster-secret-file".into(),
+            self.secret_file().to_string_lossy().into_owned(),
             "--heartbeat-ms".into(),
             "300".into(),
             "--grace-ms".into(),
