@@ -3,7 +3,8 @@
 //! and forks of it get their own tap, address and MAC (configured in the
 //! guest after the restore), keep the policy, reach an allowed server in a
 //! namespace, and leave the parent working; warm starts from a networked
-//! template (its VM has a NIC on a placeholder tap) likewise; nothing
+//! template (its VM has a NIC on a placeholder tap) likewise, and so do
+//! runs that claim a member of a networked template's warm pool; nothing
 //! outlives them.
 
 mod common;
@@ -105,16 +106,6 @@ fn warm_starts_from_a_networked_template_get_their_own_address() {
     let taps_before = taps();
     let allow = format!("{addr}/32:tcp:8080");
 
-    tracing::info!("a pool of a networked template is refused before anything is made");
-    let refused = k.run(&["template", "create", "--net", "default", "--pool", "1", &bb]);
-    assert_ne!(code(&refused), 0);
-    assert!(
-        stderr(&refused).contains("pools of networked templates"),
-        "{}",
-        stderr(&refused)
-    );
-    assert_eq!(ok(&k, &["template", "ls", "-q"]).trim(), "");
-
     let t0 = std::time::Instant::now();
     let name = ok(&k, &["template", "create", "--net", "default", &bb])
         .trim()
@@ -184,6 +175,175 @@ fn warm_starts_from_a_networked_template_get_their_own_address() {
     }
     ok(&k, &["template", "rm", &name]);
     assert_eq!(taps(), taps_before, "a tap outlived its sandbox");
+    k.assert_clean();
+    drop_node_network();
+}
+
+/// Sandbox IDs holding a lease in `k`'s state directory.
+fn leased(k: &Kiln) -> Vec<String> {
+    let path = k.state_dir().join("net").join("leases.json");
+    let Ok(bytes) = std::fs::read(&path) else {
+        return vec![];
+    };
+    let v: serde_json::Value = serde_json::from_slice(&bytes).expect("leases.json");
+    v["leases"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Rules in the `inet kiln` table.
+fn nft_rules() -> usize {
+    let out = std::process::Command::new("nft")
+        .args(["-a", "list", "table", "inet", "kiln"])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("# handle") && !l.trim_start().starts_with("chain"))
+        .filter(|l| !l.contains("table inet kiln"))
+        .count()
+}
+
+/// Sandbox pin directories under `/sys/fs/bpf/kiln`.
+fn pin_dirs() -> usize {
+    std::fs::read_dir("/sys/fs/bpf/kiln")
+        .map(|d| d.flatten().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn runs_from_a_networked_warm_pool_get_their_own_address_and_policy() {
+    let _net = net_support::exclusive();
+    let k = Kiln::new();
+    let bb = busybox();
+    let out = Outside::new();
+    let addr = out.addr.clone();
+    let before = (taps(), pin_dirs());
+    let allow = format!("{addr}/32:tcp:8080");
+
+    let t0 = std::time::Instant::now();
+    let name = ok(
+        &k,
+        &["template", "create", "--net", "default", "--pool", "2", &bb],
+    )
+    .trim()
+    .to_string();
+    tracing::info!(create_ms = t0.elapsed().as_millis() as u64, %name, "networked template with a pool of 2");
+    let rules_idle = nft_rules();
+    tracing::info!("each member has its own tap, lease and pins, and a deny-all policy");
+    let members = leased(&k);
+    assert_eq!(members.len(), 2, "{members:?}");
+    assert_eq!(taps(), before.0 + 2, "one tap per member");
+    for m in &members {
+        assert!(
+            std::path::Path::new("/sys/fs/bpf/kiln").join(m).exists(),
+            "member {m} has no policy program"
+        );
+        let saved = std::fs::read_to_string(
+            k.state_dir()
+                .join("net")
+                .join("policies")
+                .join(format!("{m}.json")),
+        )
+        .expect("the member's saved policy");
+        let v: serde_json::Value = serde_json::from_str(&saved).expect("policy JSON");
+        assert!(
+            v["default"]
+                .as_str()
+                .is_some_and(|d| d.eq_ignore_ascii_case("deny"))
+                && v["egress"].as_array().is_some_and(|r| r.is_empty()),
+            "an idle member's policy is not deny-all: {saved}"
+        );
+    }
+
+    let mut seen: Vec<(String, String)> = vec![];
+    let mut ids = vec![];
+    for _ in 0..2 {
+        let t0 = std::time::Instant::now();
+        let run = k.run(&[
+            "run",
+            "-d",
+            "-v",
+            "--net",
+            "default",
+            "--policy-default",
+            "deny",
+            "--allow",
+            &allow,
+            &bb,
+            "--",
+            "sleep",
+            "600",
+        ]);
+        assert_eq!(code(&run), 0, "{}", stderr(&run));
+        assert!(
+            stderr(&run).contains(&format!("warm start from the pool of template {name}")),
+            "not from the pool: {}",
+            stderr(&run)
+        );
+        tracing::info!(
+            run_ms = t0.elapsed().as_millis() as u64,
+            "networked run from the pool"
+        );
+        let id = common::stdout(&run).trim().to_string();
+        assert_eq!(reach(&k, &id, &addr, 8080), "allowed", "pool run {id}");
+        assert_eq!(
+            reach(&k, &id, &addr, 9090),
+            "",
+            "pool run {id}: denied port"
+        );
+        let get = ok(&k, &["policy", "get", &id]);
+        assert!(
+            get.contains("8080"),
+            "the run's policy is not in force: {get}"
+        );
+        let a = guest_addr(&k, &id);
+        assert_ne!(a.1, "02:00:00:00:00:01", "the template's MAC");
+        for s in &seen {
+            assert_ne!(a.0, s.0, "two pool runs share an address");
+            assert_ne!(a.1, s.1, "two pool runs share a MAC");
+        }
+        assert!(leased(&k).contains(&id), "{id} holds no lease");
+        seen.push(a);
+        ids.push(id);
+    }
+    tracing::info!("a --net none run does not take a networked member");
+    let none = k.run(&["run", "--rm", "-v", &bb, "--", "ls", "/sys/class/net"]);
+    assert_eq!(code(&none), 0, "{}", stderr(&none));
+    assert!(!stderr(&none).contains(&name), "{}", stderr(&none));
+    assert!(
+        common::stdout(&none)
+            .split_whitespace()
+            .all(|l| l == "lo" || l == "sit0"),
+        "{}",
+        common::stdout(&none)
+    );
+
+    for id in &ids {
+        ok(&k, &["rm", "-f", id]);
+    }
+    tracing::info!("template rm drains the pool (members refilled meanwhile too)");
+    ok(&k, &["template", "rm", &name]);
+    assert_eq!(
+        leased(&k),
+        Vec::<String>::new(),
+        "a lease outlived its member"
+    );
+    assert_eq!(
+        (taps(), pin_dirs()),
+        before,
+        "a tap or pin outlived its member"
+    );
+    assert_eq!(nft_rules(), rules_idle, "nft rules outlived the pool");
+    let ruleset = std::process::Command::new("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .expect("nft");
+    let ruleset = String::from_utf8_lossy(&ruleset.stdout);
+    for id in members.iter().chain(&ids) {
+        assert!(!ruleset.contains(id.as_str()), "an nft rule names {id}");
+    }
     k.assert_clean();
     drop_node_network();
 }

@@ -750,6 +750,21 @@ fn claim_mismatch(
             member.image_digest, claimed.image_digest
         ));
     }
+    // A networked member is claimed only with its own attachment (its tap
+    // is the VM's; the policy may differ), a member without a network only
+    // by a run without one.
+    match (&member.network, &claimed.network) {
+        (None, None) => {}
+        (Some(m), Some(c))
+            if (&m.id, &m.ifname, m.mac, m.ip) == (&c.id, &c.ifname, c.mac, c.ip) => {}
+        (Some(m), _) => {
+            return Some(format!(
+                "is attached to the network as {} on {}, not as the claim says",
+                m.ip, m.ifname
+            ));
+        }
+        (None, Some(_)) => return Some("has no network device".to_string()),
+    }
     if (member.cpus, member.memory_mib, member.disk_mib)
         != (claimed.cpus, claimed.memory_mib, claimed.disk_mib)
     {
