@@ -782,10 +782,15 @@ fn claim_mismatch(
 }
 
 /// Removes every trace of a pool member whose VM is gone: its offer, its
-/// registration with the template, its socket and its record.
+/// registration with the template, its network, its socket and its record.
 fn forget_member(store: &Store, rec: &SandboxRecord, pool: &crate::pool::Pool) {
     pool.withdraw(&rec.id);
     release_snapshot(store, rec);
+    // A networked member's tap, lease and pins go before its record (whose
+    // removal is what the node waits for).
+    if rec.spec.network.is_some() {
+        crate::node::release_network(store.dirs(), &rec.id);
+    }
     let _ = std::fs::remove_file(ctl_socket(&store.dir(&rec.id)));
     if let Err(e) = store.remove(&rec.id) {
         warn!(error = %e, "cannot remove the pool member's record");

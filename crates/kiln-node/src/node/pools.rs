@@ -475,6 +475,8 @@ impl Node {
             .wait_supervisor_gone(id, Duration::from_secs(30), None)
             .await;
         self.reap_orphan(id).await;
+        // Idempotent: its supervisor released it, unless it died first.
+        super::release_network(self.dirs(), id);
     }
 
     /// Empties and removes template `name`'s pool (before the template itself
