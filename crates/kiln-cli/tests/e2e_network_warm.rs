@@ -252,6 +252,38 @@ fn runs_from_a_networked_warm_pool_get_their_own_address_and_policy() {
         );
     }
 
+    tracing::info!("a member whose supervisor was killed is reaped with its network");
+    let victim = members[0].clone();
+    let victim_tap = member_taps[0].clone();
+    let shim = k
+        .leftover_processes()
+        .into_iter()
+        .find(|p| p.contains("shim") && p.contains(&victim))
+        .unwrap_or_else(|| panic!("no supervisor of member {victim}"));
+    let pid: i32 = shim
+        .split(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the member's supervisor");
+    ok(&k, &["template", "fill", &name]);
+    assert!(
+        !leased(&k).contains(&victim),
+        "the reaped member kept its lease"
+    );
+    assert!(!link_exists(&victim_tap), "the reaped member kept its tap");
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/kiln")
+            .join(&victim)
+            .exists(),
+        "the reaped member kept its pins"
+    );
+    assert_eq!(leased(&k).len(), 2, "the pool was not refilled");
+
     let mut seen: Vec<(String, String)> = vec![];
     let mut ids = vec![];
     for _ in 0..2 {
