@@ -3,7 +3,8 @@
 //! and forks of it get their own tap, address and MAC (configured in the
 //! guest after the restore), keep the policy, reach an allowed server in a
 //! namespace, and leave the parent working; warm starts from a networked
-//! template (its VM has a NIC on a placeholder tap) likewise; nothing
+//! template (its VM has a NIC on a placeholder tap) likewise, and so do
+//! runs that claim a member of a networked template's warm pool; nothing
 //! outlives them.
 
 mod common;
@@ -105,16 +106,6 @@ fn warm_starts_from_a_networked_template_get_their_own_address() {
     let taps_before = taps();
     let allow = format!("{addr}/32:tcp:8080");
 
-    tracing::info!("a pool of a networked template is refused before anything is made");
-    let refused = k.run(&["template", "create", "--net", "default", "--pool", "1", &bb]);
-    assert_ne!(code(&refused), 0);
-    assert!(
-        stderr(&refused).contains("pools of networked templates"),
-        "{}",
-        stderr(&refused)
-    );
-    assert_eq!(ok(&k, &["template", "ls", "-q"]).trim(), "");
-
     let t0 = std::time::Instant::now();
     let name = ok(&k, &["template", "create", "--net", "default", &bb])
         .trim()
@@ -184,6 +175,207 @@ fn warm_starts_from_a_networked_template_get_their_own_address() {
     }
     ok(&k, &["template", "rm", &name]);
     assert_eq!(taps(), taps_before, "a tap outlived its sandbox");
+    k.assert_clean();
+    drop_node_network();
+}
+
+/// Sandbox IDs holding a lease in `k`'s state directory.
+fn leased(k: &Kiln) -> Vec<String> {
+    leases(k).into_iter().map(|(id, _)| id).collect()
+}
+
+/// (sandbox ID, tap) of each lease in `k`'s state directory.
+fn leases(k: &Kiln) -> Vec<(String, String)> {
+    let path = k.state_dir().join("net").join("leases.json");
+    let Ok(bytes) = std::fs::read(&path) else {
+        return vec![];
+    };
+    let v: serde_json::Value = serde_json::from_slice(&bytes).expect("leases.json");
+    v["leases"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(id, l)| (id.clone(), l["ifname"].as_str().unwrap_or("").to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether host interface `name` exists.
+fn link_exists(name: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(name).exists()
+}
+
+#[test]
+fn runs_from_a_networked_warm_pool_get_their_own_address_and_policy() {
+    let _net = net_support::exclusive();
+    let k = Kiln::new();
+    let bb = busybox();
+    let out = Outside::new();
+    let addr = out.addr.clone();
+    let allow = format!("{addr}/32:tcp:8080");
+
+    let t0 = std::time::Instant::now();
+    let name = ok(
+        &k,
+        &["template", "create", "--net", "default", "--pool", "2", &bb],
+    )
+    .trim()
+    .to_string();
+    tracing::info!(create_ms = t0.elapsed().as_millis() as u64, %name, "networked template with a pool of 2");
+    tracing::info!("each member has its own tap, lease and pins, and a deny-all policy");
+    let members = leased(&k);
+    assert_eq!(members.len(), 2, "{members:?}");
+    let member_taps: Vec<String> = leases(&k).into_iter().map(|(_, t)| t).collect();
+    assert_eq!(member_taps.len(), 2);
+    assert_ne!(member_taps[0], member_taps[1], "two members share a tap");
+    for (m, t) in members.iter().zip(&member_taps) {
+        assert!(link_exists(t), "member {m} has no tap {t}");
+        assert!(
+            std::path::Path::new("/sys/fs/bpf/kiln").join(m).exists(),
+            "member {m} has no policy program"
+        );
+        let saved = std::fs::read_to_string(
+            k.state_dir()
+                .join("net")
+                .join("policies")
+                .join(format!("{m}.json")),
+        )
+        .expect("the member's saved policy");
+        let v: serde_json::Value = serde_json::from_str(&saved).expect("policy JSON");
+        assert!(
+            v["default"]
+                .as_str()
+                .is_some_and(|d| d.eq_ignore_ascii_case("deny"))
+                && v["egress"].as_array().is_some_and(|r| r.is_empty()),
+            "an idle member's policy is not deny-all: {saved}"
+        );
+    }
+
+    tracing::info!("a member whose supervisor was killed is reaped with its network");
+    let victim = members[0].clone();
+    let victim_tap = member_taps[0].clone();
+    let shim = k
+        .leftover_processes()
+        .into_iter()
+        .find(|p| p.contains("shim") && p.contains(&victim))
+        .unwrap_or_else(|| panic!("no supervisor of member {victim}"));
+    let pid: i32 = shim
+        .split(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the member's supervisor");
+    ok(&k, &["template", "fill", &name]);
+    assert!(
+        !leased(&k).contains(&victim),
+        "the reaped member kept its lease"
+    );
+    assert!(!link_exists(&victim_tap), "the reaped member kept its tap");
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/kiln")
+            .join(&victim)
+            .exists(),
+        "the reaped member kept its pins"
+    );
+    assert_eq!(leased(&k).len(), 2, "the pool was not refilled");
+
+    let mut seen: Vec<(String, String)> = vec![];
+    let mut ids = vec![];
+    for _ in 0..2 {
+        let t0 = std::time::Instant::now();
+        let run = k.run(&[
+            "run",
+            "-d",
+            "-v",
+            "--net",
+            "default",
+            "--policy-default",
+            "deny",
+            "--allow",
+            &allow,
+            &bb,
+            "--",
+            "sleep",
+            "600",
+        ]);
+        assert_eq!(code(&run), 0, "{}", stderr(&run));
+        assert!(
+            stderr(&run).contains(&format!("warm start from the pool of template {name}")),
+            "not from the pool: {}",
+            stderr(&run)
+        );
+        tracing::info!(
+            run_ms = t0.elapsed().as_millis() as u64,
+            "networked run from the pool"
+        );
+        let id = common::stdout(&run).trim().to_string();
+        assert_eq!(reach(&k, &id, &addr, 8080), "allowed", "pool run {id}");
+        assert_eq!(
+            reach(&k, &id, &addr, 9090),
+            "",
+            "pool run {id}: denied port"
+        );
+        let get = ok(&k, &["policy", "get", &id]);
+        assert!(
+            get.contains("8080"),
+            "the run's policy is not in force: {get}"
+        );
+        let a = guest_addr(&k, &id);
+        assert_ne!(a.1, "02:00:00:00:00:01", "the template's MAC");
+        for s in &seen {
+            assert_ne!(a.0, s.0, "two pool runs share an address");
+            assert_ne!(a.1, s.1, "two pool runs share a MAC");
+        }
+        assert!(leased(&k).contains(&id), "{id} holds no lease");
+        seen.push(a);
+        ids.push(id);
+    }
+    tracing::info!("a --net none run does not take a networked member");
+    let none = k.run(&["run", "--rm", "-v", &bb, "--", "ls", "/sys/class/net"]);
+    assert_eq!(code(&none), 0, "{}", stderr(&none));
+    assert!(!stderr(&none).contains(&name), "{}", stderr(&none));
+    assert!(
+        common::stdout(&none)
+            .split_whitespace()
+            .all(|l| l == "lo" || l == "sit0"),
+        "{}",
+        common::stdout(&none)
+    );
+
+    // Every member now (the refills' too), the runs and the first members:
+    // the host's other taps and pins may belong to other users of it.
+    let mut all = leases(&k);
+    all.extend(members.iter().cloned().zip(member_taps.iter().cloned()));
+    for id in &ids {
+        ok(&k, &["rm", "-f", id]);
+    }
+    tracing::info!("template rm drains the pool (members refilled meanwhile too)");
+    ok(&k, &["template", "rm", &name]);
+    assert_eq!(
+        leased(&k),
+        Vec::<String>::new(),
+        "a lease outlived its member"
+    );
+    for (id, tap) in &all {
+        assert!(!link_exists(tap), "tap {tap} of {id} outlived it");
+        assert!(
+            !std::path::Path::new("/sys/fs/bpf/kiln").join(id).exists(),
+            "BPF pins of {id} outlived it"
+        );
+    }
+    let ruleset = std::process::Command::new("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .expect("nft");
+    let ruleset = String::from_utf8_lossy(&ruleset.stdout);
+    for (id, _) in &all {
+        assert!(!ruleset.contains(id.as_str()), "an nft rule names {id}");
+    }
     k.assert_clean();
     drop_node_network();
 }

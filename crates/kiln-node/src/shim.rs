@@ -750,6 +750,21 @@ fn claim_mismatch(
             member.image_digest, claimed.image_digest
         ));
     }
+    // A networked member is claimed only with its own attachment (its tap
+    // is the VM's; the policy may differ), a member without a network only
+    // by a run without one.
+    match (&member.network, &claimed.network) {
+        (None, None) => {}
+        (Some(m), Some(c))
+            if (&m.id, &m.ifname, m.mac, m.ip) == (&c.id, &c.ifname, c.mac, c.ip) => {}
+        (Some(m), _) => {
+            return Some(format!(
+                "is attached to the network as {} on {}, not as the claim says",
+                m.ip, m.ifname
+            ));
+        }
+        (None, Some(_)) => return Some("has no network device".to_string()),
+    }
     if (member.cpus, member.memory_mib, member.disk_mib)
         != (claimed.cpus, claimed.memory_mib, claimed.disk_mib)
     {
@@ -767,10 +782,15 @@ fn claim_mismatch(
 }
 
 /// Removes every trace of a pool member whose VM is gone: its offer, its
-/// registration with the template, its socket and its record.
+/// registration with the template, its network, its socket and its record.
 fn forget_member(store: &Store, rec: &SandboxRecord, pool: &crate::pool::Pool) {
     pool.withdraw(&rec.id);
     release_snapshot(store, rec);
+    // A networked member's tap, lease and pins go before its record (whose
+    // removal is what the node waits for).
+    if rec.spec.network.is_some() {
+        crate::node::release_network(store.dirs(), &rec.id);
+    }
     let _ = std::fs::remove_file(ctl_socket(&store.dir(&rec.id)));
     if let Err(e) = store.remove(&rec.id) {
         warn!(error = %e, "cannot remove the pool member's record");

@@ -461,6 +461,10 @@ impl Node {
         if let Some(name) = &rec.pool {
             crate::pool::Pool::of(self.dirs(), name).withdraw(id);
             self.release_template(&rec);
+            // A networked member's tap, lease and policy program.
+            if rec.spec.network.is_some() {
+                super::release_network(self.dirs(), id);
+            }
             if let Err(e) = self.store.remove(id) {
                 tracing::warn!(error = %e, "cannot remove the reaped pool member");
             }

@@ -42,6 +42,12 @@ pub enum PoolError {
     },
     #[error("the pool of template {name} cannot be filled: {why}")]
     CannotFill { name: String, why: String },
+    #[error("cannot attach a pool member of template {name} to the network")]
+    Network {
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("cannot size the pool of template {name}")]
     Size {
         name: String,
@@ -82,6 +88,10 @@ impl Node {
     /// Claims a member of template `name`'s pool for `spec` and has its
     /// supervisor start `spec`'s main process. `None` when no member is ready
     /// (or none answered): the caller restores the template itself.
+    /// `policy`: a networked run (`name` is a networked template, whose
+    /// members are attached with a deny-all policy): the member's maps get
+    /// `policy` before the claim, and the claimed spec carries the member's
+    /// attachment, so that its guest takes its address and MAC at claim.
     /// Whatever happens, the pool is refilled in the background: the refill
     /// starts once a member was taken (before, it could count the pool full
     /// and stop), or at once when none was ready.
@@ -89,6 +99,7 @@ impl Node {
         &self,
         name: &str,
         spec: &SandboxSpec,
+        policy: Option<&kiln_net::Policy>,
     ) -> Option<Claimed> {
         let pool = Pool::of(self.dirs(), name);
         let mut refilling = false;
@@ -110,6 +121,28 @@ impl Node {
                 if e == "HOSTNAME=" {
                     *e = format!("HOSTNAME={}", hostname_of(&id));
                 }
+            }
+            if let Some(policy) = policy {
+                // The run's policy is in force before its command can run.
+                let Some(mut a) = rec.spec.network.clone() else {
+                    tracing::warn!(sandbox = %id, "a member of a networked pool has no network; removing it");
+                    self.remove_member(&id).await;
+                    continue;
+                };
+                let updated = super::open_network(self.dirs())
+                    .map_err(|e| e.to_string())
+                    .and_then(|net| net.update_policy(&id, policy).map_err(|e| e.to_string()));
+                if let Err(e) = updated {
+                    tracing::warn!(sandbox = %id, error = %e, "cannot set a pool member's policy; removing it");
+                    self.remove_member(&id).await;
+                    continue;
+                }
+                a.policy = Some(policy.clone());
+                spec.network = Some(a);
+            } else if rec.spec.network.is_some() {
+                // Never happens (the template differs); the member would
+                // refuse the claim anyway.
+                continue;
             }
             let sock = crate::shim::ctl_socket(&self.store.dir(&id));
             let req = CtlRequest::Claim {
@@ -183,6 +216,11 @@ impl Node {
                 }
                 Ok((_conn, other)) => {
                     tracing::info!(sandbox = %id, answer = ?other, "a pool member refused its claim");
+                    if policy.is_some() {
+                        // It was given this run's policy: it must not stay
+                        // offered with it.
+                        self.remove_member(&id).await;
+                    }
                 }
                 Err(e) => {
                     tracing::info!(sandbox = %id, error = %e, "a pool member did not answer its claim");
@@ -323,6 +361,7 @@ impl Node {
                     name: name.to_string(),
                     source,
                 })?;
+            let networked = manifest.template.as_ref().is_some_and(|t| t.network);
             let mut rec = self.store.create(manifest.spec.clone())?;
             rec.template = Some(name.to_string());
             rec.pool = Some(name.to_string());
@@ -340,11 +379,41 @@ impl Node {
                 }
                 templates.add_user(name, &rec.id).map_err(register)?;
             }
-            self.store.save(&rec)?;
+            if networked {
+                // Its own tap, lease and MAC, and a policy that lets nothing
+                // through while it idles (a claim writes the run's).
+                let attached = super::open_network(self.dirs())
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                    .and_then(|net| {
+                        net.attach(
+                            &rec.id,
+                            kiln_net::Endpoint::Tap,
+                            &kiln_net::Preset::None.policy(),
+                        )
+                        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                    });
+                match attached {
+                    Ok(a) => rec.spec.network = Some(a),
+                    Err(source) => {
+                        super::release_network(self.dirs(), &rec.id);
+                        self.release_template(&rec);
+                        let _ = self.store.remove(&rec.id);
+                        return Err(PoolError::Network {
+                            name: name.to_string(),
+                            source,
+                        });
+                    }
+                }
+            }
+            if let Err(e) = self.store.save(&rec) {
+                super::release_network(self.dirs(), &rec.id);
+                return Err(e.into());
+            }
             let (line, pid) = match self.spawn_supervisor(&rec).await {
                 Ok(v) => v,
                 Err(e) => {
                     self.release_template(&rec);
+                    super::release_network(self.dirs(), &rec.id);
                     let _ = self.store.remove(&rec.id);
                     failures += 1;
                     let why = crate::error_chain(&e);
@@ -406,6 +475,8 @@ impl Node {
             .wait_supervisor_gone(id, Duration::from_secs(30), None)
             .await;
         self.reap_orphan(id).await;
+        // Idempotent: its supervisor released it, unless it died first.
+        super::release_network(self.dirs(), id);
     }
 
     /// Empties and removes template `name`'s pool (before the template itself

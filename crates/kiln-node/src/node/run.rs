@@ -185,15 +185,18 @@ impl Node {
             StartPreference::Warm => self.find_template(&spec, policy.is_some()),
         };
         // The fastest start: a member of the template's warm pool. Whether
-        // or not one was left, the pool is refilled in the background.
-        // (Networked templates have no pools yet; a server-assigned ID
-        // cannot take a pool member, whose ID is its own.)
+        // or not one was left, the pool is refilled in the background. A
+        // networked run takes a member of a networked template's pool
+        // (attached, with a deny-all policy, until the claim writes this
+        // run's). A server-assigned ID cannot take a pool member, whose ID
+        // is its own; nor can a run that publishes ports (they are set up
+        // with the sandbox's own attachment).
         if let Ok(name) = &template
-            && policy.is_none()
+            && ports.is_empty()
             && req.id.is_none()
         {
             let spawned_ms = t0.elapsed().as_millis() as u64;
-            match self.claim_pool_member(name, &spec).await {
+            match self.claim_pool_member(name, &spec, policy.as_ref()).await {
                 Some(c) if !c.ready.ok && c.ready.restore_failed => {
                     // The member broke before running anything.
                     notes.push(format!(

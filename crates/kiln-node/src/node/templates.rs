@@ -110,10 +110,6 @@ pub enum TemplateOpError {
     Capacity(String),
     #[error("cannot lock the template store")]
     Lock(#[source] std::io::Error),
-    #[error(
-        "warm pools of networked templates are not supported yet: a run restores the template with its own tap (drop --pool, or make the template with --net none)"
-    )]
-    NetworkedPool,
 }
 
 /// Marks an automatic template (a file in its directory, outside its
@@ -186,9 +182,6 @@ impl Node {
     ) -> Result<TemplateCreated, TemplateOpError> {
         if let Some(k) = req.pool.filter(|k| *k > crate::pool::MAX_SIZE) {
             return Err(TemplateOpError::PoolTooLarge(k));
-        }
-        if req.network && req.pool.is_some_and(|k| k > 0) {
-            return Err(TemplateOpError::NetworkedPool);
         }
         let mut check = kiln_api::sandbox::SandboxSpec::for_image(req.image.clone());
         check.resources = req.resources;
