@@ -37,6 +37,13 @@ for c in crates/*/; do
   group "$c" cargo test -p "$c" --no-fail-fast "$@"
 done
 group "kiln-cli unit tests" cargo test -p kiln-cli --bins --no-fail-fast "$@"
+# kiln-cli's tests of the control-plane commands against real `kiln server`
+# processes (no microVMs), one file a group.
+for f in crates/kiln-cli/tests/*.rs; do
+  t=$(basename "$f" .rs)
+  case "$t" in e2e_*) continue ;; esac
+  group "$t" cargo test -p kiln-cli --test "$t" --no-fail-fast "$@"
+done
 # End-to-end tests on real microVMs, one file a group.
 for f in crates/kiln-cli/tests/e2e_*.rs; do
   t=$(basename "$f" .rs)
