@@ -41,10 +41,11 @@ pub struct ServerArgs {
     #[arg(long)]
     pub join_token_file: PathBuf,
     /// File holding the secret every server of this cluster shares (every
-    /// Raft RPC carries it). Default: STATE_DIR/cluster.secret if present;
-    /// else `--init` of a single server generates it there (0600); else a
-    /// key derived from the join token (nodes know that: give servers a
-    /// file of their own in production).
+    /// Raft RPC carries it; at least 16 printable characters). Default:
+    /// STATE_DIR/cluster.secret if present; else a single server (no
+    /// --peers) generates it there (0600). Required with --peers, and for a
+    /// server that will join with `kiln cluster add`: give it the first
+    /// server's file.
     #[arg(long)]
     pub cluster_secret_file: Option<PathBuf>,
     /// Serve the API (REST, gRPC for nodes, /metrics) over TLS with this

@@ -252,14 +252,51 @@ fn p50(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A second address on the root side of `ns`'s veth (`10.251.N.1`, where
+/// `host_ip` is `10.250.N.1`), routed from inside the namespace; it goes
+/// with the veth and the namespace.
+fn service_ip(ns: &Netns) -> String {
+    let n = ns.host_ip.split('.').nth(2).expect("10.250.N.1");
+    let ip = format!("10.251.{n}.1");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["ip", "addr", "add", &format!("{ip}/32"), "dev", &ns.veth]);
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns.name,
+        "ip",
+        "route",
+        "replace",
+        &format!("{ip}/32"),
+        "via",
+        &ns.host_ip,
+    ]);
+    ip
+}
+
 #[test]
 fn a_policy_changed_through_the_api_is_enforced_live_by_the_node() {
     let _net = net_support::exclusive();
     let k = Kiln::new();
     let ns = Netns::new();
     let srv = OneServer::start(&ns.host_ip);
-    let allowed = Recorder::new(&ns.host_ip);
-    let denied = Recorder::new(&ns.host_ip);
+    // The test's TCP servers listen on an address of their own: the API
+    // refuses rules that would open the control plane's addresses (the
+    // server listens on `host_ip`) to a tenant's sandbox.
+    let svc = service_ip(&ns);
+    let allowed = Recorder::new(&svc);
+    let denied = Recorder::new(&svc);
     let mut node = NodeProc::start_with_servers(&k, &ns, &srv.url(), "host-p", &[]);
     srv.wait_for(Duration::from_secs(60), "the node registered", |s| {
         s.nodes.keys().any(|n| n.as_str() == "host-p")
@@ -431,6 +468,42 @@ fn a_policy_changed_through_the_api_is_enforced_live_by_the_node() {
     let (_, after) = srv.rest(TOKEN, "GET", &path, None);
     assert_eq!(before, after);
     assert_eq!(srv.read(|s| s.sandboxes[&id].generation), generation);
+    // A tenant's rule may not open the control plane's addresses, the
+    // node's, cloud metadata or other sandboxes (a local admin's may).
+    for opens in [
+        format!("{}:tcp", ns.host_ip),
+        "10.250.0.0/16:tcp".to_owned(),
+        "169.254.169.254:tcp:80".to_owned(),
+        "10.88.0.5".to_owned(),
+    ] {
+        let rules = [PolicyRule {
+            action: PolicyAction::Allow,
+            rule: opens.clone(),
+        }];
+        let (status, e) = srv.rest(TOKEN, "PUT", &path, Some(&policy_body(&rules)));
+        let protected_refused = status == 400
+            && e["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("protected destination"));
+        // A /16 around the server's address does not lie inside its /32:
+        // it is allowed, and opens nothing protected on the node.
+        if opens.starts_with("10.250.0.0/16") {
+            assert_eq!(status, 200, "{opens}: {e}");
+        } else {
+            assert!(protected_refused, "{opens}: {status} {e}");
+        }
+    }
+    let rules = rules_allowing(Some(a));
+    let (status, e) = srv.rest(TOKEN, "PUT", &path, Some(&policy_body(&rules)));
+    assert_eq!(status, 200, "{e}");
+    srv.wait_for(
+        Duration::from_secs(30),
+        "the allowing policy applied again",
+        |s| {
+            let r = &s.sandboxes[&id];
+            r.observed_generation >= r.generation
+        },
+    );
     let t = Instant::now();
     assert!(
         allowed.first_after(t, Duration::from_secs(10)).is_some(),

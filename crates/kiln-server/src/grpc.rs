@@ -258,10 +258,9 @@ impl NodeService for NodeRpc {
         self.may_register(&name, presented.as_deref())?;
         let capacity: Capacity = json("capacity_json", &r.capacity_json)?;
         let driver: DriverKind = json("driver_json", &r.driver_json)?;
-        if r.address.is_empty() || r.address.len() > 1024 || r.address.chars().any(char::is_control)
-        {
+        if !valid_node_address(&r.address) {
             return Err(Status::invalid_argument(
-                "address: 1-1024 printable characters",
+                "address: HOST:PORT (an IP address or a DNS name, and a port; no scheme or path)",
             ));
         }
         bound_images(&name, &mut r.images);
@@ -438,5 +437,58 @@ impl NodeService for NodeRpc {
             }
         }
         Ok(tonic::Response::new(ReportReply { refused }))
+    }
+}
+
+/// A node's `--address`: `HOST:PORT` only (port 0: the node serves no
+/// stream endpoints), the server builds the URL of its
+/// stream endpoints from it (no scheme, path, query or user info, so a
+/// node cannot point the server's requests at an arbitrary URL).
+pub fn valid_node_address(a: &str) -> bool {
+    if a.len() > 255 {
+        return false;
+    }
+    if a.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    let Some((host, port)) = a.rsplit_once(':') else {
+        return false;
+    };
+    port.parse::<u16>().is_ok()
+        && !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+#[cfg(test)]
+mod address_tests {
+    #[test]
+    fn node_addresses_are_host_and_port_only() {
+        for ok in [
+            "10.0.0.5:7443",
+            "[::1]:80",
+            "node-1.example.com:9000",
+            "localhost:1",
+        ] {
+            assert!(super::valid_node_address(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "http://10.0.0.5:80",
+            "10.0.0.5:80/x?",
+            "10.0.0.5",
+            "user@host:80",
+            "host:80#x",
+            "ho st:80",
+            "-host:80",
+        ] {
+            assert!(!super::valid_node_address(bad), "{bad}");
+        }
     }
 }

@@ -8,7 +8,13 @@
 //!   further ones wait in the kernel's backlog (accepting stops), they are
 //!   not served half-way.
 //! - A TLS handshake and a request head each get
-//!   [`Limits::handshake_timeout`]; a client that sends nothing is dropped.
+//!   [`Limits::handshake_timeout`]; a connection whose client has sent no
+//!   byte of HTTP by then (after the TLS handshake, or at all) is dropped,
+//!   whatever the protocol detection or HTTP/2 would wait for.
+//! - At most [`Limits::max_connections_per_ip`] connections from one peer
+//!   address: one client cannot take every slot.
+//! - HTTP/2 connections are pinged every 30 s and dropped when a ping is
+//!   not answered within 20 s.
 //! - Each HTTP/2 connection carries at most
 //!   [`Limits::max_streams_per_connection`] concurrent requests.
 //! - Dropping the serving future ends every connection it started.
@@ -104,16 +110,18 @@ pub fn client_config(ca: &Path) -> Result<rustls::ClientConfig, TlsError> {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub max_streams_per_connection: u32,
     pub handshake_timeout: Duration,
 }
 
 impl Default for Limits {
-    /// 1024 connections, 256 concurrent requests on each, 10 s to finish
-    /// a handshake or send a request head.
+    /// 1024 connections (128 from one address), 256 concurrent requests
+    /// on each, 10 s to finish a handshake or send a request head.
     fn default() -> Self {
         Limits {
             max_connections: 1024,
+            max_connections_per_ip: 128,
             max_streams_per_connection: 256,
             handshake_timeout: Duration::from_secs(10),
         }
@@ -137,8 +145,12 @@ pub async fn serve(
         .header_read_timeout(limits.handshake_timeout)
         .http2()
         .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20))
         .max_concurrent_streams(limits.max_streams_per_connection);
     let builder = Arc::new(builder);
+    let per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+        Arc::default();
     let mut conns = JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
@@ -154,12 +166,18 @@ pub async fn serve(
                 continue;
             }
         };
+        let Some(peer_slot) = PeerSlot::take(&per_ip, peer.ip(), limits.max_connections_per_ip)
+        else {
+            tracing::debug!(%peer, "too many connections from this address");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let builder = builder.clone();
         let svc = TowerToHyperService::new(app.clone());
         conns.spawn(async move {
             let _permit = permit;
+            let _peer_slot = peer_slot;
             let r = match acceptor {
                 Some(a) => {
                     let tls =
@@ -174,19 +192,193 @@ pub async fn serve(
                                 return;
                             }
                         };
-                    builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-                        .await
+                    let (io, first) = FirstByte::new(tls);
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+                    first_byte_within(conn, first, limits.handshake_timeout, peer).await
                 }
                 None => {
-                    builder
-                        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
-                        .await
+                    let (io, first) = FirstByte::new(tcp);
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+                    first_byte_within(conn, first, limits.handshake_timeout, peer).await
                 }
             };
             if let Err(e) = r {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+/// One connection's share of [`Limits::max_connections_per_ip`], given
+/// back when dropped.
+struct PeerSlot {
+    map: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    fn take(
+        map: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+        max: usize,
+    ) -> Option<PeerSlot> {
+        let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            map: map.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// An I/O stream that says when its first byte was read.
+struct FirstByte<S> {
+    inner: S,
+    first: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl<S> FirstByte<S> {
+    fn new(inner: S) -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (
+            FirstByte {
+                inner,
+                first: Some(tx),
+            },
+            rx,
+        )
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstByte<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before
+            && let Some(tx) = self.first.take()
+        {
+            let _ = tx.send(());
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstByte<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves `conn` but drops it when no byte arrived within `deadline`.
+async fn first_byte_within<F, E>(
+    conn: F,
+    first: tokio::sync::oneshot::Receiver<()>,
+    deadline: Duration,
+    peer: std::net::SocketAddr,
+) -> Result<(), E>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = &mut conn => return r,
+        got = tokio::time::timeout(deadline, first) => {
+            if !matches!(got, Ok(Ok(()))) {
+                tracing::debug!(%peer, "no request within the deadline: dropped");
+                return Ok(());
+            }
+        }
+    }
+    conn.await
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let mut b = [0u8; 64];
+        matches!(
+            tokio::time::timeout(within, s.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    /// Silent connections are dropped after the deadline, one address
+    /// cannot take more than its share, and a real request still works.
+    #[tokio::test]
+    async fn silent_and_excess_connections_are_dropped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let limits = Limits {
+            max_connections: 16,
+            max_connections_per_ip: 2,
+            max_streams_per_connection: 8,
+            handshake_timeout: Duration::from_millis(500),
+        };
+        let server = tokio::spawn(serve(listener, app, None, limits));
+        let mut a = tokio::net::TcpStream::connect(addr).await.expect("a");
+        let mut b = tokio::net::TcpStream::connect(addr).await.expect("b");
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("c");
+        assert!(
+            closed_within(&mut c, Duration::from_millis(300)).await,
+            "a third connection from one address is refused"
+        );
+        assert!(
+            closed_within(&mut a, Duration::from_secs(3)).await,
+            "a silent connection is dropped"
+        );
+        assert!(closed_within(&mut b, Duration::from_secs(3)).await);
+        let mut d = tokio::net::TcpStream::connect(addr).await.expect("d");
+        d.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(3), d.read_to_string(&mut out))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        server.abort();
     }
 }

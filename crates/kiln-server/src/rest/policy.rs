@@ -21,12 +21,49 @@ use super::body::JsonBody;
 use super::{ApiError, caller, rejection};
 use crate::server::Shared;
 
+/// The destinations a rule from the API may never open: the node's
+/// always-protected ranges (loopback, link-local with the cloud metadata
+/// address, multicast…), the default sandbox subnet (other tenants'
+/// sandboxes), and the addresses of the cluster's nodes and servers. A
+/// local `kiln run --allow` of the host's administrator may open them (a
+/// rule whose CIDR lies inside one does, on the node); a tenant's may not.
+pub fn api_protected(s: &Shared) -> Vec<ipnet::Ipv4Net> {
+    let mut out: Vec<ipnet::Ipv4Net> = kiln_net::compile::ALWAYS_PROTECTED
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    out.extend("10.88.0.0/16".parse::<ipnet::Ipv4Net>().ok());
+    let mut hosts: Vec<String> = s
+        .raft
+        .read_local(|st| st.nodes.values().map(|n| n.address.clone()).collect());
+    for p in s.cfg.peers.values() {
+        hosts.push(p.raft_addr.clone());
+        hosts.push(p.api_addr.clone());
+    }
+    hosts.push(s.cfg.listen.to_string());
+    hosts.push(s.cfg.raft_listen.to_string());
+    for h in hosts {
+        let h = h
+            .trim_start_matches("http://")
+            .trim_start_matches("https://");
+        let host = h.rsplit_once(':').map_or(h, |(a, _)| a);
+        if let Ok(ip) = host.parse::<std::net::Ipv4Addr>()
+            && !ip.is_unspecified()
+        {
+            out.push(ipnet::Ipv4Net::from(ip));
+        }
+    }
+    out
+}
+
 /// Checks a policy exactly as the node will compile it; the error names
-/// the field, the rule's index and the reason.
+/// the field, the rule's index and the reason. An allow rule whose CIDR
+/// lies inside one of `protected` (see [`api_protected`]) is refused.
 pub fn check_policy(
     policy: Option<&str>,
     default: Option<PolicyAction>,
     rules: &[PolicyRule],
+    protected: &[ipnet::Ipv4Net],
 ) -> Result<(), String> {
     let base = match policy {
         None => kiln_net::Preset::InternetOnly.policy(),
@@ -45,9 +82,8 @@ pub fn check_policy(
         .iter()
         .map(|r| (action(r.action), r.rule.clone()))
         .collect();
-    kiln_net::Policy::from_flags(Some(base), default.map(action), &rules)
-        .map(|_| ())
-        .map_err(|e| {
+    let parsed =
+        kiln_net::Policy::from_flags(Some(base), default.map(action), &rules).map_err(|e| {
             // The rule's index, then why (the source chain).
             let mut msg = format!("rules: {e}");
             let mut cause = std::error::Error::source(&e);
@@ -56,7 +92,20 @@ pub fn check_policy(
                 cause = c.source();
             }
             msg
-        })
+        })?;
+    for (i, r) in parsed.egress.iter().chain(&parsed.ingress).enumerate() {
+        if let (kiln_net::Action::Allow, kiln_net::policy::Target::Cidr(net)) =
+            (r.action, &r.target)
+            && let Some(p) = protected.iter().find(|p| p.contains(net))
+        {
+            return Err(format!(
+                "rules: rule {i} ({net}) would open {p}, a protected destination (the node's \
+                 and servers' addresses, link-local and metadata, loopback, multicast, other \
+                 sandboxes); rules from the API may not open these"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The policy part of a sandbox's network (`None`: it has no network).
@@ -152,7 +201,13 @@ pub async fn put_policy(
             kiln_api::sandbox::MAX_POLICY_RULES
         )));
     }
-    check_policy(p.policy.as_deref(), p.policy_default, &p.rules).map_err(invalid)?;
+    check_policy(
+        p.policy.as_deref(),
+        p.policy_default,
+        &p.rules,
+        &api_protected(&s),
+    )
+    .map_err(invalid)?;
     let r = s
         .raft
         .write(Command::SetSandboxPolicy {
@@ -188,13 +243,38 @@ mod tests {
     }
 
     #[test]
+    fn api_rules_cannot_open_protected_destinations() {
+        let protected: Vec<ipnet::Ipv4Net> = ["169.254.0.0/16", "10.0.0.7/32"]
+            .iter()
+            .map(|c| c.parse().expect("cidr"))
+            .collect();
+        for bad in ["169.254.169.254:tcp:80", "10.0.0.7", "169.254.0.0/16"] {
+            let e = check_policy(None, None, &[rule(PolicyAction::Allow, bad)], &protected)
+                .expect_err(bad);
+            assert!(e.contains("protected destination"), "{e}");
+        }
+        // Broad rules do not open what lies inside them (the node keeps
+        // protected ranges closed to them); deny rules are always fine.
+        for ok in ["0.0.0.0/0:tcp", "10.0.0.0/8"] {
+            check_policy(None, None, &[rule(PolicyAction::Allow, ok)], &protected).expect(ok);
+        }
+        check_policy(
+            None,
+            None,
+            &[rule(PolicyAction::Deny, "10.0.0.7")],
+            &protected,
+        )
+        .expect("deny");
+    }
+
+    #[test]
     fn policies_are_checked_with_the_node_parser() {
         let ok = [
             rule(PolicyAction::Allow, "10.1.2.0/24:tcp:443"),
             rule(PolicyAction::Deny, "*.example.com:udp:53-60"),
         ];
-        assert!(check_policy(None, None, &ok).is_ok());
-        assert!(check_policy(Some("none"), Some(PolicyAction::Deny), &ok).is_ok());
+        assert!(check_policy(None, None, &ok, &[]).is_ok());
+        assert!(check_policy(Some("none"), Some(PolicyAction::Deny), &ok, &[]).is_ok());
         for (bad, needle) in [
             ("10.1.2.0/33", "prefix length"),
             ("10.0.0.1:tcp:0", "1-65535"),
@@ -202,10 +282,11 @@ mod tests {
             ("10.0.0.1:sctp", "sctp"),
             ("exa*mple.com", "'*'"),
         ] {
-            let e = check_policy(None, None, &[rule(PolicyAction::Allow, bad)]).expect_err(bad);
+            let e =
+                check_policy(None, None, &[rule(PolicyAction::Allow, bad)], &[]).expect_err(bad);
             assert!(e.contains(needle), "{bad}: {e}");
         }
-        let e = check_policy(Some("/etc/passwd"), None, &[]).expect_err("a file");
+        let e = check_policy(Some("/etc/passwd"), None, &[], &[]).expect_err("a file");
         assert!(e.contains("policy file"), "{e}");
     }
 }

@@ -110,7 +110,11 @@ pub async fn create(
             e.to_string(),
         )
     })?;
-    scheduled_spec_check(&spec, s.cfg.allow_local_images)?;
+    scheduled_spec_check(
+        &spec,
+        s.cfg.allow_local_images,
+        &super::policy::api_protected(&s),
+    )?;
     let id = SandboxId::from_random(rand::random());
     let mut attempt = 0;
     let resp = loop {
@@ -421,7 +425,11 @@ pub async fn wait(
 /// every node), and host ports (`publish`: a host-level resource the
 /// scheduler does not allocate yet, and that could capture the host's own
 /// connections).
-fn scheduled_spec_check(spec: &SandboxSpec, allow_local_images: bool) -> Result<(), ApiError> {
+fn scheduled_spec_check(
+    spec: &SandboxSpec,
+    allow_local_images: bool,
+    protected: &[ipnet::Ipv4Net],
+) -> Result<(), ApiError> {
     let image = spec.image.trim();
     let lower = image.to_ascii_lowercase();
     if !allow_local_images
@@ -451,13 +459,15 @@ fn scheduled_spec_check(spec: &SandboxSpec, allow_local_images: bool) -> Result<
                 "network.publish: publishing host ports is not available through the API yet",
             ));
         }
-        super::policy::check_policy(policy.as_deref(), *policy_default, rules).map_err(|e| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_spec",
-                format!("network.{e}"),
-            )
-        })?;
+        super::policy::check_policy(policy.as_deref(), *policy_default, rules, protected).map_err(
+            |e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_spec",
+                    format!("network.{e}"),
+                )
+            },
+        )?;
     }
     Ok(())
 }

@@ -76,11 +76,16 @@ fn target(
             "the sandbox's node serves no stream endpoints (kiln node --address)",
         ));
     };
-    let base = if address.starts_with("http://") || address.starts_with("https://") {
-        address.trim_end_matches('/').to_owned()
-    } else {
-        format!("http://{address}")
-    };
+    // Registration accepts `HOST:PORT` only (`grpc::valid_node_address`);
+    // records from before that rule are checked again here.
+    if !crate::grpc::valid_node_address(&address) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node_unavailable",
+            "the sandbox's node registered an address that is not HOST:PORT",
+        ));
+    }
+    let base = format!("http://{address}");
     Ok((format!("{base}/node/v1/sandboxes/{sid}/{what}"), key))
 }
 
