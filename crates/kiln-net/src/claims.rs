@@ -212,3 +212,74 @@ fn is_live(ip: Ipv4Addr, c: &Owner) -> bool {
         Err(_) => true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::Ipam;
+
+    fn net() -> ipnet::Ipv4Net {
+        "10.7.0.0/24".parse().expect("cidr")
+    }
+
+    #[test]
+    fn stale_claims_are_taken_over_and_release_spares_others() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let claims = root.path().join("claims");
+        let a = Ipam::new(&root.path().join("a"), net())
+            .and_then(|i| i.with_claims(&claims))
+            .expect("a");
+        let b = Ipam::new(&root.path().join("b"), net())
+            .and_then(|i| i.with_claims(&claims))
+            .expect("b");
+        let la = a.allocate("s1", "t1").expect("a s1");
+        let lb = b.allocate("s1", "t1").expect("b s1");
+        assert_ne!(la.ip, lb.ip, "same id, two state dirs, two addresses");
+        // b releasing a's address (by a claim check) does nothing.
+        let c = Claims::new(&claims);
+        let lock = c.lock().expect("lock");
+        c.release(&lock, la.ip, &root.path().join("b"), "s1")
+            .expect("release");
+        assert_eq!(c.live(&lock).expect("live").len(), 2);
+        // A crash between a lease's removal and its claim's: the claim is
+        // stale (its lease is gone) and is collected.
+        let stale = Owner {
+            state: fs::canonicalize(root.path().join("a")).expect("canon"),
+            id: "gone".into(),
+            ifname: "t9".into(),
+        };
+        let ip9 = Ipv4Addr::new(10, 7, 0, 9);
+        assert!(c.claim(&lock, ip9, &stale).expect("claim"));
+        // An unreadable claim (a crash mid-write) is stale too.
+        let ip10 = Ipv4Addr::new(10, 7, 0, 10);
+        fs::write(claims.join(format!("ip-{ip10}")), b"{\"sta").expect("write");
+        // A claim of a deleted state dir is stale.
+        let ip11 = Ipv4Addr::new(10, 7, 0, 11);
+        let deleted = Owner {
+            state: root.path().join("nowhere"),
+            id: "x".into(),
+            ifname: "t".into(),
+        };
+        assert!(c.claim(&lock, ip11, &deleted).expect("claim"));
+        // A live claim is refused to another owner.
+        let other = Owner {
+            state: root.path().join("b"),
+            id: "s2".into(),
+            ifname: "t2".into(),
+        };
+        assert!(!c.claim(&lock, la.ip, &other).expect("claim"));
+        assert!(c.claim(&lock, ip10, &other).expect("takes over corrupt"));
+        drop(lock);
+        let lock = c.lock().expect("lock");
+        let live = c.live(&lock).expect("live");
+        drop(lock);
+        // ip9 and ip11 were collected, ip10 is `other`'s, which has no lease
+        // in b's table either: collected as well.
+        assert_eq!(live.len(), 2, "{live:?}");
+        assert!(!claims.join(format!("ip-{ip9}")).exists());
+        a.release("s1").expect("release");
+        b.release("s1").expect("release");
+        assert!(b.remove_claims_dir().expect("remove"));
+        assert!(!claims.exists());
+    }
+}
