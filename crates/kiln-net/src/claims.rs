@@ -72,12 +72,17 @@ impl Claims {
         let path = self.dir.join("lock");
         loop {
             fs::create_dir_all(&self.dir).map_err(|e| IpamError::Write(self.dir.clone(), e))?;
-            let f = OpenOptions::new()
+            let f = match OpenOptions::new()
                 .create(true)
                 .truncate(false)
                 .write(true)
                 .open(&path)
-                .map_err(|e| IpamError::Write(path.clone(), e))?;
+            {
+                Ok(f) => f,
+                // The directory was removed by a teardown meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(IpamError::Write(path, e)),
+            };
             let held = Flock::lock(f, FlockArg::LockExclusive)
                 .map_err(|(_, e)| IpamError::Lock(path.clone(), e))?;
             let ours = held
