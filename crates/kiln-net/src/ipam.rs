@@ -20,6 +20,8 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::claims::{Claims, HostLock, Owner};
+
 /// One sandbox's address, MAC and host interface.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -60,11 +62,14 @@ pub enum IpamError {
     Lock(PathBuf, #[source] nix::Error),
 }
 
-/// The lease table of one subnet, kept in `dir/leases.json`.
+/// The lease table of one subnet, kept in `dir/leases.json`, and, when
+/// the subnet is shared by other state directories on the host, the
+/// host-wide claims ([`crate::claims`]) that keep their addresses apart.
 #[derive(Debug, Clone)]
 pub struct Ipam {
     dir: PathBuf,
     subnet: Ipv4Net,
+    claims: Option<Claims>,
 }
 
 /// The deterministic, locally administered unicast MAC of a sandbox: two
@@ -94,7 +99,103 @@ impl Ipam {
         Ok(Ipam {
             dir: dir.to_owned(),
             subnet,
+            claims: None,
         })
+    }
+
+    /// Shares the subnet with other state directories through the claims
+    /// in `claims_dir` (one per bridge, e.g. `/run/kiln/net/kiln0`).
+    pub fn with_claims(mut self, claims_dir: &Path) -> Result<Ipam, IpamError> {
+        fs::create_dir_all(&self.dir).map_err(|e| IpamError::Write(self.dir.clone(), e))?;
+        self.dir = fs::canonicalize(&self.dir).map_err(|e| IpamError::Read(self.dir.clone(), e))?;
+        self.claims = Some(Claims::new(claims_dir));
+        Ok(self)
+    }
+
+    /// The host-wide claims, if the subnet is shared.
+    pub fn claims(&self) -> Option<&Claims> {
+        self.claims.as_ref()
+    }
+
+    fn host_lock(&self) -> Result<Option<HostLock>, IpamError> {
+        self.claims.as_ref().map(Claims::lock).transpose()
+    }
+
+    fn owner(&self, id: &str, ifname: &str) -> Owner {
+        Owner {
+            state: self.dir.clone(),
+            id: id.to_owned(),
+            ifname: ifname.to_owned(),
+        }
+    }
+
+    /// Claims `ip` for `id` host-wide (true without claims).
+    fn claim(
+        &self,
+        host: &Option<HostLock>,
+        ip: Ipv4Addr,
+        id: &str,
+        ifname: &str,
+    ) -> Result<bool, IpamError> {
+        match (&self.claims, host) {
+            (Some(c), Some(h)) => c.claim(h, ip, &self.owner(id, ifname)),
+            _ => Ok(true),
+        }
+    }
+
+    fn unclaim(&self, host: &Option<HostLock>, ip: Ipv4Addr, id: &str) -> Result<(), IpamError> {
+        match (&self.claims, host) {
+            (Some(c), Some(h)) => c.release(h, ip, &self.dir, id),
+            _ => Ok(()),
+        }
+    }
+
+    /// Claims every lease of this table host-wide (leases made before
+    /// claims existed, or before `/run` was cleared by a reboot). Returns
+    /// the ids whose address another live sandbox claims: a conflict only
+    /// such old leases can have; new allocations never do.
+    pub fn claim_all(&self) -> Result<Vec<String>, IpamError> {
+        let _lock = self.lock()?;
+        let host = self.host_lock()?;
+        let mut conflicts = Vec::new();
+        for (id, l) in self.read()?.leases {
+            if !self.claim(&host, l.ip, &id, &l.ifname)? {
+                conflicts.push(id);
+            }
+        }
+        Ok(conflicts)
+    }
+
+    /// The interfaces of live sandboxes of *other* state directories on
+    /// this subnet (empty without claims). Stale claims are removed.
+    pub fn foreign_ifnames(&self) -> Result<BTreeSet<String>, IpamError> {
+        let (Some(c), Some(h)) = (&self.claims, self.host_lock()?) else {
+            return Ok(BTreeSet::new());
+        };
+        Ok(c.live(&h)?
+            .into_iter()
+            .filter(|(_, o)| o.state != self.dir)
+            .map(|(_, o)| o.ifname)
+            .collect())
+    }
+
+    /// Whether any sandbox of any state directory holds an address here.
+    pub fn any_live_on_host(&self) -> Result<bool, IpamError> {
+        if !self.leases()?.is_empty() {
+            return Ok(true);
+        }
+        let (Some(c), Some(h)) = (&self.claims, self.host_lock()?) else {
+            return Ok(false);
+        };
+        Ok(!c.live(&h)?.is_empty())
+    }
+
+    /// Removes the claims directory if no claim is left (teardown).
+    pub fn remove_claims_dir(&self) -> Result<bool, IpamError> {
+        let (Some(c), Some(h)) = (&self.claims, self.host_lock()?) else {
+            return Ok(true);
+        };
+        c.remove_if_empty(h)
     }
 
     pub fn subnet(&self) -> Ipv4Net {
@@ -151,8 +252,12 @@ impl Ipam {
     /// The sandbox's lease, created if it has none (`ifname` names its tap).
     pub fn allocate(&self, id: &str, ifname: &str) -> Result<Lease, IpamError> {
         let _lock = self.lock()?;
+        let host = self.host_lock()?;
         let mut table = self.read()?;
         if let Some(l) = table.leases.get(id) {
+            if !self.claim(&host, l.ip, id, &l.ifname)? {
+                tracing::warn!(sandbox = id, ip = %l.ip, "another state directory's live sandbox claims this lease's address");
+            }
             return Ok(l.clone());
         }
         let used: BTreeSet<Ipv4Addr> = table.leases.values().map(|l| l.ip).collect();
@@ -162,9 +267,14 @@ impl Ipam {
         let count = size - 3;
         let net = u32::from(self.subnet.network());
         let start = table.cursor.max(first - 1);
-        let found = (1..=count)
-            .map(|step| first + (start + step - first) % count)
-            .find(|off| !used.contains(&Ipv4Addr::from(net + off)));
+        let mut found = None;
+        for off in (1..=count).map(|step| first + (start + step - first) % count) {
+            let ip = Ipv4Addr::from(net + off);
+            if !used.contains(&ip) && self.claim(&host, ip, id, ifname)? {
+                found = Some(off);
+                break;
+            }
+        }
         let Some(off) = found else {
             return Err(IpamError::Exhausted(self.subnet));
         };
@@ -176,17 +286,22 @@ impl Ipam {
         };
         table.cursor = off;
         table.leases.insert(id.to_owned(), lease.clone());
-        self.write(&mut table)?;
+        if let Err(e) = self.write(&mut table) {
+            let _ = self.unclaim(&host, ip, id);
+            return Err(e);
+        }
         Ok(lease)
     }
 
     /// Frees the sandbox's lease; returns it, or `None` if it had none.
     pub fn release(&self, id: &str) -> Result<Option<Lease>, IpamError> {
         let _lock = self.lock()?;
+        let host = self.host_lock()?;
         let mut table = self.read()?;
         let lease = table.leases.remove(id);
-        if lease.is_some() {
+        if let Some(l) = &lease {
             self.write(&mut table)?;
+            self.unclaim(&host, l.ip, id)?;
         }
         Ok(lease)
     }
@@ -194,6 +309,7 @@ impl Ipam {
     /// Frees the leases of every sandbox not in `live`; returns them.
     pub fn reconcile(&self, live: &BTreeSet<String>) -> Result<Vec<(String, Lease)>, IpamError> {
         let _lock = self.lock()?;
+        let host = self.host_lock()?;
         let mut table = self.read()?;
         let dead: Vec<String> = table
             .leases
@@ -207,6 +323,9 @@ impl Ipam {
             .collect();
         if !freed.is_empty() {
             self.write(&mut table)?;
+        }
+        for (id, l) in &freed {
+            self.unclaim(&host, l.ip, id)?;
         }
         Ok(freed)
     }

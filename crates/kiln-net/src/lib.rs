@@ -15,6 +15,7 @@
 //! periodically.
 
 pub mod bpf;
+pub mod claims;
 pub mod compile;
 pub mod dns;
 pub mod events;
@@ -57,6 +58,11 @@ pub struct NetConfig {
     pub state_dir: PathBuf,
     /// BPF pins; one directory per sandbox below. Default `/sys/fs/bpf/kiln`.
     pub bpf_root: PathBuf,
+    /// Host-wide address claims ([`claims`]), in `<claims_root>/<bridge>/`:
+    /// every state directory using the same bridge shares them, so no
+    /// address goes to two live sandboxes and no reconcile deletes another
+    /// state directory's taps. Default `/run/kiln/net`.
+    pub claims_root: PathBuf,
     /// Prefix of tap names (`<prefix><hash of the sandbox id>`). Default `kt`.
     pub tap_prefix: String,
     /// DNS servers handed to guests when there is no node resolver.
@@ -83,6 +89,7 @@ impl NetConfig {
             subnet: "10.88.0.0/16".parse().expect("constant CIDR parses"),
             state_dir: state_dir.to_owned(),
             bpf_root: PathBuf::from("/sys/fs/bpf/kiln"),
+            claims_root: PathBuf::from("/run/kiln/net"),
             tap_prefix: "kt".to_owned(),
             dns: Vec::new(),
             resolver: false,
@@ -258,7 +265,11 @@ impl Network {
         {
             return Err(OpenNetworkError::TapPrefix(cfg.tap_prefix));
         }
-        let ipam = Ipam::new(&cfg.state_dir, cfg.subnet)?;
+        let ipam = Ipam::new(&cfg.state_dir, cfg.subnet)?
+            .with_claims(&cfg.claims_root.join(&cfg.bridge))?;
+        for id in ipam.claim_all()? {
+            warn!(sandbox = %id, "another state directory's live sandbox has this sandbox's address");
+        }
         let bridge_err = |source| OpenNetworkError::Bridge {
             bridge: cfg.bridge.clone(),
             source,
@@ -637,8 +648,15 @@ impl Network {
         let known: BTreeSet<&str> = leases.values().map(|l| l.ifname.as_str()).collect();
         let ports = host::bridge_ports(&self.cfg.bridge)
             .map_err(|e| DetachError::Link(self.cfg.bridge.clone(), e))?;
+        // Read after the ports: another state directory claims an address
+        // before it creates the tap, so every port listed that is theirs
+        // has its claim by now (or is being detached by them anyway).
+        let foreign = self.ipam.foreign_ifnames()?;
         for port in ports {
-            if port.starts_with(&self.cfg.tap_prefix) && !known.contains(port.as_str()) {
+            if port.starts_with(&self.cfg.tap_prefix)
+                && !known.contains(port.as_str())
+                && !foreign.contains(&port)
+            {
                 warn!(ifname = %port, "removing a tap no sandbox owns");
                 host::delete_link(&port).map_err(|e| DetachError::Link(port.clone(), e))?;
                 report.orphan_links.push(port);
@@ -667,10 +685,11 @@ impl Network {
         self.policy_path(name).exists()
     }
 
-    /// Removes the bridge and its NAT chains, when no sandbox holds a lease.
-    /// Returns false (and removes nothing) while leases remain.
+    /// Removes the bridge, its NAT chains and its claims directory, when no
+    /// sandbox of any state directory holds an address on it. Returns false
+    /// (and removes nothing) while leases or other live claims remain.
     pub fn teardown(&self) -> Result<bool, DetachError> {
-        if !self.ipam.leases()?.is_empty() {
+        if self.ipam.any_live_on_host()? {
             return Ok(false);
         }
         nft::remove_bridge_rules(&self.cfg.bridge).map_err(|e| {
@@ -684,6 +703,7 @@ impl Network {
         })?;
         host::delete_link(&self.cfg.bridge)
             .map_err(|e| DetachError::Link(self.cfg.bridge.clone(), e))?;
+        self.ipam.remove_claims_dir()?;
         Ok(true)
     }
 }
