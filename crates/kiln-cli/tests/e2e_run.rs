@@ -401,3 +401,77 @@ fn info_says_which_driver_and_why() {
     let text = k.run(&["info"]);
     assert!(stdout(&text).contains("Why:"), "{}", stdout(&text));
 }
+
+/// A `kiln run --rm` whose command ends before the command itself gets to
+/// attach (a loaded host: here the `kiln` process is stopped with SIGSTOP
+/// as soon as its sandbox exists) still prints the output and exits with
+/// the command's code: the supervisor keeps a `--rm` sandbox nobody has
+/// attached to for a while after its VM is gone. It used to remove the
+/// sandbox with its output log at once: the run printed nothing and
+/// exited 0, or failed with 125.
+#[test]
+fn a_late_attaching_run_rm_still_gets_its_output_and_exit_code() {
+    let k = Kiln::new();
+    let bb = busybox();
+    let child = k
+        .cmd()
+        .args([
+            "run",
+            "--rm",
+            &bb,
+            "--",
+            "sh",
+            "-c",
+            "echo late-but-here; exit 7",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kiln run starts");
+    let pid = child.id().to_string();
+    // Stop the CLI once its sandbox has a supervisor (recorded in the
+    // record), before it has read the ready line and attached.
+    let sandboxes = k.state_dir().join("sandboxes");
+    let t0 = std::time::Instant::now();
+    loop {
+        let started = std::fs::read_dir(&sandboxes)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                std::fs::read(e.path().join("record.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .is_some_and(|r| r["shim_pid"].is_u64())
+            });
+        if started {
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(120),
+            "the sandbox never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .expect("kill -STOP");
+    assert!(stop.success());
+    // Long enough for the command to end and the VM to be killed.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let cont = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .expect("kill -CONT");
+    assert!(cont.success());
+    let out = child.wait_with_output().expect("kiln run ends");
+    assert_eq!(
+        stdout(&out).trim(),
+        "late-but-here",
+        "stderr: {}",
+        stderr(&out)
+    );
+    assert_eq!(code(&out), 7, "stderr: {}", stderr(&out));
+    k.assert_clean();
+}

@@ -29,6 +29,9 @@ use crate::vm::{self, VmHandle};
 
 /// How long the guest agent may take to answer after the VMM started. TCG
 /// boots take about a second; a loaded CI machine is much slower.
+/// How long a `--rm` sandbox that nobody attached to waits, after its
+/// VM is gone, for its `kiln run` to attach and collect the output.
+const LATE_ATTACH_GRACE: Duration = Duration::from_secs(10);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the guest agent may take to deliver a signal before Kiln stops
 /// relying on it and kills the VMM instead.
@@ -146,6 +149,9 @@ struct Shim {
     /// Set once Kiln killed the VMM itself because the guest did not act
     /// on a signal (a hung or hostile guest).
     hard_killed: std::sync::atomic::AtomicBool,
+    /// Set when a client attached to the main process (a `kiln run` in the
+    /// foreground does, right after the ready line).
+    attached: std::sync::atomic::AtomicBool,
     /// Bytes of output `output.log` keeps (the newest).
     log_limit: u64,
     /// Where the start's time went (reported once in the ready line).
@@ -481,6 +487,7 @@ async fn launch(store: &Store, rec: &mut SandboxRecord, up: Up) -> Result<Starte
         state,
         paused: Mutex::new(None),
         hard_killed: std::sync::atomic::AtomicBool::new(false),
+        attached: std::sync::atomic::AtomicBool::new(false),
         log_limit,
         timings,
     };
@@ -970,9 +977,27 @@ async fn supervise(
         vm.cleanup().await;
     };
     tokio::pin!(teardown);
+    // A --rm sandbox's output and record go with it: when nobody has
+    // attached yet (the `kiln run` that started it is still on its way:
+    // a short command can end before a loaded host schedules it), keep
+    // serving a while after the teardown so it still gets the output and
+    // the exit status (a `-d --rm` sandbox so stays listed, exited, for up
+    // to this long).
+    let late_attach = async {
+        (&mut teardown).await;
+        if discard {
+            let t0 = Instant::now();
+            while !shim.attached.load(std::sync::atomic::Ordering::SeqCst)
+                && t0.elapsed() < LATE_ATTACH_GRACE
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    tokio::pin!(late_attach);
     loop {
         tokio::select! {
-            () = &mut teardown => break,
+            () = &mut late_attach => break,
             conn = listener.accept() => {
                 if let Ok((stream, _)) = conn {
                     let shim = shim.clone();
@@ -1011,6 +1036,8 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
     let mut writer = FrameWriter::new(w);
     match req {
         CtlRequest::Attach { stdin, replay } => {
+            shim.attached
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             attach_main(&shim, reader, writer, stdin, replay).await
         }
         CtlRequest::Exec(req) if req.detached => match shim.agent.exec_detached(req).await {
