@@ -475,3 +475,24 @@ fn a_late_attaching_run_rm_still_gets_its_output_and_exit_code() {
     assert_eq!(code(&out), 7, "stderr: {}", stderr(&out));
     k.assert_clean();
 }
+
+/// `kiln rm -f` of a detached `--rm` sandbox does not wait out the grace a
+/// `--rm` sandbox gives a late-attaching run: ending it is collecting it.
+#[test]
+fn rm_f_of_a_detached_rm_sandbox_is_prompt() {
+    let k = Kiln::new();
+    let bb = busybox();
+    let out = k.run(&["run", "-d", "--rm", &bb, "--", "sleep", "600"]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    let id = stdout(&out).trim().to_string();
+    let t0 = std::time::Instant::now();
+    let out = k.run(&["rm", "-f", &id]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(8),
+        "rm -f took {:?}",
+        t0.elapsed()
+    );
+    assert!(!k.state_dir().join("sandboxes").join(&id).exists());
+    k.assert_clean();
+}

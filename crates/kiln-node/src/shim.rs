@@ -150,8 +150,10 @@ struct Shim {
     /// on a signal (a hung or hostile guest).
     hard_killed: std::sync::atomic::AtomicBool,
     /// Set when a client attached to the main process (a `kiln run` in the
-    /// foreground does, right after the ready line).
-    attached: std::sync::atomic::AtomicBool,
+    /// foreground does, right after the ready line), waits for it, or ends
+    /// it (`stop`, `kill`, `rm -f`): a `--rm` sandbox then has nobody left
+    /// to wait for.
+    exit_collected: std::sync::atomic::AtomicBool,
     /// Bytes of output `output.log` keeps (the newest).
     log_limit: u64,
     /// Where the start's time went (reported once in the ready line).
@@ -487,7 +489,7 @@ async fn launch(store: &Store, rec: &mut SandboxRecord, up: Up) -> Result<Starte
         state,
         paused: Mutex::new(None),
         hard_killed: std::sync::atomic::AtomicBool::new(false),
-        attached: std::sync::atomic::AtomicBool::new(false),
+        exit_collected: std::sync::atomic::AtomicBool::new(false),
         log_limit,
         timings,
     };
@@ -978,7 +980,7 @@ async fn supervise(
     };
     tokio::pin!(teardown);
     // A --rm sandbox's output and record go with it: when nobody has
-    // attached yet (the `kiln run` that started it is still on its way:
+    // attached, waited for it or ended it yet (the `kiln run` that started it is still on its way:
     // a short command can end before a loaded host schedules it), keep
     // serving a while after the teardown so it still gets the output and
     // the exit status (a `-d --rm` sandbox so stays listed, exited, for up
@@ -987,7 +989,9 @@ async fn supervise(
         (&mut teardown).await;
         if discard {
             let t0 = Instant::now();
-            while !shim.attached.load(std::sync::atomic::Ordering::SeqCst)
+            while !shim
+                .exit_collected
+                .load(std::sync::atomic::Ordering::SeqCst)
                 && t0.elapsed() < LATE_ATTACH_GRACE
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1036,7 +1040,7 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
     let mut writer = FrameWriter::new(w);
     match req {
         CtlRequest::Attach { stdin, replay } => {
-            shim.attached
+            shim.exit_collected
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             attach_main(&shim, reader, writer, stdin, replay).await
         }
@@ -1153,6 +1157,8 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
             Err(e) => reply_error(&mut writer, e.to_string()).await,
         },
         CtlRequest::Stop { grace_secs } => {
+            shim.exit_collected
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             resume_if_paused(&shim).await;
             let st = if signal_main(&shim, 15).await {
                 match wait_exit(&shim, Some(Duration::from_secs(grace_secs))).await {
@@ -1165,11 +1171,15 @@ async fn serve(shim: Arc<Shim>, stream: UnixStream) -> Result<(), ctl::CtlError>
             reply_exited(&mut writer, st).await
         }
         CtlRequest::Kill => {
+            shim.exit_collected
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             resume_if_paused(&shim).await;
             let st = kill_main(&shim).await;
             reply_exited(&mut writer, st).await
         }
         CtlRequest::Wait => {
+            shim.exit_collected
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             let st = wait_exit(&shim, None).await.unwrap_or((255, None));
             reply_exited(&mut writer, st).await
         }

@@ -356,10 +356,13 @@ impl Node {
                 .await?;
         }
         // Whatever is left (a supervisor that died): kill its VM from the
-        // record. (A pool member's supervisor removes its record itself.)
+        // record. (A pool member's or a `--rm` sandbox's supervisor removes
+        // its record itself.)
         let rec = match self.store.load(&id) {
             Ok(r) => r,
-            Err(StoreError::NotFound(_)) if rec.pool.is_some() => return Ok(id),
+            Err(StoreError::NotFound(_)) if rec.pool.is_some() || rec.spec.auto_remove => {
+                return Ok(id);
+            }
             Err(e) => return Err(e.into()),
         };
         if let Some(vm) = rec.vm.clone() {
