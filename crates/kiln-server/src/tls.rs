@@ -8,9 +8,10 @@
 //!   further ones wait in the kernel's backlog (accepting stops), they are
 //!   not served half-way.
 //! - A TLS handshake and a request head each get
-//!   [`Limits::handshake_timeout`]; a connection whose client has sent no
-//!   byte of HTTP by then (after the TLS handshake, or at all) is dropped,
-//!   whatever the protocol detection or HTTP/2 would wait for.
+//!   [`Limits::handshake_timeout`]; a connection whose protocol is not
+//!   known by then (no byte, or only part of the HTTP/2 preface, after the
+//!   TLS handshake or at all) is dropped, whatever hyper's protocol
+//!   detection would wait for.
 //! - At most [`Limits::max_connections_per_ip`] connections from one peer
 //!   address: one client cannot take every slot.
 //! - HTTP/2 connections are pinged every 30 s and dropped when a ping is
@@ -247,9 +248,16 @@ impl Drop for PeerSlot {
     }
 }
 
-/// An I/O stream that says when its first byte was read.
+/// The HTTP/2 connection preface: hyper's protocol detection waits, with
+/// no timer of its own, for as long as what arrived is a prefix of it.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// An I/O stream that says when the protocol is known: the whole HTTP/2
+/// preface arrived, or bytes that are not a prefix of it (HTTP/1, whose
+/// request head `header_read_timeout` then bounds).
 struct FirstByte<S> {
     inner: S,
+    seen: Vec<u8>,
     first: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -259,6 +267,7 @@ impl<S> FirstByte<S> {
         (
             FirstByte {
                 inner,
+                seen: Vec::new(),
                 first: Some(tx),
             },
             rx,
@@ -274,10 +283,16 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstByte<S> {
     ) -> std::task::Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before
-            && let Some(tx) = self.first.take()
-        {
-            let _ = tx.send(());
+        if self.first.is_some() && buf.filled().len() > before {
+            let want = H2_PREFACE.len() - self.seen.len();
+            let new = &buf.filled()[before..];
+            let take = new.len().min(want);
+            let chunk = new[..take].to_vec();
+            self.seen.extend_from_slice(&chunk);
+            let known = self.seen.len() == H2_PREFACE.len() || !H2_PREFACE.starts_with(&self.seen);
+            if known && let Some(tx) = self.first.take() {
+                let _ = tx.send(());
+            }
         }
         r
     }
@@ -358,7 +373,9 @@ mod limit_tests {
         };
         let server = tokio::spawn(serve(listener, app, None, limits));
         let mut a = tokio::net::TcpStream::connect(addr).await.expect("a");
+        // Part of the HTTP/2 preface, then nothing (hyper would wait).
         let mut b = tokio::net::TcpStream::connect(addr).await.expect("b");
+        b.write_all(b"PRI * HTTP/2.0\r\n").await.expect("write");
         let mut c = tokio::net::TcpStream::connect(addr).await.expect("c");
         assert!(
             closed_within(&mut c, Duration::from_millis(300)).await,
@@ -368,7 +385,10 @@ mod limit_tests {
             closed_within(&mut a, Duration::from_secs(3)).await,
             "a silent connection is dropped"
         );
-        assert!(closed_within(&mut b, Duration::from_secs(3)).await);
+        assert!(
+            closed_within(&mut b, Duration::from_secs(3)).await,
+            "a connection stalled inside the HTTP/2 preface is dropped"
+        );
         let mut d = tokio::net::TcpStream::connect(addr).await.expect("d");
         d.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
             .await
