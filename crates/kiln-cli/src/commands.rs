@@ -187,6 +187,8 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
         Command::Policy { command } => policy(&node, command),
         Command::Events { id } => drop_events(&node, &id),
         Command::Node(_) => anyhow::bail!("kiln node is dispatched above"),
+        Command::Up(a) => crate::up::up(a).await,
+        Command::Down(a) => crate::up::down(a).await,
         Command::Server(a) => crate::server_cmd::run(*a).await,
         Command::Nodes { conn, command } => crate::admin::nodes(conn, command).await,
         Command::Cluster { conn, command } => crate::admin::cluster(conn, command).await,

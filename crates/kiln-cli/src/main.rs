@@ -18,6 +18,7 @@ mod server_cmd;
 mod snapshots;
 mod templates;
 mod term;
+mod up;
 
 use std::path::PathBuf;
 
@@ -173,6 +174,11 @@ enum Command {
         #[command(subcommand)]
         command: admin::TokensCommand,
     },
+    /// The embedded control plane: a single-replica server and this host's
+    /// node in one process, the API on STATE/api.sock and 127.0.0.1:7090.
+    Up(up::UpArgs),
+    /// Stop `kiln up` (sandboxes keep running; the next `kiln up` adopts them).
+    Down(up::DownArgs),
     /// The per-sandbox supervisor (started by `kiln run`).
     #[command(hide = true)]
     Shim { id: String },
@@ -518,6 +524,8 @@ fn main() {
             Command::Cluster { conn, command } => admin::cluster(conn, command).await,
             Command::Tenants { conn, command } => admin::tenants(conn, command).await,
             Command::Tokens { conn, command } => admin::tokens(conn, command).await,
+            Command::Up(a) => up::up(a).await,
+            Command::Down(a) => up::down(a).await,
             c => commands::dispatch(c).await,
         };
         match r {
