@@ -662,6 +662,8 @@ mod tests {
     /// `Client::ws` over a Unix socket: the upgrade carries the API path and
     /// the bearer token, and frames go both ways.
     #[tokio::test]
+    // The handshake callback's error type is tungstenite's, not ours.
+    #[allow(clippy::result_large_err)]
     async fn ws_over_a_unix_socket_carries_the_path_and_the_token() {
         let dir = tempfile::tempdir().expect("tmp");
         let sock = dir.path().join("api.sock");
