@@ -243,6 +243,26 @@ async fn ensure_tenant_token(server: &kiln_server::Server, p: &Paths) -> Result<
             .await
             .map_err(|e| anyhow::anyhow!("committing the default tenant: {e}"))?;
     }
+    if !server
+        .raft()
+        .read_local(|st| kiln_store::query::token_by_hash(st, &sha).is_some())
+    {
+        bail!("the token of the tenant default could not be committed");
+    }
+    Ok(())
+}
+
+/// Like `kiln node` protects its servers' addresses: the API's address is
+/// an infrastructure range no sandbox reaches unless a rule allows it
+/// (`kiln_net::protect`; loopback is the guest's own anyway).
+fn protect_api(p: &Paths, api: SocketAddr) -> Result<()> {
+    let ranges: Vec<kiln_net::protect::Ipv4Net> = match api.ip() {
+        std::net::IpAddr::V4(ip) if !ip.is_loopback() && !ip.is_unspecified() => {
+            vec![kiln_net::protect::Ipv4Net::new(ip, 32).expect("32 is a valid prefix")]
+        }
+        _ => vec![],
+    };
+    kiln_net::protect::write_file(&p.state.join("net"), &ranges)?;
     Ok(())
 }
 
@@ -288,6 +308,11 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         let _ = nix::unistd::setsid();
     }
     private_dir(&p.state)?;
+    // Absolute paths in the endpoint file: found from any directory.
+    let p = Paths::new(
+        &std::fs::canonicalize(&p.state)
+            .with_context(|| format!("resolving {}", p.state.display()))?,
+    );
     private_dir(&p.dir())?;
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -342,6 +367,7 @@ pub async fn up(a: UpArgs) -> Result<i32> {
     }
     .context("starting the embedded server")?;
     let url = server.api_url().to_owned();
+    protect_api(&p, server.api_addr())?;
     let sock = p.socket();
     let listener = tokio::net::UnixListener::bind(&sock)
         .with_context(|| format!("listening on {}", sock.display()))?;
