@@ -384,6 +384,22 @@ pub async fn up(a: UpArgs) -> Result<i32> {
 /// Runs the node daemon beside `server`, publishes the endpoint once both
 /// answer, and waits for SIGINT/SIGTERM (or the daemon's end).
 async fn run_node(server: &kiln_server::Server, p: &Paths, url: &str, join: &str) -> Result<()> {
+    let t0 = Instant::now();
+    while server.raft().status().role != kiln_store::RaftRole::Leader {
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("the embedded server did not become leader within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Ports picked at this start: members list this replica's current ones.
+    let me = server.node_info();
+    if server.raft().status().members.get(&server.id()) != Some(&me) {
+        server
+            .raft()
+            .set_nodes([(server.id(), me)].into())
+            .await
+            .context("recording the embedded server's addresses")?;
+    }
     ensure_tenant_token(server, p).await?;
     let env = Dirs::from_env();
     let node = Node::open(Dirs::new(&p.state, env.cache));

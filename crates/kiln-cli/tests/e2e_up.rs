@@ -278,6 +278,13 @@ fn up_serves_the_api_on_its_socket_and_adopts_sandboxes_across_down_and_kill() {
     assert_eq!(vmm_processes(k.state_dir(), &sid), vmms);
     up.up_d();
     let v = up.wait_state(&id, "running", Duration::from_secs(20));
+    // The member lists this start's addresses (the port changed).
+    let (cluster, _) = up.admin_json(&["cluster", "status"], "/cluster", &[]);
+    assert_eq!(
+        cluster["members"][0]["api_url"],
+        up.endpoint()["url"],
+        "{cluster}"
+    );
     assert_eq!(shim_pid(k.state_dir(), &sid), Some(shim), "{v}");
     assert!(alive(shim));
     assert_eq!(vmm_processes(k.state_dir(), &sid), vmms, "not restarted");
