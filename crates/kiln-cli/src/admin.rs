@@ -709,4 +709,68 @@ mod tests {
         let e = c.ws("/x").await.err().expect("fails");
         assert!(format!("{e:#}").contains("cannot reach"), "{e:#}");
     }
+
+    /// `Client::ws` to an https server: TLS verified against `--ca` (one
+    /// that did not sign the certificate is refused), then the upgrade.
+    #[tokio::test]
+    async fn wss_is_verified_against_the_ca() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let pem = |name: &str, text: String| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write");
+            p
+        };
+        let ca = |cn: &str| {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+            let cert = params.self_signed(&key).expect("ca");
+            (cert.pem(), rcgen::Issuer::new(params, key))
+        };
+        let (ca_pem, issuer) = ca("test CA");
+        let (other_pem, _) = ca("other CA");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("cert");
+        let files = kiln_server::tls::TlsFiles {
+            cert: pem("cert.pem", cert.pem()),
+            key: pem("key.pem", key.serialize_pem()),
+        };
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(kiln_server::tls::server_config(&files).expect("tls"));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            // The refused client's handshake, then the good one.
+            let (s, _) = l.accept().await.expect("accept");
+            assert!(acceptor.accept(s).await.is_err());
+            let (s, _) = l.accept().await.expect("accept");
+            let tls = acceptor.accept(s).await.expect("tls");
+            let mut ws = tokio_tungstenite::accept_async(tls).await.expect("ws");
+            let m = ws.next().await.expect("a frame").expect("ok");
+            ws.send(m).await.expect("echo");
+        });
+        let conn = |ca: PathBuf| Conn {
+            server: Some(format!("https://{addr}")),
+            token: Some("tok".into()),
+            ca: Some(ca),
+            ..Conn::default()
+        };
+        let bad = Client::new(&conn(pem("other.pem", other_pem))).expect("client");
+        let e = bad.ws("/x").await.err().expect("an unknown CA is refused");
+        assert!(format!("{e:#}").contains("TLS handshake"), "{e:#}");
+        let good = Client::new(&conn(pem("ca.pem", ca_pem))).expect("client");
+        let mut ws = good.ws("/sandboxes/a/attach").await.expect("wss opens");
+        ws.send(Message::text("over tls")).await.expect("send");
+        let back = ws.next().await.expect("a frame").expect("ok");
+        assert_eq!(back, Message::text("over tls"));
+        server.await.expect("server");
+    }
 }
