@@ -341,6 +341,34 @@ fn up_serves_the_api_on_its_socket_and_adopts_sandboxes_across_down_and_kill() {
         std::thread::sleep(Duration::from_millis(100));
     }
     up.down();
+
+    // In the foreground: Ctrl-C (SIGINT) stops it the same way.
+    let mut fg = k
+        .cmd()
+        .args(["up", "--listen", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kiln up");
+    let t0 = Instant::now();
+    while !(up.endpoint_file().exists() && up.pid() == fg.id()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "foreground up not ready"
+        );
+        assert!(fg.try_wait().expect("wait").is_none(), "kiln up ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(fg.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let out = fg.wait_with_output().expect("kiln up ends");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("kiln up: API on http://127.0.0.1:"), "{err}");
+    assert!(!up.sock().exists() && !up.endpoint_file().exists());
+
     let o = k.run(&["down"]);
     assert_eq!(code(&o), 0, "kiln down with none running: {}", stdout(&o));
     k.assert_clean();
