@@ -256,11 +256,13 @@ fn up_serves_the_api_on_its_socket_and_adopts_sandboxes_across_down_and_kill() {
 
     // A real microVM through the API on the socket.
     let body = serde_json::to_string(&spec(&["sleep", "600"])).expect("json");
+    let t_create = Instant::now();
     let (status, out) = up.curl("POST", "/v1/sandboxes", Some(&body));
     assert_eq!(status, 201, "{}", String::from_utf8_lossy(&out));
     let created: Value = serde_json::from_slice(&out).expect("json");
     let id = created["id"].as_str().expect("id").to_owned();
     up.wait_state(&id, "running", Duration::from_secs(60));
+    tracing::info!(took = ?t_create.elapsed(), "POST /v1/sandboxes → running");
     let sid: kiln_api::sandbox::SandboxId =
         serde_json::from_value(created["id"].clone()).expect("id");
     let shim = shim_pid(k.state_dir(), &sid).expect("a supervisor");
@@ -268,7 +270,9 @@ fn up_serves_the_api_on_its_socket_and_adopts_sandboxes_across_down_and_kill() {
     assert!(alive(shim) && !vmms.is_empty(), "supervisor and VMM run");
 
     // A WebSocket exec upgrades on the Unix socket like on TCP.
+    let t_exec = Instant::now();
     let (out, exit) = exec_over_socket(&up.sock(), &up.tenant_token(), &id);
+    tracing::info!(took = ?t_exec.elapsed(), "exec over the socket");
     assert_eq!(out, "via the socket\n");
     assert_eq!(exit, Some(5));
 
