@@ -125,6 +125,16 @@ pub enum BenchCommand {
         /// Where to write the JSON results.
         #[arg(long, default_value = "bench-api.json")]
         json: PathBuf,
+        /// Instead: a warm `kiln run` → first byte, node-local against
+        /// through `kiln up`'s API (started for the run if none runs).
+        #[arg(long, requires = "image")]
+        warm: bool,
+        /// The image of --warm.
+        #[arg(long, requires = "warm")]
+        image: Option<String>,
+        /// Runs of each --warm path.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
     },
 }
 

@@ -6,6 +6,7 @@
 mod admin;
 mod attach;
 mod bench;
+mod bench_api_warm;
 mod bench_density;
 mod bench_fork;
 mod bench_net;
