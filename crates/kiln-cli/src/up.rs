@@ -266,6 +266,51 @@ fn protect_api(p: &Paths, api: SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// The credential the node stored (`STATE/node/credential.json`).
+fn stored_credential(p: &Paths, name: &NodeName) -> Option<String> {
+    let b = std::fs::read(p.state.join("node/credential.json")).ok()?;
+    let c: daemon::client::StoredCredential = serde_json::from_slice(&b).ok()?;
+    (&c.node == name).then_some(c.credential)
+}
+
+/// A registration rotates the node's credential: a process killed after
+/// the server committed the new one but before the node stored it leaves
+/// the node holding a revoked credential, and the server refuses to let
+/// it register again. `kiln up` owns both sides, so it revokes the live
+/// credential the node does not hold, and the node registers anew.
+async fn heal_node_credential(
+    server: &kiln_server::Server,
+    p: &Paths,
+    name: &NodeName,
+) -> Result<()> {
+    let stored = stored_credential(p, name).map(|c| kiln_store::query::hash_token(&c));
+    let live: Vec<(String, String)> = server.raft().read_local(|st| {
+        st.tokens
+            .values()
+            .filter(|t| {
+                t.role == Role::Node && t.node.as_ref() == Some(name) && t.revoked_at_ms.is_none()
+            })
+            .map(|t| (t.id.clone(), t.sha256.clone()))
+            .collect()
+    });
+    if live.is_empty() || live.iter().any(|(_, h)| Some(h) == stored.as_ref()) {
+        return Ok(());
+    }
+    tracing::warn!(node = %name, "the node does not hold its live credential (killed while registering): revoking it so the node registers again");
+    for (id, _) in live {
+        let cmd = kiln_store::Command::RevokeToken {
+            id,
+            now_ms: kiln_server::server::now_ms(),
+        };
+        server
+            .raft()
+            .write(cmd)
+            .await
+            .map_err(|e| anyhow::anyhow!("revoking the node's stale credential: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Asks the API over its Unix socket for the OpenAPI document: does it answer?
 async fn answers(socket: &Path) -> bool {
     let Ok(http) = reqwest::Client::builder()
@@ -404,6 +449,8 @@ async fn run_node(server: &kiln_server::Server, p: &Paths, url: &str, join: &str
     let env = Dirs::from_env();
     let node = Node::open(Dirs::new(&p.state, env.cache));
     let name = node_name();
+    heal_node_credential(server, p, &name).await?;
+    let started_ms = kiln_server::server::now_ms();
     let cfg = DaemonConfig {
         servers: vec![url.to_owned()],
         join_token: join.to_owned(),
@@ -421,11 +468,23 @@ async fn run_node(server: &kiln_server::Server, p: &Paths, url: &str, join: &str
     let mut daemon = tokio::spawn(daemon::run(node, cfg, async move {
         let _ = stop_rx.wait_for(|s| *s).await;
     }));
-    // Ready: the API answers on the socket and the node heartbeats.
+    // Ready: the API answers on the socket, and this process's node has
+    // registered and stored its credential (a record left Ready by the
+    // previous process does not count).
     let t0 = Instant::now();
     loop {
+        let stored = stored_credential(p, &name).map(|c| kiln_store::query::hash_token(&c));
         let ready = server.raft().read_local(|st| {
-            st.nodes
+            let ours = stored.as_ref().is_some_and(|h| {
+                st.tokens.values().any(|t| {
+                    &t.sha256 == h
+                        && t.node.as_ref() == Some(&name)
+                        && t.revoked_at_ms.is_none()
+                        && t.created_at_ms >= started_ms
+                })
+            });
+            ours && st
+                .nodes
                 .get(&name)
                 .is_some_and(|n| n.status == NodeStatus::Ready)
         });
@@ -436,8 +495,8 @@ async fn run_node(server: &kiln_server::Server, p: &Paths, url: &str, join: &str
             break;
         }
         if t0.elapsed() > Duration::from_secs(60) {
-            tracing::warn!("the node did not become ready within 60 s");
-            break;
+            let _ = stop_tx.send(true);
+            bail!("the node did not register with the embedded server within 60 s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

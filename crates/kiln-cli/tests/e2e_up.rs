@@ -317,6 +317,26 @@ fn up_serves_the_api_on_its_socket_and_adopts_sandboxes_across_down_and_kill() {
     assert_eq!(shim_pid(k.state_dir(), &sid), Some(shim));
     assert_eq!(vmm_processes(k.state_dir(), &sid), vmms);
 
+    // Killed between the server's credential rotation and the node storing
+    // the new one: the node holds a revoked credential. `kiln up` owns both
+    // sides and lets the node register again.
+    up.down();
+    let cred_file = k.state_dir().join("node/credential.json");
+    let mut cred: Value =
+        serde_json::from_slice(&std::fs::read(&cred_file).expect("credential")).expect("json");
+    cred["credential"] = Value::from("kilnnode_0123456789abcdef0123456789abcdef0123");
+    std::fs::write(&cred_file, serde_json::to_vec(&cred).expect("json")).expect("write");
+    let t0 = Instant::now();
+    up.up_d();
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    let now: Value =
+        serde_json::from_slice(&std::fs::read(&cred_file).expect("credential")).expect("json");
+    assert_ne!(now["credential"], cred["credential"], "registered anew");
+    let (nodes, _) = up.admin_json(&["nodes", "ls"], "/nodes", &[]);
+    assert_eq!(nodes["items"][0]["status"], "ready", "{nodes}");
+    up.wait_state(&id, "running", Duration::from_secs(20));
+    assert_eq!(vmm_processes(k.state_dir(), &sid), vmms);
+
     // KILN_AUTO_UP=1: the first admin command starts it and says so once.
     up.down();
     let (nodes, err) = up.admin_json(&["nodes", "ls"], "/nodes", &[("KILN_AUTO_UP", "1")]);
@@ -340,7 +360,13 @@ fn up_serves_the_api_on_its_socket_and_adopts_sandboxes_across_down_and_kill() {
     while alive(shim) || !vmm_processes(k.state_dir(), &sid).is_empty() {
         assert!(
             t0.elapsed() < Duration::from_secs(30),
-            "sandbox not removed"
+            "sandbox not removed: shim {shim} alive {}, VMMs {:?}, record {}, ps: {}\n{}",
+            alive(shim),
+            vmm_processes(k.state_dir(), &sid),
+            std::fs::read_to_string(k.state_dir().join(format!("sandboxes/{id}/record.json")))
+                .unwrap_or_default(),
+            stdout(&k.run(&["ps", "-a"])),
+            std::fs::read_to_string(k.state_dir().join("up/up.log")).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
