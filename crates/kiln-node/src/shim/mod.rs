@@ -203,12 +203,44 @@ fn write_ready(w: &mut impl std::io::Write, line: &ReadyLine) {
 #[instrument(skip_all, fields(sandbox = %id))]
 pub async fn run(store: Store, id: String, ready: impl std::io::Write) -> Result<(), ShimError> {
     crate::dns::start_candidate_if_networked(&store, &id);
+    let drainer = store
+        .load(&id)
+        .is_ok_and(|r| r.spec.network.is_some())
+        .then(|| tokio::spawn(drain_drop_events(store.dirs().clone(), id.clone())));
     let result = run_sandbox(store.clone(), id.clone(), ready).await;
+    if let Some(task) = drainer {
+        task.abort();
+    }
     // The VM is gone (or never came): its tap, address and policy program
     // go too. (A supervisor killed before this is repaired by the node's
     // reconciler.)
     crate::node::release_network(store.dirs(), &id);
     result
+}
+
+/// How often a networked sandbox's supervisor moves its drop events from
+/// the program's ring buffer (64 KiB) into the bounded events file, so a
+/// guest flooding denied packets cannot keep the ring full and later events
+/// from being recorded (`kiln events` drains too).
+const DROP_EVENT_DRAIN: Duration = Duration::from_secs(5);
+
+async fn drain_drop_events(dirs: crate::paths::Dirs, id: String) {
+    let mut tick = tokio::time::interval(DROP_EVENT_DRAIN);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (dirs, id) = (dirs.clone(), id.clone());
+        let drained = tokio::task::spawn_blocking(move || {
+            crate::node::open_network(&dirs)
+                .map_err(|e| e.to_string())
+                .and_then(|net| net.drop_events(&id).map_err(|e| e.to_string()))
+                .map(|_| ())
+        })
+        .await;
+        if let Ok(Err(e)) = drained {
+            tracing::debug!(error = %e, "cannot drain drop events");
+        }
+    }
 }
 
 async fn run_sandbox(
