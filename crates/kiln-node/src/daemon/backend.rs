@@ -259,6 +259,39 @@ impl Backend {
         }
     }
 
+    /// Keeps the cluster's other nodes' addresses protected on this node
+    /// (`kiln_net::protect::CLUSTER_FILE`) and, when they changed,
+    /// recompiles the running sandboxes' policies against them.
+    pub async fn protect_cluster(&self, addrs: &[std::net::Ipv4Addr]) {
+        let Backend::Real(r) = self else {
+            return;
+        };
+        let ranges: Vec<kiln_net::protect::Ipv4Net> = addrs
+            .iter()
+            .map(|a| kiln_net::protect::Ipv4Net::from(*a))
+            .collect();
+        let node = r.node.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let net_dir = node.dirs().state.join("net");
+            match kiln_net::protect::write_cluster_file(&net_dir, &ranges) {
+                Ok(true) => {
+                    let n = node.refresh_protected();
+                    tracing::info!(
+                        nodes = ranges.len(),
+                        refreshed = n,
+                        "other nodes' addresses protected"
+                    );
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot protect the other nodes' addresses"),
+            }
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "protecting the other nodes' addresses failed");
+        }
+    }
+
     pub async fn pause(&self, id: &SandboxId) -> Result<(), BackendError> {
         self.simple(id, true).await
     }

@@ -352,6 +352,7 @@ async fn watch_loop(
                                 sandboxes = d.sandboxes.len(),
                                 "desired state"
                             );
+                            sh.backend.protect_cluster(&d.cluster_addresses).await;
                             desired.send_replace(Some(d));
                             sh.wake.notify_one();
                         }

@@ -305,6 +305,39 @@ impl Node {
         Ok(id)
     }
 
+    /// Recompiles the policy of every running networked sandbox (warm-pool
+    /// members too) against the protected ranges in force now, after they
+    /// changed (the node daemon learnt of another node); the rules stay
+    /// the same. Returns how many were refreshed; failures are logged.
+    pub fn refresh_protected(&self) -> usize {
+        let Ok(records) = self.store().list() else {
+            return 0;
+        };
+        let net = match open_network(self.dirs()) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the sandbox network");
+                return 0;
+            }
+        };
+        let mut done = 0;
+        for rec in records {
+            if rec.spec.network.is_none() || rec.state.is_finished() {
+                continue;
+            }
+            let refreshed = net
+                .policy(&rec.id)
+                .and_then(|(policy, _)| net.update_policy(&rec.id, &policy));
+            match refreshed {
+                Ok(()) => done += 1,
+                Err(e) => {
+                    tracing::warn!(sandbox = %rec.id, error = %e, "cannot refresh its protected ranges")
+                }
+            }
+        }
+        done
+    }
+
     fn networked(&self, prefix: &str) -> Result<String, PolicyOpError> {
         let rec = self.get(prefix)?;
         if rec.spec.network.is_none() {
