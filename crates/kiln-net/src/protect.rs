@@ -127,6 +127,27 @@ pub fn configured(net_dir: &Path) -> Result<Vec<Ipv4Net>, ProtectedCidrsError> {
     Ok(out)
 }
 
+/// The cluster's other nodes' addresses as the daemon last wrote them
+/// (absent or unreadable: none, with a warning for the latter). Read at
+/// every use by long-lived holders (the DNS resolver), since it changes
+/// while they run.
+pub fn cluster_file(net_dir: &Path) -> Vec<Ipv4Net> {
+    let path = net_dir.join(CLUSTER_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            parse_list_max(&text, &path.display().to_string(), MAX_CLUSTER).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "ignoring the cluster's protected addresses");
+                Vec::new()
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the cluster's protected addresses");
+            Vec::new()
+        }
+    }
+}
+
 /// Replaces the node's file with `ranges` (temp file, fsync, rename).
 pub fn write_file(net_dir: &Path, ranges: &[Ipv4Net]) -> Result<(), ProtectedCidrsError> {
     write_ranges(net_dir, FILE, "written by `kiln node` at start", ranges)
