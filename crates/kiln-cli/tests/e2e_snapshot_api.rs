@@ -179,7 +179,8 @@ impl Api {
 
     /// The numbers sandbox `id` printed so far (its stdout, `c-N` lines).
     fn counts(&self, id: &SandboxId) -> Vec<u64> {
-        let (status, body) = self.call(&self.a, "GET", &format!("/v1/sandboxes/{id}/logs"), None);
+        // NDJSON (documented as such), not one JSON body.
+        let (status, body) = self.raw(&self.a, "GET", &format!("/v1/sandboxes/{id}/logs"), None);
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         let mut out = Vec::new();
         for line in body.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
@@ -257,7 +258,12 @@ fn snapshot_restore_and_fork_through_the_api() {
         &ns,
         &api.url(),
         "host-s",
-        &["--address", &format!("{node_ip}:0")],
+        &[
+            "--address",
+            &format!("{node_ip}:0"),
+            "--capacity-cpus",
+            "16",
+        ],
     );
     api.wait_for(
         Duration::from_secs(60),
@@ -320,7 +326,8 @@ fn snapshot_restore_and_fork_through_the_api() {
     assert_eq!(serde_json::from_slice::<Snapshot>(&out).expect("one"), snap);
     api.refused(&api.b, "GET", "/v1/snapshots/s1", None, 404, "not_found");
     api.refused(&api.b, "DELETE", "/v1/snapshots/s1", None, 404, "not_found");
-    api.refused(&api.a, "GET", "/v1/snapshots/..", None, 400, "invalid_name");
+    api.refused(&api.a, "GET", "/v1/snapshots/-x", None, 400, "invalid_name");
+    api.refused(&api.a, "GET", "/v1/snapshots/a%2Fb", None, 400, "invalid_name");
 
     // Restore: B cannot; A's restore counts on from where the snapshot was.
     let mut restore = spec(&[]);
@@ -354,6 +361,8 @@ fn snapshot_restore_and_fork_through_the_api() {
     api.refused(&api.b, "POST", &fork_path, Some(r#"{"count":2}"#), 404, "not_found");
     api.refused(&api.a, "POST", &fork_path, Some(r#"{"count":0}"#), 422, "invalid_count");
     api.refused(&api.a, "POST", &fork_path, Some(r#"{"count":65}"#), 422, "invalid_count");
+    // 64 forks do not fit on the node: refused before anything is taken.
+    api.refused(&api.a, "POST", &fork_path, Some(r#"{"count":64}"#), 422, "unschedulable");
     let fork_after = *api.counts(&src).last().expect("counted");
     let t3 = Instant::now();
     let (status, out) = api.call(&api.a, "POST", &fork_path, Some(r#"{"count":2}"#));

@@ -428,7 +428,7 @@ pub async fn delete(
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 409, description = "The sandbox is not running (not_running)", body = ErrorBody),
-        (status = 422, description = "count out of range (invalid_count)", body = ErrorBody),
+        (status = 422, description = "count out of range (invalid_count), or no room on the source's node (unschedulable)", body = ErrorBody),
         (status = 429, description = "Quota exceeded (Retry-After)", body = ErrorBody),
         (status = 502, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn fork(
@@ -457,6 +457,33 @@ pub async fn fork(
             "not_running",
             format!("sandbox {} is not running ({})", src.id, src.state.label()),
         ));
+    }
+    // All forks run on the source's node: refused before a snapshot is
+    // taken when they cannot fit there (`apply` checks again).
+    let room = s.raft.read_local(|st| {
+        let n = st.nodes.get(&node)?;
+        let used = st.idx.allocated.get(&node).copied().unwrap_or_default();
+        let r = &src.spec.resources;
+        let k = u64::from(req.count);
+        Some(
+            u64::from(used.cpus) + k * u64::from(r.cpus) <= u64::from(n.capacity.cpus)
+                && used.memory_mib + k * u64::from(r.memory_mib) <= n.capacity.memory_mib
+                && used.disk_mib + k * u64::from(r.disk_mib) <= n.capacity.disk_mib,
+        )
+    });
+    if room != Some(true) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unschedulable",
+            format!(
+                "node {node} has no room for {} more sandboxes of {} vCPU, {} MiB memory, {} MiB disk",
+                req.count,
+                src.spec.resources.cpus,
+                src.spec.resources.memory_mib,
+                src.spec.resources.disk_mib
+            ),
+        )
+        .reason("insufficient"));
     }
     let fork_name = format!("fork-{}-{:08x}", now_ms() / 1000, rand::random::<u32>());
     let local = check_name(&tenant, &fork_name)?;
