@@ -175,7 +175,8 @@ async fn node_snapshot(
         .post(url)
         .bearer_auth(key)
         .timeout(std::time::Duration::from_secs(super::sandboxes::MAX_WAIT_SECS + 60))
-        .json(req)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(req).unwrap_or_default())
         .send()
         .await
         .map_err(super::streams::unavailable)?;
