@@ -230,6 +230,24 @@ fn running(s: &State, id: &SandboxId) -> bool {
         .is_some_and(|r| matches!(r.observed, SandboxState::Running { .. }))
 }
 
+/// `kiln ARGS` as a client of the server (tenant A): exit code, stdout,
+/// stderr.
+fn cli(k: &Kiln, api: &Api, args: &[&str]) -> (i32, String, String) {
+    let out = Proc::new(&k.bin)
+        .args(args)
+        .env("KILN_SERVER", api.url())
+        .env("KILN_TOKEN", &api.a)
+        .env("KILN_CONFIG", "/nonexistent/kiln-config.toml")
+        .env_remove("KILN_STATE_DIR")
+        .output()
+        .expect("kiln runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Consecutive, and not from the start: the process went on counting.
 fn continues(c: &[u64], after: u64, what: &str) {
     assert!(!c.is_empty(), "{what}: nothing printed");
@@ -382,6 +400,46 @@ fn snapshot_restore_and_fork_through_the_api() {
         continues(&c, fork_after, "a fork's counter");
     }
 
+    // The CLI against the server: same commands, same output.
+    let t5 = Instant::now();
+    let (code, out, err) = cli(&k, &api, &["snapshot", &src.as_str()[..8], "--name", "cli1"]);
+    assert_eq!((code, out.as_str()), (0, "cli1\n"), "{err}");
+    let (code, out, err) = cli(&k, &api, &["snapshot", "ls", "-q"]);
+    assert_eq!(code, 0, "{err}");
+    let names: Vec<&str> = out.lines().collect();
+    assert!(names.contains(&"cli1") && names.contains(&"s1"), "{out}");
+    let (code, out, err) = cli(&k, &api, &["snapshot", "ls"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("NAME") && out.contains("cli1"), "{out}");
+    let (code, out, err) = cli(&k, &api, &["restore", "cli1", "-d"]);
+    assert_eq!(code, 0, "{err}");
+    let cli_restored = SandboxId::try_from(out.trim().to_owned()).expect("an ID");
+    api.wait_for(Duration::from_secs(180), "the CLI's restore running", |st| {
+        running(st, &cli_restored)
+    });
+    let (code, _, err) = cli(&k, &api, &["snapshot", "rm", "cli1"]);
+    assert_eq!(code, 125);
+    assert!(err.contains("snapshot_in_use"), "{err}");
+    let (code, out, err) = cli(&k, &api, &["fork", src.as_str(), "-n", "1"]);
+    assert_eq!(code, 0, "{err}");
+    let cli_fork = SandboxId::try_from(out.trim().to_owned()).expect("an ID");
+    api.wait_for(Duration::from_secs(180), "the CLI's fork running", |st| {
+        running(st, &cli_fork)
+    });
+    let (code, _, err) = cli(&k, &api, &["restore", "nope", "-d"]);
+    assert_eq!(code, 125);
+    assert!(err.contains("not_found"), "{err}");
+    for id in [&cli_restored, &cli_fork] {
+        let (status, _) = api.call(&api.a, "DELETE", &format!("/v1/sandboxes/{id}"), None);
+        assert_eq!(status, 200);
+    }
+    api.wait_for(Duration::from_secs(60), "the CLI's sandboxes forgotten", |st| {
+        !st.sandboxes.contains_key(&cli_restored) && !st.sandboxes.contains_key(&cli_fork)
+    });
+    let (code, out, err) = cli(&k, &api, &["snapshot", "rm", "cli1"]);
+    assert_eq!((code, out.as_str()), (0, "cli1\n"), "{err}");
+    eprintln!("CLI through the API: {} ms", t5.elapsed().as_millis());
+
     // Remove the restore: then the snapshot can go, from the node too.
     let (status, _) = api.call(&api.a, "DELETE", &format!("/v1/sandboxes/{restored}"), None);
     assert_eq!(status, 200);
@@ -401,6 +459,9 @@ fn snapshot_restore_and_fork_through_the_api() {
     api.wait_for(Duration::from_secs(60), "all forgotten", |st| {
         st.sandboxes.is_empty()
     });
+    // The forks' ephemeral snapshot records went with the last fork.
+    let left = api.read(|st| st.snapshots.keys().cloned().collect::<Vec<_>>());
+    assert!(left.is_empty(), "snapshot records left: {left:?}");
     let snaps = k.state_dir().join("snapshots");
     let t4 = Instant::now();
     loop {

@@ -210,7 +210,7 @@ fn node_error(status: u16, body: &[u8]) -> ApiError {
 }
 
 /// Snapshot a running sandbox (on its node; processes continue there).
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/snapshot", tag = "snapshots",
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/snapshot", tag = "snapshots", operation_id = "create_snapshot",
     params(("id" = String, Path)), request_body = CreateSnapshot,
     responses((status = 201, description = "Taken and recorded", body = Snapshot),
         (status = 400, description = "Invalid name", body = ErrorBody), (status = 401, body = ErrorBody),
@@ -296,7 +296,7 @@ pub async fn create(
 }
 
 /// The caller's snapshots, by name.
-#[utoipa::path(get, path = "/v1/snapshots", tag = "snapshots",
+#[utoipa::path(get, path = "/v1/snapshots", tag = "snapshots", operation_id = "list_snapshots",
     responses((status = 200, body = SnapshotList), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn list(
     State(s): State<Arc<Shared>>,
@@ -319,7 +319,7 @@ async fn visible_snapshot(s: &Shared, tenant: &TenantName, name: &str) -> Result
 }
 
 /// One snapshot.
-#[utoipa::path(get, path = "/v1/snapshots/{name}", tag = "snapshots", params(("name" = String, Path)),
+#[utoipa::path(get, path = "/v1/snapshots/{name}", tag = "snapshots", operation_id = "get_snapshot", params(("name" = String, Path)),
     responses((status = 200, body = Snapshot), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
 pub async fn get_one(
@@ -333,7 +333,7 @@ pub async fn get_one(
 }
 
 /// Delete a snapshot: removed from every node holding it, then forgotten.
-#[utoipa::path(delete, path = "/v1/snapshots/{name}", tag = "snapshots", params(("name" = String, Path)),
+#[utoipa::path(delete, path = "/v1/snapshots/{name}", tag = "snapshots", operation_id = "delete_snapshot", params(("name" = String, Path)),
     responses((status = 200, description = "Deleted (the snapshot as it was)", body = Snapshot),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, description = "Sandboxes restored from it still run (snapshot_in_use)", body = ErrorBody),
@@ -423,12 +423,12 @@ pub async fn delete(
 /// `count` copies of a running sandbox, on its node: one ephemeral
 /// snapshot, `count` restores. The new sandboxes are committed before the
 /// answer and report like any sandbox; the snapshot goes with the last.
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "snapshots",
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "snapshots", operation_id = "fork_sandbox",
     params(("id" = String, Path)), request_body = ForkRequest,
     responses((status = 201, body = ForkResult),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody),
-        (status = 409, description = "The sandbox is not running (not_running)", body = ErrorBody),
+        (status = 409, description = "The sandbox is neither running nor paused (not_running)", body = ErrorBody),
         (status = 422, description = "count out of range (invalid_count), or no room on the source's node (unschedulable)", body = ErrorBody),
         (status = 429, description = "Quota exceeded (Retry-After)", body = ErrorBody),
         (status = 502, body = ErrorBody), (status = 503, body = ErrorBody)))]
@@ -452,7 +452,10 @@ pub async fn fork(
     let node = src.node.clone().ok_or_else(|| {
         ApiError::new(StatusCode::CONFLICT, "not_placed", "the sandbox has no node yet")
     })?;
-    if !matches!(src.state, kiln_api::sandbox::SandboxState::Running { .. }) {
+    if !matches!(
+        src.state,
+        kiln_api::sandbox::SandboxState::Running { .. } | kiln_api::sandbox::SandboxState::Paused { .. }
+    ) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_running",
