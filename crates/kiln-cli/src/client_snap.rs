@@ -41,7 +41,9 @@ pub fn configured() -> bool {
 
 fn client() -> Result<Client> {
     Client::new(&Conn {
-        server: std::env::var("KILN_SERVER").ok().filter(|v| !v.trim().is_empty()),
+        server: std::env::var("KILN_SERVER")
+            .ok()
+            .filter(|v| !v.trim().is_empty()),
         token: std::env::var("KILN_TOKEN").ok().filter(|v| !v.is_empty()),
         token_file: None,
         ca: None,
@@ -74,7 +76,10 @@ async fn resolve(c: &Client, prefix: &str) -> Result<String> {
         [one] => Ok(one.id.to_string()),
         [] => bail!("no sandbox matches {prefix:?}"),
         _ if hits.iter().any(|s| s.id.as_str() == prefix) => Ok(prefix.to_owned()),
-        _ => bail!("{prefix:?} matches {} sandboxes; give more of the ID", hits.len()),
+        _ => bail!(
+            "{prefix:?} matches {} sandboxes; give more of the ID",
+            hits.len()
+        ),
     }
 }
 
@@ -259,7 +264,10 @@ pub async fn fork(id: &str, n: u32) -> Result<i32> {
         println!("{id}");
     }
     if r.ids.len() < n as usize {
-        eprintln!("kiln: {} of {n} forks were not created", n as usize - r.ids.len());
+        eprintln!(
+            "kiln: {} of {n} forks were not created",
+            n as usize - r.ids.len()
+        );
         return Ok(1);
     }
     Ok(0)

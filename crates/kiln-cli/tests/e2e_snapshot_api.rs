@@ -161,7 +161,15 @@ impl Api {
     }
 
     /// A call expected to fail with `status` and error `code`.
-    fn refused(&self, token: &str, method: &str, path: &str, body: Option<&str>, status: u16, code: &str) {
+    fn refused(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        status: u16,
+        code: &str,
+    ) {
         let (got, out) = self.call(token, method, path, body);
         let text = String::from_utf8_lossy(&out);
         assert_eq!(got, status, "{method} {path}: {text}");
@@ -210,7 +218,10 @@ impl Api {
             if c.len() >= n {
                 return c;
             }
-            assert!(t0.elapsed() < Duration::from_secs(120), "{id} printed {c:?}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "{id} printed {c:?}"
+            );
             std::thread::sleep(Duration::from_millis(500));
         }
     }
@@ -313,8 +324,22 @@ fn snapshot_restore_and_fork_through_the_api() {
     }
     let long = format!(r#"{{"name":"{}"}}"#, "x".repeat(125));
     api.refused(&api.a, "POST", &snap_path, Some(&long), 400, "invalid_name");
-    api.refused(&api.a, "POST", &snap_path, Some(r#"{"nme":"x"}"#), 400, "unknown_field");
-    api.refused(&api.b, "POST", &snap_path, Some(r#"{"name":"s1"}"#), 404, "not_found");
+    api.refused(
+        &api.a,
+        "POST",
+        &snap_path,
+        Some(r#"{"nme":"x"}"#),
+        400,
+        "unknown_field",
+    );
+    api.refused(
+        &api.b,
+        "POST",
+        &snap_path,
+        Some(r#"{"name":"s1"}"#),
+        404,
+        "not_found",
+    );
 
     // Snapshot (the counter goes on in the source).
     let t1 = Instant::now();
@@ -327,7 +352,14 @@ fn snapshot_restore_and_fork_through_the_api() {
     assert_eq!(snap.holders.len(), 1);
     assert_eq!(snap.holders[0].node.as_str(), "host-s");
     assert!(snap.holders[0].size_bytes > 0);
-    api.refused(&api.a, "POST", &snap_path, Some(r#"{"name":"s1"}"#), 409, "already_exists");
+    api.refused(
+        &api.a,
+        "POST",
+        &snap_path,
+        Some(r#"{"name":"s1"}"#),
+        409,
+        "already_exists",
+    );
     // On the node it is stored under the tenant.
     assert!(k.state_dir().join("snapshots").join("acme.s1").is_dir());
 
@@ -345,7 +377,14 @@ fn snapshot_restore_and_fork_through_the_api() {
     api.refused(&api.b, "GET", "/v1/snapshots/s1", None, 404, "not_found");
     api.refused(&api.b, "DELETE", "/v1/snapshots/s1", None, 404, "not_found");
     api.refused(&api.a, "GET", "/v1/snapshots/-x", None, 400, "invalid_name");
-    api.refused(&api.a, "GET", "/v1/snapshots/a%2Fb", None, 400, "invalid_name");
+    api.refused(
+        &api.a,
+        "GET",
+        "/v1/snapshots/a%2Fb",
+        None,
+        400,
+        "invalid_name",
+    );
 
     // Restore: B cannot; A's restore counts on from where the snapshot was.
     let mut restore = spec(&[]);
@@ -353,13 +392,27 @@ fn snapshot_restore_and_fork_through_the_api() {
         snapshot: "s1".into(),
     };
     let body = serde_json::to_string(&restore).expect("json");
-    api.refused(&api.b, "POST", "/v1/sandboxes", Some(&body), 404, "not_found");
+    api.refused(
+        &api.b,
+        "POST",
+        "/v1/sandboxes",
+        Some(&body),
+        404,
+        "not_found",
+    );
     let mut missing = restore.clone();
     missing.origin = Origin::Snapshot {
         snapshot: "nope".into(),
     };
     let missing = serde_json::to_string(&missing).expect("json");
-    api.refused(&api.a, "POST", "/v1/sandboxes", Some(&missing), 404, "not_found");
+    api.refused(
+        &api.a,
+        "POST",
+        "/v1/sandboxes",
+        Some(&missing),
+        404,
+        "not_found",
+    );
     let t2 = Instant::now();
     let restored = api.create(&restore);
     api.wait_for(Duration::from_secs(180), "the restore running", |st| {
@@ -372,15 +425,50 @@ fn snapshot_restore_and_fork_through_the_api() {
     continues(&c, before, "the restored counter");
 
     // The snapshot is in use by the restore.
-    api.refused(&api.a, "DELETE", "/v1/snapshots/s1", None, 409, "snapshot_in_use");
+    api.refused(
+        &api.a,
+        "DELETE",
+        "/v1/snapshots/s1",
+        None,
+        409,
+        "snapshot_in_use",
+    );
 
     // Fork: B cannot; a bad count is 422; two forks count on, distinct.
     let fork_path = format!("/v1/sandboxes/{src}/fork");
-    api.refused(&api.b, "POST", &fork_path, Some(r#"{"count":2}"#), 404, "not_found");
-    api.refused(&api.a, "POST", &fork_path, Some(r#"{"count":0}"#), 422, "invalid_count");
-    api.refused(&api.a, "POST", &fork_path, Some(r#"{"count":65}"#), 422, "invalid_count");
+    api.refused(
+        &api.b,
+        "POST",
+        &fork_path,
+        Some(r#"{"count":2}"#),
+        404,
+        "not_found",
+    );
+    api.refused(
+        &api.a,
+        "POST",
+        &fork_path,
+        Some(r#"{"count":0}"#),
+        422,
+        "invalid_count",
+    );
+    api.refused(
+        &api.a,
+        "POST",
+        &fork_path,
+        Some(r#"{"count":65}"#),
+        422,
+        "invalid_count",
+    );
     // 64 forks do not fit on the node: refused before anything is taken.
-    api.refused(&api.a, "POST", &fork_path, Some(r#"{"count":64}"#), 422, "unschedulable");
+    api.refused(
+        &api.a,
+        "POST",
+        &fork_path,
+        Some(r#"{"count":64}"#),
+        422,
+        "unschedulable",
+    );
     let fork_after = *api.counts(&src).last().expect("counted");
     let t3 = Instant::now();
     let (status, out) = api.call(&api.a, "POST", &fork_path, Some(r#"{"count":2}"#));
@@ -402,7 +490,11 @@ fn snapshot_restore_and_fork_through_the_api() {
 
     // The CLI against the server: same commands, same output.
     let t5 = Instant::now();
-    let (code, out, err) = cli(&k, &api, &["snapshot", &src.as_str()[..8], "--name", "cli1"]);
+    let (code, out, err) = cli(
+        &k,
+        &api,
+        &["snapshot", &src.as_str()[..8], "--name", "cli1"],
+    );
     assert_eq!((code, out.as_str()), (0, "cli1\n"), "{err}");
     let (code, out, err) = cli(&k, &api, &["snapshot", "ls", "-q"]);
     assert_eq!(code, 0, "{err}");
@@ -414,9 +506,11 @@ fn snapshot_restore_and_fork_through_the_api() {
     let (code, out, err) = cli(&k, &api, &["restore", "cli1", "-d"]);
     assert_eq!(code, 0, "{err}");
     let cli_restored = SandboxId::try_from(out.trim().to_owned()).expect("an ID");
-    api.wait_for(Duration::from_secs(180), "the CLI's restore running", |st| {
-        running(st, &cli_restored)
-    });
+    api.wait_for(
+        Duration::from_secs(180),
+        "the CLI's restore running",
+        |st| running(st, &cli_restored),
+    );
     let (code, _, err) = cli(&k, &api, &["snapshot", "rm", "cli1"]);
     assert_eq!(code, 125);
     assert!(err.contains("snapshot_in_use"), "{err}");
@@ -433,9 +527,11 @@ fn snapshot_restore_and_fork_through_the_api() {
         let (status, _) = api.call(&api.a, "DELETE", &format!("/v1/sandboxes/{id}"), None);
         assert_eq!(status, 200);
     }
-    api.wait_for(Duration::from_secs(60), "the CLI's sandboxes forgotten", |st| {
-        !st.sandboxes.contains_key(&cli_restored) && !st.sandboxes.contains_key(&cli_fork)
-    });
+    api.wait_for(
+        Duration::from_secs(60),
+        "the CLI's sandboxes forgotten",
+        |st| !st.sandboxes.contains_key(&cli_restored) && !st.sandboxes.contains_key(&cli_fork),
+    );
     let (code, out, err) = cli(&k, &api, &["snapshot", "rm", "cli1"]);
     assert_eq!((code, out.as_str()), (0, "cli1\n"), "{err}");
     eprintln!("CLI through the API: {} ms", t5.elapsed().as_millis());

@@ -269,9 +269,9 @@ impl Backend {
                     }
                     Ok(())
                 }
-                Err(crate::node::SnapshotOpError::Store(e @ crate::store::StoreError::Exists(_))) => {
-                    Err(BackendError::Run(crate::node::RunError::Store(e)))
-                }
+                Err(crate::node::SnapshotOpError::Store(
+                    e @ crate::store::StoreError::Exists(_),
+                )) => Err(BackendError::Run(crate::node::RunError::Store(e))),
                 Err(e) => Err(e.into()),
             },
         }

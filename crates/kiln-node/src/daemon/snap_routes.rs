@@ -35,18 +35,31 @@ pub fn routes() -> Router<Arc<Ctx>> {
 /// The largest request body of these routes.
 const MAX_REQUEST: usize = 16 * 1024;
 
-async fn snapshot(State(cx): State<Arc<Ctx>>, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {
+async fn snapshot(
+    State(cx): State<Arc<Ctx>>,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> Response {
     if body.len() > MAX_REQUEST {
-        return err(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "the request is too large");
+        return err(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the request is too large",
+        );
     }
     let req: NodeSnapshotRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return err(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()),
     };
     if !kiln_api::sandbox::valid_name(&req.name) {
-        return err(StatusCode::BAD_REQUEST, "invalid_name", "invalid snapshot name");
+        return err(
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+            "invalid snapshot name",
+        );
     }
-    if req.hold_for.len() > MAX_FORK_COUNT as usize || (!req.ephemeral && !req.hold_for.is_empty()) {
+    if req.hold_for.len() > MAX_FORK_COUNT as usize || (!req.ephemeral && !req.hold_for.is_empty())
+    {
         return err(
             StatusCode::BAD_REQUEST,
             "invalid_body",
@@ -93,7 +106,11 @@ fn snapshot_error(e: &SnapshotOpError) -> Response {
 
 async fn remove(State(cx): State<Arc<Ctx>>, UrlPath(name): UrlPath<String>) -> Response {
     if !kiln_api::sandbox::valid_name(&name) {
-        return err(StatusCode::BAD_REQUEST, "invalid_name", "invalid snapshot name");
+        return err(
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+            "invalid snapshot name",
+        );
     }
     let node = cx.node.clone();
     let r = tokio::task::spawn_blocking(move || node.remove_snapshot(&name)).await;
@@ -112,6 +129,10 @@ async fn remove(State(cx): State<Arc<Ctx>>, UrlPath(name): UrlPath<String>) -> R
             "remove_failed",
             crate::error_chain(&e),
         ),
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, "remove_failed", e.to_string()),
+        Err(e) => err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "remove_failed",
+            e.to_string(),
+        ),
     }
 }

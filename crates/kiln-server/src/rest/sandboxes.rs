@@ -49,7 +49,11 @@ pub(super) fn not_found(id: &str) -> ApiError {
 }
 
 /// A sandbox the caller may see (another tenant's is 404 like a missing one).
-pub(super) async fn visible(s: &Shared, tenant: Option<&TenantName>, id: &str) -> Result<Sandbox, ApiError> {
+pub(super) async fn visible(
+    s: &Shared,
+    tenant: Option<&TenantName>,
+    id: &str,
+) -> Result<Sandbox, ApiError> {
     let sid = SandboxId::try_from(id.to_owned()).map_err(|_| not_found(id))?;
     super::confirmed(s, |st| query::get_sandbox(st, tenant, &sid).map(to_rest))
         .await?

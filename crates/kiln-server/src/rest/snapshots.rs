@@ -174,7 +174,9 @@ async fn node_snapshot(
     let resp = super::streams::client()
         .post(url)
         .bearer_auth(key)
-        .timeout(std::time::Duration::from_secs(super::sandboxes::MAX_WAIT_SECS + 60))
+        .timeout(std::time::Duration::from_secs(
+            super::sandboxes::MAX_WAIT_SECS + 60,
+        ))
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(serde_json::to_vec(req).unwrap_or_default())
         .send()
@@ -184,7 +186,11 @@ async fn node_snapshot(
     let body = resp.bytes().await.map_err(super::streams::unavailable)?;
     if status == 201 {
         return serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(StatusCode::BAD_GATEWAY, "bad_gateway", format!("the node's answer: {e}"))
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                format!("the node's answer: {e}"),
+            )
         });
     }
     Err(node_error(status, &body))
@@ -193,10 +199,13 @@ async fn node_snapshot(
 /// A node's refusal as the API's: its code kept for 404/409, anything else
 /// a 502 (the client asked for nothing wrong).
 fn node_error(status: u16, body: &[u8]) -> ApiError {
-    let detail = serde_json::from_slice::<ErrorBody>(body).ok().map(|b| b.error);
-    let message = detail
-        .as_ref()
-        .map_or_else(|| format!("the node answered {status}"), |d| d.message.clone());
+    let detail = serde_json::from_slice::<ErrorBody>(body)
+        .ok()
+        .map(|b| b.error);
+    let message = detail.as_ref().map_or_else(
+        || format!("the node answered {status}"),
+        |d| d.message.clone(),
+    );
     match (status, detail) {
         (401, _) => ApiError::new(
             StatusCode::BAD_GATEWAY,
@@ -226,13 +235,9 @@ pub async fn create(
     let who = caller(&s, &headers)?;
     let tenant = tenant_of(&who)?;
     let JsonBody(req) = body?;
-    let name = req.name.unwrap_or_else(|| {
-        format!(
-            "snap-{}-{:08x}",
-            now_ms() / 1000,
-            rand::random::<u32>()
-        )
-    });
+    let name = req
+        .name
+        .unwrap_or_else(|| format!("snap-{}-{:08x}", now_ms() / 1000, rand::random::<u32>()));
     let local = check_name(&tenant, &name)?;
     let sb = visible(&s, Some(&tenant), &id).await?;
     let r = super::commit(
@@ -311,11 +316,17 @@ pub async fn list(
     Ok(Json(SnapshotList { items }))
 }
 
-async fn visible_snapshot(s: &Shared, tenant: &TenantName, name: &str) -> Result<Snapshot, ApiError> {
+async fn visible_snapshot(
+    s: &Shared,
+    tenant: &TenantName,
+    name: &str,
+) -> Result<Snapshot, ApiError> {
     check_name(tenant, name)?;
-    super::confirmed(s, |st| st.snapshots.get(&scoped(Some(tenant), name)).map(to_rest))
-        .await?
-        .ok_or_else(|| snapshot_not_found(name))
+    super::confirmed(s, |st| {
+        st.snapshots.get(&scoped(Some(tenant), name)).map(to_rest)
+    })
+    .await?
+    .ok_or_else(|| snapshot_not_found(name))
 }
 
 /// One snapshot.
@@ -358,7 +369,9 @@ pub async fn delete(
             ),
         )
     };
-    let users = s.raft.read_local(|st| query::snapshot_users(st, &tenant, &name));
+    let users = s
+        .raft
+        .read_local(|st| query::snapshot_users(st, &tenant, &name));
     if !users.is_empty() {
         return Err(in_use(users));
     }
@@ -373,7 +386,10 @@ pub async fn delete(
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "node_unavailable",
-                format!("node {} that holds the snapshot serves no endpoints", h.node),
+                format!(
+                    "node {} that holds the snapshot serves no endpoints",
+                    h.node
+                ),
             )
             .retry(5));
         };
@@ -412,7 +428,8 @@ pub async fn delete(
     .await?
     {
         Response::Rejected(Rejection::Conflict { .. }) => Err(in_use(
-            s.raft.read_local(|st| query::snapshot_users(st, &tenant, &name)),
+            s.raft
+                .read_local(|st| query::snapshot_users(st, &tenant, &name)),
         )),
         Response::Rejected(Rejection::NotFound { .. }) => Err(snapshot_not_found(&name)),
         Response::Rejected(other) => Err(rejection(other)),
@@ -450,11 +467,16 @@ pub async fn fork(
     }
     let src = visible(&s, Some(&tenant), &id).await?;
     let node = src.node.clone().ok_or_else(|| {
-        ApiError::new(StatusCode::CONFLICT, "not_placed", "the sandbox has no node yet")
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "not_placed",
+            "the sandbox has no node yet",
+        )
     })?;
     if !matches!(
         src.state,
-        kiln_api::sandbox::SandboxState::Running { .. } | kiln_api::sandbox::SandboxState::Paused { .. }
+        kiln_api::sandbox::SandboxState::Running { .. }
+            | kiln_api::sandbox::SandboxState::Paused { .. }
     ) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -579,7 +601,9 @@ pub async fn fork(
                 first_err.get_or_insert(rejection(rej));
             }
             Ok(other) => {
-                first_err.get_or_insert(ApiError::unavailable(format!("unexpected answer {other:?}")));
+                first_err.get_or_insert(ApiError::unavailable(format!(
+                    "unexpected answer {other:?}"
+                )));
             }
             Err(e) => {
                 first_err.get_or_insert(e);

@@ -73,7 +73,10 @@ mod tests {
     #[test]
     fn a_restore_goes_only_to_a_node_holding_the_snapshot() {
         // `a` sorts first, is emptier and would win any tie: it holds no copy.
-        let v = view(vec![node("a", 16, 65536, 100_000), node("b", 2, 1024, 10_000)]);
+        let v = view(vec![
+            node("a", 16, 65536, 100_000),
+            node("b", 2, 1024, 10_000),
+        ]);
         let p = pending(1, spec("img", res(1, 256, 1024)));
         assert_eq!(
             place_restore(&v, &p, &holders(&["b"]), Policy::Spread),
@@ -99,7 +102,10 @@ mod tests {
 
     #[test]
     fn a_holder_without_room_is_unschedulable_not_moved_elsewhere() {
-        let v = view(vec![node("a", 16, 65536, 100_000), node("b", 1, 128, 10_000)]);
+        let v = view(vec![
+            node("a", 16, 65536, 100_000),
+            node("b", 1, 128, 10_000),
+        ]);
         let p = pending(1, spec("img", res(1, 256, 1024)));
         let r = place_restore(&v, &p, &holders(&["b"]), Policy::default());
         match r {

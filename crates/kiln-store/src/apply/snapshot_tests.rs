@@ -131,7 +131,11 @@ fn a_snapshot_records_its_holders() {
         held: false,
         size_bytes: 0,
     });
-    assert!(sm.st.snapshots[&scoped(Some(&t("a")), "s1")].holders.is_empty());
+    assert!(
+        sm.st.snapshots[&scoped(Some(&t("a")), "s1")]
+            .holders
+            .is_empty()
+    );
 }
 
 #[test]
@@ -168,7 +172,10 @@ fn deleting_a_snapshot_is_refused_while_restored_sandboxes_use_it() {
         now_ms: 30,
     });
     sm.ok(create(4, "a", restore()));
-    assert!(matches!(sm.rejected(del.clone()), Rejection::Conflict { .. }));
+    assert!(matches!(
+        sm.rejected(del.clone()),
+        Rejection::Conflict { .. }
+    ));
     // A deleted one neither.
     sm.ok(Command::SetDesired {
         tenant: Some(t("a")),
@@ -196,7 +203,13 @@ fn a_fork_snapshot_is_forgotten_with_its_last_sandbox() {
     sm.ok(create(5, "a", fork()));
     sm.ok(create(6, "a", fork()));
     // A restore of the named snapshot is not a user of the fork's.
-    sm.ok(create(7, "a", Origin::Snapshot { snapshot: "s1".into() }));
+    sm.ok(create(
+        7,
+        "a",
+        Origin::Snapshot {
+            snapshot: "s1".into(),
+        },
+    ));
     let key = scoped(Some(&t("a")), "fork-1");
     for (i, id) in [5u64, 6].into_iter().enumerate() {
         sm.ok(Command::SetDesired {
@@ -217,7 +230,11 @@ fn a_fork_snapshot_is_forgotten_with_its_last_sandbox() {
             now_ms: 40,
         });
         sm.ok(Command::ForgetSandbox { id: sid(id) });
-        assert_eq!(sm.st.snapshots.contains_key(&key), i == 0, "after forgetting {id}");
+        assert_eq!(
+            sm.st.snapshots.contains_key(&key),
+            i == 0,
+            "after forgetting {id}"
+        );
     }
     // A named snapshot stays when its last restore is forgotten.
     sm.ok(Command::SetDesired {
