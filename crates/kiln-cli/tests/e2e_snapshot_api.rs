@@ -363,6 +363,65 @@ fn snapshot_restore_and_fork_through_the_api() {
     // On the node it is stored under the tenant.
     assert!(k.state_dir().join("snapshots").join("acme.s1").is_dir());
 
+    // The node's snapshot endpoints want its key and check every body.
+    let node_addr = api.read(|s| s.nodes.values().next().expect("node").address.clone());
+    let key = std::fs::read_to_string(k.state_dir().join("node").join("stream.key")).expect("key");
+    let node_call = |key: &str, method: &str, path: &str, body: &str| -> String {
+        let out = Proc::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
+            .args(["-H", &format!("Authorization: Bearer {key}")])
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                body,
+            ])
+            .arg(format!("http://{node_addr}{path}"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let node_snap = format!("/node/v1/sandboxes/{src}/snapshot");
+    assert_eq!(
+        node_call("wrong", "POST", &node_snap, r#"{"name":"x"}"#),
+        "401"
+    );
+    assert_eq!(
+        node_call("wrong", "DELETE", "/node/v1/snapshots/acme.s1", ""),
+        "401"
+    );
+    let key = key.trim();
+    assert_eq!(
+        node_call(key, "POST", &node_snap, r#"{"name":"../x"}"#),
+        "400"
+    );
+    assert_eq!(node_call(key, "POST", &node_snap, "{not json"), "400");
+    assert_eq!(
+        node_call(
+            key,
+            "POST",
+            &node_snap,
+            r#"{"name":"x","hold_for":["0000000000000001"]}"#
+        ),
+        "400",
+        "hold_for without ephemeral"
+    );
+    assert_eq!(
+        node_call(
+            key,
+            "POST",
+            "/node/v1/sandboxes/0000000000000001/snapshot",
+            r#"{"name":"x"}"#
+        ),
+        "404"
+    );
+    assert_eq!(node_call(key, "DELETE", "/node/v1/snapshots/-x", ""), "400");
+    assert_eq!(
+        node_call(key, "DELETE", "/node/v1/snapshots/nope", ""),
+        "404"
+    );
+    assert!(k.state_dir().join("snapshots").join("acme.s1").is_dir());
+
     let (status, out) = api.call(&api.a, "GET", "/v1/snapshots", None);
     assert_eq!(status, 200);
     let list: SnapshotList = serde_json::from_slice(&out).expect("a list");
