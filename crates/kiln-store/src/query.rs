@@ -306,3 +306,20 @@ pub fn list_templates<'a>(
         .values()
         .filter(move |t| tenant.is_none() || t.tenant.is_none() || t.tenant.as_ref() == tenant)
 }
+
+/// The tenant's sandboxes restored from its snapshot `name` that still
+/// count (not deleted, not finished): while there are any, the snapshot
+/// may not be deleted (their VMs map its memory).
+pub fn snapshot_users(st: &State, tenant: &TenantName, name: &str) -> Vec<SandboxId> {
+    let Some(ids) = st.idx.by_tenant.get(tenant) else {
+        return vec![];
+    };
+    ids.iter()
+        .filter_map(|id| st.sandboxes.get(id))
+        .filter(|r| {
+            r.counts()
+                && matches!(&r.spec.origin, kiln_api::sandbox::Origin::Snapshot { snapshot } if snapshot == name)
+        })
+        .map(|r| r.id.clone())
+        .collect()
+}

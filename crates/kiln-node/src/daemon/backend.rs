@@ -52,6 +52,8 @@ pub enum BackendError {
     Missing(String),
     #[error(transparent)]
     Policy(#[from] crate::node::PolicyOpError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::node::SnapshotOpError),
 }
 
 /// A sandbox's final state when it was stopped before it ever started.
@@ -232,6 +234,46 @@ impl Backend {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Starts sandbox `id` as a restore of `tenant`'s snapshot `name` (on
+    /// this node: `kiln_api::rest::node_snapshot_name`), the caller wrote
+    /// its marker. An ID that exists already is `Run(Store(Exists))`, as
+    /// for [`Backend::create`].
+    pub async fn restore(
+        &self,
+        id: &SandboxId,
+        tenant: &kiln_api::cluster::TenantName,
+        name: &str,
+    ) -> Result<(), BackendError> {
+        let local = kiln_api::rest::node_snapshot_name(tenant, name).ok_or_else(|| {
+            BackendError::Missing(format!("snapshot {name:?}: the name is too long"))
+        })?;
+        match self {
+            Backend::DryRun(d) => {
+                let mut s = d.lock();
+                if s.records.contains_key(id) {
+                    return Err(BackendError::Run(crate::node::RunError::Store(
+                        crate::store::StoreError::Exists(id.to_string()),
+                    )));
+                }
+                s.records
+                    .insert(id.clone(), SandboxState::Running { main_pid: 1 });
+                Ok(())
+            }
+            Backend::Real(r) => match r.node.restore_as(&local, Some(id.to_string())).await {
+                Ok(restored) => {
+                    if !restored.ready.ok {
+                        tracing::warn!(sandbox = %id, error = ?restored.ready.error, "the restored sandbox did not start");
+                    }
+                    Ok(())
+                }
+                Err(crate::node::SnapshotOpError::Store(
+                    e @ crate::store::StoreError::Exists(_),
+                )) => Err(BackendError::Run(crate::node::RunError::Store(e))),
+                Err(e) => Err(e.into()),
+            },
         }
     }
 

@@ -40,7 +40,7 @@ pub use lifecycle::{ExecSpec, SandboxOpError, SupervisorError};
 pub use pools::{Filled, PoolError};
 pub use reconcile::Reconciled;
 pub use run::{RunError, RunRequest, StartPath, Started};
-pub use snapshots::{ForkOutcome, MAX_FORKS, Restored, SnapshotOpError};
+pub use snapshots::{FORK_HOLD, ForkOutcome, MAX_FORKS, Restored, SnapshotOpError};
 pub use templates::{
     TemplateCreated, TemplateEntry, TemplateOpError, TemplateRequest, TemplateStatus,
 };

@@ -384,6 +384,7 @@ fn tenants_cannot_touch_each_others_sandboxes() {
         name: "s".into(),
         source: sid(1),
         now_ms: 1,
+        ephemeral: false,
     });
     assert!(matches!(
         r,
@@ -871,12 +872,14 @@ fn tenants_see_only_their_snapshots_and_their_or_shared_templates() {
         name: "s1".into(),
         source: sid(1),
         now_ms: 1,
+        ephemeral: false,
     });
     sm.ok(Command::PutSnapshot {
         tenant: t("ab"),
         name: "s1".into(),
         source: sid(2),
         now_ms: 1,
+        ephemeral: false,
     });
     let names: Vec<_> = query::list_snapshots(&sm.st, &t("a"))
         .map(|s| s.tenant.clone())
