@@ -145,7 +145,7 @@ struct Context_ {
     ca: Option<PathBuf>,
 }
 
-fn config_path() -> Option<PathBuf> {
+pub(crate) fn config_path() -> Option<PathBuf> {
     std::env::var_os("KILN_CONFIG")
         .map(PathBuf::from)
         .or_else(|| {
@@ -350,6 +350,13 @@ impl Client {
     /// The URL of an API path (`/sandboxes/ID`), whatever the transport.
     pub fn url(&self, path: &str) -> String {
         format!("{}/v1{path}", self.base)
+    }
+
+    /// A request to `/v1{path}` with the token, for streamed answers.
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}/v1{path}", self.base))
+            .bearer_auth(&self.token)
     }
 
     pub async fn call(

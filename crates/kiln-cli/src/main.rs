@@ -11,6 +11,7 @@ mod bench_density;
 mod bench_fork;
 mod bench_net;
 mod bench_warm;
+mod client_snap;
 mod commands;
 mod images;
 mod info;
@@ -527,6 +528,14 @@ fn main() {
             Command::Tokens { conn, command } => admin::tokens(conn, command).await,
             Command::Up(a) => up::up(a).await,
             Command::Down(a) => up::down(a).await,
+            // Snapshots, restores and forks through a configured server.
+            Command::Snapshot(a) if client_snap::configured() => client_snap::snapshot_cmd(a).await,
+            Command::Restore { snapshot, detach } if client_snap::configured() => {
+                client_snap::restore(&snapshot, detach).await
+            }
+            Command::Fork { id, count } if client_snap::configured() => {
+                client_snap::fork(&id, count).await
+            }
             c => commands::dispatch(c).await,
         };
         match r {
