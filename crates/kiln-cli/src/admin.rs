@@ -150,7 +150,7 @@ fn config_path() -> Option<PathBuf> {
         })
 }
 
-struct Client {
+pub(crate) struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
@@ -413,4 +413,42 @@ pub async fn tokens(conn: Conn, cmd: TokensCommand) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// What the sandbox commands' API client (`client_cmd.rs`) needs of the
+/// connection: the resolved server, token and HTTP client.
+impl Client {
+    pub(crate) fn open(c: &Conn) -> Result<Client> {
+        Client::new(c)
+    }
+
+    /// `http://HOST:PORT` or `https://…`, without a trailing `/`.
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+}
+
+/// Whether the config's current context (or `KILN_CONTEXT`'s) names a
+/// server: then the sandbox commands go through it.
+pub(crate) fn context_has_server(name: Option<&str>) -> bool {
+    let Some(p) = config_path().filter(|p| p.exists()) else {
+        return false;
+    };
+    let Ok(cfg) = std::fs::read_to_string(&p)
+        .map_err(anyhow::Error::from)
+        .and_then(|t| toml::from_str::<Config>(&t).map_err(anyhow::Error::from))
+    else {
+        return false;
+    };
+    let ctx = name.map(str::to_owned).or(cfg.current_context);
+    ctx.and_then(|n| cfg.contexts.get(&n).map(|c| c.server.is_some()))
+        .unwrap_or(false)
 }

@@ -10,6 +10,7 @@ mod bench_density;
 mod bench_fork;
 mod bench_net;
 mod bench_warm;
+mod client_cmd;
 mod commands;
 mod images;
 mod info;
@@ -77,6 +78,11 @@ enum Command {
     },
     /// Wait until sandboxes end; print their exit codes.
     Wait {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Show sandboxes as JSON.
+    Inspect {
         #[arg(required = true)]
         ids: Vec<String>,
     },
@@ -518,7 +524,11 @@ fn main() {
             Command::Cluster { conn, command } => admin::cluster(conn, command).await,
             Command::Tenants { conn, command } => admin::tenants(conn, command).await,
             Command::Tokens { conn, command } => admin::tokens(conn, command).await,
-            c => commands::dispatch(c).await,
+            // The sandbox commands go through a configured server's API.
+            c => match client_cmd::try_dispatch(c).await {
+                client_cmd::Routed::Done(r) => r,
+                client_cmd::Routed::Local(c) => commands::dispatch(*c).await,
+            },
         };
         match r {
             Ok(code) => code,

@@ -1,0 +1,1118 @@
+//! The sandbox commands (`run`, `exec`, `cp`, `logs`, `ps`, `inspect`,
+//! `stop`, `rm`, `pause`, `resume`, `wait`) as clients of a Kiln server's
+//! REST API, used when a server is configured (`KILN_SERVER`, or a context
+//! of `~/.config/kiln/config.toml` that names one: see `admin.rs`).
+//!
+//! Invariants:
+//! - Same flags, output and exit codes as the node-local path
+//!   (`commands.rs`, `attach.rs`): the command's own exit code for `run`
+//!   and `exec`, 125 and `kiln: MESSAGE` for Kiln's errors (an API error
+//!   shows the server's message and code).
+//! - No sandbox logic: a flag becomes a [`SandboxSpec`] (built by
+//!   `commands::run_request`, shared with the local path) or a request;
+//!   streams speak `kiln_api::stream` (WebSocket for attach/exec, NDJSON
+//!   logs, tar files).
+//! - The transport is one function, [`dial`]: the byte stream a WebSocket
+//!   runs over (TCP for `http://`, a Unix socket for `unix://PATH`).
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use futures::{SinkExt, StreamExt};
+use kiln_api::rest::{ErrorBody, Sandbox, SandboxList, WaitResult};
+use kiln_api::sandbox::{SandboxId, SandboxState};
+use kiln_api::stream::{AttachStart, ClientMsg, ExecStart, LogRecord, LogStreamName, ServerMsg};
+use kiln_api::text::sanitize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::admin::{Client, Conn, Output};
+use crate::attach::{self, Cancel, Loc};
+use crate::{Command, ExecArgs, RunArgs, commands, term};
+
+/// What [`try_dispatch`] did with a command.
+pub enum Routed {
+    /// Ran through the API.
+    Done(Result<i32>),
+    /// Not an API command, or no server configured: run it locally.
+    Local(Box<Command>),
+}
+
+/// The connection when a server is configured explicitly: `KILN_SERVER`,
+/// or a context (`--context` is not a flag of these commands:
+/// `KILN_CONTEXT`, else the config's current context) that names a server.
+pub fn configured() -> Option<Conn> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let server = env("KILN_SERVER");
+    let context = env("KILN_CONTEXT");
+    if server.is_none() && !crate::admin::context_has_server(context.as_deref()) {
+        return None;
+    }
+    Some(Conn {
+        server,
+        token: env("KILN_TOKEN"),
+        token_file: env("KILN_TOKEN_FILE").map(Into::into),
+        ca: env("KILN_CA").map(Into::into),
+        context,
+        output: Output::Table,
+    })
+}
+
+/// Runs `cmd` through the API if it is a sandbox command and a server is
+/// configured.
+pub async fn try_dispatch(cmd: Command) -> Routed {
+    let api_cmd = matches!(
+        cmd,
+        Command::Run(_)
+            | Command::Exec(_)
+            | Command::Cp { .. }
+            | Command::Logs { .. }
+            | Command::Ps { .. }
+            | Command::Inspect { .. }
+            | Command::Stop { .. }
+            | Command::Rm { .. }
+            | Command::Pause { .. }
+            | Command::Resume { .. }
+            | Command::Wait { .. }
+    );
+    if !api_cmd {
+        return Routed::Local(Box::new(cmd));
+    }
+    let Some(conn) = configured() else {
+        return Routed::Local(Box::new(cmd));
+    };
+    Routed::Done(dispatch(&conn, cmd).await)
+}
+
+async fn dispatch(conn: &Conn, cmd: Command) -> Result<i32> {
+    let api = Api(Client::open(conn)?);
+    match cmd {
+        Command::Run(args) => run(&api, *args).await,
+        Command::Exec(args) => exec(&api, args).await,
+        Command::Cp { src, dst } => cp(&api, &src, &dst).await,
+        Command::Logs { follow, id } => {
+            let id = api.resolve(&id).await?;
+            logs(&api, &id, follow).await.map(|_| 0)
+        }
+        Command::Ps { all, quiet } => ps(&api, all, quiet).await,
+        Command::Inspect { ids } => {
+            let api = &api;
+            let mut code = 0;
+            for id in ids {
+                let r = async move {
+                    let id = api.resolve(&id).await?;
+                    let b = api.call("GET", &format!("/sandboxes/{id}"), None).await?;
+                    let v: serde_json::Value = serde_json::from_slice(&b)?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    anyhow::Ok(())
+                }
+                .await;
+                if let Err(e) = r {
+                    eprintln!("kiln: {e:#}");
+                    code = 1;
+                }
+            }
+            Ok(code)
+        }
+        Command::Stop { time, ids } => {
+            let api = &api;
+            commands::each(ids, |id| async move {
+                let id = api.resolve(&id).await?;
+                api.call("POST", &format!("/sandboxes/{id}/stop"), None)
+                    .await?;
+                // As the local stop: return once it has ended (the node
+                // kills it after its grace time).
+                api.wait_finished(&id, Duration::from_secs(time + 60))
+                    .await?;
+                Ok(id)
+            })
+            .await
+        }
+        Command::Rm { force, ids } => {
+            let api = &api;
+            commands::each(ids, |id| async move {
+                let id = api.resolve(&id).await?;
+                if !force {
+                    let sb = api.get(&id).await?;
+                    if !sb.state.is_finished() {
+                        bail!("sandbox {id} is running: stop it first or use rm -f");
+                    }
+                }
+                api.call("DELETE", &format!("/sandboxes/{id}"), None)
+                    .await?;
+                api.wait_gone(&id, Duration::from_secs(60)).await?;
+                Ok(id)
+            })
+            .await
+        }
+        Command::Pause { id } => {
+            let id = api.resolve(&id).await?;
+            api.call("POST", &format!("/sandboxes/{id}/pause"), None)
+                .await?;
+            api.wait_state(&id, "paused", |s| matches!(s, SandboxState::Paused { .. }))
+                .await?;
+            println!("{id}");
+            Ok(0)
+        }
+        Command::Resume { id } => {
+            let id = api.resolve(&id).await?;
+            api.call("POST", &format!("/sandboxes/{id}/resume"), None)
+                .await?;
+            api.wait_state(&id, "running", |s| {
+                matches!(s, SandboxState::Running { .. })
+            })
+            .await?;
+            println!("{id}");
+            Ok(0)
+        }
+        Command::Wait { ids } => {
+            let mut code = 0;
+            for id in ids {
+                let r = async {
+                    let id = api.resolve(&id).await?;
+                    let sb = api.wait_finished(&id, Duration::MAX).await?;
+                    anyhow::Ok(sb.state.exit_code().unwrap_or(125))
+                }
+                .await;
+                match r {
+                    Ok(c) => println!("{c}"),
+                    Err(e) => {
+                        eprintln!("kiln: {e:#}");
+                        code = 1;
+                    }
+                }
+            }
+            Ok(code)
+        }
+        _ => bail!("not an API command"),
+    }
+}
+
+/// An API error: the server's status, code and message.
+#[derive(Debug)]
+struct ApiErr {
+    status: u16,
+    code: String,
+    message: String,
+}
+
+impl std::fmt::Display for ApiErr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (HTTP {}, {})",
+            sanitize(&self.message),
+            self.status,
+            sanitize(&self.code)
+        )
+    }
+}
+
+impl std::error::Error for ApiErr {}
+
+fn api_err(status: u16, body: &[u8]) -> ApiErr {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => ApiErr {
+            status,
+            code: e.error.code,
+            message: e.error.message,
+        },
+        Err(_) => ApiErr {
+            status,
+            code: "http_error".into(),
+            message: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+        },
+    }
+}
+
+fn is_status(e: &anyhow::Error, status: u16) -> bool {
+    e.downcast_ref::<ApiErr>()
+        .is_some_and(|a| a.status == status)
+}
+
+struct Api(Client);
+
+impl Api {
+    fn url(&self, path: &str) -> String {
+        format!("{}/v1{path}", self.0.base())
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.0
+            .http()
+            .request(method, self.url(path))
+            .bearer_auth(self.0.token())
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let r = rb
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server {}", self.0.base()))?;
+        if r.status().is_success() {
+            return Ok(r);
+        }
+        let status = r.status().as_u16();
+        let body = r.bytes().await.unwrap_or_default();
+        Err(api_err(status, &body).into())
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<Vec<u8>> {
+        let mut rb = self.request(method.parse()?, path);
+        if let Some(b) = body {
+            rb = rb.header("content-type", "application/json").body(b);
+        }
+        Ok(self.send(rb).await?.bytes().await?.to_vec())
+    }
+
+    async fn get(&self, id: &str) -> Result<Sandbox> {
+        let b = self.call("GET", &format!("/sandboxes/{id}"), None).await?;
+        Ok(serde_json::from_slice(&b)?)
+    }
+
+    /// Every sandbox the caller sees, page by page.
+    async fn list(&self) -> Result<Vec<Sandbox>> {
+        let mut out = vec![];
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!(
+                    "/sandboxes?cursor={}",
+                    form_urlencoded::byte_serialize(c.as_bytes()).collect::<String>()
+                ),
+                None => "/sandboxes".into(),
+            };
+            let page: SandboxList = serde_json::from_slice(&self.call("GET", &path, None).await?)?;
+            out.extend(page.items);
+            match page.next {
+                Some(n) if !n.is_empty() && Some(&n) != cursor.as_ref() => cursor = Some(n),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// A full ID from an ID or a unique prefix of one (as the local path).
+    async fn resolve(&self, prefix: &str) -> Result<String> {
+        if SandboxId::is_valid(prefix) {
+            return Ok(prefix.to_owned());
+        }
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!("no sandbox matches {prefix:?}");
+        }
+        let m: Vec<String> = self
+            .list()
+            .await?
+            .into_iter()
+            .map(|s| s.id.to_string())
+            .filter(|id| id.starts_with(prefix))
+            .collect();
+        match m.len() {
+            0 => bail!("no sandbox matches {prefix:?}"),
+            1 => Ok(m.into_iter().next().unwrap_or_default()),
+            _ => bail!("{prefix:?} matches several sandboxes: {m:?}"),
+        }
+    }
+
+    /// Long-polls `wait` until the sandbox has ended (or `limit` ran out).
+    async fn wait_finished(&self, id: &str, limit: Duration) -> Result<Sandbox> {
+        let t0 = Instant::now();
+        loop {
+            let b = self
+                .call(
+                    "GET",
+                    &format!("/sandboxes/{id}/wait?timeout_secs=30"),
+                    None,
+                )
+                .await?;
+            let w: WaitResult = serde_json::from_slice(&b)?;
+            if w.finished {
+                return Ok(w.sandbox);
+            }
+            if t0.elapsed() >= limit {
+                bail!("sandbox {id} did not end within {} s", limit.as_secs());
+            }
+        }
+    }
+
+    /// Polls until the node reports `want` (or the sandbox ended).
+    async fn wait_state(
+        &self,
+        id: &str,
+        what: &str,
+        want: impl Fn(&SandboxState) -> bool,
+    ) -> Result<Sandbox> {
+        let t0 = Instant::now();
+        loop {
+            let sb = self.get(id).await?;
+            if want(&sb.state) {
+                return Ok(sb);
+            }
+            if sb.state.is_finished() {
+                bail!("sandbox {id} is not running ({})", sb.state.label());
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("sandbox {id} is not {what} after 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls until the sandbox is forgotten (removed on its node).
+    async fn wait_gone(&self, id: &str, limit: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            match self.get(id).await {
+                Err(e) if is_status(&e, 404) => return Ok(()),
+                Err(e) => return Err(e),
+                Ok(_) if t0.elapsed() > limit => {
+                    bail!("sandbox {id} was not removed within {} s", limit.as_secs())
+                }
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+}
+
+/// A byte stream a WebSocket can run over.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
+
+/// Connects to the server behind `base` (`http://HOST:PORT` or
+/// `unix://PATH`): the one place that knows the transport.
+pub async fn dial(base: &str) -> Result<Box<dyn Io>> {
+    if let Some(path) = base.strip_prefix("unix://") {
+        let s = tokio::net::UnixStream::connect(path)
+            .await
+            .with_context(|| format!("cannot reach the server at {path}"))?;
+        return Ok(Box::new(s));
+    }
+    let Some(rest) = base.strip_prefix("http://") else {
+        bail!(
+            "streams (run, exec) over {base}: only http:// and unix:// servers are supported \
+             by this client yet"
+        );
+    };
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let s = tokio::net::TcpStream::connect(hostport)
+        .await
+        .with_context(|| format!("cannot reach the server {base}"))?;
+    let _ = s.set_nodelay(true);
+    Ok(Box::new(s))
+}
+
+/// Opens the WebSocket of `path` (`/sandboxes/ID/exec|attach`).
+async fn open_ws(api: &Api, path: &str) -> Result<Ws> {
+    let base = api.0.base();
+    let host = base
+        .split_once("://")
+        .map(|(_, r)| r.split('/').next().unwrap_or(r))
+        .filter(|h| !h.is_empty() && !h.contains('/'))
+        .unwrap_or("localhost");
+    let host = if base.starts_with("unix://") {
+        "localhost"
+    } else {
+        host
+    };
+    let mut req = format!("ws://{host}/v1{path}")
+        .into_client_request()
+        .context("building the WebSocket request")?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", api.0.token())
+            .parse()
+            .context("the token is not a valid header value")?,
+    );
+    let io = dial(base).await?;
+    let cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(kiln_api::stream::MAX_BINARY * 2))
+        .max_frame_size(Some(kiln_api::stream::MAX_BINARY * 2));
+    match tokio_tungstenite::client_async_with_config(req, io, Some(cfg)).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            let status = r.status().as_u16();
+            Err(api_err(status, r.body().as_deref().unwrap_or_default()).into())
+        }
+        Err(e) => Err(anyhow::Error::from(e).context("the stream could not be opened")),
+    }
+}
+
+/// What the input side sends.
+enum Input {
+    Data(Vec<u8>),
+    Eof,
+    Signal(i32),
+    Resize(u16, u16),
+}
+
+/// How a stream session ended.
+enum End {
+    Exit(i32),
+    /// The server refused or broke the stream before the process started.
+    NotStarted(ServerMsg),
+}
+
+/// One exec/attach session: the start message, then stdin, signals and
+/// window sizes one way, output the other, until `exit`.
+async fn session(ws: Ws, start: String, stdin: bool, tty: bool, main: bool) -> Result<End> {
+    let (mut sink, mut stream) = ws.split();
+    sink.send(Message::text(start)).await?;
+    match next_msg(&mut stream).await? {
+        Some(ServerMsg::Started { .. }) => {}
+        Some(m) => return Ok(End::NotStarted(m)),
+        None => bail!("the server closed the stream before the process started"),
+    }
+    let _raw = if tty { term::RawMode::enable() } else { None };
+    let (tx, mut rx) = mpsc::channel::<Input>(16);
+    let writer = tokio::spawn(async move {
+        while let Some(i) = rx.recv().await {
+            let m = match i {
+                Input::Data(b) => {
+                    let mut f = Vec::with_capacity(b.len() + 1);
+                    f.push(kiln_api::stream::STDIN);
+                    f.extend_from_slice(&b);
+                    Message::binary(f)
+                }
+                Input::Eof => ctl(&ClientMsg::StdinEof {}),
+                Input::Signal(signal) => ctl(&ClientMsg::Signal { signal }),
+                Input::Resize(rows, cols) => ctl(&ClientMsg::Resize { rows, cols }),
+            };
+            if sink.send(m).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    if tty && let (Some(r), Some(c)) = term::size() {
+        let _ = tx.send(Input::Resize(r, c)).await;
+    }
+    if stdin {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut inp = tokio::io::stdin();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match inp.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(Input::Eof).await;
+                        break;
+                    }
+                    Ok(n) => {
+                        if tx.send(Input::Data(buf[..n].to_vec())).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    {
+        // As the local path: the first Ctrl-C (or SIGTERM) goes to the
+        // process; a second one kills the sandbox's main process (`run`)
+        // or leaves (`exec`).
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut int, mut term_sig, mut winch) = (
+            signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            signal(SignalKind::window_change()).context("cannot handle SIGWINCH")?,
+        );
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut interrupts = 0;
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {
+                        interrupts += 1;
+                        if interrupts == 1 {
+                            let _ = tx.send(Input::Signal(2)).await;
+                        } else if main {
+                            eprintln!("kiln: second interrupt, killing the sandbox's command");
+                            let _ = tx.send(Input::Signal(9)).await;
+                            tokio::time::sleep(Duration::from_secs(40)).await;
+                            std::process::exit(130);
+                        } else {
+                            std::process::exit(130);
+                        }
+                    }
+                    _ = term_sig.recv() => { let _ = tx.send(Input::Signal(15)).await; }
+                    _ = winch.recv() => {
+                        if let (Some(r), Some(c)) = term::size() {
+                            let _ = tx.send(Input::Resize(r, c)).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut out = tokio::io::stdout();
+    let mut err = tokio::io::stderr();
+    let end = loop {
+        let m = match stream.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                break Err(anyhow::Error::from(e).context("the stream broke"));
+            }
+            None => {
+                break Err(anyhow::anyhow!(
+                    "the server closed the stream before the process ended"
+                ));
+            }
+        };
+        match m {
+            Message::Binary(b) => match b.first() {
+                Some(&kiln_api::stream::STDOUT) => {
+                    out.write_all(&b[1..]).await?;
+                    out.flush().await?;
+                    attach::mark_output();
+                }
+                Some(&kiln_api::stream::STDERR) => {
+                    err.write_all(&b[1..]).await?;
+                    err.flush().await?;
+                    attach::mark_output();
+                }
+                _ => {}
+            },
+            Message::Text(t) => match serde_json::from_str::<ServerMsg>(&t) {
+                Ok(ServerMsg::Exit { exit_code, .. }) => break Ok(End::Exit(exit_code)),
+                Ok(ServerMsg::Error { error }) => {
+                    break Err(anyhow::anyhow!(
+                        "{} ({})",
+                        sanitize(&error.message),
+                        sanitize(&error.code)
+                    ));
+                }
+                _ => {}
+            },
+            Message::Close(_) => {
+                break Err(anyhow::anyhow!(
+                    "the server closed the stream before the process ended"
+                ));
+            }
+            _ => {}
+        }
+    };
+    writer.abort();
+    end
+}
+
+fn ctl(m: &ClientMsg) -> Message {
+    Message::text(serde_json::to_string(m).unwrap_or_default())
+}
+
+async fn next_msg(stream: &mut futures::stream::SplitStream<Ws>) -> Result<Option<ServerMsg>> {
+    loop {
+        match stream.next().await {
+            Some(Ok(Message::Text(t))) => {
+                return Ok(Some(
+                    serde_json::from_str(&t).context("the server sent an unknown message")?,
+                ));
+            }
+            Some(Ok(Message::Close(_))) | None => return Ok(None),
+            Some(Ok(Message::Binary(_))) => bail!("the server sent output before the start"),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(anyhow::Error::from(e).context("the stream broke")),
+        }
+    }
+}
+
+/// `kiln run` through the API.
+async fn run(api: &Api, args: RunArgs) -> Result<i32> {
+    let t0 = Instant::now();
+    let req = commands::run_request(&args)?;
+    if !args.insecure.is_empty() {
+        bail!("--insecure-registry configures the node's pull: not available through the API");
+    }
+    if !matches!(args.pull, crate::images::PullPolicy::Missing) {
+        bail!("--pull is the node's choice through the API (it pulls images it does not have)");
+    }
+    let body = serde_json::to_vec(&req.spec)?;
+    let key = format!("kiln-run-{}", SandboxId::from_random(rand_bytes()));
+    let r = api
+        .send(
+            api.request(reqwest::Method::POST, "/sandboxes")
+                .header("content-type", "application/json")
+                .header("idempotency-key", key)
+                .body(body),
+        )
+        .await?;
+    let sb: Sandbox = serde_json::from_slice(&r.bytes().await?)?;
+    let id = sb.id.to_string();
+    // Up: running (or ended already, or failed to start).
+    let sb = loop {
+        let sb = api.get(&id).await?;
+        if !matches!(sb.state, SandboxState::Creating | SandboxState::Pooled) {
+            break sb;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    if let SandboxState::Failed { error, exit_code } = &sb.state {
+        eprintln!("kiln: {}", sanitize(error));
+        if args.rm {
+            let _ = api.wait_gone(&id, Duration::from_secs(30)).await;
+        }
+        return Ok(*exit_code);
+    }
+    if args.verbose {
+        eprintln!(
+            "kiln: sandbox {id} running on node {} ({} ms after the command started)",
+            sb.node.as_ref().map_or("?", |n| n.as_str()),
+            t0.elapsed().as_millis()
+        );
+    }
+    if args.detach {
+        println!("{id}");
+        return Ok(0);
+    }
+    let start = serde_json::to_string(&AttachStart {
+        stdin: args.process.interactive,
+        replay: true,
+    })?;
+    let ws = open_ws(api, &format!("/sandboxes/{id}/attach")).await?;
+    let code = match session(ws, start, args.process.interactive, args.process.tty, true).await? {
+        End::Exit(c) => c,
+        // It ended before we attached: its output is in the log.
+        End::NotStarted(m) => {
+            if let ServerMsg::Error { error } = &m
+                && error.code != "not_running"
+            {
+                bail!("{} ({})", sanitize(&error.message), sanitize(&error.code));
+            }
+            logs(api, &id, false).await?.unwrap_or(125)
+        }
+    };
+    let exit_ms = t0.elapsed().as_millis();
+    if let Ok(sb) = api.get(&id).await
+        && matches!(
+            sb.state,
+            SandboxState::Exited {
+                timed_out: true,
+                ..
+            }
+        )
+    {
+        eprintln!(
+            "kiln: the command was killed after its --timeout of {} s",
+            args.timeout.unwrap_or(0)
+        );
+    }
+    if args.rm
+        && let Err(e) = api.wait_gone(&id, Duration::from_secs(30)).await
+    {
+        eprintln!("kiln: {e:#}");
+    }
+    if args.verbose {
+        eprintln!(
+            "kiln: timing: exit at {exit_ms} ms, total {} ms",
+            t0.elapsed().as_millis()
+        );
+    }
+    Ok(code)
+}
+
+fn rand_bytes() -> [u8; 8] {
+    let mut b = [0u8; 8];
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mixed = (n as u64) ^ (u64::from(std::process::id()) << 32);
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    let x = u64::from_le_bytes(b) ^ mixed;
+    x.to_le_bytes()
+}
+
+/// `kiln exec` through the API.
+async fn exec(api: &Api, args: ExecArgs) -> Result<i32> {
+    if args.attach.is_some() || args.detach {
+        bail!("exec --attach and -d are not available through the API yet");
+    }
+    let mut rest = args.rest.clone();
+    let id = rest.remove(0);
+    if rest.first().map(String::as_str) == Some("--") {
+        rest.remove(0);
+    }
+    if rest.is_empty() {
+        bail!("no command given: kiln exec ID -- CMD [ARGS...]");
+    }
+    let id = api.resolve(&id).await?;
+    let (rows, cols) = if args.process.tty {
+        term::size()
+    } else {
+        (None, None)
+    };
+    let start = serde_json::to_string(&ExecStart {
+        cmd: rest,
+        env: commands::read_env(&args.process)?,
+        cwd: args.process.workdir.clone(),
+        user: args.process.user.clone(),
+        tty: args.process.tty,
+        rows,
+        cols,
+        stdin: args.process.interactive,
+    })?;
+    let ws = open_ws(api, &format!("/sandboxes/{id}/exec")).await?;
+    match session(ws, start, args.process.interactive, args.process.tty, false).await? {
+        End::Exit(c) => Ok(c),
+        End::NotStarted(ServerMsg::Error { error }) => {
+            eprintln!("kiln: {}", sanitize(&error.message));
+            Ok(if error.code == "exec_failed" {
+                126
+            } else {
+                125
+            })
+        }
+        End::NotStarted(m) => bail!("unexpected answer from the server: {m:?}"),
+    }
+}
+
+/// Prints a sandbox's output (following it with `follow`); the exit code
+/// if the log ended with one.
+async fn logs(api: &Api, id: &str, follow: bool) -> Result<Option<i32>> {
+    let mut r = api
+        .send(api.request(
+            reqwest::Method::GET,
+            &format!("/sandboxes/{id}/logs?follow={follow}"),
+        ))
+        .await?;
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut code = None;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    loop {
+        let chunk = r.chunk().await.context("the log stream broke")?;
+        let done = chunk.is_none();
+        if let Some(c) = chunk {
+            buf.extend_from_slice(&c);
+        }
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            if line.len() <= 1 {
+                continue;
+            }
+            match serde_json::from_slice::<LogRecord>(&line).context("a malformed log record")? {
+                LogRecord::Output { stream, data } => {
+                    let bytes = b64.decode(data).context("a malformed log record")?;
+                    attach::mark_output();
+                    match stream {
+                        LogStreamName::Stdout => {
+                            out.write_all(&bytes)?;
+                            out.flush()?;
+                        }
+                        LogStreamName::Stderr => err.write_all(&bytes)?,
+                    }
+                }
+                LogRecord::Dropped { bytes } => eprintln!(
+                    "kiln: {bytes} bytes of earlier output were dropped (the log keeps the \
+                     newest; set the size with kiln run --log-limit)"
+                ),
+                LogRecord::Exit { exit_code, .. } => code = Some(exit_code),
+                LogRecord::Error { error } => {
+                    bail!("{} ({})", sanitize(&error.message), sanitize(&error.code))
+                }
+            }
+        }
+        if done {
+            break;
+        }
+        if buf.len() > 4 * 1024 * 1024 {
+            bail!("a log record longer than 4 MiB");
+        }
+    }
+    Ok(code)
+}
+
+/// `kiln ps` through the API.
+async fn ps(api: &Api, all: bool, quiet: bool) -> Result<i32> {
+    let mut items = api.list().await?;
+    items.retain(|s| all || !s.state.is_finished());
+    items.sort_by_key(|s| std::cmp::Reverse(s.created_at_ms));
+    let mut out = std::io::stdout().lock();
+    if !quiet {
+        writeln!(
+            out,
+            "{:<16}  {:<24}  {:<28}  {:<12}  COMMAND",
+            "ID", "IMAGE", "STATUS", "CREATED"
+        )?;
+    }
+    for s in items {
+        if quiet {
+            writeln!(out, "{}", s.id)?;
+            continue;
+        }
+        let argv: Vec<&str> = s
+            .spec
+            .entrypoint
+            .iter()
+            .flatten()
+            .chain(s.spec.cmd.iter())
+            .map(String::as_str)
+            .collect();
+        let cmd: String = argv.join(" ").chars().take(40).collect();
+        writeln!(
+            out,
+            "{:<16}  {:<24}  {:<28}  {:<12}  {}",
+            s.id,
+            commands::truncate(&sanitize(&s.spec.image), 24),
+            s.state.label(),
+            commands::ago(s.created_at_ms / 1000),
+            sanitize(&cmd)
+        )?;
+    }
+    Ok(0)
+}
+
+/// `kiln cp` through the API (`GET`/`PUT /files`, tar streams), with the
+/// local path's semantics; Ctrl-C cancels (exit 130, nothing left).
+async fn cp(api: &Api, src: &str, dst: &str) -> Result<i32> {
+    let mut cancel = Cancel::on_signals()?;
+    let done = match (attach::parse_loc(src), attach::parse_loc(dst)) {
+        (Loc::Sandbox(id, path), Loc::Local(local)) => {
+            let id = api.resolve(&id).await?;
+            copy_out(api, &id, &path, &local, &mut cancel).await?
+        }
+        (Loc::Local(local), Loc::Sandbox(id, path)) => {
+            let id = api.resolve(&id).await?;
+            copy_in(api, &id, &local, &path, &mut cancel).await?
+        }
+        _ => bail!("kiln cp needs exactly one side in a sandbox: ID:/path"),
+    };
+    if done {
+        Ok(0)
+    } else {
+        eprintln!("kiln: copy cancelled");
+        Ok(130)
+    }
+}
+
+fn files_path(id: &str, path: &str) -> String {
+    format!(
+        "/sandboxes/{id}/files?path={}",
+        form_urlencoded::byte_serialize(path.as_bytes()).collect::<String>()
+    )
+}
+
+/// Whether `path` in the sandbox is a directory: the first tar header of
+/// its download (the rest is not read).
+async fn guest_is_dir(api: &Api, id: &str, path: &str) -> Result<bool> {
+    let r = match api
+        .send(api.request(reqwest::Method::GET, &files_path(id, path)))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) if is_status(&e, 422) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let mut r = r;
+    let mut head = Vec::with_capacity(512);
+    while head.len() < 512 {
+        match r.chunk().await {
+            Ok(Some(c)) => head.extend_from_slice(&c),
+            _ => return Ok(false),
+        }
+    }
+    Ok(head[156] == b'5')
+}
+
+async fn copy_in(
+    api: &Api,
+    id: &str,
+    local: &Path,
+    path: &str,
+    cancel: &mut Cancel,
+) -> Result<bool> {
+    let from_stdin = local == Path::new("-");
+    let (dest, name) = if from_stdin {
+        (path.to_string(), String::new())
+    } else {
+        let src_name = local
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .with_context(|| format!("{} has no file name", local.display()))?;
+        let into_dir = !path.ends_with('/') && guest_is_dir(api, id, path).await?;
+        if into_dir {
+            attach::guest_target(&format!("{path}/"), &src_name)?
+        } else {
+            attach::guest_target(path, &src_name)?
+        }
+    };
+    let meta = if from_stdin {
+        None
+    } else {
+        Some(std::fs::metadata(local).with_context(|| format!("cannot read {}", local.display()))?)
+    };
+    let (tx, rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+    let local = local.to_path_buf();
+    let producer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let w = attach::ChunkWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(attach::CHUNK),
+        };
+        let r = if from_stdin {
+            let mut w = w;
+            std::io::copy(&mut std::io::stdin().lock(), &mut w).and_then(|_| w.finish())
+        } else {
+            let mut b = tar::Builder::new(w);
+            b.follow_symlinks(false);
+            let r = if meta.is_some_and(|m| m.is_dir()) {
+                b.append_dir_all(&name, &local)
+            } else {
+                b.append_path_with_name(&local, &name)
+            };
+            r.and_then(|()| b.into_inner())
+                .and_then(attach::ChunkWriter::finish)
+        };
+        if let Err(e) = &r {
+            // The body ends with an error: the upload is broken off, never
+            // taken for a whole archive.
+            let _ = tx.blocking_send(Err(std::io::Error::new(e.kind(), e.to_string())));
+        }
+        r
+    });
+    let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|c| (c, rx))
+    }));
+    let put = api.send(
+        api.request(reqwest::Method::PUT, &files_path(id, &dest))
+            .header("content-type", "application/x-tar")
+            .body(body),
+    );
+    let r = tokio::select! {
+        r = put => r,
+        () = cancel.wait() => {
+            if !from_stdin {
+                let _ = producer.await;
+            }
+            return Ok(false);
+        }
+    };
+    let produced = if from_stdin {
+        Ok(Ok(()))
+    } else {
+        producer.await
+    };
+    produced
+        .context("tar producer failed")?
+        .context("cannot read the files to copy")?;
+    r.with_context(|| format!("copy into {} failed", sanitize(&dest)))?;
+    Ok(true)
+}
+
+async fn copy_out(
+    api: &Api,
+    id: &str,
+    path: &str,
+    local: &Path,
+    cancel: &mut Cancel,
+) -> Result<bool> {
+    let to_stdout = local == Path::new("-");
+    let (target_dir, rename) = if to_stdout {
+        (std::path::PathBuf::new(), None)
+    } else if local.is_dir() {
+        (local.to_path_buf(), None)
+    } else {
+        let parent = local
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            bail!("{} is not a directory", parent.display());
+        }
+        let name = local
+            .file_name()
+            .context("the local destination has no file name")?;
+        (parent.to_path_buf(), Some(name.to_os_string()))
+    };
+    if !to_stdout {
+        attach::reap_stale_copies(&target_dir);
+    }
+    let mut r = api
+        .send(api.request(reqwest::Method::GET, &files_path(id, path)))
+        .await?;
+    let (tx, rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+    let consumer = tokio::task::spawn_blocking(move || -> Result<()> {
+        let r = BodyReader {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+        };
+        if to_stdout {
+            let mut r = r;
+            std::io::copy(&mut r, &mut std::io::stdout().lock())?;
+            return Ok(());
+        }
+        attach::unpack_from_guest(r, &target_dir, rename.as_deref())
+    });
+    let complete = loop {
+        let c = tokio::select! {
+            c = r.chunk() => c,
+            () = cancel.wait() => {
+                let _ = tx.send(Err(std::io::Error::other("cancelled"))).await;
+                drop(r);
+                drop(tx);
+                if !to_stdout {
+                    let _ = consumer.await;
+                }
+                return Ok(false);
+            }
+        };
+        match c {
+            Ok(Some(b)) => {
+                if tx.send(Ok(b.to_vec())).await.is_err() {
+                    break true;
+                }
+            }
+            Ok(None) => break true,
+            Err(_) => break false,
+        }
+    };
+    if !complete {
+        // A broken-off body: the consumer fails (and removes what it
+        // unpacked), never keeps a short file that looks whole.
+        let _ = tx
+            .send(Err(std::io::Error::other("the download ended early")))
+            .await;
+        drop(tx);
+        let _ = consumer.await;
+        bail!("the copy of {} ended early", sanitize(path));
+    }
+    drop(tx);
+    consumer.await.context("tar consumer failed")??;
+    Ok(true)
+}
+
+/// A blocking `Read` over chunks from the async side; an `Err` chunk
+/// fails the read (a broken-off or cancelled download).
+struct BodyReader {
+    rx: mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Read for BodyReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.cur.len() {
+            match self.rx.blocking_recv() {
+                Some(Ok(c)) => {
+                    self.cur = c;
+                    self.pos = 0;
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
