@@ -322,10 +322,11 @@ impl Api {
     async fn wait_finished(&self, id: &str, limit: Duration) -> Result<Sandbox> {
         let t0 = Instant::now();
         loop {
+            let left = limit.saturating_sub(t0.elapsed()).as_secs().clamp(1, 30);
             let b = self
                 .call(
                     "GET",
-                    &format!("/sandboxes/{id}/wait?timeout_secs=30"),
+                    &format!("/sandboxes/{id}/wait?timeout_secs={left}"),
                     None,
                 )
                 .await?;
@@ -360,6 +361,17 @@ impl Api {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// `--rm`: the server keeps an ended sandbox until it is deleted
+    /// (`auto_remove` is not acted on by the cluster yet), so the client
+    /// deletes it and returns once it is gone.
+    async fn remove(&self, id: &str) -> Result<()> {
+        match self.call("DELETE", &format!("/sandboxes/{id}"), None).await {
+            Err(e) if is_status(&e, 404) => return Ok(()),
+            r => r?,
+        };
+        self.wait_gone(id, Duration::from_secs(30)).await
     }
 
     /// Polls until the sandbox is forgotten (removed on its node).
@@ -655,9 +667,15 @@ async fn run(api: &Api, args: RunArgs) -> Result<i32> {
     if let SandboxState::Failed { error, exit_code } = &sb.state {
         eprintln!("kiln: {}", sanitize(error));
         if args.rm {
-            let _ = api.wait_gone(&id, Duration::from_secs(30)).await;
+            let _ = api.remove(&id).await;
         }
-        return Ok(*exit_code);
+        // As the local path: 125 when Kiln could not start it; 126/127
+        // when the command cannot be run.
+        return Ok(if matches!(exit_code, 126 | 127) {
+            *exit_code
+        } else {
+            125
+        });
     }
     if args.verbose {
         eprintln!(
@@ -688,7 +706,17 @@ async fn run(api: &Api, args: RunArgs) -> Result<i32> {
         }
     };
     let exit_ms = t0.elapsed().as_millis();
-    if let Ok(sb) = api.get(&id).await
+    // As the local path: once `run` returns, the sandbox shows as ended
+    // (and its resources are free for the next one). The node reports the
+    // end on its own; a few seconds at most.
+    // (A `--rm` sandbox may be gone from its node before the node reports
+    // its end: it is deleted below instead.)
+    let ended = if args.rm {
+        api.get(&id).await
+    } else {
+        api.wait_finished(&id, Duration::from_secs(10)).await
+    };
+    if let Ok(sb) = ended
         && matches!(
             sb.state,
             SandboxState::Exited {
@@ -703,7 +731,7 @@ async fn run(api: &Api, args: RunArgs) -> Result<i32> {
         );
     }
     if args.rm
-        && let Err(e) = api.wait_gone(&id, Duration::from_secs(30)).await
+        && let Err(e) = api.remove(&id).await
     {
         eprintln!("kiln: {e:#}");
     }
