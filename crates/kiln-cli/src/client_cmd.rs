@@ -644,7 +644,14 @@ async fn run(api: &Api, args: RunArgs) -> Result<i32> {
     if !matches!(args.pull, crate::images::PullPolicy::Missing) {
         bail!("--pull is the node's choice through the API (it pulls images it does not have)");
     }
-    let body = serde_json::to_vec(&req.spec)?;
+    let mut spec = req.spec;
+    // An attached `--rm` run deletes the sandbox itself once it has the
+    // exit (below): were the node to remove it on its own, a command that
+    // ends before the attach could take its output with it.
+    if !args.detach {
+        spec.auto_remove = false;
+    }
+    let body = serde_json::to_vec(&spec)?;
     let key = format!("kiln-run-{}", SandboxId::from_random(rand_bytes()));
     let r = api
         .send(

@@ -321,6 +321,12 @@ pub(crate) fn run_request(args: &RunArgs) -> Result<RunRequest> {
     spec.timeout_secs = args.timeout;
     spec.auto_remove = args.rm;
     spec.log_limit = args.log_limit;
+    for l in &args.labels {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("--label {l:?}: expected KEY=VALUE");
+        };
+        spec.labels.insert(k.to_owned(), v.to_owned());
+    }
     spec.network = match args.net.mode.as_str() {
         "default" => {
             let mut n = network_spec(&args.net.policy);

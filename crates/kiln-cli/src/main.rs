@@ -296,6 +296,10 @@ pub struct RunArgs {
     /// output is dropped first. Default: KILN_LOG_LIMIT, else 64M.
     #[arg(long = "log-limit", value_name = "SIZE", value_parser = parse_log_limit)]
     log_limit: Option<u64>,
+    /// A label `KEY=VALUE` on the sandbox (repeatable; the API lists and
+    /// filters sandboxes by label).
+    #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
     /// IMAGE [-- CMD [ARGS...]]
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     rest: Vec<String>,

@@ -263,7 +263,10 @@ fn sandbox_commands_work_through_the_api() {
 
     // A long-running sandbox S for exec, cp, ps, pause; started detached
     // first so that it boots while the attached runs below go on.
-    let s_args = run_args(&["-d", "--disk", "256"], &["sleep", "3600"]);
+    let s_args = run_args(
+        &["-d", "--disk", "256", "-l", "app=client-e2e"],
+        &["sleep", "3600"],
+    );
     let s = ok(&a.run(&argv(&s_args))).trim().to_owned();
     assert!(kiln_api::sandbox::SandboxId::is_valid(&s), "{s:?}");
 
@@ -424,6 +427,7 @@ fn sandbox_commands_work_through_the_api() {
         .expect("inspect prints the API's Sandbox");
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v["state"]["state"], "running");
+    assert_eq!(v["spec"]["labels"]["app"], "client-e2e");
 
     // pause, resume.
     assert_eq!(ok(&a.run(&["pause", &s])), format!("{s}\n"));
