@@ -799,11 +799,14 @@ async fn exec(api: &Api, args: ExecArgs) -> Result<i32> {
         End::Exit(c) => Ok(c),
         End::NotStarted(ServerMsg::Error { error }) => {
             eprintln!("kiln: {}", sanitize(&error.message));
-            Ok(if error.code == "exec_failed" {
-                126
-            } else {
-                125
-            })
+            // As locally: 126/127 when the command cannot be run (the
+            // node gives the code in `reason`), else 125.
+            Ok(error
+                .reason
+                .as_deref()
+                .and_then(|r| r.parse::<i32>().ok())
+                .filter(|c| (1..=255).contains(c))
+                .unwrap_or(125))
         }
         End::NotStarted(m) => bail!("unexpected answer from the server: {m:?}"),
     }
@@ -1149,5 +1152,67 @@ impl std::io::Read for BodyReader {
         out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_errors_show_the_servers_message_and_code() {
+        let e = api_err(
+            422,
+            br#"{"error":{"code":"invalid_spec","message":"memory: too big"}}"#,
+        );
+        assert_eq!(e.to_string(), "memory: too big (HTTP 422, invalid_spec)");
+        let e = api_err(502, b"bad gateway\x1b[31m");
+        assert_eq!(e.code, "http_error");
+        assert!(!e.to_string().contains('\x1b'), "{e}");
+        let any: anyhow::Error = api_err(404, b"{}").into();
+        assert!(is_status(&any, 404) && !is_status(&any, 422));
+    }
+
+    /// A download that breaks off midway must fail the unpack and leave
+    /// nothing, not a short file that looks whole.
+    #[test]
+    fn a_broken_off_download_leaves_nothing() {
+        let mut b = tar::Builder::new(Vec::new());
+        let data = vec![7u8; 64 * 1024];
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "f.bin", &data[..]).expect("tar");
+        let whole = b.into_inner().expect("tar");
+        let dir = tempfile::tempdir().expect("tmp");
+        for broken in [true, false] {
+            let (tx, rx) = mpsc::channel(4);
+            tx.try_send(Ok(whole[..whole.len() / 2].to_vec()))
+                .expect("send");
+            if broken {
+                tx.try_send(Err(std::io::Error::other("the download ended early")))
+                    .expect("send");
+            } else {
+                tx.try_send(Ok(whole[whole.len() / 2..].to_vec()))
+                    .expect("send");
+            }
+            drop(tx);
+            let r = BodyReader {
+                rx,
+                cur: Vec::new(),
+                pos: 0,
+            };
+            let out = dir.path().join("out.bin");
+            let res =
+                attach::unpack_from_guest(r, dir.path(), Some(out.file_name().expect("name")));
+            if broken {
+                assert!(res.is_err());
+                assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 0);
+            } else {
+                res.expect("whole archive");
+                assert_eq!(std::fs::read(&out).expect("read"), data);
+            }
+        }
     }
 }

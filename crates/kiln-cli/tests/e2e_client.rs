@@ -341,6 +341,8 @@ fn sandbox_commands_work_through_the_api() {
     assert_eq!(stdout(&o), "42\n");
     let o = a.run_stdin(&["exec", "-i", &s, "--", "cat"], b"exec stdin\n");
     assert_eq!(ok(&o), "exec stdin\n");
+    let o = a.run(&["exec", &s, "--", "/no/such/command"]);
+    assert_eq!(code(&o), 127, "{}", stderr(&o));
     let o = a.run(&[
         "exec",
         "-e",
