@@ -341,6 +341,46 @@ fn sandbox_commands_work_through_the_api() {
     assert_eq!(stdout(&o), "42\n");
     let o = a.run_stdin(&["exec", "-i", &s, "--", "cat"], b"exec stdin\n");
     assert_eq!(ok(&o), "exec stdin\n");
+    // SIGINT to `kiln exec` reaches the process: 130.
+    let mut child = a
+        .cmd()
+        .args(["exec", &s, "--", "sh", "-c", "echo ready; exec sleep 600"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln exec");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    assert_eq!(line, "ready\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("kill");
+    let o = child.wait_with_output().expect("wait");
+    assert_eq!(code(&o), 130, "{}", stderr(&o));
+    // -t on a real terminal: the guest's terminal gets its size.
+    let script = format!(
+        "stty rows 33 cols 99; exec '{}' exec -t {s} -- stty size",
+        k.bin.display()
+    );
+    let o = {
+        let mut c = Proc::new("script");
+        c.args(["-qec", &script, "/dev/null"])
+            .env("KILN_SERVER", &a.url)
+            .env("KILN_TOKEN", &a.token)
+            .env("KILN_CONFIG", "/nonexistent")
+            .stdin(Stdio::null());
+        c.output().expect("script runs")
+    };
+    assert!(
+        stdout(&o).contains("33 99"),
+        "{:?} {:?}",
+        stdout(&o),
+        stderr(&o)
+    );
     let o = a.run(&["exec", &s, "--", "/no/such/command"]);
     assert_eq!(code(&o), 127, "{}", stderr(&o));
     let o = a.run(&[
