@@ -452,3 +452,11 @@ pub(crate) fn context_has_server(name: Option<&str>) -> bool {
     ctx.and_then(|n| cfg.contexts.get(&n).map(|c| c.server.is_some()))
         .unwrap_or(false)
 }
+
+/// The CA file of a context (`KILN_CONTEXT`'s, else the current one).
+pub(crate) fn context_ca(name: Option<&str>) -> Option<PathBuf> {
+    let p = config_path().filter(|p| p.exists())?;
+    let cfg: Config = toml::from_str(&std::fs::read_to_string(&p).ok()?).ok()?;
+    let ctx = name.map(str::to_owned).or(cfg.current_context)?;
+    cfg.contexts.get(&ctx)?.ca.clone()
+}

@@ -90,7 +90,11 @@ pub async fn try_dispatch(cmd: Command) -> Routed {
 }
 
 async fn dispatch(conn: &Conn, cmd: Command) -> Result<i32> {
-    let api = Api(Client::open(conn)?);
+    let ca = conn
+        .ca
+        .clone()
+        .or_else(|| crate::admin::context_ca(conn.context.as_deref()));
+    let api = Api(Client::open(conn)?, ca);
     match cmd {
         Command::Run(args) => run(&api, *args).await,
         Command::Exec(args) => exec(&api, args).await,
@@ -235,7 +239,9 @@ fn is_status(e: &anyhow::Error, status: u16) -> bool {
         .is_some_and(|a| a.status == status)
 }
 
-struct Api(Client);
+/// The HTTP client, and the CA file an https server must chain to (for
+/// the WebSocket dialer; `None`: the system's roots).
+struct Api(Client, Option<std::path::PathBuf>);
 
 impl Api {
     fn url(&self, path: &str) -> String {
@@ -396,26 +402,56 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
 
-/// Connects to the server behind `base` (`http://HOST:PORT` or
+/// Connects to the server behind `base` (`http://HOST:PORT`,
+/// `https://HOST:PORT` verified against `ca` or the system's roots, or
 /// `unix://PATH`): the one place that knows the transport.
-pub async fn dial(base: &str) -> Result<Box<dyn Io>> {
+pub async fn dial(base: &str, ca: Option<&Path>) -> Result<Box<dyn Io>> {
     if let Some(path) = base.strip_prefix("unix://") {
         let s = tokio::net::UnixStream::connect(path)
             .await
             .with_context(|| format!("cannot reach the server at {path}"))?;
         return Ok(Box::new(s));
     }
-    let Some(rest) = base.strip_prefix("http://") else {
-        bail!(
-            "streams (run, exec) over {base}: only http:// and unix:// servers are supported \
-             by this client yet"
-        );
+    let (tls, rest) = if let Some(r) = base.strip_prefix("http://") {
+        (false, r)
+    } else if let Some(r) = base.strip_prefix("https://") {
+        (true, r)
+    } else {
+        bail!("{base}: the server must be http://, https:// or unix://");
     };
     let hostport = rest.split('/').next().unwrap_or(rest);
     let s = tokio::net::TcpStream::connect(hostport)
         .await
         .with_context(|| format!("cannot reach the server {base}"))?;
     let _ = s.set_nodelay(true);
+    if !tls {
+        return Ok(Box::new(s));
+    }
+    let host = match hostport.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => hostport,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .with_context(|| format!("{host:?} is not a host name or address"))?;
+    let mut cfg = match ca {
+        Some(ca) => kiln_server::tls::client_config(ca)?,
+        None => {
+            use rustls_platform_verifier::BuilderVerifierExt;
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_platform_verifier()?
+            .with_no_client_auth()
+        }
+    };
+    // A WebSocket upgrade is HTTP/1.1.
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, s)
+        .await
+        .with_context(|| format!("TLS with {base} failed"))?;
     Ok(Box::new(s))
 }
 
@@ -441,7 +477,7 @@ async fn open_ws(api: &Api, path: &str) -> Result<Ws> {
             .parse()
             .context("the token is not a valid header value")?,
     );
-    let io = dial(base).await?;
+    let io = dial(base, api.1.as_deref()).await?;
     let cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(kiln_api::stream::MAX_BINARY * 2))
         .max_frame_size(Some(kiln_api::stream::MAX_BINARY * 2));

@@ -12,6 +12,7 @@ mod net_support;
 mod node_host;
 
 use std::io::{BufRead, Write};
+use std::path::PathBuf;
 use std::process::{Command as Proc, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -546,4 +547,115 @@ fn sandbox_commands_work_through_the_api() {
     node.term();
     drop(dir);
     k.assert_clean();
+}
+
+/// A CA and a certificate for 127.0.0.1 it signed: (ca, cert, key) files.
+fn certs(dir: &std::path::Path, tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("kiln client test CA {tag}"),
+    );
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into()])
+        .expect("params")
+        .signed_by(&key, &issuer)
+        .expect("cert");
+    let paths = (
+        dir.join(format!("ca-{tag}.pem")),
+        dir.join(format!("cert-{tag}.pem")),
+        dir.join(format!("key-{tag}.pem")),
+    );
+    std::fs::write(&paths.0, ca_cert.pem()).expect("write");
+    std::fs::write(&paths.1, cert.pem()).expect("write");
+    std::fs::write(&paths.2, key.serialize_pem()).expect("write");
+    paths
+}
+
+/// Over https: the WebSocket routes are reached over TLS verified against
+/// `KILN_CA` (a missing sandbox is the server's 404, not a transport
+/// error); another CA, or the system's roots, are refused. No VM needed.
+#[test]
+fn streams_reach_an_https_server() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (ca, cert, key) = certs(dir.path(), "a");
+    let (other_ca, _, _) = certs(dir.path(), "b");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut cfg = ServerConfig::new(
+        1,
+        "127.0.0.1:0".parse().expect("addr"),
+        "127.0.0.1:0".parse().expect("addr"),
+        &dir.path().join("server"),
+        JOIN,
+    );
+    cfg.init = true;
+    cfg.tls = Some(kiln_server::tls::TlsFiles { cert, key });
+    let server = rt.block_on(Server::start(cfg)).expect("kiln server starts");
+    let t0 = Instant::now();
+    while server.raft().status().role != kiln_store::RaftRole::Leader {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no leader");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tenant = TenantName::new("acme").expect("tenant");
+    let secret = "tenant-acme-tls-secret-0123456789abcdef";
+    for c in [
+        Command::CreateTenant {
+            name: tenant.clone(),
+            quotas: Quotas::default(),
+            now_ms: 1,
+        },
+        Command::CreateToken {
+            id: "acme-tls".into(),
+            tenant: Some(tenant),
+            role: Role::Tenant,
+            sha256: kiln_store::query::hash_token(secret),
+            description: String::new(),
+            now_ms: 2,
+            node: None,
+        },
+    ] {
+        let r = rt.block_on(server.raft().write(c)).expect("write");
+        assert!(!r.is_rejected(), "{r:?}");
+    }
+    let url = server.api_url().to_string();
+    assert!(url.starts_with("https://"), "{url}");
+    let kiln = |ca: Option<&std::path::Path>, args: &[&str]| -> Output {
+        let mut c = Proc::new(env!("CARGO_BIN_EXE_kiln"));
+        c.args(args)
+            .env("KILN_SERVER", &url)
+            .env("KILN_TOKEN", secret)
+            .env("KILN_CONFIG", "/nonexistent")
+            .env_remove("KILN_CA")
+            .stdin(Stdio::null());
+        if let Some(ca) = ca {
+            c.env("KILN_CA", ca);
+        }
+        c.output().expect("kiln runs")
+    };
+    // The WebSocket handshake went through TLS: the answer is the server's.
+    let o = kiln(Some(&ca), &["exec", "0123456789abcdef", "--", "true"]);
+    assert_eq!(code(&o), 125);
+    assert!(
+        stderr(&o).contains("does not exist") && stderr(&o).contains("HTTP 404"),
+        "{}",
+        stderr(&o)
+    );
+    let o = kiln(Some(&ca), &["ps", "-a"]);
+    assert!(ok(&o).starts_with("ID "), "{}", stdout(&o));
+    // Another CA, and the system's roots: refused before any request.
+    for ca in [Some(other_ca.as_path()), None] {
+        let o = kiln(ca, &["exec", "0123456789abcdef", "--", "true"]);
+        assert_eq!(code(&o), 125);
+        assert!(stderr(&o).contains("TLS"), "{ca:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("does not exist"), "{}", stderr(&o));
+    }
+    rt.block_on(server.shutdown());
 }
