@@ -43,12 +43,13 @@ pub enum Routed {
     Local(Box<Command>),
 }
 
-/// The connection when a server is configured explicitly: `KILN_SERVER`,
+/// The connection when a server is configured explicitly: `--server`,
+/// `KILN_SERVER`,
 /// or a context (`--context` is not a flag of these commands:
 /// `KILN_CONTEXT`, else the config's current context) that names a server.
-pub fn configured() -> Option<Conn> {
+pub fn configured(flag: Option<String>) -> Option<Conn> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-    let server = env("KILN_SERVER");
+    let server = flag.or_else(|| env("KILN_SERVER"));
     let context = env("KILN_CONTEXT");
     if server.is_none() && !crate::admin::context_has_server(context.as_deref()) {
         return None;
@@ -64,8 +65,8 @@ pub fn configured() -> Option<Conn> {
 }
 
 /// Runs `cmd` through the API if it is a sandbox command and a server is
-/// configured.
-pub async fn try_dispatch(cmd: Command) -> Routed {
+/// configured (`server`: the `--server` flag).
+pub async fn try_dispatch(cmd: Command, server: Option<String>) -> Routed {
     let api_cmd = matches!(
         cmd,
         Command::Run(_)
@@ -81,9 +82,18 @@ pub async fn try_dispatch(cmd: Command) -> Routed {
             | Command::Wait { .. }
     );
     if !api_cmd {
+        // (`kiln node --server` is its own flag: clap hands its value to
+        // the global one too.)
+        if server.is_some() && !matches!(cmd, Command::Node(_)) {
+            return Routed::Done(Err(anyhow::anyhow!(
+                "--server: this command runs on this host only (the sandbox commands \
+                 run, exec, cp, logs, ps, inspect, stop, rm, pause, resume and wait \
+                 go through a server)"
+            )));
+        }
         return Routed::Local(Box::new(cmd));
     }
-    let Some(conn) = configured() else {
+    let Some(conn) = configured(server) else {
         return Routed::Local(Box::new(cmd));
     };
     Routed::Done(dispatch(&conn, cmd).await)

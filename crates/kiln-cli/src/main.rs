@@ -31,6 +31,11 @@ struct Cli {
     /// Log verbosity for Kiln's own messages (error, warn, info, debug, trace).
     #[arg(long, global = true, env = "KILN_LOG", default_value = "warn")]
     log: String,
+    /// The API server the sandbox commands (run, exec, cp, logs, ps,
+    /// inspect, stop, rm, pause, resume, wait) go through (default:
+    /// KILN_SERVER, else the current context's; none: this host).
+    #[arg(long = "server", global = true, value_name = "URL")]
+    server: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -529,7 +534,7 @@ fn main() {
             Command::Tenants { conn, command } => admin::tenants(conn, command).await,
             Command::Tokens { conn, command } => admin::tokens(conn, command).await,
             // The sandbox commands go through a configured server's API.
-            c => match client_cmd::try_dispatch(c).await {
+            c => match client_cmd::try_dispatch(c, cli.server).await {
                 client_cmd::Routed::Done(r) => r,
                 client_cmd::Routed::Local(c) => commands::dispatch(*c).await,
             },

@@ -463,6 +463,16 @@ fn sandbox_commands_work_through_the_api() {
         "{row}"
     );
     assert!(ok(&a.run(&["ps", "-q"])).lines().any(|l| l == s));
+    // --server instead of KILN_SERVER.
+    let o = k
+        .cmd()
+        .env_remove("KILN_SERVER")
+        .env("KILN_TOKEN", &api.a)
+        .env("KILN_CONFIG", "/nonexistent")
+        .args(["ps", "-q", "--server", &api.url()])
+        .output()
+        .expect("kiln ps");
+    assert!(ok(&o).lines().any(|l| l == s), "{}", stdout(&o));
     let o = a.run(&["inspect", &s]);
     let body = ok(&o);
     schemas
