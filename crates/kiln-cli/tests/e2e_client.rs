@@ -297,6 +297,17 @@ fn sandbox_commands_work_through_the_api() {
     assert_eq!(ok(&o), "gone\n");
     assert_eq!(a.ids(), before, "--rm left a sandbox");
 
+    // A command that cannot be run: 127 / 126 and one line; --timeout: 137.
+    let o = a.run(&argv(&run_args(&[], &["/no/such/program", "arg"])));
+    assert_eq!(code(&o), 127, "{}", stderr(&o));
+    assert!(stderr(&o).contains("/no/such/program"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    let o = a.run(&argv(&run_args(&[], &["/etc/passwd"])));
+    assert_eq!(code(&o), 126, "{}", stderr(&o));
+    let o = a.run(&argv(&run_args(&["--timeout", "2"], &["sleep", "600"])));
+    assert_eq!(code(&o), 137, "{}", stderr(&o));
+    assert!(stderr(&o).contains("--timeout of 2 s"), "{}", stderr(&o));
+
     // SIGTERM to `kiln run` reaches the command: 143.
     let args = run_args(&[], &["sh", "-c", "echo ready; exec sleep 600"]);
     let mut child = a
