@@ -1,6 +1,6 @@
 //! The sandbox commands (`run`, `exec`, `cp`, `logs`, `ps`, `inspect`,
 //! `stop`, `rm`, `pause`, `resume`, `wait`) as clients of a Kiln server's
-//! REST API, used when a server is configured (`KILN_SERVER`, or a context
+//! REST API, used when a server is configured (`--server`, `KILN_SERVER`, or a context
 //! of `~/.config/kiln/config.toml` that names one: see `admin.rs`).
 //!
 //! Invariants:
@@ -12,27 +12,23 @@
 //!   `commands::run_request`, shared with the local path) or a request;
 //!   streams speak `kiln_api::stream` (WebSocket for attach/exec, NDJSON
 //!   logs, tar files).
-//! - The transport is one function, [`dial`]: the byte stream a WebSocket
-//!   runs over (TCP for `http://`, a Unix socket for `unix://PATH`).
+//! - The transport is one function, `client_stream::dial`: the byte
+//!   stream a WebSocket runs over (TCP for `http://`, TLS for `https://`,
+//!   a Unix socket for `unix://PATH`); `kiln cp` is in `client_cp.rs`.
 
 use std::io::Write;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use base64::Engine;
-use futures::{SinkExt, StreamExt};
 use kiln_api::rest::{ErrorBody, Sandbox, SandboxList, WaitResult};
 use kiln_api::sandbox::{SandboxId, SandboxState};
-use kiln_api::stream::{AttachStart, ClientMsg, ExecStart, LogRecord, LogStreamName, ServerMsg};
+use kiln_api::stream::{AttachStart, ExecStart, LogRecord, LogStreamName, ServerMsg};
 use kiln_api::text::sanitize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::admin::{Client, Conn, Output};
-use crate::attach::{self, Cancel, Loc};
+use crate::attach;
+use crate::client_stream::{End, open_ws, session};
 use crate::{Command, ExecArgs, RunArgs, commands, term};
 
 /// What [`try_dispatch`] did with a command.
@@ -108,7 +104,7 @@ async fn dispatch(conn: &Conn, cmd: Command) -> Result<i32> {
     match cmd {
         Command::Run(args) => run(&api, *args).await,
         Command::Exec(args) => exec(&api, args).await,
-        Command::Cp { src, dst } => cp(&api, &src, &dst).await,
+        Command::Cp { src, dst } => crate::client_cp::cp(&api, &src, &dst).await,
         Command::Logs { follow, id } => {
             let id = api.resolve(&id).await?;
             logs(&api, &id, follow).await.map(|_| 0)
@@ -209,7 +205,7 @@ async fn dispatch(conn: &Conn, cmd: Command) -> Result<i32> {
 
 /// An API error: the server's status, code and message.
 #[derive(Debug)]
-struct ApiErr {
+pub(crate) struct ApiErr {
     status: u16,
     code: String,
     message: String,
@@ -229,7 +225,7 @@ impl std::fmt::Display for ApiErr {
 
 impl std::error::Error for ApiErr {}
 
-fn api_err(status: u16, body: &[u8]) -> ApiErr {
+pub(crate) fn api_err(status: u16, body: &[u8]) -> ApiErr {
     match serde_json::from_slice::<ErrorBody>(body) {
         Ok(e) => ApiErr {
             status,
@@ -244,28 +240,28 @@ fn api_err(status: u16, body: &[u8]) -> ApiErr {
     }
 }
 
-fn is_status(e: &anyhow::Error, status: u16) -> bool {
+pub(crate) fn is_status(e: &anyhow::Error, status: u16) -> bool {
     e.downcast_ref::<ApiErr>()
         .is_some_and(|a| a.status == status)
 }
 
 /// The HTTP client, and the CA file an https server must chain to (for
 /// the WebSocket dialer; `None`: the system's roots).
-struct Api(Client, Option<std::path::PathBuf>);
+pub(crate) struct Api(pub(crate) Client, pub(crate) Option<std::path::PathBuf>);
 
 impl Api {
     fn url(&self, path: &str) -> String {
         format!("{}/v1{path}", self.0.base())
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.0
             .http()
             .request(method, self.url(path))
             .bearer_auth(self.0.token())
     }
 
-    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+    pub(crate) async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         let r = rb
             .send()
             .await
@@ -313,7 +309,7 @@ impl Api {
     }
 
     /// A full ID from an ID or a unique prefix of one (as the local path).
-    async fn resolve(&self, prefix: &str) -> Result<String> {
+    pub(crate) async fn resolve(&self, prefix: &str) -> Result<String> {
         if SandboxId::is_valid(prefix) {
             return Ok(prefix.to_owned());
         }
@@ -402,280 +398,6 @@ impl Api {
                 }
                 Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
-        }
-    }
-}
-
-/// A byte stream a WebSocket can run over.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
-
-/// Connects to the server behind `base` (`http://HOST:PORT`,
-/// `https://HOST:PORT` verified against `ca` or the system's roots, or
-/// `unix://PATH`): the one place that knows the transport.
-pub async fn dial(base: &str, ca: Option<&Path>) -> Result<Box<dyn Io>> {
-    if let Some(path) = base.strip_prefix("unix://") {
-        let s = tokio::net::UnixStream::connect(path)
-            .await
-            .with_context(|| format!("cannot reach the server at {path}"))?;
-        return Ok(Box::new(s));
-    }
-    let (tls, rest) = if let Some(r) = base.strip_prefix("http://") {
-        (false, r)
-    } else if let Some(r) = base.strip_prefix("https://") {
-        (true, r)
-    } else {
-        bail!("{base}: the server must be http://, https:// or unix://");
-    };
-    let hostport = rest.split('/').next().unwrap_or(rest);
-    let s = tokio::net::TcpStream::connect(hostport)
-        .await
-        .with_context(|| format!("cannot reach the server {base}"))?;
-    let _ = s.set_nodelay(true);
-    if !tls {
-        return Ok(Box::new(s));
-    }
-    let host = match hostport.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => hostport,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-        .with_context(|| format!("{host:?} is not a host name or address"))?;
-    let mut cfg = match ca {
-        Some(ca) => kiln_server::tls::client_config(ca)?,
-        None => {
-            use rustls_platform_verifier::BuilderVerifierExt;
-            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()?
-            .with_platform_verifier()?
-            .with_no_client_auth()
-        }
-    };
-    // A WebSocket upgrade is HTTP/1.1.
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(name, s)
-        .await
-        .with_context(|| format!("TLS with {base} failed"))?;
-    Ok(Box::new(s))
-}
-
-/// Opens the WebSocket of `path` (`/sandboxes/ID/exec|attach`).
-async fn open_ws(api: &Api, path: &str) -> Result<Ws> {
-    let base = api.0.base();
-    let host = base
-        .split_once("://")
-        .map(|(_, r)| r.split('/').next().unwrap_or(r))
-        .filter(|h| !h.is_empty() && !h.contains('/'))
-        .unwrap_or("localhost");
-    let host = if base.starts_with("unix://") {
-        "localhost"
-    } else {
-        host
-    };
-    let mut req = format!("ws://{host}/v1{path}")
-        .into_client_request()
-        .context("building the WebSocket request")?;
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", api.0.token())
-            .parse()
-            .context("the token is not a valid header value")?,
-    );
-    let io = dial(base, api.1.as_deref()).await?;
-    let cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .max_message_size(Some(kiln_api::stream::MAX_BINARY * 2))
-        .max_frame_size(Some(kiln_api::stream::MAX_BINARY * 2));
-    match tokio_tungstenite::client_async_with_config(req, io, Some(cfg)).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
-            let status = r.status().as_u16();
-            Err(api_err(status, r.body().as_deref().unwrap_or_default()).into())
-        }
-        Err(e) => Err(anyhow::Error::from(e).context("the stream could not be opened")),
-    }
-}
-
-/// What the input side sends.
-enum Input {
-    Data(Vec<u8>),
-    Eof,
-    Signal(i32),
-    Resize(u16, u16),
-}
-
-/// How a stream session ended.
-enum End {
-    Exit(i32),
-    /// The server refused or broke the stream before the process started.
-    NotStarted(ServerMsg),
-}
-
-/// One exec/attach session: the start message, then stdin, signals and
-/// window sizes one way, output the other, until `exit`.
-async fn session(ws: Ws, start: String, stdin: bool, tty: bool, main: bool) -> Result<End> {
-    let (mut sink, mut stream) = ws.split();
-    sink.send(Message::text(start)).await?;
-    match next_msg(&mut stream).await? {
-        Some(ServerMsg::Started { .. }) => {}
-        Some(m) => return Ok(End::NotStarted(m)),
-        None => bail!("the server closed the stream before the process started"),
-    }
-    let _raw = if tty { term::RawMode::enable() } else { None };
-    let (tx, mut rx) = mpsc::channel::<Input>(16);
-    let writer = tokio::spawn(async move {
-        while let Some(i) = rx.recv().await {
-            let m = match i {
-                Input::Data(b) => {
-                    let mut f = Vec::with_capacity(b.len() + 1);
-                    f.push(kiln_api::stream::STDIN);
-                    f.extend_from_slice(&b);
-                    Message::binary(f)
-                }
-                Input::Eof => ctl(&ClientMsg::StdinEof {}),
-                Input::Signal(signal) => ctl(&ClientMsg::Signal { signal }),
-                Input::Resize(rows, cols) => ctl(&ClientMsg::Resize { rows, cols }),
-            };
-            if sink.send(m).await.is_err() {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
-    if tty && let (Some(r), Some(c)) = term::size() {
-        let _ = tx.send(Input::Resize(r, c)).await;
-    }
-    if stdin {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut inp = tokio::io::stdin();
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match inp.read(&mut buf).await {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.send(Input::Eof).await;
-                        break;
-                    }
-                    Ok(n) => {
-                        if tx.send(Input::Data(buf[..n].to_vec())).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-    }
-    {
-        // As the local path: the first Ctrl-C (or SIGTERM) goes to the
-        // process; a second one kills the sandbox's main process (`run`)
-        // or leaves (`exec`).
-        use tokio::signal::unix::{SignalKind, signal};
-        let (mut int, mut term_sig, mut winch) = (
-            signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
-            signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
-            signal(SignalKind::window_change()).context("cannot handle SIGWINCH")?,
-        );
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut interrupts = 0;
-            loop {
-                tokio::select! {
-                    _ = int.recv() => {
-                        interrupts += 1;
-                        if interrupts == 1 {
-                            let _ = tx.send(Input::Signal(2)).await;
-                        } else if main {
-                            eprintln!("kiln: second interrupt, killing the sandbox's command");
-                            let _ = tx.send(Input::Signal(9)).await;
-                            tokio::time::sleep(Duration::from_secs(40)).await;
-                            std::process::exit(130);
-                        } else {
-                            std::process::exit(130);
-                        }
-                    }
-                    _ = term_sig.recv() => { let _ = tx.send(Input::Signal(15)).await; }
-                    _ = winch.recv() => {
-                        if let (Some(r), Some(c)) = term::size() {
-                            let _ = tx.send(Input::Resize(r, c)).await;
-                        }
-                    }
-                }
-            }
-        });
-    }
-    drop(tx);
-    let mut out = tokio::io::stdout();
-    let mut err = tokio::io::stderr();
-    let end = loop {
-        let m = match stream.next().await {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => {
-                break Err(anyhow::Error::from(e).context("the stream broke"));
-            }
-            None => {
-                break Err(anyhow::anyhow!(
-                    "the server closed the stream before the process ended"
-                ));
-            }
-        };
-        match m {
-            Message::Binary(b) => match b.first() {
-                Some(&kiln_api::stream::STDOUT) => {
-                    out.write_all(&b[1..]).await?;
-                    out.flush().await?;
-                    attach::mark_output();
-                }
-                Some(&kiln_api::stream::STDERR) => {
-                    err.write_all(&b[1..]).await?;
-                    err.flush().await?;
-                    attach::mark_output();
-                }
-                _ => {}
-            },
-            Message::Text(t) => match serde_json::from_str::<ServerMsg>(&t) {
-                Ok(ServerMsg::Exit { exit_code, .. }) => break Ok(End::Exit(exit_code)),
-                Ok(ServerMsg::Error { error }) => {
-                    break Err(anyhow::anyhow!(
-                        "{} ({})",
-                        sanitize(&error.message),
-                        sanitize(&error.code)
-                    ));
-                }
-                _ => {}
-            },
-            Message::Close(_) => {
-                break Err(anyhow::anyhow!(
-                    "the server closed the stream before the process ended"
-                ));
-            }
-            _ => {}
-        }
-    };
-    writer.abort();
-    end
-}
-
-fn ctl(m: &ClientMsg) -> Message {
-    Message::text(serde_json::to_string(m).unwrap_or_default())
-}
-
-async fn next_msg(stream: &mut futures::stream::SplitStream<Ws>) -> Result<Option<ServerMsg>> {
-    loop {
-        match stream.next().await {
-            Some(Ok(Message::Text(t))) => {
-                return Ok(Some(
-                    serde_json::from_str(&t).context("the server sent an unknown message")?,
-                ));
-            }
-            Some(Ok(Message::Close(_))) | None => return Ok(None),
-            Some(Ok(Message::Binary(_))) => bail!("the server sent output before the start"),
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(anyhow::Error::from(e).context("the stream broke")),
         }
     }
 }
@@ -955,252 +677,6 @@ async fn ps(api: &Api, all: bool, quiet: bool) -> Result<i32> {
     Ok(0)
 }
 
-/// `kiln cp` through the API (`GET`/`PUT /files`, tar streams), with the
-/// local path's semantics; Ctrl-C cancels (exit 130, nothing left).
-async fn cp(api: &Api, src: &str, dst: &str) -> Result<i32> {
-    let mut cancel = Cancel::on_signals()?;
-    let done = match (attach::parse_loc(src), attach::parse_loc(dst)) {
-        (Loc::Sandbox(id, path), Loc::Local(local)) => {
-            let id = api.resolve(&id).await?;
-            copy_out(api, &id, &path, &local, &mut cancel).await?
-        }
-        (Loc::Local(local), Loc::Sandbox(id, path)) => {
-            let id = api.resolve(&id).await?;
-            copy_in(api, &id, &local, &path, &mut cancel).await?
-        }
-        _ => bail!("kiln cp needs exactly one side in a sandbox: ID:/path"),
-    };
-    if done {
-        Ok(0)
-    } else {
-        eprintln!("kiln: copy cancelled");
-        Ok(130)
-    }
-}
-
-fn files_path(id: &str, path: &str) -> String {
-    format!(
-        "/sandboxes/{id}/files?path={}",
-        form_urlencoded::byte_serialize(path.as_bytes()).collect::<String>()
-    )
-}
-
-/// Whether `path` in the sandbox is a directory: the first tar header of
-/// its download (the rest is not read).
-async fn guest_is_dir(api: &Api, id: &str, path: &str) -> Result<bool> {
-    let r = match api
-        .send(api.request(reqwest::Method::GET, &files_path(id, path)))
-        .await
-    {
-        Ok(r) => r,
-        Err(e) if is_status(&e, 422) => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    let mut r = r;
-    let mut head = Vec::with_capacity(512);
-    while head.len() < 512 {
-        match r.chunk().await {
-            Ok(Some(c)) => head.extend_from_slice(&c),
-            _ => return Ok(false),
-        }
-    }
-    Ok(head[156] == b'5')
-}
-
-async fn copy_in(
-    api: &Api,
-    id: &str,
-    local: &Path,
-    path: &str,
-    cancel: &mut Cancel,
-) -> Result<bool> {
-    let from_stdin = local == Path::new("-");
-    let (dest, name) = if from_stdin {
-        (path.to_string(), String::new())
-    } else {
-        let src_name = local
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .with_context(|| format!("{} has no file name", local.display()))?;
-        let into_dir = !path.ends_with('/') && guest_is_dir(api, id, path).await?;
-        if into_dir {
-            attach::guest_target(&format!("{path}/"), &src_name)?
-        } else {
-            attach::guest_target(path, &src_name)?
-        }
-    };
-    let meta = if from_stdin {
-        None
-    } else {
-        Some(std::fs::metadata(local).with_context(|| format!("cannot read {}", local.display()))?)
-    };
-    let (tx, rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(4);
-    let local = local.to_path_buf();
-    let producer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        let w = attach::ChunkWriter {
-            tx: tx.clone(),
-            buf: Vec::with_capacity(attach::CHUNK),
-        };
-        let r = if from_stdin {
-            let mut w = w;
-            std::io::copy(&mut std::io::stdin().lock(), &mut w).and_then(|_| w.finish())
-        } else {
-            let mut b = tar::Builder::new(w);
-            b.follow_symlinks(false);
-            let r = if meta.is_some_and(|m| m.is_dir()) {
-                b.append_dir_all(&name, &local)
-            } else {
-                b.append_path_with_name(&local, &name)
-            };
-            r.and_then(|()| b.into_inner())
-                .and_then(attach::ChunkWriter::finish)
-        };
-        if let Err(e) = &r {
-            // The body ends with an error: the upload is broken off, never
-            // taken for a whole archive.
-            let _ = tx.blocking_send(Err(std::io::Error::new(e.kind(), e.to_string())));
-        }
-        r
-    });
-    let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|c| (c, rx))
-    }));
-    let put = api.send(
-        api.request(reqwest::Method::PUT, &files_path(id, &dest))
-            .header("content-type", "application/x-tar")
-            .body(body),
-    );
-    let r = tokio::select! {
-        r = put => r,
-        () = cancel.wait() => {
-            if !from_stdin {
-                let _ = producer.await;
-            }
-            return Ok(false);
-        }
-    };
-    let produced = if from_stdin {
-        Ok(Ok(()))
-    } else {
-        producer.await
-    };
-    produced
-        .context("tar producer failed")?
-        .context("cannot read the files to copy")?;
-    r.with_context(|| format!("copy into {} failed", sanitize(&dest)))?;
-    Ok(true)
-}
-
-async fn copy_out(
-    api: &Api,
-    id: &str,
-    path: &str,
-    local: &Path,
-    cancel: &mut Cancel,
-) -> Result<bool> {
-    let to_stdout = local == Path::new("-");
-    let (target_dir, rename) = if to_stdout {
-        (std::path::PathBuf::new(), None)
-    } else if local.is_dir() {
-        (local.to_path_buf(), None)
-    } else {
-        let parent = local
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        if !parent.is_dir() {
-            bail!("{} is not a directory", parent.display());
-        }
-        let name = local
-            .file_name()
-            .context("the local destination has no file name")?;
-        (parent.to_path_buf(), Some(name.to_os_string()))
-    };
-    if !to_stdout {
-        attach::reap_stale_copies(&target_dir);
-    }
-    let mut r = api
-        .send(api.request(reqwest::Method::GET, &files_path(id, path)))
-        .await?;
-    let (tx, rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(4);
-    let consumer = tokio::task::spawn_blocking(move || -> Result<()> {
-        let r = BodyReader {
-            rx,
-            cur: Vec::new(),
-            pos: 0,
-        };
-        if to_stdout {
-            let mut r = r;
-            std::io::copy(&mut r, &mut std::io::stdout().lock())?;
-            return Ok(());
-        }
-        attach::unpack_from_guest(r, &target_dir, rename.as_deref())
-    });
-    let complete = loop {
-        let c = tokio::select! {
-            c = r.chunk() => c,
-            () = cancel.wait() => {
-                let _ = tx.send(Err(std::io::Error::other("cancelled"))).await;
-                drop(r);
-                drop(tx);
-                if !to_stdout {
-                    let _ = consumer.await;
-                }
-                return Ok(false);
-            }
-        };
-        match c {
-            Ok(Some(b)) => {
-                if tx.send(Ok(b.to_vec())).await.is_err() {
-                    break true;
-                }
-            }
-            Ok(None) => break true,
-            Err(_) => break false,
-        }
-    };
-    if !complete {
-        // A broken-off body: the consumer fails (and removes what it
-        // unpacked), never keeps a short file that looks whole.
-        let _ = tx
-            .send(Err(std::io::Error::other("the download ended early")))
-            .await;
-        drop(tx);
-        let _ = consumer.await;
-        bail!("the copy of {} ended early", sanitize(path));
-    }
-    drop(tx);
-    consumer.await.context("tar consumer failed")??;
-    Ok(true)
-}
-
-/// A blocking `Read` over chunks from the async side; an `Err` chunk
-/// fails the read (a broken-off or cancelled download).
-struct BodyReader {
-    rx: mpsc::Receiver<std::io::Result<Vec<u8>>>,
-    cur: Vec<u8>,
-    pos: usize,
-}
-
-impl std::io::Read for BodyReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos >= self.cur.len() {
-            match self.rx.blocking_recv() {
-                Some(Ok(c)) => {
-                    self.cur = c;
-                    self.pos = 0;
-                }
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.cur.len() - self.pos);
-        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1217,48 +693,5 @@ mod tests {
         assert!(!e.to_string().contains('\x1b'), "{e}");
         let any: anyhow::Error = api_err(404, b"{}").into();
         assert!(is_status(&any, 404) && !is_status(&any, 422));
-    }
-
-    /// A download that breaks off midway must fail the unpack and leave
-    /// nothing, not a short file that looks whole.
-    #[test]
-    fn a_broken_off_download_leaves_nothing() {
-        let mut b = tar::Builder::new(Vec::new());
-        let data = vec![7u8; 64 * 1024];
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, "f.bin", &data[..]).expect("tar");
-        let whole = b.into_inner().expect("tar");
-        let dir = tempfile::tempdir().expect("tmp");
-        for broken in [true, false] {
-            let (tx, rx) = mpsc::channel(4);
-            tx.try_send(Ok(whole[..whole.len() / 2].to_vec()))
-                .expect("send");
-            if broken {
-                tx.try_send(Err(std::io::Error::other("the download ended early")))
-                    .expect("send");
-            } else {
-                tx.try_send(Ok(whole[whole.len() / 2..].to_vec()))
-                    .expect("send");
-            }
-            drop(tx);
-            let r = BodyReader {
-                rx,
-                cur: Vec::new(),
-                pos: 0,
-            };
-            let out = dir.path().join("out.bin");
-            let res =
-                attach::unpack_from_guest(r, dir.path(), Some(out.file_name().expect("name")));
-            if broken {
-                assert!(res.is_err());
-                assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 0);
-            } else {
-                res.expect("whole archive");
-                assert_eq!(std::fs::read(&out).expect("read"), data);
-            }
-        }
     }
 }

@@ -11,6 +11,8 @@ mod bench_fork;
 mod bench_net;
 mod bench_warm;
 mod client_cmd;
+mod client_cp;
+mod client_stream;
 mod commands;
 mod images;
 mod info;

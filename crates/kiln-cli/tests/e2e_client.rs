@@ -614,7 +614,7 @@ fn streams_reach_an_https_server() {
         1,
         "127.0.0.1:0".parse().expect("addr"),
         "127.0.0.1:0".parse().expect("addr"),
-        &dir.path().join("server"),
+        dir.path().join("server"),
         JOIN,
     );
     cfg.init = true;

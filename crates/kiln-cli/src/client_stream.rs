@@ -1,0 +1,301 @@
+//! The stream sessions of the API client (`client_cmd.rs`): the
+//! transport ([`dial`]: TCP, TLS or a Unix socket), the WebSocket, and one
+//! exec/attach session with stdin, tty, signals and window sizes
+//! (`kiln_api::stream`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use futures::{SinkExt, StreamExt};
+use kiln_api::stream::{ClientMsg, ServerMsg};
+use kiln_api::text::sanitize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::client_cmd::{Api, api_err};
+use crate::{attach, term};
+
+/// A byte stream a WebSocket can run over.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+pub(crate) type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
+
+/// Connects to the server behind `base` (`http://HOST:PORT`,
+/// `https://HOST:PORT` verified against `ca` or the system's roots, or
+/// `unix://PATH`): the one place that knows the transport.
+pub async fn dial(base: &str, ca: Option<&Path>) -> Result<Box<dyn Io>> {
+    if let Some(path) = base.strip_prefix("unix://") {
+        let s = tokio::net::UnixStream::connect(path)
+            .await
+            .with_context(|| format!("cannot reach the server at {path}"))?;
+        return Ok(Box::new(s));
+    }
+    let (tls, rest) = if let Some(r) = base.strip_prefix("http://") {
+        (false, r)
+    } else if let Some(r) = base.strip_prefix("https://") {
+        (true, r)
+    } else {
+        bail!("{base}: the server must be http://, https:// or unix://");
+    };
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let s = tokio::net::TcpStream::connect(hostport)
+        .await
+        .with_context(|| format!("cannot reach the server {base}"))?;
+    let _ = s.set_nodelay(true);
+    if !tls {
+        return Ok(Box::new(s));
+    }
+    let host = match hostport.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => hostport,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .with_context(|| format!("{host:?} is not a host name or address"))?;
+    let mut cfg = match ca {
+        Some(ca) => kiln_server::tls::client_config(ca)?,
+        None => {
+            use rustls_platform_verifier::BuilderVerifierExt;
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_platform_verifier()?
+            .with_no_client_auth()
+        }
+    };
+    // A WebSocket upgrade is HTTP/1.1.
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, s)
+        .await
+        .with_context(|| format!("TLS with {base} failed"))?;
+    Ok(Box::new(s))
+}
+
+/// Opens the WebSocket of `path` (`/sandboxes/ID/exec|attach`).
+pub(crate) async fn open_ws(api: &Api, path: &str) -> Result<Ws> {
+    let base = api.0.base();
+    let host = base
+        .split_once("://")
+        .map(|(_, r)| r.split('/').next().unwrap_or(r))
+        .filter(|h| !h.is_empty() && !h.contains('/'))
+        .unwrap_or("localhost");
+    let host = if base.starts_with("unix://") {
+        "localhost"
+    } else {
+        host
+    };
+    let mut req = format!("ws://{host}/v1{path}")
+        .into_client_request()
+        .context("building the WebSocket request")?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", api.0.token())
+            .parse()
+            .context("the token is not a valid header value")?,
+    );
+    let io = dial(base, api.1.as_deref()).await?;
+    let cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(kiln_api::stream::MAX_BINARY * 2))
+        .max_frame_size(Some(kiln_api::stream::MAX_BINARY * 2));
+    match tokio_tungstenite::client_async_with_config(req, io, Some(cfg)).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            let status = r.status().as_u16();
+            Err(api_err(status, r.body().as_deref().unwrap_or_default()).into())
+        }
+        Err(e) => Err(anyhow::Error::from(e).context("the stream could not be opened")),
+    }
+}
+
+/// What the input side sends.
+pub(crate) enum Input {
+    Data(Vec<u8>),
+    Eof,
+    Signal(i32),
+    Resize(u16, u16),
+}
+
+/// How a stream session ended.
+pub(crate) enum End {
+    Exit(i32),
+    /// The server refused or broke the stream before the process started.
+    NotStarted(ServerMsg),
+}
+
+/// One exec/attach session: the start message, then stdin, signals and
+/// window sizes one way, output the other, until `exit`.
+pub(crate) async fn session(
+    ws: Ws,
+    start: String,
+    stdin: bool,
+    tty: bool,
+    main: bool,
+) -> Result<End> {
+    let (mut sink, mut stream) = ws.split();
+    sink.send(Message::text(start)).await?;
+    match next_msg(&mut stream).await? {
+        Some(ServerMsg::Started { .. }) => {}
+        Some(m) => return Ok(End::NotStarted(m)),
+        None => bail!("the server closed the stream before the process started"),
+    }
+    let _raw = if tty { term::RawMode::enable() } else { None };
+    let (tx, mut rx) = mpsc::channel::<Input>(16);
+    let writer = tokio::spawn(async move {
+        while let Some(i) = rx.recv().await {
+            let m = match i {
+                Input::Data(b) => {
+                    let mut f = Vec::with_capacity(b.len() + 1);
+                    f.push(kiln_api::stream::STDIN);
+                    f.extend_from_slice(&b);
+                    Message::binary(f)
+                }
+                Input::Eof => ctl(&ClientMsg::StdinEof {}),
+                Input::Signal(signal) => ctl(&ClientMsg::Signal { signal }),
+                Input::Resize(rows, cols) => ctl(&ClientMsg::Resize { rows, cols }),
+            };
+            if sink.send(m).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    if tty && let (Some(r), Some(c)) = term::size() {
+        let _ = tx.send(Input::Resize(r, c)).await;
+    }
+    if stdin {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut inp = tokio::io::stdin();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match inp.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(Input::Eof).await;
+                        break;
+                    }
+                    Ok(n) => {
+                        if tx.send(Input::Data(buf[..n].to_vec())).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    {
+        // As the local path: the first Ctrl-C (or SIGTERM) goes to the
+        // process; a second one kills the sandbox's main process (`run`)
+        // or leaves (`exec`).
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut int, mut term_sig, mut winch) = (
+            signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            signal(SignalKind::window_change()).context("cannot handle SIGWINCH")?,
+        );
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut interrupts = 0;
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {
+                        interrupts += 1;
+                        if interrupts == 1 {
+                            let _ = tx.send(Input::Signal(2)).await;
+                        } else if main {
+                            eprintln!("kiln: second interrupt, killing the sandbox's command");
+                            let _ = tx.send(Input::Signal(9)).await;
+                            tokio::time::sleep(Duration::from_secs(40)).await;
+                            std::process::exit(130);
+                        } else {
+                            std::process::exit(130);
+                        }
+                    }
+                    _ = term_sig.recv() => { let _ = tx.send(Input::Signal(15)).await; }
+                    _ = winch.recv() => {
+                        if let (Some(r), Some(c)) = term::size() {
+                            let _ = tx.send(Input::Resize(r, c)).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut out = tokio::io::stdout();
+    let mut err = tokio::io::stderr();
+    let end = loop {
+        let m = match stream.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                break Err(anyhow::Error::from(e).context("the stream broke"));
+            }
+            None => {
+                break Err(anyhow::anyhow!(
+                    "the server closed the stream before the process ended"
+                ));
+            }
+        };
+        match m {
+            Message::Binary(b) => match b.first() {
+                Some(&kiln_api::stream::STDOUT) => {
+                    out.write_all(&b[1..]).await?;
+                    out.flush().await?;
+                    attach::mark_output();
+                }
+                Some(&kiln_api::stream::STDERR) => {
+                    err.write_all(&b[1..]).await?;
+                    err.flush().await?;
+                    attach::mark_output();
+                }
+                _ => {}
+            },
+            Message::Text(t) => match serde_json::from_str::<ServerMsg>(&t) {
+                Ok(ServerMsg::Exit { exit_code, .. }) => break Ok(End::Exit(exit_code)),
+                Ok(ServerMsg::Error { error }) => {
+                    break Err(anyhow::anyhow!(
+                        "{} ({})",
+                        sanitize(&error.message),
+                        sanitize(&error.code)
+                    ));
+                }
+                _ => {}
+            },
+            Message::Close(_) => {
+                break Err(anyhow::anyhow!(
+                    "the server closed the stream before the process ended"
+                ));
+            }
+            _ => {}
+        }
+    };
+    writer.abort();
+    end
+}
+
+pub(crate) fn ctl(m: &ClientMsg) -> Message {
+    Message::text(serde_json::to_string(m).unwrap_or_default())
+}
+
+pub(crate) async fn next_msg(
+    stream: &mut futures::stream::SplitStream<Ws>,
+) -> Result<Option<ServerMsg>> {
+    loop {
+        match stream.next().await {
+            Some(Ok(Message::Text(t))) => {
+                return Ok(Some(
+                    serde_json::from_str(&t).context("the server sent an unknown message")?,
+                ));
+            }
+            Some(Ok(Message::Close(_))) | None => return Ok(None),
+            Some(Ok(Message::Binary(_))) => bail!("the server sent output before the start"),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(anyhow::Error::from(e).context("the stream broke")),
+        }
+    }
+}
