@@ -31,6 +31,10 @@ use crate::attach;
 use crate::client_stream::{End, open_ws, session};
 use crate::{Command, ExecArgs, RunArgs, commands, term};
 
+/// The largest JSON answer read from the server (a page of 1,000
+/// sandboxes with large specs fits).
+const MAX_ANSWER: usize = 256 * 1024 * 1024;
+
 /// What [`try_dispatch`] did with a command.
 pub enum Routed {
     /// Ran through the API.
@@ -279,7 +283,16 @@ impl Api {
         if let Some(b) = body {
             rb = rb.header("content-type", "application/json").body(b);
         }
-        Ok(self.send(rb).await?.bytes().await?.to_vec())
+        // A JSON answer is small: a server sending more is not believed.
+        let mut r = self.send(rb).await?;
+        let mut out = Vec::new();
+        while let Some(c) = r.chunk().await? {
+            if out.len() + c.len() > MAX_ANSWER {
+                bail!("the server's answer is larger than {MAX_ANSWER} bytes");
+            }
+            out.extend_from_slice(&c);
+        }
+        Ok(out)
     }
 
     async fn get(&self, id: &str) -> Result<Sandbox> {

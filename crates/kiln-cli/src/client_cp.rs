@@ -40,10 +40,11 @@ fn files_path(id: &str, path: &str) -> String {
     )
 }
 
-/// Whether `path` in the sandbox is a directory: the first tar header of
-/// its download (the rest is not read).
+/// Whether `path` in the sandbox is a directory: the type of the first
+/// entry of its download (read until that entry's header parses, long
+/// names included; the rest is not read).
 async fn guest_is_dir(api: &Api, id: &str, path: &str) -> Result<bool> {
-    let r = match api
+    let mut r = match api
         .send(api.request(reqwest::Method::GET, &files_path(id, path)))
         .await
     {
@@ -51,15 +52,24 @@ async fn guest_is_dir(api: &Api, id: &str, path: &str) -> Result<bool> {
         Err(e) if is_status(&e, 422) => return Ok(false),
         Err(e) => return Err(e),
     };
-    let mut r = r;
-    let mut head = Vec::with_capacity(512);
-    while head.len() < 512 {
+    let mut head: Vec<u8> = Vec::new();
+    while head.len() < 1024 * 1024 {
         match r.chunk().await {
             Ok(Some(c)) => head.extend_from_slice(&c),
             _ => return Ok(false),
         }
+        if let Some(dir) = first_entry_is_dir(&head) {
+            return Ok(dir);
+        }
     }
-    Ok(head[156] == b'5')
+    Ok(false)
+}
+
+/// The first entry's type in the start of a tar stream, once it parses.
+fn first_entry_is_dir(head: &[u8]) -> Option<bool> {
+    let mut ar = tar::Archive::new(std::io::Cursor::new(head));
+    let e = ar.entries().ok()?.next()?.ok()?;
+    Some(e.header().entry_type().is_dir())
 }
 
 async fn copy_in(
@@ -259,6 +269,29 @@ impl std::io::Read for BodyReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_entry_says_whether_it_is_a_directory() {
+        let long = "d".repeat(150);
+        for (name, dir) in [("short", true), (long.as_str(), true), ("f", false)] {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(if dir {
+                tar::EntryType::Directory
+            } else {
+                tar::EntryType::Regular
+            });
+            h.set_size(if dir { 0 } else { 3 });
+            h.set_mode(0o755);
+            let data: &[u8] = if dir { b"" } else { b"abc" };
+            b.append_data(&mut h, name, data).expect("tar");
+            let whole = b.into_inner().expect("tar");
+            // Only the start: a long name's extra header included.
+            let cut = if name.len() > 100 { 1536 } else { 512 };
+            assert_eq!(first_entry_is_dir(&whole[..cut]), Some(dir), "{name}");
+            assert_eq!(first_entry_is_dir(&whole[..100]), None);
+        }
+    }
 
     /// A download that breaks off midway must fail the unpack and leave
     /// nothing, not a short file that looks whole.
