@@ -434,14 +434,27 @@ async fn run(api: &Api, args: RunArgs) -> Result<i32> {
     }
     let body = serde_json::to_vec(&spec)?;
     let key = format!("kiln-run-{}", SandboxId::from_random(rand_bytes()));
-    let r = api
-        .send(
-            api.request(reqwest::Method::POST, "/sandboxes")
-                .header("content-type", "application/json")
-                .header("idempotency-key", key)
-                .body(body),
-        )
-        .await?;
+    // Retried with the same key when no answer came or the server had no
+    // leader for a moment: the sandbox is created once.
+    let mut attempt = 0;
+    let r = loop {
+        attempt += 1;
+        let r = api
+            .send(
+                api.request(reqwest::Method::POST, "/sandboxes")
+                    .header("content-type", "application/json")
+                    .header("idempotency-key", &key)
+                    .body(body.clone()),
+            )
+            .await;
+        match r {
+            Err(e) if attempt < 5 && e.downcast_ref::<ApiErr>().is_none_or(|a| a.status == 503) => {
+                tracing::debug!(error = %format!("{e:#}"), attempt, "create retried");
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+            r => break r?,
+        }
+    };
     let sb: Sandbox = serde_json::from_slice(&r.bytes().await?)?;
     let id = sb.id.to_string();
     // Up: running (or ended already, or failed to start).

@@ -680,3 +680,33 @@ fn streams_reach_an_https_server() {
     }
     rt.block_on(server.shutdown());
 }
+
+/// No server behind the URL: `run` retries its create (same
+/// Idempotency-Key) a few times, then one clear line and 125; `ps` too.
+#[test]
+fn an_unreachable_server_is_a_clear_125() {
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    for args in [&["run", "busybox", "--", "true"][..], &["ps"][..]] {
+        let t0 = Instant::now();
+        let o = Proc::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .env("KILN_SERVER", format!("http://127.0.0.1:{port}"))
+            .env("KILN_TOKEN", "t")
+            .env("KILN_CONFIG", "/nonexistent")
+            .stdin(Stdio::null())
+            .output()
+            .expect("kiln runs");
+        assert_eq!(code(&o), 125, "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("cannot reach the server"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(t0.elapsed() < Duration::from_secs(20));
+    }
+}
