@@ -496,27 +496,28 @@ async fn run(api: &Api, args: RunArgs) -> Result<i32> {
     let ws = open_ws(api, &format!("/sandboxes/{id}/attach")).await?;
     let code = match session(ws, start, args.process.interactive, args.process.tty, true).await? {
         End::Exit(c) => c,
-        // It ended before we attached: its output is in the log.
+        // It ended before we attached: its output is in the log (followed,
+        // so that the node waits for the end to be recorded).
         End::NotStarted(m) => {
-            if let ServerMsg::Error { error } = &m
-                && error.code != "not_running"
-            {
-                bail!("{} ({})", sanitize(&error.message), sanitize(&error.code));
-            }
-            logs(api, &id, false).await?.unwrap_or(125)
+            let known = match &m {
+                ServerMsg::Exit { exit_code, .. } => Some(*exit_code),
+                ServerMsg::Error { error } if error.code == "not_running" => None,
+                ServerMsg::Error { error } => {
+                    bail!("{} ({})", sanitize(&error.message), sanitize(&error.code))
+                }
+                ServerMsg::Started { .. } => None,
+            };
+            let logged = logs(api, &id, true).await?;
+            known.or(logged).unwrap_or(125)
         }
     };
     let exit_ms = t0.elapsed().as_millis();
     // As the local path: once `run` returns, the sandbox shows as ended
     // (and its resources are free for the next one). The node reports the
     // end on its own; a few seconds at most.
-    // (A `--rm` sandbox may be gone from its node before the node reports
-    // its end: it is deleted below instead.)
-    let ended = if args.rm {
-        api.get(&id).await
-    } else {
-        api.wait_finished(&id, Duration::from_secs(10)).await
-    };
+    // (An attached `--rm` run asked for no `auto_remove`: the node keeps
+    // the sandbox until it is deleted below.)
+    let ended = api.wait_finished(&id, Duration::from_secs(10)).await;
     if let Ok(sb) = ended
         && matches!(
             sb.state,
