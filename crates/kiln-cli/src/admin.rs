@@ -142,7 +142,7 @@ struct Context_ {
     ca: Option<PathBuf>,
 }
 
-fn config_path() -> Option<PathBuf> {
+pub(crate) fn config_path() -> Option<PathBuf> {
     std::env::var_os("KILN_CONFIG")
         .map(PathBuf::from)
         .or_else(|| {
@@ -157,7 +157,7 @@ pub(crate) struct Client {
 }
 
 impl Client {
-    fn new(c: &Conn) -> Result<Client> {
+    pub(crate) fn new(c: &Conn) -> Result<Client> {
         let cfg: Config = match config_path() {
             Some(p) if p.exists() => toml::from_str(
                 &std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
@@ -215,7 +215,14 @@ impl Client {
         Ok(Client { http, base, token })
     }
 
-    async fn call(
+    /// A request to `/v1{path}` with the token, for streamed answers.
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}/v1{path}", self.base))
+            .bearer_auth(&self.token)
+    }
+
+    pub(crate) async fn call(
         &self,
         method: &str,
         path: &str,

@@ -84,6 +84,17 @@ pub async fn try_dispatch(cmd: Command, server: Option<String>) -> Routed {
     if !api_cmd {
         // (`kiln node --server` is its own flag: clap hands its value to
         // the global one too.)
+        if server.is_some()
+            && matches!(
+                cmd,
+                Command::Snapshot(_) | Command::Restore { .. } | Command::Fork { .. }
+            )
+        {
+            return Routed::Done(Err(anyhow::anyhow!(
+                "--server: kiln snapshot, restore and fork take the server from KILN_SERVER \
+                 or a context (for now)"
+            )));
+        }
         if server.is_some() && !matches!(cmd, Command::Node(_)) {
             return Routed::Done(Err(anyhow::anyhow!(
                 "--server: this command runs on this host only (the sandbox commands \

@@ -12,6 +12,7 @@ mod bench_net;
 mod bench_warm;
 mod client_cmd;
 mod client_cp;
+mod client_snap;
 mod client_stream;
 mod commands;
 mod images;
@@ -535,6 +536,14 @@ fn main() {
             Command::Cluster { conn, command } => admin::cluster(conn, command).await,
             Command::Tenants { conn, command } => admin::tenants(conn, command).await,
             Command::Tokens { conn, command } => admin::tokens(conn, command).await,
+            // Snapshots, restores and forks through a configured server.
+            Command::Snapshot(a) if client_snap::configured() => client_snap::snapshot_cmd(a).await,
+            Command::Restore { snapshot, detach } if client_snap::configured() => {
+                client_snap::restore(&snapshot, detach).await
+            }
+            Command::Fork { id, count } if client_snap::configured() => {
+                client_snap::fork(&id, count).await
+            }
             // The sandbox commands go through a configured server's API.
             c => match client_cmd::try_dispatch(c, cli.server).await {
                 client_cmd::Routed::Done(r) => r,
