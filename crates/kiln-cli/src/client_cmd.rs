@@ -1,7 +1,8 @@
 //! The sandbox commands (`run`, `exec`, `cp`, `logs`, `ps`, `inspect`,
 //! `stop`, `rm`, `pause`, `resume`, `wait`) as clients of a Kiln server's
-//! REST API, used when a server is configured (`--server`, `KILN_SERVER`, or a context
-//! of `~/.config/kiln/config.toml` that names one: see `admin.rs`).
+//! REST API, used when a server is configured (`--server`, `KILN_SERVER`, a context
+//! of `~/.config/kiln/config.toml`, or a running `kiln up`: see
+//! `admin::api_route`).
 //!
 //! Invariants:
 //! - Same flags, output and exit codes as the node-local path
@@ -12,9 +13,9 @@
 //!   `commands::run_request`, shared with the local path) or a request;
 //!   streams speak `kiln_api::stream` (WebSocket for attach/exec, NDJSON
 //!   logs, tar files).
-//! - The transport is one function, `client_stream::dial`: the byte
-//!   stream a WebSocket runs over (TCP for `http://`, TLS for `https://`,
-//!   a Unix socket for `unix://PATH`); `kiln cp` is in `client_cp.rs`.
+//! - The transport is `admin::Client` (HTTP requests, and `Client::ws` for
+//!   WebSockets over TCP, TLS or `kiln up`'s Unix socket); the sessions
+//!   are in `client_stream.rs`, `kiln cp` in `client_cp.rs`.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -43,25 +44,19 @@ pub enum Routed {
     Local(Box<Command>),
 }
 
-/// The connection when a server is configured explicitly: `--server`,
-/// `KILN_SERVER`,
-/// or a context (`--context` is not a flag of these commands:
-/// `KILN_CONTEXT`, else the config's current context) that names a server.
-pub fn configured(flag: Option<String>) -> Option<Conn> {
+/// The connection the flags and environment give: `--server`, else
+/// `KILN_SERVER`; the token from `KILN_TOKEN`/`KILN_TOKEN_FILE`; `KILN_CA`;
+/// `KILN_CONTEXT` (else the config's current context).
+fn conn(flag: Option<String>) -> Conn {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-    let server = flag.or_else(|| env("KILN_SERVER"));
-    let context = env("KILN_CONTEXT");
-    if server.is_none() && !crate::admin::context_has_server(context.as_deref()) {
-        return None;
-    }
-    Some(Conn {
-        server,
+    Conn {
+        server: flag.or_else(|| env("KILN_SERVER")),
         token: env("KILN_TOKEN"),
         token_file: env("KILN_TOKEN_FILE").map(Into::into),
         ca: env("KILN_CA").map(Into::into),
-        context,
+        context: env("KILN_CONTEXT"),
         output: Output::Table,
-    })
+    }
 }
 
 /// Runs `cmd` through the API if it is a sandbox command and a server is
@@ -104,18 +99,18 @@ pub async fn try_dispatch(cmd: Command, server: Option<String>) -> Routed {
         }
         return Routed::Local(Box::new(cmd));
     }
-    let Some(conn) = configured(server) else {
-        return Routed::Local(Box::new(cmd));
-    };
-    Routed::Done(dispatch(&conn, cmd).await)
+    // A server named by the flag, the environment or a context; else the
+    // `kiln up` of this state directory (or one started now with
+    // `KILN_AUTO_UP=1`); else this host's node service.
+    match crate::admin::api_route(&conn(server)).await {
+        Ok(Some(c)) => Routed::Done(dispatch(&c, cmd).await),
+        Ok(None) => Routed::Local(Box::new(cmd)),
+        Err(e) => Routed::Done(Err(e)),
+    }
 }
 
 async fn dispatch(conn: &Conn, cmd: Command) -> Result<i32> {
-    let ca = conn
-        .ca
-        .clone()
-        .or_else(|| crate::admin::context_ca(conn.context.as_deref()));
-    let api = Api(Client::open(conn)?, ca);
+    let api = Api(Client::new(conn)?);
     match cmd {
         Command::Run(args) => run(&api, *args).await,
         Command::Exec(args) => exec(&api, args).await,
@@ -260,27 +255,20 @@ pub(crate) fn is_status(e: &anyhow::Error, status: u16) -> bool {
         .is_some_and(|a| a.status == status)
 }
 
-/// The HTTP client, and the CA file an https server must chain to (for
-/// the WebSocket dialer; `None`: the system's roots).
-pub(crate) struct Api(pub(crate) Client, pub(crate) Option<std::path::PathBuf>);
+/// The API client (`admin::Client`: HTTP and WebSockets over TCP, TLS or
+/// the `kiln up` socket) and what the sandbox commands ask of it.
+pub(crate) struct Api(pub(crate) Client);
 
 impl Api {
-    fn url(&self, path: &str) -> String {
-        format!("{}/v1{path}", self.0.base())
-    }
-
     pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.0
-            .http()
-            .request(method, self.url(path))
-            .bearer_auth(self.0.token())
+        self.0.request(method, path)
     }
 
     pub(crate) async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         let r = rb
             .send()
             .await
-            .with_context(|| format!("cannot reach the server {}", self.0.base()))?;
+            .with_context(|| format!("cannot reach the server {}", self.0.server()))?;
         if r.status().is_success() {
             return Ok(r);
         }

@@ -1,115 +1,33 @@
-//! The stream sessions of the API client (`client_cmd.rs`): the
-//! transport ([`dial`]: TCP, TLS or a Unix socket), the WebSocket, and one
-//! exec/attach session with stdin, tty, signals and window sizes
-//! (`kiln_api::stream`).
+//! The stream sessions of the API client (`client_cmd.rs`): one
+//! exec/attach session over a WebSocket (`admin::Client::ws`) with stdin,
+//! tty, signals and window sizes (`kiln_api::stream`).
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures::{SinkExt, StreamExt};
 use kiln_api::stream::{ClientMsg, ServerMsg};
 use kiln_api::text::sanitize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::client_cmd::{Api, api_err};
 use crate::{attach, term};
 
-/// A byte stream a WebSocket can run over.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+pub(crate) use crate::admin::Ws;
 
-pub(crate) type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
-
-/// Connects to the server behind `base` (`http://HOST:PORT`,
-/// `https://HOST:PORT` verified against `ca` or the system's roots, or
-/// `unix://PATH`): the one place that knows the transport.
-pub async fn dial(base: &str, ca: Option<&Path>) -> Result<Box<dyn Io>> {
-    if let Some(path) = base.strip_prefix("unix://") {
-        let s = tokio::net::UnixStream::connect(path)
-            .await
-            .with_context(|| format!("cannot reach the server at {path}"))?;
-        return Ok(Box::new(s));
-    }
-    let (tls, rest) = if let Some(r) = base.strip_prefix("http://") {
-        (false, r)
-    } else if let Some(r) = base.strip_prefix("https://") {
-        (true, r)
-    } else {
-        bail!("{base}: the server must be http://, https:// or unix://");
-    };
-    let hostport = rest.split('/').next().unwrap_or(rest);
-    let s = tokio::net::TcpStream::connect(hostport)
-        .await
-        .with_context(|| format!("cannot reach the server {base}"))?;
-    let _ = s.set_nodelay(true);
-    if !tls {
-        return Ok(Box::new(s));
-    }
-    let host = match hostport.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => hostport,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-        .with_context(|| format!("{host:?} is not a host name or address"))?;
-    let mut cfg = match ca {
-        Some(ca) => kiln_server::tls::client_config(ca)?,
-        None => {
-            use rustls_platform_verifier::BuilderVerifierExt;
-            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()?
-            .with_platform_verifier()?
-            .with_no_client_auth()
-        }
-    };
-    // A WebSocket upgrade is HTTP/1.1.
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(name, s)
-        .await
-        .with_context(|| format!("TLS with {base} failed"))?;
-    Ok(Box::new(s))
-}
-
-/// Opens the WebSocket of `path` (`/sandboxes/ID/exec|attach`).
+/// Opens the WebSocket of `path` (`/sandboxes/ID/exec|attach`) through
+/// the client's transport; an HTTP refusal is the server's error.
 pub(crate) async fn open_ws(api: &Api, path: &str) -> Result<Ws> {
-    let base = api.0.base();
-    let host = base
-        .split_once("://")
-        .map(|(_, r)| r.split('/').next().unwrap_or(r))
-        .filter(|h| !h.is_empty() && !h.contains('/'))
-        .unwrap_or("localhost");
-    let host = if base.starts_with("unix://") {
-        "localhost"
-    } else {
-        host
-    };
-    let mut req = format!("ws://{host}/v1{path}")
-        .into_client_request()
-        .context("building the WebSocket request")?;
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", api.0.token())
-            .parse()
-            .context("the token is not a valid header value")?,
-    );
-    let io = dial(base, api.1.as_deref()).await?;
-    let cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .max_message_size(Some(kiln_api::stream::MAX_BINARY * 2))
-        .max_frame_size(Some(kiln_api::stream::MAX_BINARY * 2));
-    match tokio_tungstenite::client_async_with_config(req, io, Some(cfg)).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
-            let status = r.status().as_u16();
-            Err(api_err(status, r.body().as_deref().unwrap_or_default()).into())
-        }
-        Err(e) => Err(anyhow::Error::from(e).context("the stream could not be opened")),
+    match api.0.ws(path).await {
+        Ok(ws) => Ok(ws),
+        Err(e) => match e.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+            Some(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                Err(api_err(r.status().as_u16(), r.body().as_deref().unwrap_or_default()).into())
+            }
+            _ => Err(e),
+        },
     }
 }
 

@@ -599,7 +599,7 @@ fn certs(dir: &std::path::Path, tag: &str) -> (PathBuf, PathBuf, PathBuf) {
 
 /// Over https: the WebSocket routes are reached over TLS verified against
 /// `KILN_CA` (a missing sandbox is the server's 404, not a transport
-/// error); another CA, or the system's roots, are refused. No VM needed.
+/// error); another CA is refused, and no CA is a clear error. No VM needed.
 #[test]
 fn streams_reach_an_https_server() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -671,11 +671,11 @@ fn streams_reach_an_https_server() {
     );
     let o = kiln(Some(&ca), &["ps", "-a"]);
     assert!(ok(&o).starts_with("ID "), "{}", stdout(&o));
-    // Another CA, and the system's roots: refused before any request.
-    for ca in [Some(other_ca.as_path()), None] {
+    // Another CA: refused in the handshake; no CA: the stream needs one.
+    for (ca, says) in [(Some(other_ca.as_path()), "TLS"), (None, "--ca")] {
         let o = kiln(ca, &["exec", "0123456789abcdef", "--", "true"]);
         assert_eq!(code(&o), 125);
-        assert!(stderr(&o).contains("TLS"), "{ca:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{ca:?}: {}", stderr(&o));
         assert!(!stderr(&o).contains("does not exist"), "{}", stderr(&o));
     }
     rt.block_on(server.shutdown());
@@ -709,4 +709,41 @@ fn an_unreachable_server_is_a_clear_125() {
         );
         assert!(t0.elapsed() < Duration::from_secs(20));
     }
+}
+
+/// With no server configured and a `kiln up` running on the state
+/// directory, the sandbox commands go through its API socket (the tenant
+/// `default`'s token): `inspect` shows the API's view, and the node of
+/// `kiln up` runs the microVM.
+#[test]
+fn sandbox_commands_go_through_kiln_up() {
+    let k = Kiln::new();
+    let kiln = |args: &[&str]| -> Output {
+        k.cmd()
+            .args(args)
+            .env_remove("KILN_SERVER")
+            .env_remove("KILN_TOKEN")
+            .env("KILN_CONFIG", "/nonexistent")
+            .output()
+            .expect("kiln runs")
+    };
+    ok(&kiln(&["up", "-d", "--listen", "127.0.0.1:0"]));
+    let img = busybox();
+    let res = ["--memory", "128", "--disk", "64"];
+    let mut args = vec!["run"];
+    args.extend(res);
+    args.extend([img.as_str(), "--", "echo", "through kiln up"]);
+    assert_eq!(ok(&kiln(&args)), "through kiln up\n");
+    let mut args = vec!["run", "-d"];
+    args.extend(res);
+    args.extend([img.as_str(), "--", "sleep", "600"]);
+    let id = ok(&kiln(&args)).trim().to_owned();
+    let v: serde_json::Value = serde_json::from_str(&ok(&kiln(&["inspect", &id]))).expect("json");
+    assert_eq!(v["tenant"], "default", "{v}");
+    assert_eq!(ok(&kiln(&["exec", &id, "--", "echo", "hi"])), "hi\n");
+    for id in ok(&kiln(&["ps", "-a", "-q"])).lines() {
+        ok(&kiln(&["rm", "-f", id]));
+    }
+    ok(&kiln(&["down"]));
+    k.assert_clean();
 }
