@@ -266,6 +266,35 @@ impl NodeService for NodeRpc {
         bound_images(&name, &mut r.images);
         let now = now_ms();
         let stream_key = r.stream_key;
+        let cert = r.stream_cert_sha256;
+        if !stream_key.is_empty() && cert.is_empty() {
+            return Err(Status::invalid_argument(
+                "stream_cert_sha256: required with a stream_key (the stream endpoints serve TLS \
+                 and the server pins their certificate)",
+            ));
+        }
+        if stream_key.is_empty()
+            && self
+                .shared
+                .raft
+                .read_local(|s| s.nodes.get(&name).is_some_and(|n| n.stream_key.is_some()))
+        {
+            // Keeping the old key would keep it valid at the server after
+            // the node dropped it.
+            return Err(Status::invalid_argument(format!(
+                "stream_key: node {name} served stream endpoints; a registration without a \
+                 stream key is refused (give --address, or remove the node to start over)"
+            )));
+        }
+        let earlier: Vec<String> = self.shared.raft.read_local(|s| {
+            s.tokens
+                .values()
+                .filter(|t| {
+                    t.role == Role::Node && t.node.as_ref() == Some(&name) && t.revoked_at_ms.is_none()
+                })
+                .map(|t| t.id.clone())
+                .collect()
+        });
         self.write(Command::RegisterNode {
             name: name.clone(),
             address: r.address,
@@ -280,6 +309,7 @@ impl NodeService for NodeRpc {
             self.write(Command::SetNodeStreamKey {
                 name: name.clone(),
                 key: stream_key,
+                cert_sha256: Some(cert),
             })
             .await?;
         }
@@ -294,6 +324,13 @@ impl NodeService for NodeRpc {
             node: Some(name.clone()),
         })
         .await?;
+        // The new credential replaces every earlier one: a credential the
+        // node no longer holds (an older state directory, a stolen copy)
+        // stops working now.
+        for id in earlier {
+            self.write(Command::RevokeToken { id, now_ms: now })
+                .await?;
+        }
         tracing::info!(node = %name, "node registered");
         Ok(tonic::Response::new(RegisterReply {
             credential: secret,

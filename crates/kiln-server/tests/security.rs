@@ -57,6 +57,7 @@ fn registration(name: &str, images: Vec<String>) -> tonic::Request<RegisterReque
         labels: Default::default(),
         images,
         stream_key: String::new(),
+        stream_cert_sha256: String::new(),
     });
     r.metadata_mut()
         .insert("kiln-join-token", JOIN.parse().expect("metadata"));

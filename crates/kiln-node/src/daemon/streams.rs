@@ -116,8 +116,20 @@ pub fn router(cx: Arc<Ctx>) -> Router {
         .with_state(cx)
 }
 
-/// Serves the stream endpoints on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, cx: Arc<Ctx>) {
+/// Serves the stream endpoints on `listener` over TLS with `tls` until
+/// the task is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: super::stream_tls::StreamTls,
+    cx: Arc<Ctx>,
+) {
+    let listener = match super::stream_tls::TlsListener::new(listener, &tls) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "the stream endpoints cannot listen");
+            return;
+        }
+    };
     if let Err(e) = axum::serve(listener, router(cx)).await {
         tracing::warn!(error = %e, "the stream endpoints stopped");
     }

@@ -8,6 +8,10 @@
 //! - The server presents the node's stream key (sent by the node in
 //!   `Register`), never the client's token; the node checks the key and
 //!   that it owns the sandbox.
+//! - The relay reaches the node over TLS and accepts exactly the
+//!   certificate whose SHA-256 the node registered (pinned; no CA), so the
+//!   key and the streams never travel in clear. A node record without a
+//!   fingerprint is refused (`node_unavailable`), never reached in clear.
 //! - Nothing is buffered whole: WebSocket sessions are relayed as the two
 //!   upgraded byte streams (the node bounds and validates every frame and
 //!   closes idle sessions); logs and tar streams are relayed chunk by
@@ -17,7 +21,8 @@
 //!   applied state: a sandbox created a moment ago on another replica may
 //!   be 404 for as long as this replica lags.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -31,13 +36,16 @@ use kiln_store::query;
 use super::{ApiError, caller};
 use crate::server::Shared;
 
-/// The node stream endpoint of sandbox `id` for this caller, and the key.
-fn target(
-    s: &Shared,
-    headers: &HeaderMap,
-    id: &str,
-    what: &str,
-) -> Result<(String, String), ApiError> {
+/// Where a relay goes: the node's URL, its stream key, and the client
+/// pinned to its certificate.
+struct Target {
+    url: String,
+    key: String,
+    client: reqwest::Client,
+}
+
+/// The node stream endpoint of sandbox `id` for this caller.
+fn target(s: &Shared, headers: &HeaderMap, id: &str, what: &str) -> Result<Target, ApiError> {
     let who = caller(s, headers)?;
     let nf = || {
         let shown: String = id.chars().take(64).filter(|c| !c.is_control()).collect();
@@ -56,7 +64,12 @@ fn target(
             .node
             .as_ref()
             .and_then(|n| st.nodes.get(n))
-            .map(|n| (n.address.clone(), n.stream_key.clone()));
+            .map(|n| {
+                (
+                    n.address.clone(),
+                    n.stream_key.clone().zip(n.stream_cert_sha256.clone()),
+                )
+            });
         (node, true)
     });
     if !found {
@@ -69,11 +82,11 @@ fn target(
             "the sandbox has no node yet",
         ));
     };
-    let Some(key) = key else {
+    let Some((key, cert)) = key else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "node_unavailable",
-            "the sandbox's node serves no stream endpoints (kiln node --address)",
+            "the sandbox's node serves no stream endpoints over TLS (kiln node --address)",
         ));
     };
     // Registration accepts `HOST:PORT` only (`grpc::valid_node_address`);
@@ -85,22 +98,43 @@ fn target(
             "the sandbox's node registered an address that is not HOST:PORT",
         ));
     }
-    let base = format!("http://{address}");
-    Ok((format!("{base}/node/v1/sandboxes/{sid}/{what}"), key))
+    Ok(Target {
+        url: format!("https://{address}/node/v1/sandboxes/{sid}/{what}"),
+        key,
+        client: client(&cert)?,
+    })
 }
 
-/// The client the relays use: no overall timeout (streams last), a bounded
-/// connect, no redirects.
-fn client() -> &'static reqwest::Client {
-    static C: OnceLock<reqwest::Client> = OnceLock::new();
-    C.get_or_init(|| {
-        reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .redirect(reqwest::redirect::Policy::none())
-            .http1_only()
-            .build()
-            .unwrap_or_default()
-    })
+/// The client the relays use for the node whose certificate has SHA-256
+/// `cert`: TLS pinned to it, no overall timeout (streams last), a bounded
+/// connect, no redirects. One per certificate, kept (a bounded cache).
+fn client(cert: &str) -> Result<reqwest::Client, ApiError> {
+    static C: OnceLock<Mutex<HashMap<String, reqwest::Client>>> = OnceLock::new();
+    let cache = C.get_or_init(Default::default);
+    if let Some(c) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(cert) {
+        return Ok(c.clone());
+    }
+    let bad = |e: &dyn std::fmt::Display| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node_unavailable",
+            format!("the sandbox's node registered an unusable certificate: {e}"),
+        )
+    };
+    let tls = crate::tls::pinned_client_config(cert).map_err(|e| bad(&e))?;
+    let c = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .connect_timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .http1_only()
+        .build()
+        .map_err(|e| bad(&e))?;
+    let mut m = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if m.len() >= 4096 {
+        m.clear();
+    }
+    m.insert(cert.to_owned(), c.clone());
+    Ok(c)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
@@ -161,11 +195,12 @@ pub async fn logs(
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    let (url, key) = target(&s, &headers, &id, "logs")?;
-    let url = with_query(url, q.as_deref())?;
-    let resp = client()
+    let t = target(&s, &headers, &id, "logs")?;
+    let url = with_query(t.url, q.as_deref())?;
+    let resp = t
+        .client
         .get(url)
-        .bearer_auth(key)
+        .bearer_auth(t.key)
         .send()
         .await
         .map_err(unavailable)?;
@@ -186,11 +221,12 @@ pub async fn download(
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    let (url, key) = target(&s, &headers, &id, "files")?;
-    let url = with_query(url, q.as_deref())?;
-    let resp = client()
+    let t = target(&s, &headers, &id, "files")?;
+    let url = with_query(t.url, q.as_deref())?;
+    let resp = t
+        .client
         .get(url)
-        .bearer_auth(key)
+        .bearer_auth(t.key)
         .send()
         .await
         .map_err(unavailable)?;
@@ -212,12 +248,13 @@ pub async fn upload(
     RawQuery(q): RawQuery,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let (url, key) = target(&s, req.headers(), &id, "files")?;
-    let url = with_query(url, q.as_deref())?;
+    let t = target(&s, req.headers(), &id, "files")?;
+    let url = with_query(t.url, q.as_deref())?;
     let body = reqwest::Body::wrap_stream(req.into_body().into_data_stream());
-    let resp = client()
+    let resp = t
+        .client
         .put(url)
-        .bearer_auth(key)
+        .bearer_auth(t.key)
         .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
         .body(body)
         .send()
@@ -269,7 +306,7 @@ async fn upgrade(s: &Shared, id: &str, what: &str, mut req: Request) -> Result<R
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let (url, key) = target(s, h, id, what)?;
+    let t = target(s, h, id, what)?;
     if !is_ws {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -299,9 +336,10 @@ async fn upgrade(s: &Shared, id: &str, what: &str, mut req: Request) -> Result<R
                 "this connection cannot be upgraded (HTTP/1.1 only)",
             )
         })?;
-    let resp = client()
-        .get(url)
-        .bearer_auth(key)
+    let resp = t
+        .client
+        .get(t.url)
+        .bearer_auth(t.key)
         .header(reqwest::header::CONNECTION, "Upgrade")
         .header(reqwest::header::UPGRADE, "websocket")
         .header(reqwest::header::SEC_WEBSOCKET_VERSION, "13")
