@@ -240,8 +240,32 @@ fn has(hay: &[u8], needle: &str) -> bool {
     String::from_utf8_lossy(hay).contains(needle)
 }
 
+/// What the in-process server logs, kept to check no secret is in it.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[test]
 fn exec_logs_and_files_stream_through_the_server_to_the_node() {
+    let server_log = Captured::default();
+    let w = server_log.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter("info,kiln_server=debug,kiln_store=info")
+        .with_ansi(false)
+        .with_writer(move || w.clone())
+        .init();
     let mib: u64 = std::env::var("KILN_E2E_STREAMS_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -525,40 +549,55 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
     assert_eq!(status, 400);
     assert!(has(&body, "websocket_required"));
 
-    // The node refuses anything but its key.
+    // The node serves its endpoints over TLS only, with the certificate
+    // whose fingerprint the server pinned; it refuses anything but its key.
     let key = std::fs::read_to_string(k.state_dir().join("node").join("stream.key")).expect("key");
-    let node_logs = format!("http://{node_addr}/node/v1/sandboxes/{s}/logs");
-    for auth in [
-        "Authorization: Bearer wrong-key".to_string(),
-        format!("Authorization: Bearer {}x", key.trim()),
-        "X-Nothing: 1".to_string(),
-    ] {
+    let pem = std::fs::read_to_string(k.state_dir().join("node").join("stream-cert.pem"))
+        .expect("the node's certificate");
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("PEM body");
+    let pinned = api.read(|s| {
+        s.nodes
+            .values()
+            .next()
+            .expect("node")
+            .stream_cert_sha256
+            .clone()
+    });
+    assert_eq!(pinned, Some(hex::encode(Sha256::digest(&der))));
+    let code = |url: &str, auth: &str| {
         let out = Proc::new("curl")
             .args([
-                "-sS",
+                "-sSk",
                 "-o",
                 "/dev/null",
                 "-w",
                 "%{http_code}",
                 "-H",
-                &auth,
-                &node_logs,
+                auth,
+                url,
             ])
             .output()
             .expect("curl");
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "401", "{auth}");
-    }
-    let out = Proc::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
-        .arg(format!("Authorization: Bearer {}", key.trim()))
-        .arg(&node_logs)
-        .output()
-        .expect("curl");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "200",
-        "the right key works"
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let right = format!("Authorization: Bearer {}", key.trim());
+    let plain = code(
+        &format!("http://{node_addr}/node/v1/sandboxes/{s}/logs"),
+        &right,
     );
+    assert_ne!(plain, "200", "the key is never taken in clear");
+    let node_logs = format!("https://{node_addr}/node/v1/sandboxes/{s}/logs");
+    for auth in [
+        "Authorization: Bearer wrong-key".to_string(),
+        format!("Authorization: Bearer {}x", key.trim()),
+        "X-Nothing: 1".to_string(),
+    ] {
+        assert_eq!(code(&node_logs, &auth), "401", "{auth}");
+    }
+    assert_eq!(code(&node_logs, &right), "200", "the right key works");
 
     // Attach to S's main process (what `kiln run` does) and signal it: the
     // sandbox ends with 143 and the server hears it.
@@ -600,6 +639,19 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
         !st.sandboxes.contains_key(&s) && !st.sandboxes.contains_key(&l)
     });
     node.term();
+    // Neither the stream key nor the node's credential is ever logged.
+    let cred = std::fs::read_to_string(k.state_dir().join("node").join("credential.json"))
+        .expect("credential");
+    let cred: serde_json::Value = serde_json::from_str(&cred).expect("credential json");
+    let cred = cred["credential"].as_str().expect("credential").to_owned();
+    let log = node.log();
+    assert!(log.contains("stream endpoints over TLS"), "{log}");
+    let slog = String::from_utf8_lossy(&server_log.0.lock().expect("log")).into_owned();
+    assert!(slog.contains("node registered"), "{slog}");
+    for secret in [key.trim(), cred.as_str()] {
+        assert!(!log.contains(secret), "the node logged a secret");
+        assert!(!slog.contains(secret), "the server logged a secret");
+    }
     drop(dir);
     k.assert_clean();
 }

@@ -286,15 +286,6 @@ impl NodeService for NodeRpc {
                  stream key is refused (give --address, or remove the node to start over)"
             )));
         }
-        let earlier: Vec<String> = self.shared.raft.read_local(|s| {
-            s.tokens
-                .values()
-                .filter(|t| {
-                    t.role == Role::Node && t.node.as_ref() == Some(&name) && t.revoked_at_ms.is_none()
-                })
-                .map(|t| t.id.clone())
-                .collect()
-        });
         self.write(Command::RegisterNode {
             name: name.clone(),
             address: r.address,
@@ -324,13 +315,6 @@ impl NodeService for NodeRpc {
             node: Some(name.clone()),
         })
         .await?;
-        // The new credential replaces every earlier one: a credential the
-        // node no longer holds (an older state directory, a stolen copy)
-        // stops working now.
-        for id in earlier {
-            self.write(Command::RevokeToken { id, now_ms: now })
-                .await?;
-        }
         tracing::info!(node = %name, "node registered");
         Ok(tonic::Response::new(RegisterReply {
             credential: secret,

@@ -509,7 +509,10 @@ mod pin_tests {
             std::fs::write(&files.cert, c.cert.pem()).expect("write");
             std::fs::write(&files.key, c.signing_key.serialize_pem()).expect("write");
             use sha2::Digest;
-            (files, hex::encode(sha2::Sha256::digest(c.cert.der().as_ref())))
+            (
+                files,
+                hex::encode(sha2::Sha256::digest(c.cert.der().as_ref())),
+            )
         };
         let (served, pin) = mk("kiln-node");
         let (_, other_pin) = mk("other");

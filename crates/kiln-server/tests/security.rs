@@ -309,3 +309,90 @@ async fn start_restart(dir: &std::path::Path) -> Server {
         }
     }
 }
+
+/// A stream key needs the certificate fingerprint the relay pins; a node
+/// that served stream endpoints cannot re-register without a key (the old
+/// one would stay valid); neither the key nor the node's credential
+/// appears in `GET /v1/nodes` or `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_keys_need_a_pinned_certificate_and_never_show() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = start_single(dir.path(), None).await;
+    let url = server.api_url().to_owned();
+    let mut node = NodeServiceClient::connect(url.clone())
+        .await
+        .expect("connect");
+    let key = "k".repeat(20) + &"0123456789".repeat(3);
+    let cert = "ab".repeat(32);
+    let with = |key: &str, cert: &str, cred: Option<&str>| {
+        let mut r = registration("sk", vec![]);
+        r.get_mut().stream_key = key.into();
+        r.get_mut().stream_cert_sha256 = cert.into();
+        if let Some(c) = cred {
+            r.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {c}").parse().expect("metadata"),
+            );
+        }
+        r
+    };
+    let e = node
+        .register(with(&key, "", None))
+        .await
+        .expect_err("a key without a certificate");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("stream_cert_sha256"), "{e:?}");
+    let e = node
+        .register(with(&key, &"AB".repeat(32), None))
+        .await
+        .expect_err("not lowercase hex");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let cred = node
+        .register(with(&key, &cert, None))
+        .await
+        .expect("register")
+        .into_inner()
+        .credential;
+    let e = node
+        .register(with("", "", Some(&cred)))
+        .await
+        .expect_err("an empty key after one");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("stream_key"), "{e:?}");
+    // A new key (and certificate) replaces the old one.
+    let key2 = "z".repeat(40);
+    let cert2 = "cd".repeat(32);
+    let cred2 = node
+        .register(with(&key2, &cert2, Some(&cred)))
+        .await
+        .expect("re-register with a new key")
+        .into_inner()
+        .credential;
+    let (k, c) = server.raft().read_local(|s| {
+        let n = &s.nodes[&kiln_api::cluster::NodeName::new("sk").expect("name")];
+        (n.stream_key.clone(), n.stream_cert_sha256.clone())
+    });
+    assert_eq!((k.as_deref(), c.as_deref()), (Some(&*key2), Some(&*cert2)));
+
+    let admin = admin_token(dir.path());
+    let http = reqwest::Client::new();
+    for path in ["/v1/nodes", "/metrics"] {
+        let body = http
+            .get(format!("{url}{path}"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .expect("get")
+            .text()
+            .await
+            .expect("body");
+        assert!(
+            path == "/metrics" || body.contains("\"sk\""),
+            "{path}: {body}"
+        );
+        for secret in [&key, &key2, &cred, &cred2] {
+            assert!(!body.contains(secret.as_str()), "{path} shows a secret");
+        }
+    }
+    server.shutdown().await;
+}

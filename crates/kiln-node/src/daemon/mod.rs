@@ -259,7 +259,10 @@ async fn stream_listener(
     let state = node.dirs().state.clone();
     let given = tls_files.cloned();
     let tls = tokio::task::spawn_blocking(move || {
-        stream_tls::load_or_create(&state, given.as_ref().map(|(c, k)| (c.as_path(), k.as_path())))
+        stream_tls::load_or_create(
+            &state,
+            given.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+        )
     })
     .await;
     let tls = match tls {

@@ -237,7 +237,11 @@ mod tests {
         let (c, k) = default_paths(d.path());
         let mode = std::fs::metadata(&k).expect("key").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "the key is the node's alone");
-        assert!(std::fs::read_to_string(&c).expect("cert").contains("BEGIN CERTIFICATE"));
+        assert!(
+            std::fs::read_to_string(&c)
+                .expect("cert")
+                .contains("BEGIN CERTIFICATE")
+        );
         let b = load_or_create(d.path(), None).expect("read again");
         assert_eq!(a.fingerprint, b.fingerprint, "kept across restarts");
         // Given files are served instead, with their own fingerprint.

@@ -60,16 +60,12 @@ fn target(s: &Shared, headers: &HeaderMap, id: &str, what: &str) -> Result<Targe
         let Some(r) = query::get_sandbox(st, who.tenant.as_ref(), &sid) else {
             return (None, false);
         };
-        let node = r
-            .node
-            .as_ref()
-            .and_then(|n| st.nodes.get(n))
-            .map(|n| {
-                (
-                    n.address.clone(),
-                    n.stream_key.clone().zip(n.stream_cert_sha256.clone()),
-                )
-            });
+        let node = r.node.as_ref().and_then(|n| st.nodes.get(n)).map(|n| {
+            (
+                n.address.clone(),
+                n.stream_key.clone().zip(n.stream_cert_sha256.clone()),
+            )
+        });
         (node, true)
     });
     if !found {

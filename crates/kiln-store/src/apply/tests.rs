@@ -950,7 +950,11 @@ fn a_node_stream_key_is_validated_and_kept() {
         ));
     }
     let cert = "ab".repeat(32);
-    for bad in ["AB".repeat(32), "ab".repeat(31), format!("{}zz", "ab".repeat(31))] {
+    for bad in [
+        "AB".repeat(32),
+        "ab".repeat(31),
+        format!("{}zz", "ab".repeat(31)),
+    ] {
         assert!(matches!(
             sm.rejected(Command::SetNodeStreamKey {
                 name: n("a"),
