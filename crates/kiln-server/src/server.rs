@@ -30,6 +30,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Client for forwarding REST writes to the leader.
     pub http: reqwest::Client,
+    /// The open stream sessions per tenant (`rest::streams`).
+    pub streams: crate::rest::streams::Sessions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,12 +147,16 @@ impl Server {
             api_url: api,
             metrics: Metrics::new(),
             http,
+            streams: Default::default(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let app = crate::rest::router(shared.clone())
             .merge(crate::grpc::router(shared.clone()))
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-                MAX_CONCURRENT_REQUESTS,
+            // Stream routes are bounded per tenant instead
+            // (`rest::streams`): a long upload holds no global permit.
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS)),
+                crate::rest::streams::limit_requests,
             ));
         let mut rx = stop_rx.clone();
         let limits = shared.cfg.limits;

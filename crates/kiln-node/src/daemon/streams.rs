@@ -44,6 +44,9 @@ use crate::node::{ExecSpec, Node};
 
 use super::Backend;
 
+/// How long an upload's body may pause before the node drops it.
+pub const BODY_IDLE: Duration = Duration::from_secs(60);
+
 /// Where the node keeps its stream key.
 pub fn key_path(state: &Path) -> PathBuf {
     state.join("node").join("stream.key")
@@ -781,7 +784,17 @@ async fn upload(
         mut writer,
     } = conn;
     let mut data = body.into_data_stream();
-    while let Some(chunk) = data.next().await {
+    loop {
+        // A body that pauses longer than BODY_IDLE is dropped (the copy is
+        // cancelled): a slow client holds nothing for ever.
+        let Ok(next) = tokio::time::timeout(BODY_IDLE, data.next()).await else {
+            return err(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_idle",
+                format!("no byte of the upload for {} s", BODY_IDLE.as_secs()),
+            );
+        };
+        let Some(chunk) = next else { break };
         let chunk = match chunk {
             Ok(c) => c,
             // Dropping the connection without an end of archive makes the

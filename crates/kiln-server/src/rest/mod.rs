@@ -19,7 +19,7 @@ mod admin;
 mod body;
 mod policy;
 mod sandboxes;
-mod streams;
+pub(crate) mod streams;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

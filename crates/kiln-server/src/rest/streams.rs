@@ -16,6 +16,12 @@
 //!   upgraded byte streams (the node bounds and validates every frame and
 //!   closes idle sessions); logs and tar streams are relayed chunk by
 //!   chunk, so back-pressure reaches the guest both ways.
+//! - Stream routes hold none of the API's global request permits; each
+//!   tenant holds at most [`MAX_STREAMS_PER_TENANT`] sessions at once on a
+//!   replica (more: 429 with Retry-After). An upload body that pauses
+//!   [`BODY_IDLE`] is dropped.
+//! - A session ends when its token is revoked (or its tenant deleted) or
+//!   its sandbox is deleted: each watches the applied state.
 //! - Served by whichever replica receives them (they are not forwarded to
 //!   the leader: a relay must not pass through a second server), from its
 //!   applied state: a sandbox created a moment ago on another replica may
@@ -26,9 +32,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use kiln_api::cluster::{DesiredState, TenantName};
 use kiln_api::rest::ErrorBody;
 use kiln_api::sandbox::SandboxId;
 use kiln_store::query;
@@ -36,16 +46,182 @@ use kiln_store::query;
 use super::{ApiError, caller};
 use crate::server::Shared;
 
-/// Where a relay goes: the node's URL, its stream key, and the client
-/// pinned to its certificate.
+/// Most stream sessions (exec, attach, logs, files) one tenant holds at
+/// once on one replica.
+pub const MAX_STREAMS_PER_TENANT: usize = 64;
+/// How long an upload's body may pause before the relay drops it.
+pub const BODY_IDLE: Duration = Duration::from_secs(60);
+
+/// The open stream sessions, counted per tenant (admins count as one).
+#[derive(Debug, Default)]
+pub struct Sessions {
+    open: Mutex<HashMap<Option<TenantName>, usize>>,
+}
+
+impl Sessions {
+    /// Counts one more session of `tenant`, unless it holds the most.
+    fn take(&self, tenant: &Option<TenantName>) -> Result<(), ApiError> {
+        let mut m = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(tenant.clone()).or_default();
+        if *n >= MAX_STREAMS_PER_TENANT {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                format!("at most {MAX_STREAMS_PER_TENANT} open stream sessions per tenant"),
+            )
+            .retry(1));
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    fn release(&self, tenant: &Option<TenantName>) {
+        let mut m = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(tenant);
+            }
+        }
+    }
+}
+
+/// One open session: counted until dropped.
+struct Slot {
+    s: Arc<Shared>,
+    tenant: Option<TenantName>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.s.streams.release(&self.tenant);
+    }
+}
+
+fn take_slot(s: &Arc<Shared>, tenant: Option<TenantName>) -> Result<Slot, ApiError> {
+    s.streams.take(&tenant)?;
+    Ok(Slot {
+        s: s.clone(),
+        tenant,
+    })
+}
+
+/// The API's global request limit (`server::MAX_CONCURRENT_REQUESTS`),
+/// which stream routes do not take part in.
+pub async fn limit_requests(
+    State(permits): State<Arc<tokio::sync::Semaphore>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if is_stream_path(req.uri().path()) {
+        return next.run(req).await;
+    }
+    // The semaphore is never closed.
+    let _permit = permits.acquire().await;
+    next.run(req).await
+}
+
+/// `/v1/sandboxes/{id}/exec|attach|logs|files`, as the router matches them.
+pub fn is_stream_path(p: &str) -> bool {
+    let Some(rest) = p.strip_prefix("/v1/sandboxes/") else {
+        return false;
+    };
+    let Some((id, what)) = rest.split_once('/') else {
+        return false;
+    };
+    !id.is_empty() && matches!(what, "exec" | "attach" | "logs" | "files")
+}
+
+/// Completes when the session must end: its token was revoked (a deleted
+/// tenant's are), or its sandbox is deleted or gone.
+async fn revoked(s: Arc<Shared>, token_hash: String, tenant: Option<TenantName>, sid: SandboxId) {
+    let mut applied = s.raft.subscribe_applied();
+    loop {
+        applied.borrow_and_update();
+        let gone = s.raft.read_local(|st| {
+            query::token_by_hash(st, &token_hash).is_none()
+                || query::get_sandbox(st, tenant.as_ref(), &sid)
+                    .is_none_or(|r| r.desired == DesiredState::Deleted)
+        });
+        if gone {
+            tracing::info!(sandbox = %sid, "stream session ended: access revoked or sandbox deleted");
+            return;
+        }
+        if applied.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// Where a relay goes: the node's URL, its stream key, the client pinned
+/// to its certificate; the session's slot and what ends it.
 struct Target {
     url: String,
     key: String,
     client: reqwest::Client,
+    slot: Slot,
+    ended: Ended,
+}
+
+type Ended = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A relayed body that fails (the client sees a broken-off stream, never
+/// a clean end) when the session is revoked, and, with `idle`, when it
+/// pauses that long; the slot is held until it ends.
+fn guarded<S, E>(
+    body: S,
+    ended: Ended,
+    idle: Option<Duration>,
+    slot: Slot,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    let state = (Box::pin(body), ended, slot, false);
+    futures::stream::unfold(state, move |(mut b, mut ended, slot, done)| async move {
+        if done {
+            return None;
+        }
+        let next = async {
+            match idle {
+                Some(d) => tokio::time::timeout(d, b.next()).await.map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no byte for {} s", d.as_secs()),
+                    )
+                }),
+                None => Ok(b.next().await),
+            }
+        };
+        tokio::select! {
+            n = next => match n {
+                Ok(Some(Ok(x))) => Some((Ok(x), (b, ended, slot, false))),
+                Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e.to_string())), (b, ended, slot, true))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), (b, ended, slot, true))),
+            },
+            () = &mut ended => Some((
+                Err(std::io::Error::other("access revoked or sandbox deleted")),
+                (b, ended, slot, true),
+            )),
+        }
+    })
+}
+
+/// The bearer secret of the request (already authenticated).
+fn token_hash(headers: &HeaderMap) -> String {
+    let secret = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default();
+    query::hash_token(secret)
 }
 
 /// The node stream endpoint of sandbox `id` for this caller.
-fn target(s: &Shared, headers: &HeaderMap, id: &str, what: &str) -> Result<Target, ApiError> {
+fn target(s: &Arc<Shared>, headers: &HeaderMap, id: &str, what: &str) -> Result<Target, ApiError> {
     let who = caller(s, headers)?;
     let nf = || {
         let shown: String = id.chars().take(64).filter(|c| !c.is_control()).collect();
@@ -94,10 +270,20 @@ fn target(s: &Shared, headers: &HeaderMap, id: &str, what: &str) -> Result<Targe
             "the sandbox's node registered an address that is not HOST:PORT",
         ));
     }
+    let client = client(&cert)?;
+    let slot = take_slot(s, who.tenant.clone())?;
+    let ended = Box::pin(revoked(
+        s.clone(),
+        token_hash(headers),
+        who.tenant,
+        sid.clone(),
+    ));
     Ok(Target {
         url: format!("https://{address}/node/v1/sandboxes/{sid}/{what}"),
         key,
-        client: client(&cert)?,
+        client,
+        slot,
+        ended,
     })
 }
 
@@ -143,7 +329,7 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
 
 /// A node's answer relayed: status, content type, body as a stream. A 401
 /// from the node is a server/node key mismatch, not the client's fault.
-fn relay(resp: reqwest::Response) -> Response {
+fn relay(resp: reqwest::Response, session: Option<(Slot, Ended)>) -> Response {
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     if status == StatusCode::UNAUTHORIZED {
         return ApiError::new(
@@ -157,7 +343,11 @@ fn relay(resp: reqwest::Response) -> Response {
     if let Some(v) = resp.headers().get(reqwest::header::CONTENT_TYPE) {
         out = out.header(header::CONTENT_TYPE, v.as_bytes());
     }
-    out.body(Body::from_stream(resp.bytes_stream()))
+    let body = match session {
+        Some((slot, ended)) => Body::from_stream(guarded(resp.bytes_stream(), ended, None, slot)),
+        None => Body::from_stream(resp.bytes_stream()),
+    };
+    out.body(body)
         .unwrap_or_else(|e| unavailable(e).into_response())
 }
 
@@ -200,7 +390,7 @@ pub async fn logs(
         .send()
         .await
         .map_err(unavailable)?;
-    Ok(relay(resp))
+    Ok(relay(resp, Some((t.slot, t.ended))))
 }
 
 /// Download `path` from the sandbox as a tar stream (a file, or a
@@ -226,7 +416,7 @@ pub async fn download(
         .send()
         .await
         .map_err(unavailable)?;
-    Ok(relay(resp))
+    Ok(relay(resp, Some((t.slot, t.ended))))
 }
 
 /// Upload a tar stream (the body, any size: streamed with back-pressure)
@@ -246,7 +436,14 @@ pub async fn upload(
 ) -> Result<Response, ApiError> {
     let t = target(&s, req.headers(), &id, "files")?;
     let url = with_query(t.url, q.as_deref())?;
-    let body = reqwest::Body::wrap_stream(req.into_body().into_data_stream());
+    // The slot is held, and the session ended on revocation, while the
+    // body flows; the short answer after it is relayed as it is.
+    let body = reqwest::Body::wrap_stream(guarded(
+        req.into_body().into_data_stream(),
+        t.ended,
+        Some(BODY_IDLE),
+        t.slot,
+    ));
     let resp = t
         .client
         .put(url)
@@ -256,7 +453,7 @@ pub async fn upload(
         .send()
         .await
         .map_err(unavailable)?;
-    Ok(relay(resp))
+    Ok(relay(resp, None))
 }
 
 /// Run a command in the sandbox (WebSocket). First client message: an
@@ -296,7 +493,12 @@ pub async fn attach(
 /// client's `Sec-WebSocket-Key` is passed on, so the node's
 /// `Sec-WebSocket-Accept` is valid for the client), then the two upgraded
 /// connections are joined.
-async fn upgrade(s: &Shared, id: &str, what: &str, mut req: Request) -> Result<Response, ApiError> {
+async fn upgrade(
+    s: &Arc<Shared>,
+    id: &str,
+    what: &str,
+    mut req: Request,
+) -> Result<Response, ApiError> {
     let h = req.headers();
     let is_ws = h
         .get(header::UPGRADE)
@@ -344,8 +546,9 @@ async fn upgrade(s: &Shared, id: &str, what: &str, mut req: Request) -> Result<R
         .await
         .map_err(unavailable)?;
     if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(relay(resp));
+        return Ok(relay(resp, None));
     }
+    let (slot, ended) = (t.slot, t.ended);
     let mut out = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
     for k in [
         reqwest::header::UPGRADE,
@@ -367,10 +570,71 @@ async fn upgrade(s: &Shared, id: &str, what: &str, mut req: Request) -> Result<R
         };
         let mut client_io = hyper_util::rt::TokioIo::new(client_io);
         let mut node_io = node_io;
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client_io, &mut node_io).await {
-            tracing::debug!(error = %e, "a relayed stream ended with an error");
+        // Revoked: both connections are dropped (the node ends the
+        // process's session as when a client goes away).
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client_io, &mut node_io) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "a relayed stream ended with an error");
+                }
+            }
+            () = ended => {}
         }
+        drop(slot);
     });
     out.body(Body::empty())
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "bad_gateway", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_paths_are_told_apart() {
+        for p in [
+            "/v1/sandboxes/sb-1/exec",
+            "/v1/sandboxes/sb-1/attach",
+            "/v1/sandboxes/sb-1/logs",
+            "/v1/sandboxes/sb-1/files",
+        ] {
+            assert!(is_stream_path(p), "{p}");
+        }
+        for p in [
+            "/v1/sandboxes",
+            "/v1/sandboxes/sb-1",
+            "/v1/sandboxes//exec",
+            "/v1/sandboxes/sb-1/stop",
+            "/v1/sandboxes/sb-1/exec/x",
+            "/v1/sandboxes/sb-1/wait",
+            "/v1/nodes",
+            "/kiln.node.v1.NodeService/Watch",
+        ] {
+            assert!(!is_stream_path(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn each_tenant_holds_at_most_its_share_of_sessions() {
+        let s = Sessions::default();
+        let a = Some(TenantName::new("a").expect("name"));
+        let b = Some(TenantName::new("b").expect("name"));
+        for _ in 0..MAX_STREAMS_PER_TENANT {
+            s.take(&a).expect("within the cap");
+        }
+        let e = s.take(&a).expect_err("over the cap");
+        assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(e.detail.code, "too_many_streams");
+        assert_eq!(e.retry_after, Some(1));
+        s.take(&b).expect("another tenant is not affected");
+        s.take(&None).expect("nor an admin");
+        s.release(&a);
+        s.take(&a).expect("a slot freed is taken again");
+        for _ in 0..MAX_STREAMS_PER_TENANT {
+            s.release(&a);
+        }
+        s.release(&b);
+        s.release(&None);
+        assert!(s.open.lock().expect("lock").is_empty(), "nothing leaks");
+    }
 }
