@@ -34,6 +34,10 @@ pub struct NodeArgs {
     /// self-signed one made once under STATE/node/). Needs --tls-key.
     #[arg(long = "tls-cert", value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
+    /// Seconds without a frame either way after which an exec or attach
+    /// session is closed (default 3600).
+    #[arg(long = "stream-idle-timeout", value_name = "SECS")]
+    stream_idle_timeout: Option<u64>,
     /// The private key (PEM) of --tls-cert.
     #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
@@ -181,6 +185,7 @@ pub async fn run(args: NodeArgs) -> Result<i32> {
             None => None,
         },
         stream_tls_files: args.tls_cert.zip(args.tls_key),
+        stream_idle_secs: args.stream_idle_timeout,
     };
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};

@@ -282,7 +282,12 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
         &ns,
         &api.url(),
         "host-s",
-        &["--address", &format!("{node_ip}:0")],
+        &[
+            "--address",
+            &format!("{node_ip}:0"),
+            "--stream-idle-timeout",
+            "8",
+        ],
     );
     api.wait_for(
         Duration::from_secs(60),
@@ -430,6 +435,32 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
         let mut o = Outcome::default();
         drain(&mut w, &mut o, |_| false).await;
         assert!(matches!(o.end, Some(ServerMsg::Error { .. })), "{o:?}");
+        // A frame over 1 MiB after the start ends the session: the
+        // WebSocket layer refuses it before buffering it.
+        let mut w = ws(&url, &api.a, &s, "exec").await;
+        w.send(Message::text(r#"{"cmd":["sleep","30"],"stdin":true}"#)).await.expect("send");
+        assert!(matches!(recv_msg(&mut w).await, Some(ServerMsg::Started { .. })));
+        let mut big = vec![b'x'; 2 * 1024 * 1024];
+        big[0] = 0;
+        let _ = w.send(Message::binary(big)).await;
+        let mut o = Outcome::default();
+        drain(&mut w, &mut o, |_| false).await;
+        assert!(!matches!(o.end, Some(ServerMsg::Exit { .. })), "{o:?}");
+        // A session with no frame either way is closed after the node's
+        // --stream-idle-timeout (8 s here).
+        let t0 = Instant::now();
+        let mut w = ws(&url, &api.a, &s, "exec").await;
+        w.send(Message::text(r#"{"cmd":["sleep","600"]}"#)).await.expect("send");
+        assert!(matches!(recv_msg(&mut w).await, Some(ServerMsg::Started { .. })));
+        let mut o = Outcome::default();
+        drain(&mut w, &mut o, |_| false).await;
+        match o.end {
+            Some(ServerMsg::Error { error }) => assert_eq!(error.code, "idle_timeout"),
+            other => panic!("{other:?}"),
+        }
+        let idle = t0.elapsed();
+        assert!(idle >= Duration::from_secs(8) && idle < Duration::from_secs(40), "{idle:?}");
+        eprintln!("idle session closed after {} ms", idle.as_millis());
     });
 
     // Upload a file larger than the guest's RAM, then download it.
@@ -598,6 +629,58 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
         assert_eq!(code(&node_logs, &auth), "401", "{auth}");
     }
     assert_eq!(code(&node_logs, &right), "200", "the right key works");
+
+    // An open session ends when its token is revoked (a deleted tenant's
+    // tokens are; a deleted sandbox ends it the same way).
+    let extra = "tenant-acme-extra-0123456789abcdef";
+    let write = |c| {
+        let r = api
+            .rt
+            .block_on(api.server.as_ref().expect("running").raft().write(c))
+            .expect("write");
+        assert!(!r.is_rejected(), "{r:?}");
+    };
+    write(Command::CreateToken {
+        id: "acme-extra".into(),
+        tenant: Some(TenantName::new("acme").expect("tenant")),
+        role: Role::Tenant,
+        sha256: kiln_store::query::hash_token(extra),
+        description: String::new(),
+        now_ms: 10,
+        node: None,
+    });
+    let mut w = api.rt.block_on(async {
+        let mut w = ws(&url, extra, &s, "exec").await;
+        w.send(Message::text(r#"{"cmd":["cat"],"stdin":true}"#))
+            .await
+            .expect("send");
+        assert!(matches!(
+            recv_msg(&mut w).await,
+            Some(ServerMsg::Started { .. })
+        ));
+        w
+    });
+    let t0 = Instant::now();
+    write(Command::RevokeToken {
+        id: "acme-extra".into(),
+        now_ms: 11,
+    });
+    api.rt.block_on(async {
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match w.next().await {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the session outlived its token");
+    });
+    eprintln!(
+        "session closed {} ms after the revocation",
+        t0.elapsed().as_millis()
+    );
 
     // Attach to S's main process (what `kiln run` does) and signal it: the
     // sandbox ends with 143 and the server hears it.

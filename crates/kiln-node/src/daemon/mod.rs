@@ -78,6 +78,9 @@ pub struct DaemonConfig {
     /// The certificate and key (PEM files) the stream endpoints serve;
     /// `None`: the node's own self-signed one (`stream_tls`).
     pub stream_tls_files: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Seconds without a frame either way after which a stream session is
+    /// closed (`None`: `kiln_api::stream::IDLE_SECS`).
+    pub stream_idle_secs: Option<u64>,
 }
 
 /// The daemon could not start.
@@ -212,7 +215,11 @@ pub async fn run(
         let sh = shared.clone();
         let owned: Arc<dyn Fn(&SandboxId) -> bool + Send + Sync> =
             Arc::new(move |id| streams::owned_by(&sh.backend, id));
-        let cx = Arc::new(streams::Ctx::new(node.clone(), &stream_key, owned));
+        let mut cx = streams::Ctx::new(node.clone(), &stream_key, owned);
+        if let Some(secs) = cfg.stream_idle_secs {
+            cx.idle = Duration::from_secs(secs.max(1));
+        }
+        let cx = Arc::new(cx);
         tasks.spawn(streams::serve(l, tls, cx));
     }
     tasks.spawn(converge_loop(shared.clone()));

@@ -90,6 +90,8 @@ pub struct Ctx {
     pub node: Node,
     pub backend: Arc<dyn Fn(&SandboxId) -> bool + Send + Sync>,
     key_hash: [u8; 32],
+    /// A session with no frame either way for this long is closed.
+    pub idle: Duration,
 }
 
 impl Ctx {
@@ -98,6 +100,7 @@ impl Ctx {
             node,
             backend: owned,
             key_hash: Sha256::digest(key.as_bytes()).into(),
+            idle: Duration::from_secs(stream::IDLE_SECS),
         }
     }
 }
@@ -406,7 +409,8 @@ async fn session(cx: Arc<Ctx>, id: SandboxId, mut sock: WebSocket, main: bool) {
         }
     });
     // Supervisor → client, until the exit, an error or the idle timeout.
-    let mut idle = tokio::time::interval(Duration::from_secs(60));
+    let idle_after = cx.idle.as_secs().max(1);
+    let mut idle = tokio::time::interval(Duration::from_secs(idle_after.min(60)));
     let end = loop {
         tokio::select! {
             f = reader.next() => {
@@ -448,8 +452,8 @@ async fn session(cx: Arc<Ctx>, id: SandboxId, mut sock: WebSocket, main: bool) {
                 }
             }
             _ = idle.tick() => {
-                if now_secs(t0).saturating_sub(last.load(Ordering::Relaxed)) >= stream::IDLE_SECS {
-                    break Some(ServerMsg::error("idle_timeout", "no data either way for an hour"));
+                if now_secs(t0).saturating_sub(last.load(Ordering::Relaxed)) >= idle_after {
+                    break Some(ServerMsg::error("idle_timeout", format!("no data either way for {idle_after} s")));
                 }
             }
         }
