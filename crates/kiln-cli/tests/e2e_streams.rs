@@ -505,7 +505,11 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
     std::fs::remove_file(&src).expect("rm");
     let got = api.rt.block_on(async {
         let mut w = ws(&url, &api.a, &s, "exec").await;
-        w.send(Message::text(r#"{"cmd":["sha256sum","/root/big.bin"]}"#))
+        // A dot on stderr every 2 s keeps the session from the node's 8 s
+        // idle timeout while the guest hashes in silence.
+        w.send(Message::text(
+            r#"{"cmd":["sh","-c","sha256sum /root/big.bin & while kill -0 $! 2>/dev/null; do echo . >&2; sleep 2; done; wait $!"]}"#,
+        ))
             .await
             .expect("send");
         assert!(matches!(

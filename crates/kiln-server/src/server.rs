@@ -123,6 +123,13 @@ impl Server {
         rc.heartbeat_ms = cfg.raft_heartbeat_ms;
         rc.election_timeout_ms = cfg.election_timeout_ms;
         rc.cluster_secret = cfg.effective_cluster_secret();
+        // With a certificate, Raft runs over mutually authenticated TLS:
+        // peers verified against --peer-ca (default: this server's own
+        // certificate file, as for forwarded writes).
+        if let Some(files) = &cfg.tls {
+            let ca = cfg.peer_ca.as_deref().unwrap_or(files.cert.as_path());
+            rc.tls = Some(crate::tls::raft_tls(files, ca)?);
+        }
         let raft = RaftNode::start(rc).await?;
         let join_hash = sha256(cfg.join_token.as_bytes());
         let mut http = reqwest::Client::builder()

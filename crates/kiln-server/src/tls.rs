@@ -107,6 +107,56 @@ pub fn client_config(ca: &Path) -> Result<rustls::ClientConfig, TlsError> {
     Ok(cfg)
 }
 
+/// The CA certificate(s) in `ca` as trust roots.
+fn roots(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots.add(c).map_err(|e| TlsError::Ca {
+            path: ca.to_owned(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// Raft over mutually authenticated TLS: the listener serves `files` and
+/// demands a client certificate chaining to `ca`; the dialling side
+/// verifies peers against `ca` and presents `files`.
+pub fn raft_tls(files: &TlsFiles, ca: &Path) -> Result<kiln_store::tls::RaftTls, TlsError> {
+    let certs = load_certs(&files.cert)?;
+    let key = || {
+        PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Key {
+            path: files.key.clone(),
+            message: e.to_string(),
+        })
+    };
+    let roots = Arc::new(roots(ca)?);
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Ca {
+                path: ca.to_owned(),
+                message: e.to_string(),
+            })?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs.clone(), key()?)
+        .map_err(TlsError::Config)?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key()?)
+        .map_err(TlsError::Config)?;
+    Ok(kiln_store::tls::RaftTls {
+        server: Arc::new(server),
+        client: Arc::new(client),
+    })
+}
+
 /// A client configuration that accepts exactly the certificate whose DER
 /// has the SHA-256 `sha256_hex` (a node's stream endpoints: the node sent
 /// the fingerprint in `Register`). No CA, no name check: the pin is the

@@ -396,3 +396,63 @@ async fn stream_keys_need_a_pinned_certificate_and_never_show() {
     }
     server.shutdown().await;
 }
+
+/// With --tls-cert/--tls-key/--peer-ca, Raft between servers runs over
+/// mutually authenticated TLS: two replicas form a cluster and replicate;
+/// their Raft ports give plain HTTP no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_between_servers_runs_over_mutual_tls() {
+    let certs = tempfile::tempdir().expect("tmp");
+    let (ca, files) = make_certs(certs.path(), "raft");
+    let mut servers = Vec::new();
+    let mut dirs = Vec::new();
+    for id in 1..=2 {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut cfg = common::config(id, dir.path());
+        cfg.tls = Some(files.clone());
+        cfg.peer_ca = Some(ca.clone());
+        servers.push(Server::start(cfg).await.expect("start"));
+        dirs.push(dir);
+    }
+    let members = servers.iter().map(|s| (s.id(), s.node_info())).collect();
+    servers[0].initialize(members).await.expect("initialize");
+    let t0 = std::time::Instant::now();
+    loop {
+        let idx = servers[0].raft().applied_index().unwrap_or(0);
+        if idx > 0
+            && servers[1]
+                .raft()
+                .wait_applied(idx, Duration::from_millis(200))
+                .await
+                .is_ok()
+            && servers[1].raft().read_local(|s| !s.tokens.is_empty())
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no replication over TLS"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for s in &servers {
+        let mut c = tokio::net::TcpStream::connect(s.raft().local_addr())
+            .await
+            .expect("connect");
+        c.write_all(b"POST /raft/vote HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("closed or answered in time")
+            .unwrap_or(0);
+        assert!(
+            !String::from_utf8_lossy(&buf[..n]).contains("HTTP/1.1"),
+            "plain HTTP answered"
+        );
+    }
+    for s in servers {
+        s.shutdown().await;
+    }
+}
