@@ -168,15 +168,16 @@ type Ended = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 /// A relayed body that fails (the client sees a broken-off stream, never
 /// a clean end) when the session is revoked, and, with `idle`, when it
 /// pauses that long; the slot is held until it ends.
-fn guarded<S, E>(
+fn guarded<S, E, G>(
     body: S,
     ended: Ended,
     idle: Option<Duration>,
-    slot: Slot,
+    slot: G,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send
 where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: std::fmt::Display,
+    G: Send + 'static,
 {
     let state = (Box::pin(body), ended, slot, false);
     futures::stream::unfold(state, move |(mut b, mut ended, slot, done)| async move {
@@ -612,6 +613,49 @@ mod tests {
         ] {
             assert!(!is_stream_path(p), "{p}");
         }
+    }
+
+    /// A relayed body breaks off (an error, never a clean end) when it
+    /// pauses past its idle limit or when its session is revoked.
+    #[tokio::test]
+    async fn a_guarded_body_breaks_off_when_idle_or_revoked() {
+        let chunk = || Ok::<_, std::io::Error>(Bytes::from_static(b"tar"));
+        let stalls = || futures::stream::iter([chunk()]).chain(futures::stream::pending());
+        let never: Ended = Box::pin(std::future::pending());
+        let mut g = Box::pin(guarded(
+            stalls(),
+            never,
+            Some(Duration::from_millis(100)),
+            (),
+        ));
+        assert_eq!(g.next().await.expect("chunk").expect("ok"), "tar");
+        let t0 = std::time::Instant::now();
+        let e = g.next().await.expect("an item").expect_err("idle");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(t0.elapsed() >= Duration::from_millis(100));
+        assert!(g.next().await.is_none(), "nothing after the error");
+
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let ended: Ended = Box::pin(async move {
+            let _ = rx.await;
+        });
+        let mut g = Box::pin(guarded(stalls(), ended, None, ()));
+        assert!(g.next().await.expect("chunk").is_ok());
+        tx.send(()).expect("send");
+        let e = g.next().await.expect("an item").expect_err("revoked");
+        assert!(e.to_string().contains("revoked"), "{e}");
+        assert!(g.next().await.is_none());
+
+        // A body that ends, ends cleanly.
+        let never: Ended = Box::pin(std::future::pending());
+        let mut g = Box::pin(guarded(
+            futures::stream::iter([chunk()]),
+            never,
+            Some(Duration::from_secs(5)),
+            (),
+        ));
+        assert!(g.next().await.expect("chunk").is_ok());
+        assert!(g.next().await.is_none());
     }
 
     #[test]
