@@ -6,10 +6,12 @@
 mod admin;
 mod attach;
 mod bench;
+mod bench_api_warm;
 mod bench_density;
 mod bench_fork;
 mod bench_net;
 mod bench_warm;
+mod client_snap;
 mod commands;
 mod images;
 mod info;
@@ -18,6 +20,7 @@ mod server_cmd;
 mod snapshots;
 mod templates;
 mod term;
+mod up;
 
 use std::path::PathBuf;
 
@@ -173,6 +176,11 @@ enum Command {
         #[command(subcommand)]
         command: admin::TokensCommand,
     },
+    /// The embedded control plane: a single-replica server and this host's
+    /// node in one process, the API on STATE/api.sock and 127.0.0.1:7090.
+    Up(up::UpArgs),
+    /// Stop `kiln up` (sandboxes keep running; the next `kiln up` adopts them).
+    Down(up::DownArgs),
     /// The per-sandbox supervisor (started by `kiln run`).
     #[command(hide = true)]
     Shim { id: String },
@@ -518,6 +526,16 @@ fn main() {
             Command::Cluster { conn, command } => admin::cluster(conn, command).await,
             Command::Tenants { conn, command } => admin::tenants(conn, command).await,
             Command::Tokens { conn, command } => admin::tokens(conn, command).await,
+            Command::Up(a) => up::up(a).await,
+            Command::Down(a) => up::down(a).await,
+            // Snapshots, restores and forks through a configured server.
+            Command::Snapshot(a) if client_snap::configured() => client_snap::snapshot_cmd(a).await,
+            Command::Restore { snapshot, detach } if client_snap::configured() => {
+                client_snap::restore(&snapshot, detach).await
+            }
+            Command::Fork { id, count } if client_snap::configured() => {
+                client_snap::fork(&id, count).await
+            }
             c => commands::dispatch(c).await,
         };
         match r {

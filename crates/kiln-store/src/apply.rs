@@ -112,4 +112,6 @@ mod tenants;
 #[cfg(test)]
 mod policy_tests;
 #[cfg(test)]
+mod snapshot_tests;
+#[cfg(test)]
 mod tests;

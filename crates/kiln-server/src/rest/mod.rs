@@ -19,6 +19,7 @@ mod admin;
 mod body;
 mod policy;
 mod sandboxes;
+mod snapshots;
 pub(crate) mod streams;
 
 use std::collections::BTreeMap;
@@ -54,6 +55,7 @@ use crate::server::Shared;
         admin::cluster_status, admin::add_member, admin::remove_member,
         admin::create_tenant, admin::list_tenants, admin::set_quotas,
         admin::create_token, admin::revoke_token,
+        snapshots::create, snapshots::list, snapshots::get_one, snapshots::delete, snapshots::fork,
     ),
     components(schemas(ErrorBody, ErrorDetail, kiln_api::stream::ExecStart,
         kiln_api::stream::AttachStart, kiln_api::stream::ClientMsg, kiln_api::stream::ServerMsg,
@@ -157,6 +159,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/tokens", post(admin::create_token))
         .route("/tokens/{id}", axum::routing::delete(admin::revoke_token))
+        .route("/sandboxes/{id}/snapshot", post(snapshots::create))
+        .route("/sandboxes/{id}/fork", post(snapshots::fork))
+        .route("/snapshots", get(snapshots::list))
+        .route(
+            "/snapshots/{name}",
+            get(snapshots::get_one).delete(snapshots::delete),
+        )
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), to_leader))
         .layer(middleware::from_fn_with_state(shared.clone(), authenticate));

@@ -155,10 +155,10 @@ async fn revoked(s: Arc<Shared>, token_hash: String, tenant: Option<TenantName>,
 
 /// Where a relay goes: the node's URL, its stream key, the client pinned
 /// to its certificate; the session's slot and what ends it.
-struct Target {
-    url: String,
-    key: String,
-    client: reqwest::Client,
+pub(super) struct Target {
+    pub(super) url: String,
+    pub(super) key: String,
+    pub(super) client: reqwest::Client,
     slot: Slot,
     ended: Ended,
 }
@@ -222,7 +222,12 @@ fn token_hash(headers: &HeaderMap) -> String {
 }
 
 /// The node stream endpoint of sandbox `id` for this caller.
-fn target(s: &Arc<Shared>, headers: &HeaderMap, id: &str, what: &str) -> Result<Target, ApiError> {
+pub(super) fn target(
+    s: &Arc<Shared>,
+    headers: &HeaderMap,
+    id: &str,
+    what: &str,
+) -> Result<Target, ApiError> {
     let who = caller(s, headers)?;
     let nf = || {
         let shown: String = id.chars().take(64).filter(|c| !c.is_control()).collect();
@@ -291,7 +296,7 @@ fn target(s: &Arc<Shared>, headers: &HeaderMap, id: &str, what: &str) -> Result<
 /// The client the relays use for the node whose certificate has SHA-256
 /// `cert`: TLS pinned to it, no overall timeout (streams last), a bounded
 /// connect, no redirects. One per certificate, kept (a bounded cache).
-fn client(cert: &str) -> Result<reqwest::Client, ApiError> {
+pub(super) fn client(cert: &str) -> Result<reqwest::Client, ApiError> {
     static C: OnceLock<Mutex<HashMap<String, reqwest::Client>>> = OnceLock::new();
     let cache = C.get_or_init(Default::default);
     if let Some(c) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(cert) {
@@ -320,7 +325,7 @@ fn client(cert: &str) -> Result<reqwest::Client, ApiError> {
     Ok(c)
 }
 
-fn unavailable(e: impl std::fmt::Display) -> ApiError {
+pub(super) fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(
         StatusCode::BAD_GATEWAY,
         "node_unavailable",
