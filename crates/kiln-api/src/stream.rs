@@ -36,10 +36,12 @@ pub const STDERR: u8 = 2;
 pub const MAX_BINARY: usize = 256 * 1024 + 1;
 /// Largest control text frame (after the start message).
 pub const MAX_TEXT: usize = 4 * 1024;
-/// Largest start message: a command and environment up to what Linux
-/// accepts, escaped.
-pub const MAX_START: usize = 4 * 1024 * 1024;
-/// A stream with no frame either way for this long is closed (seconds).
+/// Largest start message, and the largest message or frame of the whole
+/// session (the WebSocket layer refuses bigger ones before they are
+/// buffered): a command and environment up to 1 MiB of JSON.
+pub const MAX_START: usize = 1024 * 1024;
+/// A stream with no frame either way for this long is closed (seconds;
+/// the default of `kiln node --stream-idle-timeout`).
 pub const IDLE_SECS: u64 = 3600;
 /// The client must send its start message within this time (seconds).
 pub const START_SECS: u64 = 30;

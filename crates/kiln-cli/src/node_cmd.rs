@@ -26,9 +26,21 @@ pub struct NodeArgs {
     /// The node's name (default: the host name).
     #[arg(long)]
     name: Option<String>,
-    /// Where this node serves its stream endpoints (`host:port`).
+    /// Where this node serves its stream endpoints (`host:port`), over
+    /// TLS: the server pins the certificate the node registers.
     #[arg(long)]
     address: Option<String>,
+    /// The certificate (PEM) the stream endpoints serve (default: a
+    /// self-signed one made once under STATE/node/). Needs --tls-key.
+    #[arg(long = "tls-cert", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Seconds without a frame either way after which an exec or attach
+    /// session is closed (default 3600).
+    #[arg(long = "stream-idle-timeout", value_name = "SECS")]
+    stream_idle_timeout: Option<u64>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// The node's state directory (default: KILN_STATE_DIR, else Kiln's).
     #[arg(long = "state-dir", value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -172,6 +184,8 @@ pub async fn run(args: NodeArgs) -> Result<i32> {
             }
             None => None,
         },
+        stream_tls_files: args.tls_cert.zip(args.tls_key),
+        stream_idle_secs: args.stream_idle_timeout,
     };
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};

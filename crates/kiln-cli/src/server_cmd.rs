@@ -49,14 +49,17 @@ pub struct ServerArgs {
     #[arg(long)]
     pub cluster_secret_file: Option<PathBuf>,
     /// Serve the API (REST, gRPC for nodes, /metrics) over TLS with this
-    /// certificate chain (PEM); needs --tls-key. Without it: plain HTTP.
+    /// certificate chain (PEM); needs --tls-key. Raft between servers then
+    /// runs over mutual TLS too (this certificate as the client one,
+    /// peers verified against --peer-ca). Without it: plain HTTP.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// CA certificate(s) (PEM) other servers' API certificates chain to,
-    /// for forwarding writes to the leader (default: --tls-cert).
+    /// CA certificate(s) (PEM) other servers' certificates chain to, for
+    /// forwarding writes to the leader and for Raft's mutual TLS
+    /// (default: --tls-cert).
     #[arg(long, value_name = "FILE")]
     pub peer_ca: Option<PathBuf>,
     /// Initialise a new cluster from --peers (alone when none): run it on

@@ -463,6 +463,8 @@ async fn run_node(server: &kiln_server::Server, p: &Paths, url: &str, join: &str
         max_parallel_starts: None,
         stop_grace: 10,
         ca_pem: None,
+        stream_tls_files: None,
+        stream_idle_secs: None,
     };
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut daemon = tokio::spawn(daemon::run(node, cfg, async move {

@@ -368,7 +368,16 @@ fn snapshot_restore_and_fork_through_the_api() {
     let key = std::fs::read_to_string(k.state_dir().join("node").join("stream.key")).expect("key");
     let node_call = |key: &str, method: &str, path: &str, body: &str| -> String {
         let out = Proc::new("curl")
-            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
+            // -k: the node's certificate is self-signed (the server pins it).
+            .args([
+                "-sSk",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                method,
+            ])
             .args(["-H", &format!("Authorization: Bearer {key}")])
             .args([
                 "-H",
@@ -376,7 +385,7 @@ fn snapshot_restore_and_fork_through_the_api() {
                 "--data-binary",
                 body,
             ])
-            .arg(format!("http://{node_addr}{path}"))
+            .arg(format!("https://{node_addr}{path}"))
             .output()
             .expect("curl");
         String::from_utf8_lossy(&out.stdout).into_owned()

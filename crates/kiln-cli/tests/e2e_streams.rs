@@ -240,8 +240,32 @@ fn has(hay: &[u8], needle: &str) -> bool {
     String::from_utf8_lossy(hay).contains(needle)
 }
 
+/// What the in-process server logs, kept to check no secret is in it.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[test]
 fn exec_logs_and_files_stream_through_the_server_to_the_node() {
+    let server_log = Captured::default();
+    let w = server_log.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter("info,kiln_server=debug,kiln_store=info")
+        .with_ansi(false)
+        .with_writer(move || w.clone())
+        .init();
     let mib: u64 = std::env::var("KILN_E2E_STREAMS_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -258,7 +282,12 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
         &ns,
         &api.url(),
         "host-s",
-        &["--address", &format!("{node_ip}:0")],
+        &[
+            "--address",
+            &format!("{node_ip}:0"),
+            "--stream-idle-timeout",
+            "8",
+        ],
     );
     api.wait_for(
         Duration::from_secs(60),
@@ -406,6 +435,32 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
         let mut o = Outcome::default();
         drain(&mut w, &mut o, |_| false).await;
         assert!(matches!(o.end, Some(ServerMsg::Error { .. })), "{o:?}");
+        // A frame over 1 MiB after the start ends the session: the
+        // WebSocket layer refuses it before buffering it.
+        let mut w = ws(&url, &api.a, &s, "exec").await;
+        w.send(Message::text(r#"{"cmd":["sleep","30"],"stdin":true}"#)).await.expect("send");
+        assert!(matches!(recv_msg(&mut w).await, Some(ServerMsg::Started { .. })));
+        let mut big = vec![b'x'; 2 * 1024 * 1024];
+        big[0] = 0;
+        let _ = w.send(Message::binary(big)).await;
+        let mut o = Outcome::default();
+        drain(&mut w, &mut o, |_| false).await;
+        assert!(!matches!(o.end, Some(ServerMsg::Exit { .. })), "{o:?}");
+        // A session with no frame either way is closed after the node's
+        // --stream-idle-timeout (8 s here).
+        let t0 = Instant::now();
+        let mut w = ws(&url, &api.a, &s, "exec").await;
+        w.send(Message::text(r#"{"cmd":["sleep","600"]}"#)).await.expect("send");
+        assert!(matches!(recv_msg(&mut w).await, Some(ServerMsg::Started { .. })));
+        let mut o = Outcome::default();
+        drain(&mut w, &mut o, |_| false).await;
+        match o.end {
+            Some(ServerMsg::Error { error }) => assert_eq!(error.code, "idle_timeout"),
+            other => panic!("{other:?}"),
+        }
+        let idle = t0.elapsed();
+        assert!(idle >= Duration::from_secs(8) && idle < Duration::from_secs(40), "{idle:?}");
+        eprintln!("idle session closed after {} ms", idle.as_millis());
     });
 
     // Upload a file larger than the guest's RAM, then download it.
@@ -450,7 +505,11 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
     std::fs::remove_file(&src).expect("rm");
     let got = api.rt.block_on(async {
         let mut w = ws(&url, &api.a, &s, "exec").await;
-        w.send(Message::text(r#"{"cmd":["sha256sum","/root/big.bin"]}"#))
+        // A dot on stderr every 2 s keeps the session from the node's 8 s
+        // idle timeout while the guest hashes in silence.
+        w.send(Message::text(
+            r#"{"cmd":["sh","-c","sha256sum /root/big.bin & while kill -0 $! 2>/dev/null; do echo . >&2; sleep 2; done; wait $!"]}"#,
+        ))
             .await
             .expect("send");
         assert!(matches!(
@@ -525,39 +584,106 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
     assert_eq!(status, 400);
     assert!(has(&body, "websocket_required"));
 
-    // The node refuses anything but its key.
+    // The node serves its endpoints over TLS only, with the certificate
+    // whose fingerprint the server pinned; it refuses anything but its key.
     let key = std::fs::read_to_string(k.state_dir().join("node").join("stream.key")).expect("key");
-    let node_logs = format!("http://{node_addr}/node/v1/sandboxes/{s}/logs");
-    for auth in [
-        "Authorization: Bearer wrong-key".to_string(),
-        format!("Authorization: Bearer {}x", key.trim()),
-        "X-Nothing: 1".to_string(),
-    ] {
+    let pem = std::fs::read_to_string(k.state_dir().join("node").join("stream-cert.pem"))
+        .expect("the node's certificate");
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("PEM body");
+    let pinned = api.read(|s| {
+        s.nodes
+            .values()
+            .next()
+            .expect("node")
+            .stream_cert_sha256
+            .clone()
+    });
+    assert_eq!(pinned, Some(hex::encode(Sha256::digest(&der))));
+    let code = |url: &str, auth: &str| {
         let out = Proc::new("curl")
             .args([
-                "-sS",
+                "-sSk",
                 "-o",
                 "/dev/null",
                 "-w",
                 "%{http_code}",
                 "-H",
-                &auth,
-                &node_logs,
+                auth,
+                url,
             ])
             .output()
             .expect("curl");
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "401", "{auth}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let right = format!("Authorization: Bearer {}", key.trim());
+    let plain = code(
+        &format!("http://{node_addr}/node/v1/sandboxes/{s}/logs"),
+        &right,
+    );
+    assert_ne!(plain, "200", "the key is never taken in clear");
+    let node_logs = format!("https://{node_addr}/node/v1/sandboxes/{s}/logs");
+    for auth in [
+        "Authorization: Bearer wrong-key".to_string(),
+        format!("Authorization: Bearer {}x", key.trim()),
+        "X-Nothing: 1".to_string(),
+    ] {
+        assert_eq!(code(&node_logs, &auth), "401", "{auth}");
     }
-    let out = Proc::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
-        .arg(format!("Authorization: Bearer {}", key.trim()))
-        .arg(&node_logs)
-        .output()
-        .expect("curl");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "200",
-        "the right key works"
+    assert_eq!(code(&node_logs, &right), "200", "the right key works");
+
+    // An open session ends when its token is revoked (a deleted tenant's
+    // tokens are; a deleted sandbox ends it the same way).
+    let extra = "tenant-acme-extra-0123456789abcdef";
+    let write = |c| {
+        let r = api
+            .rt
+            .block_on(api.server.as_ref().expect("running").raft().write(c))
+            .expect("write");
+        assert!(!r.is_rejected(), "{r:?}");
+    };
+    write(Command::CreateToken {
+        id: "acme-extra".into(),
+        tenant: Some(TenantName::new("acme").expect("tenant")),
+        role: Role::Tenant,
+        sha256: kiln_store::query::hash_token(extra),
+        description: String::new(),
+        now_ms: 10,
+        node: None,
+    });
+    let mut w = api.rt.block_on(async {
+        let mut w = ws(&url, extra, &s, "exec").await;
+        w.send(Message::text(r#"{"cmd":["cat"],"stdin":true}"#))
+            .await
+            .expect("send");
+        assert!(matches!(
+            recv_msg(&mut w).await,
+            Some(ServerMsg::Started { .. })
+        ));
+        w
+    });
+    let t0 = Instant::now();
+    write(Command::RevokeToken {
+        id: "acme-extra".into(),
+        now_ms: 11,
+    });
+    api.rt.block_on(async {
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match w.next().await {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the session outlived its token");
+    });
+    eprintln!(
+        "session closed {} ms after the revocation",
+        t0.elapsed().as_millis()
     );
 
     // Attach to S's main process (what `kiln run` does) and signal it: the
@@ -600,6 +726,19 @@ fn exec_logs_and_files_stream_through_the_server_to_the_node() {
         !st.sandboxes.contains_key(&s) && !st.sandboxes.contains_key(&l)
     });
     node.term();
+    // Neither the stream key nor the node's credential is ever logged.
+    let cred = std::fs::read_to_string(k.state_dir().join("node").join("credential.json"))
+        .expect("credential");
+    let cred: serde_json::Value = serde_json::from_str(&cred).expect("credential json");
+    let cred = cred["credential"].as_str().expect("credential").to_owned();
+    let log = node.log();
+    assert!(log.contains("stream endpoints over TLS"), "{log}");
+    let slog = String::from_utf8_lossy(&server_log.0.lock().expect("log")).into_owned();
+    assert!(slog.contains("node registered"), "{slog}");
+    for secret in [key.trim(), cred.as_str()] {
+        assert!(!log.contains(secret), "the node logged a secret");
+        assert!(!slog.contains(secret), "the server logged a secret");
+    }
     drop(dir);
     k.assert_clean();
 }

@@ -293,6 +293,26 @@ impl NodeService for NodeRpc {
         bound_images(&name, &mut r.images);
         let now = now_ms();
         let stream_key = r.stream_key;
+        let cert = r.stream_cert_sha256;
+        if !stream_key.is_empty() && cert.is_empty() {
+            return Err(Status::invalid_argument(
+                "stream_cert_sha256: required with a stream_key (the stream endpoints serve TLS \
+                 and the server pins their certificate)",
+            ));
+        }
+        if stream_key.is_empty()
+            && self
+                .shared
+                .raft
+                .read_local(|s| s.nodes.get(&name).is_some_and(|n| n.stream_key.is_some()))
+        {
+            // Keeping the old key would keep it valid at the server after
+            // the node dropped it.
+            return Err(Status::invalid_argument(format!(
+                "stream_key: node {name} served stream endpoints; a registration without a \
+                 stream key is refused (give --address, or remove the node to start over)"
+            )));
+        }
         self.write(Command::RegisterNode {
             name: name.clone(),
             address: r.address,
@@ -307,6 +327,7 @@ impl NodeService for NodeRpc {
             self.write(Command::SetNodeStreamKey {
                 name: name.clone(),
                 key: stream_key,
+                cert_sha256: Some(cert),
             })
             .await?;
         }

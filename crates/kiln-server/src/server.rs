@@ -30,6 +30,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Client for forwarding REST writes to the leader.
     pub http: reqwest::Client,
+    /// The open stream sessions per tenant (`rest::streams`).
+    pub streams: crate::rest::streams::Sessions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +127,13 @@ impl Server {
         rc.heartbeat_ms = cfg.raft_heartbeat_ms;
         rc.election_timeout_ms = cfg.election_timeout_ms;
         rc.cluster_secret = cfg.cluster_secret_in_force()?;
+        // With a certificate, Raft runs over mutually authenticated TLS:
+        // peers verified against --peer-ca (default: this server's own
+        // certificate file, as for forwarded writes).
+        if let Some(files) = &cfg.tls {
+            let ca = cfg.peer_ca.as_deref().unwrap_or(files.cert.as_path());
+            rc.tls = Some(crate::tls::raft_tls(files, ca)?);
+        }
         let raft = RaftNode::start(rc).await?;
         let join_hash = sha256(cfg.join_token.as_bytes());
         let mut http = reqwest::Client::builder()
@@ -149,12 +158,16 @@ impl Server {
             api_url: api,
             metrics: Metrics::new(),
             http,
+            streams: Default::default(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let app = crate::rest::router(shared.clone())
             .merge(crate::grpc::router(shared.clone()))
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-                MAX_CONCURRENT_REQUESTS,
+            // Stream routes are bounded per tenant instead
+            // (`rest::streams`): a long upload holds no global permit.
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS)),
+                crate::rest::streams::limit_requests,
             ));
         let mut rx = stop_rx.clone();
         let limits = shared.cfg.limits;

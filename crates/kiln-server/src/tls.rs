@@ -107,6 +107,136 @@ pub fn client_config(ca: &Path) -> Result<rustls::ClientConfig, TlsError> {
     Ok(cfg)
 }
 
+/// The CA certificate(s) in `ca` as trust roots.
+fn roots(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots.add(c).map_err(|e| TlsError::Ca {
+            path: ca.to_owned(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// Raft over mutually authenticated TLS: the listener serves `files` and
+/// demands a client certificate chaining to `ca`; the dialling side
+/// verifies peers against `ca` and presents `files`.
+pub fn raft_tls(files: &TlsFiles, ca: &Path) -> Result<kiln_store::tls::RaftTls, TlsError> {
+    let certs = load_certs(&files.cert)?;
+    let key = || {
+        PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Key {
+            path: files.key.clone(),
+            message: e.to_string(),
+        })
+    };
+    let roots = Arc::new(roots(ca)?);
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Ca {
+                path: ca.to_owned(),
+                message: e.to_string(),
+            })?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs.clone(), key()?)
+        .map_err(TlsError::Config)?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key()?)
+        .map_err(TlsError::Config)?;
+    Ok(kiln_store::tls::RaftTls {
+        server: Arc::new(server),
+        client: Arc::new(client),
+    })
+}
+
+/// A client configuration that accepts exactly the certificate whose DER
+/// has the SHA-256 `sha256_hex` (a node's stream endpoints: the node sent
+/// the fingerprint in `Register`). No CA, no name check: the pin is the
+/// identity. The handshake signature is verified against that
+/// certificate's key as usual. ALPN `http/1.1` only.
+pub fn pinned_client_config(sha256_hex: &str) -> Result<rustls::ClientConfig, TlsError> {
+    let pin: [u8; 32] = hex::decode(sha256_hex)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| TlsError::Ca {
+            path: PathBuf::from("(pinned certificate)"),
+            message: "not a SHA-256 in hex".to_owned(),
+        })?;
+    let provider = provider();
+    let verifier = Arc::new(Pinned {
+        pin,
+        algs: provider.signature_verification_algorithms,
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Accepts one certificate, by the SHA-256 of its DER.
+#[derive(Debug)]
+struct Pinned {
+    pin: [u8; 32],
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use sha2::Digest;
+        let got: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
+        // Not secret, but compared in constant time anyway.
+        let diff = got.iter().zip(&self.pin).fold(0u8, |a, (x, y)| a | (x ^ y));
+        if diff == 0 {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
 /// How much one listener serves at once.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -434,6 +564,70 @@ mod limit_tests {
             .expect("answer in time")
             .expect("read");
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        server.abort();
+    }
+}
+
+#[cfg(test)]
+mod pin_tests {
+    use super::*;
+
+    fn reqwest_with(cfg: rustls::ClientConfig) -> reqwest::Client {
+        reqwest::Client::builder()
+            .use_preconfigured_tls(cfg)
+            .http1_only()
+            .build()
+            .expect("client")
+    }
+
+    /// The pinned client talks to the pinned certificate only, whatever
+    /// name or CA it shows.
+    #[tokio::test]
+    async fn a_pinned_client_accepts_exactly_the_pinned_certificate() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mk = |n: &str| {
+            let c = rcgen::generate_simple_self_signed(vec![n.to_owned()]).expect("cert");
+            let files = TlsFiles {
+                cert: d.path().join(format!("{n}.pem")),
+                key: d.path().join(format!("{n}.key")),
+            };
+            std::fs::write(&files.cert, c.cert.pem()).expect("write");
+            std::fs::write(&files.key, c.signing_key.serialize_pem()).expect("write");
+            use sha2::Digest;
+            (
+                files,
+                hex::encode(sha2::Sha256::digest(c.cert.der().as_ref())),
+            )
+        };
+        let (served, pin) = mk("kiln-node");
+        let (_, other_pin) = mk("other");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let cfg = server_config(&served).expect("server config");
+        let server = tokio::spawn(serve(listener, app, Some(cfg), Limits::default()));
+        let url = format!("https://{addr}/");
+        let ok = reqwest_with(pinned_client_config(&pin).expect("pin"))
+            .get(&url)
+            .send()
+            .await
+            .expect("the pinned certificate is accepted");
+        assert_eq!(ok.text().await.expect("body"), "ok");
+        let e = reqwest_with(pinned_client_config(&other_pin).expect("pin"))
+            .get(&url)
+            .send()
+            .await
+            .expect_err("another certificate is refused");
+        assert!(e.is_connect(), "{e:?}");
+        // Plain HTTP does not reach it either.
+        let plain = reqwest::Client::new()
+            .get(format!("http://{addr}/"))
+            .send()
+            .await;
+        assert!(plain.is_err() || !plain.expect("resp").status().is_success());
+        for bad in ["", "zz", &"ab".repeat(31), &"ab".repeat(33)] {
+            assert!(pinned_client_config(bad).is_err(), "{bad}");
+        }
         server.abort();
     }
 }

@@ -47,6 +47,7 @@ pub fn register_msg(name: &str, join: &str) -> RegisterRequest {
         labels: Default::default(),
         images: vec!["busybox".into()],
         stream_key: String::new(),
+        stream_cert_sha256: String::new(),
     }
 }
 

@@ -151,6 +151,7 @@ async fn register(url: &str, name: &str) -> (NodeServiceClient<tonic::transport:
             labels: Default::default(),
             images: vec![],
             stream_key: String::new(),
+            stream_cert_sha256: String::new(),
         }))
         .await
         .expect("register")
@@ -569,6 +570,7 @@ async fn leader_killed_while_creating_loses_and_doubles_nothing() {
         labels: Default::default(),
         images: vec![],
         stream_key: String::new(),
+        stream_cert_sha256: String::new(),
     }))
     .await
     .expect("register");

@@ -57,6 +57,7 @@ fn registration(name: &str, images: Vec<String>) -> tonic::Request<RegisterReque
         labels: Default::default(),
         images,
         stream_key: String::new(),
+        stream_cert_sha256: String::new(),
     });
     r.metadata_mut()
         .insert("kiln-join-token", JOIN.parse().expect("metadata"));
@@ -306,5 +307,152 @@ async fn start_restart(dir: &std::path::Path) -> Server {
             }
             Err(e) => panic!("restart: {e}"),
         }
+    }
+}
+
+/// A stream key needs the certificate fingerprint the relay pins; a node
+/// that served stream endpoints cannot re-register without a key (the old
+/// one would stay valid); neither the key nor the node's credential
+/// appears in `GET /v1/nodes` or `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_keys_need_a_pinned_certificate_and_never_show() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = start_single(dir.path(), None).await;
+    let url = server.api_url().to_owned();
+    let mut node = NodeServiceClient::connect(url.clone())
+        .await
+        .expect("connect");
+    let key = "k".repeat(20) + &"0123456789".repeat(3);
+    let cert = "ab".repeat(32);
+    let with = |key: &str, cert: &str, cred: Option<&str>| {
+        let mut r = registration("sk", vec![]);
+        r.get_mut().stream_key = key.into();
+        r.get_mut().stream_cert_sha256 = cert.into();
+        if let Some(c) = cred {
+            r.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {c}").parse().expect("metadata"),
+            );
+        }
+        r
+    };
+    let e = node
+        .register(with(&key, "", None))
+        .await
+        .expect_err("a key without a certificate");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("stream_cert_sha256"), "{e:?}");
+    let e = node
+        .register(with(&key, &"AB".repeat(32), None))
+        .await
+        .expect_err("not lowercase hex");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let cred = node
+        .register(with(&key, &cert, None))
+        .await
+        .expect("register")
+        .into_inner()
+        .credential;
+    let e = node
+        .register(with("", "", Some(&cred)))
+        .await
+        .expect_err("an empty key after one");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("stream_key"), "{e:?}");
+    // A new key (and certificate) replaces the old one.
+    let key2 = "z".repeat(40);
+    let cert2 = "cd".repeat(32);
+    let cred2 = node
+        .register(with(&key2, &cert2, Some(&cred)))
+        .await
+        .expect("re-register with a new key")
+        .into_inner()
+        .credential;
+    let (k, c) = server.raft().read_local(|s| {
+        let n = &s.nodes[&kiln_api::cluster::NodeName::new("sk").expect("name")];
+        (n.stream_key.clone(), n.stream_cert_sha256.clone())
+    });
+    assert_eq!((k.as_deref(), c.as_deref()), (Some(&*key2), Some(&*cert2)));
+
+    let admin = admin_token(dir.path());
+    let http = reqwest::Client::new();
+    for path in ["/v1/nodes", "/metrics"] {
+        let body = http
+            .get(format!("{url}{path}"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .expect("get")
+            .text()
+            .await
+            .expect("body");
+        assert!(
+            path == "/metrics" || body.contains("\"sk\""),
+            "{path}: {body}"
+        );
+        for secret in [&key, &key2, &cred, &cred2] {
+            assert!(!body.contains(secret.as_str()), "{path} shows a secret");
+        }
+    }
+    server.shutdown().await;
+}
+
+/// With --tls-cert/--tls-key/--peer-ca, Raft between servers runs over
+/// mutually authenticated TLS: two replicas form a cluster and replicate;
+/// their Raft ports give plain HTTP no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_between_servers_runs_over_mutual_tls() {
+    let certs = tempfile::tempdir().expect("tmp");
+    let (ca, files) = make_certs(certs.path(), "raft");
+    let mut servers = Vec::new();
+    let mut dirs = Vec::new();
+    for id in 1..=2 {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut cfg = common::config(id, dir.path());
+        cfg.tls = Some(files.clone());
+        cfg.peer_ca = Some(ca.clone());
+        servers.push(Server::start(cfg).await.expect("start"));
+        dirs.push(dir);
+    }
+    let members = servers.iter().map(|s| (s.id(), s.node_info())).collect();
+    servers[0].initialize(members).await.expect("initialize");
+    let t0 = std::time::Instant::now();
+    loop {
+        let idx = servers[0].raft().applied_index().unwrap_or(0);
+        if idx > 0
+            && servers[1]
+                .raft()
+                .wait_applied(idx, Duration::from_millis(200))
+                .await
+                .is_ok()
+            && servers[1].raft().read_local(|s| !s.tokens.is_empty())
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no replication over TLS"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for s in &servers {
+        let mut c = tokio::net::TcpStream::connect(s.raft().local_addr())
+            .await
+            .expect("connect");
+        c.write_all(b"POST /raft/vote HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("closed or answered in time")
+            .unwrap_or(0);
+        assert!(
+            !String::from_utf8_lossy(&buf[..n]).contains("HTTP/1.1"),
+            "plain HTTP answered"
+        );
+    }
+    for s in servers {
+        s.shutdown().await;
     }
 }

@@ -80,6 +80,11 @@ pub enum Command {
     SetNodeStreamKey {
         name: NodeName,
         key: String,
+        /// Lowercase hex SHA-256 of the certificate the node's stream
+        /// endpoints serve (the relay pins it); `None` only from nodes
+        /// older than TLS on the stream endpoints.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cert_sha256: Option<String>,
     },
 
     // --- sandboxes ---

@@ -24,6 +24,7 @@ pub mod node;
 pub mod query;
 pub mod state;
 pub mod storage;
+pub mod tls;
 
 pub use apply::apply;
 pub use command::{ApplyMeta, Command, ObjectKind, QuotaResource, Rejection, Response};

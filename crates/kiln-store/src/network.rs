@@ -102,7 +102,9 @@ impl Faults {
 #[derive(Clone)]
 pub struct HttpNetwork {
     from: ServerId,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// `https` when Raft runs over TLS, else `http`.
+    scheme: &'static str,
     faults: Faults,
     /// The cluster secret, sent with every RPC.
     secret: axum::http::HeaderValue,
@@ -111,16 +113,59 @@ pub struct HttpNetwork {
 impl HttpNetwork {
     /// A client sending `secret` (printable ASCII, checked by
     /// [`crate::RaftNode::start`]) with every RPC.
-    pub fn new(from: ServerId, faults: Faults, secret: axum::http::HeaderValue) -> HttpNetwork {
+    /// With `tls`, peers are dialled over TLS only (`https`), presenting
+    /// the client certificate `tls` holds.
+    pub fn new(
+        from: ServerId,
+        faults: Faults,
+        secret: axum::http::HeaderValue,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> HttpNetwork {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        connector.enforce_http(false);
+        let (https, scheme) = match tls {
+            Some(cfg) => {
+                let mut cfg = (*cfg).clone();
+                // The connector sets ALPN itself (and refuses a preset one).
+                cfg.alpn_protocols.clear();
+                (
+                    hyper_rustls::HttpsConnectorBuilder::new()
+                        .with_tls_config(cfg)
+                        .https_only()
+                        .enable_http1()
+                        .wrap_connector(connector),
+                    "https",
+                )
+            }
+            None => {
+                // Plain: an `http` URL never starts TLS; trusting nothing,
+                // an `https` one could not complete.
+                let none = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                    rustls::crypto::aws_lc_rs::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .expect("the default provider supports the default versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+                (
+                    hyper_rustls::HttpsConnectorBuilder::new()
+                        .with_tls_config(none)
+                        .https_or_http()
+                        .enable_http1()
+                        .wrap_connector(connector),
+                    "http",
+                )
+            }
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+            .build(https);
         HttpNetwork {
             from,
             client,
+            scheme,
             faults,
             secret,
         }
@@ -194,12 +239,13 @@ impl PeerClient {
             return Err(SendError::Cut(self.target));
         }
         let body = serde_json::to_vec(req).map_err(SendError::Codec)?;
-        let request = axum::http::Request::post(format!("http://{}{path}", self.addr))
-            .header("content-type", "application/json")
-            .header(FROM_HEADER, self.net.from.to_string())
-            .header(SECRET_HEADER, self.net.secret.clone())
-            .body(Full::new(Bytes::from(body)))
-            .map_err(SendError::Uri)?;
+        let request =
+            axum::http::Request::post(format!("{}://{}{path}", self.net.scheme, self.addr))
+                .header("content-type", "application/json")
+                .header(FROM_HEADER, self.net.from.to_string())
+                .header(SECRET_HEADER, self.net.secret.clone())
+                .body(Full::new(Bytes::from(body)))
+                .map_err(SendError::Uri)?;
         // openraft derives the TTL from the heartbeat interval; on a loaded
         // host that aborts appends that would have succeeded, so never
         // wait less than MIN_RPC_TTL.

@@ -49,6 +49,9 @@ pub struct RaftNodeConfig {
     /// [`crate::network::MIN_SECRET_LEN`] characters; empty by default,
     /// which [`RaftNode::start`] refuses).
     pub cluster_secret: String,
+    /// Raft over mutually authenticated TLS; `None`: plain HTTP (keep the
+    /// Raft port on a private network then).
+    pub tls: Option<crate::tls::RaftTls>,
 }
 
 impl RaftNodeConfig {
@@ -65,6 +68,7 @@ impl RaftNodeConfig {
             snapshot_every: 10_000,
             keep_behind_snapshot: 1_000,
             cluster_secret: String::new(),
+            tls: None,
         }
     }
 }
@@ -307,7 +311,12 @@ impl RaftNode {
         let raft = Raft::new(
             cfg.id,
             Arc::new(config),
-            HttpNetwork::new(cfg.id, faults.clone(), secret_header),
+            HttpNetwork::new(
+                cfg.id,
+                faults.clone(),
+                secret_header,
+                cfg.tls.as_ref().map(|t| t.client.clone()),
+            ),
             log,
             sm.clone(),
         )
@@ -315,14 +324,22 @@ impl RaftNode {
         .map_err(StartError::Raft)?;
         let app = raft_router(raft.clone(), faults.clone(), secret.as_bytes());
         let id = cfg.id;
+        let tls = cfg.tls.as_ref().map(|t| t.server.clone());
         let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+            let r = match tls {
+                Some(tls) => match crate::tls::TlsListener::new(listener, tls) {
+                    Ok(l) => axum::serve(l, app).await,
+                    Err(e) => Err(e),
+                },
+                None => axum::serve(listener, app).await,
+            };
+            if let Err(e) = r {
                 tracing::error!(server = id, error = %e, "Raft listener failed");
             }
         });
         let (ptx, prx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(run_proposer(raft.clone(), prx));
-        tracing::info!(server = id, %local_addr, "Raft replica started");
+        tracing::info!(server = id, %local_addr, tls = cfg.tls.is_some(), "Raft replica started");
         Ok(RaftNode {
             id,
             raft,

@@ -58,6 +58,10 @@ pub struct NodeRecord {
     /// by the API).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_key: Option<String>,
+    /// Lowercase hex SHA-256 of the certificate of the node's stream
+    /// endpoints: the relay connects over TLS and accepts exactly it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_cert_sha256: Option<String>,
 }
 
 /// One sandbox: what was asked for and what the node last reported.

@@ -24,6 +24,9 @@ pub struct Registration {
     pub address: String,
     /// The key the node's stream endpoints demand (empty: none served).
     pub stream_key: String,
+    /// Lowercase hex SHA-256 of the certificate the stream endpoints serve
+    /// (the server pins it).
+    pub stream_cert_sha256: String,
     pub capacity_json: Vec<u8>,
     pub driver_json: Vec<u8>,
     pub labels: std::collections::HashMap<String, String>,
@@ -262,6 +265,7 @@ impl Client {
             labels: reg.labels.clone(),
             images: reg.images.clone(),
             stream_key: reg.stream_key.clone(),
+            stream_cert_sha256: reg.stream_cert_sha256.clone(),
         }));
         // The join token goes in metadata too: the server checks it there
         // before it reads the message.

@@ -29,6 +29,7 @@ pub mod client;
 pub mod converge;
 pub mod host;
 pub mod snap_routes;
+pub mod stream_tls;
 pub mod streams;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -75,6 +76,12 @@ pub struct DaemonConfig {
     pub stop_grace: u64,
     /// CA certificate(s) (PEM) that `https://` servers must chain to.
     pub ca_pem: Option<Vec<u8>>,
+    /// The certificate and key (PEM files) the stream endpoints serve;
+    /// `None`: the node's own self-signed one (`stream_tls`).
+    pub stream_tls_files: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Seconds without a frame either way after which a stream session is
+    /// closed (`None`: `kiln_api::stream::IDLE_SECS`).
+    pub stream_idle_secs: Option<u64>,
 }
 
 /// The daemon could not start.
@@ -187,12 +194,17 @@ pub async fn run(
         starts: Semaphore::new(parallel.max(1)),
         observed: observed_tx,
     });
-    let (address, stream_key, listener) = stream_listener(&node, &cfg.address).await;
+    let (address, stream_key, listener) =
+        stream_listener(&node, &cfg.address, cfg.stream_tls_files.as_ref()).await;
     let reg = Registration {
         join_token: cfg.join_token.clone(),
         name: cfg.name.clone(),
         address,
         stream_key: stream_key.clone(),
+        stream_cert_sha256: listener
+            .as_ref()
+            .map(|(_, t)| t.fingerprint.clone())
+            .unwrap_or_default(),
         capacity_json: serde_json::to_vec(&capacity).expect("capacity serializes"),
         driver_json: serde_json::to_vec(&driver).expect("driver serializes"),
         labels: cfg.labels.clone(),
@@ -200,12 +212,16 @@ pub async fn run(
     };
     let (registered_tx, registered_rx) = watch::channel(0u64);
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(l) = listener {
+    if let Some((l, tls)) = listener {
         let sh = shared.clone();
         let owned: Arc<dyn Fn(&SandboxId) -> bool + Send + Sync> =
             Arc::new(move |id| streams::owned_by(&sh.backend, id));
-        let cx = Arc::new(streams::Ctx::new(node.clone(), &stream_key, owned));
-        tasks.spawn(streams::serve(l, cx));
+        let mut cx = streams::Ctx::new(node.clone(), &stream_key, owned);
+        if let Some(secs) = cfg.stream_idle_secs {
+            cx.idle = Duration::from_secs(secs.max(1));
+        }
+        let cx = Arc::new(cx);
+        tasks.spawn(streams::serve(l, tls, cx));
     }
     tasks.spawn(converge_loop(shared.clone()));
     tasks.spawn(session_loop(
@@ -227,17 +243,44 @@ pub async fn run(
 }
 
 /// Binds the stream endpoints on `address` (`host:port`; port 0 picks
-/// one) and loads the node's stream key. Returns the address to advertise,
-/// the key, and the listener; a node that cannot bind (an address that is
-/// no local `host:port`) runs without stream endpoints and says so.
+/// one) and loads the node's stream key and TLS certificate. Returns the
+/// address to advertise, the key, and the listener with its certificate; a
+/// node that cannot bind (an address that is no local `host:port`) or has
+/// no certificate runs without stream endpoints and says so (never in
+/// clear).
 async fn stream_listener(
     node: &Node,
     address: &str,
-) -> (String, String, Option<tokio::net::TcpListener>) {
+    tls_files: Option<&(std::path::PathBuf, std::path::PathBuf)>,
+) -> (
+    String,
+    String,
+    Option<(tokio::net::TcpListener, stream_tls::StreamTls)>,
+) {
     let key = match streams::load_or_create_key(&node.dirs().state) {
         Ok(k) => k,
         Err(e) => {
             tracing::warn!(error = %e, "cannot create the stream key; no stream endpoints");
+            return (address.to_owned(), String::new(), None);
+        }
+    };
+    let state = node.dirs().state.clone();
+    let given = tls_files.cloned();
+    let tls = tokio::task::spawn_blocking(move || {
+        stream_tls::load_or_create(
+            &state,
+            given.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+        )
+    })
+    .await;
+    let tls = match tls {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "no TLS certificate for the stream endpoints; none served");
+            return (address.to_owned(), String::new(), None);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no TLS certificate for the stream endpoints; none served");
             return (address.to_owned(), String::new(), None);
         }
     };
@@ -250,8 +293,8 @@ async fn stream_listener(
             let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
             let host = bind.rsplit_once(':').map_or(bind, |(h, _)| h);
             let advertised = format!("{host}:{port}");
-            tracing::info!(address = %advertised, "stream endpoints (exec, attach, logs, files)");
-            (advertised, key, Some(l))
+            tracing::info!(address = %advertised, cert_sha256 = %tls.fingerprint, "stream endpoints over TLS (exec, attach, logs, files)");
+            (advertised, key, Some((l, tls)))
         }
         Err(e) => {
             tracing::warn!(%address, error = %e, "cannot listen for the stream endpoints; exec, logs and files through the API will fail (give --address HOST:PORT)");

@@ -44,6 +44,9 @@ use crate::node::{ExecSpec, Node};
 
 use super::Backend;
 
+/// How long an upload's body may pause before the node drops it.
+pub const BODY_IDLE: Duration = Duration::from_secs(60);
+
 /// Where the node keeps its stream key.
 pub fn key_path(state: &Path) -> PathBuf {
     state.join("node").join("stream.key")
@@ -87,6 +90,8 @@ pub struct Ctx {
     pub node: Node,
     pub backend: Arc<dyn Fn(&SandboxId) -> bool + Send + Sync>,
     key_hash: [u8; 32],
+    /// A session with no frame either way for this long is closed.
+    pub idle: Duration,
 }
 
 impl Ctx {
@@ -95,6 +100,7 @@ impl Ctx {
             node,
             backend: owned,
             key_hash: Sha256::digest(key.as_bytes()).into(),
+            idle: Duration::from_secs(stream::IDLE_SECS),
         }
     }
 }
@@ -117,8 +123,20 @@ pub fn router(cx: Arc<Ctx>) -> Router {
         .with_state(cx)
 }
 
-/// Serves the stream endpoints on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, cx: Arc<Ctx>) {
+/// Serves the stream endpoints on `listener` over TLS with `tls` until
+/// the task is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: super::stream_tls::StreamTls,
+    cx: Arc<Ctx>,
+) {
+    let listener = match super::stream_tls::TlsListener::new(listener, &tls) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "the stream endpoints cannot listen");
+            return;
+        }
+    };
     if let Err(e) = axum::serve(listener, router(cx)).await {
         tracing::warn!(error = %e, "the stream endpoints stopped");
     }
@@ -400,7 +418,8 @@ async fn session(cx: Arc<Ctx>, id: SandboxId, mut sock: WebSocket, main: bool) {
         }
     });
     // Supervisor → client, until the exit, an error or the idle timeout.
-    let mut idle = tokio::time::interval(Duration::from_secs(60));
+    let idle_after = cx.idle.as_secs().max(1);
+    let mut idle = tokio::time::interval(Duration::from_secs(idle_after.min(60)));
     let end = loop {
         tokio::select! {
             f = reader.next() => {
@@ -442,8 +461,8 @@ async fn session(cx: Arc<Ctx>, id: SandboxId, mut sock: WebSocket, main: bool) {
                 }
             }
             _ = idle.tick() => {
-                if now_secs(t0).saturating_sub(last.load(Ordering::Relaxed)) >= stream::IDLE_SECS {
-                    break Some(ServerMsg::error("idle_timeout", "no data either way for an hour"));
+                if now_secs(t0).saturating_sub(last.load(Ordering::Relaxed)) >= idle_after {
+                    break Some(ServerMsg::error("idle_timeout", format!("no data either way for {idle_after} s")));
                 }
             }
         }
@@ -778,7 +797,17 @@ async fn upload(
         mut writer,
     } = conn;
     let mut data = body.into_data_stream();
-    while let Some(chunk) = data.next().await {
+    loop {
+        // A body that pauses longer than BODY_IDLE is dropped (the copy is
+        // cancelled): a slow client holds nothing for ever.
+        let Ok(next) = tokio::time::timeout(BODY_IDLE, data.next()).await else {
+            return err(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_idle",
+                format!("no byte of the upload for {} s", BODY_IDLE.as_secs()),
+            );
+        };
+        let Some(chunk) = next else { break };
         let chunk = match chunk {
             Ok(c) => c,
             // Dropping the connection without an end of archive makes the

@@ -20,7 +20,7 @@ mod body;
 mod policy;
 mod sandboxes;
 mod snapshots;
-mod streams;
+pub(crate) mod streams;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

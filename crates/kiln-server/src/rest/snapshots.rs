@@ -165,15 +165,18 @@ pub(super) fn place_restore(
 
 /// Asks the sandbox's node to snapshot it (`req`); the node's answer.
 async fn node_snapshot(
-    s: &Shared,
+    s: &Arc<Shared>,
     headers: &HeaderMap,
     id: &str,
     req: &NodeSnapshotRequest,
 ) -> Result<NodeSnapshotDone, ApiError> {
-    let (url, key) = super::streams::target(s, headers, id, "snapshot")?;
-    let resp = super::streams::client()
-        .post(url)
-        .bearer_auth(key)
+    // Over TLS pinned to the node's certificate, like the stream routes
+    // (the call counts as one of the tenant's stream sessions meanwhile).
+    let t = super::streams::target(s, headers, id, "snapshot")?;
+    let resp = t
+        .client
+        .post(&t.url)
+        .bearer_auth(&t.key)
         .timeout(std::time::Duration::from_secs(
             super::sandboxes::MAX_WAIT_SECS + 60,
         ))
@@ -377,11 +380,15 @@ pub async fn delete(
     }
     for h in &snap.holders {
         let target = s.raft.read_local(|st| {
-            st.nodes
-                .get(&h.node)
-                .and_then(|n| n.stream_key.clone().map(|k| (n.address.clone(), k)))
+            st.nodes.get(&h.node).and_then(|n| {
+                n.stream_key
+                    .clone()
+                    .zip(n.stream_cert_sha256.clone())
+                    .map(|(k, c)| (n.address.clone(), k, c))
+            })
         });
-        let Some((address, key)) = target.filter(|(a, _)| crate::grpc::valid_node_address(a))
+        let Some((address, key, cert)) =
+            target.filter(|(a, _, _)| crate::grpc::valid_node_address(a))
         else {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -393,8 +400,8 @@ pub async fn delete(
             )
             .retry(5));
         };
-        let resp = super::streams::client()
-            .delete(format!("http://{address}/node/v1/snapshots/{local}"))
+        let resp = super::streams::client(&cert)?
+            .delete(format!("https://{address}/node/v1/snapshots/{local}"))
             .bearer_auth(key)
             .timeout(std::time::Duration::from_secs(60))
             .send()

@@ -25,6 +25,9 @@ pub fn config(id: u64, dir: &std::path::Path) -> ServerConfig {
     c.reconcile_ms = 100;
     c.heartbeat_interval_ms = 200;
     c.grace_ms = 30_000;
+    // Replicas of one test cluster share a secret (each would otherwise
+    // generate its own and refuse the others' Raft RPCs).
+    c.cluster_secret = Some("kiln-test-cluster-secret-0123456789".into());
     c
 }
 

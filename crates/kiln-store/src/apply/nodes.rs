@@ -41,6 +41,7 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                 registered_at_ms: *now_ms,
                 last_heartbeat_ms: *now_ms,
                 stream_key: None,
+                stream_cert_sha256: None,
             });
             rec.address = address.clone();
             rec.capacity = *capacity;
@@ -101,7 +102,11 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             Ok(Response::Done)
         }
         Command::ExpireNodes { now_ms, grace_ms } => Ok(expire_nodes(st, *now_ms, *grace_ms, meta)),
-        Command::SetNodeStreamKey { name, key } => {
+        Command::SetNodeStreamKey {
+            name,
+            key,
+            cert_sha256,
+        } => {
             if key.len() < 32
                 || key.len() > 128
                 || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -111,11 +116,20 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                     "32-128 characters of [A-Za-z0-9_]",
                 ));
             }
+            if let Some(c) = cert_sha256
+                && (c.len() != 64 || !c.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            {
+                return Err(Rejection::invalid(
+                    "cert_sha256",
+                    "64 lowercase hex characters (SHA-256 of the certificate)",
+                ));
+            }
             let rec = st
                 .nodes
                 .get_mut(name)
                 .ok_or_else(|| Rejection::not_found(ObjectKind::Node, name))?;
             rec.stream_key = Some(key.clone());
+            rec.stream_cert_sha256 = cert_sha256.clone();
             Ok(Response::Done)
         }
         Command::RemoveNode { name } => {

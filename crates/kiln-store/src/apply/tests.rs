@@ -966,7 +966,8 @@ fn a_node_stream_key_is_validated_and_kept() {
     assert!(matches!(
         sm.rejected(Command::SetNodeStreamKey {
             name: n("a"),
-            key: key.clone()
+            key: key.clone(),
+            cert_sha256: None,
         }),
         Rejection::NotFound { .. }
     ));
@@ -979,20 +980,42 @@ fn a_node_stream_key_is_validated_and_kept() {
         assert!(matches!(
             sm.rejected(Command::SetNodeStreamKey {
                 name: n("a"),
-                key: bad.to_string()
+                key: bad.to_string(),
+                cert_sha256: None,
             }),
             Rejection::Invalid { .. }
         ));
     }
+    let cert = "ab".repeat(32);
+    for bad in [
+        "AB".repeat(32),
+        "ab".repeat(31),
+        format!("{}zz", "ab".repeat(31)),
+    ] {
+        assert!(matches!(
+            sm.rejected(Command::SetNodeStreamKey {
+                name: n("a"),
+                key: key.clone(),
+                cert_sha256: Some(bad),
+            }),
+            Rejection::Invalid { .. }
+        ));
+    }
+    assert_eq!(sm.st.nodes[&n("a")].stream_key, None, "nothing half-set");
     sm.ok(Command::SetNodeStreamKey {
         name: n("a"),
         key: key.clone(),
+        cert_sha256: Some(cert.clone()),
     });
     // Re-registration keeps the key until the node sends a new one.
     sm.ok(node("a", 4, 4096));
     assert_eq!(
         sm.st.nodes[&n("a")].stream_key.as_deref(),
         Some(key.as_str())
+    );
+    assert_eq!(
+        sm.st.nodes[&n("a")].stream_cert_sha256.as_deref(),
+        Some(cert.as_str())
     );
 }
 
