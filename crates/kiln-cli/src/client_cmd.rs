@@ -75,26 +75,18 @@ pub async fn try_dispatch(cmd: Command, server: Option<String>) -> Routed {
             | Command::Pause { .. }
             | Command::Resume { .. }
             | Command::Wait { .. }
+            | Command::Snapshot(_)
+            | Command::Restore { .. }
+            | Command::Fork { .. }
     );
     if !api_cmd {
         // (`kiln node --server` is its own flag: clap hands its value to
         // the global one too.)
-        if server.is_some()
-            && matches!(
-                cmd,
-                Command::Snapshot(_) | Command::Restore { .. } | Command::Fork { .. }
-            )
-        {
-            return Routed::Done(Err(anyhow::anyhow!(
-                "--server: kiln snapshot, restore and fork take the server from KILN_SERVER \
-                 or a context (for now)"
-            )));
-        }
         if server.is_some() && !matches!(cmd, Command::Node(_)) {
             return Routed::Done(Err(anyhow::anyhow!(
                 "--server: this command runs on this host only (the sandbox commands \
-                 run, exec, cp, logs, ps, inspect, stop, rm, pause, resume and wait \
-                 go through a server)"
+                 run, exec, cp, logs, ps, inspect, stop, rm, pause, resume, wait, \
+                 snapshot, restore and fork go through a server)"
             )));
         }
         return Routed::Local(Box::new(cmd));
@@ -112,6 +104,11 @@ pub async fn try_dispatch(cmd: Command, server: Option<String>) -> Routed {
 async fn dispatch(conn: &Conn, cmd: Command) -> Result<i32> {
     let api = Api(Client::new(conn)?);
     match cmd {
+        Command::Snapshot(a) => crate::client_snap::snapshot_cmd(conn, a).await,
+        Command::Restore { snapshot, detach } => {
+            crate::client_snap::restore(conn, &snapshot, detach).await
+        }
+        Command::Fork { id, count } => crate::client_snap::fork(conn, &id, count).await,
         Command::Run(args) => run(&api, *args).await,
         Command::Exec(args) => exec(&api, args).await,
         Command::Cp { src, dst } => crate::client_cp::cp(&api, &src, &dst).await,

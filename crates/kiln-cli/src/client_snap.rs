@@ -1,8 +1,8 @@
 //! `kiln snapshot`, `kiln snapshot ls|rm`, `kiln restore` and `kiln fork`
-//! as clients of a `kiln server` (REST API), used when a server is
-//! configured: `KILN_SERVER`, or a current context with a server in
-//! `~/.config/kiln/config.toml` (token from `KILN_TOKEN` or the context;
-//! see `admin`). The output is the node-local commands' (`snapshots`).
+//! as clients of a `kiln server` (REST API), routed like the other sandbox
+//! commands (`client_cmd::try_dispatch`, `admin::api_route`: `--server`,
+//! `KILN_SERVER`, a context, or a running `kiln up`). The output is the
+//! node-local commands' (`snapshots`).
 //!
 //! `kiln restore NAME` without `-d` follows the restored sandbox's output
 //! through the logs route until its main process ends and exits with its
@@ -15,42 +15,8 @@ use kiln_api::rest::{ForkResult, Sandbox, SandboxList, Snapshot, SnapshotList};
 use kiln_api::sandbox::{Origin, SandboxSpec};
 use kiln_api::stream::{LogRecord, LogStreamName};
 
-use crate::admin::{Client, Conn, Output};
+use crate::admin::{Client, Conn};
 use crate::snapshots::{SnapshotArgs, SnapshotCommand, human};
-
-/// Whether the CLI talks to a server rather than to this host's node.
-pub fn configured() -> bool {
-    if std::env::var("KILN_SERVER").is_ok_and(|v| !v.trim().is_empty()) {
-        return true;
-    }
-    let Some(p) = crate::admin::config_path() else {
-        return false;
-    };
-    let Ok(text) = std::fs::read_to_string(p) else {
-        return false;
-    };
-    let Ok(cfg) = toml::from_str::<toml::Value>(&text) else {
-        // Client::new reports the parse error.
-        return true;
-    };
-    cfg.get("current-context")
-        .and_then(|c| c.as_str())
-        .and_then(|c| cfg.get("contexts")?.get(c)?.get("server"))
-        .is_some()
-}
-
-fn client() -> Result<Client> {
-    Client::new(&Conn {
-        server: std::env::var("KILN_SERVER")
-            .ok()
-            .filter(|v| !v.trim().is_empty()),
-        token: std::env::var("KILN_TOKEN").ok().filter(|v| !v.is_empty()),
-        token_file: None,
-        ca: None,
-        context: None,
-        output: Output::Table,
-    })
-}
 
 /// A snapshot name as a path segment (checked: no escaping needed).
 fn path_part(s: &str) -> Result<&str> {
@@ -83,8 +49,8 @@ async fn resolve(c: &Client, prefix: &str) -> Result<String> {
     }
 }
 
-pub async fn snapshot_cmd(args: SnapshotArgs) -> Result<i32> {
-    let c = client()?;
+pub async fn snapshot_cmd(conn: &Conn, args: SnapshotArgs) -> Result<i32> {
+    let c = Client::new(conn)?;
     match (args.command, args.id) {
         (Some(SnapshotCommand::Ls { quiet }), _) => ls(&c, quiet).await,
         (Some(SnapshotCommand::Rm { names }), _) => {
@@ -175,8 +141,8 @@ async fn ls(c: &Client, quiet: bool) -> Result<i32> {
 }
 
 /// `kiln restore NAME [-d]` through the server.
-pub async fn restore(name: &str, detach: bool) -> Result<i32> {
-    let c = client()?;
+pub async fn restore(conn: &Conn, name: &str, detach: bool) -> Result<i32> {
+    let c = Client::new(conn)?;
     // The server takes the image and resources from the snapshot.
     let mut spec = SandboxSpec::for_image("snapshot");
     spec.origin = Origin::Snapshot {
@@ -249,8 +215,8 @@ async fn follow(c: &Client, id: &str) -> Result<i32> {
 }
 
 /// `kiln fork ID -n N` through the server: prints the new IDs.
-pub async fn fork(id: &str, n: u32) -> Result<i32> {
-    let c = client()?;
+pub async fn fork(conn: &Conn, id: &str, n: u32) -> Result<i32> {
+    let c = Client::new(conn)?;
     let id = resolve(&c, id).await?;
     let bytes = c
         .call(

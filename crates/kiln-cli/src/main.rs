@@ -545,14 +545,6 @@ fn main() {
             Command::Tokens { conn, command } => admin::tokens(conn, command).await,
             Command::Up(a) => up::up(a).await,
             Command::Down(a) => up::down(a).await,
-            // Snapshots, restores and forks through a configured server.
-            Command::Snapshot(a) if client_snap::configured() => client_snap::snapshot_cmd(a).await,
-            Command::Restore { snapshot, detach } if client_snap::configured() => {
-                client_snap::restore(&snapshot, detach).await
-            }
-            Command::Fork { id, count } if client_snap::configured() => {
-                client_snap::fork(&id, count).await
-            }
             // The sandbox commands go through a configured server's API.
             c => match client_cmd::try_dispatch(c, cli.server).await {
                 client_cmd::Routed::Done(r) => r,
