@@ -206,6 +206,7 @@ async fn node_registers_watches_and_reports() {
         .report(authed(
             ReportRequest {
                 name: "h1".into(),
+                templates_json: Vec::new(),
                 sandboxes: vec![
                     SandboxReport {
                         id: id.to_string(),
@@ -241,6 +242,7 @@ async fn node_registers_watches_and_reports() {
         .report(authed(
             ReportRequest {
                 name: "h2".into(),
+                templates_json: Vec::new(),
                 sandboxes: vec![SandboxReport {
                     id: id.to_string(),
                     generation,

@@ -269,6 +269,7 @@ async fn rest_api_on_three_replicas() {
         .report(authed(
             ReportRequest {
                 name: "h1".into(),
+                templates_json: Vec::new(),
                 sandboxes: vec![SandboxReport {
                     id: sb.id.to_string(),
                     generation: d.sandboxes[0].generation,
@@ -431,6 +432,7 @@ async fn rest_api_on_three_replicas() {
     node.report(authed(
         ReportRequest {
             name: "h1".into(),
+            templates_json: Vec::new(),
             sandboxes: vec![SandboxReport {
                 id: sb.id.to_string(),
                 generation: asg.generation,

@@ -113,6 +113,14 @@ pub struct TemplateRecord {
     pub created_at_ms: u64,
     /// Nodes that built it: ready, and its size on that node.
     pub nodes: BTreeMap<NodeName, ArtifactOnNode>,
+    /// Nodes that must build and keep it (created through the API); each
+    /// gets it in its desired state.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub placed: BTreeSet<NodeName>,
+    /// Nodes that could not build it, and why (cleared when one reports
+    /// it ready).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failed: BTreeMap<NodeName, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

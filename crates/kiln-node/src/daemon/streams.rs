@@ -87,6 +87,8 @@ pub struct Ctx {
     pub node: Node,
     pub backend: Arc<dyn Fn(&SandboxId) -> bool + Send + Sync>,
     key_hash: [u8; 32],
+    /// Registries the image routes may reach over plain HTTP.
+    pub insecure_registries: Vec<String>,
 }
 
 impl Ctx {
@@ -95,6 +97,7 @@ impl Ctx {
             node,
             backend: owned,
             key_hash: Sha256::digest(key.as_bytes()).into(),
+            insecure_registries: Vec::new(),
         }
     }
 }
@@ -111,6 +114,7 @@ pub fn router(cx: Arc<Ctx>) -> Router {
         .route("/node/v1/sandboxes/{id}/attach", get(attach))
         .route("/node/v1/sandboxes/{id}/logs", get(logs))
         .route("/node/v1/sandboxes/{id}/files", get(download).put(upload))
+        .merge(super::images_api::routes())
         .fallback(|| async { err(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn_with_state(cx.clone(), auth))
         .with_state(cx)

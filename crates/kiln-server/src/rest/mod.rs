@@ -17,9 +17,11 @@
 
 mod admin;
 mod body;
+mod images;
 mod policy;
 mod sandboxes;
 mod streams;
+mod templates;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -54,10 +56,13 @@ use crate::server::Shared;
         admin::cluster_status, admin::add_member, admin::remove_member,
         admin::create_tenant, admin::list_tenants, admin::set_quotas,
         admin::create_token, admin::revoke_token,
+        templates::create, templates::list, templates::get_one, templates::resize,
+        templates::delete, images::list, images::pull, images::remove,
     ),
     components(schemas(ErrorBody, ErrorDetail, kiln_api::stream::ExecStart,
         kiln_api::stream::AttachStart, kiln_api::stream::ClientMsg, kiln_api::stream::ServerMsg,
-        kiln_api::stream::LogRecord, kiln_api::stream::LogStreamName)),
+        kiln_api::stream::LogRecord, kiln_api::stream::LogStreamName,
+        kiln_api::templates::TemplatePhase)),
     modifiers(&Security),
     security(("bearer" = [])),
 )]
@@ -157,6 +162,21 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/tokens", post(admin::create_token))
         .route("/tokens/{id}", axum::routing::delete(admin::revoke_token))
+        .route(
+            "/templates",
+            post(templates::create).get(templates::list),
+        )
+        .route(
+            "/templates/{name}",
+            get(templates::get_one).delete(templates::delete),
+        )
+        .route(
+            "/templates/{name}/pool",
+            axum::routing::put(templates::resize),
+        )
+        .route("/images", get(images::list))
+        .route("/images/pull", post(images::pull))
+        .route("/images/{*reference}", axum::routing::delete(images::remove))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), to_leader))
         .layer(middleware::from_fn_with_state(shared.clone(), authenticate));

@@ -425,7 +425,7 @@ pub async fn wait(
 /// every node), and host ports (`publish`: a host-level resource the
 /// scheduler does not allocate yet, and that could capture the host's own
 /// connections).
-fn scheduled_spec_check(
+pub(super) fn scheduled_spec_check(
     spec: &SandboxSpec,
     allow_local_images: bool,
     protected: &[ipnet::Ipv4Net],
