@@ -157,6 +157,9 @@ pub struct TemplateReport {
     /// Warm pool members ready here.
     #[serde(default)]
     pub pool_ready: u32,
+    /// Their IDs (a create that takes one starts from that member).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<crate::sandbox::SandboxId>,
 }
 
 /// Most templates one report may carry.

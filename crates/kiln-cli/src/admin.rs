@@ -150,14 +150,14 @@ fn config_path() -> Option<PathBuf> {
         })
 }
 
-struct Client {
+pub(crate) struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
 }
 
 impl Client {
-    fn new(c: &Conn) -> Result<Client> {
+    pub(crate) fn new(c: &Conn) -> Result<Client> {
         let cfg: Config = match config_path() {
             Some(p) if p.exists() => toml::from_str(
                 &std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
@@ -215,7 +215,7 @@ impl Client {
         Ok(Client { http, base, token })
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: &str,
         path: &str,

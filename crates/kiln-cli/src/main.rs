@@ -15,6 +15,7 @@ mod images;
 mod info;
 mod node_cmd;
 mod server_cmd;
+mod client_tpl;
 mod snapshots;
 mod templates;
 mod term;
@@ -518,6 +519,12 @@ fn main() {
             Command::Cluster { conn, command } => admin::cluster(conn, command).await,
             Command::Tenants { conn, command } => admin::tenants(conn, command).await,
             Command::Tokens { conn, command } => admin::tokens(conn, command).await,
+            Command::Template { command } if client_tpl::server_configured() => {
+                client_tpl::template(command).await
+            }
+            Command::Images { command } if client_tpl::server_configured() => {
+                client_tpl::images(command).await
+            }
             c => commands::dispatch(c).await,
         };
         match r {

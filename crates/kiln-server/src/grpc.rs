@@ -482,6 +482,7 @@ impl NodeRpc {
                     tenant: t.tenant.clone(),
                     template: t.name.clone(),
                     ready: t.pool_ready,
+                    members: t.members.clone(),
                 });
             }
             match self.shared.raft.write(Command::Batch { commands }).await {

@@ -178,6 +178,9 @@ pub enum Command {
         tenant: Option<TenantName>,
         template: String,
         ready: u32,
+        /// The ready members' IDs (at most `MAX_POOL_TARGET`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        members: Vec<SandboxId>,
     },
 
     // --- snapshots ---

@@ -135,6 +135,11 @@ pub struct PoolRecord {
     pub tenant: Option<TenantName>,
     pub template: String,
     pub nodes: BTreeMap<NodeName, PoolOnNode>,
+    /// The IDs of the ready members each node reported: an API create
+    /// placed there takes one as its sandbox ID, and the node then starts
+    /// it from that member.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub members: BTreeMap<NodeName, Vec<SandboxId>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

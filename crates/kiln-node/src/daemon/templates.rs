@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kiln_api::cluster::TemplateAssignment;
-use kiln_api::sandbox::Resources;
+use kiln_api::sandbox::{Resources, SandboxId};
 use kiln_api::templates::TemplateReport;
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +50,8 @@ pub struct LocalTemplates {
     pub made: BTreeMap<String, Made>,
     /// Node template → `(ready members, size)` of its pool.
     pub pools: BTreeMap<String, (u32, u32)>,
+    /// Node template → IDs of its pool's ready members.
+    pub members: BTreeMap<String, Vec<SandboxId>>,
     /// Node templates that exist (and are usable) on the node.
     pub present: BTreeSet<String>,
     /// Server keys whose last build failed too recently to try again.
@@ -165,7 +167,12 @@ pub fn reports(
             let pool_ready = made
                 .and_then(|m| local.pools.get(&m.local))
                 .map_or(0, |p| p.0.min(a.pool));
+            let members = made
+                .and_then(|m| local.members.get(&m.local))
+                .map(|v| v.iter().take(pool_ready as usize).cloned().collect())
+                .unwrap_or_default();
             TemplateReport {
+                members,
                 tenant: a.tenant.clone(),
                 name: a.name.clone(),
                 ready: made.is_some(),
@@ -223,6 +230,13 @@ pub fn observe(node: &Node, made: &BTreeMap<String, Made>) -> LocalTemplates {
             local
                 .pools
                 .insert(m.local.clone(), (ready.min(u32::MAX as usize) as u32, size));
+            let ids = crate::pool::Pool::of(node.dirs(), &m.local)
+                .ready()
+                .into_iter()
+                .filter(|id| node.store().load(id).is_ok_and(|r| r.shim_alive()))
+                .filter_map(|id| SandboxId::try_from(id).ok())
+                .collect();
+            local.members.insert(m.local.clone(), ids);
         }
     }
     local

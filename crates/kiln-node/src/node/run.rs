@@ -188,15 +188,28 @@ impl Node {
         // or not one was left, the pool is refilled in the background. A
         // networked run takes a member of a networked template's pool
         // (attached, with a deny-all policy, until the claim writes this
-        // run's). A server-assigned ID cannot take a pool member, whose ID
-        // is its own; nor can a run that publishes ports (they are set up
-        // with the sandbox's own attachment).
+        // run's). A server-assigned ID takes a pool member only when it is
+        // that member's ID (below); a run that publishes ports never does
+        // (they are set up with the sandbox's own attachment).
+        // A server-assigned ID takes the member it names, when the server
+        // chose one of this pool's members (reported by the node daemon).
+        let member = req
+            .id
+            .as_deref()
+            .filter(|id| {
+                template
+                    .as_ref()
+                    .is_ok_and(|name| crate::pool::Pool::of(self.dirs(), name).is_offered(id))
+            });
         if let Ok(name) = &template
             && ports.is_empty()
-            && req.id.is_none()
+            && (req.id.is_none() || member.is_some())
         {
             let spawned_ms = t0.elapsed().as_millis() as u64;
-            match self.claim_pool_member(name, &spec, policy.as_ref()).await {
+            match self
+                .claim_pool_member(name, &spec, policy.as_ref(), member)
+                .await
+            {
                 Some(c) if !c.ready.ok && c.ready.restore_failed => {
                     // The member broke before running anything.
                     notes.push(format!(

@@ -143,6 +143,11 @@ pub async fn create(
             }
             None => return Err(ApiError::unavailable("the scheduler gave no decision")),
         };
+        // A warm-pool member of the tenant's template on that node, if any.
+        let id = s
+            .raft
+            .read_local(|st| super::templates::pool_member(st, &tenant, &spec, &node))
+            .unwrap_or_else(|| id.clone());
         let r = super::commit(
             &s,
             Command::CreateSandbox {

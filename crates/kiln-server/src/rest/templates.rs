@@ -75,6 +75,29 @@ pub fn to_rest(st: &St, t: &TemplateRecord) -> Template {
     }
 }
 
+/// A ready warm-pool member on `node` that a create of `spec` by `tenant`
+/// may take as its sandbox ID: of a template of the tenant (or a shared
+/// one) with the spec's image and resources, reported by the node and not
+/// yet a sandbox. The node then starts the sandbox from that member.
+pub(super) fn pool_member(
+    st: &St,
+    tenant: &TenantName,
+    spec: &SandboxSpec,
+    node: &NodeName,
+) -> Option<kiln_api::sandbox::SandboxId> {
+    use kiln_api::sandbox::{NetworkSpec, StartPreference};
+    if spec.start != StartPreference::Warm || spec.network != NetworkSpec::None {
+        return None;
+    }
+    query::list_templates(st, Some(tenant))
+        .filter(|t| t.image == spec.image && t.resources == spec.resources)
+        .filter_map(|t| st.pools.get(&scoped(t.tenant.as_ref(), &t.name)))
+        .filter_map(|p| p.members.get(node))
+        .flatten()
+        .find(|id| !st.sandboxes.contains_key(*id))
+        .cloned()
+}
+
 fn not_found(name: &str) -> ApiError {
     let shown: String = name.chars().take(128).filter(|c| !c.is_control()).collect();
     ApiError::new(

@@ -144,9 +144,11 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                 tenant: tenant.clone(),
                 template: template.clone(),
                 nodes: Default::default(),
+                members: Default::default(),
             });
             if *target == 0 {
                 pool.nodes.remove(node);
+                pool.members.remove(node);
             } else {
                 pool.nodes
                     .entry(node.clone())
@@ -166,15 +168,29 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             tenant,
             template,
             ready,
+            members,
         } => {
-            let slot = st
+            if members.len() > MAX_POOL_TARGET as usize {
+                return Err(Rejection::invalid(
+                    "members",
+                    format!("at most {MAX_POOL_TARGET}"),
+                ));
+            }
+            let pool = st
                 .pools
                 .get_mut(&scoped(tenant.as_ref(), template))
-                .and_then(|p| p.nodes.get_mut(node))
+                .filter(|p| p.nodes.contains_key(node))
                 .ok_or_else(|| {
                     Rejection::not_found(ObjectKind::Pool, format!("{template} on {node}"))
                 })?;
-            slot.ready = *ready;
+            if let Some(slot) = pool.nodes.get_mut(node) {
+                slot.ready = *ready;
+            }
+            if members.is_empty() {
+                pool.members.remove(node);
+            } else {
+                pool.members.insert(node.clone(), members.clone());
+            }
             Ok(Response::Done)
         }
         Command::PutSnapshot {
