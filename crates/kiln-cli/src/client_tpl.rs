@@ -232,11 +232,7 @@ pub async fn images(cmd: ImagesCommand) -> Result<i32> {
             }
             let mut code = 0;
             for name in &names {
-                let path: String = name
-                    .split('/')
-                    .map(seg_ref)
-                    .collect::<Vec<_>>()
-                    .join("/");
+                let path = seg_ref(name);
                 match c.call("DELETE", &format!("/images/{path}"), None).await {
                     Ok(body) => {
                         let r: ImageResult = serde_json::from_slice(&body)?;
@@ -257,7 +253,8 @@ pub async fn images(cmd: ImagesCommand) -> Result<i32> {
     }
 }
 
-/// A path segment of an image reference (`:` and `@` kept).
+/// An image reference as one path segment (`/` percent-encoded; `:` and
+/// `@` kept).
 fn seg_ref(s: &str) -> String {
     s.bytes()
         .map(|b| {

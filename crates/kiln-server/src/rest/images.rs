@@ -227,7 +227,7 @@ pub async fn pull(
 /// Remove an image from every node caching it (admin). Refused (409
 /// `image_in_use`) by a node where something uses it.
 #[utoipa::path(delete, path = "/v1/images/{reference}", tag = "images",
-    params(("reference" = String, Path, description = "The reference, slashes included")),
+    params(("reference" = String, Path, description = "The reference, its slashes percent-encoded (%2F)")),
     responses((status = 200, body = ImageResult), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "No node caches it", body = ErrorBody),
         (status = 409, description = "In use on a node", body = ErrorBody), (status = 502, body = ErrorBody)))]

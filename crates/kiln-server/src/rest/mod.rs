@@ -176,7 +176,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/images", get(images::list))
         .route("/images/pull", post(images::pull))
-        .route("/images/{*reference}", axum::routing::delete(images::remove))
+        .route("/images/{reference}", axum::routing::delete(images::remove))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), to_leader))
         .layer(middleware::from_fn_with_state(shared.clone(), authenticate));
