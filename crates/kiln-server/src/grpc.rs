@@ -485,17 +485,15 @@ impl NodeRpc {
                     members: t.members.clone(),
                 });
             }
-            match self.shared.raft.write(Command::Batch { commands }).await {
-                Ok(Response::Batch { responses }) => {
-                    if let Some(Response::Rejected(rej)) =
-                        responses.into_iter().find(Response::is_rejected)
-                    {
+            for c in commands {
+                match self.shared.raft.write(c).await {
+                    Ok(Response::Rejected(rej)) => {
                         refused[i] = rej.to_string();
+                        break;
                     }
+                    Ok(_) => {}
+                    Err(e) => return Err(write_status(e)),
                 }
-                Ok(Response::Rejected(rej)) => refused[i] = rej.to_string(),
-                Ok(_) => {}
-                Err(e) => return Err(write_status(e)),
             }
         }
         Ok(tonic::Response::new(ReportReply { refused }))

@@ -1,6 +1,6 @@
 //! `/v1/templates`: templates and their warm pools, as replicated desired
 //! state. A create records the template and its pool target on each chosen
-//! node (`PutTemplate` + `SetPool`, one log entry); each node's daemon
+//! node (`PutTemplate`, then `SetPool` per node); each node's daemon
 //! builds it, sizes the pool and reports back (`ReportTemplate`,
 //! `ReportPool`), which `GET` shows per node.
 //!
@@ -128,7 +128,8 @@ fn answer(r: Response) -> Result<(), ApiError> {
 }
 
 /// Create a template (and its warm pool) on the given nodes, or on every
-/// ready node. Creating one that exists with the same image and resources
+/// ready node: `put_template`, then `set_pool` per node (a create cut off
+/// in between leaves pools unset; repeating it completes them). Creating one that exists with the same image and resources
 /// adds the nodes and sets the pool size (200).
 #[utoipa::path(post, path = "/v1/templates", tag = "templates", request_body = CreateTemplate,
     responses(
@@ -210,7 +211,10 @@ pub async fn create(
         node: n.clone(),
         target: req.pool,
     }));
-    answer(super::commit(&s, Command::Batch { commands }).await?)?;
+    // One command per proposal (the proposer groups concurrent ones).
+    for c in commands {
+        answer(super::commit(&s, c).await?)?;
+    }
     let t = shown(&s, who.tenant.as_ref(), &name).await?;
     let status = if existed {
         StatusCode::OK
@@ -286,8 +290,10 @@ pub async fn resize(
             node: n,
             target: req.size,
         })
-        .collect();
-    answer(super::commit(&s, Command::Batch { commands }).await?)?;
+        .collect::<Vec<_>>();
+    for c in commands {
+        answer(super::commit(&s, c).await?)?;
+    }
     Ok(Json(shown(&s, who.tenant.as_ref(), &name).await?))
 }
 
