@@ -184,10 +184,7 @@ pub fn default_template_name(image: &str, r: &Resources) -> String {
     if base.is_empty() {
         base = "template".into();
     }
-    format!(
-        "{base}-{}c-{}m-{}d",
-        r.cpus, r.memory_mib, r.disk_mib
-    )
+    format!("{base}-{}c-{}m-{}d", r.cpus, r.memory_mib, r.disk_mib)
 }
 
 #[cfg(test)]
@@ -201,6 +198,9 @@ mod tests {
             let n = default_template_name(image, &r);
             assert!(crate::sandbox::valid_name(&n), "{image:?} -> {n:?}");
         }
-        assert_eq!(default_template_name("busybox", &r), "busybox-1c-256m-1024d");
+        assert_eq!(
+            default_template_name("busybox", &r),
+            "busybox-1c-256m-1024d"
+        );
     }
 }

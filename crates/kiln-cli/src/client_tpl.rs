@@ -130,9 +130,10 @@ pub async fn template(cmd: TemplateCommand) -> Result<i32> {
             )?;
             for t in list.items {
                 let size: u64 = t.nodes.iter().map(|n| n.size_bytes).sum();
-                let (ready, target) = t.nodes.iter().fold((0, 0), |(r, g), n| {
-                    (r + n.pool_ready, g + n.pool_target)
-                });
+                let (ready, target) = t
+                    .nodes
+                    .iter()
+                    .fold((0, 0), |(r, g), n| (r + n.pool_ready, g + n.pool_target));
                 let pool = if target == 0 {
                     "-".to_string()
                 } else {

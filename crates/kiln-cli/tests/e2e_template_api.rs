@@ -296,13 +296,22 @@ fn templates_pools_and_images_through_the_api() {
         ("PUT", "/v1/templates/bb/pool", Some(r#"{"size":3}"#)),
     ] {
         let (status, body) = api.call(&api.b, m, p, b);
-        assert_eq!((status, code(&body).as_str()), (404, "not_found"), "{m} {p}");
+        assert_eq!(
+            (status, code(&body).as_str()),
+            (404, "not_found"),
+            "{m} {p}"
+        );
     }
     let (_, body) = api.call(&api.b, "GET", "/v1/templates", None);
     let list: TemplateList = serde_json::from_slice(&body).expect("a TemplateList");
     assert!(list.items.is_empty(), "{list:?}");
     // Bad input: unknown field, bad name.
-    let (status, body) = api.call(&api.a, "POST", "/v1/templates", Some(r#"{"image":"x","bogus":1}"#));
+    let (status, body) = api.call(
+        &api.a,
+        "POST",
+        "/v1/templates",
+        Some(r#"{"image":"x","bogus":1}"#),
+    );
     assert_eq!((status, code(&body).as_str()), (400, "unknown_field"));
     let bad = serde_json::json!({ "name": "../x", "image": image }).to_string();
     let (status, body) = api.call(&api.a, "POST", "/v1/templates", Some(&bad));
@@ -318,16 +327,18 @@ fn templates_pools_and_images_through_the_api() {
             }) && s.templates["acme/bb"].nodes.values().any(|a| a.ready)
         },
     );
-    eprintln!("template + pool of 1 through the API: {} ms", t0.elapsed().as_millis());
+    eprintln!(
+        "template + pool of 1 through the API: {} ms",
+        t0.elapsed().as_millis()
+    );
     let (status, t) = api.template(&api.a, "bb");
     let t = t.expect("a Template");
     assert_eq!(status, 200);
     assert_eq!(t.nodes[0].phase, TemplatePhase::Ready, "{t:?}");
     assert_eq!((t.nodes[0].pool_ready, t.nodes[0].pool_target), (1, 1));
     assert!(t.nodes[0].size_bytes > 0);
-    let member: SandboxId = api.read(|s| {
-        s.pools["acme/bb"].members.values().next().expect("members")[0].clone()
-    });
+    let member: SandboxId =
+        api.read(|s| s.pools["acme/bb"].members.values().next().expect("members")[0].clone());
 
     // A sandbox of A for that image and resources starts from the member.
     let mut sb = spec(&["sh", "-c", "echo from-pool; sleep 3600"]);
@@ -349,7 +360,10 @@ fn templates_pools_and_images_through_the_api() {
             Some(SandboxState::Running { .. })
         )
     });
-    eprintln!("API create -> running from the pool: {} ms", t1.elapsed().as_millis());
+    eprintln!(
+        "API create -> running from the pool: {} ms",
+        t1.elapsed().as_millis()
+    );
     let log = node.log();
     let started = log
         .lines()
@@ -365,15 +379,69 @@ fn templates_pools_and_images_through_the_api() {
             .any(|m| m.len() == 1 && m[0] != id)
     });
 
+    // The CLI against the server (KILN_SERVER): tenant B makes a template
+    // of the same image and resources (the node shares its template with
+    // A's), lists it, and removes it: A's stays on the node.
+    let cli = |token: &str, args: &[&str]| {
+        let out = Proc::new(&k.bin)
+            .args(args)
+            .env("KILN_SERVER", api.url())
+            .env("KILN_TOKEN", token)
+            .env("KILN_CONFIG", "/nonexistent")
+            .output()
+            .expect("kiln runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let t4 = Instant::now();
+    let (rc, out, err) = cli(
+        &api.b,
+        &[
+            "template", "create", "--memory", "128", "--disk", "64", &image,
+        ],
+    );
+    assert_eq!(rc, 0, "{out}{err}");
+    let b_name = out.trim().to_string();
+    assert!(b_name.ends_with("-1c-128m-64d"), "{b_name}");
+    eprintln!(
+        "kiln template create through the API (shared node template): {} ms",
+        t4.elapsed().as_millis()
+    );
+    let (rc, out, err) = cli(&api.b, &["template", "ls"]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.starts_with("NAME"), "{out}");
+    assert!(
+        out.contains(&b_name) && out.contains("host-t: ready"),
+        "{out}"
+    );
+    assert!(!out.contains("bb "), "B sees A's template: {out}");
+    let (rc, out, _) = cli(&api.a, &["template", "ls", "-q"]);
+    assert_eq!((rc, out.trim()), (0, "bb"));
+    let (rc, out, err) = cli(&api.a, &["template", "rm", "bb"]);
+    assert_eq!(rc, 125, "{out}");
+    assert!(err.contains("template_in_use"), "{err}");
+    let (rc, out, err) = cli(&api.b, &["template", "rm", &b_name]);
+    assert_eq!((rc, out.trim()), (0, b_name.as_str()), "{err}");
+    let (rc, out, err) = cli(&api.b, &["images", "pull", "oci:/nonexistent/kiln-e2e-x"]);
+    assert_eq!(rc, 125, "{out}");
+    assert!(err.contains("image_not_found"), "{err}");
+
     // Images: listed (from the heartbeat); removal is the admin's, and
     // refused while a sandbox uses the image.
-    api.wait_for(Duration::from_secs(90), "the image in the node's heartbeat", |s| {
-        s.nodes.values().any(|n| n.images.contains(&image))
-    });
+    api.wait_for(
+        Duration::from_secs(90),
+        "the image in the node's heartbeat",
+        |s| s.nodes.values().any(|n| n.images.contains(&image)),
+    );
     let (status, body) = api.call(&api.b, "GET", "/v1/images", None);
     assert_eq!(status, 200);
     let imgs: ImageList = serde_json::from_slice(&body).expect("an ImageList");
     assert!(imgs.items.iter().any(|i| i.reference == image), "{imgs:?}");
+    let (rc, out, err) = cli(&api.a, &["images", "ls", "-q"]);
+    assert_eq!((rc, out.trim()), (0, image.as_str()), "{err}");
     let rm_path = format!("/v1/images/{}", image.replace('/', "%2F"));
     let (status, body) = api.call(&api.a, "DELETE", &rm_path, None);
     assert_eq!((status, code(&body).as_str()), (403, "admin_required"));
@@ -388,7 +456,12 @@ fn templates_pools_and_images_through_the_api() {
     assert_eq!((status, code(&body).as_str()), (404, "not_found"));
 
     // Resize to 0: the node drains the pool.
-    let (status, body) = api.call(&api.a, "PUT", "/v1/templates/bb/pool", Some(r#"{"size":0}"#));
+    let (status, body) = api.call(
+        &api.a,
+        "PUT",
+        "/v1/templates/bb/pool",
+        Some(r#"{"size":0}"#),
+    );
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     api.wait_for(Duration::from_secs(120), "the pool drained", |s| {
         s.pools.get("acme/bb").is_none()
@@ -432,8 +505,8 @@ fn templates_pools_and_images_through_the_api() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let made = std::fs::read_to_string(k.state_dir().join("node/templates.json"))
-        .unwrap_or_default();
+    let made =
+        std::fs::read_to_string(k.state_dir().join("node/templates.json")).unwrap_or_default();
     assert_eq!(made.trim(), "{}", "the daemon forgot the template");
 
     node.term();

@@ -114,6 +114,6 @@ mod tenants;
 #[cfg(test)]
 mod policy_tests;
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod template_tests;
+#[cfg(test)]
+mod tests;

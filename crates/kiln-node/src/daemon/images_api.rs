@@ -130,7 +130,9 @@ async fn remove(State(cx): State<Arc<Ctx>>, body: axum::body::Bytes) -> Response
                     tracing::info!(template = %t, "evicted automatic template with its image");
                 }
             }
-            let removed = node.images().and_then(|i| i.remove(&r).map_err(ImageOpError::from));
+            let removed = node
+                .images()
+                .and_then(|i| i.remove(&r).map_err(ImageOpError::from));
             match removed {
                 Ok(_) => axum::Json(NodeImageAnswer {
                     digest: plan.digest,

@@ -513,33 +513,39 @@ async fn template_loop(
             );
             tokio::spawn(async move {
                 match &a {
-                    TplAction::Create { key, image, resources } => {
-                        match templates::create(&node, image, *resources, &insecure).await {
-                            Ok(local) => {
-                                lock(&errors).remove(key);
-                                let mut m = lock(&made);
-                                m.insert(
-                                    key.clone(),
-                                    templates::Made {
-                                        local,
-                                        image: image.clone(),
-                                        resources: *resources,
-                                    },
-                                );
-                                if let Err(e) = templates::save_made(&node, &m) {
-                                    tracing::warn!(error = %e, "cannot save templates.json");
-                                }
-                            }
-                            Err(why) => {
-                                tracing::warn!(template = %key, %image, error = %why, "cannot build the template");
-                                lock(&errors).insert(key.clone(), (why, std::time::Instant::now()));
+                    TplAction::Create {
+                        key,
+                        image,
+                        resources,
+                    } => match templates::create(&node, image, *resources, &insecure).await {
+                        Ok(local) => {
+                            lock(&errors).remove(key);
+                            let mut m = lock(&made);
+                            m.insert(
+                                key.clone(),
+                                templates::Made {
+                                    local,
+                                    image: image.clone(),
+                                    resources: *resources,
+                                },
+                            );
+                            if let Err(e) = templates::save_made(&node, &m) {
+                                tracing::warn!(error = %e, "cannot save templates.json");
                             }
                         }
-                    }
+                        Err(why) => {
+                            tracing::warn!(template = %key, %image, error = %why, "cannot build the template");
+                            lock(&errors).insert(key.clone(), (why, std::time::Instant::now()));
+                        }
+                    },
                     TplAction::SizePool { local, size } => {
                         match node.size_pool(local, *size).await {
-                            Ok(f) => tracing::info!(template = %local, size, ready = f.ready, started = f.started, removed = f.removed, "pool sized for the server"),
-                            Err(e) => tracing::warn!(template = %local, error = %crate::error_chain(&e), "cannot size the pool"),
+                            Ok(f) => {
+                                tracing::info!(template = %local, size, ready = f.ready, started = f.started, removed = f.removed, "pool sized for the server")
+                            }
+                            Err(e) => {
+                                tracing::warn!(template = %local, error = %crate::error_chain(&e), "cannot size the pool")
+                            }
                         }
                     }
                     TplAction::Drop { key, local, remove } => {
@@ -586,9 +592,8 @@ async fn template_loop(
             .await
             .unwrap_or_default()
         };
-        let reports = templates::reports(&want, &local, &errs, |l| {
-            sizes.get(l).copied().unwrap_or(0)
-        });
+        let reports =
+            templates::reports(&want, &local, &errs, |l| sizes.get(l).copied().unwrap_or(0));
         if reports.is_empty() || last_sent.as_ref() == Some(&reports) {
             continue;
         }

@@ -422,6 +422,9 @@ mod tests {
         l.present.insert("tpl-1".into());
         l.pools.insert("tpl-1".into(), (3, 3));
         let r = reports(&d, &l, &BTreeMap::new(), |_| 42);
-        assert_eq!((r[0].ready, r[0].size_bytes, r[0].pool_ready), (true, 42, 1));
+        assert_eq!(
+            (r[0].ready, r[0].size_bytes, r[0].pool_ready),
+            (true, 42, 1)
+        );
     }
 }

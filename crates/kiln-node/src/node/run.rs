@@ -193,14 +193,11 @@ impl Node {
         // (they are set up with the sandbox's own attachment).
         // A server-assigned ID takes the member it names, when the server
         // chose one of this pool's members (reported by the node daemon).
-        let member = req
-            .id
-            .as_deref()
-            .filter(|id| {
-                template
-                    .as_ref()
-                    .is_ok_and(|name| crate::pool::Pool::of(self.dirs(), name).is_offered(id))
-            });
+        let member = req.id.as_deref().filter(|id| {
+            template
+                .as_ref()
+                .is_ok_and(|name| crate::pool::Pool::of(self.dirs(), name).is_offered(id))
+        });
         if let Ok(name) = &template
             && ports.is_empty()
             && (req.id.is_none() || member.is_some())

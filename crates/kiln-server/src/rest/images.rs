@@ -89,7 +89,11 @@ fn targets(
                 "not_found",
                 format!("node {n} does not exist"),
             ),
-            None => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "no_nodes", "no ready node"),
+            None => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "no_nodes",
+                "no ready node",
+            ),
         });
     }
     found
@@ -160,12 +164,12 @@ async fn relay(
                 changed: a.changed,
             })
             .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "bad_gateway",
-                format!("node {node} answered an invalid body: {e}"),
-            )
-        });
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_gateway",
+                    format!("node {node} answered an invalid body: {e}"),
+                )
+            });
     }
     if status == 401 {
         return Err(ApiError::new(

@@ -162,10 +162,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/tokens", post(admin::create_token))
         .route("/tokens/{id}", axum::routing::delete(admin::revoke_token))
-        .route(
-            "/templates",
-            post(templates::create).get(templates::list),
-        )
+        .route("/templates", post(templates::create).get(templates::list))
         .route(
             "/templates/{name}",
             get(templates::get_one).delete(templates::delete),
