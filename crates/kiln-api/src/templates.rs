@@ -26,6 +26,9 @@ pub struct CreateTemplate {
     pub nodes: Option<Vec<NodeName>>,
 }
 
+/// The most warm pool members one node keeps of one template.
+pub const MAX_POOL_PER_NODE: u32 = 64;
+
 /// `PUT /v1/templates/{name}/pool`: the pool size on every node holding it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

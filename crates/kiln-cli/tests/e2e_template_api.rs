@@ -316,6 +316,9 @@ fn templates_pools_and_images_through_the_api() {
     let bad = serde_json::json!({ "name": "../x", "image": image }).to_string();
     let (status, body) = api.call(&api.a, "POST", "/v1/templates", Some(&bad));
     assert_eq!((status, code(&body).as_str()), (422, "invalid_name"));
+    let big = serde_json::json!({ "image": image, "pool": 65 }).to_string();
+    let (status, body) = api.call(&api.a, "POST", "/v1/templates", Some(&big));
+    assert_eq!((status, code(&body).as_str()), (422, "invalid_pool"));
 
     // The node builds it, fills the pool and reports both.
     api.wait_for(
@@ -464,7 +467,7 @@ fn templates_pools_and_images_through_the_api() {
     );
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     api.wait_for(Duration::from_secs(120), "the pool drained", |s| {
-        s.pools.get("acme/bb").is_none()
+        !s.pools.contains_key("acme/bb")
     });
     let t2 = Instant::now();
     while sandbox_dirs(&k) != vec![id.to_string()] {

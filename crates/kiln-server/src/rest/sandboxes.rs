@@ -144,10 +144,11 @@ pub async fn create(
             None => return Err(ApiError::unavailable("the scheduler gave no decision")),
         };
         // A warm-pool member of the tenant's template on that node, if any.
-        let id = s
+        let member = s
             .raft
-            .read_local(|st| super::templates::pool_member(st, &tenant, &spec, &node))
-            .unwrap_or_else(|| id.clone());
+            .read_local(|st| super::templates::pool_member(st, &tenant, &spec, &node));
+        let took_member = member.is_some();
+        let id = member.unwrap_or_else(|| id.clone());
         let r = super::commit(
             &s,
             Command::CreateSandbox {
@@ -162,6 +163,12 @@ pub async fn create(
         .await?;
         match r {
             Response::Rejected(Rejection::Conflict { .. }) if attempt < PLACE_ATTEMPTS => continue,
+            // Another create took the same pool member first.
+            Response::Rejected(Rejection::AlreadyExists { .. })
+                if took_member && attempt < PLACE_ATTEMPTS =>
+            {
+                continue;
+            }
             Response::Rejected(rej) => return Err(rejection(rej)),
             other => break other,
         }

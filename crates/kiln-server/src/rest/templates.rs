@@ -114,6 +114,18 @@ fn owned_key(st: &St, who: &Caller, name: &str) -> Option<String> {
     st.templates.contains_key(&key).then_some(key)
 }
 
+fn check_pool(n: u32) -> Result<(), ApiError> {
+    use kiln_api::templates::MAX_POOL_PER_NODE;
+    if n > MAX_POOL_PER_NODE {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_pool",
+            format!("pool: at most {MAX_POOL_PER_NODE} members per node"),
+        ));
+    }
+    Ok(())
+}
+
 fn answer(r: Response) -> Result<(), ApiError> {
     match r {
         Response::Rejected(rej) => Err(rejection(rej)),
@@ -148,6 +160,7 @@ pub async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     let who = caller(&s, &headers)?;
     let JsonBody(req) = body?;
+    check_pool(req.pool)?;
     let name = req
         .name
         .clone()
@@ -277,6 +290,7 @@ pub async fn resize(
 ) -> Result<Json<Template>, ApiError> {
     let who = caller(&s, &headers)?;
     let JsonBody(req) = body?;
+    check_pool(req.size)?;
     let nodes = super::confirmed(&s, |st| {
         owned_key(st, &who, &name).map(|k| st.templates[&k].placed.clone())
     })
