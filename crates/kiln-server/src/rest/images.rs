@@ -32,7 +32,7 @@ pub const MAX_REFERENCE: usize = 512;
 const PULL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Every image cached on some node, with the nodes holding it.
-#[utoipa::path(get, path = "/v1/images", tag = "images",
+#[utoipa::path(get, path = "/v1/images", tag = "images", operation_id = "list_images",
     responses((status = 200, body = ImageList), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn list(
     State(s): State<Arc<Shared>>,
@@ -136,9 +136,13 @@ async fn relay(
         .request(method, url)
         .bearer_auth(key)
         .timeout(PULL_TIMEOUT)
-        .json(&NodeImageRequest {
-            reference: reference.to_owned(),
-        })
+        .header("content-type", "application/json")
+        .body(
+            serde_json::to_vec(&NodeImageRequest {
+                reference: reference.to_owned(),
+            })
+            .unwrap_or_default(),
+        )
         .send()
         .await
         .map_err(|e| {
@@ -198,7 +202,7 @@ async fn relay(
 
 /// Pull an image on one node or every ready node; answers once all have
 /// it (an unknown image is the node's 4xx, `image_not_found`).
-#[utoipa::path(post, path = "/v1/images/pull", tag = "images", request_body = PullImage,
+#[utoipa::path(post, path = "/v1/images/pull", tag = "images", operation_id = "pull_image", request_body = PullImage,
     responses((status = 200, body = ImageResult), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, description = "Unknown node or image", body = ErrorBody),
         (status = 422, description = "Invalid reference, or one naming a file on the node", body = ErrorBody),
@@ -230,7 +234,7 @@ pub async fn pull(
 
 /// Remove an image from every node caching it (admin). Refused (409
 /// `image_in_use`) by a node where something uses it.
-#[utoipa::path(delete, path = "/v1/images/{reference}", tag = "images",
+#[utoipa::path(delete, path = "/v1/images/{reference}", tag = "images", operation_id = "remove_image",
     params(("reference" = String, Path, description = "The reference, its slashes percent-encoded (%2F)")),
     responses((status = 200, body = ImageResult), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "No node caches it", body = ErrorBody),

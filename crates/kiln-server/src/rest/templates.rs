@@ -143,7 +143,7 @@ fn answer(r: Response) -> Result<(), ApiError> {
 /// ready node: `put_template`, then `set_pool` per node (a create cut off
 /// in between leaves pools unset; repeating it completes them). Creating one that exists with the same image and resources
 /// adds the nodes and sets the pool size (200).
-#[utoipa::path(post, path = "/v1/templates", tag = "templates", request_body = CreateTemplate,
+#[utoipa::path(post, path = "/v1/templates", tag = "templates", operation_id = "create_template", request_body = CreateTemplate,
     responses(
         (status = 201, description = "Recorded; nodes build it", body = Template),
         (status = 200, description = "It existed with this image and resources", body = Template),
@@ -246,7 +246,7 @@ async fn shown(s: &Shared, tenant: Option<&TenantName>, name: &str) -> Result<Te
 }
 
 /// The caller's templates (and the shared ones), with per-node status.
-#[utoipa::path(get, path = "/v1/templates", tag = "templates",
+#[utoipa::path(get, path = "/v1/templates", tag = "templates", operation_id = "list_templates",
     responses((status = 200, body = TemplateList), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn list(
     State(s): State<Arc<Shared>>,
@@ -265,7 +265,7 @@ pub async fn list(
 
 /// One template, with where it is creating, ready or failed (and why) and
 /// its pool's ready members and target on each node.
-#[utoipa::path(get, path = "/v1/templates/{name}", tag = "templates",
+#[utoipa::path(get, path = "/v1/templates/{name}", tag = "templates", operation_id = "get_template",
     params(("name" = String, Path)),
     responses((status = 200, body = Template), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_one(
@@ -278,7 +278,7 @@ pub async fn get_one(
 }
 
 /// Size the template's warm pool on every node holding it (0 drains it).
-#[utoipa::path(put, path = "/v1/templates/{name}/pool", tag = "templates",
+#[utoipa::path(put, path = "/v1/templates/{name}/pool", tag = "templates", operation_id = "resize_pool",
     params(("name" = String, Path)), request_body = ResizePool,
     responses((status = 200, body = Template), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 422, description = "Too large", body = ErrorBody)))]
@@ -313,7 +313,7 @@ pub async fn resize(
 
 /// Delete the template: every node drains its pool and removes it. Refused
 /// while sandboxes of its image and resources run on a node holding it.
-#[utoipa::path(delete, path = "/v1/templates/{name}", tag = "templates",
+#[utoipa::path(delete, path = "/v1/templates/{name}", tag = "templates", operation_id = "delete_template",
     params(("name" = String, Path)),
     responses((status = 204, description = "Deleted; nodes remove it"), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, description = "In use", body = ErrorBody)))]
