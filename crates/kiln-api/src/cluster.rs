@@ -195,6 +195,11 @@ pub struct NodeDesired {
     pub sandboxes: Vec<Assignment>,
     /// `(scoped template name, target)` of the pools on this node.
     pub pools: Vec<(String, u32)>,
+    /// The IPv4 addresses of the cluster's other nodes: the node protects
+    /// them like its own (no tenant rule broader than the address opens
+    /// them), so a sandbox cannot reach another host's node endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_addresses: Vec<std::net::Ipv4Addr>,
     /// The templates this node must hold (created through the API), with
     /// their pool targets here. A template that leaves this list is drained
     /// and removed by the node.

@@ -221,3 +221,99 @@ pub struct SandboxPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<NodeName>,
 }
+
+/// `POST /v1/sandboxes/{id}/snapshot`: the snapshot's name (default
+/// `snap-<time>-<random>`): 1-128 characters of `[A-Za-z0-9._-]`, not
+/// starting with `.` or `-`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreateSnapshot {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A node's copy of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SnapshotHolder {
+    pub node: NodeName,
+    pub size_bytes: u64,
+}
+
+/// A tenant's named snapshot of a sandbox (restore it with `POST
+/// /v1/sandboxes` and `origin: {kind: snapshot, snapshot: NAME}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Snapshot {
+    pub name: String,
+    pub tenant: TenantName,
+    /// The sandbox it was taken of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SandboxId>,
+    pub image: String,
+    pub resources: crate::sandbox::Resources,
+    pub created_at_ms: u64,
+    /// The nodes holding a copy (a restore is placed on one of them).
+    pub holders: Vec<SnapshotHolder>,
+    /// A fork's snapshot: it goes with the last sandbox forked from it.
+    #[serde(default)]
+    pub ephemeral: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SnapshotList {
+    pub items: Vec<Snapshot>,
+}
+
+/// `POST /v1/sandboxes/{id}/fork`: how many copies (1-64).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ForkRequest {
+    pub count: u32,
+}
+
+/// The answer of a fork: the new sandboxes (committed before the answer;
+/// each is restored by the source's node and reports like any sandbox).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ForkResult {
+    pub source: SandboxId,
+    pub ids: Vec<SandboxId>,
+}
+
+/// The server's request to a node's `POST /node/v1/sandboxes/{id}/snapshot`
+/// (not part of the public API): snapshot the sandbox as `name` (the
+/// node-local name). `ephemeral` (a fork's): the snapshot is removed when
+/// its last user leaves, and the node holds it until each of `hold_for`
+/// was restored from it (or a deadline passed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSnapshotRequest {
+    pub name: String,
+    #[serde(default)]
+    pub ephemeral: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hold_for: Vec<SandboxId>,
+}
+
+/// A node's answer to [`NodeSnapshotRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSnapshotDone {
+    pub name: String,
+    pub size_bytes: u64,
+}
+
+/// The most sandboxes one fork makes.
+pub const MAX_FORK_COUNT: u32 = 64;
+
+/// The name a tenant's snapshot has on a node: `TENANT.NAME` (tenant names
+/// have no `.`, so the split is unambiguous and tenants never collide).
+/// `None` when the result would be longer than a snapshot name may be.
+pub fn node_snapshot_name(tenant: &TenantName, name: &str) -> Option<String> {
+    let n = format!("{}.{name}", tenant.as_str());
+    crate::sandbox::valid_name(&n).then_some(n)
+}

@@ -142,7 +142,7 @@ struct Context_ {
     ca: Option<PathBuf>,
 }
 
-fn config_path() -> Option<PathBuf> {
+pub(crate) fn config_path() -> Option<PathBuf> {
     std::env::var_os("KILN_CONFIG")
         .map(PathBuf::from)
         .or_else(|| {
@@ -213,6 +213,13 @@ impl Client {
             format!("http://{}", base.trim_end_matches('/'))
         };
         Ok(Client { http, base, token })
+    }
+
+    /// A request to `/v1{path}` with the token, for streamed answers.
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}/v1{path}", self.base))
+            .bearer_auth(&self.token)
     }
 
     pub(crate) async fn call(

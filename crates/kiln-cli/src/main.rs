@@ -10,6 +10,7 @@ mod bench_density;
 mod bench_fork;
 mod bench_net;
 mod bench_warm;
+mod client_snap;
 mod client_tpl;
 mod commands;
 mod images;
@@ -524,6 +525,14 @@ fn main() {
             }
             Command::Images { command } if client_tpl::server_configured() => {
                 client_tpl::images(command).await
+            }
+            // Snapshots, restores and forks through a configured server.
+            Command::Snapshot(a) if client_snap::configured() => client_snap::snapshot_cmd(a).await,
+            Command::Restore { snapshot, detach } if client_snap::configured() => {
+                client_snap::restore(&snapshot, detach).await
+            }
+            Command::Fork { id, count } if client_snap::configured() => {
+                client_snap::fork(&id, count).await
             }
             c => commands::dispatch(c).await,
         };

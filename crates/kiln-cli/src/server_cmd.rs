@@ -102,9 +102,10 @@ fn cluster_secret(a: &ServerArgs, single: bool) -> Result<Option<String>> {
     if let Some(p) = &a.cluster_secret_file {
         return read(p).map(Some);
     }
+    // Otherwise the server reads, or (alone) generates, STATE/cluster.secret.
     let own = a.state_dir.join("cluster.secret");
     if own.exists() {
-        return read(&own).map(Some);
+        return Ok(None);
     }
     if !single {
         bail!(
@@ -112,14 +113,11 @@ fn cluster_secret(a: &ServerArgs, single: bool) -> Result<Option<String>> {
              (at least 16 printable characters, e.g. `head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > F`)"
         );
     }
-    let s = kiln_server::server::random_hex(32);
-    kiln_server::server::write_secret_file(&own, &s)
-        .with_context(|| format!("writing the cluster secret {}", own.display()))?;
     eprintln!(
         "kiln server: cluster secret in {} (servers added later need the same file: --cluster-secret-file)",
         own.display()
     );
-    Ok(Some(s))
+    Ok(None)
 }
 
 pub async fn run(a: ServerArgs) -> Result<i32> {

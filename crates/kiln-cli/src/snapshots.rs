@@ -13,17 +13,17 @@ use kiln_node::node::Node;
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct SnapshotArgs {
     #[command(subcommand)]
-    command: Option<SnapshotCommand>,
+    pub(crate) command: Option<SnapshotCommand>,
     /// The sandbox to snapshot (running or paused).
     #[arg(required = true)]
-    id: Option<String>,
+    pub(crate) id: Option<String>,
     /// Name of the snapshot (default: snap-XXXXXXXX).
     #[arg(long)]
-    name: Option<String>,
+    pub(crate) name: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
-enum SnapshotCommand {
+pub(crate) enum SnapshotCommand {
     /// List snapshots.
     Ls {
         /// Only print names.

@@ -483,6 +483,28 @@ fn udp_icmp_spoofing_peers_host_metadata_ipv6_and_bad_input() {
         "shown {n} + suppressed {suppressed}"
     );
 
+    tracing::info!("the supervisor drains the ring on its own: no `kiln events` needed");
+    let (rc, _) = guest(&k, &a, &format!("/net_tool udp {addr} 7098"));
+    assert_eq!(rc, 0);
+    let file = k
+        .state_dir()
+        .join("net")
+        .join("events")
+        .join(format!("{a}.jsonl"));
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        if text.contains("\"port\":7098") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the denied datagram to 7098 never reached {}: {text}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
     tracing::info!("removed: no tap, pin or process left");
     drop(extras);
     ok(&k, &["rm", "-f", &a, &b]);

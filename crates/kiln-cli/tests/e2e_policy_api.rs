@@ -256,8 +256,13 @@ fn p50(mut v: Vec<f64>) -> f64 {
 /// `host_ip` is `10.250.N.1`), routed from inside the namespace; it goes
 /// with the veth and the namespace.
 fn service_ip(ns: &Netns) -> String {
+    extra_ip(ns, 251)
+}
+
+/// `10.X.N.1` on the root side of `ns`'s veth, routed from inside it.
+fn extra_ip(ns: &Netns, x: u8) -> String {
     let n = ns.host_ip.split('.').nth(2).expect("10.250.N.1");
-    let ip = format!("10.251.{n}.1");
+    let ip = format!("10.{x}.{n}.1");
     let run = |args: &[&str]| {
         let out = std::process::Command::new(args[0])
             .args(&args[1..])
@@ -510,6 +515,77 @@ fn a_policy_changed_through_the_api_is_enforced_live_by_the_node() {
         "the policy in force (allowing) was lost"
     );
     assert_eq!(denied.count(), 0, "the denied server was reached");
+
+    // Another node of the cluster is protected like the node's own
+    // addresses: a tenant's broad rule that reached its address before it
+    // joined does not once it has (the node refreshes running sandboxes).
+    let other_ip = extra_ip(&ns, 252);
+    let other = Recorder::new(&other_ip);
+    let mut rules = rules_allowing(Some(a));
+    rules.push(PolicyRule {
+        action: PolicyAction::Allow,
+        rule: "10.252.0.0/16:tcp".into(),
+    });
+    let (status, e) = srv.rest(TOKEN, "PUT", &path, Some(&policy_body(&rules)));
+    assert_eq!(status, 200, "{e}");
+    srv.wait_for(Duration::from_secs(30), "the broad rule applied", |s| {
+        let r = &s.sandboxes[&id];
+        r.observed_generation >= r.generation
+    });
+    let probe = format!(
+        "nc -w 2 {} {} </dev/null",
+        other.addr.ip(),
+        other.addr.port()
+    );
+    let _ = k.run(&["exec", id.as_str(), "--", "sh", "-c", &probe]);
+    assert_eq!(
+        other.count(),
+        1,
+        "the broad rule did not reach an ordinary address"
+    );
+    srv.write(Command::RegisterNode {
+        name: kiln_api::cluster::NodeName::new("host-q").expect("name"),
+        address: other.addr.to_string(),
+        capacity: kiln_api::cluster::Capacity {
+            cpus: 1,
+            memory_mib: 1024,
+            disk_mib: 1024,
+        },
+        driver: kiln_api::cluster::DriverKind::QemuTcg,
+        labels: Default::default(),
+        images: Default::default(),
+        now_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64,
+    });
+    let cluster_file = k.state_dir().join("net").join("protected-cidrs.cluster");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&cluster_file)
+        .unwrap_or_default()
+        .contains(&format!("{other_ip}/32"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the node never protected the other node's address; log:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The running sandbox's policy is recompiled right after the file.
+    while !node.log().contains("other nodes' addresses protected") {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", node.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = k.run(&["exec", id.as_str(), "--", "sh", "-c", &probe]);
+    assert_eq!(other.count(), 1, "the broad rule reached another node");
+    assert!(
+        allowed
+            .first_after(Instant::now(), Duration::from_secs(10))
+            .is_some(),
+        "the narrow rule stopped working"
+    );
+    drop(other);
 
     // Never restarted: same supervisor, same VMM process.
     assert_eq!(shim_pid(k.state_dir(), &id), Some(shim));

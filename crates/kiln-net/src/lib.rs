@@ -335,7 +335,11 @@ impl Network {
     pub fn protected(&self) -> Result<Protected, host::HostNetError> {
         let mut addrs = host::host_addresses()?;
         addrs.push(self.ipam.gateway());
-        Ok(Protected::new(self.ipam.subnet(), &addrs).with_extra(&self.cfg.protected))
+        // The cluster list changes while a `Network` is held (the resolver
+        // holds one for its life): read it fresh.
+        let mut extra = self.cfg.protected.clone();
+        extra.extend(protect::cluster_file(&self.cfg.state_dir));
+        Ok(Protected::new(self.ipam.subnet(), &addrs).with_extra(&extra))
     }
 
     /// Gives a sandbox its address, MAC, interface and policy program.

@@ -94,18 +94,40 @@ impl ServerConfig {
         }
     }
 
-    /// The cluster secret in force: the configured one, else one derived
-    /// from the join token.
-    pub fn effective_cluster_secret(&self) -> String {
-        match &self.cluster_secret {
-            Some(s) => s.clone(),
-            None => {
-                use sha2::Digest;
-                let mut h = sha2::Sha256::new();
-                h.update(b"kiln cluster secret from join token\0");
-                h.update(self.join_token.as_bytes());
-                hex::encode(h.finalize())
+    /// Where a replica keeps its own cluster secret when none is configured.
+    pub fn own_cluster_secret_path(&self) -> PathBuf {
+        self.state_dir.join("cluster.secret")
+    }
+
+    /// The cluster secret in force: the configured one; else the one this
+    /// replica generated before (`STATE/cluster.secret`); else, for a
+    /// replica without peers, a new random one written there (0600).
+    /// Replicas with peers must be configured with the shared secret:
+    /// nothing else that other hosts know (the join token is held by every
+    /// node) may let them speak Raft.
+    pub fn cluster_secret_in_force(&self) -> Result<String, ClusterSecretError> {
+        if let Some(s) = &self.cluster_secret {
+            return Ok(s.clone());
+        }
+        let own = self.own_cluster_secret_path();
+        match std::fs::read_to_string(&own) {
+            Ok(s) => {
+                let s = s.trim().to_owned();
+                if s.len() < 16 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(ClusterSecretError::Invalid(own));
+                }
+                Ok(s)
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if self.peers.len() > 1 {
+                    return Err(ClusterSecretError::Missing);
+                }
+                let s = crate::server::random_hex(32);
+                crate::server::write_secret_file(&own, &s)
+                    .map_err(|e| ClusterSecretError::Write(own, e))?;
+                Ok(s)
+            }
+            Err(e) => Err(ClusterSecretError::Read(own, e)),
         }
     }
 
@@ -173,6 +195,19 @@ pub fn api_url(s: &str) -> String {
     }
 }
 
+/// No usable cluster secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterSecretError {
+    #[error("replicas with peers need the cluster secret they share (none configured)")]
+    Missing,
+    #[error("the cluster secret in {0} must be at least 16 printable characters")]
+    Invalid(PathBuf),
+    #[error("cannot read the cluster secret {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("cannot write the cluster secret {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +232,44 @@ mod tests {
             Err(PeersError::Duplicate(1))
         ));
         assert!(parse_peers("").expect("empty").is_empty());
+    }
+
+    #[test]
+    fn the_cluster_secret_is_configured_kept_or_generated_alone_never_derived() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let mut c = ServerConfig::new(1, any, any, dir.path(), "join-token");
+        let first = c.cluster_secret_in_force().expect("alone: generated");
+        assert_eq!(first.len(), 64);
+        let path = c.own_cluster_secret_path();
+        let mode = std::fs::metadata(&path)
+            .expect("written")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+        assert_eq!(c.cluster_secret_in_force().expect("kept"), first);
+        // Other replicas' tokens have nothing to do with it.
+        let other_dir = tempfile::tempdir().expect("tmp");
+        let other = ServerConfig::new(1, any, any, other_dir.path(), "join-token");
+        assert_ne!(other.cluster_secret_in_force().expect("own"), first);
+        c.cluster_secret = Some("configured-secret-0123".into());
+        assert_eq!(
+            c.cluster_secret_in_force().expect("configured"),
+            "configured-secret-0123"
+        );
+        // With peers and nothing configured or kept: refused.
+        let dir2 = tempfile::tempdir().expect("tmp");
+        let mut p = ServerConfig::new(1, any, any, dir2.path(), "join-token");
+        p.peers = parse_peers("1=a:1=b:2,2=c:1=d:2").expect("peers");
+        assert!(matches!(
+            p.cluster_secret_in_force(),
+            Err(ClusterSecretError::Missing)
+        ));
+        std::fs::write(p.own_cluster_secret_path(), "short").expect("write");
+        assert!(matches!(
+            p.cluster_secret_in_force(),
+            Err(ClusterSecretError::Invalid(_))
+        ));
     }
 }

@@ -682,3 +682,6 @@ fn shortage(slots: &[Slot<'_>], candidates: &[usize], demand: &Demand) -> Unsche
 mod proptests;
 #[cfg(test)]
 mod tests;
+
+mod restore;
+pub use restore::{RestoreRefusal, place_restore};

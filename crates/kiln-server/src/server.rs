@@ -58,6 +58,8 @@ pub enum ServerError {
     Tls(#[from] crate::tls::TlsError),
     #[error("the bootstrap admin token could not be committed: {0}")]
     Bootstrap(String),
+    #[error(transparent)]
+    ClusterSecret(#[from] crate::config::ClusterSecretError),
 }
 
 /// Requests handled at once on the API listener (more wait their turn).
@@ -120,7 +122,7 @@ impl Server {
         rc.api_addr = api.clone();
         rc.heartbeat_ms = cfg.raft_heartbeat_ms;
         rc.election_timeout_ms = cfg.election_timeout_ms;
-        rc.cluster_secret = cfg.effective_cluster_secret();
+        rc.cluster_secret = cfg.cluster_secret_in_force()?;
         let raft = RaftNode::start(rc).await?;
         let join_hash = sha256(cfg.join_token.as_bytes());
         let mut http = reqwest::Client::builder()

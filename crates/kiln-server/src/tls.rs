@@ -210,6 +210,21 @@ pub async fn serve(
     }
 }
 
+/// The key a peer's connections are counted under: its IPv4 address, or
+/// the /64 of an IPv6 one (a single host commonly holds a whole /64, so
+/// counting exact IPv6 addresses would not limit it at all).
+fn peer_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V4(_) => ip,
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+    }
+}
+
 /// One connection's share of [`Limits::max_connections_per_ip`], given
 /// back when dropped.
 struct PeerSlot {
@@ -223,6 +238,7 @@ impl PeerSlot {
         ip: std::net::IpAddr,
         max: usize,
     ) -> Option<PeerSlot> {
+        let ip = peer_key(ip);
         let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= max {
@@ -349,6 +365,25 @@ where
 mod limit_tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn a_peer_is_its_ipv4_address_or_its_ipv6_64() {
+        let map = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let a: std::net::IpAddr = "2001:db8:1:2::1".parse().expect("ip");
+        let b: std::net::IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
+        let other: std::net::IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        let s1 = PeerSlot::take(&map, a, 2).expect("first");
+        let _s2 = PeerSlot::take(&map, b, 2).expect("same /64, second");
+        assert!(PeerSlot::take(&map, a, 2).is_none(), "the /64 is full");
+        assert!(PeerSlot::take(&map, other, 2).is_some(), "another /64");
+        drop(s1);
+        assert!(PeerSlot::take(&map, b, 2).is_some(), "a slot came back");
+        let mapped: std::net::IpAddr = "::ffff:10.0.0.7".parse().expect("ip");
+        assert_eq!(
+            peer_key(mapped),
+            "10.0.0.7".parse::<std::net::IpAddr>().expect("ip")
+        );
+    }
 
     async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
         let mut b = [0u8; 64];

@@ -114,6 +114,8 @@ mod tenants;
 #[cfg(test)]
 mod policy_tests;
 #[cfg(test)]
+mod snapshot_tests;
+#[cfg(test)]
 mod template_tests;
 #[cfg(test)]
 mod tests;

@@ -189,6 +189,10 @@ pub enum Command {
         name: String,
         source: SandboxId,
         now_ms: u64,
+        /// A fork's snapshot: its record goes when the last sandbox
+        /// restored from it is forgotten.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        ephemeral: bool,
     },
     /// A node holds (or dropped) its copy of a snapshot.
     ReportSnapshot {

@@ -186,6 +186,14 @@ pub fn node_desired(st: &State, node: &NodeName) -> Option<NodeDesired> {
                 .map_or(0, |s| s.target),
         })
         .collect();
+    let mut cluster_addresses: Vec<std::net::Ipv4Addr> = st
+        .nodes
+        .iter()
+        .filter(|(name, _)| *name != node)
+        .filter_map(|(_, n)| address_ipv4(&n.address))
+        .collect();
+    cluster_addresses.sort();
+    cluster_addresses.dedup();
     Some(NodeDesired {
         node: node.clone(),
         cordoned: rec.cordoned,
@@ -194,7 +202,21 @@ pub fn node_desired(st: &State, node: &NodeName) -> Option<NodeDesired> {
         sandboxes,
         pools,
         templates,
+        cluster_addresses,
     })
+}
+
+/// The IPv4 address of a node's `host:port` or URL (names and IPv6: none;
+/// unspecified and loopback are not another host).
+fn address_ipv4(address: &str) -> Option<std::net::Ipv4Addr> {
+    let a = address
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    let a = a.split('/').next().unwrap_or_default();
+    let host = a.rsplit_once(':').map_or(a, |(h, _)| h);
+    host.parse::<std::net::Ipv4Addr>()
+        .ok()
+        .filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
 }
 
 /// What the scheduler needs of one node.
@@ -317,4 +339,21 @@ pub fn get_template<'a>(
             .or_else(|| st.templates.get(name)),
         None => st.templates.get(name),
     }
+}
+
+/// The tenant's sandboxes restored from its snapshot `name` that still
+/// count (not deleted, not finished): while there are any, the snapshot
+/// may not be deleted (their VMs map its memory).
+pub fn snapshot_users(st: &State, tenant: &TenantName, name: &str) -> Vec<SandboxId> {
+    let Some(ids) = st.idx.by_tenant.get(tenant) else {
+        return vec![];
+    };
+    ids.iter()
+        .filter_map(|id| st.sandboxes.get(id))
+        .filter(|r| {
+            r.counts()
+                && matches!(&r.spec.origin, kiln_api::sandbox::Origin::Snapshot { snapshot } if snapshot == name)
+        })
+        .map(|r| r.id.clone())
+        .collect()
 }

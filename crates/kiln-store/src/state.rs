@@ -158,6 +158,9 @@ pub struct SnapshotRecord {
     pub resources: Resources,
     pub created_at_ms: u64,
     pub holders: BTreeMap<NodeName, ArtifactOnNode>,
+    /// A fork's snapshot: forgotten with the last sandbox restored from it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ephemeral: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,6 +16,7 @@
 //! about sandboxes, images or the agent protocol, only VMs and byte streams.
 
 pub mod bench;
+pub mod clock;
 pub mod conformance;
 pub mod firecracker;
 mod host;

@@ -68,7 +68,7 @@ impl QmpClient {
     pub async fn handshake(stream: UnixStream) -> Result<Self, ControlVmError> {
         let (read, write) = stream.into_split();
         let mut reader = BufReader::new(read);
-        let greeting = tokio::time::timeout(DEFAULT_TIMEOUT, read_line(&mut reader))
+        let greeting = crate::clock::run_time_timeout(DEFAULT_TIMEOUT, read_line(&mut reader))
             .await
             .map_err(|_| ControlVmError::Timeout {
                 command: "greeting".into(),
@@ -141,7 +141,7 @@ impl QmpClient {
                 ControlVmError::Io(e)
             });
         }
-        match tokio::time::timeout(timeout, rx).await {
+        match crate::clock::run_time_timeout(timeout, rx).await {
             Ok(Ok(result)) => result.map_err(|e| match e {
                 ControlVmError::Refused { message, .. } => ControlVmError::Refused {
                     command: command.to_owned(),

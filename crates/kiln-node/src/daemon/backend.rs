@@ -52,6 +52,8 @@ pub enum BackendError {
     Missing(String),
     #[error(transparent)]
     Policy(#[from] crate::node::PolicyOpError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::node::SnapshotOpError),
 }
 
 /// A sandbox's final state when it was stopped before it ever started.
@@ -236,6 +238,46 @@ impl Backend {
         }
     }
 
+    /// Starts sandbox `id` as a restore of `tenant`'s snapshot `name` (on
+    /// this node: `kiln_api::rest::node_snapshot_name`), the caller wrote
+    /// its marker. An ID that exists already is `Run(Store(Exists))`, as
+    /// for [`Backend::create`].
+    pub async fn restore(
+        &self,
+        id: &SandboxId,
+        tenant: &kiln_api::cluster::TenantName,
+        name: &str,
+    ) -> Result<(), BackendError> {
+        let local = kiln_api::rest::node_snapshot_name(tenant, name).ok_or_else(|| {
+            BackendError::Missing(format!("snapshot {name:?}: the name is too long"))
+        })?;
+        match self {
+            Backend::DryRun(d) => {
+                let mut s = d.lock();
+                if s.records.contains_key(id) {
+                    return Err(BackendError::Run(crate::node::RunError::Store(
+                        crate::store::StoreError::Exists(id.to_string()),
+                    )));
+                }
+                s.records
+                    .insert(id.clone(), SandboxState::Running { main_pid: 1 });
+                Ok(())
+            }
+            Backend::Real(r) => match r.node.restore_as(&local, Some(id.to_string())).await {
+                Ok(restored) => {
+                    if !restored.ready.ok {
+                        tracing::warn!(sandbox = %id, error = ?restored.ready.error, "the restored sandbox did not start");
+                    }
+                    Ok(())
+                }
+                Err(crate::node::SnapshotOpError::Store(
+                    e @ crate::store::StoreError::Exists(_),
+                )) => Err(BackendError::Run(crate::node::RunError::Store(e))),
+                Err(e) => Err(e.into()),
+            },
+        }
+    }
+
     /// Enforces `net`'s policy on running sandbox `id` live, through the
     /// node service path of `kiln policy set` (maps rewritten in place).
     pub async fn update_policy(
@@ -257,6 +299,39 @@ impl Backend {
                     .map_err(|e| BackendError::Missing(format!("policy update task: {e}")))??;
                 Ok(())
             }
+        }
+    }
+
+    /// Keeps the cluster's other nodes' addresses protected on this node
+    /// (`kiln_net::protect::CLUSTER_FILE`) and, when they changed,
+    /// recompiles the running sandboxes' policies against them.
+    pub async fn protect_cluster(&self, addrs: &[std::net::Ipv4Addr]) {
+        let Backend::Real(r) = self else {
+            return;
+        };
+        let ranges: Vec<kiln_net::protect::Ipv4Net> = addrs
+            .iter()
+            .map(|a| kiln_net::protect::Ipv4Net::from(*a))
+            .collect();
+        let node = r.node.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let net_dir = node.dirs().state.join("net");
+            match kiln_net::protect::write_cluster_file(&net_dir, &ranges) {
+                Ok(true) => {
+                    let n = node.refresh_protected();
+                    tracing::info!(
+                        nodes = ranges.len(),
+                        refreshed = n,
+                        "other nodes' addresses protected"
+                    );
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot protect the other nodes' addresses"),
+            }
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "protecting the other nodes' addresses failed");
         }
     }
 

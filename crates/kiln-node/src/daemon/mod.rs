@@ -29,6 +29,7 @@ pub mod client;
 pub mod converge;
 pub mod host;
 pub mod images_api;
+pub mod snap_routes;
 pub mod streams;
 pub mod templates;
 
@@ -368,6 +369,7 @@ async fn watch_loop(
                                 sandboxes = d.sandboxes.len(),
                                 "desired state"
                             );
+                            sh.backend.protect_cluster(&d.cluster_addresses).await;
                             desired.send_replace(Some(d));
                             sh.wake.notify_one();
                         }
@@ -755,7 +757,13 @@ async fn execute(sh: &Shared, a: &Action, assignment: Option<&Assignment>) {
                 b.set_marker(id, &marker)?;
                 let _permit = sh.starts.acquire().await;
                 let t0 = std::time::Instant::now();
-                match b.create(id, &asg.spec).await {
+                let made = match &asg.spec.origin {
+                    kiln_api::sandbox::Origin::Snapshot { snapshot } => {
+                        b.restore(id, &asg.tenant, snapshot).await
+                    }
+                    kiln_api::sandbox::Origin::Image => b.create(id, &asg.spec).await,
+                };
+                match made {
                     Ok(()) => {
                         tracing::info!(sandbox = %id, ms = t0.elapsed().as_millis() as u64, "created");
                     }

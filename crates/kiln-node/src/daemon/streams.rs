@@ -115,6 +115,7 @@ pub fn router(cx: Arc<Ctx>) -> Router {
         .route("/node/v1/sandboxes/{id}/logs", get(logs))
         .route("/node/v1/sandboxes/{id}/files", get(download).put(upload))
         .merge(super::images_api::routes())
+        .merge(super::snap_routes::routes())
         .fallback(|| async { err(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn_with_state(cx.clone(), auth))
         .with_state(cx)
@@ -127,7 +128,7 @@ pub async fn serve(listener: tokio::net::TcpListener, cx: Arc<Ctx>) {
     }
 }
 
-fn err(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+pub(super) fn err(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
         status,
         axum::Json(ErrorBody {
@@ -166,7 +167,7 @@ async fn auth(State(cx): State<Arc<Ctx>>, req: Request, next: Next) -> Response 
 
 /// The owned sandbox `id`, or the 404 for anything else.
 #[allow(clippy::result_large_err)]
-fn owned(cx: &Ctx, id: &str) -> Result<SandboxId, Response> {
+pub(super) fn owned(cx: &Ctx, id: &str) -> Result<SandboxId, Response> {
     let nf = || {
         err(
             StatusCode::NOT_FOUND,

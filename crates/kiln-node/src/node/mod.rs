@@ -40,7 +40,7 @@ pub use lifecycle::{ExecSpec, SandboxOpError, SupervisorError};
 pub use pools::{Filled, PoolError};
 pub use reconcile::Reconciled;
 pub use run::{RunError, RunRequest, StartPath, Started};
-pub use snapshots::{ForkOutcome, MAX_FORKS, Restored, SnapshotOpError};
+pub use snapshots::{FORK_HOLD, ForkOutcome, MAX_FORKS, Restored, SnapshotOpError};
 pub use templates::{
     TemplateCreated, TemplateEntry, TemplateOpError, TemplateRequest, TemplateStatus,
 };
@@ -303,6 +303,39 @@ impl Node {
         };
         open_network(self.dirs())?.update_policy(&id, &policy)?;
         Ok(id)
+    }
+
+    /// Recompiles the policy of every running networked sandbox (warm-pool
+    /// members too) against the protected ranges in force now, after they
+    /// changed (the node daemon learnt of another node); the rules stay
+    /// the same. Returns how many were refreshed; failures are logged.
+    pub fn refresh_protected(&self) -> usize {
+        let Ok(records) = self.store().list() else {
+            return 0;
+        };
+        let net = match open_network(self.dirs()) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the sandbox network");
+                return 0;
+            }
+        };
+        let mut done = 0;
+        for rec in records {
+            if rec.spec.network.is_none() || rec.state.is_finished() {
+                continue;
+            }
+            let refreshed = net
+                .policy(&rec.id)
+                .and_then(|(policy, _)| net.update_policy(&rec.id, &policy));
+            match refreshed {
+                Ok(()) => done += 1,
+                Err(e) => {
+                    tracing::warn!(sandbox = %rec.id, error = %e, "cannot refresh its protected ranges")
+                }
+            }
+        }
+        done
     }
 
     fn networked(&self, prefix: &str) -> Result<String, PolicyOpError> {

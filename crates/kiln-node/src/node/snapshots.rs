@@ -23,6 +23,10 @@ use crate::store::{SandboxRecord, SandboxState, StoreError};
 /// Most forks one request may make.
 pub const MAX_FORKS: u32 = 64;
 
+/// How long a fork snapshot taken for the control plane is held for forks
+/// that have not been restored from it yet.
+pub const FORK_HOLD: Duration = Duration::from_secs(600);
+
 /// A snapshot, restore or fork failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotOpError {
@@ -141,6 +145,44 @@ impl Node {
         Ok((id, name))
     }
 
+    /// Snapshots sandbox `prefix` as `name` for the control plane; its
+    /// size on disk. An `ephemeral` one (a fork's) is held by this process
+    /// until each of `hold_for` registered as its user (was restored from
+    /// it) or [`FORK_HOLD`] passed, then goes with its last user.
+    pub async fn snapshot_for_server(
+        &self,
+        prefix: &str,
+        name: &str,
+        ephemeral: bool,
+        hold_for: Vec<String>,
+    ) -> Result<u64, SnapshotOpError> {
+        let (_, name) = self
+            .take_snapshot(prefix, Some(name.to_owned()), ephemeral)
+            .await?;
+        let snapshots = self.snapshots();
+        if ephemeral {
+            let holder = snapshot::holder_name(crate::store::ProcessIdentity::current());
+            if let Err(e) = snapshots.add_user(&name, &holder) {
+                let _ = snapshots.remove(&name, |_| false);
+                return Err(SnapshotOpError::Hold(e));
+            }
+            let held = snapshots.clone();
+            let n = name.clone();
+            tokio::spawn(async move {
+                let deadline = Instant::now() + FORK_HOLD;
+                while Instant::now() < deadline {
+                    let users = held.users(&n);
+                    if hold_for.iter().all(|id| users.contains(id)) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                held.release_user(&n, &holder);
+            });
+        }
+        Ok(snapshot::disk_usage(&snapshots.dir(&name)))
+    }
+
     /// Every snapshot (holds of dead forks dropped first).
     pub fn list_snapshots(&self) -> Result<Vec<snapshot::SnapshotEntry>, SnapshotOpError> {
         let snapshots = self.snapshots();
@@ -187,11 +229,15 @@ impl Node {
         &self,
         m: &Manifest,
         policy: Option<&kiln_net::Policy>,
+        id: Option<String>,
     ) -> Result<SandboxRecord, SnapshotOpError> {
         let mut spec = m.spec.clone();
         spec.auto_remove = false;
         let parent_net = spec.network.take();
-        let mut rec = self.store.create(spec)?;
+        let mut rec = match id {
+            Some(id) => self.store.create_with_id(id, spec)?,
+            None => self.store.create(spec)?,
+        };
         rec.restored_from = Some(m.name.clone());
         if let Some(parent) = parent_net {
             let policy = policy
@@ -232,8 +278,18 @@ impl Node {
     /// A new sandbox from snapshot `name`, checked completely first;
     /// returns once its supervisor reported.
     pub async fn restore(&self, name: &str) -> Result<Restored, SnapshotOpError> {
+        self.restore_as(name, None).await
+    }
+
+    /// [`Node::restore`] with the sandbox ID the control plane chose
+    /// (`None`: a fresh one); refused when a sandbox of that ID exists.
+    pub async fn restore_as(
+        &self,
+        name: &str,
+        id: Option<String>,
+    ) -> Result<Restored, SnapshotOpError> {
         let m = self.verify_snapshot(name, true)?;
-        let record = self.create_restored(&m, None)?;
+        let record = self.create_restored(&m, None, id)?;
         let (ready, shim_pid) = match self.spawn_supervisor(&record).await {
             Ok(r) => r,
             Err(e) => {
@@ -281,7 +337,7 @@ impl Node {
             let m = self.verify_snapshot(&name, false)?;
             let mut tasks = tokio::task::JoinSet::new();
             for i in 0..n {
-                let rec = self.create_restored(&m, live_policy.as_ref())?;
+                let rec = self.create_restored(&m, live_policy.as_ref(), None)?;
                 let node = self.clone();
                 tasks.spawn(async move {
                     let r = node.spawn_supervisor(&rec).await;

@@ -20,6 +20,7 @@ mod body;
 mod images;
 mod policy;
 mod sandboxes;
+mod snapshots;
 mod streams;
 mod templates;
 
@@ -58,6 +59,7 @@ use crate::server::Shared;
         admin::create_token, admin::revoke_token,
         templates::create, templates::list, templates::get_one, templates::resize,
         templates::delete, images::list, images::pull, images::remove,
+        snapshots::create, snapshots::list, snapshots::get_one, snapshots::delete, snapshots::fork,
     ),
     components(schemas(ErrorBody, ErrorDetail, kiln_api::stream::ExecStart,
         kiln_api::stream::AttachStart, kiln_api::stream::ClientMsg, kiln_api::stream::ServerMsg,
@@ -174,6 +176,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/images", get(images::list))
         .route("/images/pull", post(images::pull))
         .route("/images/{reference}", axum::routing::delete(images::remove))
+        .route("/sandboxes/{id}/snapshot", post(snapshots::create))
+        .route("/sandboxes/{id}/fork", post(snapshots::fork))
+        .route("/snapshots", get(snapshots::list))
+        .route(
+            "/snapshots/{name}",
+            get(snapshots::get_one).delete(snapshots::delete),
+        )
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), to_leader))
         .layer(middleware::from_fn_with_state(shared.clone(), authenticate));

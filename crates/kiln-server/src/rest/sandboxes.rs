@@ -39,7 +39,7 @@ pub fn to_rest(r: &SandboxRecord) -> Sandbox {
     }
 }
 
-fn not_found(id: &str) -> ApiError {
+pub(super) fn not_found(id: &str) -> ApiError {
     let shown: String = id.chars().take(64).filter(|c| !c.is_control()).collect();
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -49,7 +49,11 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// A sandbox the caller may see (another tenant's is 404 like a missing one).
-async fn visible(s: &Shared, tenant: Option<&TenantName>, id: &str) -> Result<Sandbox, ApiError> {
+pub(super) async fn visible(
+    s: &Shared,
+    tenant: Option<&TenantName>,
+    id: &str,
+) -> Result<Sandbox, ApiError> {
     let sid = SandboxId::try_from(id.to_owned()).map_err(|_| not_found(id))?;
     super::confirmed(s, |st| query::get_sandbox(st, tenant, &sid).map(to_rest))
         .await?
@@ -82,7 +86,8 @@ fn idempotency_key(h: &HeaderMap) -> Result<Option<String>, ApiError> {
         (status = 200, description = "Already created with this Idempotency-Key", body = Sandbox),
         (status = 400, description = "Malformed JSON, unknown field, bad Idempotency-Key", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 409, description = "Idempotency key used for another spec", body = ErrorBody),
+        (status = 404, description = "origin: the snapshot does not exist (or is another tenant's)", body = ErrorBody),
+        (status = 409, description = "Idempotency key used for another spec; or no node holds the snapshot to restore (no_snapshot_holder)", body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
         (status = 422, description = "Invalid spec, or unschedulable (reason: the scheduler's code)", body = ErrorBody),
         (status = 429, description = "Quota exceeded (Retry-After)", body = ErrorBody),
@@ -102,7 +107,10 @@ pub async fn create(
         )
     })?;
     let key = idempotency_key(&headers)?;
-    let JsonBody(spec) = body?;
+    let JsonBody(mut spec) = body?;
+    // A restore: the snapshot's image and resources, placed on a node that
+    // holds a copy (another tenant's snapshot is 404 like a missing one).
+    let holders = super::snapshots::restore_source(&s, &tenant, &mut spec)?;
     spec.validate().map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -126,6 +134,28 @@ pub async fn create(
             spec: spec.clone(),
             group: None,
         }];
+        if let Some(holders) = &holders {
+            let node = super::snapshots::place_restore(&s, &view, &pending[0], holders)?;
+            let r = super::commit(
+                &s,
+                Command::CreateSandbox {
+                    id: id.clone(),
+                    tenant: tenant.clone(),
+                    spec: spec.clone(),
+                    idempotency_key: key.clone(),
+                    node: Some(node),
+                    now_ms: now_ms(),
+                },
+            )
+            .await?;
+            match r {
+                Response::Rejected(Rejection::Conflict { .. }) if attempt < PLACE_ATTEMPTS => {
+                    continue;
+                }
+                Response::Rejected(rej) => return Err(rejection(rej)),
+                other => break other,
+            }
+        }
         let decision = scheduler::place(&view, &pending, Policy::default());
         let node = match decision.into_iter().next().map(|d| d.outcome) {
             Some(Outcome::Placed { node, .. }) => {

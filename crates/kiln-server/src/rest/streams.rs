@@ -32,7 +32,7 @@ use super::{ApiError, caller};
 use crate::server::Shared;
 
 /// The node stream endpoint of sandbox `id` for this caller, and the key.
-fn target(
+pub(super) fn target(
     s: &Shared,
     headers: &HeaderMap,
     id: &str,
@@ -91,7 +91,7 @@ fn target(
 
 /// The client the relays use: no overall timeout (streams last), a bounded
 /// connect, no redirects.
-fn client() -> &'static reqwest::Client {
+pub(super) fn client() -> &'static reqwest::Client {
     static C: OnceLock<reqwest::Client> = OnceLock::new();
     C.get_or_init(|| {
         reqwest::Client::builder()
@@ -103,7 +103,7 @@ fn client() -> &'static reqwest::Client {
     })
 }
 
-fn unavailable(e: impl std::fmt::Display) -> ApiError {
+pub(super) fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(
         StatusCode::BAD_GATEWAY,
         "node_unavailable",

@@ -198,6 +198,7 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             name,
             source,
             now_ms,
+            ephemeral,
         } => {
             check_name("name", name)?;
             tenant_rec(st, tenant)?;
@@ -217,6 +218,7 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                     resources,
                     created_at_ms: *now_ms,
                     holders: Default::default(),
+                    ephemeral: *ephemeral,
                 },
             );
             Ok(Response::Done)
@@ -247,9 +249,19 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             Ok(Response::Done)
         }
         Command::DeleteSnapshot { tenant, name } => {
-            if st.snapshots.remove(&scoped(Some(tenant), name)).is_none() {
+            let key = scoped(Some(tenant), name);
+            if !st.snapshots.contains_key(&key) {
                 return Err(Rejection::not_found(ObjectKind::Snapshot, name));
             }
+            let users = crate::query::snapshot_users(st, tenant, name);
+            if !users.is_empty() {
+                let shown: Vec<String> = users.iter().take(8).map(|i| i.to_string()).collect();
+                return Err(Rejection::conflict(format!(
+                    "snapshot {name:?} is in use by sandboxes restored from it: {}; remove them first",
+                    shown.join(", ")
+                )));
+            }
+            st.snapshots.remove(&key);
             Ok(Response::Done)
         }
         _ => Err(Rejection::invalid("command", "routed to the wrong handler")),

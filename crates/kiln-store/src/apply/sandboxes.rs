@@ -180,6 +180,18 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                 g.members.remove(id);
             }
             st.migrations.remove(id);
+            // A fork's snapshot is forgotten with its last sandbox.
+            if let Origin::Snapshot { snapshot } = &rec.spec.origin {
+                let key = scoped(Some(&rec.tenant), snapshot);
+                let last = !st.idx.by_tenant.get(&rec.tenant).is_some_and(|ids| {
+                    ids.iter().filter_map(|i| st.sandboxes.get(i)).any(|r| {
+                        matches!(&r.spec.origin, Origin::Snapshot { snapshot: s } if s == snapshot)
+                    })
+                });
+                if last && st.snapshots.get(&key).is_some_and(|s| s.ephemeral) {
+                    st.snapshots.remove(&key);
+                }
+            }
             Ok(Response::Done)
         }
         _ => Err(Rejection::invalid("command", "routed to the wrong handler")),

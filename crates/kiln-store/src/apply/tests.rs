@@ -384,6 +384,7 @@ fn tenants_cannot_touch_each_others_sandboxes() {
         name: "s".into(),
         source: sid(1),
         now_ms: 1,
+        ephemeral: false,
     });
     assert!(matches!(
         r,
@@ -871,12 +872,14 @@ fn tenants_see_only_their_snapshots_and_their_or_shared_templates() {
         name: "s1".into(),
         source: sid(1),
         now_ms: 1,
+        ephemeral: false,
     });
     sm.ok(Command::PutSnapshot {
         tenant: t("ab"),
         name: "s1".into(),
         source: sid(2),
         now_ms: 1,
+        ephemeral: false,
     });
     let names: Vec<_> = query::list_snapshots(&sm.st, &t("a"))
         .map(|s| s.tenant.clone())
@@ -957,5 +960,38 @@ fn a_node_stream_key_is_validated_and_kept() {
     assert_eq!(
         sm.st.nodes[&n("a")].stream_key.as_deref(),
         Some(key.as_str())
+    );
+}
+
+#[test]
+fn a_node_is_told_the_other_nodes_addresses_to_protect() {
+    let mut sm = Sm::new();
+    for (name, address) in [
+        ("a", "10.1.0.1:7000"),
+        ("b", "http://10.1.0.2:7000"),
+        ("c", "nodes.example:7000"),
+        ("d", "127.0.0.1:7000"),
+        ("e", "10.1.0.1:7100"),
+    ] {
+        let mut c = node(name, 4, 4096);
+        if let Command::RegisterNode { address: a, .. } = &mut c {
+            *a = address.to_owned();
+        }
+        sm.ok(c);
+    }
+    let d = query::node_desired(&sm.st, &n("a")).expect("registered");
+    // Its own address is its own; names and loopback are not addresses of
+    // another host; duplicates once.
+    assert_eq!(
+        d.cluster_addresses,
+        vec![
+            "10.1.0.1".parse::<std::net::Ipv4Addr>().expect("ip"),
+            "10.1.0.2".parse().expect("ip")
+        ]
+    );
+    let d = query::node_desired(&sm.st, &n("b")).expect("registered");
+    assert_eq!(
+        d.cluster_addresses,
+        vec!["10.1.0.1".parse::<std::net::Ipv4Addr>().expect("ip")]
     );
 }

@@ -181,7 +181,7 @@ impl ApiClient {
         timeout: Duration,
     ) -> Result<Bytes, ControlVmError> {
         let what = format!("{method} {path}");
-        tokio::time::timeout(timeout, self.send(method, path, body, &what))
+        crate::clock::run_time_timeout(timeout, self.send(method, path, body, &what))
             .await
             .map_err(|_| ControlVmError::Timeout {
                 command: what.clone(),
