@@ -23,6 +23,9 @@ pub fn config(id: u64, dir: &std::path::Path) -> ServerConfig {
     c.reconcile_ms = 100;
     c.heartbeat_interval_ms = 200;
     c.grace_ms = 30_000;
+    // Replicas of one cluster share its secret (each would otherwise make
+    // its own and refuse the others' Raft calls).
+    c.cluster_secret = Some("test-cluster-secret-0123456789abcdef".into());
     c
 }
 
