@@ -31,9 +31,12 @@ pub enum Output {
 }
 
 /// Where the server is and who we are.
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Clone, Default)]
 pub struct Conn {
-    /// The server's API URL.
+    /// The server's API URL (`http(s)://host:port`, or `unix:PATH` for an
+    /// API socket such as `kiln up`'s STATE/api.sock). Default: KILN_SERVER,
+    /// the current context, else the `kiln up` running on the state
+    /// directory.
     #[arg(long, global = true, env = "KILN_SERVER")]
     pub server: Option<String>,
     /// An API token (prefer --token-file or KILN_TOKEN: argv is visible to
@@ -150,14 +153,40 @@ pub(crate) fn config_path() -> Option<PathBuf> {
         })
 }
 
-pub(crate) struct Client {
+/// A client of the REST API (HTTP over TCP, TLS or a Unix socket).
+// Parts are for the sandbox commands' API client (client_cmd.rs).
+#[allow(dead_code)]
+pub struct Client {
     http: reqwest::Client,
+    /// `http(s)://host:port`; `http://kiln` over a Unix socket.
     base: String,
     token: String,
+    /// The API socket, when the server is `unix:PATH`.
+    socket: Option<PathBuf>,
+    /// The CA file an https server must chain to.
+    ca: Option<PathBuf>,
 }
 
+/// What a WebSocket of [`Client::ws`] runs over.
+#[allow(dead_code)]
+pub trait WsIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> WsIo for T {}
+
+/// A WebSocket to the API ([`Client::ws`]).
+#[allow(dead_code)]
+pub type Ws = tokio_tungstenite::WebSocketStream<Box<dyn WsIo>>;
+
+/// `unix:PATH` (or `unix://PATH`): the API socket's path.
+pub fn unix_path(server: &str) -> Option<PathBuf> {
+    let p = server.strip_prefix("unix:")?;
+    let p = p.strip_prefix("//").unwrap_or(p);
+    (!p.is_empty()).then(|| PathBuf::from(p))
+}
+
+// `ws`, `http` and `url` serve the sandbox commands (client_cmd.rs).
+#[allow(dead_code)]
 impl Client {
-    pub(crate) fn new(c: &Conn) -> Result<Client> {
+    pub fn new(c: &Conn) -> Result<Client> {
         let cfg: Config = match config_path() {
             Some(p) if p.exists() => toml::from_str(
                 &std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
@@ -174,13 +203,27 @@ impl Client {
             },
             None => None,
         };
-        let base = c
+        let explicit = c
             .server
             .clone()
-            .or_else(|| ctx.and_then(|x| x.server.clone()))
-            .context(
-                "no server: use --server, KILN_SERVER or a context in ~/.config/kiln/config.toml",
-            )?;
+            .or_else(|| ctx.and_then(|x| x.server.clone()));
+        // Last: the `kiln up` of this state directory, with its admin token.
+        let (base, up_token) = match explicit {
+            Some(s) => (s, None),
+            None => match crate::up::running(&crate::up::Paths::of(None)) {
+                Some(ep) => {
+                    let paths = crate::up::Paths::of(None);
+                    (
+                        format!("unix:{}", ep.socket.display()),
+                        Some(paths.admin_token()),
+                    )
+                }
+                None => bail!(
+                    "no server: use --server, KILN_SERVER or a context in ~/.config/kiln/config.toml, \
+                     or start the embedded one with kiln up"
+                ),
+            },
+        };
         let read_token = |p: &PathBuf| -> Result<String> {
             let t = std::fs::read_to_string(p)
                 .with_context(|| format!("reading the token in {}", p.display()))?;
@@ -189,12 +232,16 @@ impl Client {
         let token = match (&c.token_file, &c.token) {
             (Some(p), _) => read_token(p)?,
             (None, Some(t)) => t.clone(),
-            (None, None) => match ctx {
-                Some(Context_ { token: Some(t), .. }) => t.clone(),
-                Some(Context_ {
-                    token_file: Some(p),
-                    ..
-                }) => read_token(p)?,
+            (None, None) => match (ctx, &up_token) {
+                (_, Some(p)) => read_token(p)?,
+                (Some(Context_ { token: Some(t), .. }), _) => t.clone(),
+                (
+                    Some(Context_ {
+                        token_file: Some(p),
+                        ..
+                    }),
+                    _,
+                ) => read_token(p)?,
                 _ => bail!("no token: use --token-file, KILN_TOKEN, --token or a context"),
             },
         };
@@ -206,13 +253,103 @@ impl Client {
                 .with_context(|| format!("{} holds no usable PEM certificate", p.display()))?;
             http = http.tls_certs_only(certs);
         }
+        let socket = unix_path(&base);
+        if let Some(sock) = &socket {
+            http = http.unix_socket(sock.as_path());
+        }
         let http = http.build().context("building the HTTP client")?;
-        let base = if base.starts_with("http://") || base.starts_with("https://") {
+        let base = if socket.is_some() {
+            "http://kiln".to_owned()
+        } else if base.starts_with("http://") || base.starts_with("https://") {
             base.trim_end_matches('/').to_owned()
         } else {
             format!("http://{}", base.trim_end_matches('/'))
         };
-        Ok(Client { http, base, token })
+        Ok(Client {
+            http,
+            base,
+            token,
+            socket,
+            ca,
+        })
+    }
+
+    /// The server: its URL, or `unix:PATH`.
+    pub fn server(&self) -> String {
+        match &self.socket {
+            Some(p) => format!("unix:{}", p.display()),
+            None => self.base.clone(),
+        }
+    }
+
+    /// The underlying HTTP client and the bearer token, for requests
+    /// [`Client::call`] does not cover (streamed bodies).
+    pub fn http(&self) -> (&reqwest::Client, &str) {
+        (&self.http, &self.token)
+    }
+
+    /// Opens a WebSocket to an API path (`/sandboxes/ID/exec?...`) with the
+    /// bearer token, over whatever transport the server is reached by:
+    /// a Unix socket, plain TCP or TLS (verified against `--ca`).
+    pub async fn ws(&self, path: &str) -> Result<Ws> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = match self.base.strip_prefix("https://") {
+            Some(rest) => format!("wss://{rest}/v1{path}"),
+            None => format!("ws://{}/v1{path}", self.base.trim_start_matches("http://")),
+        };
+        let mut req = url
+            .as_str()
+            .into_client_request()
+            .with_context(|| format!("bad WebSocket URL {url}"))?;
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.token)
+                .parse()
+                .context("the token is not a valid header value")?,
+        );
+        let io: Box<dyn WsIo> = if let Some(sock) = &self.socket {
+            Box::new(
+                tokio::net::UnixStream::connect(sock)
+                    .await
+                    .with_context(|| format!("cannot reach {}", sock.display()))?,
+            )
+        } else {
+            let host = req.uri().host().context("no host in the URL")?.to_owned();
+            let tls = req.uri().scheme_str() == Some("wss");
+            let port = req.uri().port_u16().unwrap_or(if tls { 443 } else { 80 });
+            let host_only = host.trim_start_matches('[').trim_end_matches(']');
+            let tcp = tokio::net::TcpStream::connect((host_only, port))
+                .await
+                .with_context(|| format!("cannot reach {}", self.base))?;
+            let _ = tcp.set_nodelay(true);
+            if tls {
+                let Some(ca) = &self.ca else {
+                    bail!("a WebSocket to an https:// server needs --ca (or the context's ca)");
+                };
+                let mut cfg = kiln_server::tls::client_config(ca)?;
+                // A WebSocket is an HTTP/1.1 upgrade.
+                cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+                let name =
+                    tokio_rustls::rustls::pki_types::ServerName::try_from(host_only.to_owned())
+                        .with_context(|| format!("{host_only} is not a valid TLS server name"))?;
+                let conn = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+                    .connect(name, tcp)
+                    .await
+                    .with_context(|| format!("TLS handshake with {}", self.base))?;
+                Box::new(conn)
+            } else {
+                Box::new(tcp)
+            }
+        };
+        let (ws, _) = tokio_tungstenite::client_async(req, io)
+            .await
+            .with_context(|| format!("opening the WebSocket {path} on {}", self.server()))?;
+        Ok(ws)
+    }
+
+    /// The URL of an API path (`/sandboxes/ID`), whatever the transport.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/v1{path}", self.base)
     }
 
     /// A request to `/v1{path}` with the token, for streamed answers.
@@ -222,7 +359,7 @@ impl Client {
             .bearer_auth(&self.token)
     }
 
-    pub(crate) async fn call(
+    pub async fn call(
         &self,
         method: &str,
         path: &str,
@@ -240,7 +377,7 @@ impl Client {
         let r = rb
             .send()
             .await
-            .with_context(|| format!("cannot reach {}", self.base))?;
+            .with_context(|| format!("cannot reach {}", self.server()))?;
         let status = r.status();
         let bytes = r.bytes().await?.to_vec();
         if !status.is_success() {
@@ -258,6 +395,93 @@ impl Client {
     }
 }
 
+/// Whose token an embedded-server connection carries.
+#[allow(dead_code)] // `Tenant`: the sandbox commands (client_cmd.rs)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum As {
+    /// The tenant `default` (`STATE/up/tenant-token`): sandbox commands.
+    Tenant,
+    /// The admin token (`STATE/up/token`): nodes, cluster, tenants, tokens.
+    Admin,
+}
+
+/// Is a server named by `--server`, `KILN_SERVER` or a context?
+fn explicit_server(c: &Conn) -> Result<bool> {
+    if c.server.is_some() {
+        return Ok(true);
+    }
+    let cfg: Config = match config_path() {
+        Some(p) if p.exists() => toml::from_str(
+            &std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("parsing {}", p.display()))?,
+        _ => Config::default(),
+    };
+    let name = c.context.clone().or(cfg.current_context.clone());
+    Ok(name
+        .and_then(|n| cfg.contexts.get(&n).map(|x| x.server.is_some()))
+        .unwrap_or(false))
+}
+
+/// `conn` pointed at a running `kiln up`'s socket with its token.
+fn embedded(conn: &Conn, p: &crate::up::Paths, ep: &crate::up::Endpoint, who: As) -> Conn {
+    let mut c = conn.clone();
+    c.server = Some(format!("unix:{}", ep.socket.display()));
+    if c.token.is_none() && c.token_file.is_none() {
+        c.token_file = Some(match who {
+            As::Tenant => p.tenant_token(),
+            As::Admin => p.admin_token(),
+        });
+    }
+    c
+}
+
+/// `KILN_AUTO_UP=1`: start `kiln up` on first use.
+pub fn auto_up() -> bool {
+    std::env::var("KILN_AUTO_UP").is_ok_and(|v| v == "1")
+}
+
+/// Where a sandbox command goes: `Some(conn)` to use the API (a server
+/// named by `--server`, `KILN_SERVER` or a context; else the `kiln up`
+/// running on the state directory, with the tenant `default`'s token; else,
+/// with `KILN_AUTO_UP=1`, a `kiln up -d` started now, said in one line on
+/// stderr), `None` for the node-local path.
+#[allow(dead_code)] // called by the sandbox commands (client_cmd.rs)
+pub async fn api_route(conn: &Conn) -> Result<Option<Conn>> {
+    api_route_as(conn, As::Tenant).await
+}
+
+/// [`api_route`] with the token of `who` for an embedded server.
+pub async fn api_route_as(conn: &Conn, who: As) -> Result<Option<Conn>> {
+    if explicit_server(conn)? {
+        return Ok(Some(conn.clone()));
+    }
+    let p = crate::up::Paths::of(None);
+    if let Some(ep) = crate::up::running(&p) {
+        return Ok(Some(embedded(conn, &p, &ep, who)));
+    }
+    if !auto_up() {
+        return Ok(None);
+    }
+    let ep = crate::up::start_detached(&p, None).await?;
+    eprintln!(
+        "kiln: started the embedded server (kiln up): API on {} and {}; stop it with kiln down",
+        ep.url.trim_start_matches("http://"),
+        ep.socket.display()
+    );
+    Ok(Some(embedded(conn, &p, &ep, who)))
+}
+
+/// The admin commands' client: [`api_route_as`] with the admin token
+/// (auto-starting `kiln up` with `KILN_AUTO_UP=1`), else the error that
+/// names every way to give a server.
+async fn admin_client(conn: &Conn) -> Result<Client> {
+    match api_route_as(conn, As::Admin).await? {
+        Some(c) => Client::new(&c),
+        None => Client::new(conn),
+    }
+}
+
 fn print_json(bytes: &[u8]) -> Result<()> {
     let v: serde_json::Value = serde_json::from_slice(bytes)?;
     println!("{}", serde_json::to_string_pretty(&v)?);
@@ -265,7 +489,7 @@ fn print_json(bytes: &[u8]) -> Result<()> {
 }
 
 pub async fn nodes(conn: Conn, cmd: NodesCommand) -> Result<i32> {
-    let c = Client::new(&conn)?;
+    let c = admin_client(&conn).await?;
     let (verb, name) = match cmd {
         NodesCommand::Ls => {
             let b = c.call("GET", "/nodes", None).await?;
@@ -304,7 +528,7 @@ pub async fn nodes(conn: Conn, cmd: NodesCommand) -> Result<i32> {
 }
 
 pub async fn cluster(conn: Conn, cmd: ClusterCommand) -> Result<i32> {
-    let c = Client::new(&conn)?;
+    let c = admin_client(&conn).await?;
     match cmd {
         ClusterCommand::Status => {
             let b = c.call("GET", "/cluster", None).await?;
@@ -345,7 +569,7 @@ pub async fn cluster(conn: Conn, cmd: ClusterCommand) -> Result<i32> {
 }
 
 pub async fn tenants(conn: Conn, cmd: TenantsCommand) -> Result<i32> {
-    let c = Client::new(&conn)?;
+    let c = admin_client(&conn).await?;
     match cmd {
         TenantsCommand::Create {
             name,
@@ -394,7 +618,7 @@ pub async fn tenants(conn: Conn, cmd: TenantsCommand) -> Result<i32> {
 }
 
 pub async fn tokens(conn: Conn, cmd: TokensCommand) -> Result<i32> {
-    let c = Client::new(&conn)?;
+    let c = admin_client(&conn).await?;
     match cmd {
         TokensCommand::Create {
             tenant,
@@ -420,4 +644,140 @@ pub async fn tokens(conn: Conn, cmd: TokensCommand) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    #[test]
+    fn unix_server_strings() {
+        assert_eq!(
+            unix_path("unix:/a/api.sock"),
+            Some(PathBuf::from("/a/api.sock"))
+        );
+        assert_eq!(
+            unix_path("unix:///a/api.sock"),
+            Some(PathBuf::from("/a/api.sock"))
+        );
+        assert_eq!(unix_path("unix:"), None);
+        assert_eq!(unix_path("http://127.0.0.1:1"), None);
+    }
+
+    /// `Client::ws` over a Unix socket: the upgrade carries the API path and
+    /// the bearer token, and frames go both ways.
+    #[tokio::test]
+    // The handshake callback's error type is tungstenite's, not ours.
+    #[allow(clippy::result_large_err)]
+    async fn ws_over_a_unix_socket_carries_the_path_and_the_token() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sock = dir.path().join("api.sock");
+        let l = tokio::net::UnixListener::bind(&sock).expect("bind");
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.expect("accept");
+            let mut seen = (String::new(), String::new());
+            let cb = |req: &tokio_tungstenite::tungstenite::handshake::server::Request, resp| {
+                seen = (
+                    req.uri().to_string(),
+                    req.headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
+                Ok(resp)
+            };
+            let mut ws = tokio_tungstenite::accept_hdr_async(s, cb)
+                .await
+                .expect("handshake");
+            let m = ws.next().await.expect("a frame").expect("ok");
+            ws.send(m).await.expect("echo");
+            seen
+        });
+        let conn = Conn {
+            server: Some(format!("unix:{}", sock.display())),
+            token: Some("tok-123".into()),
+            ..Conn::default()
+        };
+        let c = Client::new(&conn).expect("client");
+        assert_eq!(c.server(), format!("unix:{}", sock.display()));
+        let mut ws = c.ws("/sandboxes/abc/exec?x=1").await.expect("ws opens");
+        ws.send(Message::text("ping")).await.expect("send");
+        let back = ws.next().await.expect("a frame").expect("ok");
+        assert_eq!(back, Message::text("ping"));
+        let (uri, auth) = server.await.expect("server");
+        assert_eq!(uri, "/v1/sandboxes/abc/exec?x=1");
+        assert_eq!(auth, "Bearer tok-123");
+        // Nothing listens: a clear error, no panic.
+        drop(ws);
+        std::fs::remove_file(&sock).expect("rm");
+        let e = c.ws("/x").await.err().expect("fails");
+        assert!(format!("{e:#}").contains("cannot reach"), "{e:#}");
+    }
+
+    /// `Client::ws` to an https server: TLS verified against `--ca` (one
+    /// that did not sign the certificate is refused), then the upgrade.
+    #[tokio::test]
+    async fn wss_is_verified_against_the_ca() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let pem = |name: &str, text: String| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write");
+            p
+        };
+        let ca = |cn: &str| {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+            let cert = params.self_signed(&key).expect("ca");
+            (cert.pem(), rcgen::Issuer::new(params, key))
+        };
+        let (ca_pem, issuer) = ca("test CA");
+        let (other_pem, _) = ca("other CA");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("cert");
+        let files = kiln_server::tls::TlsFiles {
+            cert: pem("cert.pem", cert.pem()),
+            key: pem("key.pem", key.serialize_pem()),
+        };
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(kiln_server::tls::server_config(&files).expect("tls"));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            // The refused client's handshake, then the good one.
+            let (s, _) = l.accept().await.expect("accept");
+            assert!(acceptor.accept(s).await.is_err());
+            let (s, _) = l.accept().await.expect("accept");
+            let tls = acceptor.accept(s).await.expect("tls");
+            let mut ws = tokio_tungstenite::accept_async(tls).await.expect("ws");
+            let m = ws.next().await.expect("a frame").expect("ok");
+            ws.send(m).await.expect("echo");
+        });
+        let conn = |ca: PathBuf| Conn {
+            server: Some(format!("https://{addr}")),
+            token: Some("tok".into()),
+            ca: Some(ca),
+            ..Conn::default()
+        };
+        let bad = Client::new(&conn(pem("other.pem", other_pem))).expect("client");
+        let e = bad.ws("/x").await.err().expect("an unknown CA is refused");
+        assert!(format!("{e:#}").contains("TLS handshake"), "{e:#}");
+        let good = Client::new(&conn(pem("ca.pem", ca_pem))).expect("client");
+        let mut ws = good.ws("/sandboxes/a/attach").await.expect("wss opens");
+        ws.send(Message::text("over tls")).await.expect("send");
+        let back = ws.next().await.expect("a frame").expect("ok");
+        assert_eq!(back, Message::text("over tls"));
+        server.await.expect("server");
+    }
 }

@@ -87,9 +87,17 @@ pub async fn bench(node: &kiln_node::node::Node, cmd: BenchCommand) -> Result<i3
             .await
         }
         BenchCommand::Api {
+            warm: true,
+            image: Some(image),
+            runs,
+            json: out,
+            ..
+        } => crate::bench_api_warm::api_warm(node, &image, runs, &out).await,
+        BenchCommand::Api {
             creates,
             concurrency,
             json: out,
+            ..
         } => api(creates, concurrency, &out).await,
     }
 }

@@ -1,7 +1,7 @@
 //! `kiln template create|ls|rm` and `kiln images ls|pull|rm` as clients of
 //! a `kiln server` (`/v1/templates`, `/v1/images`) when one is configured
-//! (`KILN_SERVER`; token from `KILN_TOKEN`, `KILN_TOKEN_FILE` or the
-//! context, as `admin`). The output is what the node-local commands print:
+//! (`KILN_SERVER` or the current context; token from `KILN_TOKEN`,
+//! `KILN_TOKEN_FILE` or the context, as `admin`). The output is what the node-local commands print:
 //! template names, the same `ls` columns (the status column says, per
 //! node, creating, ready or failed and why), image digests.
 
@@ -17,14 +17,17 @@ use crate::ImagesCommand;
 use crate::admin::{Client, Conn, Output};
 use crate::templates::TemplateCommand;
 
-/// Whether these commands go to a server: `KILN_SERVER` is set.
+/// Whether these commands go to a server: `KILN_SERVER` is set, or the
+/// current context names one (as for the snapshot commands).
 pub fn server_configured() -> bool {
-    std::env::var("KILN_SERVER").is_ok_and(|s| !s.trim().is_empty())
+    crate::client_snap::configured()
 }
 
 fn client() -> Result<Client> {
     Client::new(&Conn {
-        server: std::env::var("KILN_SERVER").ok(),
+        server: std::env::var("KILN_SERVER")
+            .ok()
+            .filter(|v| !v.trim().is_empty()),
         token: std::env::var("KILN_TOKEN").ok().filter(|t| !t.is_empty()),
         token_file: std::env::var_os("KILN_TOKEN_FILE").map(Into::into),
         ca: std::env::var_os("KILN_CA").map(Into::into),

@@ -125,6 +125,16 @@ pub enum BenchCommand {
         /// Where to write the JSON results.
         #[arg(long, default_value = "bench-api.json")]
         json: PathBuf,
+        /// Instead: a warm `kiln run` → first byte, node-local against
+        /// through `kiln up`'s API (started for the run if none runs).
+        #[arg(long, requires = "image")]
+        warm: bool,
+        /// The image of --warm.
+        #[arg(long, requires = "warm")]
+        image: Option<String>,
+        /// Runs of each --warm path.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
     },
 }
 
@@ -187,6 +197,8 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
         Command::Policy { command } => policy(&node, command),
         Command::Events { id } => drop_events(&node, &id),
         Command::Node(_) => anyhow::bail!("kiln node is dispatched above"),
+        Command::Up(a) => crate::up::up(a).await,
+        Command::Down(a) => crate::up::down(a).await,
         Command::Server(a) => crate::server_cmd::run(*a).await,
         Command::Nodes { conn, command } => crate::admin::nodes(conn, command).await,
         Command::Cluster { conn, command } => crate::admin::cluster(conn, command).await,

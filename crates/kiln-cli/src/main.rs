@@ -6,6 +6,7 @@
 mod admin;
 mod attach;
 mod bench;
+mod bench_api_warm;
 mod bench_density;
 mod bench_fork;
 mod bench_net;
@@ -20,6 +21,7 @@ mod server_cmd;
 mod snapshots;
 mod templates;
 mod term;
+mod up;
 
 use std::path::PathBuf;
 
@@ -175,6 +177,11 @@ enum Command {
         #[command(subcommand)]
         command: admin::TokensCommand,
     },
+    /// The embedded control plane: a single-replica server and this host's
+    /// node in one process, the API on STATE/api.sock and 127.0.0.1:7090.
+    Up(up::UpArgs),
+    /// Stop `kiln up` (sandboxes keep running; the next `kiln up` adopts them).
+    Down(up::DownArgs),
     /// The per-sandbox supervisor (started by `kiln run`).
     #[command(hide = true)]
     Shim { id: String },
@@ -526,6 +533,8 @@ fn main() {
             Command::Images { command } if client_tpl::server_configured() => {
                 client_tpl::images(command).await
             }
+            Command::Up(a) => up::up(a).await,
+            Command::Down(a) => up::down(a).await,
             // Snapshots, restores and forks through a configured server.
             Command::Snapshot(a) if client_snap::configured() => client_snap::snapshot_cmd(a).await,
             Command::Restore { snapshot, detach } if client_snap::configured() => {

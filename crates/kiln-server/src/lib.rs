@@ -21,6 +21,7 @@ pub mod rest;
 pub mod scheduler;
 pub mod server;
 pub mod tls;
+pub mod unix;
 
 pub use config::{ServerConfig, parse_peers};
 pub use scheduler::{Decision, Outcome, Pending, Policy, Unschedulable, place};

@@ -71,6 +71,8 @@ pub struct Server {
     api_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The API's router, for more listeners ([`Server::serve_unix`]).
+    app: axum::Router,
 }
 
 /// Milliseconds since the epoch (the leader's clock, carried in commands).
@@ -156,9 +158,10 @@ impl Server {
             ));
         let mut rx = stop_rx.clone();
         let limits = shared.cfg.limits;
+        let tcp_app = app.clone();
         let serve = tokio::spawn(async move {
             tokio::select! {
-                () = crate::tls::serve(listener, app, tls, limits) => {}
+                () = crate::tls::serve(listener, tcp_app, tls, limits) => {}
                 _ = rx.wait_for(|s| *s) => {}
             }
         });
@@ -168,6 +171,7 @@ impl Server {
             api_addr,
             stop,
             tasks: vec![serve, reconcile],
+            app,
         };
         if server.shared.cfg.init {
             let mut members = server.shared.cfg.peers.clone();
@@ -288,6 +292,21 @@ impl Server {
         }
         tracing::info!(path = %path.display(), "bootstrap admin token written");
         Ok(())
+    }
+
+    /// Serves the API on a Unix socket too (plain HTTP: the socket's file
+    /// mode guards it), with the same router, so the same authentication
+    /// and limits as on `listen`. Stops with the server.
+    pub fn serve_unix(&mut self, listener: tokio::net::UnixListener) {
+        let app = self.app.clone();
+        let limits = self.shared.cfg.limits;
+        let mut rx = self.stop.subscribe();
+        self.tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                () = crate::unix::serve(listener, app, limits) => {}
+                _ = rx.wait_for(|s| *s) => {}
+            }
+        }));
     }
 
     /// Stops the listeners, the loops and Raft (as a crash would: nothing

@@ -271,14 +271,14 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// An I/O stream that says when the protocol is known: the whole HTTP/2
 /// preface arrived, or bytes that are not a prefix of it (HTTP/1, whose
 /// request head `header_read_timeout` then bounds).
-struct FirstByte<S> {
+pub(crate) struct FirstByte<S> {
     inner: S,
     seen: Vec<u8>,
     first: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl<S> FirstByte<S> {
-    fn new(inner: S) -> (Self, tokio::sync::oneshot::Receiver<()>) {
+    pub(crate) fn new(inner: S) -> (Self, tokio::sync::oneshot::Receiver<()>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         (
             FirstByte {
@@ -339,7 +339,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstByte<S> {
 }
 
 /// Serves `conn` but drops it when no byte arrived within `deadline`.
-async fn first_byte_within<F, E>(
+pub(crate) async fn first_byte_within<F, E>(
     conn: F,
     first: tokio::sync::oneshot::Receiver<()>,
     deadline: Duration,

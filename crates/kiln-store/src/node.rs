@@ -393,6 +393,20 @@ impl RaftNode {
         Ok(())
     }
 
+    /// Updates the addresses of existing members (a lone replica whose
+    /// ports changed across restarts, as `kiln up`'s). With several voters
+    /// prefer removing and adding a member: a wrong address cuts it off.
+    pub async fn set_nodes(
+        &self,
+        nodes: BTreeMap<ServerId, ServerNode>,
+    ) -> Result<(), ClusterError> {
+        self.raft
+            .change_membership(ChangeMembers::SetNodes(nodes), false)
+            .await
+            .map_err(write_error)?;
+        Ok(())
+    }
+
     /// Proposes a command and waits until it is committed and applied here.
     pub async fn write(&self, cmd: Command) -> Result<Response, WriteError> {
         self.write_indexed(cmd).await.map(|(r, _)| r)
