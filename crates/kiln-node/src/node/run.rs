@@ -81,6 +81,10 @@ pub enum RunError {
     BadPublish(#[from] kiln_net::publish::ParsePublishError),
     #[error("cannot publish the port")]
     Publish(#[from] kiln_net::PublishError),
+    /// The server's ID named a pool member that another run claimed (or
+    /// that could not be claimed) first: never adopt that sandbox.
+    #[error("pool member {0} was taken before this sandbox could claim it")]
+    MemberTaken(String),
     #[error("{what} {asked} MiB is more than this host has ({has} MiB)")]
     Capacity {
         what: &'static str,
@@ -238,6 +242,11 @@ impl Node {
                 }
                 None => {}
             }
+        }
+        if let Some(id) = member
+            && self.store.load(id).is_ok()
+        {
+            return Err(RunError::MemberTaken(id.to_string()));
         }
         let mut rec = self.create_record(req.id.clone(), spec)?;
         if let Some(policy) = &policy {
