@@ -21,7 +21,7 @@ pub fn first_output() -> Option<std::time::Instant> {
     FIRST_OUTPUT.get().copied()
 }
 
-fn mark_output() {
+pub(crate) fn mark_output() {
     let _ = FIRST_OUTPUT.set(std::time::Instant::now());
 }
 
@@ -342,12 +342,12 @@ async fn stream(
 }
 
 /// `ID:/path` or a local path.
-enum Loc {
+pub(crate) enum Loc {
     Sandbox(String, String),
     Local(PathBuf),
 }
 
-fn parse_loc(s: &str) -> Loc {
+pub(crate) fn parse_loc(s: &str) -> Loc {
     if let Some((id, path)) = s.split_once(':')
         && !id.is_empty()
         && !id.contains('/')
@@ -390,11 +390,11 @@ enum Outcome {
 }
 
 /// Set once the user interrupted the command.
-struct Cancel(tokio::sync::watch::Receiver<bool>);
+pub(crate) struct Cancel(tokio::sync::watch::Receiver<bool>);
 
 impl Cancel {
     /// Listens for SIGINT and SIGTERM from now on.
-    fn on_signals() -> Result<Cancel> {
+    pub(crate) fn on_signals() -> Result<Cancel> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
         let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -418,7 +418,7 @@ impl Cancel {
     }
 
     /// Resolves once cancelled.
-    async fn wait(&mut self) {
+    pub(crate) async fn wait(&mut self) {
         while !*self.0.borrow_and_update() {
             if self.0.changed().await.is_err() {
                 std::future::pending::<()>().await;
@@ -429,7 +429,7 @@ impl Cancel {
 
 /// Splits a guest destination into (directory, name): `dir/` keeps the
 /// source's name, anything else names the copy.
-fn guest_target(path: &str, src_name: &str) -> Result<(String, String)> {
+pub(crate) fn guest_target(path: &str, src_name: &str) -> Result<(String, String)> {
     if !path.starts_with('/') {
         bail!("the path in the sandbox must be absolute: {path:?}");
     }
@@ -566,12 +566,12 @@ async fn copy_in(sock: &Path, local: &Path, path: &str, cancel: &mut Cancel) -> 
     }
 }
 
-const CHUNK: usize = 256 * 1024;
+pub(crate) const CHUNK: usize = 256 * 1024;
 
 /// A `Write` that sends fixed-size chunks to an async consumer.
-struct ChunkWriter {
-    tx: mpsc::Sender<std::io::Result<Vec<u8>>>,
-    buf: Vec<u8>,
+pub(crate) struct ChunkWriter {
+    pub(crate) tx: mpsc::Sender<std::io::Result<Vec<u8>>>,
+    pub(crate) buf: Vec<u8>,
 }
 
 impl ChunkWriter {
@@ -585,7 +585,7 @@ impl ChunkWriter {
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "copy aborted"))
     }
 
-    fn finish(mut self) -> std::io::Result<()> {
+    pub(crate) fn finish(mut self) -> std::io::Result<()> {
         self.flush_buf()
     }
 }
@@ -787,7 +787,7 @@ fn malformed(e: impl std::fmt::Display) -> anyhow::Error {
 /// entries that would land outside the directory it unpacks into; we unpack
 /// into a fresh temporary directory inside `dir` (locked while we work, see
 /// `reap_stale_copies`) and move the result.
-fn unpack_from_guest(
+pub(crate) fn unpack_from_guest(
     r: impl std::io::Read,
     dir: &Path,
     rename: Option<&std::ffi::OsStr>,

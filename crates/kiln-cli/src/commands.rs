@@ -177,6 +177,20 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
             }
             Ok(code)
         }
+        Command::Inspect { ids } => {
+            let node = &node;
+            let mut code = 0;
+            for id in ids {
+                match node.get(&id) {
+                    Ok(r) => println!("{}", serde_json::to_string_pretty(&r)?),
+                    Err(e) => {
+                        eprintln!("kiln: {:#}", anyhow::Error::from(e));
+                        code = 1;
+                    }
+                }
+            }
+            Ok(code)
+        }
         Command::Pause { id } => {
             println!("{}", node.pause(&id).await?);
             Ok(0)
@@ -217,7 +231,7 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
 
 /// Runs `op` on each ID, printing the full ID on success and the error
 /// otherwise; exit code 1 if any failed.
-async fn each<F, Fut>(ids: Vec<String>, op: F) -> Result<i32>
+pub(crate) async fn each<F, Fut>(ids: Vec<String>, op: F) -> Result<i32>
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = Result<String>>,
@@ -237,7 +251,7 @@ where
 
 /// `--env-file` lines, then `-e` values; `KEY` alone takes its value from
 /// this process's environment and is skipped if unset (as `docker run`).
-fn read_env(p: &ProcessArgs) -> Result<Vec<String>> {
+pub(crate) fn read_env(p: &ProcessArgs) -> Result<Vec<String>> {
     let mut raw = Vec::new();
     for f in &p.env_file {
         let text = std::fs::read_to_string(f)
@@ -291,7 +305,7 @@ fn driver_preference(s: &str) -> Result<DriverPreference> {
 }
 
 /// The request `kiln run`'s flags make.
-fn run_request(args: &RunArgs) -> Result<RunRequest> {
+pub(crate) fn run_request(args: &RunArgs) -> Result<RunRequest> {
     let (image, cmd) = split_image_and_cmd(args)?;
     check_resources(args.cpus, args.memory, args.disk)?;
     if args.timeout == Some(0) {
@@ -319,6 +333,12 @@ fn run_request(args: &RunArgs) -> Result<RunRequest> {
     spec.timeout_secs = args.timeout;
     spec.auto_remove = args.rm;
     spec.log_limit = args.log_limit;
+    for l in &args.labels {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("--label {l:?}: expected KEY=VALUE");
+        };
+        spec.labels.insert(k.to_owned(), v.to_owned());
+    }
     spec.network = match args.net.mode.as_str() {
         "default" => {
             let mut n = network_spec(&args.net.policy);

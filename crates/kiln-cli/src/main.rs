@@ -11,7 +11,10 @@ mod bench_density;
 mod bench_fork;
 mod bench_net;
 mod bench_warm;
+mod client_cmd;
+mod client_cp;
 mod client_snap;
+mod client_stream;
 mod client_tpl;
 mod commands;
 mod images;
@@ -34,6 +37,11 @@ struct Cli {
     /// Log verbosity for Kiln's own messages (error, warn, info, debug, trace).
     #[arg(long, global = true, env = "KILN_LOG", default_value = "warn")]
     log: String,
+    /// The API server the sandbox commands (run, exec, cp, logs, ps,
+    /// inspect, stop, rm, pause, resume, wait) go through (default:
+    /// KILN_SERVER, else the current context's; none: this host).
+    #[arg(long = "server", global = true, value_name = "URL")]
+    server: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -81,6 +89,11 @@ enum Command {
     },
     /// Wait until sandboxes end; print their exit codes.
     Wait {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Show sandboxes as JSON.
+    Inspect {
         #[arg(required = true)]
         ids: Vec<String>,
     },
@@ -299,6 +312,10 @@ pub struct RunArgs {
     /// output is dropped first. Default: KILN_LOG_LIMIT, else 64M.
     #[arg(long = "log-limit", value_name = "SIZE", value_parser = parse_log_limit)]
     log_limit: Option<u64>,
+    /// A label `KEY=VALUE` on the sandbox (repeatable; the API lists and
+    /// filters sandboxes by label).
+    #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
     /// IMAGE [-- CMD [ARGS...]]
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     rest: Vec<String>,
@@ -543,7 +560,11 @@ fn main() {
             Command::Fork { id, count } if client_snap::configured() => {
                 client_snap::fork(&id, count).await
             }
-            c => commands::dispatch(c).await,
+            // The sandbox commands go through a configured server's API.
+            c => match client_cmd::try_dispatch(c, cli.server).await {
+                client_cmd::Routed::Done(r) => r,
+                client_cmd::Routed::Local(c) => commands::dispatch(*c).await,
+            },
         };
         match r {
             Ok(code) => code,

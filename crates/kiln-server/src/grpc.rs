@@ -227,6 +227,33 @@ impl NodeRpc {
         }
     }
 
+    /// The node used a credential (authenticated): once it is known to
+    /// have saved it, its other credentials (the one kept at its last
+    /// registration) are revoked. One write, the first time only.
+    async fn confirm_credential(&self, md: &MetadataMap, node: &NodeName) -> Result<(), Status> {
+        let Some(secret) = bearer(md) else {
+            return Ok(());
+        };
+        let hash = query::hash_token(secret);
+        let others = self.shared.raft.read_local(|s| {
+            s.tokens.values().any(|t| {
+                t.role == Role::Node
+                    && t.node.as_ref() == Some(node)
+                    && t.revoked_at_ms.is_none()
+                    && t.sha256 != hash
+            })
+        });
+        if others {
+            self.write(Command::ConfirmNodeCredential {
+                node: node.clone(),
+                sha256: hash,
+                now_ms: now_ms(),
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn write(&self, cmd: Command) -> Result<Response, Status> {
         let r = self.shared.raft.write(cmd).await.map_err(write_status)?;
         match r {
@@ -283,6 +310,16 @@ impl NodeService for NodeRpc {
             })
             .await?;
         }
+        // Earlier credentials go, except the one presented (the node holds
+        // it): if the node dies before it saves the new one, it can still
+        // register with that. The new one becomes the only one once used
+        // (`confirm_credential`).
+        self.write(Command::RotateNodeCredentials {
+            node: name.clone(),
+            keep: presented.clone(),
+            now_ms: now,
+        })
+        .await?;
         let secret = format!("kilnnode_{}", random_hex(24));
         self.write(Command::CreateToken {
             id: format!("node-{}", random_hex(8)),
@@ -308,6 +345,7 @@ impl NodeService for NodeRpc {
     ) -> Result<tonic::Response<HeartbeatReply>, Status> {
         let name = node_name(&req.get_ref().name)?;
         self.authenticate(req.metadata(), &name).await?;
+        self.confirm_credential(req.metadata(), &name).await?;
         let mut r = req.into_inner();
         if r.images_changed {
             bound_images(&name, &mut r.images);

@@ -270,40 +270,53 @@ async fn node_registers_watches_and_reports() {
     );
     let e = leader.register(other).await.expect_err("other credential");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
-    // Re-registering with the credential rotates it: the old one stops
-    // working.
-    let mut again = register_req("h1", JOIN);
-    again.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {cred}").parse().expect("metadata"),
-    );
-    let cred2 = leader
-        .register(again)
+    // Re-registering with the credential mints a new one; the old one
+    // stays until the new one is used, so a node that dies before saving
+    // the new one registers again with the old one.
+    let hb = |cred: &str| {
+        authed(
+            HeartbeatRequest {
+                name: "h1".into(),
+                ..Default::default()
+            },
+            cred,
+        )
+    };
+    let reregister = |cred: &str| {
+        let mut again = register_req("h1", JOIN);
+        again.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {cred}").parse().expect("metadata"),
+        );
+        again
+    };
+    let lost = leader
+        .register(reregister(&cred))
         .await
         .expect("re-register")
         .into_inner()
         .credential;
-    let e = leader
-        .heartbeat(authed(
-            HeartbeatRequest {
-                name: "h1".into(),
-                ..Default::default()
-            },
-            &cred,
-        ))
+    let cred2 = leader
+        .register(reregister(&cred))
         .await
-        .expect_err("rotated");
+        .expect("re-register with the kept credential after a crash")
+        .into_inner()
+        .credential;
+    let e = leader
+        .heartbeat(hb(&lost))
+        .await
+        .expect_err("never used, replaced");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    leader.heartbeat(hb(&cred2)).await.expect("new credential");
+    let e = leader
+        .heartbeat(hb(&cred))
+        .await
+        .expect_err("rotated once used");
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
     leader
-        .heartbeat(authed(
-            HeartbeatRequest {
-                name: "h1".into(),
-                ..Default::default()
-            },
-            &cred2,
-        ))
+        .heartbeat(hb(&cred2))
         .await
-        .expect("new credential");
+        .expect("still the node's");
     // An admin revokes h1's credential: a replacement host may then
     // register under the name with the join token alone.
     let r = reqwest::Client::new()

@@ -88,7 +88,9 @@ fn apply_inner(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
         | Command::SetQuotas { .. }
         | Command::DeleteTenant { .. }
         | Command::CreateToken { .. }
-        | Command::RevokeToken { .. } => tenants::apply(st, cmd, meta),
+        | Command::RevokeToken { .. }
+        | Command::RotateNodeCredentials { .. }
+        | Command::ConfirmNodeCredential { .. } => tenants::apply(st, cmd, meta),
         Command::PutPolicy { .. }
         | Command::DeletePolicy { .. }
         | Command::PutVolume { .. }

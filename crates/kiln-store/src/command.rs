@@ -232,12 +232,30 @@ pub enum Command {
         description: String,
         now_ms: u64,
         /// The node a `Role::Node` credential speaks for (none otherwise).
-        /// Creating one revokes that node's earlier credentials.
+        /// Earlier credentials of the node stay (see
+        /// `RotateNodeCredentials` and `ConfirmNodeCredential`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         node: Option<NodeName>,
     },
     RevokeToken {
         id: String,
+        now_ms: u64,
+    },
+    /// Before a registration mints a new credential: revokes node `node`'s
+    /// live credentials except the one hashed `keep` (the one the node
+    /// presented, so it is known to hold it). A node that dies before it
+    /// saved the new credential registers again with the kept one.
+    RotateNodeCredentials {
+        node: NodeName,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        keep: Option<String>,
+        now_ms: u64,
+    },
+    /// Node `node` used its credential hashed `sha256`: it has saved it, so
+    /// every other live credential of the node is revoked.
+    ConfirmNodeCredential {
+        node: NodeName,
+        sha256: String,
         now_ms: u64,
     },
 
@@ -321,6 +339,8 @@ impl Command {
             Command::DeleteTenant { .. } => "delete_tenant",
             Command::CreateToken { .. } => "create_token",
             Command::RevokeToken { .. } => "revoke_token",
+            Command::RotateNodeCredentials { .. } => "rotate_node_credentials",
+            Command::ConfirmNodeCredential { .. } => "confirm_node_credential",
             Command::PutPolicy { .. } => "put_policy",
             Command::DeletePolicy { .. } => "delete_policy",
             Command::PutVolume { .. } => "put_volume",

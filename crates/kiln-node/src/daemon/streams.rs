@@ -290,7 +290,15 @@ async fn start(
                 exit_code: c,
                 signal: None,
             }),
-            _ => Err(ServerMsg::error("exec_failed", message)),
+            // `reason`: the exit code a shell would give (126, 127), so
+            // that clients return what `kiln exec` returns locally.
+            _ => Err(ServerMsg::Error {
+                error: ErrorDetail {
+                    code: "exec_failed".into(),
+                    message,
+                    reason: exit_code.map(|c| c.to_string()),
+                },
+            }),
         },
         other => Err(ServerMsg::error(
             "exec_failed",

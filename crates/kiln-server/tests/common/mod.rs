@@ -18,14 +18,13 @@ pub struct Cluster {
 pub fn config(id: u64, dir: &std::path::Path) -> ServerConfig {
     let any = "127.0.0.1:0".parse().expect("addr");
     let mut c = ServerConfig::new(id, any, any, dir, JOIN);
+    // Replicas of one cluster share a secret for their Raft RPCs.
+    c.cluster_secret = Some("cluster-secret-for-tests-0123456789".into());
     c.election_timeout_ms = (300, 600);
     c.raft_heartbeat_ms = 50;
     c.reconcile_ms = 100;
     c.heartbeat_interval_ms = 200;
     c.grace_ms = 30_000;
-    // Replicas of one cluster share its secret (each would otherwise make
-    // its own and refuse the others' Raft calls).
-    c.cluster_secret = Some("test-cluster-secret-0123456789abcdef".into());
     c
 }
 

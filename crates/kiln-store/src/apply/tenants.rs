@@ -136,17 +136,6 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             if st.idx.token_by_hash.contains_key(sha256) {
                 return Err(Rejection::conflict("a token with this hash exists"));
             }
-            if let Some(n) = node {
-                // One live credential per node: a re-registration rotates it.
-                for tok in st.tokens.values_mut() {
-                    if tok.role == Role::Node
-                        && tok.node.as_ref() == Some(n)
-                        && tok.revoked_at_ms.is_none()
-                    {
-                        tok.revoked_at_ms = Some(*now_ms);
-                    }
-                }
-            }
             st.idx.token_by_hash.insert(sha256.clone(), id.clone());
             st.tokens.insert(
                 id.clone(),
@@ -163,6 +152,34 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             );
             Ok(Response::Done)
         }
+        Command::RotateNodeCredentials { node, keep, now_ms } => {
+            revoke_node_credentials(st, node, keep.as_deref(), *now_ms);
+            Ok(Response::Done)
+        }
+        Command::ConfirmNodeCredential {
+            node,
+            sha256,
+            now_ms,
+        } => {
+            let live = st
+                .idx
+                .token_by_hash
+                .get(sha256)
+                .and_then(|id| st.tokens.get(id))
+                .is_some_and(|t| {
+                    t.role == Role::Node
+                        && t.node.as_ref() == Some(node)
+                        && t.revoked_at_ms.is_none()
+                });
+            if !live {
+                return Err(Rejection::invalid(
+                    "sha256",
+                    "not a live credential of this node",
+                ));
+            }
+            revoke_node_credentials(st, node, Some(sha256), *now_ms);
+            Ok(Response::Done)
+        }
         Command::RevokeToken { id, now_ms } => {
             let t = st
                 .tokens
@@ -174,5 +191,18 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             Ok(Response::Done)
         }
         _ => Err(Rejection::invalid("command", "routed to the wrong handler")),
+    }
+}
+
+/// Revokes node `node`'s live credentials except the one hashed `keep`.
+fn revoke_node_credentials(st: &mut State, node: &NodeName, keep: Option<&str>, now_ms: u64) {
+    for tok in st.tokens.values_mut() {
+        if tok.role == Role::Node
+            && tok.node.as_ref() == Some(node)
+            && tok.revoked_at_ms.is_none()
+            && keep != Some(tok.sha256.as_str())
+        {
+            tok.revoked_at_ms = Some(now_ms);
+        }
     }
 }

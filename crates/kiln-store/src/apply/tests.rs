@@ -505,11 +505,45 @@ fn node_credentials_are_bound_to_one_node_and_rotate() {
     sm.ok(mk("n2", None, Some("h2"), "x2"));
     let tok = query::token_by_hash(&sm.st, &query::hash_token("x1")).expect("live");
     assert_eq!((tok.role, tok.node.clone()), (Role::Node, Some(n("h1"))));
-    // A new credential for h1 revokes the old one, not h2's.
+    // A registration of h1 presenting x1: the rotation keeps x1 (the node
+    // holds it) until the new x3 is used; h2's are never touched.
+    let live =
+        |sm: &Sm, secret: &str| query::token_by_hash(&sm.st, &query::hash_token(secret)).is_some();
+    let rotate = |keep: Option<&str>| Command::RotateNodeCredentials {
+        node: n("h1"),
+        keep: keep.map(query::hash_token),
+        now_ms: 6,
+    };
+    sm.ok(rotate(Some("x1")));
     sm.ok(mk("n3", None, Some("h1"), "x3"));
-    assert!(query::token_by_hash(&sm.st, &query::hash_token("x1")).is_none());
-    assert!(query::token_by_hash(&sm.st, &query::hash_token("x2")).is_some());
-    assert!(query::token_by_hash(&sm.st, &query::hash_token("x3")).is_some());
+    assert!(live(&sm, "x1") && live(&sm, "x2") && live(&sm, "x3"));
+    // The node died before saving x3 and registers again with x1: x3,
+    // never used, goes; x1 stays until the next one is used.
+    sm.ok(rotate(Some("x1")));
+    sm.ok(mk("n4", None, Some("h1"), "x4"));
+    assert!(live(&sm, "x1") && !live(&sm, "x3") && live(&sm, "x4"));
+    // x4 used: it is the only one.
+    sm.ok(Command::ConfirmNodeCredential {
+        node: n("h1"),
+        sha256: query::hash_token("x4"),
+        now_ms: 7,
+    });
+    assert!(!live(&sm, "x1") && live(&sm, "x4") && live(&sm, "x2"));
+    // Only a live credential of that node confirms.
+    for (node, secret) in [("h1", "x1"), ("h2", "x4"), ("h1", "nope")] {
+        assert!(matches!(
+            sm.rejected(Command::ConfirmNodeCredential {
+                node: n(node),
+                sha256: query::hash_token(secret),
+                now_ms: 8,
+            }),
+            Rejection::Invalid { .. }
+        ));
+    }
+    // A registration presenting nothing (first one, or after a revoke)
+    // leaves no earlier credential live.
+    sm.ok(rotate(None));
+    assert!(!live(&sm, "x4") && live(&sm, "x2"));
     let mut rebuilt = sm.st.clone();
     rebuilt.rebuild_indexes();
     assert_eq!(rebuilt.idx, sm.st.idx);
