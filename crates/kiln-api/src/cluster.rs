@@ -200,6 +200,26 @@ pub struct NodeDesired {
     /// them), so a sandbox cannot reach another host's node endpoints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cluster_addresses: Vec<std::net::Ipv4Addr>,
+    /// The templates this node must hold (created through the API), with
+    /// their pool targets here. A template that leaves this list is drained
+    /// and removed by the node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub templates: Vec<TemplateAssignment>,
+}
+
+/// One template a node must build and keep (and its warm pool's size).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateAssignment {
+    /// The scoped name (`tenant/name`, or `name` for a shared one).
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<TenantName>,
+    pub name: String,
+    pub image: String,
+    pub resources: crate::sandbox::Resources,
+    /// Warm pool members wanted on this node (0: none).
+    #[serde(default)]
+    pub pool: u32,
 }
 
 /// One sandbox a node must run (or stop, or remove).

@@ -13,6 +13,7 @@ pub mod proto;
 pub mod rest;
 pub mod sandbox;
 pub mod stream;
+pub mod templates;
 pub mod text;
 
 /// The node protocol (gRPC): generated from `proto/kiln/node/v1/node.proto`.

@@ -451,8 +451,21 @@ pub async fn api_route(conn: &Conn) -> Result<Option<Conn>> {
     api_route_as(conn, As::Tenant).await
 }
 
+/// Set to `1`, the sandbox commands use this host's node service directly
+/// whatever server is configured or running: the node service sets it on
+/// the `kiln` processes it starts itself (`template create --auto`,
+/// `template fill`, supervisors), and benchmarks of the node-local path.
+pub const NODE_LOCAL_ENV: &str = kiln_node::NODE_LOCAL_ENV;
+
+fn node_local() -> bool {
+    std::env::var_os(NODE_LOCAL_ENV).is_some_and(|v| v == "1")
+}
+
 /// [`api_route`] with the token of `who` for an embedded server.
 pub async fn api_route_as(conn: &Conn, who: As) -> Result<Option<Conn>> {
+    if node_local() {
+        return Ok(None);
+    }
     if explicit_server(conn)? {
         return Ok(Some(conn.clone()));
     }

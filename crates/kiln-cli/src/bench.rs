@@ -182,6 +182,9 @@ pub(crate) async fn first_byte(args: Vec<String>) -> Result<Duration> {
     let t = Instant::now();
     let mut child = Command::new(&exe)
         .args(&args)
+        // Benchmarks time this host's node-local path (the API path is
+        // measured with a client of its own).
+        .env(crate::admin::NODE_LOCAL_ENV, "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
@@ -204,6 +207,7 @@ fn kiln_exe() -> Result<std::path::PathBuf> {
 pub(crate) async fn kiln(args: &[&str]) -> Result<String> {
     let out = tokio::process::Command::new(kiln_exe()?)
         .args(args)
+        .env(crate::admin::NODE_LOCAL_ENV, "1")
         .stdin(Stdio::null())
         .output()
         .await?;

@@ -78,7 +78,8 @@ pub async fn try_dispatch(cmd: Command, server: Option<String>) -> Routed {
             | Command::Snapshot(_)
             | Command::Restore { .. }
             | Command::Fork { .. }
-    );
+            | Command::Images { .. }
+    ) || matches!(&cmd, Command::Template { command } if !node_internal(command));
     if !api_cmd {
         // (`kiln node --server` is its own flag: clap hands its value to
         // the global one too.)
@@ -86,7 +87,7 @@ pub async fn try_dispatch(cmd: Command, server: Option<String>) -> Routed {
             return Routed::Done(Err(anyhow::anyhow!(
                 "--server: this command runs on this host only (the sandbox commands \
                  run, exec, cp, logs, ps, inspect, stop, rm, pause, resume, wait, \
-                 snapshot, restore and fork go through a server)"
+                 snapshot, restore, fork, template and images go through a server)"
             )));
         }
         return Routed::Local(Box::new(cmd));
@@ -101,6 +102,21 @@ pub async fn try_dispatch(cmd: Command, server: Option<String>) -> Routed {
     }
 }
 
+/// The template commands the node service runs itself in the background
+/// (after a cold start, after a pool claim): always this host's.
+fn node_internal(cmd: &crate::templates::TemplateCommand) -> bool {
+    use crate::templates::TemplateCommand as T;
+    matches!(
+        cmd,
+        T::Create { auto: true, .. }
+            | T::Create {
+                when_idle: true,
+                ..
+            }
+            | T::Fill { .. }
+    )
+}
+
 async fn dispatch(conn: &Conn, cmd: Command) -> Result<i32> {
     let api = Api(Client::new(conn)?);
     match cmd {
@@ -109,6 +125,8 @@ async fn dispatch(conn: &Conn, cmd: Command) -> Result<i32> {
             crate::client_snap::restore(conn, &snapshot, detach).await
         }
         Command::Fork { id, count } => crate::client_snap::fork(conn, &id, count).await,
+        Command::Template { command } => crate::client_tpl::template(conn, command).await,
+        Command::Images { command } => crate::client_tpl::images(conn, command).await,
         Command::Run(args) => run(&api, *args).await,
         Command::Exec(args) => exec(&api, args).await,
         Command::Cp { src, dst } => crate::client_cp::cp(&api, &src, &dst).await,

@@ -15,6 +15,7 @@ mod client_cmd;
 mod client_cp;
 mod client_snap;
 mod client_stream;
+mod client_tpl;
 mod commands;
 mod images;
 mod info;

@@ -31,3 +31,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// The environment variable that makes a `kiln` command use this host's
+/// node service even when a server is configured or `kiln up` runs; set on
+/// every `kiln` process the node service starts itself.
+pub const NODE_LOCAL_ENV: &str = "KILN_NODE_LOCAL";

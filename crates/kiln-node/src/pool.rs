@@ -130,6 +130,13 @@ impl Pool {
             .find(|id| fs::remove_file(self.ready_dir().join(id)).is_ok())
     }
 
+    /// Claims member `id` if it is still offered (a server-assigned ID that
+    /// names a member: the server chose it from the node's report).
+    pub fn take_one(&self, id: &str) -> Option<String> {
+        (crate::store::valid_id(id) && fs::remove_file(self.ready_dir().join(id)).is_ok())
+            .then(|| id.to_string())
+    }
+
     /// Waits for, then holds, the right to refill the pool.
     pub fn fill_lock(&self) -> std::io::Result<FillLock> {
         fs::create_dir_all(&self.dir)?;

@@ -447,6 +447,9 @@ impl NodeService for NodeRpc {
         let name = node_name(&req.get_ref().name)?;
         self.authenticate(req.metadata(), &name).await?;
         let r = req.into_inner();
+        if !r.templates_json.is_empty() {
+            return self.report_templates(name, &r.templates_json).await;
+        }
         if r.sandboxes.len() > MAX_REPORT_ITEMS {
             return Err(Status::invalid_argument(format!(
                 "sandboxes: at most {MAX_REPORT_ITEMS} per report"
@@ -493,6 +496,63 @@ impl NodeService for NodeRpc {
                 Ok(Response::Rejected(rej)) => refused[i] = rej.to_string(),
                 Ok(_) => {}
                 Err(e) => return Err(write_status(e)),
+            }
+        }
+        Ok(tonic::Response::new(ReportReply { refused }))
+    }
+}
+
+impl NodeRpc {
+    /// A node's template report (`templates_json`): one `ReportTemplate`
+    /// per template and a `ReportPool` where it has a pool target there;
+    /// the answer's `refused` is per template, in order.
+    async fn report_templates(
+        &self,
+        node: NodeName,
+        json: &[u8],
+    ) -> Result<tonic::Response<ReportReply>, Status> {
+        use kiln_api::templates::{MAX_TEMPLATE_REPORTS, TemplateReport};
+        let reports: Vec<TemplateReport> = serde_json::from_slice(json)
+            .map_err(|e| Status::invalid_argument(format!("templates_json: {e}")))?;
+        if reports.len() > MAX_TEMPLATE_REPORTS {
+            return Err(Status::invalid_argument(format!(
+                "templates: at most {MAX_TEMPLATE_REPORTS} per report"
+            )));
+        }
+        let mut refused = vec![String::new(); reports.len()];
+        for (i, t) in reports.into_iter().enumerate() {
+            let key = kiln_store::state::scoped(t.tenant.as_ref(), &t.name);
+            let has_pool = self.shared.raft.read_local(|st| {
+                st.pools
+                    .get(&key)
+                    .is_some_and(|p| p.nodes.contains_key(&node))
+            });
+            let mut commands = vec![Command::ReportTemplate {
+                node: node.clone(),
+                tenant: t.tenant.clone(),
+                name: t.name.clone(),
+                ready: t.ready,
+                size_bytes: t.size_bytes,
+                error: t.error.clone(),
+            }];
+            if has_pool {
+                commands.push(Command::ReportPool {
+                    node: node.clone(),
+                    tenant: t.tenant.clone(),
+                    template: t.name.clone(),
+                    ready: t.pool_ready,
+                    members: t.members.clone(),
+                });
+            }
+            for c in commands {
+                match self.shared.raft.write(c).await {
+                    Ok(Response::Rejected(rej)) => {
+                        refused[i] = rej.to_string();
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(write_status(e)),
+                }
             }
         }
         Ok(tonic::Response::new(ReportReply { refused }))

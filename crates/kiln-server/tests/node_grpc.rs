@@ -207,6 +207,7 @@ async fn node_registers_watches_and_reports() {
         .report(authed(
             ReportRequest {
                 name: "h1".into(),
+                templates_json: Vec::new(),
                 sandboxes: vec![
                     SandboxReport {
                         id: id.to_string(),
@@ -242,6 +243,7 @@ async fn node_registers_watches_and_reports() {
         .report(authed(
             ReportRequest {
                 name: "h2".into(),
+                templates_json: Vec::new(),
                 sandboxes: vec![SandboxReport {
                     id: id.to_string(),
                     generation,

@@ -21,6 +21,10 @@ fn openapi_document_validates() {
         "/v1/tenants",
         "/v1/tokens",
         "/v1/tokens/{id}",
+        "/v1/templates",
+        "/v1/templates/{name}/pool",
+        "/v1/images/pull",
+        "/v1/images/{reference}",
     ] {
         assert!(v["paths"][p].is_object(), "{p} missing");
     }

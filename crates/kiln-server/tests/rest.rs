@@ -270,6 +270,7 @@ async fn rest_api_on_three_replicas() {
         .report(authed(
             ReportRequest {
                 name: "h1".into(),
+                templates_json: Vec::new(),
                 sandboxes: vec![SandboxReport {
                     id: sb.id.to_string(),
                     generation: d.sandboxes[0].generation,
@@ -432,6 +433,7 @@ async fn rest_api_on_three_replicas() {
     node.report(authed(
         ReportRequest {
             name: "h1".into(),
+            templates_json: Vec::new(),
             sandboxes: vec![SandboxReport {
                 id: sb.id.to_string(),
                 generation: asg.generation,

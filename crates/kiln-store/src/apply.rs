@@ -32,6 +32,8 @@ pub const LOST_EXIT_CODE: i32 = 255;
 /// Most members of a group, and most pool members per node.
 pub const MAX_GROUP_MEMBERS: usize = 64;
 pub const MAX_POOL_TARGET: u32 = 1024;
+/// Most nodes one `PutTemplate` may name.
+pub const MAX_TEMPLATE_NODES: usize = 256;
 /// Largest policy document, serialized.
 pub const MAX_POLICY_BYTES: usize = 64 * 1024;
 const MAX_ERROR_TEXT: usize = 4096;
@@ -115,5 +117,7 @@ mod tenants;
 mod policy_tests;
 #[cfg(test)]
 mod snapshot_tests;
+#[cfg(test)]
+mod template_tests;
 #[cfg(test)]
 mod tests;

@@ -149,14 +149,24 @@ pub enum Command {
         #[serde(default)]
         auto: bool,
         now_ms: u64,
+        /// Nodes that must build and keep it (added to those of an
+        /// existing template of the same image and resources).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        nodes: Vec<NodeName>,
     },
+    /// A node built a template (`ready`), dropped it, or could not build
+    /// it (`error`).
     ReportTemplate {
         node: NodeName,
         tenant: Option<TenantName>,
         name: String,
         ready: bool,
         size_bytes: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
+    /// Refused (conflict) while live sandboxes of its image and resources
+    /// (of its tenant, or any for a shared one) run on a node holding it.
     DeleteTemplate {
         tenant: Option<TenantName>,
         name: String,
@@ -173,6 +183,9 @@ pub enum Command {
         tenant: Option<TenantName>,
         template: String,
         ready: u32,
+        /// The ready members' IDs (at most `MAX_POOL_TARGET`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        members: Vec<SandboxId>,
     },
 
     // --- snapshots ---

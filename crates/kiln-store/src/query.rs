@@ -139,7 +139,7 @@ pub fn get_sandbox<'a>(
         .filter(|r| tenant.is_none_or(|t| *t == r.tenant))
 }
 
-pub use kiln_api::cluster::{Assignment, NodeDesired};
+pub use kiln_api::cluster::{Assignment, NodeDesired, TemplateAssignment};
 
 /// The desired state of one node, or `None` if it is not registered.
 pub fn node_desired(st: &State, node: &NodeName) -> Option<NodeDesired> {
@@ -169,6 +169,23 @@ pub fn node_desired(st: &State, node: &NodeName) -> Option<NodeDesired> {
         .iter()
         .filter_map(|(k, p)| p.nodes.get(node).map(|s| (k.clone(), s.target)))
         .collect();
+    let templates = st
+        .templates
+        .iter()
+        .filter(|(_, t)| t.placed.contains(node))
+        .map(|(k, t)| TemplateAssignment {
+            key: k.clone(),
+            tenant: t.tenant.clone(),
+            name: t.name.clone(),
+            image: t.image.clone(),
+            resources: t.resources,
+            pool: st
+                .pools
+                .get(k)
+                .and_then(|p| p.nodes.get(node))
+                .map_or(0, |s| s.target),
+        })
+        .collect();
     let mut cluster_addresses: Vec<std::net::Ipv4Addr> = st
         .nodes
         .iter()
@@ -184,6 +201,7 @@ pub fn node_desired(st: &State, node: &NodeName) -> Option<NodeDesired> {
         revision,
         sandboxes,
         pools,
+        templates,
         cluster_addresses,
     })
 }
@@ -305,6 +323,22 @@ pub fn list_templates<'a>(
     st.templates
         .values()
         .filter(move |t| tenant.is_none() || t.tenant.is_none() || t.tenant.as_ref() == tenant)
+}
+
+/// One template a tenant may see (its own, or a shared one; `None`: an
+/// admin sees any), by name. Another tenant's is `None`, like a missing one.
+pub fn get_template<'a>(
+    st: &'a State,
+    tenant: Option<&TenantName>,
+    name: &str,
+) -> Option<&'a crate::state::TemplateRecord> {
+    match tenant {
+        Some(t) => st
+            .templates
+            .get(&crate::state::scoped(Some(t), name))
+            .or_else(|| st.templates.get(name)),
+        None => st.templates.get(name),
+    }
 }
 
 /// The tenant's sandboxes restored from its snapshot `name` that still

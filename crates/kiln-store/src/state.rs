@@ -117,6 +117,14 @@ pub struct TemplateRecord {
     pub created_at_ms: u64,
     /// Nodes that built it: ready, and its size on that node.
     pub nodes: BTreeMap<NodeName, ArtifactOnNode>,
+    /// Nodes that must build and keep it (created through the API); each
+    /// gets it in its desired state.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub placed: BTreeSet<NodeName>,
+    /// Nodes that could not build it, and why (cleared when one reports
+    /// it ready).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failed: BTreeMap<NodeName, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +139,11 @@ pub struct PoolRecord {
     pub tenant: Option<TenantName>,
     pub template: String,
     pub nodes: BTreeMap<NodeName, PoolOnNode>,
+    /// The IDs of the ready members each node reported: an API create
+    /// placed there takes one as its sandbox ID, and the node then starts
+    /// it from that member.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub members: BTreeMap<NodeName, Vec<SandboxId>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -229,6 +229,7 @@ impl Backend {
                     id: Some(id.to_string()),
                 };
                 let started = r.node.run(&req, &kiln_image::NoProgress).await?;
+                tracing::info!(sandbox = %id, path = ?started.path, notes = ?started.notes, "started");
                 if !started.ready.ok {
                     tracing::warn!(sandbox = %id, error = ?started.ready.error, "the sandbox did not start");
                 }

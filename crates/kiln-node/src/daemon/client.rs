@@ -371,11 +371,46 @@ impl Client {
         let req = self.authorize(Request::new(ReportRequest {
             name: self.name.to_string(),
             sandboxes,
+            templates_json: Vec::new(),
         }));
         match cl.report(req).await {
             Ok(r) => {
                 let refused = r.into_inner().refused;
                 Ok((0..n)
+                    .map(|i| {
+                        refused
+                            .get(i)
+                            .filter(|s| !s.is_empty())
+                            .map(|s| s.chars().take(300).collect())
+                    })
+                    .collect())
+            }
+            Err(s) => {
+                let e = ClientError::Status(s);
+                self.failed(&url, &e).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Client {
+    /// Reports what the node holds of the templates of its desired state;
+    /// per template, `Some(why)` when refused.
+    pub async fn report_templates(
+        &self,
+        templates: &[kiln_api::templates::TemplateReport],
+    ) -> Result<Vec<Option<String>>, ClientError> {
+        let (url, mut cl) = self.client().await?;
+        let req = self.authorize(Request::new(ReportRequest {
+            name: self.name.to_string(),
+            sandboxes: Vec::new(),
+            templates_json: serde_json::to_vec(templates).expect("reports serialize"),
+        }));
+        match cl.report(req).await {
+            Ok(r) => {
+                let refused = r.into_inner().refused;
+                Ok((0..templates.len())
                     .map(|i| {
                         refused
                             .get(i)

@@ -28,9 +28,11 @@ pub mod backend;
 pub mod client;
 pub mod converge;
 pub mod host;
+pub mod images_api;
 pub mod snap_routes;
 pub mod stream_tls;
 pub mod streams;
+pub mod templates;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -220,6 +222,7 @@ pub async fn run(
         if let Some(secs) = cfg.stream_idle_secs {
             cx.idle = Duration::from_secs(secs.max(1));
         }
+        cx.insecure_registries = cfg.insecure_registries.clone();
         let cx = Arc::new(cx);
         tasks.spawn(streams::serve(l, tls, cx));
     }
@@ -235,7 +238,19 @@ pub async fn run(
         desired_tx,
         registered_rx.clone(),
     ));
-    tasks.spawn(report_loop(shared.clone(), observed_rx, registered_rx));
+    tasks.spawn(report_loop(
+        shared.clone(),
+        observed_rx,
+        registered_rx.clone(),
+    ));
+    if let Backend::Real(r) = &shared.backend {
+        tasks.spawn(template_loop(
+            shared.clone(),
+            r.node.clone(),
+            cfg.insecure_registries.clone(),
+            registered_rx,
+        ));
+    }
     shutdown.await;
     tracing::info!("shutting down; sandboxes keep running");
     tasks.abort_all();
@@ -478,6 +493,164 @@ async fn report_loop(
         tokio::select! {
             r = observed.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+    }
+}
+
+/// Converges the templates and pools of the desired state
+/// ([`templates`]) and reports them: on each desired-state update, each
+/// finished action and every [`CONVERGE_EVERY`].
+async fn template_loop(
+    sh: Arc<Shared>,
+    node: Node,
+    insecure: Vec<String>,
+    mut registered: watch::Receiver<u64>,
+) {
+    use templates::{TplAction, decide};
+    if registered.wait_for(|n| *n > 0).await.is_err() {
+        return;
+    }
+    let made = Arc::new(Mutex::new(templates::load_made(&node)));
+    let errors: Arc<Mutex<BTreeMap<String, (String, std::time::Instant)>>> = Arc::default();
+    let busy: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let done = Arc::new(Notify::new());
+    let mut desired = sh.desired.clone();
+    let mut tick = tokio::time::interval(CONVERGE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sent = None;
+    loop {
+        tokio::select! {
+            r = desired.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+            _ = done.notified() => {}
+        }
+        let Some(want) = desired.borrow().clone().map(|d| d.templates) else {
+            continue;
+        };
+        let snapshot = lock(&made).clone();
+        let n2 = node.clone();
+        let mut local = tokio::task::spawn_blocking(move || templates::observe(&n2, &snapshot))
+            .await
+            .unwrap_or_default();
+        let errs: BTreeMap<String, String> = {
+            let mut e = lock(&errors);
+            e.retain(|_, (_, at)| at.elapsed() < templates::RETRY_FAILED * 20);
+            local.failed_recently = e
+                .iter()
+                .filter(|(_, (_, at))| at.elapsed() < templates::RETRY_FAILED)
+                .map(|(k, _)| k.clone())
+                .collect();
+            e.iter().map(|(k, (m, _))| (k.clone(), m.clone())).collect()
+        };
+        for a in decide(&want, &local) {
+            let lk = a.lock_key();
+            if !lock(&busy).insert(lk.clone()) {
+                continue;
+            }
+            let (node, made, errors, busy, done, insecure) = (
+                node.clone(),
+                made.clone(),
+                errors.clone(),
+                busy.clone(),
+                done.clone(),
+                insecure.clone(),
+            );
+            tokio::spawn(async move {
+                match &a {
+                    TplAction::Create {
+                        key,
+                        image,
+                        resources,
+                    } => match templates::create(&node, image, *resources, &insecure).await {
+                        Ok(local) => {
+                            lock(&errors).remove(key);
+                            let mut m = lock(&made);
+                            m.insert(
+                                key.clone(),
+                                templates::Made {
+                                    local,
+                                    image: image.clone(),
+                                    resources: *resources,
+                                },
+                            );
+                            if let Err(e) = templates::save_made(&node, &m) {
+                                tracing::warn!(error = %e, "cannot save templates.json");
+                            }
+                        }
+                        Err(why) => {
+                            tracing::warn!(template = %key, %image, error = %why, "cannot build the template");
+                            lock(&errors).insert(key.clone(), (why, std::time::Instant::now()));
+                        }
+                    },
+                    TplAction::SizePool { local, size } => {
+                        match node.size_pool(local, *size).await {
+                            Ok(f) => {
+                                tracing::info!(template = %local, size, ready = f.ready, started = f.started, removed = f.removed, "pool sized for the server")
+                            }
+                            Err(e) => {
+                                tracing::warn!(template = %local, error = %crate::error_chain(&e), "cannot size the pool")
+                            }
+                        }
+                    }
+                    TplAction::Drop { key, local, remove } => {
+                        let gone = if *remove {
+                            match node.remove_template(local).await {
+                                Ok(()) | Err(crate::node::TemplateOpError::NotFound(_)) => {
+                                    tracing::info!(template = %local, "template removed for the server");
+                                    true
+                                }
+                                Err(e) => {
+                                    tracing::warn!(template = %local, error = %crate::error_chain(&e), "cannot remove the template yet");
+                                    false
+                                }
+                            }
+                        } else {
+                            true
+                        };
+                        if gone {
+                            let mut m = lock(&made);
+                            m.remove(key);
+                            if let Err(e) = templates::save_made(&node, &m) {
+                                tracing::warn!(error = %e, "cannot save templates.json");
+                            }
+                        }
+                    }
+                }
+                lock(&busy).remove(&lk);
+                done.notify_one();
+            });
+        }
+        // Report what changed (and again now and then: a lost report).
+        let n2 = node.clone();
+        let sizes: BTreeMap<String, u64> = {
+            let locals: Vec<String> = local.present.iter().cloned().collect();
+            tokio::task::spawn_blocking(move || {
+                locals
+                    .into_iter()
+                    .map(|l| {
+                        let s = templates::size_of(&n2, &l);
+                        (l, s)
+                    })
+                    .collect()
+            })
+            .await
+            .unwrap_or_default()
+        };
+        let reports =
+            templates::reports(&want, &local, &errs, |l| sizes.get(l).copied().unwrap_or(0));
+        if reports.is_empty() || last_sent.as_ref() == Some(&reports) {
+            continue;
+        }
+        match sh.client.report_templates(&reports).await {
+            Ok(refused) => {
+                for (r, why) in reports.iter().zip(refused) {
+                    if let Some(why) = why {
+                        tracing::warn!(template = %r.name, reason = %why, "template report refused");
+                    }
+                }
+                last_sent = Some(reports);
+            }
+            Err(e) => tracing::warn!(error = %e, "template report failed; retrying"),
         }
     }
 }

@@ -92,6 +92,8 @@ pub struct Ctx {
     key_hash: [u8; 32],
     /// A session with no frame either way for this long is closed.
     pub idle: Duration,
+    /// Registries the image routes may reach over plain HTTP.
+    pub insecure_registries: Vec<String>,
 }
 
 impl Ctx {
@@ -101,6 +103,7 @@ impl Ctx {
             backend: owned,
             key_hash: Sha256::digest(key.as_bytes()).into(),
             idle: Duration::from_secs(stream::IDLE_SECS),
+            insecure_registries: Vec::new(),
         }
     }
 }
@@ -117,6 +120,7 @@ pub fn router(cx: Arc<Ctx>) -> Router {
         .route("/node/v1/sandboxes/{id}/attach", get(attach))
         .route("/node/v1/sandboxes/{id}/logs", get(logs))
         .route("/node/v1/sandboxes/{id}/files", get(download).put(upload))
+        .merge(super::images_api::routes())
         .merge(super::snap_routes::routes())
         .fallback(|| async { err(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn_with_state(cx.clone(), auth))

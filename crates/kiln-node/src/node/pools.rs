@@ -95,15 +95,23 @@ impl Node {
     /// Whatever happens, the pool is refilled in the background: the refill
     /// starts once a member was taken (before, it could count the pool full
     /// and stop), or at once when none was ready.
+    /// `want`: claim only that member (a server-assigned ID naming a
+    /// member the node reported), at most once.
     pub(crate) async fn claim_pool_member(
         &self,
         name: &str,
         spec: &SandboxSpec,
         policy: Option<&kiln_net::Policy>,
+        want: Option<&str>,
     ) -> Option<Claimed> {
         let pool = Pool::of(self.dirs(), name);
         let mut refilling = false;
-        while let Some(id) = pool.take() {
+        let mut wanted = want;
+        let mut next = || match want {
+            Some(_) => wanted.take().and_then(|w| pool.take_one(w)),
+            None => pool.take(),
+        };
+        while let Some(id) = next() {
             if !refilling {
                 self.refill_in_background(name);
                 refilling = true;
@@ -305,6 +313,7 @@ impl Node {
                 .open(&path)?;
             std::process::Command::new(exe)
                 .args(["template", "fill", "--when-idle", name])
+                .env(crate::NODE_LOCAL_ENV, "1")
                 .env("KILN_STATE_DIR", &self.dirs().state)
                 .env("KILN_CACHE_DIR", &self.dirs().cache)
                 .stdin(Stdio::null())

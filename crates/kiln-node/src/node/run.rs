@@ -81,6 +81,10 @@ pub enum RunError {
     BadPublish(#[from] kiln_net::publish::ParsePublishError),
     #[error("cannot publish the port")]
     Publish(#[from] kiln_net::PublishError),
+    /// The server's ID named a pool member that another run claimed (or
+    /// that could not be claimed) first: never adopt that sandbox.
+    #[error("pool member {0} was taken before this sandbox could claim it")]
+    MemberTaken(String),
     #[error("{what} {asked} MiB is more than this host has ({has} MiB)")]
     Capacity {
         what: &'static str,
@@ -188,15 +192,25 @@ impl Node {
         // or not one was left, the pool is refilled in the background. A
         // networked run takes a member of a networked template's pool
         // (attached, with a deny-all policy, until the claim writes this
-        // run's). A server-assigned ID cannot take a pool member, whose ID
-        // is its own; nor can a run that publishes ports (they are set up
-        // with the sandbox's own attachment).
+        // run's). A server-assigned ID takes a pool member only when it is
+        // that member's ID (below); a run that publishes ports never does
+        // (they are set up with the sandbox's own attachment).
+        // A server-assigned ID takes the member it names, when the server
+        // chose one of this pool's members (reported by the node daemon).
+        let member = req.id.as_deref().filter(|id| {
+            template
+                .as_ref()
+                .is_ok_and(|name| crate::pool::Pool::of(self.dirs(), name).is_offered(id))
+        });
         if let Ok(name) = &template
             && ports.is_empty()
-            && req.id.is_none()
+            && (req.id.is_none() || member.is_some())
         {
             let spawned_ms = t0.elapsed().as_millis() as u64;
-            match self.claim_pool_member(name, &spec, policy.as_ref()).await {
+            match self
+                .claim_pool_member(name, &spec, policy.as_ref(), member)
+                .await
+            {
                 Some(c) if !c.ready.ok && c.ready.restore_failed => {
                     // The member broke before running anything.
                     notes.push(format!(
@@ -228,6 +242,11 @@ impl Node {
                 }
                 None => {}
             }
+        }
+        if let Some(id) = member
+            && self.store.load(id).is_ok()
+        {
+            return Err(RunError::MemberTaken(id.to_string()));
         }
         let mut rec = self.create_record(req.id.clone(), spec)?;
         if let Some(policy) = &policy {

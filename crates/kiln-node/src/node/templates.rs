@@ -344,6 +344,7 @@ impl Node {
                 .open(&path)?;
             let r = spec.resources;
             std::process::Command::new(&self.supervisor_exe)
+                .env(crate::NODE_LOCAL_ENV, "1")
                 .args([
                     "template",
                     "create",

@@ -17,10 +17,12 @@
 
 mod admin;
 mod body;
+mod images;
 mod policy;
 mod sandboxes;
 mod snapshots;
 pub(crate) mod streams;
+mod templates;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -55,11 +57,14 @@ use crate::server::Shared;
         admin::cluster_status, admin::add_member, admin::remove_member,
         admin::create_tenant, admin::list_tenants, admin::set_quotas,
         admin::create_token, admin::revoke_token,
+        templates::create, templates::list, templates::get_one, templates::resize,
+        templates::delete, images::list, images::pull, images::remove,
         snapshots::create, snapshots::list, snapshots::get_one, snapshots::delete, snapshots::fork,
     ),
     components(schemas(ErrorBody, ErrorDetail, kiln_api::stream::ExecStart,
         kiln_api::stream::AttachStart, kiln_api::stream::ClientMsg, kiln_api::stream::ServerMsg,
-        kiln_api::stream::LogRecord, kiln_api::stream::LogStreamName)),
+        kiln_api::stream::LogRecord, kiln_api::stream::LogStreamName,
+        kiln_api::templates::TemplatePhase)),
     modifiers(&Security),
     security(("bearer" = [])),
 )]
@@ -159,6 +164,18 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/tokens", post(admin::create_token))
         .route("/tokens/{id}", axum::routing::delete(admin::revoke_token))
+        .route("/templates", post(templates::create).get(templates::list))
+        .route(
+            "/templates/{name}",
+            get(templates::get_one).delete(templates::delete),
+        )
+        .route(
+            "/templates/{name}/pool",
+            axum::routing::put(templates::resize),
+        )
+        .route("/images", get(images::list))
+        .route("/images/pull", post(images::pull))
+        .route("/images/{reference}", axum::routing::delete(images::remove))
         .route("/sandboxes/{id}/snapshot", post(snapshots::create))
         .route("/sandboxes/{id}/fork", post(snapshots::fork))
         .route("/snapshots", get(snapshots::list))

@@ -173,6 +173,12 @@ pub async fn create(
             }
             None => return Err(ApiError::unavailable("the scheduler gave no decision")),
         };
+        // A warm-pool member of the tenant's template on that node, if any.
+        let member = s
+            .raft
+            .read_local(|st| super::templates::pool_member(st, &tenant, &spec, &node));
+        let took_member = member.is_some();
+        let id = member.unwrap_or_else(|| id.clone());
         let r = super::commit(
             &s,
             Command::CreateSandbox {
@@ -187,6 +193,12 @@ pub async fn create(
         .await?;
         match r {
             Response::Rejected(Rejection::Conflict { .. }) if attempt < PLACE_ATTEMPTS => continue,
+            // Another create took the same pool member first.
+            Response::Rejected(Rejection::AlreadyExists { .. })
+                if took_member && attempt < PLACE_ATTEMPTS =>
+            {
+                continue;
+            }
             Response::Rejected(rej) => return Err(rejection(rej)),
             other => break other,
         }
@@ -455,7 +467,7 @@ pub async fn wait(
 /// every node), and host ports (`publish`: a host-level resource the
 /// scheduler does not allocate yet, and that could capture the host's own
 /// connections).
-fn scheduled_spec_check(
+pub(super) fn scheduled_spec_check(
     spec: &SandboxSpec,
     allow_local_images: bool,
     protected: &[ipnet::Ipv4Net],

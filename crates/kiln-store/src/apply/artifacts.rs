@@ -13,15 +13,26 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             resources,
             auto,
             now_ms,
+            nodes,
         } => {
             check_name("name", name)?;
             check_resources(image, resources)?;
             if let Some(t) = tenant {
                 tenant_rec(st, t)?;
             }
+            if nodes.len() > MAX_TEMPLATE_NODES {
+                return Err(Rejection::invalid(
+                    "nodes",
+                    format!("at most {MAX_TEMPLATE_NODES} nodes"),
+                ));
+            }
+            for n in nodes {
+                node_rec(st, n)?;
+            }
             let key = scoped(tenant.as_ref(), name);
-            if let Some(t) = st.templates.get(&key) {
+            if let Some(t) = st.templates.get_mut(&key) {
                 if t.image == *image && t.resources == *resources {
+                    t.placed.extend(nodes.iter().cloned());
                     return Ok(Response::Done);
                 }
                 return Err(Rejection::exists(ObjectKind::Template, name));
@@ -36,6 +47,8 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                     auto: *auto,
                     created_at_ms: *now_ms,
                     nodes: Default::default(),
+                    placed: nodes.iter().cloned().collect(),
+                    failed: Default::default(),
                 },
             );
             Ok(Response::Done)
@@ -46,8 +59,15 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             name,
             ready,
             size_bytes,
+            error,
         } => {
             node_rec(st, node)?;
+            if error.as_ref().is_some_and(|e| e.len() > MAX_ERROR_TEXT) {
+                return Err(Rejection::invalid(
+                    "error",
+                    format!("at most {MAX_ERROR_TEXT} bytes"),
+                ));
+            }
             let t = st
                 .templates
                 .get_mut(&scoped(tenant.as_ref(), name))
@@ -60,16 +80,46 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                         size_bytes: *size_bytes,
                     },
                 );
+                t.failed.remove(node);
             } else {
                 t.nodes.remove(node);
+                match error {
+                    Some(e) => {
+                        t.failed.insert(node.clone(), e.clone());
+                    }
+                    None => {
+                        t.failed.remove(node);
+                    }
+                }
             }
             Ok(Response::Done)
         }
         Command::DeleteTemplate { tenant, name } => {
             let key = scoped(tenant.as_ref(), name);
-            if st.templates.remove(&key).is_none() {
-                return Err(Rejection::not_found(ObjectKind::Template, name));
+            let t = st
+                .templates
+                .get(&key)
+                .ok_or_else(|| Rejection::not_found(ObjectKind::Template, name))?;
+            let users: Vec<String> = st
+                .sandboxes
+                .values()
+                .filter(|r| {
+                    r.counts()
+                        && tenant.as_ref().is_none_or(|o| *o == r.tenant)
+                        && r.spec.image == t.image
+                        && r.spec.resources == t.resources
+                        && r.node.as_ref().is_some_and(|n| t.nodes.contains_key(n))
+                })
+                .map(|r| r.id.to_string())
+                .take(8)
+                .collect();
+            if !users.is_empty() {
+                return Err(Rejection::conflict(format!(
+                    "template {name} is in use by sandboxes started from its image and resources: {}; remove them first",
+                    users.join(", ")
+                )));
             }
+            st.templates.remove(&key);
             st.pools.remove(&key);
             Ok(Response::Done)
         }
@@ -94,9 +144,11 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                 tenant: tenant.clone(),
                 template: template.clone(),
                 nodes: Default::default(),
+                members: Default::default(),
             });
             if *target == 0 {
                 pool.nodes.remove(node);
+                pool.members.remove(node);
             } else {
                 pool.nodes
                     .entry(node.clone())
@@ -116,15 +168,29 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             tenant,
             template,
             ready,
+            members,
         } => {
-            let slot = st
+            if members.len() > MAX_POOL_TARGET as usize {
+                return Err(Rejection::invalid(
+                    "members",
+                    format!("at most {MAX_POOL_TARGET}"),
+                ));
+            }
+            let pool = st
                 .pools
                 .get_mut(&scoped(tenant.as_ref(), template))
-                .and_then(|p| p.nodes.get_mut(node))
+                .filter(|p| p.nodes.contains_key(node))
                 .ok_or_else(|| {
                     Rejection::not_found(ObjectKind::Pool, format!("{template} on {node}"))
                 })?;
-            slot.ready = *ready;
+            if let Some(slot) = pool.nodes.get_mut(node) {
+                slot.ready = *ready;
+            }
+            if members.is_empty() {
+                pool.members.remove(node);
+            } else {
+                pool.members.insert(node.clone(), members.clone());
+            }
             Ok(Response::Done)
         }
         Command::PutSnapshot {

@@ -932,6 +932,7 @@ fn tenants_see_only_their_snapshots_and_their_or_shared_templates() {
             resources: r,
             auto: false,
             now_ms: 1,
+            nodes: vec![],
         });
     }
     let ta = t("a");

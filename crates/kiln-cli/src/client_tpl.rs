@@ -1,0 +1,254 @@
+//! `kiln template create|ls|rm` and `kiln images ls|pull|rm` as clients of
+//! a `kiln server` (`/v1/templates`, `/v1/images`), routed like the
+//! sandbox commands (`client_cmd::try_dispatch`, `admin::api_route`); the
+//! node's own background runs (`template create --auto`, `template fill`)
+//! stay node-local. The output is what the node-local commands print:
+//! template names, the same `ls` columns (the status column says, per
+//! node, creating, ready or failed and why), image digests.
+
+use std::io::Write;
+
+use anyhow::{Result, bail};
+use kiln_api::templates::{
+    CreateTemplate, ImageList, ImageResult, Template, TemplateList, TemplatePhase,
+};
+use serde_json::json;
+
+use crate::ImagesCommand;
+use crate::admin::{Client, Conn};
+use crate::templates::TemplateCommand;
+
+/// Path segment of a template name (names are `[A-Za-z0-9._-]`; anything
+/// else is refused by the server anyway, so it is percent-encoded here).
+fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// How long `template create` waits for every node to finish building.
+const CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+pub async fn template(conn: &Conn, cmd: TemplateCommand) -> Result<i32> {
+    let c = Client::new(conn)?;
+    match cmd {
+        TemplateCommand::Create {
+            image,
+            cpus,
+            memory,
+            disk,
+            pool,
+            net,
+            verbose,
+            ..
+        } => {
+            crate::commands::check_resources(cpus, memory, disk)?;
+            if net != "none" {
+                bail!("--net default templates are not available through the API yet");
+            }
+            let req = CreateTemplate {
+                name: None,
+                image,
+                resources: kiln_api::sandbox::Resources {
+                    cpus,
+                    memory_mib: memory,
+                    disk_mib: disk,
+                },
+                pool: pool.unwrap_or(0),
+                nodes: None,
+            };
+            let t0 = std::time::Instant::now();
+            let body = c
+                .call("POST", "/templates", Some(serde_json::to_value(&req)?))
+                .await?;
+            let mut t: Template = serde_json::from_slice(&body)?;
+            // As the node-local command, return once it is built (or failed).
+            while t.nodes.iter().any(|n| n.phase == TemplatePhase::Creating)
+                && t0.elapsed() < CREATE_WAIT
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                let body = c
+                    .call("GET", &format!("/templates/{}", seg(&t.name)), None)
+                    .await?;
+                t = serde_json::from_slice(&body)?;
+            }
+            let failed: Vec<String> = t
+                .nodes
+                .iter()
+                .filter(|n| n.phase == TemplatePhase::Failed)
+                .map(|n| format!("{}: {}", n.node, n.reason.as_deref().unwrap_or("?")))
+                .collect();
+            if !failed.is_empty() {
+                bail!("template {} failed on {}", t.name, failed.join("; "));
+            }
+            if verbose {
+                eprintln!(
+                    "kiln: template {} ready on {} node(s) in {} ms",
+                    t.name,
+                    t.nodes.len(),
+                    t0.elapsed().as_millis()
+                );
+            }
+            println!("{}", t.name);
+            Ok(0)
+        }
+        TemplateCommand::Ls { quiet } => {
+            let body = c.call("GET", "/templates", None).await?;
+            let list: TemplateList = serde_json::from_slice(&body)?;
+            let mut out = std::io::stdout().lock();
+            if quiet {
+                for t in list.items {
+                    writeln!(out, "{}", t.name)?;
+                }
+                return Ok(0);
+            }
+            writeln!(
+                out,
+                "{:<20}  {:<24}  {:>4}  {:>7}  {:>7}  {:>9}  {:<10}  {:>6}  {:>5}  STATUS",
+                "NAME", "IMAGE", "CPUS", "MEMORY", "DISK", "SIZE", "CREATED", "IN USE", "POOL"
+            )?;
+            for t in list.items {
+                let size: u64 = t.nodes.iter().map(|n| n.size_bytes).sum();
+                let (ready, target) = t
+                    .nodes
+                    .iter()
+                    .fold((0, 0), |(r, g), n| (r + n.pool_ready, g + n.pool_target));
+                let pool = if target == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{ready}/{target}")
+                };
+                let status: Vec<String> = t
+                    .nodes
+                    .iter()
+                    .map(|n| match (&n.phase, &n.reason) {
+                        (TemplatePhase::Ready, _) => format!("{}: ready", n.node),
+                        (TemplatePhase::Creating, _) => format!("{}: creating", n.node),
+                        (TemplatePhase::Failed, r) => {
+                            format!("{}: failed: {}", n.node, r.as_deref().unwrap_or("?"))
+                        }
+                    })
+                    .collect();
+                let created_secs = t.created_at_ms / 1000;
+                writeln!(
+                    out,
+                    "{:<20}  {:<24}  {:>4}  {:>7}  {:>7}  {:>9}  {:<10}  {:>6}  {:>5}  {}",
+                    t.name,
+                    crate::commands::truncate(&t.image, 24),
+                    t.resources.cpus,
+                    format!("{}M", t.resources.memory_mib),
+                    format!("{}M", t.resources.disk_mib),
+                    crate::snapshots::human(size),
+                    crate::commands::ago(created_secs),
+                    "-",
+                    pool,
+                    status.join(", ")
+                )?;
+            }
+            Ok(0)
+        }
+        TemplateCommand::Rm { names } => {
+            let mut code = 0;
+            for name in names {
+                match c
+                    .call("DELETE", &format!("/templates/{}", seg(&name)), None)
+                    .await
+                {
+                    Ok(_) => println!("{name}"),
+                    Err(e) => {
+                        eprintln!("kiln: {e:#}");
+                        code = 125;
+                    }
+                }
+            }
+            Ok(code)
+        }
+        TemplateCommand::Fill { .. } => {
+            bail!("template fill is the node's own (run by its daemon); not an API command")
+        }
+    }
+}
+
+pub async fn images(conn: &Conn, cmd: ImagesCommand) -> Result<i32> {
+    let c = Client::new(conn)?;
+    match cmd {
+        ImagesCommand::Pull { image, insecure } => {
+            if !insecure.is_empty() {
+                bail!("--insecure-registry is the node's setting (kiln node --insecure-registry)");
+            }
+            let body = c
+                .call("POST", "/images/pull", Some(json!({ "ref": image })))
+                .await?;
+            let r: ImageResult = serde_json::from_slice(&body)?;
+            let mut digests: Vec<&str> = r.nodes.iter().map(|n| n.digest.as_str()).collect();
+            digests.dedup();
+            for d in digests {
+                println!("{d}");
+            }
+            Ok(0)
+        }
+        ImagesCommand::Ls { quiet } => {
+            let body = c.call("GET", "/images", None).await?;
+            let list: ImageList = serde_json::from_slice(&body)?;
+            if quiet {
+                for i in list.items {
+                    println!("{}", i.reference);
+                }
+                return Ok(0);
+            }
+            println!("{:<48} NODES", "REFERENCE");
+            for i in list.items {
+                let nodes: Vec<String> = i.nodes.iter().map(|n| n.to_string()).collect();
+                println!("{:<48} {}", i.reference, nodes.join(","));
+            }
+            Ok(0)
+        }
+        ImagesCommand::Rm {
+            images: names,
+            force,
+        } => {
+            if force {
+                bail!("-f is not available through the API (the node refuses in-use images)");
+            }
+            let mut code = 0;
+            for name in &names {
+                let path = seg_ref(name);
+                match c.call("DELETE", &format!("/images/{path}"), None).await {
+                    Ok(body) => {
+                        let r: ImageResult = serde_json::from_slice(&body)?;
+                        println!("untagged {}", r.reference);
+                        for n in r.nodes {
+                            println!("removed {} ({})", n.digest, n.node);
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("kiln: cannot remove {name}: {e:#}");
+                        code = 125;
+                    }
+                }
+            }
+            Ok(code)
+        }
+        ImagesCommand::Prune => bail!("images prune is not available through the API yet"),
+    }
+}
+
+/// An image reference as one path segment (`/` percent-encoded; `:` and
+/// `@` kept).
+fn seg_ref(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'@') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
