@@ -377,6 +377,7 @@ async fn whole_run(image: &str) -> Result<Duration> {
     let t = Instant::now();
     let out = tokio::process::Command::new(&exe)
         .args(["run", image, "--", "echo", "x"])
+        .env(crate::admin::NODE_LOCAL_ENV, "1")
         .stdin(std::process::Stdio::null())
         .output()
         .await?;
@@ -411,6 +412,7 @@ async fn automatic_template(node: &kiln_node::node::Node, spec: &SandboxSpec) ->
     )
     .args(["run", "--rm", &spec.image, "--", "true"])
     .env("KILN_AUTO_TEMPLATES", "1")
+    .env(crate::admin::NODE_LOCAL_ENV, "1")
     .stdin(std::process::Stdio::null())
     .output()
     .await?;

@@ -503,26 +503,44 @@ async fn run(api: &Api, args: RunArgs) -> Result<i32> {
         println!("{id}");
         return Ok(0);
     }
-    let start = serde_json::to_string(&AttachStart {
-        stdin: args.process.interactive,
-        replay: true,
-    })?;
-    let ws = open_ws(api, &format!("/sandboxes/{id}/attach")).await?;
-    let code = match session(ws, start, args.process.interactive, args.process.tty, true).await? {
-        End::Exit(c) => c,
-        // It ended before we attached: its output is in the log (followed,
-        // so that the node waits for the end to be recorded).
-        End::NotStarted(m) => {
-            let known = match &m {
-                ServerMsg::Exit { exit_code, .. } => Some(*exit_code),
-                ServerMsg::Error { error } if error.code == "not_running" => None,
-                ServerMsg::Error { error } => {
-                    bail!("{} ({})", sanitize(&error.message), sanitize(&error.code))
+    let attached = async {
+        let start = serde_json::to_string(&AttachStart {
+            stdin: args.process.interactive,
+            replay: true,
+        })?;
+        let ws = open_ws(api, &format!("/sandboxes/{id}/attach")).await?;
+        let code =
+            match session(ws, start, args.process.interactive, args.process.tty, true).await? {
+                End::Exit(c) => c,
+                // It ended before we attached: its output is in the log (followed,
+                // so that the node waits for the end to be recorded).
+                End::NotStarted(m) => {
+                    let known = match &m {
+                        ServerMsg::Exit { exit_code, .. } => Some(*exit_code),
+                        ServerMsg::Error { error } if error.code == "not_running" => None,
+                        ServerMsg::Error { error } => {
+                            bail!("{} ({})", sanitize(&error.message), sanitize(&error.code))
+                        }
+                        ServerMsg::Started { .. } => None,
+                    };
+                    let logged = logs(api, &id, true).await?;
+                    known.or(logged).unwrap_or(125)
                 }
-                ServerMsg::Started { .. } => None,
             };
-            let logged = logs(api, &id, true).await?;
-            known.or(logged).unwrap_or(125)
+        anyhow::Ok(code)
+    }
+    .await;
+    let code = match attached {
+        Ok(code) => code,
+        Err(e) => {
+            // The stream broke (server restarted, refused the session):
+            // `--rm` still means nothing is left behind, as locally.
+            if args.rm
+                && let Err(r) = api.remove(&id).await
+            {
+                eprintln!("kiln: cannot remove sandbox {id}: {r:#}");
+            }
+            return Err(e);
         }
     };
     let exit_ms = t0.elapsed().as_millis();

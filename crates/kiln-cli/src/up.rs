@@ -197,21 +197,30 @@ fn node_name() -> NodeName {
 /// again at the next start if it is not in the state.
 async fn ensure_tenant_token(server: &kiln_server::Server, p: &Paths) -> Result<()> {
     let path = p.tenant_token();
-    let secret = match std::fs::read_to_string(&path) {
-        Ok(s) if s.trim().len() >= 16 => s.trim().to_owned(),
-        _ => {
-            let s = format!("kiln_{}", kiln_server::server::random_hex(24));
-            kiln_server::server::write_secret_file(&path, &s)
-                .with_context(|| format!("writing {}", path.display()))?;
-            s
-        }
+    let fresh = || -> Result<String> {
+        let s = format!("kiln_{}", kiln_server::server::random_hex(24));
+        kiln_server::server::write_secret_file(&path, &s)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(s)
     };
-    let sha = kiln_store::query::hash_token(&secret);
-    if server
-        .raft()
-        .read_local(|st| kiln_store::query::token_by_hash(st, &sha).is_some())
-    {
+    let mut secret = match std::fs::read_to_string(&path) {
+        Ok(s) if s.trim().len() >= 16 => s.trim().to_owned(),
+        _ => fresh()?,
+    };
+    let mut sha = kiln_store::query::hash_token(&secret);
+    let (live, known) = server.raft().read_local(|st| {
+        (
+            kiln_store::query::token_by_hash(st, &sha).is_some(),
+            st.idx.token_by_hash.contains_key(&sha),
+        )
+    });
+    if live {
         return Ok(());
+    }
+    if known {
+        // Revoked (`kiln tokens revoke`): the local user gets a new one.
+        secret = fresh()?;
+        sha = kiln_store::query::hash_token(&secret);
     }
     let tenant = TenantName::new("default").expect("a valid tenant name");
     let now = kiln_server::server::now_ms();

@@ -372,6 +372,28 @@ fn up_serves_the_api_on_its_socket_and_adopts_sandboxes_across_down_and_kill() {
     }
     up.down();
 
+    // The local user's token revoked by an admin: the next start makes a
+    // new one (it used to fail to start for good).
+    up.up_d();
+    let old = up.tenant_token();
+    let id = {
+        use sha2::Digest;
+        format!(
+            "default-{}",
+            &hex::encode(sha2::Sha256::digest(old.as_bytes()))[..8]
+        )
+    };
+    let o = k.run(&["tokens", "revoke", &id]);
+    assert_eq!(code(&o), 0, "revoke: {}", stderr(&o));
+    let o = k.run(&["ps"]);
+    assert_ne!(code(&o), 0, "a revoked token still works");
+    up.down();
+    up.up_d();
+    assert_ne!(up.tenant_token(), old, "a new token");
+    let o = k.run(&["ps"]);
+    assert_eq!(code(&o), 0, "ps with the new token: {}", stderr(&o));
+    up.down();
+
     // In the foreground: Ctrl-C (SIGINT) stops it the same way.
     let mut fg = k
         .cmd()

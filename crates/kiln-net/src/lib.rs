@@ -290,6 +290,20 @@ impl Network {
         })
     }
 
+    /// A handle for the per-sandbox parts only (policy maps, counters,
+    /// drop events, saved policies): sets up nothing on the host (no
+    /// bridge, forwarding or nftables changes, no address claims), so
+    /// frequent callers (the supervisor's drop-event drain) cost nothing to
+    /// the rest of the node. `attach` needs [`Network::open`].
+    pub fn view(cfg: NetConfig) -> Result<Network, OpenNetworkError> {
+        let ipam = Ipam::new(&cfg.state_dir, cfg.subnet)?;
+        Ok(Network {
+            cfg,
+            ipam,
+            protected_cache: std::sync::Mutex::new(None),
+        })
+    }
+
     pub fn config(&self) -> &NetConfig {
         &self.cfg
     }
@@ -427,6 +441,19 @@ impl Network {
     /// policy was validated when it was built; on error the old one stays.
     pub fn update_policy(&self, id: &str, policy: &Policy) -> Result<(), UpdatePolicyError> {
         let _lock = self.lock(id)?;
+        self.update_policy_locked(id, policy)
+    }
+
+    /// Recompiles sandbox `id`'s saved policy against the protected ranges
+    /// in force now (rules unchanged), under the sandbox's lock, so a
+    /// concurrent `update_policy` is never undone by a stale copy.
+    pub fn recompile(&self, id: &str) -> Result<(), UpdatePolicyError> {
+        let _lock = self.lock(id)?;
+        let policy = self.saved_policy(id)?;
+        self.update_policy_locked(id, &policy)
+    }
+
+    fn update_policy_locked(&self, id: &str, policy: &Policy) -> Result<(), UpdatePolicyError> {
         let prog = PolicyProgram::open(&self.pin_dir(id))
             .ok_or_else(|| UpdatePolicyError::NotAttached(id.to_owned()))?;
         let protected = self.protected().map_err(UpdatePolicyError::HostAddrs)?;

@@ -100,6 +100,7 @@ impl Node {
             source,
         })?;
         let mut child = std::process::Command::new(&self.supervisor_exe)
+            .env(crate::NODE_LOCAL_ENV, "1")
             .arg("shim")
             .arg(&rec.id)
             .env("KILN_STATE_DIR", &self.dirs().state)

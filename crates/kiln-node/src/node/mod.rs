@@ -207,6 +207,16 @@ pub fn open_network(dirs: &Dirs) -> Result<kiln_net::Network, kiln_net::OpenNetw
     kiln_net::Network::open(cfg)
 }
 
+/// [`open_network`]'s configuration as a [`kiln_net::Network::view`]:
+/// per-sandbox maps and files only, nothing set up on the host.
+pub fn open_network_view(dirs: &Dirs) -> Result<kiln_net::Network, kiln_net::OpenNetworkError> {
+    let net_dir = dirs.state.join("net");
+    let mut cfg = kiln_net::NetConfig::new(&net_dir);
+    cfg.resolver = true;
+    cfg.protected = kiln_net::protect::configured(&net_dir)?;
+    kiln_net::Network::view(cfg)
+}
+
 /// Detaches sandbox `id` from the network if it has ever been on it (tap,
 /// lease, policy program); idempotent; errors are logged.
 pub fn release_network(dirs: &Dirs, id: &str) {
@@ -275,7 +285,7 @@ impl Node {
         prefix: &str,
     ) -> Result<(String, kiln_net::Policy, kiln_net::Counters), PolicyOpError> {
         let rec = self.networked(prefix)?;
-        let (policy, counters) = open_network(self.dirs())?.policy(&rec)?;
+        let (policy, counters) = open_network_view(self.dirs())?.policy(&rec)?;
         Ok((rec, policy, counters))
     }
 
@@ -286,7 +296,7 @@ impl Node {
         prefix: &str,
     ) -> Result<(String, Vec<kiln_net::events::DropEvent>), PolicyOpError> {
         let rec = self.networked(prefix)?;
-        let events = open_network(self.dirs())?.drop_events(&rec)?;
+        let events = open_network_view(self.dirs())?.drop_events(&rec)?;
         Ok((rec, events))
     }
 
@@ -301,7 +311,7 @@ impl Node {
         let Some(policy) = run::policy_of(net)? else {
             return Err(PolicyOpError::NoNetwork(id));
         };
-        open_network(self.dirs())?.update_policy(&id, &policy)?;
+        open_network_view(self.dirs())?.update_policy(&id, &policy)?;
         Ok(id)
     }
 
@@ -313,7 +323,7 @@ impl Node {
         let Ok(records) = self.store().list() else {
             return 0;
         };
-        let net = match open_network(self.dirs()) {
+        let net = match open_network_view(self.dirs()) {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot open the sandbox network");
@@ -325,10 +335,7 @@ impl Node {
             if rec.spec.network.is_none() || rec.state.is_finished() {
                 continue;
             }
-            let refreshed = net
-                .policy(&rec.id)
-                .and_then(|(policy, _)| net.update_policy(&rec.id, &policy));
-            match refreshed {
+            match net.recompile(&rec.id) {
                 Ok(()) => done += 1,
                 Err(e) => {
                     tracing::warn!(sandbox = %rec.id, error = %e, "cannot refresh its protected ranges")

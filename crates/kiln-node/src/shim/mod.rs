@@ -231,7 +231,7 @@ async fn drain_drop_events(dirs: crate::paths::Dirs, id: String) {
         tick.tick().await;
         let (dirs, id) = (dirs.clone(), id.clone());
         let drained = tokio::task::spawn_blocking(move || {
-            crate::node::open_network(&dirs)
+            crate::node::open_network_view(&dirs)
                 .map_err(|e| e.to_string())
                 .and_then(|net| net.drop_events(&id).map_err(|e| e.to_string()))
                 .map(|_| ())

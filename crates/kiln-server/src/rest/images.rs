@@ -10,7 +10,7 @@
 //! templates), answered 409 `image_in_use` with the node's reason.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -66,12 +66,13 @@ fn check_reference(r: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `(name, base URL, key)` of the nodes an image request goes to: `node`,
-/// or every ready node.
+/// `(name, base URL, key, pinned client)` of the nodes an image request
+/// goes to: `node`, or every ready node. Only over TLS to the certificate
+/// the node registered: the key never travels in clear.
 fn targets(
     s: &Shared,
     node: Option<&NodeName>,
-) -> Result<Vec<(NodeName, String, String)>, ApiError> {
+) -> Result<Vec<(NodeName, String, String, reqwest::Client)>, ApiError> {
     let found = s.raft.read_local(|st| {
         st.nodes
             .values()
@@ -79,7 +80,13 @@ fn targets(
                 Some(want) => n.name == *want,
                 None => n.status == NodeStatus::Ready,
             })
-            .map(|n| (n.name.clone(), n.address.clone(), n.stream_key.clone()))
+            .map(|n| {
+                (
+                    n.name.clone(),
+                    n.address.clone(),
+                    n.stream_key.clone().zip(n.stream_cert_sha256.clone()),
+                )
+            })
             .collect::<Vec<_>>()
     });
     if found.is_empty() {
@@ -101,7 +108,12 @@ fn targets(
         .map(|(name, address, key)| {
             let key = key.filter(|_| crate::grpc::valid_node_address(&address));
             match key {
-                Some(k) => Ok((name, format!("http://{address}"), k)),
+                Some((k, cert)) => Ok((
+                    name,
+                    format!("https://{address}"),
+                    k,
+                    super::streams::client(&cert)?,
+                )),
                 None => Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "node_unavailable",
@@ -112,27 +124,17 @@ fn targets(
         .collect()
 }
 
-fn client() -> &'static reqwest::Client {
-    static C: OnceLock<reqwest::Client> = OnceLock::new();
-    C.get_or_init(|| {
-        reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default()
-    })
-}
-
 /// Sends one image request to one node: its answer, or its error relayed
 /// (the node's status and code; 401 is a key mismatch, 502).
 async fn relay(
+    client: &reqwest::Client,
     method: reqwest::Method,
     node: &NodeName,
     url: String,
     key: &str,
     reference: &str,
 ) -> Result<ImageOnNode, ApiError> {
-    let resp = client()
+    let resp = client
         .request(method, url)
         .bearer_auth(key)
         .timeout(PULL_TIMEOUT)
@@ -222,9 +224,19 @@ pub async fn pull(
         &super::policy::api_protected(&s),
     )?;
     let mut nodes = vec![];
-    for (name, base, key) in targets(&s, req.node.as_ref())? {
+    for (name, base, key, client) in targets(&s, req.node.as_ref())? {
         let url = format!("{base}/node/v1/images/pull");
-        nodes.push(relay(reqwest::Method::POST, &name, url, &key, &req.reference).await?);
+        nodes.push(
+            relay(
+                &client,
+                reqwest::Method::POST,
+                &name,
+                url,
+                &key,
+                &req.reference,
+            )
+            .await?,
+        );
     }
     Ok(Json(ImageResult {
         reference: req.reference,
@@ -262,9 +274,9 @@ pub async fn remove(
     }
     let mut nodes = vec![];
     for h in holders {
-        for (name, base, key) in targets(&s, Some(&h))? {
+        for (name, base, key, client) in targets(&s, Some(&h))? {
             let url = format!("{base}/node/v1/images/remove");
-            nodes.push(relay(reqwest::Method::POST, &name, url, &key, &reference).await?);
+            nodes.push(relay(&client, reqwest::Method::POST, &name, url, &key, &reference).await?);
         }
     }
     Ok(Json(ImageResult { reference, nodes }))
