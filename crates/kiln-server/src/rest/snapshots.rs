@@ -265,37 +265,59 @@ pub async fn create(
         ephemeral: false,
         hold_for: vec![],
     };
-    let done = match node_snapshot(&s, &headers, sb.id.as_str(), &req).await {
-        Ok(d) => d,
-        Err(e) => {
-            // Frees the name; the node wrote nothing under it.
-            let _ = super::commit(
-                &s,
-                Command::DeleteSnapshot {
-                    tenant: tenant.clone(),
-                    name: name.clone(),
-                },
-            )
-            .await;
-            return Err(e);
-        }
+    // The node's work and its record run to the end even if the client
+    // goes away meanwhile (a dropped request would leave the name
+    // reserved with no holder, or a snapshot on the node nobody records).
+    let finish = {
+        let (s, headers, sb, tenant, name) = (
+            s.clone(),
+            headers.clone(),
+            sb.clone(),
+            tenant.clone(),
+            name.clone(),
+        );
+        tokio::spawn(async move {
+            let done = match node_snapshot(&s, &headers, sb.id.as_str(), &req).await {
+                Ok(d) => d,
+                Err(e) => {
+                    // Frees the name; the node wrote nothing under it.
+                    let _ = super::commit(
+                        &s,
+                        Command::DeleteSnapshot {
+                            tenant: tenant.clone(),
+                            name: name.clone(),
+                        },
+                    )
+                    .await;
+                    return Err(e);
+                }
+            };
+            if let Some(node) = sb.node.clone() {
+                let r = super::commit(
+                    &s,
+                    Command::ReportSnapshot {
+                        node,
+                        tenant: tenant.clone(),
+                        name: name.clone(),
+                        held: true,
+                        size_bytes: done.size_bytes,
+                    },
+                )
+                .await?;
+                if let Response::Rejected(rej) = r {
+                    return Err(rejection(rej));
+                }
+            }
+            Ok::<(), ApiError>(())
+        })
     };
-    if let Some(node) = sb.node.clone() {
-        let r = super::commit(
-            &s,
-            Command::ReportSnapshot {
-                node,
-                tenant: tenant.clone(),
-                name: name.clone(),
-                held: true,
-                size_bytes: done.size_bytes,
-            },
+    finish.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the snapshot task failed: {e}"),
         )
-        .await?;
-        if let Response::Rejected(rej) = r {
-            return Err(rejection(rej));
-        }
-    }
+    })??;
     let snap = s
         .raft
         .read_local(|st| st.snapshots.get(&scoped(Some(&tenant), &name)).map(to_rest))
