@@ -711,10 +711,32 @@ impl SnapshotStore {
 
     /// Registers `user` (a sandbox ID, or a temporary holder) as mapping
     /// snapshot `name`.
+    /// Fails (NotFound) once the snapshot is gone or being removed: a
+    /// registration and a removal are ordered by `.users.lock`.
     pub fn add_user(&self, name: &str, user: &str) -> std::io::Result<()> {
+        let _lock = self.users_lock()?;
+        if !self.exists(name) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no snapshot named {name:?}"),
+            ));
+        }
         let dir = self.dir(name).join("users");
         fs::create_dir_all(&dir)?;
         fs::write(dir.join(user), b"")
+    }
+
+    /// Orders user registrations against removals in this store (not the
+    /// same file as `templates/.lock`, which callers hold around both).
+    fn users_lock(&self) -> std::io::Result<nix::fcntl::Flock<fs::File>> {
+        fs::create_dir_all(&self.root)?;
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join(".users.lock"))?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| std::io::Error::from(e))
     }
 
     /// Drops `user`'s registration. An ephemeral snapshot whose last user
@@ -764,22 +786,62 @@ impl SnapshotStore {
         name: &str,
         alive: impl Fn(&str) -> bool,
     ) -> Result<(), RemoveSnapshotError> {
-        if !self.exists(name) {
-            return Err(RemoveSnapshotError::NotFound(name.to_string()));
-        }
         let dir = self.dir(name);
-        let live: Vec<String> = self
-            .users(name)
-            .into_iter()
-            .filter(|u| is_process_hold(u) && !holder_is_dead(u) || alive(u))
-            .collect();
-        if !live.is_empty() {
-            return Err(RemoveSnapshotError::InUse {
-                name: name.to_string(),
-                users: live,
+        let io = |source| RemoveSnapshotError::Io {
+            path: dir.clone(),
+            source,
+        };
+        // Checked and moved aside under the registrations' lock: a restore
+        // either registered first (in use) or finds it gone, never half.
+        let doomed = {
+            let _lock = self.users_lock().map_err(io)?;
+            if !self.exists(name) {
+                return Err(RemoveSnapshotError::NotFound(name.to_string()));
+            }
+            let live: Vec<String> = self
+                .users(name)
+                .into_iter()
+                .filter(|u| is_process_hold(u) && !holder_is_dead(u) || alive(u))
+                .collect();
+            if !live.is_empty() {
+                return Err(RemoveSnapshotError::InUse {
+                    name: name.to_string(),
+                    users: live,
+                });
+            }
+            let doomed = self
+                .root
+                .join(format!(".removing-{name}.{}", std::process::id()));
+            fs::rename(&dir, &doomed).map_err(io)?;
+            doomed
+        };
+        fs::remove_dir_all(&doomed).map_err(io)?;
+        self.sweep_removing();
+        Ok(())
+    }
+
+    /// Removes what interrupted removals left (`.removing-*`, whose
+    /// removers died); best effort.
+    fn sweep_removing(&self) {
+        let Ok(rd) = fs::read_dir(&self.root) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = n.strip_prefix(".removing-") else {
+                continue;
+            };
+            let pid = rest
+                .rsplit_once('.')
+                .and_then(|(_, p)| p.parse::<i32>().ok());
+            let remover_alive = pid.is_some_and(|p| {
+                p as u32 != std::process::id()
+                    && nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok()
             });
+            if !remover_alive {
+                let _ = fs::remove_dir_all(e.path());
+            }
         }
-        fs::remove_dir_all(&dir).map_err(|source| RemoveSnapshotError::Io { path: dir, source })
     }
 
     /// Removes staging directories left by interrupted snapshots.

@@ -319,7 +319,7 @@ impl Node {
         // Forks take the source's policy as it is now (`kiln policy set`
         // may have changed it since the run).
         let live_policy = match self.store.load(&id)?.spec.network {
-            Some(_) => super::open_network(self.dirs())
+            Some(_) => super::open_network_view(self.dirs())
                 .ok()
                 .and_then(|net| net.policy(&id).ok())
                 .map(|(p, _)| p),

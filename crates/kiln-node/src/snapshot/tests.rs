@@ -305,3 +305,38 @@ fn holds_of_dead_forks_are_told_from_a_reused_pid() {
     // A sandbox ID is not a hold.
     assert!(!holder_is_dead("0123456789abcdef"));
 }
+
+/// A removal and a restore's registration are ordered: once removed, a
+/// registration fails (it used to recreate `users/` inside the removed
+/// snapshot's directory, leaving a half directory behind), and nothing of
+/// the snapshot is left, not even the directory it was moved aside to.
+#[test]
+fn a_registration_after_a_removal_fails_and_leaves_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let dirs = Dirs::new(t.path().join("state"), t.path().join("cache"));
+    let store = SnapshotStore::new(&dirs);
+    let staging = store.staging("gone").unwrap();
+    fs::write(staging.join("x"), b"data").unwrap();
+    let parts = parts(
+        "gone",
+        Path::new("/nonexistent"),
+        driver(kiln_vmm::Accel::Tcg, "max"),
+    );
+    write_manifest(&staging, parts, None).unwrap();
+    store.publish(&staging, "gone").unwrap();
+    store.remove("gone", |_| false).unwrap();
+    let e = store.add_user("gone", "sandbox-1").unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    assert!(!store.dir("gone").exists());
+    let left: Vec<String> = fs::read_dir(store.dir("gone").parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with(".users.lock"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(matches!(
+        store.remove("gone", |_| false),
+        Err(RemoveSnapshotError::NotFound(_))
+    ));
+}
