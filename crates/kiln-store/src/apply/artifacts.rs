@@ -37,6 +37,21 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                 }
                 return Err(Rejection::exists(ObjectKind::Template, name));
             }
+            // Each template is a VM image on every node it is placed on:
+            // a tenant's count is bounded.
+            if tenant.is_some()
+                && st
+                    .templates
+                    .values()
+                    .filter(|t| t.tenant == *tenant)
+                    .count()
+                    >= MAX_TENANT_TEMPLATES
+            {
+                return Err(Rejection::invalid(
+                    "name",
+                    format!("at most {MAX_TENANT_TEMPLATES} templates per tenant"),
+                ));
+            }
             st.templates.insert(
                 key,
                 TemplateRecord {
@@ -139,6 +154,16 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             let key = scoped(tenant.as_ref(), template);
             if !st.templates.contains_key(&key) {
                 return Err(Rejection::not_found(ObjectKind::Template, template));
+            }
+            let before = st
+                .pools
+                .get(&key)
+                .and_then(|p| p.nodes.get(node))
+                .map_or(0, |p| p.target);
+            if let Some(t) = tenant
+                && *target > before
+            {
+                check_pool_quota(st, t, &key, node, *target)?;
             }
             let pool = st.pools.entry(key.clone()).or_insert_with(|| PoolRecord {
                 tenant: tenant.clone(),
@@ -266,4 +291,81 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
         }
         _ => Err(Rejection::invalid("command", "routed to the wrong handler")),
     }
+}
+
+/// Most templates one tenant may have.
+pub(super) const MAX_TENANT_TEMPLATES: usize = 64;
+
+/// Warm-pool members are VMs kept running for a tenant: with `key`'s pool
+/// on `node` at `target`, the tenant's pools (members × their template's
+/// resources) plus its sandboxes must fit its quotas.
+fn check_pool_quota(
+    st: &State,
+    tenant: &TenantName,
+    key: &str,
+    node: &NodeName,
+    target: u32,
+) -> Result<(), Rejection> {
+    let quotas = tenant_rec(st, tenant)?.quotas;
+    let used = st.idx.usage.get(tenant).copied().unwrap_or_default();
+    let (mut members, mut cpus, mut mem) = (0u64, 0u64, 0u64);
+    for (k, p) in st
+        .pools
+        .iter()
+        .filter(|(_, p)| p.tenant.as_ref() == Some(tenant))
+    {
+        let Some(t) = st.templates.get(k) else {
+            continue;
+        };
+        for (n, on) in &p.nodes {
+            let count = if k == key && n == node {
+                target
+            } else {
+                on.target
+            };
+            members += u64::from(count);
+            cpus += u64::from(count) * u64::from(t.resources.cpus);
+            mem += u64::from(count) * u64::from(t.resources.memory_mib);
+        }
+    }
+    if !st
+        .pools
+        .get(key)
+        .is_some_and(|p| p.nodes.contains_key(node))
+        && let Some(t) = st.templates.get(key)
+    {
+        members += u64::from(target);
+        cpus += u64::from(target) * u64::from(t.resources.cpus);
+        mem += u64::from(target) * u64::from(t.resources.memory_mib);
+    }
+    for (resource, limit, used, requested) in [
+        (
+            QuotaResource::Sandboxes,
+            u64::from(quotas.sandboxes),
+            u64::from(used.sandboxes),
+            members,
+        ),
+        (
+            QuotaResource::Cpus,
+            u64::from(quotas.cpus),
+            u64::from(used.cpus),
+            cpus,
+        ),
+        (
+            QuotaResource::MemoryMib,
+            quotas.memory_mib,
+            used.memory_mib,
+            mem,
+        ),
+    ] {
+        if used.saturating_add(requested) > limit {
+            return Err(Rejection::QuotaExceeded {
+                resource,
+                limit,
+                used,
+                requested,
+            });
+        }
+    }
+    Ok(())
 }

@@ -254,3 +254,45 @@ fn delete_is_refused_while_a_sandbox_of_its_image_runs_on_a_holder() {
     let d = query::node_desired(&sm.0, &n("n1")).expect("n1");
     assert!(d.templates.is_empty() && d.pools.is_empty());
 }
+
+/// Warm-pool members count against the tenant's quotas (they are its VMs,
+/// kept running): a pool larger than the quota is refused, and so is a
+/// second pool that together with the first would exceed it.
+#[test]
+fn pools_are_charged_to_the_tenant_quota() {
+    let mut sm = setup();
+    sm.ok(Command::SetQuotas {
+        name: t("acme"),
+        quotas: Quotas {
+            sandboxes: 10,
+            cpus: 4,
+            memory_mib: 4096,
+        },
+    });
+    sm.ok(put("acme", "py", &["n1", "n2"]));
+    let pool = |node: &str, target: u32| Command::SetPool {
+        tenant: Some(t("acme")),
+        template: "py".into(),
+        node: n(node),
+        target,
+    };
+    assert!(matches!(
+        sm.rejected(pool("n1", 5)),
+        Rejection::QuotaExceeded {
+            resource: crate::QuotaResource::Cpus,
+            ..
+        }
+    ));
+    assert!(
+        !sm.0.pools.contains_key("acme/py"),
+        "nothing left of the refused pool"
+    );
+    sm.ok(pool("n1", 3));
+    assert!(matches!(
+        sm.rejected(pool("n2", 2)),
+        Rejection::QuotaExceeded { .. }
+    ));
+    sm.ok(pool("n2", 1));
+    // Shrinking is always allowed.
+    sm.ok(pool("n1", 1));
+}
