@@ -56,10 +56,9 @@ impl TlsListener {
         let (tx, rx) = mpsc::channel(16);
         let accepting = tokio::spawn(async move {
             let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+            let per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+                Arc::default();
             loop {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
                 let (tcp, peer) = match listener.accept().await {
                     Ok(c) => c,
                     Err(e) => {
@@ -68,12 +67,25 @@ impl TlsListener {
                         continue;
                     }
                 };
+                // Handshakes in progress are bounded per peer address and in
+                // all; past either bound the connection is closed at once,
+                // so silent connections from one host cannot keep the
+                // servers' own from being accepted.
+                let Some(slot) = PeerHandshake::take(&per_ip, peer.ip()) else {
+                    tracing::debug!(%peer, "too many Raft handshakes from one address");
+                    continue;
+                };
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "too many Raft handshakes");
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
                     drop(permit);
+                    drop(slot);
                     match hs {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
@@ -91,6 +103,45 @@ impl TlsListener {
             rx,
             accepting,
         })
+    }
+}
+
+/// Raft handshakes in progress from one address.
+const MAX_HANDSHAKES_PER_IP: usize = 4;
+
+/// One handshake's share of [`MAX_HANDSHAKES_PER_IP`], given back on drop.
+struct PeerHandshake {
+    map: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerHandshake {
+    fn take(
+        map: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<PeerHandshake> {
+        let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(PeerHandshake {
+            map: map.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerHandshake {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 

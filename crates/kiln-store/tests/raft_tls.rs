@@ -174,8 +174,31 @@ async fn raft_runs_over_mutual_tls() -> anyhow::Result<()> {
     let peer = (*raft_tls(&good).client).clone();
     let r = vote(addr, peer.clone(), None).await;
     assert!(r.as_deref().is_ok_and(|l| l.contains(" 401 ")), "{r:?}");
-    let r = vote(addr, peer, Some(LOCAL_CLUSTER_SECRET)).await;
+    let r = vote(addr, peer.clone(), Some(LOCAL_CLUSTER_SECRET)).await;
     assert!(r.as_deref().is_ok_and(|l| l.contains(" 400 ")), "{r:?}");
+    // Silent connections from one host (more than every handshake slot)
+    // do not keep a peer's handshake from being served at once.
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind("127.0.0.2:0".parse()?)?;
+        if let Ok(c) = sock.connect(addr).await {
+            silent.push(c);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        vote(addr, peer, Some(LOCAL_CLUSTER_SECRET)),
+    )
+    .await;
+    assert!(
+        matches!(&r, Ok(Ok(l)) if l.contains(" 400 ")),
+        "a peer starved by silent connections: {r:?} after {:?}",
+        t.elapsed()
+    );
+    drop(silent);
     for n in nodes {
         n.shutdown().await;
     }
