@@ -128,11 +128,10 @@ impl Server {
         rc.election_timeout_ms = cfg.election_timeout_ms;
         rc.cluster_secret = cfg.cluster_secret_in_force()?;
         // With a certificate, Raft runs over mutually authenticated TLS:
-        // peers verified against --peer-ca (default: this server's own
-        // certificate file, as for forwarded writes).
+        // peers verified against --peer-ca (default: exactly this server's
+        // own certificate, which the servers then share).
         if let Some(files) = &cfg.tls {
-            let ca = cfg.peer_ca.as_deref().unwrap_or(files.cert.as_path());
-            rc.tls = Some(crate::tls::raft_tls(files, ca)?);
+            rc.tls = Some(crate::tls::raft_tls(files, cfg.peer_ca.as_deref())?);
         }
         let raft = RaftNode::start(rc).await?;
         let join_hash = sha256(cfg.join_token.as_bytes());

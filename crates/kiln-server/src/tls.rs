@@ -121,16 +121,36 @@ fn roots(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
 
 /// Raft over mutually authenticated TLS: the listener serves `files` and
 /// demands a client certificate chaining to `ca`; the dialling side
-/// verifies peers against `ca` and presents `files`.
-pub fn raft_tls(files: &TlsFiles, ca: &Path) -> Result<kiln_store::tls::RaftTls, TlsError> {
+/// verifies peers against `ca` and presents `files`. Without `ca` the only
+/// trusted certificate is this server's own (the first in `files.cert`,
+/// shared by the servers): never an issuer that file may also carry, which
+/// would admit every certificate it ever issued.
+pub fn raft_tls(
+    files: &TlsFiles,
+    ca: Option<&Path>,
+) -> Result<kiln_store::tls::RaftTls, TlsError> {
     let certs = load_certs(&files.cert)?;
+    let roots = match ca {
+        Some(ca) => roots(ca)?,
+        None => {
+            let mut own = rustls::RootCertStore::empty();
+            if let Some(leaf) = certs.first() {
+                own.add(leaf.clone()).map_err(|e| TlsError::Ca {
+                    path: files.cert.clone(),
+                    message: e.to_string(),
+                })?;
+            }
+            own
+        }
+    };
+    let ca = ca.unwrap_or(files.cert.as_path());
     let key = || {
         PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Key {
             path: files.key.clone(),
             message: e.to_string(),
         })
     };
-    let roots = Arc::new(roots(ca)?);
+    let roots = Arc::new(roots);
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .build()
