@@ -31,18 +31,38 @@ pub const MAX_REFERENCE: usize = 512;
 /// How long one node may take to pull an image.
 const PULL_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Every image cached on some node, with the nodes holding it.
+/// The images cached on the nodes, with the nodes holding each: for a
+/// tenant, those its sandboxes and templates name; for an admin, all.
 #[utoipa::path(get, path = "/v1/images", tag = "images", operation_id = "list_images",
     responses((status = 200, body = ImageList), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn list(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
 ) -> Result<Json<ImageList>, ApiError> {
-    caller(&s, &headers)?;
-    let items = super::confirmed(&s, |st| {
+    let who = caller(&s, &headers)?;
+    let items = super::confirmed(&s, move |st| {
+        // A tenant sees the images its own sandboxes and templates name
+        // (another tenant's image references are not its business); an
+        // admin sees every node's cache.
+        let mine: Option<std::collections::BTreeSet<&str>> = who.tenant.as_ref().map(|t| {
+            st.sandboxes
+                .values()
+                .filter(|r| r.tenant == *t)
+                .map(|r| r.spec.image.as_str())
+                .chain(
+                    st.templates
+                        .values()
+                        .filter(|x| x.tenant.as_ref() == Some(t))
+                        .map(|x| x.image.as_str()),
+                )
+                .collect()
+        });
         let mut by_ref: BTreeMap<String, Vec<NodeName>> = BTreeMap::new();
         for n in st.nodes.values() {
             for i in &n.images {
+                if mine.as_ref().is_some_and(|m| !m.contains(i.as_str())) {
+                    continue;
+                }
                 by_ref.entry(i.clone()).or_default().push(n.name.clone());
             }
         }
