@@ -411,9 +411,13 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         Err(kiln_server::ServerError::Listen { source, .. })
             if a.listen.is_none() && source.kind() == std::io::ErrorKind::AddrInUse =>
         {
-            tracing::info!(
-                port = DEFAULT_PORT,
-                "the default port is taken; picking a free one"
+            // Said on stderr, not only logged: whoever holds 7090 is not
+            // this server, and a script using the default URL would talk
+            // to it (the endpoint file and the socket stay right).
+            eprintln!(
+                "kiln up: warning: 127.0.0.1:{DEFAULT_PORT} is taken by another program; \
+                 using a free port instead (see the line below; clients of this state \
+                 directory find it by themselves)"
             );
             kiln_server::Server::start(config(SocketAddr::from(([127, 0, 0, 1], 0)))).await
         }
