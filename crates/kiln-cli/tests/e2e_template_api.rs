@@ -439,7 +439,16 @@ fn templates_pools_and_images_through_the_api() {
         "the image in the node's heartbeat",
         |s| s.nodes.values().any(|n| n.images.contains(&image)),
     );
+    // A tenant sees the images its own sandboxes and templates name: B has
+    // none left, A's template names it.
     let (status, body) = api.call(&api.b, "GET", "/v1/images", None);
+    assert_eq!(status, 200);
+    let imgs: ImageList = serde_json::from_slice(&body).expect("an ImageList");
+    assert!(
+        imgs.items.is_empty(),
+        "another tenant's image shown: {imgs:?}"
+    );
+    let (status, body) = api.call(&api.a, "GET", "/v1/images", None);
     assert_eq!(status, 200);
     let imgs: ImageList = serde_json::from_slice(&body).expect("an ImageList");
     assert!(imgs.items.iter().any(|i| i.reference == image), "{imgs:?}");

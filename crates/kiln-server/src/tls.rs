@@ -125,10 +125,7 @@ fn roots(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
 /// trusted certificate is this server's own (the first in `files.cert`,
 /// shared by the servers): never an issuer that file may also carry, which
 /// would admit every certificate it ever issued.
-pub fn raft_tls(
-    files: &TlsFiles,
-    ca: Option<&Path>,
-) -> Result<kiln_store::tls::RaftTls, TlsError> {
+pub fn raft_tls(files: &TlsFiles, ca: Option<&Path>) -> Result<kiln_store::tls::RaftTls, TlsError> {
     let certs = load_certs(&files.cert)?;
     let roots = match ca {
         Some(ca) => roots(ca)?,

@@ -169,10 +169,21 @@ impl Node {
             let held = snapshots.clone();
             let n = name.clone();
             tokio::spawn(async move {
+                // Each fork registers when restored and leaves when it
+                // ends: one may be gone before another came, so "seen once"
+                // counts, not "all there at once" (which then held the
+                // snapshot for the whole FORK_HOLD).
                 let deadline = Instant::now() + FORK_HOLD;
+                let mut seen = std::collections::BTreeSet::new();
                 while Instant::now() < deadline {
                     let users = held.users(&n);
-                    if hold_for.iter().all(|id| users.contains(id)) {
+                    seen.extend(hold_for.iter().filter(|id| users.contains(id)).cloned());
+                    if seen.len()
+                        == hold_for
+                            .iter()
+                            .collect::<std::collections::BTreeSet<_>>()
+                            .len()
+                    {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(250)).await;
