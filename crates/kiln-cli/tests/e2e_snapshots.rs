@@ -386,13 +386,10 @@ fn fork_gives_independent_sandboxes() {
     let out = run(&k, &["rm", "-f", &running_fork]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(snapshot_names(&k).is_empty(), "{:?}", snapshot_names(&k));
-    // (`.users.lock` orders restores' registrations against removals: a
-    // part of the store, like `templates/.lock`.)
     let leftovers: Vec<_> = std::fs::read_dir(snapshots_dir(&k))
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name() != ".users.lock")
         .map(|e| e.path())
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");

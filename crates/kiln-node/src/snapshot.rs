@@ -712,7 +712,7 @@ impl SnapshotStore {
     /// Registers `user` (a sandbox ID, or a temporary holder) as mapping
     /// snapshot `name`.
     /// Fails (NotFound) once the snapshot is gone or being removed: a
-    /// registration and a removal are ordered by `.users.lock`.
+    /// registration and a removal are ordered by the store's lock.
     pub fn add_user(&self, name: &str, user: &str) -> std::io::Result<()> {
         let _lock = self.users_lock()?;
         if !self.exists(name) {
@@ -726,15 +726,12 @@ impl SnapshotStore {
         fs::write(dir.join(user), b"")
     }
 
-    /// Orders user registrations against removals in this store (not the
-    /// same file as `templates/.lock`, which callers hold around both).
+    /// Orders user registrations against removals in this store: an
+    /// `flock` on the store's directory itself (no file of its own; not
+    /// `templates/.lock`, which callers hold around both).
     fn users_lock(&self) -> std::io::Result<nix::fcntl::Flock<fs::File>> {
         fs::create_dir_all(&self.root)?;
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join(".users.lock"))?;
+        let f = fs::File::open(&self.root)?;
         nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| std::io::Error::from(e))
     }
