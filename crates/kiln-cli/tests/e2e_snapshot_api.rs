@@ -641,7 +641,16 @@ fn snapshot_restore_and_fork_through_the_api() {
         }
         assert!(
             t4.elapsed() < Duration::from_secs(30),
-            "snapshots left on the node: {left:?}"
+            "snapshots left on the node: {left:?}, their users: {:?}; node log:\n{}",
+            left.iter()
+                .map(|n| std::fs::read_dir(snaps.join(n).join("users"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+            node.log()
         );
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -736,6 +736,34 @@ impl SnapshotStore {
             .map_err(|(_, e)| std::io::Error::from(e))
     }
 
+    /// Records that sandbox `id` was restored from ephemeral snapshot
+    /// `name` (`restored/<id>`, gone with the snapshot); best effort.
+    pub fn mark_restored(&self, name: &str, id: &str) {
+        // `create_dir`, not `create_dir_all`: never recreates a snapshot
+        // directory removed meanwhile.
+        let dir = self.dir(name).join("restored");
+        let made = match fs::create_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+            _ => Ok(()),
+        };
+        if let Err(e) = made.and_then(|()| fs::write(dir.join(id), b"")) {
+            tracing::warn!(snapshot = name, sandbox = id, error = %e, "cannot mark a restore");
+        }
+    }
+
+    /// The sandboxes ever restored from ephemeral snapshot `name` (see
+    /// [`SnapshotStore::mark_restored`]), with those registered now.
+    pub fn restored(&self, name: &str) -> Vec<String> {
+        let mut out: Vec<String> = fs::read_dir(self.dir(name).join("restored"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        out.extend(self.users(name));
+        out
+    }
+
     /// Drops `user`'s registration. An ephemeral snapshot whose last user
     /// this was is removed. Idempotent; errors are logged.
     pub fn release_user(&self, name: &str, user: &str) {

@@ -285,7 +285,7 @@ impl Node {
         prefix: &str,
     ) -> Result<(String, kiln_net::Policy, kiln_net::Counters), PolicyOpError> {
         let rec = self.networked(prefix)?;
-        let (policy, counters) = open_network_view(self.dirs())?.policy(&rec)?;
+        let (policy, counters) = open_network(self.dirs())?.policy(&rec)?;
         Ok((rec, policy, counters))
     }
 
@@ -296,7 +296,7 @@ impl Node {
         prefix: &str,
     ) -> Result<(String, Vec<kiln_net::events::DropEvent>), PolicyOpError> {
         let rec = self.networked(prefix)?;
-        let events = open_network_view(self.dirs())?.drop_events(&rec)?;
+        let events = open_network(self.dirs())?.drop_events(&rec)?;
         Ok((rec, events))
     }
 
@@ -311,7 +311,7 @@ impl Node {
         let Some(policy) = run::policy_of(net)? else {
             return Err(PolicyOpError::NoNetwork(id));
         };
-        open_network_view(self.dirs())?.update_policy(&id, &policy)?;
+        open_network(self.dirs())?.update_policy(&id, &policy)?;
         Ok(id)
     }
 

@@ -170,13 +170,14 @@ impl Node {
             let n = name.clone();
             tokio::spawn(async move {
                 // Each fork registers when restored and leaves when it
-                // ends: one may be gone before another came, so "seen once"
-                // counts, not "all there at once" (which then held the
-                // snapshot for the whole FORK_HOLD).
+                // ends, possibly before this looks again: the restores are
+                // also marked in `restored/` (kept with the snapshot), and
+                // "seen once" counts, not "all there at once" (which held
+                // the snapshot for the whole FORK_HOLD).
                 let deadline = Instant::now() + FORK_HOLD;
                 let mut seen = std::collections::BTreeSet::new();
                 while Instant::now() < deadline {
-                    let users = held.users(&n);
+                    let users = held.restored(&n);
                     seen.extend(hold_for.iter().filter(|id| users.contains(id)).cloned());
                     if seen.len()
                         == hold_for
@@ -282,6 +283,11 @@ impl Node {
                 name: m.name.clone(),
                 source,
             });
+        }
+        if m.ephemeral {
+            // For the hold of a fork (`snapshot_for_server`): a fork may
+            // end before the hold looks at `users/` again.
+            self.snapshots().mark_restored(&m.name, &rec.id);
         }
         Ok(rec)
     }
