@@ -94,10 +94,29 @@ pub fn ensure_bridge(name: &str, gateway: Ipv4Addr, subnet: Ipv4Net) -> Result<(
         }
     }
     let _ = write_sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    // A bridge without an address of its own takes the lowest MAC of its
+    // ports, so a port joining (a tap, a veth) could change the gateway's
+    // MAC under the guests' ARP caches: their packets would go to a MAC
+    // nobody has until the entries expire. A fixed one, derived from the
+    // name (locally administered), keeps it.
+    let mac = bridge_mac(name);
+    let current =
+        std::fs::read_to_string(format!("/sys/class/net/{name}/address")).unwrap_or_default();
+    if current.trim() != mac {
+        ip(&["link", "set", name, "address", &mac])?;
+    }
     let addr = format!("{gateway}/{}", subnet.prefix_len());
     ip(&["addr", "replace", &addr, "dev", name])?;
     ip(&["link", "set", name, "up"])?;
     Ok(())
+}
+
+/// The fixed MAC of bridge `name`: `02:6b:` and four bytes of its name's
+/// SHA-256 (locally administered, unicast).
+pub fn bridge_mac(name: &str) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(format!("kiln bridge {name}").as_bytes());
+    format!("02:6b:{:02x}:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2], h[3])
 }
 
 /// Turns on IPv4 forwarding (needed for NAT egress).

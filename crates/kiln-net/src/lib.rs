@@ -304,6 +304,21 @@ impl Network {
         })
     }
 
+    /// A handle for cleanup ([`Network::reconcile`], `detach`): the
+    /// host-wide address claims as [`Network::open`] reads them, but no
+    /// bridge, forwarding or nftables set-up, so a reconcile on a host
+    /// whose bridge is gone (removed, or never made since a reboot) cleans
+    /// up what its state names without creating the bridge again.
+    pub fn for_cleanup(cfg: NetConfig) -> Result<Network, OpenNetworkError> {
+        let ipam = Ipam::new(&cfg.state_dir, cfg.subnet)?
+            .with_claims(&cfg.claims_root.join(&cfg.bridge))?;
+        Ok(Network {
+            cfg,
+            ipam,
+            protected_cache: std::sync::Mutex::new(None),
+        })
+    }
+
     pub fn config(&self) -> &NetConfig {
         &self.cfg
     }

@@ -1,6 +1,15 @@
 //! Shared harness of the end-to-end tests: each test gets its own state
 //! directory (so sandboxes never mix) and the shared cache (kernel,
 //! initramfs, images), and drives the real `kiln` binary as a user would.
+//!
+//! Two routes, chosen by `KILN_E2E_ROUTE`: `local` (the default) runs every
+//! command on this host's node service (`KILN_AUTO_UP=0`, no server named:
+//! tests about servers name theirs); `up` starts
+//! `kiln up -d` on the test's state directory first, so every command that
+//! goes through the API (run, exec, cp, logs, ps, inspect, stop, rm, pause,
+//! resume, wait, snapshot, restore, fork, template, images) does, as a user's
+//! would with the embedded server running. `scripts/test.sh` runs the
+//! files about `kiln run`, templates, snapshots and fork both ways.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -13,6 +22,13 @@ pub struct Kiln {
     /// A private image cache (kernel and initramfs still come from the
     /// shared one), for tests that check what a failure leaves in it.
     pub cache: Option<tempfile::TempDir>,
+    /// The `kiln up` of this test (route `up`): its pid once started.
+    up: std::sync::OnceLock<Option<u32>>,
+}
+
+/// Whether the tests run through `kiln up` (`KILN_E2E_ROUTE=up`).
+pub fn through_up() -> bool {
+    std::env::var("KILN_E2E_ROUTE").is_ok_and(|v| v == "up")
 }
 
 /// The shared cache (`KILN_CACHE_DIR` or `~/.cache/kiln`).
@@ -30,6 +46,7 @@ impl Kiln {
                 .expect("temp state dir"),
             bin: PathBuf::from(env!("CARGO_BIN_EXE_kiln")),
             cache: None,
+            up: std::sync::OnceLock::new(),
         }
     }
 
@@ -66,8 +83,44 @@ impl Kiln {
         self.state.path()
     }
 
-    /// A `kiln` command with this test's state directory.
+    /// A `kiln` command with this test's state directory (and, on route
+    /// `up`, its `kiln up` running).
     pub fn cmd(&self) -> Command {
+        let mut c = self.base_cmd();
+        if through_up() {
+            self.up.get_or_init(|| Some(self.start_up()));
+        } else {
+            // No embedded server started on first use; a server the test
+            // names (KILN_SERVER) or a `kiln up` it starts still counts.
+            c.env("KILN_AUTO_UP", "0");
+        }
+        c
+    }
+
+    /// The pid of this test's `kiln up` (route `up`, once started).
+    pub fn up_pid(&self) -> Option<u32> {
+        self.up.get().copied().flatten()
+    }
+
+    fn start_up(&self) -> u32 {
+        let out = self
+            .base_cmd()
+            .args(["up", "-d", "--listen", "127.0.0.1:0"])
+            .output()
+            .expect("kiln up runs");
+        assert!(
+            out.status.success(),
+            "kiln up -d failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ep = std::fs::read(self.state.path().join("up/endpoint.json")).expect("endpoint.json");
+        let v: serde_json::Value = serde_json::from_slice(&ep).expect("endpoint.json is JSON");
+        let pid = v["pid"].as_u64().expect("endpoint.json names a pid") as u32;
+        tracing::info!(pid, "kiln up started for this test");
+        pid
+    }
+
+    fn base_cmd(&self) -> Command {
         let mut c = Command::new(&self.bin);
         c.env("KILN_STATE_DIR", self.state.path());
         if let Some(cache) = &self.cache {
@@ -129,7 +182,7 @@ impl Kiln {
             let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
                 continue;
             };
-            if pid == me {
+            if pid == me || Some(pid) == self.up_pid() {
                 continue;
             }
             let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
@@ -156,7 +209,8 @@ impl Kiln {
             let sock = std::fs::symlink_metadata(p)
                 .map(|m| m.file_type().is_socket())
                 .unwrap_or(false);
-            sock || p.components().any(|c| c.as_os_str() == "vm")
+            (sock && !(self.up_pid().is_some() && p.ends_with("api.sock")))
+                || p.components().any(|c| c.as_os_str() == "vm")
         });
         out
     }
@@ -193,6 +247,9 @@ impl Drop for Kiln {
             for id in String::from_utf8_lossy(&out.stdout).lines() {
                 let _ = self.cmd().args(["rm", "-f", id]).output();
             }
+        }
+        if self.up_pid().is_some() {
+            let _ = self.base_cmd().arg("down").output();
         }
         for p in self.leftover_processes() {
             if let Some(pid) = p.split(':').next().and_then(|s| s.parse::<i32>().ok()) {

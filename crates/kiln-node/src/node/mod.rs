@@ -217,6 +217,17 @@ pub fn open_network_view(dirs: &Dirs) -> Result<kiln_net::Network, kiln_net::Ope
     kiln_net::Network::view(cfg)
 }
 
+/// [`open_network`]'s configuration for cleanup only
+/// ([`kiln_net::Network::for_cleanup`]): releasing a sandbox or
+/// reconciling never creates the bridge or the NAT rules again.
+pub fn open_network_cleanup(dirs: &Dirs) -> Result<kiln_net::Network, kiln_net::OpenNetworkError> {
+    let net_dir = dirs.state.join("net");
+    let mut cfg = kiln_net::NetConfig::new(&net_dir);
+    cfg.resolver = true;
+    cfg.protected = kiln_net::protect::configured(&net_dir)?;
+    kiln_net::Network::for_cleanup(cfg)
+}
+
 /// Detaches sandbox `id` from the network if it has ever been on it (tap,
 /// lease, policy program); idempotent; errors are logged.
 pub fn release_network(dirs: &Dirs, id: &str) {
@@ -224,7 +235,7 @@ pub fn release_network(dirs: &Dirs, id: &str) {
     if !net_dir.is_dir() {
         return;
     }
-    match open_network(dirs) {
+    match open_network_cleanup(dirs) {
         Ok(net) => {
             if let Err(e) = net.detach(id) {
                 tracing::warn!(sandbox = %id, error = %e, "cannot release the sandbox's network");

@@ -59,7 +59,7 @@ impl Node {
                 .filter(|r| !self.refresh(r.clone()).state.is_finished())
                 .map(|r| r.id)
                 .collect();
-            match super::open_network(self.dirs()) {
+            match super::open_network_cleanup(self.dirs()) {
                 Ok(net) => {
                     if let Err(e) = net.reconcile(&live) {
                         tracing::warn!(error = %e, "cannot reconcile the sandbox network");
