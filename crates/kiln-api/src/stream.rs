@@ -72,6 +72,11 @@ pub struct ExecStart {
     /// The client will send stdin (otherwise stdin is /dev/null).
     #[serde(default)]
     pub stdin: bool,
+    /// Start the process and end the session at once with its `started`
+    /// (its output is kept; re-attach with [`AttachStart::pid`]), as
+    /// `kiln exec -d`.
+    #[serde(default)]
+    pub detach: bool,
 }
 
 /// The first message of `attach`: follow the sandbox's main process.
@@ -86,6 +91,11 @@ pub struct AttachStart {
     /// Send the output since the start first (from the output log).
     #[serde(default)]
     pub replay: bool,
+    /// Attach to this process started by an earlier exec (`detach: true`)
+    /// instead of the main process; its output produced meanwhile is sent
+    /// first (`replay` does not apply).
+    #[serde(default)]
+    pub pid: Option<u32>,
 }
 
 /// Control messages from the client (text frames after the start).

@@ -476,7 +476,7 @@ pub async fn api_route_as(conn: &Conn, who: As) -> Result<Option<Conn>> {
     if !auto_up() {
         return Ok(None);
     }
-    let ep = crate::up::start_detached(&p, None).await?;
+    let ep = crate::up::start_detached(&p, None, None).await?;
     eprintln!(
         "kiln: started the embedded server (kiln up): API on {} and {}; stop it with kiln down",
         ep.url.trim_start_matches("http://"),

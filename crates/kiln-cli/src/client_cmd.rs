@@ -29,7 +29,7 @@ use kiln_api::text::sanitize;
 
 use crate::admin::{Client, Conn, Output};
 use crate::attach;
-use crate::client_stream::{End, open_ws, session};
+use crate::client_stream::{End, detached_start, open_ws, session};
 use crate::{Command, ExecArgs, RunArgs, commands, term};
 
 /// The largest JSON answer read from the server (a page of 1,000
@@ -357,6 +357,18 @@ impl Api {
         }
     }
 
+    /// Polls until the sandbox left `creating` (running, ended already,
+    /// or failed to start).
+    pub(crate) async fn started(&self, id: &str) -> Result<Sandbox> {
+        loop {
+            let sb = self.get(id).await?;
+            if !matches!(sb.state, SandboxState::Creating | SandboxState::Pooled) {
+                return Ok(sb);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Long-polls `wait` until the sandbox has ended (or `limit` ran out).
     async fn wait_finished(&self, id: &str, limit: Duration) -> Result<Sandbox> {
         let t0 = Instant::now();
@@ -405,7 +417,7 @@ impl Api {
     /// `--rm`: the server keeps an ended sandbox until it is deleted
     /// (`auto_remove` is not acted on by the cluster yet), so the client
     /// deletes it and returns once it is gone.
-    async fn remove(&self, id: &str) -> Result<()> {
+    pub(crate) async fn remove(&self, id: &str) -> Result<()> {
         match self.call("DELETE", &format!("/sandboxes/{id}"), None).await {
             Err(e) if is_status(&e, 404) => return Ok(()),
             r => r?,
@@ -471,26 +483,12 @@ async fn run(api: &Api, args: RunArgs) -> Result<i32> {
     };
     let sb: Sandbox = serde_json::from_slice(&r.bytes().await?)?;
     let id = sb.id.to_string();
-    // Up: running (or ended already, or failed to start).
-    let sb = loop {
-        let sb = api.get(&id).await?;
-        if !matches!(sb.state, SandboxState::Creating | SandboxState::Pooled) {
-            break sb;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
-    if let SandboxState::Failed { error, exit_code } = &sb.state {
-        eprintln!("kiln: {}", sanitize(error));
+    let sb = api.started(&id).await?;
+    if let Some(code) = start_failure(&sb) {
         if args.rm {
             let _ = api.remove(&id).await;
         }
-        // As the local path: 125 when Kiln could not start it; 126/127
-        // when the command cannot be run.
-        return Ok(if matches!(exit_code, 126 | 127) {
-            *exit_code
-        } else {
-            125
-        });
+        return Ok(code);
     }
     if args.verbose {
         eprintln!(
@@ -503,30 +501,76 @@ async fn run(api: &Api, args: RunArgs) -> Result<i32> {
         println!("{id}");
         return Ok(0);
     }
+    attach_main(
+        api,
+        &id,
+        Attach {
+            interactive: args.process.interactive,
+            tty: args.process.tty,
+            rm: args.rm,
+            timeout: args.timeout,
+            verbose: args.verbose,
+            t0,
+        },
+    )
+    .await
+}
+
+/// How [`attach_main`] follows a sandbox's main process.
+pub(crate) struct Attach {
+    pub interactive: bool,
+    pub tty: bool,
+    /// Delete the sandbox once it ended (and when the stream broke).
+    pub rm: bool,
+    /// The `--timeout` it was started with (for the message).
+    pub timeout: Option<u64>,
+    pub verbose: bool,
+    pub t0: Instant,
+}
+
+/// A sandbox that failed to start: its error printed (one line), and the
+/// exit code `kiln run` returns for it (125 when Kiln could not start it;
+/// 126/127 when the command cannot be run, as on the local path).
+pub(crate) fn start_failure(sb: &Sandbox) -> Option<i32> {
+    let SandboxState::Failed { error, exit_code } = &sb.state else {
+        return None;
+    };
+    eprintln!("kiln: {}", sanitize(error));
+    Some(if matches!(exit_code, 126 | 127) {
+        *exit_code
+    } else {
+        125
+    })
+}
+
+/// Attaches to sandbox `id`'s main process (its output from the start),
+/// forwards stdin, the terminal and signals, and returns its exit code
+/// once the server has seen the end.
+pub(crate) async fn attach_main(api: &Api, id: &str, o: Attach) -> Result<i32> {
     let attached = async {
         let start = serde_json::to_string(&AttachStart {
-            stdin: args.process.interactive,
+            stdin: o.interactive,
             replay: true,
+            pid: None,
         })?;
         let ws = open_ws(api, &format!("/sandboxes/{id}/attach")).await?;
-        let code =
-            match session(ws, start, args.process.interactive, args.process.tty, true).await? {
-                End::Exit(c) => c,
-                // It ended before we attached: its output is in the log (followed,
-                // so that the node waits for the end to be recorded).
-                End::NotStarted(m) => {
-                    let known = match &m {
-                        ServerMsg::Exit { exit_code, .. } => Some(*exit_code),
-                        ServerMsg::Error { error } if error.code == "not_running" => None,
-                        ServerMsg::Error { error } => {
-                            bail!("{} ({})", sanitize(&error.message), sanitize(&error.code))
-                        }
-                        ServerMsg::Started { .. } => None,
-                    };
-                    let logged = logs(api, &id, true).await?;
-                    known.or(logged).unwrap_or(125)
-                }
-            };
+        let code = match session(ws, start, o.interactive, o.tty, true).await? {
+            End::Exit(c) => c,
+            // It ended before we attached: its output is in the log (followed,
+            // so that the node waits for the end to be recorded).
+            End::NotStarted(m) => {
+                let known = match &m {
+                    ServerMsg::Exit { exit_code, .. } => Some(*exit_code),
+                    ServerMsg::Error { error } if error.code == "not_running" => None,
+                    ServerMsg::Error { error } => {
+                        bail!("{} ({})", sanitize(&error.message), sanitize(&error.code))
+                    }
+                    ServerMsg::Started { .. } => None,
+                };
+                let logged = logs(api, id, true).await?;
+                known.or(logged).unwrap_or(125)
+            }
+        };
         anyhow::Ok(code)
     }
     .await;
@@ -535,21 +579,21 @@ async fn run(api: &Api, args: RunArgs) -> Result<i32> {
         Err(e) => {
             // The stream broke (server restarted, refused the session):
             // `--rm` still means nothing is left behind, as locally.
-            if args.rm
-                && let Err(r) = api.remove(&id).await
+            if o.rm
+                && let Err(r) = api.remove(id).await
             {
                 eprintln!("kiln: cannot remove sandbox {id}: {r:#}");
             }
             return Err(e);
         }
     };
-    let exit_ms = t0.elapsed().as_millis();
+    let exit_ms = o.t0.elapsed().as_millis();
     // As the local path: once `run` returns, the sandbox shows as ended
     // (and its resources are free for the next one). The node reports the
     // end on its own; a few seconds at most.
     // (An attached `--rm` run asked for no `auto_remove`: the node keeps
     // the sandbox until it is deleted below.)
-    let ended = api.wait_finished(&id, Duration::from_secs(10)).await;
+    let ended = api.wait_finished(id, Duration::from_secs(10)).await;
     if let Ok(sb) = ended
         && matches!(
             sb.state,
@@ -561,18 +605,18 @@ async fn run(api: &Api, args: RunArgs) -> Result<i32> {
     {
         eprintln!(
             "kiln: the command was killed after its --timeout of {} s",
-            args.timeout.unwrap_or(0)
+            o.timeout.unwrap_or(0)
         );
     }
-    if args.rm
-        && let Err(e) = api.remove(&id).await
+    if o.rm
+        && let Err(e) = api.remove(id).await
     {
         eprintln!("kiln: {e:#}");
     }
-    if args.verbose {
+    if o.verbose {
         eprintln!(
             "kiln: timing: exit at {exit_ms} ms, total {} ms",
-            t0.elapsed().as_millis()
+            o.t0.elapsed().as_millis()
         );
     }
     Ok(code)
@@ -594,18 +638,28 @@ fn rand_bytes() -> [u8; 8] {
 
 /// `kiln exec` through the API.
 async fn exec(api: &Api, args: ExecArgs) -> Result<i32> {
-    if args.attach.is_some() || args.detach {
-        bail!("exec --attach and -d are not available through the API yet");
-    }
     let mut rest = args.rest.clone();
     let id = rest.remove(0);
     if rest.first().map(String::as_str) == Some("--") {
         rest.remove(0);
     }
+    let id = api.resolve(&id).await?;
+    if let Some(pid) = args.attach {
+        // Re-attach to a process `exec -d` started: its output so far, then
+        // the rest, and its exit code.
+        let start = serde_json::to_string(&AttachStart {
+            stdin: args.process.interactive,
+            replay: false,
+            pid: Some(pid),
+        })?;
+        let ws = open_ws(api, &format!("/sandboxes/{id}/attach")).await?;
+        return exec_end(
+            session(ws, start, args.process.interactive, args.process.tty, false).await?,
+        );
+    }
     if rest.is_empty() {
         bail!("no command given: kiln exec ID -- CMD [ARGS...]");
     }
-    let id = api.resolve(&id).await?;
     let (rows, cols) = if args.process.tty {
         term::size()
     } else {
@@ -619,10 +673,26 @@ async fn exec(api: &Api, args: ExecArgs) -> Result<i32> {
         tty: args.process.tty,
         rows,
         cols,
-        stdin: args.process.interactive,
+        stdin: args.process.interactive && !args.detach,
+        detach: args.detach,
     })?;
     let ws = open_ws(api, &format!("/sandboxes/{id}/exec")).await?;
-    match session(ws, start, args.process.interactive, args.process.tty, false).await? {
+    if args.detach {
+        // `exec -d`: the process's pid once it runs (as locally).
+        return match detached_start(ws, start).await? {
+            Ok(pid) => {
+                println!("{pid}");
+                Ok(0)
+            }
+            Err(end) => exec_end(end),
+        };
+    }
+    exec_end(session(ws, start, args.process.interactive, args.process.tty, false).await?)
+}
+
+/// What `kiln exec` returns for the end of its session.
+fn exec_end(end: End) -> Result<i32> {
+    match end {
         End::Exit(c) => Ok(c),
         End::NotStarted(ServerMsg::Error { error }) => {
             eprintln!("kiln: {}", sanitize(&error.message));

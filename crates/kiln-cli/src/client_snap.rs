@@ -13,9 +13,9 @@ use std::io::Write;
 use anyhow::{Context, Result, bail};
 use kiln_api::rest::{ForkResult, Sandbox, SandboxList, Snapshot, SnapshotList};
 use kiln_api::sandbox::{Origin, SandboxSpec};
-use kiln_api::stream::{LogRecord, LogStreamName};
 
 use crate::admin::{Client, Conn};
+use crate::client_cmd::{Api, Attach, attach_main, start_failure};
 use crate::snapshots::{SnapshotArgs, SnapshotCommand, human};
 
 /// A snapshot name as a path segment (checked: no escaping needed).
@@ -140,8 +140,11 @@ async fn ls(c: &Client, quiet: bool) -> Result<i32> {
     Ok(0)
 }
 
-/// `kiln restore NAME [-d]` through the server.
+/// `kiln restore NAME [-d]` through the server: as `kiln run`, it returns
+/// (or attaches) once the sandbox runs; one that fails to start is printed
+/// and deleted (nothing is left, as on a single host).
 pub async fn restore(conn: &Conn, name: &str, detach: bool) -> Result<i32> {
+    let t0 = std::time::Instant::now();
     let c = Client::new(conn)?;
     // The server takes the image and resources from the snapshot.
     let mut spec = SandboxSpec::for_image("snapshot");
@@ -153,68 +156,35 @@ pub async fn restore(conn: &Conn, name: &str, detach: bool) -> Result<i32> {
         .await?;
     let sb: Sandbox = serde_json::from_slice(&bytes).context("the server's answer")?;
     let id = sb.id.to_string();
+    let api = Api(c);
+    let sb = api.started(&id).await?;
+    if let Some(code) = start_failure(&sb) {
+        let _ = api.remove(&id).await;
+        return Ok(code);
+    }
     if detach {
         println!("{id}");
         return Ok(0);
     }
-    follow(&c, &id).await
+    attach_main(
+        &api,
+        &id,
+        Attach {
+            interactive: false,
+            tty: false,
+            rm: false,
+            timeout: None,
+            verbose: false,
+            t0,
+        },
+    )
+    .await
 }
 
-/// Prints the sandbox's output until its main process ends; its exit code.
-async fn follow(c: &Client, id: &str) -> Result<i32> {
-    use base64::Engine;
-    let mut resp = c
-        .request(
-            reqwest::Method::GET,
-            &format!("/sandboxes/{id}/logs?follow=true"),
-        )
-        .send()
-        .await
-        .context("cannot reach the server")?;
-    if !resp.status().is_success() {
-        bail!("following the output: {}", resp.status());
-    }
-    let mut code = 0;
-    let mut buf: Vec<u8> = vec![];
-    loop {
-        let Some(pos) = buf.iter().position(|&b| b == b'\n') else {
-            match resp.chunk().await.context("the log stream broke off")? {
-                Some(chunk) => {
-                    buf.extend_from_slice(&chunk);
-                    continue;
-                }
-                None => break,
-            }
-        };
-        let line: Vec<u8> = buf.drain(..=pos).collect();
-        let line = &line[..line.len() - 1];
-        if line.is_empty() {
-            continue;
-        }
-        match serde_json::from_slice::<LogRecord>(line) {
-            Ok(LogRecord::Output { stream, data }) => {
-                let b = base64::engine::general_purpose::STANDARD
-                    .decode(data)
-                    .unwrap_or_default();
-                match stream {
-                    LogStreamName::Stdout => {
-                        let mut o = std::io::stdout().lock();
-                        o.write_all(&b)?;
-                        o.flush()?;
-                    }
-                    LogStreamName::Stderr => std::io::stderr().write_all(&b)?,
-                }
-            }
-            Ok(LogRecord::Exit { exit_code, .. }) => code = exit_code,
-            Ok(_) => {}
-            Err(e) => bail!("the server's log stream: {e}"),
-        }
-    }
-    std::io::stdout().flush()?;
-    Ok(code)
-}
-
-/// `kiln fork ID -n N` through the server: prints the new IDs.
+/// `kiln fork ID -n N` through the server: prints the IDs of the forks
+/// that run; one that failed to start is said on stderr (`fork I of N
+/// failed: …`) and deleted, and the exit code is then 1, as on a single
+/// host.
 pub async fn fork(conn: &Conn, id: &str, n: u32) -> Result<i32> {
     let c = Client::new(conn)?;
     let id = resolve(&c, id).await?;
@@ -226,15 +196,25 @@ pub async fn fork(conn: &Conn, id: &str, n: u32) -> Result<i32> {
         )
         .await?;
     let r: ForkResult = serde_json::from_slice(&bytes).context("the server's answer")?;
-    for id in &r.ids {
-        println!("{id}");
+    let api = Api(c);
+    let mut failed = n as usize - r.ids.len();
+    if failed > 0 {
+        eprintln!("kiln: {failed} of {n} forks were not created");
     }
-    if r.ids.len() < n as usize {
-        eprintln!(
-            "kiln: {} of {n} forks were not created",
-            n as usize - r.ids.len()
-        );
-        return Ok(1);
+    for (i, fid) in r.ids.iter().enumerate() {
+        let fid = fid.to_string();
+        let sb = api.started(&fid).await?;
+        if let kiln_api::sandbox::SandboxState::Failed { error, .. } = &sb.state {
+            eprintln!(
+                "kiln: fork {} of {n} failed: {}",
+                i + 1,
+                kiln_api::text::sanitize(error)
+            );
+            let _ = api.remove(&fid).await;
+            failed += 1;
+            continue;
+        }
+        println!("{fid}");
     }
-    Ok(0)
+    Ok(if failed > 0 { 1 } else { 0 })
 }

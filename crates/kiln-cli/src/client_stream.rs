@@ -46,6 +46,20 @@ pub(crate) enum End {
     NotStarted(ServerMsg),
 }
 
+/// An `exec -d` session: the start message, then the process's pid
+/// (`Ok`), or the server's refusal (`Err`); the server ends the session.
+pub(crate) async fn detached_start(ws: Ws, start: String) -> Result<Result<u32, End>> {
+    let (mut sink, mut stream) = ws.split();
+    sink.send(Message::text(start)).await?;
+    let r = match next_msg(&mut stream).await? {
+        Some(ServerMsg::Started { pid }) => Ok(pid),
+        Some(m) => Err(End::NotStarted(m)),
+        None => bail!("the server closed the stream before the process started"),
+    };
+    let _ = sink.close().await;
+    Ok(r)
+}
+
 /// One exec/attach session: the start message, then stdin, signals and
 /// window sizes one way, output the other, until `exit`.
 pub(crate) async fn session(

@@ -51,9 +51,12 @@ pub struct NodeArgs {
     /// A label `KEY=VALUE` the scheduler may match (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
-    /// CPUs offered to sandboxes (default: the host's).
+    /// vCPUs offered to sandboxes (default: the host's CPUs × --cpu-overcommit).
     #[arg(long = "capacity-cpus")]
     capacity_cpus: Option<u32>,
+    /// vCPUs offered per host CPU (1: none shared) [default: 8].
+    #[arg(long = "cpu-overcommit", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    cpu_overcommit: Option<u32>,
     /// Memory offered to sandboxes, MiB (default: the host's RAM).
     #[arg(long = "capacity-memory-mib")]
     capacity_memory_mib: Option<u64>,
@@ -174,6 +177,7 @@ pub async fn run(args: NodeArgs) -> Result<i32> {
             cpus: args.capacity_cpus,
             memory_mib: args.capacity_memory_mib,
             disk_mib: args.capacity_disk_mib,
+            cpu_overcommit: args.cpu_overcommit,
         },
         insecure_registries: args.insecure,
         max_parallel_starts: args.max_parallel_starts,

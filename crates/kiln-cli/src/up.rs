@@ -50,6 +50,9 @@ pub struct UpArgs {
     /// API answers.
     #[arg(short = 'd', long)]
     pub detach: bool,
+    /// vCPUs the node offers per host CPU (1: none shared) [default: 8].
+    #[arg(long = "cpu-overcommit", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cpu_overcommit: Option<u32>,
     /// Set by `kiln up -d` on the process it starts.
     #[arg(long, hide = true)]
     pub daemon_child: bool,
@@ -432,7 +435,7 @@ pub async fn up(a: UpArgs) -> Result<i32> {
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("making {} private", sock.display()))?;
     server.serve_unix(listener);
-    let result = run_node(&server, &p, &url, &join).await;
+    let result = run_node(&server, &p, &url, &join, a.cpu_overcommit).await;
     let _ = std::fs::remove_file(p.endpoint());
     let _ = std::fs::remove_file(&sock);
     server.shutdown().await;
@@ -441,7 +444,13 @@ pub async fn up(a: UpArgs) -> Result<i32> {
 
 /// Runs the node daemon beside `server`, publishes the endpoint once both
 /// answer, and waits for SIGINT/SIGTERM (or the daemon's end).
-async fn run_node(server: &kiln_server::Server, p: &Paths, url: &str, join: &str) -> Result<()> {
+async fn run_node(
+    server: &kiln_server::Server,
+    p: &Paths,
+    url: &str,
+    join: &str,
+    cpu_overcommit: Option<u32>,
+) -> Result<()> {
     let t0 = Instant::now();
     while server.raft().status().role != kiln_store::RaftRole::Leader {
         if t0.elapsed() > Duration::from_secs(30) {
@@ -471,7 +480,10 @@ async fn run_node(server: &kiln_server::Server, p: &Paths, url: &str, join: &str
         labels: Default::default(),
         address: "127.0.0.1:0".into(),
         dry_run: false,
-        capacity: CapacityOverrides::default(),
+        capacity: CapacityOverrides {
+            cpu_overcommit,
+            ..CapacityOverrides::default()
+        },
         insecure_registries: vec![],
         max_parallel_starts: None,
         stop_grace: 10,
@@ -555,7 +567,7 @@ async fn run_node(server: &kiln_server::Server, p: &Paths, url: &str, join: &str
 /// `kiln up -d`: starts `kiln up` in its own session, logging to
 /// `STATE/up/up.log`, and returns once its endpoint file names it.
 async fn detach(p: &Paths, a: &UpArgs) -> Result<i32> {
-    let ep = start_detached(p, a.listen).await?;
+    let ep = start_detached(p, a.listen, a.cpu_overcommit).await?;
     eprintln!(
         "kiln up: API on {} and {} (pid {}); logs in {}; stop with kiln down",
         ep.url,
@@ -569,7 +581,11 @@ async fn detach(p: &Paths, a: &UpArgs) -> Result<i32> {
 /// Starts `kiln up` in the background and waits (up to 90 s) until it
 /// answers. Fails if one already runs, or with the tail of its log if it
 /// ends first.
-pub async fn start_detached(p: &Paths, listen: Option<SocketAddr>) -> Result<Endpoint> {
+pub async fn start_detached(
+    p: &Paths,
+    listen: Option<SocketAddr>,
+    cpu_overcommit: Option<u32>,
+) -> Result<Endpoint> {
     if let Some(ep) = running(p) {
         bail!(
             "kiln up already runs on {} (pid {}); stop it with kiln down",
@@ -590,6 +606,9 @@ pub async fn start_detached(p: &Paths, listen: Option<SocketAddr>) -> Result<End
     cmd.arg("up").arg("--state-dir").arg(&p.state);
     if let Some(l) = listen {
         cmd.arg("--listen").arg(l.to_string());
+    }
+    if let Some(n) = cpu_overcommit {
+        cmd.arg("--cpu-overcommit").arg(n.to_string());
     }
     let mut child = cmd
         .arg("--daemon-child")

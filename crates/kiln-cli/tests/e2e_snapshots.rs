@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Kiln, assert_one_line_error, busybox, code, stderr, stdout};
@@ -112,6 +112,26 @@ fn snapshots_dir(k: &Kiln) -> std::path::PathBuf {
     k.state_dir().join("snapshots")
 }
 
+/// What a restore of a snapshot that does not exist says: the node's
+/// words, or the server's (its 404 for any object).
+fn missing_snapshot() -> &'static str {
+    if common::through_up() {
+        "does not exist"
+    } else {
+        "no snapshot named"
+    }
+}
+
+/// Where the node keeps snapshot `name`: through the API a tenant's
+/// snapshot is `TENANT.NAME` on the node (`kiln up`'s tenant: `default`).
+fn snapshot_dir(k: &Kiln, name: &str) -> std::path::PathBuf {
+    if common::through_up() {
+        snapshots_dir(k).join(format!("default.{name}"))
+    } else {
+        snapshots_dir(k).join(name)
+    }
+}
+
 /// A counter that prints `count N` and stores N in /tmp/count every 0.2 s,
 /// `limit` times, then exits 7.
 fn counter(limit: u64) -> String {
@@ -136,7 +156,7 @@ fn snapshot_then_restore_continues_the_counter_and_keeps_files() {
     let snap_time = t0.elapsed();
     assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
     assert_eq!(stdout(&out).trim(), "counter");
-    let dir = snapshots_dir(&k).join("counter");
+    let dir = snapshot_dir(&k, "counter");
     let size: u64 = walk_blocks(&dir);
     tracing::info!(
         snapshot_ms = snap_time.as_millis() as u64,
@@ -372,8 +392,7 @@ fn fork_gives_independent_sandboxes() {
     gone.wait().expect("wait");
     for n in &fork_snaps {
         std::fs::write(
-            snapshots_dir(&k)
-                .join(n)
+            snapshot_dir(&k, n)
                 .join("users")
                 .join(format!("fork-{dead}")),
             b"",
@@ -402,20 +421,15 @@ fn bad_snapshots_are_refused_before_anything_starts() {
     let k = Kiln::new();
     let img = busybox();
     let src = detach(&k, &[&img, "--", "sh", "-c", "exec sleep 3600"]);
-    let out = run(&k, &["snapshot", &src, "--name", "good"]);
-    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
-    assert_eq!(code(&run(&k, &["rm", "-f", &src])), 0);
-    let snaps = snapshots_dir(&k);
-    let copy = |name: &str| {
-        let st = Command::new("cp")
-            .args(["-a", "--sparse=always"])
-            .arg(snaps.join("good"))
-            .arg(snaps.join(name))
-            .status()
-            .expect("cp runs");
-        assert!(st.success());
-        snaps.join(name)
+    // Each bad one starts as a real snapshot (known to the server on route
+    // `up`), then its files are damaged on the node behind Kiln's back.
+    let take = |name: &str| {
+        let out = run(&k, &["snapshot", &src, "--name", name]);
+        assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+        snapshot_dir(&k, name)
     };
+    take("good");
+    let copy = |name: &str| take(name);
     let edit_manifest = |dir: &Path, f: &dyn Fn(&mut serde_json::Value)| {
         let p = dir.join("manifest.json");
         let mut v: serde_json::Value =
@@ -457,6 +471,7 @@ fn bad_snapshots_are_refused_before_anything_starts() {
     // A missing file.
     let d = copy("bad-missing");
     std::fs::remove_file(d.join("vmm/state")).expect("rm state");
+    assert_eq!(code(&run(&k, &["rm", "-f", &src])), 0);
 
     for (name, needle) in [
         ("bad-memory", "vmm/memory is corrupted"),
@@ -468,7 +483,7 @@ fn bad_snapshots_are_refused_before_anything_starts() {
         ("bad-driver", "was taken with qemu 9.9.9"),
         ("bad-image", "needs the image disk /nonexistent/disk.ext4"),
         ("bad-missing", "vmm/state is missing"),
-        ("no-such-snapshot", "no snapshot named"),
+        ("no-such-snapshot", missing_snapshot()),
     ] {
         let out = run(&k, &["restore", name]);
         assert_one_line_error(&out, needle);
@@ -477,13 +492,19 @@ fn bad_snapshots_are_refused_before_anything_starts() {
         let ps = stdout(&run(&k, &["ps", "-a", "-q"]));
         assert!(ps.trim().is_empty(), "{name}: a sandbox was created: {ps}");
         assert!(
-            std::fs::read_dir(snaps.join(name).join("users")).is_err(),
+            std::fs::read_dir(snapshot_dir(&k, name).join("users"))
+                .map_or(true, |mut d| d.next().is_none()),
             "{name}: a user was registered"
         );
     }
     // Bad names never reach the file system.
     let out = run(&k, &["restore", "../good"]);
-    assert_one_line_error(&out, "no snapshot named");
+    let refused = if common::through_up() {
+        "snapshot name \"../good\": use 1-128 characters"
+    } else {
+        "no snapshot named"
+    };
+    assert_one_line_error(&out, refused);
     // The good one still restores.
     let out = run(&k, &["restore", "-d", "good"]);
     assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
@@ -512,17 +533,6 @@ fn walk_blocks(dir: &Path) -> u64 {
 fn a_fork_that_partly_fails_returns_the_others() {
     let k = Kiln::new();
     let img = busybox();
-    let src = detach(
-        &k,
-        &[
-            &img,
-            "--",
-            "sh",
-            "-c",
-            "i=0; while true; do i=$((i+1)); echo \"count $i\"; sleep 0.2; done",
-        ],
-    );
-    wait_count(&k, &src, 2);
     // A real QEMU behind a wrapper that refuses the second restore it is
     // asked for: one fork fails for a reason Kiln cannot prevent.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -549,9 +559,23 @@ fn a_fork_that_partly_fails_returns_the_others() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
+    let on_node = k.node_env("KILN_QEMU_BIN", &wrapper);
+    let src = detach(
+        &k,
+        &[
+            &img,
+            "--",
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo \"count $i\"; sleep 0.2; done",
+        ],
+    );
+    wait_count(&k, &src, 2);
     let mut c = k.cmd();
     c.envs(pin_guest(&k));
-    c.env("KILN_QEMU_BIN", &wrapper);
+    if !on_node {
+        c.env("KILN_QEMU_BIN", &wrapper);
+    }
     let out = c
         .args(["fork", &src, "-n", "3"])
         .output()

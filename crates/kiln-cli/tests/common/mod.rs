@@ -24,6 +24,9 @@ pub struct Kiln {
     pub cache: Option<tempfile::TempDir>,
     /// The `kiln up` of this test (route `up`): its pid once started.
     up: std::sync::OnceLock<Option<u32>>,
+    /// Environment of that `kiln up` (node settings such as
+    /// `KILN_QEMU_BIN` are its, not the client's, on route `up`).
+    up_env: std::sync::Mutex<Vec<(String, std::ffi::OsString)>>,
 }
 
 /// Whether the tests run through `kiln up` (`KILN_E2E_ROUTE=up`).
@@ -47,6 +50,7 @@ impl Kiln {
             bin: PathBuf::from(env!("CARGO_BIN_EXE_kiln")),
             cache: None,
             up: std::sync::OnceLock::new(),
+            up_env: std::sync::Mutex::new(vec![]),
         }
     }
 
@@ -102,9 +106,27 @@ impl Kiln {
         self.up.get().copied().flatten()
     }
 
+    /// Sets `key` in the environment of this test's `kiln up` (route
+    /// `up`; before its first command) and returns whether the route is
+    /// `up`. On route `local` the test sets it on its commands itself.
+    pub fn node_env(&self, key: &str, val: impl AsRef<std::ffi::OsStr>) -> bool {
+        assert!(self.up.get().is_none(), "node_env after kiln up started");
+        self.up_env
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((key.to_string(), val.as_ref().to_owned()));
+        through_up()
+    }
+
     fn start_up(&self) -> u32 {
+        let env = self
+            .up_env
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let out = self
             .base_cmd()
+            .envs(env)
             .args(["up", "-d", "--listen", "127.0.0.1:0"])
             .output()
             .expect("kiln up runs");
@@ -215,10 +237,29 @@ impl Kiln {
         out
     }
 
-    /// Everything under the state directory.
+    /// Everything under the state directory (on route `up`, except what
+    /// `kiln up` itself keeps there while it runs: its server's and node's
+    /// state, its socket, the node's network settings).
     pub fn all_state_files(&self) -> Vec<PathBuf> {
         let mut out = vec![];
         walk(self.state.path(), &mut out);
+        if self.up_pid().is_some() {
+            let root = self.state.path();
+            out.retain(|p| {
+                let rel = p.strip_prefix(root).unwrap_or(p);
+                let first = rel.components().next().map(|c| c.as_os_str().to_owned());
+                let own_dir = first
+                    .as_deref()
+                    .is_some_and(|f| f == "up" || f == "server" || f == "node");
+                let own_file = rel == Path::new("api.sock")
+                    || rel == Path::new("net/leases.lock")
+                    || rel.starts_with("net/protected-cidrs")
+                    || rel
+                        .to_str()
+                        .is_some_and(|r| r.starts_with("net/protected-cidrs"));
+                !(own_dir || own_file)
+            });
+        }
         out
     }
 

@@ -123,11 +123,15 @@ impl Backend {
             }
             Backend::Real(r) => {
                 let node = r.node.clone();
-                tokio::task::spawn_blocking(move || {
+                let (records, markers, orphans) = tokio::task::spawn_blocking(move || {
                     let mut records = BTreeMap::new();
+                    let mut orphans = false;
                     match node.store().list() {
                         Ok(list) => {
                             for rec in list.into_iter().filter(|r| r.pool.is_none()) {
+                                // A VM whose supervisor died: nobody serves
+                                // it until the reconciler reaps it.
+                                orphans |= rec.vm.is_some() && !rec.shim_alive();
                                 let rec = node.refresh(rec);
                                 if let Ok(id) = SandboxId::try_from(rec.id.clone()) {
                                     records.insert(id, rec.state);
@@ -136,10 +140,16 @@ impl Backend {
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot list the node's sandboxes"),
                     }
-                    (records, read_markers(&markers_dir(&node)))
+                    (records, read_markers(&markers_dir(&node)), orphans)
                 })
                 .await
-                .unwrap_or_default()
+                .unwrap_or_default();
+                if orphans {
+                    // At once, not at the next periodic pass: the VMM holds
+                    // memory and its supervisor will never release it.
+                    self.reconcile().await;
+                }
+                (records, markers)
             }
         }
     }

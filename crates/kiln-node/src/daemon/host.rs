@@ -6,20 +6,34 @@ use kiln_api::cluster::{Capacity, DriverKind};
 
 use crate::node::Node;
 
-/// Overrides of the detected capacity (`--capacity-*`).
+/// Overrides of the detected capacity (`--capacity-*`, `--cpu-overcommit`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CapacityOverrides {
+    /// vCPUs offered to sandboxes (replaces CPUs × overcommit).
     pub cpus: Option<u32>,
     pub memory_mib: Option<u64>,
     pub disk_mib: Option<u64>,
+    /// vCPUs offered per host CPU (default [`DEFAULT_CPU_OVERCOMMIT`]).
+    pub cpu_overcommit: Option<u32>,
 }
 
-/// The host's CPUs, RAM and the state directory's filesystem size, with
-/// `over` applied.
+/// vCPUs a node offers per host CPU unless told otherwise. A sandbox's
+/// vCPU is a VMM thread that agent workloads leave idle most of the time
+/// (an interpreter waiting on a model, a shell between commands), so
+/// hosts running them share CPUs the way Fly's shared-CPU machines and
+/// E2B's sandboxes do; memory and disk are never overcommitted (guest
+/// RAM a guest touched stays resident, a writable disk may fill).
+/// `--cpu-overcommit 1` gives one host CPU per vCPU.
+pub const DEFAULT_CPU_OVERCOMMIT: u32 = 8;
+
+/// The host's CPUs (times the overcommit), RAM and the state directory's
+/// filesystem size, with `over` applied.
 pub fn capacity(node: &Node, over: CapacityOverrides) -> Capacity {
-    let cpus = std::thread::available_parallelism()
+    let host_cpus = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
+    let cpus =
+        host_cpus.saturating_mul(over.cpu_overcommit.unwrap_or(DEFAULT_CPU_OVERCOMMIT).max(1));
     let memory_mib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|t| {

@@ -238,7 +238,7 @@ async fn start(
     id: &SandboxId,
     sock: &mut WebSocket,
     main: bool,
-) -> Result<(CtlConn, u32, bool), ServerMsg> {
+) -> Result<(CtlConn, u32, bool, bool), ServerMsg> {
     let first = tokio::time::timeout(Duration::from_secs(stream::START_SECS), sock.recv())
         .await
         .map_err(|_| ServerMsg::error("start_timeout", "no start message"))?;
@@ -256,23 +256,34 @@ async fn start(
         .node
         .active_socket(id.as_str())
         .map_err(|e| ServerMsg::error("not_running", e.to_string()))?;
+    let mut detach = false;
     let (req, stdin) = if main {
         let a: AttachStart = serde_json::from_str(&body)
             .map_err(|e| ServerMsg::error("invalid_message", format!("attach: {e}")))?;
-        (
-            CtlRequest::Attach {
-                stdin: a.stdin,
-                replay: a.replay,
-            },
-            a.stdin,
-        )
+        match a.pid {
+            Some(pid) => (
+                CtlRequest::AttachExec {
+                    pid,
+                    stdin: a.stdin,
+                },
+                a.stdin,
+            ),
+            None => (
+                CtlRequest::Attach {
+                    stdin: a.stdin,
+                    replay: a.replay,
+                },
+                a.stdin,
+            ),
+        }
     } else {
         let e: ExecStart = serde_json::from_str(&body)
             .map_err(|e| ServerMsg::error("invalid_message", format!("exec: {e}")))?;
         if e.cmd.is_empty() {
             return Err(ServerMsg::error("invalid_message", "exec: cmd is empty"));
         }
-        let stdin = e.stdin;
+        let stdin = e.stdin && !e.detach;
+        detach = e.detach;
         let r = cx
             .node
             .exec_request(
@@ -285,8 +296,8 @@ async fn start(
                     tty: e.tty,
                     rows: e.rows,
                     cols: e.cols,
-                    stdin: e.stdin,
-                    detached: false,
+                    stdin,
+                    detached: e.detach,
                 },
             )
             .map_err(|e| ServerMsg::error("invalid_message", e.to_string()))?;
@@ -302,7 +313,7 @@ async fn start(
     .map_err(|_| ServerMsg::error("exec_failed", "the guest did not start the process in time"))?
     .map_err(|e| ServerMsg::error("not_running", e.to_string()))?;
     match resp {
-        CtlResponse::Started { pid } => Ok((conn, pid, stdin)),
+        CtlResponse::Started { pid } => Ok((conn, pid, stdin, detach)),
         CtlResponse::Error { message, exit_code } => match exit_code {
             Some(c) if main => Err(ServerMsg::Exit {
                 exit_code: c,
@@ -330,7 +341,7 @@ fn now_secs(t0: Instant) -> u64 {
 }
 
 async fn session(cx: Arc<Ctx>, id: SandboxId, mut sock: WebSocket, main: bool) {
-    let (conn, pid, stdin) = match start(&cx, &id, &mut sock, main).await {
+    let (conn, pid, stdin, detach) = match start(&cx, &id, &mut sock, main).await {
         Ok(s) => s,
         Err(m) => {
             let _ = sock.send(text(&m)).await;
@@ -339,6 +350,13 @@ async fn session(cx: Arc<Ctx>, id: SandboxId, mut sock: WebSocket, main: bool) {
         }
     };
     if sock.send(text(&ServerMsg::Started { pid })).await.is_err() {
+        return;
+    }
+    if detach {
+        // `exec -d`: the process runs on; its output is kept for an
+        // attach by pid.
+        drop(conn);
+        let _ = sock.close().await;
         return;
     }
     let CtlConn { mut reader, writer } = conn;

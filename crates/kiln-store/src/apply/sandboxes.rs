@@ -127,12 +127,22 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                 ));
             }
             let (generation, state, now_ms) = (*generation, state.clone(), *now_ms);
-            modify_sandbox(st, id, meta, |r| {
+            let ended = state.is_finished();
+            let applied = modify_sandbox(st, id, meta, |r| {
                 r.observed = state;
                 r.observed_generation = generation;
                 r.observed_at_ms = now_ms;
                 Ok(false)
-            })
+            })?;
+            // A fork's snapshot goes once its last fork has ended (the
+            // node removed its copy then), as on a single host.
+            if ended && let Some(rec) = st.sandboxes.get(id) {
+                let (tenant, origin) = (rec.tenant.clone(), rec.spec.origin.clone());
+                if let Origin::Snapshot { snapshot } = origin {
+                    drop_unused_ephemeral(st, &tenant, &snapshot);
+                }
+            }
+            Ok(applied)
         }
         Command::SetSandboxPolicy {
             tenant,
@@ -182,19 +192,30 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             st.migrations.remove(id);
             // A fork's snapshot is forgotten with its last sandbox.
             if let Origin::Snapshot { snapshot } = &rec.spec.origin {
-                let key = scoped(Some(&rec.tenant), snapshot);
-                let last = !st.idx.by_tenant.get(&rec.tenant).is_some_and(|ids| {
-                    ids.iter().filter_map(|i| st.sandboxes.get(i)).any(|r| {
-                        matches!(&r.spec.origin, Origin::Snapshot { snapshot: s } if s == snapshot)
-                    })
-                });
-                if last && st.snapshots.get(&key).is_some_and(|s| s.ephemeral) {
-                    st.snapshots.remove(&key);
-                }
+                drop_unused_ephemeral(st, &rec.tenant, snapshot);
             }
             Ok(Response::Done)
         }
         _ => Err(Rejection::invalid("command", "routed to the wrong handler")),
+    }
+}
+
+/// Forgets the tenant's ephemeral (fork) snapshot `snapshot` once no
+/// sandbox restored from it is still to run or running: the node holding
+/// it removed its copy when the last one ended.
+fn drop_unused_ephemeral(st: &mut State, tenant: &TenantName, snapshot: &str) {
+    let key = scoped(Some(tenant), snapshot);
+    if !st.snapshots.get(&key).is_some_and(|s| s.ephemeral) {
+        return;
+    }
+    let used = st.idx.by_tenant.get(tenant).is_some_and(|ids| {
+        ids.iter().filter_map(|i| st.sandboxes.get(i)).any(|r| {
+            !r.observed.is_finished()
+                && matches!(&r.spec.origin, Origin::Snapshot { snapshot: s } if s == snapshot)
+        })
+    });
+    if !used {
+        st.snapshots.remove(&key);
     }
 }
 

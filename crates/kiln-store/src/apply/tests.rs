@@ -938,3 +938,57 @@ fn a_node_stream_key_is_validated_and_kept() {
 }
 
 mod nodes;
+
+#[test]
+fn a_fork_snapshot_goes_when_its_last_fork_has_ended() {
+    let mut sm = Sm::new();
+    sm.ok(tenant("a", Quotas::default()));
+    sm.ok(node("n", 8, 8192));
+    sm.ok(create(1, "a", spec(1, 256), None, Some("n")));
+    let snap = |name: &str, ephemeral| Command::PutSnapshot {
+        tenant: t("a"),
+        name: name.into(),
+        source: sid(1),
+        now_ms: 1,
+        ephemeral,
+    };
+    sm.ok(snap("fork-1", true));
+    sm.ok(snap("named", false));
+    let from = |name: &str| {
+        let mut s = spec(1, 256);
+        s.origin = kiln_api::sandbox::Origin::Snapshot {
+            snapshot: name.into(),
+        };
+        s
+    };
+    sm.ok(create(2, "a", from("fork-1"), None, Some("n")));
+    sm.ok(create(3, "a", from("fork-1"), None, Some("n")));
+    sm.ok(create(4, "a", from("named"), None, Some("n")));
+    let report = |id: u64, state: SandboxState| Command::ReportSandbox {
+        node: n("n"),
+        id: sid(id),
+        generation: 1,
+        state,
+        now_ms: 6000,
+    };
+    let exited = || SandboxState::Exited {
+        exit_code: 0,
+        signal: None,
+        finished_at: 6000,
+        timed_out: false,
+    };
+    let names = |sm: &Sm| -> Vec<String> {
+        query::list_snapshots(&sm.st, &t("a"))
+            .map(|s| s.name.clone())
+            .collect()
+    };
+    sm.ok(report(2, SandboxState::Running { main_pid: 5 }));
+    sm.ok(report(2, exited()));
+    // Fork 3 has not even started: the snapshot stays.
+    assert_eq!(names(&sm), vec!["fork-1".to_string(), "named".to_string()]);
+    sm.ok(report(3, exited()));
+    assert_eq!(names(&sm), vec!["named".to_string()]);
+    // A named snapshot stays whatever its restores do.
+    sm.ok(report(4, exited()));
+    assert_eq!(names(&sm), vec!["named".to_string()]);
+}
