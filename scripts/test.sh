@@ -49,6 +49,12 @@ for f in crates/kiln-cli/tests/e2e_*.rs; do
   t=$(basename "$f" .rs)
   group "$t" cargo test -p kiln-cli --test "$t" --no-fail-fast "$@"
 done
+# The same tests of kiln run, exec/cp/logs, snapshots and fork again through
+# the embedded server: each test starts `kiln up -d` on its state directory
+# and every command goes through its API (tests/common/mod.rs).
+for t in e2e_run e2e_sandboxes e2e_snapshots; do
+  group "$t (kiln up)" env KILN_E2E_ROUTE=up cargo test -p kiln-cli --test "$t" --no-fail-fast "$@"
+done
 
 echo >&2
 echo "==> time per group" >&2
