@@ -74,8 +74,9 @@ pub struct ExecStart {
     pub stdin: bool,
     /// Start the process and end the session at once with its `started`
     /// (its output is kept; re-attach with [`AttachStart::pid`]), as
-    /// `kiln exec -d`.
-    #[serde(default)]
+    /// `kiln exec -d`. Sent only when set, so nodes that predate it
+    /// still take every other start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub detach: bool,
 }
 
@@ -91,10 +92,13 @@ pub struct AttachStart {
     /// Send the output since the start first (from the output log).
     #[serde(default)]
     pub replay: bool,
-    /// Attach to this process started by an earlier exec (`detach: true`)
-    /// instead of the main process; its output produced meanwhile is sent
-    /// first (`replay` does not apply).
-    #[serde(default)]
+    /// Attach to this process, started by an earlier exec of the sandbox,
+    /// instead of the main process (as `kiln exec --attach PID`); its
+    /// output produced meanwhile is sent first (`replay` does not apply).
+    /// The new attach takes the process's streams over: an earlier
+    /// session attached to it ends, and without `stdin` the process's
+    /// stdin is closed. Sent only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
 }
 
@@ -226,6 +230,17 @@ mod tests {
         assert!(ClientMsg::Signal { signal: 15 }.validate().is_ok());
         assert!(ClientMsg::Resize { rows: 0, cols: 3 }.validate().is_err());
         assert!(serde_json::from_str::<ExecStart>(r#"{"cmd":["cat"],"bogus":1}"#).is_err());
+        // The later fields are sent only when set (older nodes refuse
+        // unknown fields).
+        let a = serde_json::to_string(&AttachStart {
+            stdin: false,
+            replay: true,
+            pid: None,
+        })
+        .expect("json");
+        assert_eq!(a, r#"{"stdin":false,"replay":true}"#);
+        let e: ExecStart = serde_json::from_str(r#"{"cmd":["cat"]}"#).expect("exec");
+        assert!(!serde_json::to_string(&e).expect("json").contains("detach"));
         let e: ExecStart = serde_json::from_str(r#"{"cmd":["cat"],"stdin":true}"#).expect("exec");
         assert!(e.stdin && !e.tty && e.env.is_empty());
         assert_eq!(

@@ -673,7 +673,7 @@ async fn exec(api: &Api, args: ExecArgs) -> Result<i32> {
         tty: args.process.tty,
         rows,
         cols,
-        stdin: args.process.interactive && !args.detach,
+        stdin: args.process.interactive,
         detach: args.detach,
     })?;
     let ws = open_ws(api, &format!("/sandboxes/{id}/exec")).await?;

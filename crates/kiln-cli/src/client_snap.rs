@@ -197,7 +197,7 @@ pub async fn fork(conn: &Conn, id: &str, n: u32) -> Result<i32> {
         .await?;
     let r: ForkResult = serde_json::from_slice(&bytes).context("the server's answer")?;
     let api = Api(c);
-    let mut failed = n as usize - r.ids.len();
+    let mut failed = (n as usize).saturating_sub(r.ids.len());
     if failed > 0 {
         eprintln!("kiln: {failed} of {n} forks were not created");
     }

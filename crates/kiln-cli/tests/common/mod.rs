@@ -92,12 +92,30 @@ impl Kiln {
     pub fn cmd(&self) -> Command {
         let mut c = self.base_cmd();
         if through_up() {
-            self.up.get_or_init(|| Some(self.start_up()));
+            let pid = self.up.get_or_init(|| Some(self.start_up()));
+            // A command must never fall back to the node-local path: the
+            // test's `kiln up` is alive, and nothing starts another.
+            if let Some(pid) = pid {
+                assert!(
+                    Path::new(&format!("/proc/{pid}")).exists(),
+                    "this test's kiln up (pid {pid}) is gone; its log: {}",
+                    std::fs::read_to_string(self.state.path().join("up/up.log"))
+                        .unwrap_or_default()
+                );
+            }
+            c.env("KILN_AUTO_UP", "0");
         } else {
             // No embedded server started on first use; a server the test
             // names (KILN_SERVER) or a `kiln up` it starts still counts.
             c.env("KILN_AUTO_UP", "0");
         }
+        c
+    }
+
+    /// [`Kiln::cmd`] without starting or checking `kiln up` (for cleanup).
+    fn quiet_cmd(&self) -> Command {
+        let mut c = self.base_cmd();
+        c.env("KILN_AUTO_UP", "0");
         c
     }
 
@@ -119,11 +137,24 @@ impl Kiln {
     }
 
     fn start_up(&self) -> u32 {
-        let env = self
+        let mut env = self
             .up_env
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        // The guest as of now (what tests pin on their commands): the node
+        // boots and restores with it even if the shared cache's `current`
+        // links move meanwhile.
+        for (key, rel) in [
+            ("KILN_KERNEL", "kernel/current/bzImage"),
+            ("KILN_INITRAMFS", "initramfs/current/initramfs.img"),
+        ] {
+            if !env.iter().any(|(k, _)| k == key) {
+                let p = shared_cache().join(rel);
+                let p = std::fs::canonicalize(&p).unwrap_or(p);
+                env.push((key.to_string(), p.into_os_string()));
+            }
+        }
         let out = self
             .base_cmd()
             .envs(env)
@@ -231,7 +262,7 @@ impl Kiln {
             let sock = std::fs::symlink_metadata(p)
                 .map(|m| m.file_type().is_socket())
                 .unwrap_or(false);
-            (sock && !(self.up_pid().is_some() && p.ends_with("api.sock")))
+            (sock && !(self.up_pid().is_some() && *p == self.state.path().join("api.sock")))
                 || p.components().any(|c| c.as_os_str() == "vm")
         });
         out
@@ -248,9 +279,12 @@ impl Kiln {
             out.retain(|p| {
                 let rel = p.strip_prefix(root).unwrap_or(p);
                 let first = rel.components().next().map(|c| c.as_os_str().to_owned());
+                // The node's ownership markers (`node/owned/ID.json`) are
+                // per sandbox: they must go with it.
                 let own_dir = first
                     .as_deref()
-                    .is_some_and(|f| f == "up" || f == "server" || f == "node");
+                    .is_some_and(|f| f == "up" || f == "server" || f == "node")
+                    && !rel.starts_with("node/owned");
                 let own_file = rel == Path::new("api.sock")
                     || rel == Path::new("net/leases.lock")
                     || rel.starts_with("net/protected-cidrs")
@@ -283,10 +317,16 @@ impl Kiln {
 
 impl Drop for Kiln {
     fn drop(&mut self) {
-        // Remove every sandbox, then kill anything still alive.
-        if let Ok(out) = self.cmd().args(["ps", "-a", "-q"]).output() {
+        // Remove every sandbox, then kill anything still alive. (Never
+        // starts a `kiln up`: a panic here while unwinding would abort the
+        // whole test binary.)
+        let usable = !through_up()
+            || self
+                .up_pid()
+                .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if usable && let Ok(out) = self.quiet_cmd().args(["ps", "-a", "-q"]).output() {
             for id in String::from_utf8_lossy(&out.stdout).lines() {
-                let _ = self.cmd().args(["rm", "-f", id]).output();
+                let _ = self.quiet_cmd().args(["rm", "-f", id]).output();
             }
         }
         if self.up_pid().is_some() {

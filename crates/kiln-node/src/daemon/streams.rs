@@ -282,7 +282,8 @@ async fn start(
         if e.cmd.is_empty() {
             return Err(ServerMsg::error("invalid_message", "exec: cmd is empty"));
         }
-        let stdin = e.stdin && !e.detach;
+        // `exec -d -i`: stdin stays open for a later attach with stdin.
+        let stdin = e.stdin;
         detach = e.detach;
         let r = cx
             .node
