@@ -478,6 +478,30 @@ fn exec_reattach_gets_output_produced_while_detached() {
 }
 
 #[test]
+fn exec_d_i_keeps_stdin_for_a_later_attach() {
+    let k = Kiln::new();
+    let id = detach(&k, &[&busybox(), "--", "sleep", "3600"]);
+    let out = k.run(&[
+        "exec",
+        "-d",
+        "-i",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "read l; echo got $l",
+    ]);
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    let pid = stdout(&out).trim().to_string();
+    assert!(pid.parse::<u32>().is_ok(), "pid: {pid:?}");
+    let out = k.run_with_stdin(&["exec", "--attach", &pid, "-i", &id], b"hello\n");
+    assert_eq!(stdout(&out), "got hello\n", "stderr: {}", stderr(&out));
+    assert_eq!(code(&out), 0);
+    k.run(&["rm", "-f", &id]);
+    k.assert_clean();
+}
+
+#[test]
 fn ctrl_c_is_forwarded_to_the_process() {
     let k = Kiln::new();
     let mut child = k
