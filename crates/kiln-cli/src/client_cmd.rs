@@ -309,7 +309,7 @@ impl Api {
         Ok(out)
     }
 
-    async fn get(&self, id: &str) -> Result<Sandbox> {
+    pub(crate) async fn get(&self, id: &str) -> Result<Sandbox> {
         let b = self.call("GET", &format!("/sandboxes/{id}"), None).await?;
         Ok(serde_json::from_slice(&b)?)
     }

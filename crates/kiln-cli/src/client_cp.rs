@@ -152,6 +152,20 @@ async fn copy_in(
     produced
         .context("tar producer failed")?
         .context("cannot read the files to copy")?;
+    if let Err(e) = &r
+        && e.downcast_ref::<crate::client_cmd::ApiErr>().is_none()
+        && let Ok(sb) = api.get(id).await
+        && !matches!(sb.state, kiln_api::sandbox::SandboxState::Running { .. })
+    {
+        // The server refused the copy (a paused or ended sandbox) before
+        // reading the body, and the connection closed under the upload:
+        // say why rather than the broken pipe.
+        bail!(
+            "copy into {} failed: sandbox {id} is {}",
+            sanitize(&dest),
+            sb.state.label()
+        );
+    }
     r.with_context(|| format!("copy into {} failed", sanitize(&dest)))?;
     Ok(true)
 }

@@ -480,6 +480,13 @@ impl Node {
                 exit_code: 255,
             };
         }
+        // What the supervisor releases when its VM ends: the snapshot it
+        // was restored from (a fork's goes with its last fork) and the
+        // template it was warm-started from.
+        if let Some(name) = &rec.restored_from {
+            self.snapshots().release_user(name, id);
+        }
+        self.release_template(&rec);
         rec.set_shim(None);
         if let Err(e) = self.store.save(&rec) {
             tracing::warn!(error = %e, "cannot record the reaped sandbox");
