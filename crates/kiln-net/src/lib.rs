@@ -242,6 +242,23 @@ pub struct Network {
     protected_cache: std::sync::Mutex<Option<(std::time::Instant, Protected)>>,
 }
 
+/// `cfg` if its bridge name and tap prefix are usable.
+fn checked(cfg: NetConfig) -> Result<NetConfig, OpenNetworkError> {
+    if !host::valid_ifname(&cfg.bridge) {
+        return Err(OpenNetworkError::BridgeName(cfg.bridge));
+    }
+    if cfg.tap_prefix.is_empty()
+        || cfg.tap_prefix.len() > 3
+        || !cfg
+            .tap_prefix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(OpenNetworkError::TapPrefix(cfg.tap_prefix));
+    }
+    Ok(cfg)
+}
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
@@ -253,18 +270,7 @@ fn valid_id(id: &str) -> bool {
 impl Network {
     /// Sets up (idempotently) the bridge, forwarding, NAT and bpffs.
     pub fn open(cfg: NetConfig) -> Result<Network, OpenNetworkError> {
-        if !host::valid_ifname(&cfg.bridge) {
-            return Err(OpenNetworkError::BridgeName(cfg.bridge));
-        }
-        if cfg.tap_prefix.is_empty()
-            || cfg.tap_prefix.len() > 3
-            || !cfg
-                .tap_prefix
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        {
-            return Err(OpenNetworkError::TapPrefix(cfg.tap_prefix));
-        }
+        let cfg = checked(cfg)?;
         let ipam = Ipam::new(&cfg.state_dir, cfg.subnet)?
             .with_claims(&cfg.claims_root.join(&cfg.bridge))?;
         for id in ipam.claim_all()? {
@@ -310,6 +316,8 @@ impl Network {
     /// whose bridge is gone (removed, or never made since a reboot) cleans
     /// up what its state names without creating the bridge again.
     pub fn for_cleanup(cfg: NetConfig) -> Result<Network, OpenNetworkError> {
+        // Checked as for `open`: reconcile deletes bridge ports by prefix.
+        let cfg = checked(cfg)?;
         let ipam = Ipam::new(&cfg.state_dir, cfg.subnet)?
             .with_claims(&cfg.claims_root.join(&cfg.bridge))?;
         Ok(Network {

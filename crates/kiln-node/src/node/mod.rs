@@ -193,39 +193,37 @@ impl Node {
     }
 }
 
-/// The node's sandbox network (bridge, NAT, IPAM under `<state>/net`),
-/// set up idempotently.
-/// Its guests resolve through the node's resolver (see [`crate::dns`]).
-/// An invalid `KILN_PROTECTED_CIDRS` fails here, before anything is made.
-pub fn open_network(dirs: &Dirs) -> Result<kiln_net::Network, kiln_net::OpenNetworkError> {
+/// The node's network configuration: IPAM and saved policies under
+/// `<state>/net`, guests resolving through the node's resolver (see
+/// [`crate::dns`]), and the infrastructure ranges (`KILN_PROTECTED_CIDRS`
+/// and what `kiln node` wrote at start: its flags and its servers'
+/// addresses). An invalid `KILN_PROTECTED_CIDRS` fails here, before
+/// anything is made.
+fn net_config(dirs: &Dirs) -> Result<kiln_net::NetConfig, kiln_net::OpenNetworkError> {
     let net_dir = dirs.state.join("net");
     let mut cfg = kiln_net::NetConfig::new(&net_dir);
     cfg.resolver = true;
-    // Infrastructure ranges: `KILN_PROTECTED_CIDRS` and what `kiln node`
-    // wrote at start (its flags and its servers' addresses).
     cfg.protected = kiln_net::protect::configured(&net_dir)?;
-    kiln_net::Network::open(cfg)
+    Ok(cfg)
+}
+
+/// The node's sandbox network (bridge, NAT, IPAM under `<state>/net`),
+/// set up idempotently.
+pub fn open_network(dirs: &Dirs) -> Result<kiln_net::Network, kiln_net::OpenNetworkError> {
+    kiln_net::Network::open(net_config(dirs)?)
 }
 
 /// [`open_network`]'s configuration as a [`kiln_net::Network::view`]:
 /// per-sandbox maps and files only, nothing set up on the host.
 pub fn open_network_view(dirs: &Dirs) -> Result<kiln_net::Network, kiln_net::OpenNetworkError> {
-    let net_dir = dirs.state.join("net");
-    let mut cfg = kiln_net::NetConfig::new(&net_dir);
-    cfg.resolver = true;
-    cfg.protected = kiln_net::protect::configured(&net_dir)?;
-    kiln_net::Network::view(cfg)
+    kiln_net::Network::view(net_config(dirs)?)
 }
 
 /// [`open_network`]'s configuration for cleanup only
 /// ([`kiln_net::Network::for_cleanup`]): releasing a sandbox or
 /// reconciling never creates the bridge or the NAT rules again.
 pub fn open_network_cleanup(dirs: &Dirs) -> Result<kiln_net::Network, kiln_net::OpenNetworkError> {
-    let net_dir = dirs.state.join("net");
-    let mut cfg = kiln_net::NetConfig::new(&net_dir);
-    cfg.resolver = true;
-    cfg.protected = kiln_net::protect::configured(&net_dir)?;
-    kiln_net::Network::for_cleanup(cfg)
+    kiln_net::Network::for_cleanup(net_config(dirs)?)
 }
 
 /// Detaches sandbox `id` from the network if it has ever been on it (tap,
