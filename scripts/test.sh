@@ -12,6 +12,11 @@ set -e
 kiln_prepare
 set +e
 
+# Tests start the servers they need: no command of theirs starts the
+# embedded one on first use (the product's default; e2e_up tests it with
+# the variable unset).
+export KILN_AUTO_UP=0
+
 failed=()
 times=()
 group() {

@@ -47,6 +47,10 @@ pub struct Sandbox {
     pub generation: u64,
     pub observed_generation: u64,
     pub created_at_ms: u64,
+    /// How its node started it (pool, template, cold or restore; notes and
+    /// phase timings), once reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<crate::sandbox::StartReport>,
 }
 
 /// One page of sandboxes; pass `next` as `cursor` for the following one.

@@ -88,6 +88,24 @@ pub struct Resources {
     pub disk_mib: u32,
 }
 
+impl Resources {
+    /// Checks each within its bounds.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(SpecError::Cpus { cpus: self.cpus });
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(SpecError::Memory {
+                mib: self.memory_mib,
+            });
+        }
+        if !(MIN_DISK_MIB..=MAX_DISK_MIB).contains(&self.disk_mib) {
+            return Err(SpecError::Disk { mib: self.disk_mib });
+        }
+        Ok(())
+    }
+}
+
 impl Default for Resources {
     fn default() -> Self {
         Resources {
@@ -256,6 +274,30 @@ pub struct SandboxSpec {
     pub log_limit: Option<u64>,
     #[serde(default, skip_serializing_if = "is_no_network")]
     pub network: NetworkSpec,
+    /// When the node contacts the image's registry (`missing`: only when
+    /// it has no copy, like `docker run`).
+    #[serde(default, skip_serializing_if = "ImagePull::is_missing")]
+    pub pull: ImagePull,
+}
+
+/// When a node contacts the registry for a sandbox's image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum ImagePull {
+    /// Use the node's cached copy when it has one.
+    #[default]
+    Missing,
+    /// Resolve the reference again (a moved tag is noticed).
+    Always,
+    /// Never contact a registry; fail when the node has no copy.
+    Never,
+}
+
+impl ImagePull {
+    pub fn is_missing(&self) -> bool {
+        *self == ImagePull::Missing
+    }
 }
 
 fn is_no_network(n: &NetworkSpec) -> bool {
@@ -288,6 +330,7 @@ impl SandboxSpec {
             origin: Origin::Image,
             log_limit: None,
             network: NetworkSpec::None,
+            pull: ImagePull::Missing,
         }
     }
 
@@ -297,16 +340,7 @@ impl SandboxSpec {
         if self.image.is_empty() || self.image.len() > 4096 || has_control(&self.image) {
             return Err(SpecError::Image);
         }
-        let r = &self.resources;
-        if r.cpus == 0 || r.cpus > MAX_CPUS {
-            return Err(SpecError::Cpus { cpus: r.cpus });
-        }
-        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&r.memory_mib) {
-            return Err(SpecError::Memory { mib: r.memory_mib });
-        }
-        if !(MIN_DISK_MIB..=MAX_DISK_MIB).contains(&r.disk_mib) {
-            return Err(SpecError::Disk { mib: r.disk_mib });
-        }
+        self.resources.validate()?;
         if self.timeout_secs == Some(0) {
             return Err(SpecError::Timeout);
         }
@@ -523,9 +557,151 @@ impl SandboxState {
     }
 }
 
+/// How a sandbox's start went, as its node reports it once (what `kiln
+/// run -v` prints, by either route).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StartReport {
+    pub path: StartKind,
+    /// The template it was started from (`pool`, `template`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// One line each: the image, warm or why cold, fallbacks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+    /// Each phase's own duration, in order (`resolve`, `prepare`, `VMM
+    /// spawn`, `boot` or `restore`, `configure`, `exec`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<StartPhase>,
+    /// Milliseconds from the node taking the start on to the main process
+    /// running.
+    pub ready_ms: u64,
+}
+
+/// How a sandbox was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum StartKind {
+    /// A warm-pool member of a template was claimed.
+    Pool,
+    /// A template was restored.
+    Template,
+    /// The VM was booted.
+    Cold,
+    /// A snapshot was restored (`restore`, `fork`).
+    Restore,
+}
+
+impl StartKind {
+    /// `warm (pool)`, `cold`, …: as `kiln run -v` says it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            StartKind::Pool => "warm (pool)",
+            StartKind::Template => "warm (template)",
+            StartKind::Cold => "cold",
+            StartKind::Restore => "restore",
+        }
+    }
+}
+
+/// One phase of a start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StartPhase {
+    pub name: String,
+    pub ms: u64,
+}
+
+/// Bounds of a [`StartReport`] (it comes from a node: never trusted).
+pub const MAX_START_NOTES: usize = 16;
+pub const MAX_START_NOTE: usize = 512;
+pub const MAX_START_PHASES: usize = 16;
+pub const MAX_START_PHASE_NAME: usize = 32;
+pub const MAX_START_TEMPLATE: usize = 256;
+
+impl StartReport {
+    /// Refuses a report beyond the bounds above, or with control
+    /// characters in its text (printed on users' terminals).
+    pub fn validate(&self) -> Result<(), String> {
+        let printable = |s: &str| !s.chars().any(char::is_control);
+        if self.notes.len() > MAX_START_NOTES {
+            return Err(format!("notes: at most {MAX_START_NOTES}"));
+        }
+        if let Some(n) = self
+            .notes
+            .iter()
+            .find(|n| n.len() > MAX_START_NOTE || !printable(n))
+        {
+            return Err(format!(
+                "notes: {:?}: at most {MAX_START_NOTE} bytes, no control characters",
+                n.chars().take(40).collect::<String>()
+            ));
+        }
+        if self.phases.len() > MAX_START_PHASES {
+            return Err(format!("phases: at most {MAX_START_PHASES}"));
+        }
+        if self.phases.iter().any(|p| {
+            p.name.is_empty() || p.name.len() > MAX_START_PHASE_NAME || !printable(&p.name)
+        }) {
+            return Err(format!(
+                "phases: names of 1 to {MAX_START_PHASE_NAME} bytes, no control characters"
+            ));
+        }
+        if let Some(t) = &self.template
+            && (t.len() > MAX_START_TEMPLATE || !printable(t))
+        {
+            return Err(format!(
+                "template: at most {MAX_START_TEMPLATE} bytes, no control characters"
+            ));
+        }
+        Ok(())
+    }
+
+    /// `resolve 2 ms, prepare 9 ms, …` (empty without phases).
+    pub fn phase_line(&self) -> String {
+        self.phases
+            .iter()
+            .map(|p| format!("{} {} ms", p.name, p.ms))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_start_report_is_bounded_and_printable() {
+        let mut r = StartReport {
+            path: StartKind::Pool,
+            template: Some("tpl-1".into()),
+            notes: vec!["image busybox".into()],
+            phases: vec![StartPhase {
+                name: "resolve".into(),
+                ms: 2,
+            }],
+            ready_ms: 40,
+        };
+        r.validate().expect("valid");
+        assert_eq!(r.phase_line(), "resolve 2 ms");
+        let j = serde_json::to_string(&r).expect("serializes");
+        assert_eq!(serde_json::from_str::<StartReport>(&j).expect("parses"), r);
+        r.notes.push("\u{1b}[2Jgone".into());
+        assert!(r.validate().is_err(), "escape sequences refused");
+        r.notes.pop();
+        r.notes = vec!["x".into(); MAX_START_NOTES + 1];
+        assert!(r.validate().is_err());
+        r.notes.clear();
+        r.phases[0].name = String::new();
+        assert!(r.validate().is_err());
+        assert!(
+            serde_json::from_str::<StartReport>(r#"{"path":"cold","ready_ms":1,"x":1}"#).is_err()
+        );
+    }
 
     #[test]
     fn defaults_validate_and_round_trip() {

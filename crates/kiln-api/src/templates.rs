@@ -80,6 +80,47 @@ pub struct Template {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TemplateList {
     pub items: Vec<Template>,
+    /// The templates nodes made on their own after cold starts (one per
+    /// image and resources, used by later starts of the same; kept within
+    /// each node's disk budget), as their heartbeats say.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub automatic: Vec<NodeTemplate>,
+}
+
+/// An automatic template on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NodeTemplate {
+    /// The node's name of it (`tpl-…`).
+    pub name: String,
+    /// Set by the server: the node holding it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeName>,
+    pub image: String,
+    pub resources: Resources,
+    pub size_bytes: u64,
+    pub created_at_ms: u64,
+}
+
+/// The most automatic templates one node reports.
+pub const MAX_NODE_TEMPLATES: usize = 256;
+
+impl NodeTemplate {
+    /// Refuses what a node must not report (it is not trusted).
+    pub fn validate(&self) -> Result<(), String> {
+        let bad =
+            |s: &str, max: usize| s.is_empty() || s.len() > max || s.chars().any(char::is_control);
+        if bad(&self.name, 128) {
+            return Err("name: 1 to 128 bytes, no control characters".into());
+        }
+        if bad(&self.image, 4096) {
+            return Err("image: 1 to 4096 bytes, no control characters".into());
+        }
+        self.resources
+            .validate()
+            .map_err(|e| format!("resources: {e}"))
+    }
 }
 
 /// One cached image and the nodes holding it (as their heartbeats say).

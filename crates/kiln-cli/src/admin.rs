@@ -436,15 +436,16 @@ fn embedded(conn: &Conn, p: &crate::up::Paths, ep: &crate::up::Endpoint, who: As
     c
 }
 
-/// `KILN_AUTO_UP=1`: start `kiln up` on first use.
+/// Whether a command with no server configured and no `kiln up` running
+/// starts `kiln up -d` (the default; `KILN_AUTO_UP=0` turns it off).
 pub fn auto_up() -> bool {
-    std::env::var("KILN_AUTO_UP").is_ok_and(|v| v == "1")
+    std::env::var("KILN_AUTO_UP").map_or(true, |v| v != "0")
 }
 
 /// Where a sandbox command goes: `Some(conn)` to use the API (a server
 /// named by `--server`, `KILN_SERVER` or a context; else the `kiln up`
 /// running on the state directory, with the tenant `default`'s token; else,
-/// with `KILN_AUTO_UP=1`, a `kiln up -d` started now, said in one line on
+/// unless `KILN_AUTO_UP=0`, a `kiln up -d` started now, said in one line on
 /// stderr), `None` for the node-local path.
 #[allow(dead_code)] // called by the sandbox commands (client_cmd.rs)
 pub async fn api_route(conn: &Conn) -> Result<Option<Conn>> {
@@ -476,7 +477,7 @@ pub async fn api_route_as(conn: &Conn, who: As) -> Result<Option<Conn>> {
     if !auto_up() {
         return Ok(None);
     }
-    let ep = crate::up::start_detached(&p, None, None).await?;
+    let ep = crate::up::start_detached(&p, None, &Default::default()).await?;
     eprintln!(
         "kiln: started the embedded server (kiln up): API on {} and {}; stop it with kiln down",
         ep.url.trim_start_matches("http://"),
@@ -486,7 +487,7 @@ pub async fn api_route_as(conn: &Conn, who: As) -> Result<Option<Conn>> {
 }
 
 /// The admin commands' client: [`api_route_as`] with the admin token
-/// (auto-starting `kiln up` with `KILN_AUTO_UP=1`), else the error that
+/// (auto-starting `kiln up` unless `KILN_AUTO_UP=0`), else the error that
 /// names every way to give a server.
 async fn admin_client(conn: &Conn) -> Result<Client> {
     match api_route_as(conn, As::Admin).await? {

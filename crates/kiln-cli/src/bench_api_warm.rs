@@ -144,7 +144,10 @@ pub async fn api_warm(
     let paths = Paths::new(&node.dirs().state);
     let (ep, started) = match crate::up::running(&paths) {
         Some(ep) => (ep, false),
-        None => (crate::up::start_detached(&paths, None, None).await?, true),
+        None => (
+            crate::up::start_detached(&paths, None, &Default::default()).await?,
+            true,
+        ),
     };
     eprintln!("kiln up: {} ({})", ep.url, ep.socket.display());
     let conn = Conn {

@@ -93,8 +93,8 @@ pub async fn try_dispatch(cmd: Command, server: Option<String>) -> Routed {
         return Routed::Local(Box::new(cmd));
     }
     // A server named by the flag, the environment or a context; else the
-    // `kiln up` of this state directory (or one started now with
-    // `KILN_AUTO_UP=1`); else this host's node service.
+    // `kiln up` of this state directory (or one started now, unless
+    // `KILN_AUTO_UP=0`); else this host's node service.
     match crate::admin::api_route(&conn(server)).await {
         Ok(Some(c)) => Routed::Done(dispatch(&c, cmd).await),
         Ok(None) => Routed::Local(Box::new(cmd)),
@@ -446,10 +446,9 @@ async fn run(api: &Api, args: RunArgs) -> Result<i32> {
     let t0 = Instant::now();
     let req = commands::run_request(&args)?;
     if !args.insecure.is_empty() {
-        bail!("--insecure-registry configures the node's pull: not available through the API");
-    }
-    if !matches!(args.pull, crate::images::PullPolicy::Missing) {
-        bail!("--pull is the node's choice through the API (it pulls images it does not have)");
+        bail!(
+            "--insecure-registry is the node's setting through the API: start the node (kiln up, kiln node) with --insecure-registry"
+        );
     }
     let mut spec = req.spec;
     // An attached `--rm` run deletes the sandbox itself once it has the
@@ -490,15 +489,15 @@ async fn run(api: &Api, args: RunArgs) -> Result<i32> {
         }
         return Ok(code);
     }
+    let ready_ms = t0.elapsed().as_millis() as u64;
     if args.verbose {
-        eprintln!(
-            "kiln: sandbox {id} running on node {} ({} ms after the command started)",
-            sb.node.as_ref().map_or("?", |n| n.as_str()),
-            t0.elapsed().as_millis()
-        );
+        verbose_start(&sb, ready_ms);
     }
     if args.detach {
         println!("{id}");
+        if args.verbose {
+            eprintln!("kiln: {}", timing_line(&sb, ready_ms, t0, None, None));
+        }
         return Ok(0);
     }
     attach_main(
@@ -509,11 +508,73 @@ async fn run(api: &Api, args: RunArgs) -> Result<i32> {
             tty: args.process.tty,
             rm: args.rm,
             timeout: args.timeout,
-            verbose: args.verbose,
+            verbose: args.verbose.then_some(Verbose {
+                sandbox: sb,
+                ready_ms,
+            }),
             t0,
         },
     )
     .await
+}
+
+/// `kiln run -v`'s lines once the sandbox runs: the node's notes (image,
+/// warm or why cold) and where and how it started.
+pub(crate) fn verbose_start(sb: &Sandbox, ready_ms: u64) {
+    let start = sb.start.as_ref();
+    for n in start.map(|s| s.notes.as_slice()).unwrap_or_default() {
+        eprintln!("kiln: {}", sanitize(n));
+    }
+    eprintln!(
+        "kiln: sandbox {} running on node {} ({}, {ready_ms} ms after the command started)",
+        sb.id,
+        sb.node.as_ref().map_or("?", |n| n.as_str()),
+        start.map_or("start not reported", |s| s.path.describe()),
+    );
+}
+
+/// `timing: resolve 2 ms, …, on the node 812 ms, agent ready at 850 ms, …`:
+/// the node's phases of the start, then what this command saw (since it
+/// started): the sandbox running, first byte, exit, teardown, total.
+pub(crate) fn timing_line(
+    sb: &Sandbox,
+    ready_ms: u64,
+    t0: Instant,
+    exit_ms: Option<u64>,
+    teardown_ms: Option<u64>,
+) -> String {
+    let mut parts = vec![];
+    if let Some(s) = &sb.start {
+        parts.extend(
+            s.phases
+                .iter()
+                .map(|p| format!("{} {} ms", sanitize(&p.name), p.ms)),
+        );
+        parts.push(format!("on the node {} ms", s.ready_ms));
+    }
+    parts.push(format!("agent ready at {ready_ms} ms"));
+    if let Some(first) = crate::attach::first_output() {
+        parts.push(format!(
+            "first byte at {} ms",
+            first.saturating_duration_since(t0).as_millis()
+        ));
+    }
+    if let Some(e) = exit_ms {
+        parts.push(format!("exit at {e} ms"));
+    }
+    if let Some(t) = teardown_ms {
+        parts.push(format!("teardown {t} ms"));
+    }
+    parts.push(format!("total {} ms", t0.elapsed().as_millis()));
+    format!("timing: {}", parts.join(", "))
+}
+
+/// What `-v` prints at the end of an attached run.
+pub(crate) struct Verbose {
+    /// The sandbox as it was seen running.
+    pub sandbox: Sandbox,
+    /// When it was seen running (since the command started).
+    pub ready_ms: u64,
 }
 
 /// How [`attach_main`] follows a sandbox's main process.
@@ -524,7 +585,8 @@ pub(crate) struct Attach {
     pub rm: bool,
     /// The `--timeout` it was started with (for the message).
     pub timeout: Option<u64>,
-    pub verbose: bool,
+    /// `-v`: the timing line at the end.
+    pub verbose: Option<Verbose>,
     pub t0: Instant,
 }
 
@@ -587,7 +649,7 @@ pub(crate) async fn attach_main(api: &Api, id: &str, o: Attach) -> Result<i32> {
             return Err(e);
         }
     };
-    let exit_ms = o.t0.elapsed().as_millis();
+    let exit_ms = o.t0.elapsed().as_millis() as u64;
     // As the local path: once `run` returns, the sandbox shows as ended
     // (and its resources are free for the next one). The node reports the
     // end on its own; a few seconds at most.
@@ -613,10 +675,11 @@ pub(crate) async fn attach_main(api: &Api, id: &str, o: Attach) -> Result<i32> {
     {
         eprintln!("kiln: {e:#}");
     }
-    if o.verbose {
+    if let Some(v) = &o.verbose {
+        let teardown = (o.t0.elapsed().as_millis() as u64).saturating_sub(exit_ms);
         eprintln!(
-            "kiln: timing: exit at {exit_ms} ms, total {} ms",
-            o.t0.elapsed().as_millis()
+            "kiln: {}",
+            timing_line(&v.sandbox, v.ready_ms, o.t0, Some(exit_ms), Some(teardown))
         );
     }
     Ok(code)

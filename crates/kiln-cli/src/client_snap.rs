@@ -174,7 +174,7 @@ pub async fn restore(conn: &Conn, name: &str, detach: bool) -> Result<i32> {
             tty: false,
             rm: false,
             timeout: None,
-            verbose: false,
+            verbose: None,
             t0,
         },
     )

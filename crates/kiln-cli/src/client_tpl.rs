@@ -12,6 +12,7 @@ use anyhow::{Result, bail};
 use kiln_api::templates::{
     CreateTemplate, ImageList, ImageResult, Template, TemplateList, TemplatePhase,
 };
+use kiln_api::text::sanitize;
 use serde_json::json;
 
 use crate::ImagesCommand;
@@ -103,6 +104,9 @@ pub async fn template(conn: &Conn, cmd: TemplateCommand) -> Result<i32> {
             let list: TemplateList = serde_json::from_slice(&body)?;
             let mut out = std::io::stdout().lock();
             if quiet {
+                // The templates the API acts on (automatic ones belong to
+                // their nodes: `kiln template rm` through the API cannot
+                // remove them).
                 for t in list.items {
                     writeln!(out, "{}", t.name)?;
                 }
@@ -151,6 +155,27 @@ pub async fn template(conn: &Conn, cmd: TemplateCommand) -> Result<i32> {
                     status.join(", ")
                 )?;
             }
+            // Each node's automatic templates (made after cold starts), as
+            // the local listing marks them.
+            for t in list.automatic {
+                writeln!(
+                    out,
+                    "{:<20}  {:<24}  {:>4}  {:>7}  {:>7}  {:>9}  {:<10}  {:>6}  {:>5}  {}",
+                    sanitize(&t.name),
+                    crate::commands::truncate(&sanitize(&t.image), 24),
+                    t.resources.cpus,
+                    format!("{}M", t.resources.memory_mib),
+                    format!("{}M", t.resources.disk_mib),
+                    crate::snapshots::human(t.size_bytes),
+                    crate::commands::ago(t.created_at_ms / 1000),
+                    "-",
+                    "-",
+                    format_args!(
+                        "ready (automatic, node {})",
+                        t.node.as_ref().map_or("?", |n| n.as_str())
+                    )
+                )?;
+            }
             Ok(0)
         }
         TemplateCommand::Rm { names } => {
@@ -180,7 +205,9 @@ pub async fn images(conn: &Conn, cmd: ImagesCommand) -> Result<i32> {
     match cmd {
         ImagesCommand::Pull { image, insecure } => {
             if !insecure.is_empty() {
-                bail!("--insecure-registry is the node's setting (kiln node --insecure-registry)");
+                bail!(
+                    "--insecure-registry is the node's setting: start the node (kiln up, kiln node) with --insecure-registry"
+                );
             }
             let body = c
                 .call("POST", "/images/pull", Some(json!({ "ref": image })))

@@ -364,6 +364,7 @@ pub(crate) fn run_request(args: &RunArgs) -> Result<RunRequest> {
     } else {
         StartPreference::Warm
     };
+    spec.pull = args.pull.into();
     Ok(RunRequest {
         spec,
         pull: args.pull.into(),
@@ -431,36 +432,16 @@ impl StartTiming {
     /// phase's own duration; first byte, exit and the total are since the
     /// command started.
     pub fn line(&self, exit_ms: Option<u64>, teardown_ms: Option<u64>) -> String {
-        let mut parts = vec![
-            format!("resolve {} ms", self.resolved_ms),
-            format!(
-                "prepare {} ms",
-                self.spawned_ms.saturating_sub(self.resolved_ms)
-            ),
-        ];
-        let supervised = self.ready_ms.saturating_sub(self.spawned_ms);
-        match self.supervisor {
-            Some(t) => {
-                // The supervisor's own start-up and report: what its
-                // timings do not cover of the time we waited for it.
-                let spawn = supervised.saturating_sub(t.exec_ms) + t.vm_ms;
-                parts.push(format!("VMM spawn {spawn} ms"));
-                parts.push(format!(
-                    "{} {} ms",
-                    if self.warm { "restore" } else { "boot" },
-                    t.agent_ms.saturating_sub(t.vm_ms)
-                ));
-                parts.push(format!(
-                    "configure {} ms",
-                    t.configure_ms.saturating_sub(t.agent_ms)
-                ));
-                parts.push(format!(
-                    "exec {} ms",
-                    t.exec_ms.saturating_sub(t.configure_ms)
-                ));
-            }
-            None => parts.push(format!("supervisor {supervised} ms")),
-        }
+        let mut parts: Vec<String> = kiln_node::node::start_phases(
+            self.resolved_ms,
+            self.spawned_ms,
+            self.ready_ms,
+            self.supervisor,
+            self.warm,
+        )
+        .iter()
+        .map(|p| format!("{} {} ms", p.name, p.ms))
+        .collect();
         parts.push(format!("agent ready at {} ms", self.ready_ms));
         if let Some(first) = crate::attach::first_output() {
             parts.push(format!(

@@ -22,6 +22,16 @@ pub enum PullPolicy {
     Never,
 }
 
+impl From<PullPolicy> for kiln_api::sandbox::ImagePull {
+    fn from(p: PullPolicy) -> Self {
+        match p {
+            PullPolicy::Missing => kiln_api::sandbox::ImagePull::Missing,
+            PullPolicy::Always => kiln_api::sandbox::ImagePull::Always,
+            PullPolicy::Never => kiln_api::sandbox::ImagePull::Never,
+        }
+    }
+}
+
 impl From<PullPolicy> for kiln_node::node::PullPolicy {
     fn from(p: PullPolicy) -> Self {
         match p {

@@ -53,9 +53,29 @@ pub struct UpArgs {
     /// vCPUs the node offers per host CPU (1: none shared) [default: 8].
     #[arg(long = "cpu-overcommit", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub cpu_overcommit: Option<u32>,
+    /// A registry the node reaches over plain HTTP (`host[:port]`;
+    /// repeatable): `kiln run` through the API pulls from it.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure: Vec<String>,
     /// Set by `kiln up -d` on the process it starts.
     #[arg(long, hide = true)]
     pub daemon_child: bool,
+}
+
+/// How `kiln up` configures its node.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOpts {
+    pub cpu_overcommit: Option<u32>,
+    pub insecure: Vec<String>,
+}
+
+impl NodeOpts {
+    fn of(a: &UpArgs) -> NodeOpts {
+        NodeOpts {
+            cpu_overcommit: a.cpu_overcommit,
+            insecure: a.insecure.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone)]
@@ -435,7 +455,7 @@ pub async fn up(a: UpArgs) -> Result<i32> {
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("making {} private", sock.display()))?;
     server.serve_unix(listener);
-    let result = run_node(&server, &p, &url, &join, a.cpu_overcommit).await;
+    let result = run_node(&server, &p, &url, &join, &NodeOpts::of(&a)).await;
     let _ = std::fs::remove_file(p.endpoint());
     let _ = std::fs::remove_file(&sock);
     server.shutdown().await;
@@ -449,7 +469,7 @@ async fn run_node(
     p: &Paths,
     url: &str,
     join: &str,
-    cpu_overcommit: Option<u32>,
+    opts: &NodeOpts,
 ) -> Result<()> {
     let t0 = Instant::now();
     while server.raft().status().role != kiln_store::RaftRole::Leader {
@@ -481,10 +501,10 @@ async fn run_node(
         address: "127.0.0.1:0".into(),
         dry_run: false,
         capacity: CapacityOverrides {
-            cpu_overcommit,
+            cpu_overcommit: opts.cpu_overcommit,
             ..CapacityOverrides::default()
         },
-        insecure_registries: vec![],
+        insecure_registries: opts.insecure.clone(),
         max_parallel_starts: None,
         stop_grace: 10,
         ca_pem: None,
@@ -567,7 +587,7 @@ async fn run_node(
 /// `kiln up -d`: starts `kiln up` in its own session, logging to
 /// `STATE/up/up.log`, and returns once its endpoint file names it.
 async fn detach(p: &Paths, a: &UpArgs) -> Result<i32> {
-    let ep = start_detached(p, a.listen, a.cpu_overcommit).await?;
+    let ep = start_detached(p, a.listen, &NodeOpts::of(a)).await?;
     eprintln!(
         "kiln up: API on {} and {} (pid {}); logs in {}; stop with kiln down",
         ep.url,
@@ -584,7 +604,7 @@ async fn detach(p: &Paths, a: &UpArgs) -> Result<i32> {
 pub async fn start_detached(
     p: &Paths,
     listen: Option<SocketAddr>,
-    cpu_overcommit: Option<u32>,
+    opts: &NodeOpts,
 ) -> Result<Endpoint> {
     if let Some(ep) = running(p) {
         bail!(
@@ -607,8 +627,11 @@ pub async fn start_detached(
     if let Some(l) = listen {
         cmd.arg("--listen").arg(l.to_string());
     }
-    if let Some(n) = cpu_overcommit {
+    if let Some(n) = opts.cpu_overcommit {
         cmd.arg("--cpu-overcommit").arg(n.to_string());
+    }
+    for r in &opts.insecure {
+        cmd.arg("--insecure-registry").arg(r);
     }
     let mut child = cmd
         .arg("--daemon-child")

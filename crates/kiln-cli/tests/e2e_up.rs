@@ -4,8 +4,8 @@
 //! Unix socket, its admin token); a sandbox created with `POST
 //! /v1/sandboxes` over the socket runs a real microVM, which outlives `kiln
 //! down` and `kill -9` of the process and is adopted by the next `kiln up`
-//! (same supervisor); a second `kiln up` is refused; `KILN_AUTO_UP=1`
-//! starts it on first use, saying so in one line. Every body is checked
+//! (same supervisor); a second `kiln up` is refused; a command starts it on
+//! first use by default, saying so in one line (not with `KILN_AUTO_UP=0`). Every body is checked
 //! against `/v1/openapi.json`.
 
 mod common;
@@ -122,7 +122,12 @@ impl<'a> Up<'a> {
         let mut c = self.k.cmd();
         c.args(args).args(["-o", "json"]);
         for (k, v) in env {
-            c.env(k, v);
+            // An empty value: the variable unset (the default).
+            if v.is_empty() {
+                c.env_remove(k);
+            } else {
+                c.env(k, v);
+            }
         }
         let o = c.output().expect("kiln runs");
         assert_eq!(code(&o), 0, "kiln {args:?}: {}", stderr(&o));
@@ -337,9 +342,21 @@ fn up_serves_the_api_on_its_socket_and_adopts_sandboxes_across_down_and_kill() {
     up.wait_state(&id, "running", Duration::from_secs(20));
     assert_eq!(vmm_processes(k.state_dir(), &sid), vmms);
 
-    // KILN_AUTO_UP=1: the first admin command starts it and says so once.
+    // KILN_AUTO_UP=0: nothing is started, the command says how to name a
+    // server.
     up.down();
-    let (nodes, err) = up.admin_json(&["nodes", "ls"], "/nodes", &[("KILN_AUTO_UP", "1")]);
+    let o = k
+        .cmd()
+        .args(["nodes", "ls"])
+        .env("KILN_AUTO_UP", "0")
+        .output()
+        .expect("kiln runs");
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("KILN_SERVER"), "{}", stderr(&o));
+    assert!(!up.sock().exists(), "nothing started");
+    // By default (the variable unset): the first admin command starts it
+    // and says so once.
+    let (nodes, err) = up.admin_json(&["nodes", "ls"], "/nodes", &[("KILN_AUTO_UP", "")]);
     assert_eq!(nodes["items"].as_array().expect("items").len(), 1);
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "one line: {err}");
@@ -350,7 +367,7 @@ fn up_serves_the_api_on_its_socket_and_adopts_sandboxes_across_down_and_kill() {
         "{err}"
     );
     // Running now: the next command is quiet.
-    let (_, err) = up.admin_json(&["nodes", "ls"], "/nodes", &[("KILN_AUTO_UP", "1")]);
+    let (_, err) = up.admin_json(&["nodes", "ls"], "/nodes", &[("KILN_AUTO_UP", "")]);
     assert_eq!(err, "");
 
     // Clean up through the API: the node stops and removes the sandbox.
@@ -425,4 +442,139 @@ fn up_serves_the_api_on_its_socket_and_adopts_sandboxes_across_down_and_kill() {
     assert_eq!(code(&o), 0, "kiln down with none running: {}", stdout(&o));
     k.assert_clean();
     tracing::info!(took = ?t_all.elapsed(), "e2e_up");
+}
+
+/// The default path as a new user meets it: no server configured and no
+/// `kiln up` running, `kiln run -v` starts the embedded server (one line)
+/// and says, as the node-local path does, how the start went: cold and why,
+/// where the time went, the template made in the background; `kiln template
+/// ls` through the API shows the node's automatic template; the next run
+/// starts warm from it. `--pull never` reaches the node.
+#[test]
+fn run_v_through_the_embedded_server_says_how_each_start_went() {
+    let k = Kiln::new();
+    let mut up = Up {
+        k: &k,
+        schemas: None,
+    };
+    let bb = common::busybox();
+    let kiln = |args: &[&str]| {
+        let mut c = k.cmd();
+        // The product's default (auto-start); the node it starts makes
+        // automatic templates (the harness turns them off).
+        c.env_remove("KILN_AUTO_UP")
+            .env("KILN_AUTO_TEMPLATES", "1")
+            .args(args);
+        c.output().expect("kiln runs")
+    };
+    let probe = ["sh", "-c", "echo hello $0", "probe"];
+    let mut args = vec!["run", "-v", "--rm", bb.as_str(), "--"];
+    args.extend(probe);
+    let first = kiln(&args);
+    let err = stderr(&first);
+    assert_eq!(code(&first), 0, "{err}");
+    assert_eq!(stdout(&first).trim(), "hello probe");
+    assert!(
+        err.lines()
+            .next()
+            .is_some_and(|l| l.starts_with("kiln: started the embedded server (kiln up)")),
+        "{err}"
+    );
+    assert!(alive(up.pid()), "kiln up runs in the background");
+    assert!(err.contains("kiln: cold boot: no template"), "{err}");
+    assert!(err.contains("template in the background"), "{err}");
+    assert!(err.contains(" (cold, "), "{err}");
+    let timing = err
+        .lines()
+        .find(|l| l.starts_with("kiln: timing: "))
+        .unwrap_or_else(|| panic!("no timing line: {err}"));
+    for phase in [
+        "resolve ",
+        "prepare ",
+        "VMM spawn ",
+        "boot ",
+        "configure ",
+        "exec ",
+        "on the node ",
+        "agent ready at ",
+        "first byte at ",
+        "exit at ",
+        "teardown ",
+        "total ",
+    ] {
+        assert!(timing.contains(phase), "{phase:?} missing: {timing}");
+    }
+
+    // The automatic template, through the API (heartbeats carry it).
+    let (status, doc) = up.curl("GET", "/v1/openapi.json", None);
+    assert_eq!(status, 200);
+    up.schemas = Some(ApiSchemas::new(&doc).expect("an OpenAPI 3.1 document"));
+    let t0 = Instant::now();
+    let name = loop {
+        let (status, body) = up.curl("GET", "/v1/templates", None);
+        assert_eq!(status, 200);
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        if let Some(t) = v["automatic"].as_array().and_then(|a| a.first()) {
+            assert_eq!(t["image"], bb.as_str(), "{v}");
+            assert_eq!(t["resources"]["memory_mib"], 256, "{v}");
+            let ls = kiln(&["template", "ls"]);
+            assert_eq!(code(&ls), 0, "{}", stderr(&ls));
+            let name = t["name"].as_str().expect("name").to_owned();
+            let row = stdout(&ls)
+                .lines()
+                .find(|l| l.starts_with(&name))
+                .map(str::to_owned)
+                .unwrap_or_else(|| panic!("{name} not listed: {}", stdout(&ls)));
+            assert!(row.contains("ready (automatic, node "), "{row}");
+            break name;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "no automatic template through the API: {v}; node log: {}",
+            std::fs::read_to_string(k.state_dir().join("templates/.auto.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+
+    let second = kiln(&args);
+    let err = stderr(&second);
+    assert_eq!(code(&second), 0, "{err}");
+    assert_eq!(stdout(&second).trim(), "hello probe");
+    assert!(
+        err.contains(&format!("warm start from template {name}")),
+        "{err}"
+    );
+    assert!(err.contains(" (warm (template), "), "{err}");
+    let timing = err
+        .lines()
+        .find(|l| l.starts_with("kiln: timing: "))
+        .unwrap_or_else(|| panic!("no timing line: {err}"));
+    assert!(timing.contains(", restore "), "{timing}");
+    assert!(!err.contains("started the embedded server"), "{err}");
+
+    // --pull reaches the node: `never` with the image cached runs; with an
+    // image the node does not have, it fails saying so.
+    let o = kiln(&["run", "--rm", "--pull", "never", &bb, "--", "true"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = kiln(&[
+        "run",
+        "--rm",
+        "--pull",
+        "never",
+        "localhost:1/not-here:1",
+        "--",
+        "true",
+    ]);
+    assert_eq!(code(&o), 125, "{}", stderr(&o));
+    assert!(stderr(&o).contains("not-here"), "{}", stderr(&o));
+
+    up.down();
+    let o = k
+        .cmd()
+        .env("KILN_NODE_LOCAL", "1")
+        .args(["template", "rm", &name])
+        .output()
+        .expect("kiln runs");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    k.assert_clean();
 }

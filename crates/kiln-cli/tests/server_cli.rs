@@ -19,7 +19,10 @@ fn kiln(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut c = Command::new(KILN);
     c.args(args)
         .env_remove("KILN_SERVER")
-        .env_remove("KILN_TOKEN");
+        .env_remove("KILN_TOKEN")
+        // Never a `kiln up` started on first use (in the default state
+        // directory); a test may set it.
+        .env("KILN_AUTO_UP", "0");
     for (k, v) in env {
         c.env(k, v);
     }

@@ -25,6 +25,9 @@ fn kiln(args: &[&str]) -> (i32, String, String) {
         .env_remove("KILN_SERVER")
         .env_remove("KILN_TOKEN")
         .env("KILN_CONFIG", "/nonexistent/kiln-config.toml")
+        // Never a `kiln up` started on first use (in the default state
+        // directory).
+        .env("KILN_AUTO_UP", "0")
         .output()
         .expect("run kiln");
     (

@@ -374,10 +374,31 @@ impl NodeService for NodeRpc {
         let images = r
             .images_changed
             .then(|| r.images.into_iter().collect::<BTreeSet<_>>());
+        let templates = if r.templates_changed {
+            let t: Vec<kiln_api::templates::NodeTemplate> =
+                serde_json::from_slice(&r.templates_json)
+                    .map_err(|e| Status::invalid_argument(format!("templates_json: {e}")))?;
+            if t.len() > kiln_api::templates::MAX_NODE_TEMPLATES {
+                return Err(Status::invalid_argument(format!(
+                    "templates_json: at most {} templates",
+                    kiln_api::templates::MAX_NODE_TEMPLATES
+                )));
+            }
+            if let Some((t, e)) = t.iter().find_map(|t| t.validate().err().map(|e| (t, e))) {
+                return Err(Status::invalid_argument(format!(
+                    "templates_json: {:?}: {e}",
+                    t.name.chars().take(64).collect::<String>()
+                )));
+            }
+            Some(t)
+        } else {
+            None
+        };
         self.write(Command::Heartbeat {
             name,
             now_ms: now_ms(),
             images,
+            templates,
         })
         .await?;
         Ok(tonic::Response::new(HeartbeatReply {}))
@@ -474,6 +495,20 @@ impl NodeService for NodeRpc {
                     continue;
                 }
             };
+            let start = if s.start_json.is_empty() {
+                None
+            } else {
+                match serde_json::from_slice::<kiln_api::sandbox::StartReport>(&s.start_json)
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.validate().map(|()| r))
+                {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        refused[i] = format!("start_json: {e}");
+                        continue;
+                    }
+                }
+            };
             cmds.push((
                 i,
                 Command::ReportSandbox {
@@ -482,6 +517,7 @@ impl NodeService for NodeRpc {
                     generation: s.generation,
                     state,
                     now_ms: now,
+                    start,
                 },
             ));
         }

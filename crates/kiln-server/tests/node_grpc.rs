@@ -148,11 +148,62 @@ async fn node_registers_watches_and_reports() {
                 name: "h1".into(),
                 images_changed: true,
                 images: vec!["alpine".into()],
+                ..Default::default()
             },
             &cred,
         ))
         .await
         .expect("heartbeat");
+    // Automatic templates: what a node must not report is refused whole
+    // (terminal escapes, impossible resources, a node name of its own),
+    // a valid list is kept on the node's record.
+    let auto = kiln_api::templates::NodeTemplate {
+        name: "tpl-0123456789ab".into(),
+        node: None,
+        image: "alpine".into(),
+        resources: kiln_api::sandbox::Resources::default(),
+        size_bytes: 1 << 20,
+        created_at_ms: 5,
+    };
+    let mut escape = auto.clone();
+    escape.image = "alpine\u{1b}[2J".into();
+    let mut huge = auto.clone();
+    huge.resources.cpus = 10_000;
+    let mut named = auto.clone();
+    named.node = Some(kiln_api::cluster::NodeName::new("h2").expect("name"));
+    for bad in [escape, huge, named] {
+        let e = leader
+            .heartbeat(authed(
+                HeartbeatRequest {
+                    name: "h1".into(),
+                    templates_changed: true,
+                    templates_json: serde_json::to_vec(&[bad]).expect("json"),
+                    ..Default::default()
+                },
+                &cred,
+            ))
+            .await
+            .expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    }
+    leader
+        .heartbeat(authed(
+            HeartbeatRequest {
+                name: "h1".into(),
+                templates_changed: true,
+                templates_json: serde_json::to_vec(std::slice::from_ref(&auto)).expect("json"),
+                ..Default::default()
+            },
+            &cred,
+        ))
+        .await
+        .expect("heartbeat with templates");
+    let kept = c.server(l).raft().read_local(|s| {
+        s.nodes
+            .get(&NodeName::new("h1").expect("name"))
+            .map(|n| n.templates.clone())
+    });
+    assert_eq!(kept, Some(vec![auto]));
 
     // Watch through a follower: the full state at once.
     let mut stream = follower
@@ -213,11 +264,13 @@ async fn node_registers_watches_and_reports() {
                         id: id.to_string(),
                         generation,
                         state_json: serde_json::to_vec(&state).expect("json"),
+                        start_json: Vec::new(),
                     },
                     SandboxReport {
                         id: "zz".into(),
                         generation: 1,
                         state_json: b"{}".to_vec(),
+                        start_json: Vec::new(),
                     },
                 ],
             },
@@ -248,6 +301,7 @@ async fn node_registers_watches_and_reports() {
                     id: id.to_string(),
                     generation,
                     state_json: serde_json::to_vec(&SandboxState::Pooled).expect("json"),
+                    start_json: Vec::new(),
                 }],
             },
             &h2,

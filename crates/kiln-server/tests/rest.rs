@@ -14,7 +14,7 @@ use kiln_api::cluster::{Capacity, DriverKind, NodeDesired};
 use kiln_api::node_rpc::node_service_client::NodeServiceClient;
 use kiln_api::node_rpc::{RegisterRequest, ReportRequest, SandboxReport, WatchRequest};
 use kiln_api::rest::{ErrorBody, Sandbox, SandboxList, TokenCreated};
-use kiln_api::sandbox::SandboxState;
+use kiln_api::sandbox::{SandboxState, StartKind, StartPhase, StartReport};
 use serde_json::{Value, json};
 
 struct Api {
@@ -262,10 +262,59 @@ async fn rest_api_on_three_replicas() {
         .await;
     assert_eq!((r.status, r.code()), (409, "idempotency_conflict".into()));
 
-    // The node sees the assignment, reports it running; REST shows it.
+    // The node sees the assignment, reports it running with how its
+    // start went; REST shows both. A start report the server must not
+    // keep (escape sequences for users' terminals) refuses the item.
     let d = next(&mut watch).await;
     assert_eq!(d.sandboxes.len(), 1);
     assert_eq!(d.sandboxes[0].id, sb.id);
+    let start = StartReport {
+        path: StartKind::Pool,
+        template: Some("tpl-0123".into()),
+        notes: vec!["claimed pool member of template tpl-0123".into()],
+        phases: vec![StartPhase {
+            name: "exec".into(),
+            ms: 3,
+        }],
+        ready_ms: 41,
+    };
+    let mut hostile = start.clone();
+    hostile.notes.push("\u{1b}]0;owned\u{7}".into());
+    let running = serde_json::to_vec(&SandboxState::Running { main_pid: 7 }).expect("json");
+    for (start_json, ok) in [
+        (serde_json::to_vec(&hostile).expect("json"), false),
+        (b"{\"path\":\"warp\",\"ready_ms\":1}".to_vec(), false),
+        (serde_json::to_vec(&start).expect("json"), true),
+    ] {
+        let rep = node
+            .report(authed(
+                ReportRequest {
+                    name: "h1".into(),
+                    templates_json: Vec::new(),
+                    sandboxes: vec![SandboxReport {
+                        id: sb.id.to_string(),
+                        generation: d.sandboxes[0].generation,
+                        state_json: running.clone(),
+                        start_json,
+                    }],
+                },
+                &cred,
+            ))
+            .await
+            .expect("report")
+            .into_inner();
+        assert_eq!(rep.refused.len(), 1);
+        assert_eq!(rep.refused[0].is_empty(), ok, "{:?}", rep.refused);
+        if !ok {
+            assert!(rep.refused[0].contains("start"), "{:?}", rep.refused);
+        }
+    }
+    let r = api.get(&format!("{fol}/v1/sandboxes/{}", sb.id), &a).await;
+    assert_eq!(r.status, 200);
+    let got = r.json::<Sandbox>();
+    assert_eq!(got.state, SandboxState::Running { main_pid: 7 });
+    assert_eq!(got.start, Some(start.clone()));
+    // A later report without one keeps it.
     let rep = node
         .report(authed(
             ReportRequest {
@@ -274,8 +323,8 @@ async fn rest_api_on_three_replicas() {
                 sandboxes: vec![SandboxReport {
                     id: sb.id.to_string(),
                     generation: d.sandboxes[0].generation,
-                    state_json: serde_json::to_vec(&SandboxState::Running { main_pid: 7 })
-                        .expect("json"),
+                    state_json: running.clone(),
+                    start_json: Vec::new(),
                 }],
             },
             &cred,
@@ -284,12 +333,8 @@ async fn rest_api_on_three_replicas() {
         .expect("report")
         .into_inner();
     assert_eq!(rep.refused, vec![String::new()]);
-    let r = api.get(&format!("{fol}/v1/sandboxes/{}", sb.id), &a).await;
-    assert_eq!(r.status, 200);
-    assert_eq!(
-        r.json::<Sandbox>().state,
-        SandboxState::Running { main_pid: 7 }
-    );
+    let r = api.get(&format!("{lead}/v1/sandboxes/{}", sb.id), &a).await;
+    assert_eq!(r.json::<Sandbox>().start, Some(start));
 
     // Listing with filters.
     let r = api
@@ -444,6 +489,7 @@ async fn rest_api_on_three_replicas() {
                     timed_out: false,
                 })
                 .expect("json"),
+                start_json: Vec::new(),
             }],
         },
         &cred,

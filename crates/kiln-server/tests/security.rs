@@ -225,6 +225,7 @@ async fn unauthenticated_bodies_are_not_read_and_image_lists_are_bounded() {
         name: "n1".into(),
         images_changed: true,
         images: many,
+        ..Default::default()
     });
     hb.metadata_mut().insert(
         "authorization",

@@ -55,6 +55,9 @@ pub enum Command {
         /// The cached images, when they changed.
         #[serde(default)]
         images: Option<BTreeSet<String>>,
+        /// The node's automatic templates, when they changed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        templates: Option<Vec<kiln_api::templates::NodeTemplate>>,
     },
     CordonNode {
         name: NodeName,
@@ -121,6 +124,9 @@ pub enum Command {
         generation: u64,
         state: SandboxState,
         now_ms: u64,
+        /// How its start went (kept once given; `None` keeps what is).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        start: Option<kiln_api::sandbox::StartReport>,
     },
     /// Drops the record of a deleted sandbox once its node let it go.
     ForgetSandbox {

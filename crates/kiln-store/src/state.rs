@@ -62,6 +62,10 @@ pub struct NodeRecord {
     /// endpoints: the relay connects over TLS and accepts exactly it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_cert_sha256: Option<String>,
+    /// The templates the node made on its own (as its heartbeats say;
+    /// emptied when it registers, until its next heartbeat).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub templates: Vec<kiln_api::templates::NodeTemplate>,
 }
 
 /// One sandbox: what was asked for and what the node last reported.
@@ -95,6 +99,10 @@ pub struct SandboxRecord {
     /// has reached it.
     #[serde(default)]
     pub policy_generation: u64,
+    /// How its node started it, as reported (`None`: not yet, or not
+    /// known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<kiln_api::sandbox::StartReport>,
 }
 
 impl SandboxRecord {
@@ -172,7 +180,16 @@ pub struct TenantRecord {
     pub name: TenantName,
     pub quotas: Quotas,
     pub created_at_ms: u64,
+    /// The image references its latest sandboxes named (most recent last,
+    /// at most [`MAX_RECENT_IMAGES`]): what of the nodes' image caches and
+    /// automatic templates the tenant is shown after its sandboxes are
+    /// gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_images: Vec<String>,
 }
+
+/// How many image references a tenant record remembers.
+pub const MAX_RECENT_IMAGES: usize = 64;
 
 /// An API token: only its SHA-256 is stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

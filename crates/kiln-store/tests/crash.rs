@@ -131,6 +131,7 @@ async fn acknowledged_writes_survive_kill_9() -> anyhow::Result<()> {
         name: kiln_api::cluster::NodeName::new("none")?,
         now_ms: 0,
         images: None,
+        templates: None,
     })
     .await?;
     let missing = node

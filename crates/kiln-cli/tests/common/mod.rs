@@ -176,6 +176,9 @@ impl Kiln {
     fn base_cmd(&self) -> Command {
         let mut c = Command::new(&self.bin);
         c.env("KILN_STATE_DIR", self.state.path());
+        // Commands start no `kiln up` of their own (the product's default):
+        // a test's route decides (see `cmd`).
+        c.env("KILN_AUTO_UP", "0");
         if let Some(cache) = &self.cache {
             let shared = shared_cache();
             c.env("KILN_CACHE_DIR", cache.path());

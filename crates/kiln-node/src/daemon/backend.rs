@@ -14,10 +14,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use kiln_api::sandbox::{SandboxId, SandboxSpec, SandboxState};
+use kiln_api::sandbox::{SandboxId, SandboxSpec, SandboxState, StartReport};
 use serde::{Deserialize, Serialize};
 
-use crate::node::{Node, PullPolicy, RunRequest};
+use crate::node::{Node, RunRequest};
 use crate::store::now_secs;
 
 /// The daemon's note on one sandbox it owns.
@@ -33,6 +33,9 @@ pub struct Marker {
     /// applied by the daemon (`None`: unknown, e.g. adopted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<kiln_api::sandbox::NetworkSpec>,
+    /// How its start went (reported to the server with its state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<kiln_api::sandbox::StartReport>,
 }
 
 /// An action on a sandbox failed (logged; the next pass tries again).
@@ -217,8 +220,13 @@ impl Backend {
         }
     }
 
-    /// Starts sandbox `id` from `spec` (the caller wrote its marker).
-    pub async fn create(&self, id: &SandboxId, spec: &SandboxSpec) -> Result<(), BackendError> {
+    /// Starts sandbox `id` from `spec` (the caller wrote its marker); how
+    /// the start went (`None` in dry-run mode, which starts nothing).
+    pub async fn create(
+        &self,
+        id: &SandboxId,
+        spec: &SandboxSpec,
+    ) -> Result<Option<StartReport>, BackendError> {
         match self {
             Backend::DryRun(d) => {
                 let mut s = d.lock();
@@ -229,12 +237,13 @@ impl Backend {
                 }
                 s.records
                     .insert(id.clone(), SandboxState::Running { main_pid: 1 });
-                Ok(())
+                Ok(None)
             }
             Backend::Real(r) => {
+                let t0 = std::time::Instant::now();
                 let req = RunRequest {
                     spec: spec.clone(),
-                    pull: PullPolicy::Missing,
+                    pull: spec.pull.into(),
                     insecure_registries: r.insecure_registries.clone(),
                     id: Some(id.to_string()),
                 };
@@ -243,7 +252,7 @@ impl Backend {
                 if !started.ready.ok {
                     tracing::warn!(sandbox = %id, error = ?started.ready.error, "the sandbox did not start");
                 }
-                Ok(())
+                Ok(Some(started.report(t0.elapsed().as_millis() as u64)))
             }
         }
     }
@@ -257,7 +266,7 @@ impl Backend {
         id: &SandboxId,
         tenant: &kiln_api::cluster::TenantName,
         name: &str,
-    ) -> Result<(), BackendError> {
+    ) -> Result<Option<StartReport>, BackendError> {
         let local = kiln_api::rest::node_snapshot_name(tenant, name).ok_or_else(|| {
             BackendError::Missing(format!("snapshot {name:?}: the name is too long"))
         })?;
@@ -271,20 +280,39 @@ impl Backend {
                 }
                 s.records
                     .insert(id.clone(), SandboxState::Running { main_pid: 1 });
-                Ok(())
+                Ok(None)
             }
-            Backend::Real(r) => match r.node.restore_as(&local, Some(id.to_string())).await {
-                Ok(restored) => {
-                    if !restored.ready.ok {
-                        tracing::warn!(sandbox = %id, error = ?restored.ready.error, "the restored sandbox did not start");
+            Backend::Real(r) => {
+                let t0 = std::time::Instant::now();
+                match r.node.restore_as(&local, Some(id.to_string())).await {
+                    Ok(restored) => {
+                        if !restored.ready.ok {
+                            tracing::warn!(sandbox = %id, error = ?restored.ready.error, "the restored sandbox did not start");
+                        }
+                        let ready_ms = t0.elapsed().as_millis() as u64;
+                        let mut phases = crate::node::start_phases(
+                            0,
+                            restored.prepared_ms,
+                            ready_ms,
+                            restored.ready.timings,
+                            true,
+                        );
+                        // A restore resolves no image.
+                        phases.remove(0);
+                        Ok(Some(StartReport {
+                            path: kiln_api::sandbox::StartKind::Restore,
+                            template: None,
+                            notes: vec![format!("restored from snapshot {name}")],
+                            phases,
+                            ready_ms,
+                        }))
                     }
-                    Ok(())
+                    Err(crate::node::SnapshotOpError::Store(
+                        e @ crate::store::StoreError::Exists(_),
+                    )) => Err(BackendError::Run(crate::node::RunError::Store(e))),
+                    Err(e) => Err(e.into()),
                 }
-                Err(crate::node::SnapshotOpError::Store(
-                    e @ crate::store::StoreError::Exists(_),
-                )) => Err(BackendError::Run(crate::node::RunError::Store(e))),
-                Err(e) => Err(e.into()),
-            },
+            }
         }
     }
 

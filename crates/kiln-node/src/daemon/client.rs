@@ -313,12 +313,22 @@ impl Client {
         std::fs::rename(&tmp, path).map_err(err)
     }
 
-    pub async fn heartbeat(&self, images: Option<Vec<String>>) -> Result<(), ClientError> {
+    /// "Still alive", with the cached images and the automatic templates
+    /// when they changed.
+    pub async fn heartbeat(
+        &self,
+        images: Option<Vec<String>>,
+        templates: Option<&[kiln_api::templates::NodeTemplate]>,
+    ) -> Result<(), ClientError> {
         let (url, mut cl) = self.client().await?;
         let req = self.authorize(Request::new(HeartbeatRequest {
             name: self.name.to_string(),
             images_changed: images.is_some(),
             images: images.unwrap_or_default(),
+            templates_changed: templates.is_some(),
+            templates_json: templates.map_or_else(Vec::new, |t| {
+                serde_json::to_vec(t).expect("templates serialize")
+            }),
         }));
         match cl.heartbeat(req).await {
             Ok(_) => Ok(()),

@@ -56,6 +56,9 @@ pub const CONVERGE_EVERY: Duration = Duration::from_secs(2);
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 /// How often the cached images are checked for the heartbeat.
 const IMAGES_EVERY: Duration = Duration::from_secs(30);
+/// How often the automatic templates are listed for the heartbeat (a
+/// directory scan and its manifests).
+const TEMPLATES_EVERY: Duration = Duration::from_secs(3);
 
 /// What `kiln node` was asked to do.
 #[derive(Debug, Clone)]
@@ -132,7 +135,7 @@ struct Shared {
     starts: Semaphore,
     /// What the node observes of its owned, assigned sandboxes:
     /// `(converged generation, state)`, for the reporter.
-    observed: watch::Sender<BTreeMap<SandboxId, (u64, SandboxState)>>,
+    observed: watch::Sender<BTreeMap<SandboxId, Observation>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -343,10 +346,27 @@ async fn session_loop(
             }
         };
         let mut images_at = tokio::time::Instant::now();
+        // Registering empties the server's list: the first heartbeat sends
+        // them all.
+        let mut last_templates: Option<Vec<kiln_api::templates::NodeTemplate>> = None;
+        let mut templates_at: Option<tokio::time::Instant> = None;
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let mut templates = None;
+            if sh.backend.is_dry_run() {
+                // Makes none.
+            } else if templates_at.is_none_or(|t| t.elapsed() >= TEMPLATES_EVERY) {
+                templates_at = Some(tokio::time::Instant::now());
+                let n = node.clone();
+                let now = tokio::task::spawn_blocking(move || n.automatic_templates())
+                    .await
+                    .unwrap_or_default();
+                if last_templates.as_ref() != Some(&now) {
+                    templates = Some(now);
+                }
+            }
             let mut changed = None;
             if images_at.elapsed() >= IMAGES_EVERY {
                 images_at = tokio::time::Instant::now();
@@ -358,12 +378,19 @@ async fn session_loop(
                     changed = Some(now);
                 }
             }
-            match sh.client.heartbeat(changed.clone()).await {
+            match sh
+                .client
+                .heartbeat(changed.clone(), templates.as_deref())
+                .await
+            {
                 Ok(()) => {
                     backoff.reset();
                     if let Some(now) = changed {
                         last_images = now.clone();
                         reg.images = now;
+                    }
+                    if templates.is_some() {
+                        last_templates = templates;
                     }
                 }
                 Err(e) if e.is_auth() => {
@@ -437,13 +464,23 @@ async fn watch_loop(
     }
 }
 
+/// What the server hears of one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Observation {
+    /// The generation the node converged to.
+    generation: u64,
+    state: SandboxState,
+    /// How its start went (sent with each report until it ends).
+    start: Option<kiln_api::sandbox::StartReport>,
+}
+
 /// Sends what changed in the observed states; retries what was not sent.
 async fn report_loop(
     sh: Arc<Shared>,
-    mut observed: watch::Receiver<BTreeMap<SandboxId, (u64, SandboxState)>>,
+    mut observed: watch::Receiver<BTreeMap<SandboxId, Observation>>,
     mut registered: watch::Receiver<u64>,
 ) {
-    let mut sent: BTreeMap<SandboxId, (u64, SandboxState)> = BTreeMap::new();
+    let mut sent: BTreeMap<SandboxId, Observation> = BTreeMap::new();
     let mut backoff = Backoff::default();
     if registered.wait_for(|n| *n > 0).await.is_err() {
         return;
@@ -451,7 +488,7 @@ async fn report_loop(
     loop {
         let cur = observed.borrow_and_update().clone();
         sent.retain(|id, _| cur.contains_key(id));
-        let changed: Vec<(SandboxId, (u64, SandboxState))> = cur
+        let changed: Vec<(SandboxId, Observation)> = cur
             .into_iter()
             .filter(|(id, v)| sent.get(id) != Some(v))
             .collect();
@@ -461,10 +498,13 @@ async fn report_loop(
             for chunk in changed.chunks(256) {
                 let reports = chunk
                     .iter()
-                    .map(|(id, (generation, state))| SandboxReport {
+                    .map(|(id, o)| SandboxReport {
                         id: id.to_string(),
-                        generation: *generation,
-                        state_json: serde_json::to_vec(state).expect("states serialize"),
+                        generation: o.generation,
+                        state_json: serde_json::to_vec(&o.state).expect("states serialize"),
+                        start_json: o.start.as_ref().map_or_else(Vec::new, |s| {
+                            serde_json::to_vec(s).expect("start reports serialize")
+                        }),
                     })
                     .collect();
                 match sh.client.report(reports).await {
@@ -756,7 +796,14 @@ async fn pass(sh: &Arc<Shared>) {
             (None, Some(t)) => t.clone(),
             (None, None) => continue,
         };
-        observed.insert(a.id.clone(), (m.converged, state));
+        observed.insert(
+            a.id.clone(),
+            Observation {
+                generation: m.converged,
+                state,
+                start: m.start.clone(),
+            },
+        );
     }
     sh.observed.send_if_modified(|cur| {
         if *cur == observed {
@@ -806,8 +853,12 @@ async fn execute(sh: &Shared, a: &Action, assignment: Option<&Assignment>) {
                     kiln_api::sandbox::Origin::Image => b.create(id, &asg.spec).await,
                 };
                 match made {
-                    Ok(()) => {
+                    Ok(start) => {
                         tracing::info!(sandbox = %id, ms = t0.elapsed().as_millis() as u64, "created");
+                        if start.is_some() {
+                            marker.start = start;
+                            b.set_marker(id, &marker)?;
+                        }
                     }
                     Err(backend::BackendError::Run(crate::node::RunError::Store(
                         crate::store::StoreError::Exists(_),

@@ -35,6 +35,16 @@ pub enum PullPolicy {
     Never,
 }
 
+impl From<kiln_api::sandbox::ImagePull> for PullPolicy {
+    fn from(p: kiln_api::sandbox::ImagePull) -> Self {
+        match p {
+            kiln_api::sandbox::ImagePull::Missing => PullPolicy::Missing,
+            kiln_api::sandbox::ImagePull::Always => PullPolicy::Always,
+            kiln_api::sandbox::ImagePull::Never => PullPolicy::Never,
+        }
+    }
+}
+
 /// An image operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageOpError {

@@ -39,7 +39,7 @@ pub use images::{decide as decide_image_removal, short_digest};
 pub use lifecycle::{ExecSpec, SandboxOpError, SupervisorError};
 pub use pools::{Filled, PoolError};
 pub use reconcile::Reconciled;
-pub use run::{RunError, RunRequest, StartPath, Started};
+pub use run::{RunError, RunRequest, StartPath, Started, start_phases};
 pub use snapshots::{FORK_HOLD, ForkOutcome, MAX_FORKS, Restored, SnapshotOpError};
 pub use templates::{
     TemplateCreated, TemplateEntry, TemplateOpError, TemplateRequest, TemplateStatus,

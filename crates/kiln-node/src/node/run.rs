@@ -56,6 +56,74 @@ pub struct Started {
     pub spawned_ms: u64,
 }
 
+impl Started {
+    /// What the node reports of this start (`ready_ms`: from the call to
+    /// its return, on the caller's clock).
+    pub fn report(&self, ready_ms: u64) -> kiln_api::sandbox::StartReport {
+        use kiln_api::sandbox::{StartKind, StartReport};
+        let (path, template) = match &self.path {
+            StartPath::Pool { template } => (StartKind::Pool, Some(template.clone())),
+            StartPath::Template { template } => (StartKind::Template, Some(template.clone())),
+            StartPath::Cold => (StartKind::Cold, None),
+        };
+        StartReport {
+            path,
+            template,
+            notes: self.notes.clone(),
+            phases: start_phases(
+                self.resolved_ms,
+                self.spawned_ms,
+                ready_ms,
+                self.ready.timings,
+                self.path != StartPath::Cold,
+            ),
+            ready_ms,
+        }
+    }
+}
+
+/// Each phase's own duration: `resolve` (image ready), `prepare` (disk,
+/// network, pool claim), then the supervisor's (`VMM spawn`, `boot` or
+/// `restore`, `configure`, `exec`; one `supervisor` phase when it gave no
+/// timings). `resolved_ms`, `spawned_ms` and `ready_ms` are from the
+/// start's beginning.
+pub fn start_phases(
+    resolved_ms: u64,
+    spawned_ms: u64,
+    ready_ms: u64,
+    supervisor: Option<crate::shim::StartTimings>,
+    warm: bool,
+) -> Vec<kiln_api::sandbox::StartPhase> {
+    let phase = |name: &str, ms: u64| kiln_api::sandbox::StartPhase {
+        name: name.to_owned(),
+        ms,
+    };
+    let mut phases = vec![
+        phase("resolve", resolved_ms),
+        phase("prepare", spawned_ms.saturating_sub(resolved_ms)),
+    ];
+    let supervised = ready_ms.saturating_sub(spawned_ms);
+    match supervisor {
+        Some(t) => {
+            // The supervisor's own start-up and report: what its timings
+            // do not cover of the time waited for it.
+            let spawn = supervised.saturating_sub(t.exec_ms) + t.vm_ms;
+            phases.push(phase("VMM spawn", spawn));
+            phases.push(phase(
+                if warm { "restore" } else { "boot" },
+                t.agent_ms.saturating_sub(t.vm_ms),
+            ));
+            phases.push(phase(
+                "configure",
+                t.configure_ms.saturating_sub(t.agent_ms),
+            ));
+            phases.push(phase("exec", t.exec_ms.saturating_sub(t.configure_ms)));
+        }
+        None => phases.push(phase("supervisor", supervised)),
+    }
+    phases
+}
+
 /// A sandbox could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

@@ -85,6 +85,9 @@ pub struct Restored {
     pub record: SandboxRecord,
     pub ready: ReadyLine,
     pub shim_pid: u32,
+    /// Milliseconds from the call to the supervisor being spawned (the
+    /// snapshot verified, the record and network made).
+    pub prepared_ms: u64,
 }
 
 impl Node {
@@ -305,8 +308,10 @@ impl Node {
         name: &str,
         id: Option<String>,
     ) -> Result<Restored, SnapshotOpError> {
+        let t0 = Instant::now();
         let m = self.verify_snapshot(name, true)?;
         let record = self.create_restored(&m, None, id)?;
+        let prepared_ms = t0.elapsed().as_millis() as u64;
         let (ready, shim_pid) = match self.spawn_supervisor(&record).await {
             Ok(r) => r,
             Err(e) => {
@@ -319,6 +324,7 @@ impl Node {
             record,
             ready,
             shim_pid,
+            prepared_ms,
         })
     }
 

@@ -290,6 +290,42 @@ impl Node {
         Ok(())
     }
 
+    /// The automatic templates (made after cold starts), as the node
+    /// daemon reports them: cheap (manifests and sizes; no digests
+    /// checked). Unreadable ones are left out.
+    pub fn automatic_templates(&self) -> Vec<kiln_api::templates::NodeTemplate> {
+        let templates = self.templates();
+        let mut out: Vec<_> = templates
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| {
+                let m = e.manifest;
+                let dir = templates.dir(&m.name);
+                let t = m.template.as_ref()?;
+                if !dir.join(AUTOMATIC).is_file() {
+                    return None;
+                }
+                Some(kiln_api::templates::NodeTemplate {
+                    name: m.name.clone(),
+                    node: None,
+                    image: m.spec.image.clone(),
+                    resources: kiln_api::sandbox::Resources {
+                        cpus: m.cpus,
+                        memory_mib: m.memory_mib,
+                        disk_mib: t.disk_mib,
+                    },
+                    size_bytes: snapshot::disk_usage(&dir),
+                    created_at_ms: m.created_at.saturating_mul(1000),
+                })
+            })
+            .filter(|t| t.validate().is_ok())
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.truncate(kiln_api::templates::MAX_NODE_TEMPLATES);
+        out
+    }
+
     /// Every template, with whether it can still be used here (checked like
     /// a run would: every file's digest, remembered while unchanged).
     pub async fn list_templates(&self) -> Result<Vec<TemplateEntry>, TemplateOpError> {

@@ -44,19 +44,7 @@ pub async fn list(
         // A tenant sees the images its own sandboxes and templates name
         // (another tenant's image references are not its business); an
         // admin sees every node's cache.
-        let mine: Option<std::collections::BTreeSet<&str>> = who.tenant.as_ref().map(|t| {
-            st.sandboxes
-                .values()
-                .filter(|r| r.tenant == *t)
-                .map(|r| r.spec.image.as_str())
-                .chain(
-                    st.templates
-                        .values()
-                        .filter(|x| x.tenant.as_ref() == Some(t))
-                        .map(|x| x.image.as_str()),
-                )
-                .collect()
-        });
+        let mine = who.tenant.as_ref().map(|t| tenant_images(st, t));
         let mut by_ref: BTreeMap<String, Vec<NodeName>> = BTreeMap::new();
         for n in st.nodes.values() {
             for i in &n.images {
@@ -73,6 +61,32 @@ pub async fn list(
     })
     .await?;
     Ok(Json(ImageList { items }))
+}
+
+/// The image references tenant `t` is shown of the nodes' caches (and
+/// automatic templates): those its sandboxes and templates name, and those
+/// its latest sandboxes named.
+pub(super) fn tenant_images<'a>(
+    st: &'a kiln_store::state::State,
+    t: &kiln_api::cluster::TenantName,
+) -> std::collections::BTreeSet<&'a str> {
+    st.sandboxes
+        .values()
+        .filter(|r| r.tenant == *t)
+        .map(|r| r.spec.image.as_str())
+        .chain(
+            st.templates
+                .values()
+                .filter(|x| x.tenant.as_ref() == Some(t))
+                .map(|x| x.image.as_str()),
+        )
+        .chain(
+            st.tenants
+                .get(t)
+                .into_iter()
+                .flat_map(|r| r.recent_images.iter().map(String::as_str)),
+        )
+        .collect()
 }
 
 fn check_reference(r: &str) -> Result<(), ApiError> {

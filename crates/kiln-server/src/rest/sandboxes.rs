@@ -36,6 +36,7 @@ pub fn to_rest(r: &SandboxRecord) -> Sandbox {
         generation: r.generation,
         observed_generation: r.observed_generation,
         created_at_ms: r.created_at_ms,
+        start: r.start.clone(),
     }
 }
 

@@ -23,8 +23,8 @@ use kiln_api::cluster::{NodeName, NodeStatus, TenantName};
 use kiln_api::rest::ErrorBody;
 use kiln_api::sandbox::{SandboxSpec, valid_name};
 use kiln_api::templates::{
-    CreateTemplate, ResizePool, Template, TemplateList, TemplateOnNode, TemplatePhase,
-    default_template_name,
+    CreateTemplate, NodeTemplate, ResizePool, Template, TemplateList, TemplateOnNode,
+    TemplatePhase, default_template_name,
 };
 use kiln_store::state::{State as St, TemplateRecord, scoped};
 use kiln_store::{Command, Response, query};
@@ -253,14 +253,32 @@ pub async fn list(
     headers: HeaderMap,
 ) -> Result<Json<TemplateList>, ApiError> {
     let who = caller(&s, &headers)?;
-    let items = super::confirmed(&s, |st| {
-        query::list_templates(st, who.tenant.as_ref())
+    let (items, automatic) = super::confirmed(&s, |st| {
+        let items = query::list_templates(st, who.tenant.as_ref())
             .filter(|t| !t.auto)
             .map(|t| to_rest(st, t))
-            .collect()
+            .collect();
+        // The nodes' automatic templates: a tenant sees those of images it
+        // uses (as for `/v1/images`), an admin all.
+        let mine = who
+            .tenant
+            .as_ref()
+            .map(|t| super::images::tenant_images(st, t));
+        let automatic = st
+            .nodes
+            .values()
+            .flat_map(|n| {
+                n.templates.iter().map(|t| NodeTemplate {
+                    node: Some(n.name.clone()),
+                    ..t.clone()
+                })
+            })
+            .filter(|t| mine.as_ref().is_none_or(|m| m.contains(t.image.as_str())))
+            .collect();
+        (items, automatic)
     })
     .await?;
-    Ok(Json(TemplateList { items }))
+    Ok(Json(TemplateList { items, automatic }))
 }
 
 /// One template, with where it is creating, ready or failed (and why) and

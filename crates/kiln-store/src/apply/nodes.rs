@@ -42,8 +42,10 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                 last_heartbeat_ms: *now_ms,
                 stream_key: None,
                 stream_cert_sha256: None,
+                templates: Vec::new(),
             });
             rec.address = address.clone();
+            rec.templates.clear();
             rec.capacity = *capacity;
             rec.driver = *driver;
             rec.labels = labels.clone();
@@ -62,6 +64,7 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             name,
             now_ms,
             images,
+            templates,
         } => {
             if let Some(images) = images {
                 if images.len() > kiln_api::cluster::MAX_NODE_IMAGES {
@@ -69,6 +72,24 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                 }
                 for i in images {
                     check_text("images", i, 4096)?;
+                }
+            }
+            if let Some(templates) = templates {
+                if templates.len() > kiln_api::templates::MAX_NODE_TEMPLATES {
+                    return Err(Rejection::invalid(
+                        "templates",
+                        format!(
+                            "at most {} automatic templates",
+                            kiln_api::templates::MAX_NODE_TEMPLATES
+                        ),
+                    ));
+                }
+                for t in templates {
+                    t.validate()
+                        .map_err(|e| Rejection::invalid("templates", e))?;
+                    if t.node.is_some() {
+                        return Err(Rejection::invalid("templates", "node is set by the server"));
+                    }
                 }
             }
             let rec = node_mut(st, name)?;
@@ -82,6 +103,9 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             }
             if let Some(images) = images {
                 rec.images = images.clone();
+            }
+            if let Some(templates) = templates {
+                rec.templates = templates.clone();
             }
             Ok(Response::Done)
         }

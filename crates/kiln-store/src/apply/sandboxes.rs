@@ -90,11 +90,17 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             generation,
             state,
             now_ms,
+            start,
         } => {
             let rec = st
                 .sandboxes
                 .get(id)
                 .ok_or_else(|| Rejection::not_found(ObjectKind::Sandbox, id))?;
+            if let Some(r) = start
+                && let Err(e) = r.validate()
+            {
+                return Err(Rejection::invalid("start", e));
+            }
             if rec.node.as_ref() != Some(node) {
                 return Err(Rejection::conflict(format!(
                     "sandbox {id} is not assigned to node {node}"
@@ -127,11 +133,15 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                 ));
             }
             let (generation, state, now_ms) = (*generation, state.clone(), *now_ms);
+            let start = start.clone();
             let ended = state.is_finished();
             let applied = modify_sandbox(st, id, meta, |r| {
                 r.observed = state;
                 r.observed_generation = generation;
                 r.observed_at_ms = now_ms;
+                if start.is_some() {
+                    r.start = start;
+                }
                 Ok(false)
             })?;
             // A fork's snapshot goes once its last fork has ended (the
@@ -313,8 +323,21 @@ fn create_sandbox(
         mod_index: meta.index,
         group: None,
         policy_generation: 1,
+        start: None,
     };
     index_sandbox(&mut st.idx, &rec, true);
+    if let Some(t) = st.tenants.get_mut(tenant) {
+        let image = &rec.spec.image;
+        if t.recent_images.last() != Some(image) {
+            t.recent_images.retain(|i| i != image);
+            t.recent_images.push(image.clone());
+            let over = t
+                .recent_images
+                .len()
+                .saturating_sub(crate::state::MAX_RECENT_IMAGES);
+            t.recent_images.drain(..over);
+        }
+    }
     st.sandboxes.insert(id.clone(), rec);
     Ok(Response::SandboxCreated {
         id: id.clone(),

@@ -170,6 +170,7 @@ fn deleting_a_snapshot_is_refused_while_restored_sandboxes_use_it() {
             timed_out: false,
         },
         now_ms: 30,
+        start: None,
     });
     sm.ok(create(4, "a", restore()));
     assert!(matches!(
@@ -228,6 +229,7 @@ fn a_fork_snapshot_is_forgotten_with_its_last_sandbox() {
                 timed_out: false,
             },
             now_ms: 40,
+            start: None,
         });
         sm.ok(Command::ForgetSandbox { id: sid(id) });
         assert_eq!(
@@ -253,6 +255,7 @@ fn a_fork_snapshot_is_forgotten_with_its_last_sandbox() {
             timed_out: false,
         },
         now_ms: 40,
+        start: None,
     });
     sm.ok(Command::ForgetSandbox { id: sid(7) });
     assert!(sm.st.snapshots.contains_key(&scoped(Some(&t("a")), "s1")));

@@ -248,6 +248,7 @@ fn delete_is_refused_while_a_sandbox_of_its_image_runs_on_a_holder() {
             timed_out: false,
         },
         now_ms: 4,
+        start: None,
     });
     sm.ok(del);
     assert!(sm.0.templates.is_empty() && sm.0.pools.is_empty());

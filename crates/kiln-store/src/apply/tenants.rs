@@ -21,6 +21,7 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                     name: name.clone(),
                     quotas: *quotas,
                     created_at_ms: *now_ms,
+                    recent_images: Vec::new(),
                 },
             );
             Ok(Response::Done)

@@ -288,11 +288,13 @@ fn lost_nodes_fail_or_reschedule_their_sandboxes() {
         generation: 1,
         state: SandboxState::Running { main_pid: 10 },
         now_ms: 1500,
+        start: None,
     });
     sm.ok(Command::Heartbeat {
         name: n("a"),
         now_ms: 2000,
         images: None,
+        templates: None,
     });
     // Within the grace period: nothing.
     let r = sm.ok(Command::ExpireNodes {
@@ -329,6 +331,7 @@ fn lost_nodes_fail_or_reschedule_their_sandboxes() {
         name: n("a"),
         now_ms: 8000,
         images: None,
+        templates: None,
     });
     assert_eq!(sm.st.nodes[&n("a")].status, NodeStatus::Ready);
     assert!(matches!(
@@ -338,6 +341,7 @@ fn lost_nodes_fail_or_reschedule_their_sandboxes() {
             generation: 1,
             state: SandboxState::Running { main_pid: 1 },
             now_ms: 8000,
+            start: None,
         }),
         Rejection::Conflict { .. }
     ));
@@ -348,6 +352,7 @@ fn lost_nodes_fail_or_reschedule_their_sandboxes() {
             generation: 2,
             state: SandboxState::Running { main_pid: 1 },
             now_ms: 8000,
+            start: None,
         }),
         Rejection::Conflict { .. }
     ));
@@ -493,6 +498,7 @@ fn listing_filters_and_pages() {
             generation: 1,
             state: SandboxState::Running { main_pid: 1 },
             now_ms: 1,
+            start: None,
         });
     }
     let mut q = ListSandboxes {
@@ -703,6 +709,7 @@ fn random_command_mix_is_deterministic_and_keeps_indexes_consistent() {
                     }
                 },
                 now_ms: i,
+                start: None,
             },
             5 => Command::PlaceSandbox {
                 id,
@@ -714,6 +721,7 @@ fn random_command_mix_is_deterministic_and_keeps_indexes_consistent() {
                 name: n(nd),
                 now_ms: i * 10,
                 images: None,
+                templates: None,
             },
             8 => Command::ExpireNodes {
                 now_ms: i * 10,
@@ -970,6 +978,7 @@ fn a_fork_snapshot_goes_when_its_last_fork_has_ended() {
         generation: 1,
         state,
         now_ms: 6000,
+        start: None,
     };
     let exited = || SandboxState::Exited {
         exit_code: 0,
@@ -991,4 +1000,62 @@ fn a_fork_snapshot_goes_when_its_last_fork_has_ended() {
     // A named snapshot stays whatever its restores do.
     sm.ok(report(4, exited()));
     assert_eq!(names(&sm), vec!["named".to_string()]);
+}
+
+#[test]
+fn a_tenant_remembers_its_latest_images_bounded() {
+    let mut sm = Sm::new();
+    sm.ok(tenant("acme", Quotas::default()));
+    let max = crate::state::MAX_RECENT_IMAGES as u64;
+    for i in 0..max + 5 {
+        let mut s = spec(1, 256);
+        s.image = format!("img-{i}");
+        sm.ok(create(i, "acme", s, None, None));
+        sm.ok(Command::SetDesired {
+            tenant: Some(t("acme")),
+            id: sid(i),
+            desired: DesiredState::Deleted,
+        });
+        sm.ok(Command::ForgetSandbox { id: sid(i) });
+    }
+    // Used again: moved to the end, not doubled.
+    let mut s = spec(1, 256);
+    s.image = "img-10".into();
+    sm.ok(create(1000, "acme", s, None, None));
+    let recent = &sm.st.tenants[&t("acme")].recent_images;
+    assert_eq!(recent.len(), max as usize);
+    assert_eq!(recent.last().map(String::as_str), Some("img-10"));
+    assert_eq!(recent.iter().filter(|i| *i == "img-10").count(), 1);
+    assert!(!recent.contains(&"img-0".to_string()), "the oldest went");
+}
+
+#[test]
+fn a_heartbeat_replaces_the_automatic_templates_and_registering_clears_them() {
+    let mut sm = Sm::new();
+    sm.ok(node("h1", 4, 4096));
+    let tpl = kiln_api::templates::NodeTemplate {
+        name: "tpl-1".into(),
+        node: None,
+        image: "busybox".into(),
+        resources: kiln_api::sandbox::Resources::default(),
+        size_bytes: 1,
+        created_at_ms: 1,
+    };
+    let hb = |templates| Command::Heartbeat {
+        name: n("h1"),
+        now_ms: 10,
+        images: None,
+        templates,
+    };
+    sm.ok(hb(Some(vec![tpl.clone()])));
+    assert_eq!(sm.st.nodes[&n("h1")].templates, vec![tpl.clone()]);
+    sm.ok(hb(None));
+    assert_eq!(sm.st.nodes[&n("h1")].templates.len(), 1, "None keeps them");
+    let mut bad = tpl.clone();
+    bad.image = "x\u{7}".into();
+    sm.rejected(hb(Some(vec![bad])));
+    let too_many = vec![tpl; kiln_api::templates::MAX_NODE_TEMPLATES + 1];
+    sm.rejected(hb(Some(too_many)));
+    sm.ok(node("h1", 4, 4096));
+    assert!(sm.st.nodes[&n("h1")].templates.is_empty());
 }
