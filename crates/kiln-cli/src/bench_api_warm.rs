@@ -7,12 +7,14 @@
 //! - node-local, pool: `kiln run --rm` claiming a pool member (pool size 1,
 //!   refilled before each run);
 //! - node-local, template: `kiln run --rm` restoring the template (no pool);
-//! - API, template: `POST /v1/sandboxes` → polled until running → `GET
-//!   …/logs?follow=true` → the first output record, over the API socket.
-//!   A sandbox with a server-assigned ID cannot take a pool member
-//!   (`kiln_node::node::run`: a member has its own ID), so through the API
-//!   the warm start is the template's; the API's own cost is the
-//!   difference to the node-local template row.
+//! - API, pool: `POST /v1/sandboxes` → polled until running → `GET
+//!   …/logs?follow=true` → the first output record, over the API socket,
+//!   with an API template of the same image and resources keeping a pool
+//!   of 1 on the node (the server gives the create a ready member's ID and
+//!   the node starts the sandbox from that member); interleaved with the
+//!   node-local pool runs, so the API's own cost is the difference;
+//! - API, template: the same with no pool (the node restores the
+//!   template), against the node-local template row.
 //!
 //! The node-local rows are `kiln run` child processes without a server:
 //! once `kiln run` routes through a running `kiln up`, they need it off.
@@ -118,6 +120,25 @@ async fn api_run(c: &Client, image: &str) -> Result<ApiRun> {
     r
 }
 
+/// Waits until API template `name` has a ready pool member on a node.
+async fn wait_api_pool(c: &Client, name: &str) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let b = c.call("GET", &format!("/templates/{name}"), None).await?;
+        let v: Value = serde_json::from_slice(&b)?;
+        let ready = v["nodes"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n["pool_ready"].as_u64() > Some(0)));
+        if ready {
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            bail!("the pool of API template {name} did not refill within 120 s: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn wait_pool(pool: &kiln_node::pool::Pool) -> Result<()> {
     let t0 = Instant::now();
     while pool.ready().is_empty() {
@@ -175,10 +196,15 @@ pub async fn api_warm(
         .map(|(_, k, s)| Ok(((*k).to_owned(), serde_json::to_value(s)?)))
         .collect::<Result<_>>()?;
     let get = |k: &str| by_key.get(k).and_then(|v| v["p50_ms"].as_f64());
-    let added = match (get("api_template"), get("local_template")) {
-        (Some(a), Some(l)) => a - l,
+    let diff = |a: &str, b: &str| match (get(a), get(b)) {
+        (Some(a), Some(b)) => a - b,
         _ => f64::NAN,
     };
+    let added = diff("api_template", "local_template");
+    let added_pool = diff("api_pool", "local_pool");
+    println!(
+        "the API path adds {added_pool:.1} ms p50 to a pooled warm start (API − node-local pool)"
+    );
     println!(
         "the API path adds {added:.1} ms p50 to a template warm start (API − node-local template)"
     );
@@ -188,7 +214,7 @@ pub async fn api_warm(
         "runs": runs,
         "results": by_key,
         "api_added_p50_ms": added,
-        "note": "a server-assigned ID cannot take a pool member: through the API the warm start restores the template",
+        "api_added_pool_p50_ms": added_pool,
     });
     std::fs::write(out, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", out.display()))?;
@@ -219,9 +245,61 @@ async fn measure(
         start.push(first_byte(vec!["--help".into()]).await?);
         wait_pool(&pool).await?;
         pooled.push(first_byte(run_args()).await?);
-        eprintln!("pool run {}/{runs}", i + 1);
+        eprintln!("node-local pool runs {}/{runs}", i + 1);
     }
-    kiln(&["template", "create", image, "--pool", "0"]).await?;
+    // The node's template of both paths is the same (named by its
+    // content): its pool is the API template's from here on. Sizing it
+    // races the node daemon draining or filling it: retried until settled.
+    let resize = |n: &'static str| async move {
+        let t0 = Instant::now();
+        loop {
+            match kiln(&["template", "create", image, "--pool", n]).await {
+                Ok(_) => return anyhow::Ok(()),
+                Err(e) if t0.elapsed() < Duration::from_secs(60) => {
+                    tracing::debug!(error = %format!("{e:#}"), "pool resize retried");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    resize("0").await?;
+    // The same image and resources as an API template with a pool of 1 on
+    // the node: a create through the API takes one of its members (the
+    // server names the member's ID; `templates::pool_member`).
+    let b = c
+        .call(
+            "POST",
+            "/templates",
+            Some(json!({
+                "image": image,
+                "resources": spec(image).resources,
+                "pool": 1,
+            })),
+        )
+        .await?;
+    let api_tpl = serde_json::from_slice::<Value>(&b)?["name"]
+        .as_str()
+        .context("no template name in the answer")?
+        .to_owned();
+    eprintln!("API template {api_tpl}, pool of 1");
+    let (mut p_committed, mut p_running, mut p_api) = (Vec::new(), Vec::new(), Vec::new());
+    let result = async {
+        for i in 0..runs {
+            wait_api_pool(c, &api_tpl).await?;
+            let r = api_run(c, image).await?;
+            p_committed.push(r.committed);
+            p_running.push(r.running);
+            p_api.push(r.first_byte);
+            eprintln!("API pool runs {}/{runs}", i + 1);
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    c.call("DELETE", &format!("/templates/{api_tpl}"), None)
+        .await?;
+    result?;
+    resize("0").await?;
     let mut local = Vec::new();
     let (mut committed, mut running, mut api) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
@@ -239,6 +317,17 @@ async fn measure(
             stats(&start),
         ),
         ("node-local kiln run, pool", "local_pool", stats(&pooled)),
+        ("API (kiln up), pool", "api_pool", stats(&p_api)),
+        (
+            "  of which POST committed",
+            "api_pool_commit",
+            stats(&p_committed),
+        ),
+        (
+            "  of which POST → running",
+            "api_pool_running",
+            stats(&p_running),
+        ),
         (
             "node-local kiln run, template",
             "local_template",

@@ -181,6 +181,9 @@ impl TlsListener {
                         continue;
                     }
                 };
+                // Small stream frames go out at once (Nagle would hold a
+                // chunk's tail for the peer's delayed ACK: 40 ms).
+                let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {

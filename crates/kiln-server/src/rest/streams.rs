@@ -313,6 +313,7 @@ pub(super) fn client(cert: &str) -> Result<reqwest::Client, ApiError> {
     let c = reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
         .redirect(reqwest::redirect::Policy::none())
         .http1_only()
         .build()

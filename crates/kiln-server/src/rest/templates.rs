@@ -60,7 +60,15 @@ pub fn to_rest(st: &St, t: &TemplateRecord) -> Template {
                 phase,
                 reason,
                 size_bytes: ready.map_or(0, |a| a.size_bytes),
-                pool_ready: slot.map_or(0, |s| s.ready),
+                pool_ready: match pool.and_then(|p| p.members.get(n)) {
+                    // The members a create can still take (one the server
+                    // gave a sandbox is no longer offered, whatever the
+                    // node's last report says).
+                    Some(m) if !m.is_empty() => {
+                        m.iter().filter(|id| !st.sandboxes.contains_key(*id)).count() as u32
+                    }
+                    _ => slot.map_or(0, |s| s.ready),
+                },
                 pool_target: slot.map_or(0, |s| s.target),
             }
         })
