@@ -231,6 +231,11 @@ pub struct Assignment {
     pub desired: DesiredState,
     pub generation: u64,
     pub observed_generation: u64,
+    /// Seconds from SIGTERM to SIGKILL when it is stopped (`kiln stop
+    /// -t`); `None`: the node's default. Sent only when set, so nodes
+    /// that predate it keep decoding assignments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_secs: Option<u64>,
 }
 
 #[cfg(test)]

@@ -626,7 +626,7 @@ impl StartReport {
     /// Refuses a report beyond the bounds above, or with control
     /// characters in its text (printed on users' terminals).
     pub fn validate(&self) -> Result<(), String> {
-        let printable = |s: &str| !s.chars().any(char::is_control);
+        let printable = |s: &str| !s.chars().any(crate::text::is_unprintable);
         if self.notes.len() > MAX_START_NOTES {
             return Err(format!("notes: at most {MAX_START_NOTES}"));
         }
@@ -660,6 +660,37 @@ impl StartReport {
         Ok(())
     }
 
+    /// This report cut to the bounds [`StartReport::validate`] checks: at
+    /// most [`MAX_START_NOTES`] notes (the last says how many were left
+    /// out), each made printable and cut to [`MAX_START_NOTE`] bytes;
+    /// phases beyond the bound dropped, names cut; a template name out of
+    /// bounds dropped. What a node sends (a refused report would leave
+    /// the sandbox's observed state behind).
+    pub fn bounded(mut self) -> StartReport {
+        use crate::text::bounded;
+        if self.notes.len() > MAX_START_NOTES {
+            let left = self.notes.len() - (MAX_START_NOTES - 1);
+            self.notes.truncate(MAX_START_NOTES - 1);
+            self.notes.push(format!("({left} more notes left out)"));
+        }
+        for n in &mut self.notes {
+            *n = bounded(n, MAX_START_NOTE);
+        }
+        self.phases.truncate(MAX_START_PHASES);
+        for p in &mut self.phases {
+            p.name = bounded(&p.name, MAX_START_PHASE_NAME);
+            if p.name.is_empty() {
+                p.name = "?".into();
+            }
+        }
+        if self.template.as_deref().is_some_and(|t| {
+            t.len() > MAX_START_TEMPLATE || t.chars().any(crate::text::is_unprintable)
+        }) {
+            self.template = None;
+        }
+        self
+    }
+
     /// `resolve 2 ms, prepare 9 ms, …` (empty without phases).
     pub fn phase_line(&self) -> String {
         self.phases
@@ -673,6 +704,44 @@ impl StartReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Whatever a node's notes say (a long image reference, many
+        /// templates, a guest's bytes), the report it sends is valid.
+        #[test]
+        fn a_bounded_start_report_is_always_valid(
+            notes in proptest::collection::vec(".{0,700}", 0..40),
+            phases in proptest::collection::vec((".{0,50}", 0u64..10), 0..30),
+            template in proptest::option::of(".{0,300}"),
+        ) {
+            let r = StartReport {
+                path: StartKind::Cold,
+                template,
+                notes,
+                phases: phases.into_iter().map(|(name, ms)| StartPhase { name, ms }).collect(),
+                ready_ms: 1,
+            }
+            .bounded();
+            proptest::prop_assert!(r.validate().is_ok(), "{:?}: {:?}", r.validate(), r);
+        }
+    }
+
+    #[test]
+    fn a_long_note_is_cut_not_refused() {
+        let r = StartReport {
+            path: StartKind::Cold,
+            template: Some("tpl-1".into()),
+            notes: vec![format!("cold boot: {}\u{202e}", "é".repeat(600)); 20],
+            phases: vec![],
+            ready_ms: 1,
+        }
+        .bounded();
+        r.validate().expect("valid");
+        assert_eq!(r.notes.len(), MAX_START_NOTES);
+        assert!(r.notes[0].starts_with("cold boot: éé") && r.notes[0].ends_with('…'));
+        assert_eq!(r.notes[MAX_START_NOTES - 1], "(5 more notes left out)");
+        assert_eq!(r.template.as_deref(), Some("tpl-1"));
+    }
 
     #[test]
     fn a_start_report_is_bounded_and_printable() {

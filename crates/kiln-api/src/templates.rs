@@ -109,8 +109,9 @@ pub const MAX_NODE_TEMPLATES: usize = 256;
 impl NodeTemplate {
     /// Refuses what a node must not report (it is not trusted).
     pub fn validate(&self) -> Result<(), String> {
-        let bad =
-            |s: &str, max: usize| s.is_empty() || s.len() > max || s.chars().any(char::is_control);
+        let bad = |s: &str, max: usize| {
+            s.is_empty() || s.len() > max || s.chars().any(crate::text::is_unprintable)
+        };
         if bad(&self.name, 128) {
             return Err("name: 1 to 128 bytes, no control characters".into());
         }

@@ -71,6 +71,39 @@ fn push_escaped(out: &mut String, c: char) {
     }
 }
 
+/// Whether `c` must not reach a terminal as it is: control characters
+/// (C0, DEL, C1) and the Unicode bidirectional marks and overrides (text
+/// that reorders what follows it). Validation of untrusted text refuses
+/// them; printing escapes them.
+pub fn is_unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c as u32, 0x61c | 0x200e | 0x200f | 0x202a..=0x202e | 0x2066..=0x2069)
+}
+
+/// `s` made printable (each unprintable character as its escape) and cut
+/// at a character boundary to at most `max` bytes, `…` marking a cut.
+pub fn bounded(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    let mut buf = String::new();
+    for c in s.chars() {
+        buf.clear();
+        if is_unprintable(c) {
+            buf.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            buf.push(c);
+        }
+        if out.len() + buf.len() > max {
+            while !out.is_empty() && out.len() + '…'.len_utf8() > max {
+                out.pop();
+            }
+            out.push('…');
+            return out;
+        }
+        out.push_str(&buf);
+    }
+    out
+}
+
 /// Escapes control characters like `sanitize`, without cutting: for whole
 /// messages that may contain guest bytes somewhere (the CLI's last line).
 pub fn escape_controls(s: &str) -> String {

@@ -406,7 +406,7 @@ pub enum As {
 }
 
 /// Is a server named by `--server`, `KILN_SERVER` or a context?
-fn explicit_server(c: &Conn) -> Result<bool> {
+pub(crate) fn explicit_server(c: &Conn) -> Result<bool> {
     if c.server.is_some() {
         return Ok(true);
     }
@@ -439,7 +439,16 @@ fn embedded(conn: &Conn, p: &crate::up::Paths, ep: &crate::up::Endpoint, who: As
 /// Whether a command with no server configured and no `kiln up` running
 /// starts `kiln up -d` (the default; `KILN_AUTO_UP=0` turns it off).
 pub fn auto_up() -> bool {
-    std::env::var("KILN_AUTO_UP").map_or(true, |v| v != "0")
+    std::env::var("KILN_AUTO_UP").map_or(true, |v| auto_up_value(&v))
+}
+
+/// `KILN_AUTO_UP`'s value: `0`, `false`, `no`, `off` (any case) and the
+/// empty string turn auto-start off; anything else leaves it on.
+fn auto_up_value(v: &str) -> bool {
+    !matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "" | "0" | "false" | "no" | "off"
+    )
 }
 
 /// Where a sandbox command goes: `Some(conn)` to use the API (a server
@@ -477,7 +486,14 @@ pub async fn api_route_as(conn: &Conn, who: As) -> Result<Option<Conn>> {
     if !auto_up() {
         return Ok(None);
     }
-    let ep = crate::up::start_detached(&p, None, &Default::default()).await?;
+    let ep = match crate::up::start_detached(&p, None, &Default::default()).await {
+        Ok(ep) => ep,
+        // Another command started it between our look and our start.
+        Err(e) => match crate::up::running(&p) {
+            Some(ep) => return Ok(Some(embedded(conn, &p, &ep, who))),
+            None => return Err(e),
+        },
+    };
     eprintln!(
         "kiln: started the embedded server (kiln up): API on {} and {}; stop it with kiln down",
         ep.url.trim_start_matches("http://"),
@@ -665,6 +681,16 @@ mod tests {
     use super::*;
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
+
+    #[test]
+    fn auto_up_is_turned_off_by_the_usual_words() {
+        for off in ["0", "false", "FALSE", "no", "Off", "", " 0 "] {
+            assert!(!auto_up_value(off), "{off:?}");
+        }
+        for on in ["1", "true", "yes", "on"] {
+            assert!(auto_up_value(on), "{on:?}");
+        }
+    }
 
     #[test]
     fn unix_server_strings() {

@@ -92,6 +92,22 @@ pub async fn try_dispatch(cmd: Command, server: Option<String>) -> Routed {
         }
         return Routed::Local(Box::new(cmd));
     }
+    // Removing this host's cached images (`images rm`, `prune`) is the
+    // host owner's act, not a tenant's: with no server named it is this
+    // host's node service's (the same one `kiln up` runs); a named server
+    // takes it with the caller's token (an admin's).
+    if matches!(
+        &cmd,
+        Command::Images {
+            command: crate::ImagesCommand::Rm { .. } | crate::ImagesCommand::Prune
+        }
+    ) {
+        match crate::admin::explicit_server(&conn(server.clone())) {
+            Ok(false) => return Routed::Local(Box::new(cmd)),
+            Ok(true) => {}
+            Err(e) => return Routed::Done(Err(e)),
+        }
+    }
     // A server named by the flag, the environment or a context; else the
     // `kiln up` of this state directory (or one started now, unless
     // `KILN_AUTO_UP=0`); else this host's node service.
@@ -158,8 +174,12 @@ async fn dispatch(conn: &Conn, cmd: Command) -> Result<i32> {
             let api = &api;
             commands::each(ids, |id| async move {
                 let id = api.resolve(&id).await?;
-                api.call("POST", &format!("/sandboxes/{id}/stop"), None)
-                    .await?;
+                api.call(
+                    "POST",
+                    &format!("/sandboxes/{id}/stop?timeout_secs={time}"),
+                    None,
+                )
+                .await?;
                 // As the local stop: return once it has ended (the node
                 // kills it after its grace time).
                 api.wait_finished(&id, Duration::from_secs(time + 60))
@@ -360,12 +380,21 @@ impl Api {
     /// Polls until the sandbox left `creating` (running, ended already,
     /// or failed to start).
     pub(crate) async fn started(&self, id: &str) -> Result<Sandbox> {
+        let t0 = Instant::now();
         loop {
             let sb = self.get(id).await?;
             if !matches!(sb.state, SandboxState::Creating | SandboxState::Pooled) {
                 return Ok(sb);
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            // Often at first (a pooled start runs within ~50 ms; a GET
+            // costs well under a millisecond), then less: each is a read
+            // the leader confirms with a quorum.
+            let pause = match t0.elapsed().as_millis() {
+                0..100 => 2,
+                100..2000 => 20,
+                _ => 25,
+            };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
     }
 
@@ -483,15 +512,15 @@ async fn run(api: &Api, args: RunArgs) -> Result<i32> {
     let sb: Sandbox = serde_json::from_slice(&r.bytes().await?)?;
     let id = sb.id.to_string();
     let sb = api.started(&id).await?;
+    let ready_ms = t0.elapsed().as_millis() as u64;
+    if args.verbose {
+        verbose_start(&sb, ready_ms);
+    }
     if let Some(code) = start_failure(&sb) {
         if args.rm {
             let _ = api.remove(&id).await;
         }
         return Ok(code);
-    }
-    let ready_ms = t0.elapsed().as_millis() as u64;
-    if args.verbose {
-        verbose_start(&sb, ready_ms);
     }
     if args.detach {
         println!("{id}");
@@ -524,6 +553,10 @@ pub(crate) fn verbose_start(sb: &Sandbox, ready_ms: u64) {
     let start = sb.start.as_ref();
     for n in start.map(|s| s.notes.as_slice()).unwrap_or_default() {
         eprintln!("kiln: {}", sanitize(n));
+    }
+    if matches!(sb.state, SandboxState::Failed { .. }) {
+        // It could not start: the caller says why.
+        return;
     }
     eprintln!(
         "kiln: sandbox {} running on node {} ({}, {ready_ms} ms after the command started)",

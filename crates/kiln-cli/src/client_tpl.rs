@@ -33,6 +33,9 @@ fn seg(s: &str) -> String {
         .collect()
 }
 
+/// How long `template create` keeps asking a server that does not answer
+/// (a restart) before it gives up.
+const UNREACHABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
 /// How long `template create` waits for every node to finish building.
 const CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -69,15 +72,38 @@ pub async fn template(conn: &Conn, cmd: TemplateCommand) -> Result<i32> {
                 .call("POST", "/templates", Some(serde_json::to_value(&req)?))
                 .await?;
             let mut t: Template = serde_json::from_slice(&body)?;
-            // As the node-local command, return once it is built (or failed).
-            while t.nodes.iter().any(|n| n.phase == TemplatePhase::Creating)
-                && t0.elapsed() < CREATE_WAIT
-            {
+            // As the node-local command, return once it is built (or
+            // failed) and its pool has the size asked for (filled, or
+            // shrunk).
+            let pending = |t: &Template| {
+                t.nodes.iter().any(|n| {
+                    n.phase == TemplatePhase::Creating
+                        || (n.phase == TemplatePhase::Ready && n.pool_ready != n.pool_target)
+                })
+            };
+            // The server may restart meanwhile (the template is in its
+            // replicated state and its nodes go on): keep asking.
+            let mut unreachable = None;
+            while pending(&t) && t0.elapsed() < CREATE_WAIT {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                let body = c
+                match c
                     .call("GET", &format!("/templates/{}", seg(&t.name)), None)
-                    .await?;
-                t = serde_json::from_slice(&body)?;
+                    .await
+                {
+                    Ok(body) => {
+                        t = serde_json::from_slice(&body)?;
+                        unreachable = None;
+                    }
+                    Err(e)
+                        if unreachable.is_none_or(|since: std::time::Instant| {
+                            since.elapsed() < UNREACHABLE_WAIT
+                        }) =>
+                    {
+                        tracing::debug!(error = %e, "waiting for the template; the server did not answer");
+                        unreachable.get_or_insert_with(std::time::Instant::now);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             let failed: Vec<String> = t
                 .nodes
@@ -87,6 +113,21 @@ pub async fn template(conn: &Conn, cmd: TemplateCommand) -> Result<i32> {
                 .collect();
             if !failed.is_empty() {
                 bail!("template {} failed on {}", t.name, failed.join("; "));
+            }
+            if pending(&t) {
+                bail!(
+                    "template {} is not ready after {} s (on its nodes: {})",
+                    t.name,
+                    CREATE_WAIT.as_secs(),
+                    t.nodes
+                        .iter()
+                        .map(|n| format!(
+                            "{} {:?}, pool {} of {}",
+                            n.node, n.phase, n.pool_ready, n.pool_target
+                        ))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
             }
             if verbose {
                 eprintln!(

@@ -370,6 +370,7 @@ pub(crate) fn run_request(args: &RunArgs) -> Result<RunRequest> {
         pull: args.pull.into(),
         insecure_registries: args.insecure.clone(),
         id: None,
+        template_names: Default::default(),
     })
 }
 

@@ -160,6 +160,7 @@ impl OneServer {
             tenant: Some(self.tenant.clone()),
             id: id.clone(),
             desired: DesiredState::Deleted,
+            stop_grace_secs: None,
         });
     }
 

@@ -625,6 +625,35 @@ fn a_hung_guest_cannot_outlive_stop_timeout_or_rm() {
     }
 }
 
+/// `stop -t N` (on every route: through the API it travels in the stop
+/// request to the node): SIGTERM first, SIGKILL N seconds later, not after
+/// the default 10 s.
+#[test]
+fn stop_t_is_the_grace_time_before_sigkill() {
+    let k = Kiln::new();
+    let ignores = "trap 'echo got TERM' TERM; echo up; while :; do sleep 1; done";
+    let id = detach(&k, &[&busybox(), "--", "sh", "-c", ignores]);
+    let t0 = Instant::now();
+    while !stdout(&k.run(&["logs", &id])).contains("up") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never started");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t = Instant::now();
+    let out = k.run(&["stop", "-t", "1", &id]);
+    let took = t.elapsed();
+    assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&k.run(&["wait", &id])).trim(), "137");
+    assert!(
+        stdout(&k.run(&["logs", &id])).contains("got TERM"),
+        "no SIGTERM before the SIGKILL"
+    );
+    // The default grace is 10 s: a stop that took that long ignored -t.
+    assert!(took < Duration::from_secs(9), "stop -t 1 took {took:?}");
+    eprintln!("MEASURE stop -t 1 of a TERM-ignoring sandbox: {took:?}");
+    k.run(&["rm", &id]);
+    k.assert_clean();
+}
+
 #[test]
 fn stop_exec_and_cp_on_a_paused_sandbox() {
     let k = Kiln::new();

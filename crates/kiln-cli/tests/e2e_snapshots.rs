@@ -485,10 +485,17 @@ fn bad_snapshots_are_refused_before_anything_starts() {
         ("bad-missing", "vmm/state is missing"),
         ("no-such-snapshot", missing_snapshot()),
     ] {
-        let out = run(&k, &["restore", name]);
-        assert_one_line_error(&out, needle);
-        let out = run(&k, &["restore", "-d", name]);
-        assert_one_line_error(&out, needle);
+        for args in [&["restore", name][..], &["restore", "-d", name][..]] {
+            let out = run(&k, args);
+            assert_one_line_error(&out, needle);
+            // Named as the user named it (through the API the node keeps
+            // it as `TENANT.NAME`).
+            assert!(
+                !stderr(&out).contains(&format!("default.{name}")),
+                "{args:?}: the node's name of the snapshot: {}",
+                stderr(&out)
+            );
+        }
         let ps = stdout(&run(&k, &["ps", "-a", "-q"]));
         assert!(ps.trim().is_empty(), "{name}: a sandbox was created: {ps}");
         assert!(

@@ -73,8 +73,31 @@ impl T {
             "MEASURE template: kiln template create took {} ms",
             t0.elapsed().as_millis()
         );
-        assert!(name.starts_with("tpl-"), "name: {name}");
+        // Node-local templates are named by content; through the API by
+        // image and resources (`busybox-…-1c-256m-1024d`).
+        assert!(
+            name.starts_with("tpl-") || (common::through_up() && !name.is_empty()),
+            "name: {name}"
+        );
         name
+    }
+
+    /// The node's name of template `name`: itself on the local route;
+    /// through `kiln up`, the node template its daemon made for the
+    /// tenant `default`'s template (`STATE/node/templates.json`).
+    fn local_name(&self, name: &str) -> String {
+        if !common::through_up() {
+            return name.to_owned();
+        }
+        let made: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(self.k.state_dir().join("node/templates.json"))
+                .expect("the node's template map"),
+        )
+        .expect("json");
+        made[format!("default/{name}")]["local"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no node template for {name}: {made}"))
+            .to_owned()
     }
 
     fn users(&self, name: &str) -> Vec<String> {
@@ -82,7 +105,7 @@ impl T {
             .k
             .state_dir()
             .join("templates")
-            .join(name)
+            .join(self.local_name(name))
             .join("users");
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .into_iter()
@@ -209,7 +232,10 @@ fn warm_start_runs_the_right_process_with_a_fresh_identity() {
                 .join("record.json"),
         )
         .expect("record");
-        assert!(rec.contains(&name), "sandbox {id} not warm-started: {rec}");
+        assert!(
+            rec.contains(&t.local_name(&name)),
+            "sandbox {id} not warm-started: {rec}"
+        );
     }
     let wait_ready = |id: &str| {
         let t0 = Instant::now();
@@ -338,13 +364,25 @@ fn warm_start_runs_the_right_process_with_a_fresh_identity() {
     t.k.assert_clean();
     t.ok(&["template", "rm", &name]);
     assert!(t.ok(&["template", "ls", "-q"]).trim().is_empty());
-    let left: Vec<_> = std::fs::read_dir(t.k.state_dir().join("templates"))
-        .expect("templates dir")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != ".lock")
-        .collect();
-    assert!(left.is_empty(), "template store not empty: {left:?}");
+    // Through the API the node removes its template once its daemon sees
+    // the server's one gone.
+    let t0 = Instant::now();
+    loop {
+        let left: Vec<_> = std::fs::read_dir(t.k.state_dir().join("templates"))
+            .expect("templates dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".lock")
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed().as_secs() < 30,
+            "template store not empty: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 #[test]
@@ -396,10 +434,23 @@ fn stale_templates_are_not_used() {
     )
     .expect("copy kiln-init");
     let env = [("KILN_INITRAMFS", other.clone())];
-    let out = t.run_env(
-        &env,
-        &["run", "--rm", "-v", &img, "--", "echo", "still runs"],
-    );
+    // Through the API the guest is the node's setting: restart its `kiln
+    // up` with the other one (as an operator upgrading a host's guest).
+    let up = common::through_up();
+    let guest = |p: &std::path::Path| {
+        if up {
+            t.k.restart_up(false, &[("KILN_INITRAMFS", p.as_os_str().to_owned())]);
+        }
+    };
+    let on_other = |args: &[&str]| {
+        if up {
+            t.run(args)
+        } else {
+            t.run_env(&env, args)
+        }
+    };
+    guest(&other);
+    let out = on_other(&["run", "--rm", "-v", &img, "--", "echo", "still runs"]);
     assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
     assert_eq!(stdout(&out), "still runs\n");
     let err = stderr(&out);
@@ -408,15 +459,16 @@ fn stale_templates_are_not_used() {
             && err.contains("another initramfs"),
         "stderr: {err}"
     );
-    let ls = stdout(&t.run_env(&env, &["template", "ls"]));
+    let ls = stdout(&on_other(&["template", "ls"]));
     assert!(ls.contains("stale"), "ls: {ls}");
     // A pool made under the other initramfs is emptied once a template is
     // created with the current one: no run would ever take its members.
-    let other_tpl = stdout(&t.run_env(&env, &["template", "create", "--pool", "1", &img]))
+    let other_tpl = stdout(&on_other(&["template", "create", "--pool", "1", &img]))
         .trim()
         .to_string();
     assert_ne!(other_tpl, name);
     assert_eq!(t.members(&other_tpl).len(), 1);
+    guest(&initramfs);
     let out = t.run(&["template", "create", &img]);
     assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
     assert!(
@@ -425,7 +477,7 @@ fn stale_templates_are_not_used() {
         stderr(&out)
     );
     assert!(t.members(&other_tpl).is_empty());
-    let out = t.run_env(&env, &["template", "rm", &other_tpl]);
+    let out = on_other(&["template", "rm", &other_tpl]);
     assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
     // With the artifacts it was made with, it is used again.
     let out = t.run(&["run", "--rm", "-v", &img, "--", "true"]);
@@ -509,7 +561,12 @@ impl T {
 
     /// The IDs of the pool members of `name` that can be claimed.
     fn members(&self, name: &str) -> Vec<String> {
-        let dir = self.k.state_dir().join("pools").join(name).join("ready");
+        let dir = self
+            .k
+            .state_dir()
+            .join("pools")
+            .join(self.local_name(name))
+            .join("ready");
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .into_iter()
             .flatten()
@@ -688,6 +745,11 @@ fn a_warm_pool_hands_out_paused_sandboxes_and_refills_itself() {
 
     tracing::info!("phase: resizing the pool, then removing the template");
     t.template_create(&["--pool", "1"]);
+    if common::through_up() {
+        // The node shrinks it in the background (the API counts a pool's
+        // members only up to its target).
+        t.wait_pool(&name, 1);
+    }
     assert_eq!(t.members(&name).len(), 1);
     assert_eq!(t.pool_status(&name), "1/1");
     t.ok(&["template", "rm", &name]);
@@ -713,7 +775,7 @@ fn a_template_changed_in_place_is_refused() {
     let memory =
         t.k.state_dir()
             .join("templates")
-            .join(&name)
+            .join(t.local_name(&name))
             .join("vmm/memory");
     let len = std::fs::metadata(&memory).expect("memory").len();
     {
@@ -770,6 +832,38 @@ fn a_killed_template_create_leaves_no_vm() {
             "create ended early"
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if common::through_up() {
+        // Through the API the node daemon in `kiln up` makes the template
+        // (the client only waits): kill -9 that instead. Restarted, it
+        // finds the VM its predecessor left, kills it and makes the
+        // template again; the waiting create still succeeds.
+        t.k.restart_up(true, &[]);
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                t0.elapsed().as_secs() < 300,
+                "template create still waits after the node's restart"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        assert!(status.success(), "template create failed: {status:?}");
+        let ls = t.ok(&["template", "ls"]);
+        assert!(ls.contains("ready"), "template ls: {ls}");
+        let works: Vec<_> = std::fs::read_dir(t.k.state_dir().join("templates"))
+            .expect("templates")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".work-") || n.starts_with(".staging-"))
+            .collect();
+        assert!(works.is_empty(), "work or staging dirs left: {works:?}");
+        let name = t.ok(&["template", "ls", "-q"]).trim().to_string();
+        t.ok(&["template", "rm", &name]);
+        t.k.assert_clean();
+        return;
     }
     child.kill().expect("kill");
     child.wait().expect("reap");
@@ -829,7 +923,17 @@ fn a_warm_started_sandbox_snapshots_and_forks_like_a_booted_one() {
     t.ok(&["snapshot", &src, "--name", "warm-snap"]);
     // Its RAM is its own file, copied sparsely like a booted VM's: the
     // device state holds none of it.
-    let state = t.k.state_dir().join("snapshots/warm-snap/vmm/state");
+    // (Through the API the node keeps it as `default.warm-snap`.)
+    let on_node = if common::through_up() {
+        "default.warm-snap"
+    } else {
+        "warm-snap"
+    };
+    let state =
+        t.k.state_dir()
+            .join("snapshots")
+            .join(on_node)
+            .join("vmm/state");
     let len = std::fs::metadata(&state).expect("state").len();
     assert!(
         len < 4 << 20,
@@ -892,7 +996,7 @@ fn a_pool_survives_ps_abandoned_claims_and_stuck_members() {
     std::fs::remove_file(
         t.k.state_dir()
             .join("pools")
-            .join(&name)
+            .join(t.local_name(&name))
             .join("ready")
             .join(&taken),
     )

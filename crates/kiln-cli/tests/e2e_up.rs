@@ -552,21 +552,42 @@ fn run_v_through_the_embedded_server_says_how_each_start_went() {
     assert!(timing.contains(", restore "), "{timing}");
     assert!(!err.contains("started the embedded server"), "{err}");
 
-    // --pull reaches the node: `never` with the image cached runs; with an
-    // image the node does not have, it fails saying so.
-    let o = kiln(&["run", "--rm", "--pull", "never", &bb, "--", "true"]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // --pull reaches the node, told apart by a real registry: `never`
+    // refuses an image the node has not cached (the default would pull
+    // it); `missing` pulls it; with the registry gone, `never` runs the
+    // cached image and `always` fails (it asks the registry every time).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let reg = rt
+        .block_on(kiln_testkit::registry::Registry::start())
+        .expect("registry starts");
+    let layout = kiln_testkit::images::busybox().expect("busybox image");
+    let tag = format!("t{}", std::process::id());
+    rt.block_on(reg.push_layout(&layout, "pull/policy", &tag))
+        .expect("push");
+    let r = reg.reference("pull/policy", &tag);
+    let o = kiln(&["run", "--rm", "--pull", "never", &r, "--", "true"]);
+    assert_eq!(code(&o), 125, "never pulled: {}", stderr(&o));
     let o = kiln(&[
-        "run",
-        "--rm",
-        "--pull",
-        "never",
-        "localhost:1/not-here:1",
-        "--",
-        "true",
+        "run", "--rm", "--pull", "missing", &r, "--", "echo", "pulled",
     ]);
-    assert_eq!(code(&o), 125, "{}", stderr(&o));
-    assert!(stderr(&o).contains("not-here"), "{}", stderr(&o));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "pulled\n");
+    drop(reg);
+    let o = kiln(&["run", "--rm", "--pull", "never", &r, "--", "echo", "cached"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "cached\n");
+    let o = kiln(&["run", "--rm", "--pull", "always", &r, "--", "true"]);
+    assert_eq!(
+        code(&o),
+        125,
+        "always did not ask the registry: {}",
+        stderr(&o)
+    );
+    let o = kiln(&["images", "rm", &r]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
 
     up.down();
     let o = k

@@ -220,8 +220,11 @@ pub fn find(
     }
     let mut msg = format!("no template for {} with {}", p.image, p.describe());
     if !same_image.is_empty() {
-        let others: Vec<String> = same_image
+        // A few, not all: the reason is one line of `kiln run -v`.
+        const SHOWN: usize = 4;
+        let mut others: Vec<String> = same_image
             .iter()
+            .take(SHOWN)
             .map(|m| {
                 let disk = m.template.as_ref().map(|t| t.disk_mib).unwrap_or(0);
                 format!(
@@ -230,6 +233,9 @@ pub fn find(
                 )
             })
             .collect();
+        if same_image.len() > SHOWN {
+            others.push(format!("{} more", same_image.len() - SHOWN));
+        }
         msg.push_str(&format!("; this image has {}", others.join(", ")));
     }
     Err(NoTemplate(msg))

@@ -374,23 +374,33 @@ impl NodeService for NodeRpc {
         let images = r
             .images_changed
             .then(|| r.images.into_iter().collect::<BTreeSet<_>>());
+        // The templates are an extra: what is wrong with them is dropped
+        // (logged), never the heartbeat (the node's liveness).
         let templates = if r.templates_changed {
-            let t: Vec<kiln_api::templates::NodeTemplate> =
-                serde_json::from_slice(&r.templates_json)
-                    .map_err(|e| Status::invalid_argument(format!("templates_json: {e}")))?;
-            if t.len() > kiln_api::templates::MAX_NODE_TEMPLATES {
-                return Err(Status::invalid_argument(format!(
-                    "templates_json: at most {} templates",
-                    kiln_api::templates::MAX_NODE_TEMPLATES
-                )));
+            match serde_json::from_slice::<Vec<kiln_api::templates::NodeTemplate>>(
+                &r.templates_json,
+            ) {
+                Ok(mut t) => {
+                    if t.len() > kiln_api::templates::MAX_NODE_TEMPLATES {
+                        tracing::warn!(node = %name, count = t.len(), "too many automatic templates reported; the rest dropped");
+                        t.truncate(kiln_api::templates::MAX_NODE_TEMPLATES);
+                    }
+                    t.retain(|t| {
+                        let why = t.validate().err().or_else(|| {
+                            t.node.is_some().then(|| "node is set by the server".to_owned())
+                        });
+                        if let Some(why) = &why {
+                            tracing::warn!(node = %name, template = %kiln_api::text::sanitize(&t.name), error = %why, "an automatic template report was dropped");
+                        }
+                        why.is_none()
+                    });
+                    Some(t)
+                }
+                Err(e) => {
+                    tracing::warn!(node = %name, error = %e, "undecodable automatic templates; the last list is kept");
+                    None
+                }
             }
-            if let Some((t, e)) = t.iter().find_map(|t| t.validate().err().map(|e| (t, e))) {
-                return Err(Status::invalid_argument(format!(
-                    "templates_json: {:?}: {e}",
-                    t.name.chars().take(64).collect::<String>()
-                )));
-            }
-            Some(t)
         } else {
             None
         };
@@ -504,8 +514,10 @@ impl NodeService for NodeRpc {
                 {
                     Ok(r) => Some(r),
                     Err(e) => {
-                        refused[i] = format!("start_json: {e}");
-                        continue;
+                        // The state is what matters: keep it, drop only
+                        // the account of the start.
+                        tracing::warn!(node = %name, sandbox = %id, error = %e, "a start report out of bounds was dropped");
+                        None
                     }
                 }
             };

@@ -154,9 +154,10 @@ async fn node_registers_watches_and_reports() {
         ))
         .await
         .expect("heartbeat");
-    // Automatic templates: what a node must not report is refused whole
-    // (terminal escapes, impossible resources, a node name of its own),
-    // a valid list is kept on the node's record.
+    // Automatic templates: what a node must not report is dropped
+    // (terminal escapes, bidi overrides, impossible resources, a node name
+    // of its own, not JSON) and the heartbeat still counts; a valid list
+    // is kept on the node's record.
     let auto = kiln_api::templates::NodeTemplate {
         name: "tpl-0123456789ab".into(),
         node: None,
@@ -171,20 +172,39 @@ async fn node_registers_watches_and_reports() {
     huge.resources.cpus = 10_000;
     let mut named = auto.clone();
     named.node = Some(kiln_api::cluster::NodeName::new("h2").expect("name"));
-    for bad in [escape, huge, named] {
-        let e = leader
+    let mut bidi = auto.clone();
+    bidi.name = "tpl-\u{202e}gpj.exe".into();
+    let kept = |c: &Cluster| {
+        c.server(l).raft().read_local(|s| {
+            s.nodes
+                .get(&NodeName::new("h1").expect("name"))
+                .map(|n| (n.templates.clone(), n.last_heartbeat_ms))
+        })
+    };
+    for bad in [
+        serde_json::to_vec(&[escape]).expect("json"),
+        serde_json::to_vec(&[huge]).expect("json"),
+        serde_json::to_vec(&[named]).expect("json"),
+        serde_json::to_vec(&[bidi]).expect("json"),
+        b"[{\"name\":".to_vec(),
+    ] {
+        let before = kept(&c).expect("node").1;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        leader
             .heartbeat(authed(
                 HeartbeatRequest {
                     name: "h1".into(),
                     templates_changed: true,
-                    templates_json: serde_json::to_vec(&[bad]).expect("json"),
+                    templates_json: bad,
                     ..Default::default()
                 },
                 &cred,
             ))
             .await
-            .expect_err("refused");
-        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            .expect("the heartbeat counts");
+        let (templates, at) = kept(&c).expect("node");
+        assert!(templates.is_empty(), "{templates:?}");
+        assert!(at > before, "the heartbeat was not recorded");
     }
     leader
         .heartbeat(authed(
@@ -198,12 +218,7 @@ async fn node_registers_watches_and_reports() {
         ))
         .await
         .expect("heartbeat with templates");
-    let kept = c.server(l).raft().read_local(|s| {
-        s.nodes
-            .get(&NodeName::new("h1").expect("name"))
-            .map(|n| n.templates.clone())
-    });
-    assert_eq!(kept, Some(vec![auto]));
+    assert_eq!(kept(&c).expect("node").0, vec![auto]);
 
     // Watch through a follower: the full state at once.
     let mut stream = follower

@@ -12,7 +12,9 @@ use std::time::Duration;
 use common::{Cluster, JOIN};
 use kiln_api::cluster::{Capacity, DriverKind, NodeDesired};
 use kiln_api::node_rpc::node_service_client::NodeServiceClient;
-use kiln_api::node_rpc::{RegisterRequest, ReportRequest, SandboxReport, WatchRequest};
+use kiln_api::node_rpc::{
+    HeartbeatRequest, RegisterRequest, ReportRequest, SandboxReport, WatchRequest,
+};
 use kiln_api::rest::{ErrorBody, Sandbox, SandboxList, TokenCreated};
 use kiln_api::sandbox::{SandboxState, StartKind, StartPhase, StartReport};
 use serde_json::{Value, json};
@@ -281,10 +283,12 @@ async fn rest_api_on_three_replicas() {
     let mut hostile = start.clone();
     hostile.notes.push("\u{1b}]0;owned\u{7}".into());
     let running = serde_json::to_vec(&SandboxState::Running { main_pid: 7 }).expect("json");
-    for (start_json, ok) in [
-        (serde_json::to_vec(&hostile).expect("json"), false),
-        (b"{\"path\":\"warp\",\"ready_ms\":1}".to_vec(), false),
-        (serde_json::to_vec(&start).expect("json"), true),
+    // A start report out of bounds (or not one) is dropped, never the
+    // state it came with: the sandbox must not stay `creating`.
+    for (start_json, pid, kept) in [
+        (serde_json::to_vec(&hostile).expect("json"), 5, false),
+        (b"{\"path\":\"warp\",\"ready_ms\":1}".to_vec(), 6, false),
+        (serde_json::to_vec(&start).expect("json"), 7, true),
     ] {
         let rep = node
             .report(authed(
@@ -294,7 +298,8 @@ async fn rest_api_on_three_replicas() {
                     sandboxes: vec![SandboxReport {
                         id: sb.id.to_string(),
                         generation: d.sandboxes[0].generation,
-                        state_json: running.clone(),
+                        state_json: serde_json::to_vec(&SandboxState::Running { main_pid: pid })
+                            .expect("json"),
                         start_json,
                     }],
                 },
@@ -303,11 +308,13 @@ async fn rest_api_on_three_replicas() {
             .await
             .expect("report")
             .into_inner();
-        assert_eq!(rep.refused.len(), 1);
-        assert_eq!(rep.refused[0].is_empty(), ok, "{:?}", rep.refused);
-        if !ok {
-            assert!(rep.refused[0].contains("start"), "{:?}", rep.refused);
-        }
+        assert_eq!(rep.refused, vec![String::new()]);
+        let got = api
+            .get(&format!("{lead}/v1/sandboxes/{}", sb.id), &a)
+            .await
+            .json::<Sandbox>();
+        assert_eq!(got.state, SandboxState::Running { main_pid: pid });
+        assert_eq!(got.start.is_some(), kept, "{:?}", got.start);
     }
     let r = api.get(&format!("{fol}/v1/sandboxes/{}", sb.id), &a).await;
     assert_eq!(r.status, 200);
@@ -368,6 +375,57 @@ async fn rest_api_on_three_replicas() {
             "{m} {path}"
         );
     }
+    // The node's automatic templates: a tenant sees those of images it
+    // used (alpha ran busybox), never others'; the hour it was made, not
+    // the moment. An admin sees all.
+    let made_at = 7_200_000 + 1_234_567;
+    let auto = |image: &str| kiln_api::templates::NodeTemplate {
+        name: format!("tpl-{image}"),
+        node: None,
+        image: image.into(),
+        resources: kiln_api::sandbox::Resources::default(),
+        size_bytes: 1 << 20,
+        created_at_ms: made_at,
+    };
+    node.heartbeat(authed(
+        HeartbeatRequest {
+            name: "h1".into(),
+            templates_changed: true,
+            templates_json: serde_json::to_vec(&[auto("busybox"), auto("secret-image")])
+                .expect("json"),
+            ..Default::default()
+        },
+        &cred,
+    ))
+    .await
+    .expect("heartbeat");
+    let shown = |t: &str| {
+        let api = &api;
+        let url = format!("{lead}/v1/templates");
+        let t = t.to_owned();
+        async move {
+            let r = api.get(&url, &t).await;
+            assert_eq!(r.status, 200);
+            let mut v: Vec<(String, u64)> = r
+                .json::<kiln_api::templates::TemplateList>()
+                .automatic
+                .into_iter()
+                .map(|t| (t.image, t.created_at_ms))
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    assert_eq!(shown(&a).await, vec![("busybox".to_string(), 7_200_000)]);
+    assert!(shown(&b).await.is_empty(), "beta never used these images");
+    assert_eq!(
+        shown(&admin).await,
+        vec![
+            ("busybox".to_string(), made_at),
+            ("secret-image".to_string(), made_at)
+        ]
+    );
+
     // Tenants cannot use admin endpoints; no token is 401.
     let r = api.get(&format!("{lead}/v1/nodes"), &b).await;
     assert_eq!((r.status, r.code()), (403, "admin_required".into()));

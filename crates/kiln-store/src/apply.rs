@@ -34,6 +34,8 @@ pub const MAX_GROUP_MEMBERS: usize = 64;
 pub const MAX_POOL_TARGET: u32 = 1024;
 /// Most nodes one `PutTemplate` may name.
 pub const MAX_TEMPLATE_NODES: usize = 256;
+/// Longest grace time a stop may ask for (an hour).
+pub const MAX_STOP_GRACE_SECS: u64 = 3600;
 /// Largest policy document, serialized.
 pub const MAX_POLICY_BYTES: usize = 64 * 1024;
 const MAX_ERROR_TEXT: usize = 4096;

@@ -116,6 +116,10 @@ pub enum Command {
         tenant: Option<TenantName>,
         id: SandboxId,
         desired: DesiredState,
+        /// With `Stopped`: seconds from SIGTERM to SIGKILL (at most
+        /// [`crate::apply::MAX_STOP_GRACE_SECS`]); `None`: the node's default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stop_grace_secs: Option<u64>,
     },
     /// The node that runs a sandbox reports what it observes.
     ReportSandbox {
@@ -124,7 +128,8 @@ pub enum Command {
         generation: u64,
         state: SandboxState,
         now_ms: u64,
-        /// How its start went (kept once given; `None` keeps what is).
+        /// How its start went (`None` keeps what the record has: a node
+        /// sends it with every report).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         start: Option<kiln_api::sandbox::StartReport>,
     },

@@ -161,6 +161,7 @@ pub fn node_desired(st: &State, node: &NodeName) -> Option<NodeDesired> {
                 desired: r.desired,
                 generation: r.generation,
                 observed_generation: r.observed_generation,
+                stop_grace_secs: r.stop_grace_secs,
             }
         })
         .collect();

@@ -103,6 +103,10 @@ pub struct SandboxRecord {
     /// known).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start: Option<kiln_api::sandbox::StartReport>,
+    /// The grace time (seconds from SIGTERM to SIGKILL) its stop was
+    /// asked with; `None`: the node's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_secs: Option<u64>,
 }
 
 impl SandboxRecord {

@@ -23,7 +23,7 @@ pub struct Kiln {
     /// shared one), for tests that check what a failure leaves in it.
     pub cache: Option<tempfile::TempDir>,
     /// The `kiln up` of this test (route `up`): its pid once started.
-    up: std::sync::OnceLock<Option<u32>>,
+    up: std::sync::Mutex<Option<u32>>,
     /// Environment of that `kiln up` (node settings such as
     /// `KILN_QEMU_BIN` are its, not the client's, on route `up`).
     up_env: std::sync::Mutex<Vec<(String, std::ffi::OsString)>>,
@@ -49,7 +49,7 @@ impl Kiln {
                 .expect("temp state dir"),
             bin: PathBuf::from(env!("CARGO_BIN_EXE_kiln")),
             cache: None,
-            up: std::sync::OnceLock::new(),
+            up: std::sync::Mutex::new(None),
             up_env: std::sync::Mutex::new(vec![]),
         }
     }
@@ -92,17 +92,18 @@ impl Kiln {
     pub fn cmd(&self) -> Command {
         let mut c = self.base_cmd();
         if through_up() {
-            let pid = self.up.get_or_init(|| Some(self.start_up()));
+            let pid = *self
+                .up
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(|| self.start_up());
             // A command must never fall back to the node-local path: the
             // test's `kiln up` is alive, and nothing starts another.
-            if let Some(pid) = pid {
-                assert!(
-                    Path::new(&format!("/proc/{pid}")).exists(),
-                    "this test's kiln up (pid {pid}) is gone; its log: {}",
-                    std::fs::read_to_string(self.state.path().join("up/up.log"))
-                        .unwrap_or_default()
-                );
-            }
+            assert!(
+                Path::new(&format!("/proc/{pid}")).exists(),
+                "this test's kiln up (pid {pid}) is gone; its log: {}",
+                std::fs::read_to_string(self.state.path().join("up/up.log")).unwrap_or_default()
+            );
             c.env("KILN_AUTO_UP", "0");
         } else {
             // No embedded server started on first use; a server the test
@@ -121,14 +122,58 @@ impl Kiln {
 
     /// The pid of this test's `kiln up` (route `up`, once started).
     pub fn up_pid(&self) -> Option<u32> {
-        self.up.get().copied().flatten()
+        *self.up.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Route `up`: stops this test's `kiln up` (`kill -9` when `crash`,
+    /// else `kiln down`) and starts it again with `env` set in its
+    /// environment (as an operator restarting the node with another
+    /// setting). Its sandboxes keep running and are adopted.
+    pub fn restart_up(&self, crash: bool, env: &[(&str, std::ffi::OsString)]) {
+        assert!(through_up(), "restart_up on route local");
+        let mut up = self.up.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pid) = up.take() {
+            if crash {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let t0 = std::time::Instant::now();
+                while Path::new(&format!("/proc/{pid}")).exists() {
+                    assert!(
+                        t0.elapsed().as_secs() < 30,
+                        "kiln up {pid} outlived kill -9"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            } else {
+                let out = self
+                    .base_cmd()
+                    .arg("down")
+                    .output()
+                    .expect("kiln down runs");
+                assert!(
+                    out.status.success(),
+                    "kiln down: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        {
+            let mut e = self.up_env.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, v) in env {
+                e.retain(|(key, _)| key != k);
+                e.push((k.to_string(), v.clone()));
+            }
+        }
+        *up = Some(self.start_up());
     }
 
     /// Sets `key` in the environment of this test's `kiln up` (route
     /// `up`; before its first command) and returns whether the route is
     /// `up`. On route `local` the test sets it on its commands itself.
     pub fn node_env(&self, key: &str, val: impl AsRef<std::ffi::OsStr>) -> bool {
-        assert!(self.up.get().is_none(), "node_env after kiln up started");
+        assert!(self.up_pid().is_none(), "node_env after kiln up started");
         self.up_env
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -38,6 +38,33 @@ pub struct Marker {
     pub start: Option<kiln_api::sandbox::StartReport>,
 }
 
+/// Node template → the name `tenant` knows it by: its own server template
+/// made as that node template, else a shared one (made with an admin
+/// token). Another tenant's name for the same node template is never
+/// shown (several server templates may share one node template).
+fn template_names(node: &Node, tenant: &kiln_api::cluster::TenantName) -> BTreeMap<String, String> {
+    names_for(&super::templates::load_made(node), tenant)
+}
+
+/// [`template_names`] of the daemon's map `made` (pure).
+fn names_for(
+    made: &BTreeMap<String, super::templates::Made>,
+    tenant: &kiln_api::cluster::TenantName,
+) -> BTreeMap<String, String> {
+    let own = format!("{tenant}/");
+    let mut names = BTreeMap::new();
+    // Shared ones first, so the tenant's own name wins.
+    for (key, m) in made.iter().filter(|(k, _)| !k.contains('/')) {
+        names.insert(m.local.clone(), key.clone());
+    }
+    for (key, m) in made {
+        if let Some(name) = key.strip_prefix(&own) {
+            names.insert(m.local.clone(), name.to_owned());
+        }
+    }
+    names
+}
+
 /// An action on a sandbox failed (logged; the next pass tries again).
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -57,6 +84,10 @@ pub enum BackendError {
     Policy(#[from] crate::node::PolicyOpError),
     #[error(transparent)]
     Snapshot(#[from] crate::node::SnapshotOpError),
+    /// A restore failed; the message names the snapshot as its tenant
+    /// knows it (not the node's `TENANT.NAME`).
+    #[error("{0}")]
+    Restore(String),
 }
 
 /// A sandbox's final state when it was stopped before it ever started.
@@ -225,6 +256,7 @@ impl Backend {
     pub async fn create(
         &self,
         id: &SandboxId,
+        tenant: &kiln_api::cluster::TenantName,
         spec: &SandboxSpec,
     ) -> Result<Option<StartReport>, BackendError> {
         match self {
@@ -241,18 +273,28 @@ impl Backend {
             }
             Backend::Real(r) => {
                 let t0 = std::time::Instant::now();
+                let template_names = template_names(&r.node, tenant);
                 let req = RunRequest {
                     spec: spec.clone(),
                     pull: spec.pull.into(),
                     insecure_registries: r.insecure_registries.clone(),
                     id: Some(id.to_string()),
+                    template_names,
                 };
                 let started = r.node.run(&req, &kiln_image::NoProgress).await?;
                 tracing::info!(sandbox = %id, path = ?started.path, notes = ?started.notes, "started");
                 if !started.ready.ok {
                     tracing::warn!(sandbox = %id, error = ?started.ready.error, "the sandbox did not start");
                 }
-                Ok(Some(started.report(t0.elapsed().as_millis() as u64)))
+                let mut report = started.report(t0.elapsed().as_millis() as u64);
+                // The tenant's name of the node template (the notes have
+                // it already).
+                if let Some(t) = &mut report.template
+                    && let Some(shown) = req.template_names.get(t)
+                {
+                    t.clone_from(shown);
+                }
+                Ok(Some(report))
             }
         }
     }
@@ -310,7 +352,10 @@ impl Backend {
                     Err(crate::node::SnapshotOpError::Store(
                         e @ crate::store::StoreError::Exists(_),
                     )) => Err(BackendError::Run(crate::node::RunError::Store(e))),
-                    Err(e) => Err(e.into()),
+                    Err(e) => Err(BackendError::Restore(
+                        e.to_string()
+                            .replace(&format!("snapshot {local}"), &format!("snapshot {name}")),
+                    )),
                 }
             }
         }
@@ -559,4 +604,37 @@ pub(crate) fn write_synced(path: &std::path::Path, body: &[u8]) -> std::io::Resu
         .open(path)?;
     f.write_all(body)?;
     f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenant_sees_its_own_names_of_node_templates_never_anothers() {
+        let made = |local: &str| super::super::templates::Made {
+            local: local.into(),
+            image: "busybox".into(),
+            resources: Default::default(),
+        };
+        let map: BTreeMap<String, _> = [
+            ("shared", made("tpl-1")),
+            ("acme/mine", made("tpl-1")),
+            ("other/theirs", made("tpl-2")),
+            ("acme/x", made("tpl-3")),
+            ("common", made("tpl-4")),
+        ]
+        .into_iter()
+        .map(|(k, m)| (k.to_owned(), m))
+        .collect();
+        let acme = kiln_api::cluster::TenantName::new("acme").expect("name");
+        let names = names_for(&map, &acme);
+        assert_eq!(names.get("tpl-1").map(String::as_str), Some("mine"));
+        assert_eq!(names.get("tpl-3").map(String::as_str), Some("x"));
+        assert_eq!(names.get("tpl-4").map(String::as_str), Some("common"));
+        assert!(
+            !names.contains_key("tpl-2"),
+            "another tenant's name: {names:?}"
+        );
+    }
 }

@@ -211,6 +211,7 @@ mod tests {
             desired,
             generation,
             observed_generation: 0,
+            stop_grace_secs: None,
         }
     }
 

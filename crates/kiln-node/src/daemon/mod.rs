@@ -850,13 +850,16 @@ async fn execute(sh: &Shared, a: &Action, assignment: Option<&Assignment>) {
                     kiln_api::sandbox::Origin::Snapshot { snapshot } => {
                         b.restore(id, &asg.tenant, snapshot).await
                     }
-                    kiln_api::sandbox::Origin::Image => b.create(id, &asg.spec).await,
+                    kiln_api::sandbox::Origin::Image => b.create(id, &asg.tenant, &asg.spec).await,
                 };
                 match made {
                     Ok(start) => {
                         tracing::info!(sandbox = %id, ms = t0.elapsed().as_millis() as u64, "created");
                         if start.is_some() {
-                            marker.start = start;
+                            // Within the bounds the server checks (a long
+                            // image reference or many templates in a note
+                            // are cut, not refused with the state).
+                            marker.start = start.map(kiln_api::sandbox::StartReport::bounded);
                             b.set_marker(id, &marker)?;
                         }
                     }
@@ -881,7 +884,10 @@ async fn execute(sh: &Shared, a: &Action, assignment: Option<&Assignment>) {
             }
             Action::Pause { id } => b.pause(id).await?,
             Action::Resume { id } => b.resume(id).await?,
-            Action::Stop { id } => b.stop(id, None).await?,
+            Action::Stop { id } => {
+                b.stop(id, assignment.and_then(|a| a.stop_grace_secs))
+                    .await?
+            }
             Action::Remove { id, generation } => {
                 let last = b.remove(id).await?;
                 let mut marker = b.marker(id).unwrap_or_default();

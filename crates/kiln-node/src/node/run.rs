@@ -23,6 +23,26 @@ pub struct RunRequest {
     /// `None`: a fresh one. A given ID never starts from a pool member
     /// (a member has its own ID) and is refused if it exists already.
     pub id: Option<String>,
+    /// Node template name → the name the caller knows it by (the node
+    /// daemon: the server template of the sandbox's tenant that the node
+    /// template was made for), for the notes. Empty: the node's names.
+    pub template_names: std::collections::BTreeMap<String, String>,
+}
+
+impl RunRequest {
+    /// How template `name` is called in this request's notes.
+    fn shown<'a>(&'a self, name: &'a str) -> &'a str {
+        self.template_names.get(name).map_or(name, String::as_str)
+    }
+
+    /// `text` with every node template name replaced by its shown name.
+    fn rename(&self, text: &str) -> String {
+        self.template_names
+            .iter()
+            .fold(text.to_owned(), |t, (local, shown)| {
+                t.replace(local.as_str(), shown)
+            })
+    }
 }
 
 /// How a sandbox was started.
@@ -292,7 +312,8 @@ impl Node {
                 }
                 Some(c) => {
                     notes.push(format!(
-                        "warm start from the pool of template {name} ({} ms after the command started)",
+                        "warm start from the pool of template {} ({} ms after the command started)",
+                        req.shown(name),
                         t0.elapsed().as_millis()
                     ));
                     return Ok(Started {
@@ -335,10 +356,11 @@ impl Node {
         self.store.save(&rec)?;
         match (&rec.template, &cold_reason) {
             (Some(name), _) => notes.push(format!(
-                "warm start from template {name} ({} ms after the command started)",
+                "warm start from template {} ({} ms after the command started)",
+                req.shown(name),
                 t0.elapsed().as_millis()
             )),
-            (None, Some(why)) => notes.push(format!("cold boot: {why}")),
+            (None, Some(why)) => notes.push(format!("cold boot: {}", req.rename(why))),
             (None, None) => {}
         }
         let mut spawned_ms = t0.elapsed().as_millis() as u64;
@@ -360,7 +382,10 @@ impl Node {
             // The template could not be restored: boot instead, as a new
             // sandbox (the failed one never ran anything).
             let why = ready.error.clone().unwrap_or_default();
-            notes.push(format!("the warm start failed ({why}); cold boot"));
+            notes.push(format!(
+                "the warm start failed ({}); cold boot",
+                req.rename(&why)
+            ));
             let _ = self
                 .wait_supervisor_gone(&rec.id, Duration::from_secs(30), Some(shim_pid))
                 .await;
@@ -537,4 +562,26 @@ fn host_memory_mib() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib >> 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_name_templates_as_the_caller_knows_them() {
+        let req = RunRequest {
+            spec: PortableSpec::for_image("busybox"),
+            pull: PullPolicy::Missing,
+            insecure_registries: vec![],
+            id: None,
+            template_names: [("tpl-aa".to_string(), "web".to_string())].into(),
+        };
+        assert_eq!(req.shown("tpl-aa"), "web");
+        assert_eq!(req.shown("tpl-bb"), "tpl-bb");
+        assert_eq!(
+            req.rename("template tpl-aa is stale; this image has tpl-aa (1 CPU), tpl-bb"),
+            "template web is stale; this image has web (1 CPU), tpl-bb"
+        );
+    }
 }

@@ -320,6 +320,7 @@ async fn set_desired(
     headers: &HeaderMap,
     id: &str,
     desired: DesiredState,
+    stop_grace_secs: Option<u64>,
 ) -> Result<Json<Sandbox>, ApiError> {
     let who = caller(s, headers)?;
     let sid = SandboxId::try_from(id.to_owned()).map_err(|_| not_found(id))?;
@@ -329,6 +330,7 @@ async fn set_desired(
             tenant: who.tenant.clone(),
             id: sid.clone(),
             desired,
+            stop_grace_secs,
         },
     )
     .await?;
@@ -352,18 +354,43 @@ pub async fn delete(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    set_desired(&s, &headers, &id, DesiredState::Deleted).await
+    set_desired(&s, &headers, &id, DesiredState::Deleted, None).await
 }
 
-/// Stop a sandbox.
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/stop", tag = "sandboxes", params(("id" = String, Path)),
-    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+/// Stop a sandbox: SIGTERM to its command, SIGKILL after `timeout_secs`
+/// (0-3600; default: the node's grace time, 10 s).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/stop", tag = "sandboxes",
+    params(("id" = String, Path), ("timeout_secs" = Option<u64>, Query)),
+    responses((status = 200, body = Sandbox), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn stop(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Json<Sandbox>, ApiError> {
-    set_desired(&s, &headers, &id, DesiredState::Stopped).await
+    let max = kiln_store::apply::MAX_STOP_GRACE_SECS;
+    let mut grace = None;
+    for (k, v) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        match &*k {
+            "timeout_secs" => {
+                grace = Some(v.parse::<u64>().ok().filter(|t| *t <= max).ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_query",
+                        format!("timeout_secs: 0-{max}"),
+                    )
+                })?);
+            }
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    "unknown query parameter",
+                ));
+            }
+        }
+    }
+    set_desired(&s, &headers, &id, DesiredState::Stopped, grace).await
 }
 
 /// Pause a sandbox.
@@ -374,7 +401,7 @@ pub async fn pause(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    set_desired(&s, &headers, &id, DesiredState::Paused).await
+    set_desired(&s, &headers, &id, DesiredState::Paused, None).await
 }
 
 /// Resume a paused sandbox.
@@ -385,7 +412,7 @@ pub async fn resume(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Sandbox>, ApiError> {
-    set_desired(&s, &headers, &id, DesiredState::Running).await
+    set_desired(&s, &headers, &id, DesiredState::Running, None).await
 }
 
 /// Long-poll until the sandbox has finished or `timeout_secs` (default

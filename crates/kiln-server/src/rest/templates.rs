@@ -64,9 +64,10 @@ pub fn to_rest(st: &St, t: &TemplateRecord) -> Template {
                     // The members a create can still take (one the server
                     // gave a sandbox is no longer offered, whatever the
                     // node's last report says).
-                    Some(m) if !m.is_empty() => {
-                        m.iter().filter(|id| !st.sandboxes.contains_key(*id)).count() as u32
-                    }
+                    Some(m) if !m.is_empty() => m
+                        .iter()
+                        .filter(|id| !st.sandboxes.contains_key(*id))
+                        .count() as u32,
                     _ => slot.map_or(0, |s| s.ready),
                 },
                 pool_target: slot.map_or(0, |s| s.target),
@@ -282,12 +283,24 @@ pub async fn list(
                 })
             })
             .filter(|t| mine.as_ref().is_none_or(|m| m.contains(t.image.as_str())))
+            .map(|mut t| {
+                // An automatic template is made after somebody's cold
+                // start: a tenant learns the hour, not the moment.
+                if who.tenant.is_some() {
+                    t.created_at_ms -= t.created_at_ms % AUTOMATIC_CREATED_GRAIN_MS;
+                }
+                t
+            })
             .collect();
         (items, automatic)
     })
     .await?;
     Ok(Json(TemplateList { items, automatic }))
 }
+
+/// How finely a tenant sees when an automatic template was made (an
+/// hour): it may come from another tenant's run of the same image.
+pub const AUTOMATIC_CREATED_GRAIN_MS: u64 = 3_600_000;
 
 /// One template, with where it is creating, ready or failed (and why) and
 /// its pool's ready members and target on each node.

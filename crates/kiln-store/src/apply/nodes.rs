@@ -221,6 +221,8 @@ fn expire_nodes(st: &mut State, now_ms: u64, grace_ms: u64, meta: ApplyMeta) -> 
                     r.node = None;
                     r.observed = SandboxState::Creating;
                     r.observed_generation = 0;
+                    // Its next start is another node's.
+                    r.start = None;
                 } else {
                     r.observed = SandboxState::Failed {
                         error: msg,

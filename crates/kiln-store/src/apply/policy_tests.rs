@@ -166,6 +166,7 @@ fn policy_changes_are_scoped_and_refused_without_a_network_or_when_ended() {
             tenant: None,
             id: sid(1),
             desired: DesiredState::Deleted,
+            stop_grace_secs: None,
         },
     );
     assert!(!r.is_rejected());

@@ -57,8 +57,18 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             tenant,
             id,
             desired,
+            stop_grace_secs,
         } => {
             let rec = visible_sandbox(st, tenant.as_ref(), id)?;
+            if stop_grace_secs.is_some_and(|g| g > super::MAX_STOP_GRACE_SECS) {
+                return Err(Rejection::invalid(
+                    "stop_grace_secs",
+                    format!(
+                        "a stop's grace time is at most {} s",
+                        super::MAX_STOP_GRACE_SECS
+                    ),
+                ));
+            }
             if rec.desired == *desired {
                 return Ok(Response::SandboxChanged {
                     id: id.clone(),
@@ -79,8 +89,10 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                 )));
             }
             let desired = *desired;
+            let grace = stop_grace_secs.filter(|_| desired == DesiredState::Stopped);
             modify_sandbox(st, id, meta, |r| {
                 r.desired = desired;
+                r.stop_grace_secs = grace;
                 Ok(true)
             })
         }
@@ -324,6 +336,7 @@ fn create_sandbox(
         group: None,
         policy_generation: 1,
         start: None,
+        stop_grace_secs: None,
     };
     index_sandbox(&mut st.idx, &rec, true);
     if let Some(t) = st.tenants.get_mut(tenant) {

@@ -182,6 +182,7 @@ fn deleting_a_snapshot_is_refused_while_restored_sandboxes_use_it() {
         tenant: Some(t("a")),
         id: sid(4),
         desired: DesiredState::Deleted,
+        stop_grace_secs: None,
     });
     sm.ok(del.clone());
     assert!(sm.st.snapshots.is_empty());
@@ -217,6 +218,7 @@ fn a_fork_snapshot_is_forgotten_with_its_last_sandbox() {
             tenant: Some(t("a")),
             id: sid(id),
             desired: DesiredState::Deleted,
+            stop_grace_secs: None,
         });
         sm.ok(Command::ReportSandbox {
             node: n("n1"),
@@ -243,6 +245,7 @@ fn a_fork_snapshot_is_forgotten_with_its_last_sandbox() {
         tenant: Some(t("a")),
         id: sid(7),
         desired: DesiredState::Deleted,
+        stop_grace_secs: None,
     });
     sm.ok(Command::ReportSandbox {
         node: n("n1"),

@@ -236,6 +236,7 @@ fn delete_is_refused_while_a_sandbox_of_its_image_runs_on_a_holder() {
         tenant: Some(t("acme")),
         id: id.clone(),
         desired: DesiredState::Deleted,
+        stop_grace_secs: None,
     });
     sm.ok(Command::ReportSandbox {
         node: n("n1"),

@@ -184,6 +184,7 @@ fn quotas_are_enforced_in_apply() {
         tenant: Some(t("acme")),
         id: sid(1),
         desired: DesiredState::Deleted,
+        stop_grace_secs: None,
     });
     sm.ok(create(3, "acme", spec(1, 256), None, None));
     sm.ok(create(4, "acme", spec(1, 256), None, None));
@@ -290,6 +291,21 @@ fn lost_nodes_fail_or_reschedule_their_sandboxes() {
         now_ms: 1500,
         start: None,
     });
+    sm.ok(Command::ReportSandbox {
+        node: n("a"),
+        id: sid(2),
+        generation: 1,
+        state: SandboxState::Running { main_pid: 11 },
+        now_ms: 1500,
+        start: Some(kiln_api::sandbox::StartReport {
+            path: kiln_api::sandbox::StartKind::Cold,
+            template: None,
+            notes: vec!["cold boot".into()],
+            phases: vec![],
+            ready_ms: 900,
+        }),
+    });
+    assert!(sm.st.sandboxes[&sid(2)].start.is_some());
     sm.ok(Command::Heartbeat {
         name: n("a"),
         now_ms: 2000,
@@ -321,6 +337,8 @@ fn lost_nodes_fail_or_reschedule_their_sandboxes() {
             unassigned: vec![sid(2)]
         }
     );
+    // Rescheduled: its next start is another node's, not the lost one's.
+    assert!(sm.st.sandboxes[&sid(2)].start.is_none());
     assert_eq!(sm.st.nodes[&n("a")].status, NodeStatus::Unreachable);
     assert!(sm.st.sandboxes[&sid(1)].observed.is_finished());
     assert_eq!(sm.st.sandboxes[&sid(2)].node, None);
@@ -361,6 +379,7 @@ fn lost_nodes_fail_or_reschedule_their_sandboxes() {
         tenant: None,
         id: sid(1),
         desired: DesiredState::Deleted,
+        stop_grace_secs: None,
     });
     sm.ok(Command::ForgetSandbox { id: sid(1) });
     assert!(!sm.st.sandboxes.contains_key(&sid(1)));
@@ -376,6 +395,7 @@ fn tenants_cannot_touch_each_others_sandboxes() {
         tenant: Some(t("b")),
         id: sid(1),
         desired: DesiredState::Deleted,
+        stop_grace_secs: None,
     });
     assert_eq!(
         r,
@@ -693,6 +713,7 @@ fn random_command_mix_is_deterministic_and_keeps_indexes_consistent() {
                     DesiredState::Stopped,
                     DesiredState::Deleted,
                 ][next(3) as usize],
+                stop_grace_secs: None,
             },
             4 => Command::ReportSandbox {
                 node: n(nd),
@@ -1015,6 +1036,7 @@ fn a_tenant_remembers_its_latest_images_bounded() {
             tenant: Some(t("acme")),
             id: sid(i),
             desired: DesiredState::Deleted,
+            stop_grace_secs: None,
         });
         sm.ok(Command::ForgetSandbox { id: sid(i) });
     }
@@ -1058,4 +1080,39 @@ fn a_heartbeat_replaces_the_automatic_templates_and_registering_clears_them() {
     sm.rejected(hb(Some(too_many)));
     sm.ok(node("h1", 4, 4096));
     assert!(sm.st.nodes[&n("h1")].templates.is_empty());
+}
+
+#[test]
+fn a_stop_carries_its_grace_time_to_the_node() {
+    let mut sm = Sm::new();
+    sm.ok(tenant("acme", Quotas::default()));
+    sm.ok(node("a", 2, 1024));
+    sm.ok(create(1, "acme", spec(1, 256), None, Some("a")));
+    let stop = |grace| Command::SetDesired {
+        tenant: Some(t("acme")),
+        id: sid(1),
+        desired: DesiredState::Stopped,
+        stop_grace_secs: grace,
+    };
+    assert!(matches!(
+        sm.rejected(stop(Some(super::MAX_STOP_GRACE_SECS + 1))),
+        Rejection::Invalid { .. }
+    ));
+    assert!(sm.st.sandboxes[&sid(1)].stop_grace_secs.is_none());
+    sm.ok(stop(Some(2)));
+    let d = query::node_desired(&sm.st, &n("a")).expect("registered");
+    assert_eq!(d.sandboxes[0].desired, DesiredState::Stopped);
+    assert_eq!(d.sandboxes[0].stop_grace_secs, Some(2));
+    // Deleting it kills at once: no grace time left over.
+    sm.ok(Command::SetDesired {
+        tenant: Some(t("acme")),
+        id: sid(1),
+        desired: DesiredState::Deleted,
+        stop_grace_secs: Some(30),
+    });
+    assert!(sm.st.sandboxes[&sid(1)].stop_grace_secs.is_none());
+    // Unset, the assignment carries nothing (older nodes decode it).
+    let d = query::node_desired(&sm.st, &n("a")).expect("registered");
+    let wire = serde_json::to_string(&d.sandboxes[0]).expect("json");
+    assert!(!wire.contains("stop_grace_secs"), "{wire}");
 }
