@@ -57,13 +57,9 @@ done
 # The same tests of kiln run, exec/cp/logs, snapshots, fork and templates
 # again through the embedded server: each test starts `kiln up -d` on its
 # state directory and every command goes through its API
-# (tests/common/mod.rs). Not through it: e2e_templates'
-# stale_templates_are_not_used (the node daemon does not yet rebuild server
-# templates a guest upgrade made stale: docs/control-plane.md).
+# (tests/common/mod.rs).
 for t in e2e_run e2e_sandboxes e2e_snapshots e2e_templates; do
-  skip=()
-  [ "$t" = e2e_templates ] && skip=(-- --skip stale_templates_are_not_used)
-  group "$t (kiln up)" env KILN_E2E_ROUTE=up cargo test -p kiln-cli --test "$t" --no-fail-fast "$@" "${skip[@]}"
+  group "$t (kiln up)" env KILN_E2E_ROUTE=up cargo test -p kiln-cli --test "$t" --no-fail-fast "$@"
 done
 
 echo >&2

@@ -54,7 +54,10 @@ fn names_for(
     let own = format!("{tenant}/");
     let mut names = BTreeMap::new();
     // Shared ones first, so the tenant's own name wins.
-    for (key, m) in made.iter().filter(|(k, _)| !k.contains('/')) {
+    for (key, m) in made
+        .iter()
+        .filter(|(k, _)| !k.contains('/') && !super::templates::is_retired(k))
+    {
         names.insert(m.local.clone(), key.clone());
     }
     for (key, m) in made {

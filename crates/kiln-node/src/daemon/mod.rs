@@ -605,14 +605,22 @@ async fn template_loop(
                         Ok(local) => {
                             lock(&errors).remove(key);
                             let mut m = lock(&made);
-                            m.insert(
+                            let old = m.insert(
                                 key.clone(),
                                 templates::Made {
-                                    local,
+                                    local: local.clone(),
                                     image: image.clone(),
                                     resources: *resources,
                                 },
                             );
+                            // The build it replaces (stale after an
+                            // upgrade) goes once nothing uses it.
+                            if let Some(old) = old
+                                && old.local != local
+                            {
+                                tracing::info!(template = %old.local, new = %local, "replaced; the old one will be removed");
+                                m.insert(templates::retired_key(&old.local), old);
+                            }
                             if let Err(e) = templates::save_made(&node, &m) {
                                 tracing::warn!(error = %e, "cannot save templates.json");
                             }

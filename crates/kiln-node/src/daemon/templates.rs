@@ -188,6 +188,18 @@ pub fn reports(
         .collect()
 }
 
+/// The key under which a node template replaced by a newer build waits to
+/// be removed (`decide` drops it once nothing uses it). Never a server
+/// key: `:` is not in template names.
+pub fn retired_key(local: &str) -> String {
+    format!("retired:{local}")
+}
+
+/// Whether `key` is a [`retired_key`].
+pub fn is_retired(key: &str) -> bool {
+    key.starts_with("retired:")
+}
+
 fn state_path(node: &Node) -> PathBuf {
     node.dirs().state.join("node").join("templates.json")
 }
@@ -223,8 +235,17 @@ pub fn observe(node: &Node, made: &BTreeMap<String, Made>) -> LocalTemplates {
         ..Default::default()
     };
     for m in made.values() {
+        // A template made for another guest or driver (the node was
+        // upgraded) is not there for the server: it is made again.
         if templates.exists(&m.local) {
-            local.present.insert(m.local.clone());
+            match node.template_stale(&m.local) {
+                None => {
+                    local.present.insert(m.local.clone());
+                }
+                Some(why) => {
+                    tracing::info!(template = %m.local, %why, "stale: it will be made again");
+                }
+            }
         }
         if let Some((ready, size)) = node.pool_status(&m.local) {
             local
@@ -412,6 +433,39 @@ mod tests {
         assert!(matches!(decide(&d, &l)[..], [TplAction::Create { .. }]));
         let r = reports(&d, &l, &BTreeMap::new(), |_| 0);
         assert!(!r[0].ready && r[0].error.is_none(), "creating");
+    }
+
+    #[test]
+    fn a_replaced_build_is_removed_once_no_key_uses_it() {
+        // a/py and b/py shared tpl-old; a/py was made again as tpl-new
+        // (the guest changed): tpl-old is kept while b/py still uses it.
+        let d = [asg("a/py", "busybox", 0), asg("b/py", "busybox", 0)];
+        let mut l = LocalTemplates::default();
+        l.made.insert("a/py".into(), made("tpl-new", "busybox"));
+        l.made.insert("b/py".into(), made("tpl-old", "busybox"));
+        l.made
+            .insert(retired_key("tpl-old"), made("tpl-old", "busybox"));
+        l.present.insert("tpl-new".into());
+        let acts = decide(&d, &l);
+        assert!(
+            acts.contains(&TplAction::Drop {
+                key: retired_key("tpl-old"),
+                local: "tpl-old".into(),
+                remove: false
+            }),
+            "{acts:?}"
+        );
+        // b/py was made again too: now nothing uses it, it goes.
+        l.made.insert("b/py".into(), made("tpl-new", "busybox"));
+        assert_eq!(
+            decide(&d, &l),
+            vec![TplAction::Drop {
+                key: retired_key("tpl-old"),
+                local: "tpl-old".into(),
+                remove: true
+            }]
+        );
+        assert!(is_retired(&retired_key("x")) && !is_retired("a/py") && !is_retired("py"));
     }
 
     #[test]

@@ -119,6 +119,22 @@ const AUTOMATIC: &str = "automatic";
 const AUTO_LOCK: &str = ".auto.lock";
 
 impl Node {
+    /// Why template `name` no longer fits this node as it is now (made
+    /// with another guest kernel or initramfs, another driver, or its
+    /// files changed size), or `None` when it does (or this cannot be told:
+    /// no guest artifacts to compare with). Manifests and sizes only: no
+    /// file is hashed.
+    pub fn template_stale(&self, name: &str) -> Option<String> {
+        let artifacts = GuestArtifacts::locate(self.dirs()).ok()?;
+        let choice = crate::vm::parse_driver("auto").ok()?;
+        let (drv, _) = crate::vm::driver_for(choice).ok()?;
+        let guest = snapshot::guest_digests(&artifacts, drv.kind()).ok()?;
+        self.templates()
+            .verify(name, &guest, drv.info(), false)
+            .err()
+            .map(|e| e.to_string())
+    }
+
     /// The template for `spec` (checked like a snapshot before a restore),
     /// with a network device when `network`: its name, or why a run boots
     /// cold.
