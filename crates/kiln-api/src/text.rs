@@ -61,10 +61,9 @@ fn push_escaped(out: &mut String, c: char) {
         c if (c as u32) < 0x20 || c as u32 == 0x7f => {
             out.push_str(&format!("\\x{:02x}", c as u32));
         }
-        // C1 controls (0x80..0x9f, e.g. CSI 0x9b) and bidi overrides.
-        c if (0x80..0xa0).contains(&(c as u32))
-            || matches!(c as u32, 0x200e | 0x200f | 0x202a..=0x202e | 0x2066..=0x2069) =>
-        {
+        // C1 controls (0x80..0x9f, e.g. CSI 0x9b) and bidi marks and
+        // overrides: what validation refuses, printing escapes.
+        c if is_unprintable(c) => {
             out.push_str(&format!("\\u{{{:x}}}", c as u32));
         }
         c => out.push(c),
@@ -77,7 +76,10 @@ fn push_escaped(out: &mut String, c: char) {
 /// them; printing escapes them.
 pub fn is_unprintable(c: char) -> bool {
     c.is_control()
-        || matches!(c as u32, 0x61c | 0x200e | 0x200f | 0x202a..=0x202e | 0x2066..=0x2069)
+        || matches!(
+            c as u32,
+            0x61c | 0x200e | 0x200f | 0x2028 | 0x2029 | 0x202a..=0x202e | 0x2066..=0x2069
+        )
 }
 
 /// `s` made printable (each unprintable character as its escape) and cut

@@ -174,15 +174,14 @@ async fn dispatch(conn: &Conn, cmd: Command) -> Result<i32> {
             let api = &api;
             commands::each(ids, |id| async move {
                 let id = api.resolve(&id).await?;
-                api.call(
-                    "POST",
-                    &format!("/sandboxes/{id}/stop?timeout_secs={time}"),
-                    None,
-                )
-                .await?;
+                // Without -t the node's own grace time (`--stop-grace`).
+                let query = time.map_or(String::new(), |t| format!("?timeout_secs={t}"));
+                api.call("POST", &format!("/sandboxes/{id}/stop{query}"), None)
+                    .await?;
                 // As the local stop: return once it has ended (the node
                 // kills it after its grace time).
-                api.wait_finished(&id, Duration::from_secs(time + 60))
+                let grace = time.unwrap_or(commands::DEFAULT_STOP_GRACE);
+                api.wait_finished(&id, Duration::from_secs(grace.saturating_add(60)))
                     .await?;
                 Ok(id)
             })

@@ -36,6 +36,17 @@ fn seg(s: &str) -> String {
 /// How long `template create` keeps asking a server that does not answer
 /// (a restart) before it gives up.
 const UNREACHABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
+/// How long `template create` waits for a ready template's pool to fill.
+const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Whether a failed call is worth asking again: the server did not answer
+/// (a restart) or said it is unavailable (no leader yet).
+fn transient(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.downcast_ref::<reqwest::Error>().is_some())
+        || e.to_string().starts_with("503")
+}
+
 /// How long `template create` waits for every node to finish building.
 const CREATE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -74,17 +85,27 @@ pub async fn template(conn: &Conn, cmd: TemplateCommand) -> Result<i32> {
             let mut t: Template = serde_json::from_slice(&body)?;
             // As the node-local command, return once it is built (or
             // failed) and its pool has the size asked for (filled, or
-            // shrunk).
-            let pending = |t: &Template| {
-                t.nodes.iter().any(|n| {
-                    n.phase == TemplatePhase::Creating
-                        || (n.phase == TemplatePhase::Ready && n.pool_ready != n.pool_target)
-                })
+            // shrunk); a pool still filling POOL_WAIT after the template
+            // is ready goes on in the background (said).
+            let building =
+                |t: &Template| t.nodes.iter().any(|n| n.phase == TemplatePhase::Creating);
+            let filling = |t: &Template| {
+                t.nodes
+                    .iter()
+                    .any(|n| n.phase == TemplatePhase::Ready && n.pool_ready != n.pool_target)
             };
             // The server may restart meanwhile (the template is in its
-            // replicated state and its nodes go on): keep asking.
-            let mut unreachable = None;
-            while pending(&t) && t0.elapsed() < CREATE_WAIT {
+            // replicated state and its nodes go on): keep asking while it
+            // does not answer or is unavailable; anything else ends it.
+            let mut unreachable: Option<std::time::Instant> = None;
+            let mut built_at: Option<std::time::Instant> = None;
+            while t0.elapsed() < CREATE_WAIT {
+                if !building(&t) {
+                    let at = *built_at.get_or_insert_with(std::time::Instant::now);
+                    if !filling(&t) || at.elapsed() >= POOL_WAIT {
+                        break;
+                    }
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 match c
                     .call("GET", &format!("/templates/{}", seg(&t.name)), None)
@@ -95,9 +116,9 @@ pub async fn template(conn: &Conn, cmd: TemplateCommand) -> Result<i32> {
                         unreachable = None;
                     }
                     Err(e)
-                        if unreachable.is_none_or(|since: std::time::Instant| {
-                            since.elapsed() < UNREACHABLE_WAIT
-                        }) =>
+                        if transient(&e)
+                            && unreachable
+                                .is_none_or(|since| since.elapsed() < UNREACHABLE_WAIT) =>
                     {
                         tracing::debug!(error = %e, "waiting for the template; the server did not answer");
                         unreachable.get_or_insert_with(std::time::Instant::now);
@@ -114,7 +135,7 @@ pub async fn template(conn: &Conn, cmd: TemplateCommand) -> Result<i32> {
             if !failed.is_empty() {
                 bail!("template {} failed on {}", t.name, failed.join("; "));
             }
-            if pending(&t) {
+            if building(&t) {
                 bail!(
                     "template {} is not ready after {} s (on its nodes: {})",
                     t.name,
@@ -127,6 +148,17 @@ pub async fn template(conn: &Conn, cmd: TemplateCommand) -> Result<i32> {
                         ))
                         .collect::<Vec<_>>()
                         .join("; ")
+                );
+            }
+            if filling(&t) {
+                eprintln!(
+                    "kiln: the pool of template {} is still filling ({}); it goes on in the background",
+                    t.name,
+                    t.nodes
+                        .iter()
+                        .map(|n| format!("{} {} of {}", n.node, n.pool_ready, n.pool_target))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
             if verbose {

@@ -22,6 +22,9 @@ use kiln_node::store::SandboxState;
 
 use crate::{Command, ExecArgs, PolicyArgs, PolicyCommand, ProcessArgs, RunArgs, attach, images};
 
+/// `kiln stop`'s grace time when `-t` is not given (as `docker stop`).
+pub(crate) const DEFAULT_STOP_GRACE: u64 = 10;
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Cold starts: image pull+convert, VMM spawn → agent ready, `kiln run` →
@@ -153,7 +156,9 @@ pub async fn dispatch(cmd: Command) -> Result<i32> {
         Command::Stop { time, ids } => {
             let node = &node;
             each(ids, |id| async move {
-                node.stop(&id, time).await.map_err(Into::into)
+                node.stop(&id, time.unwrap_or(DEFAULT_STOP_GRACE))
+                    .await
+                    .map_err(Into::into)
             })
             .await
         }

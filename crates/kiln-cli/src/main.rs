@@ -73,9 +73,10 @@ enum Command {
     },
     /// Stop sandboxes: SIGTERM to the main process, SIGKILL after the grace time.
     Stop {
-        /// Seconds to wait before SIGKILL.
-        #[arg(short = 't', long = "time", default_value_t = 10)]
-        time: u64,
+        /// Seconds to wait before SIGKILL (default 10; through a server,
+        /// its node's `--stop-grace`).
+        #[arg(short = 't', long = "time")]
+        time: Option<u64>,
         #[arg(required = true)]
         ids: Vec<String>,
     },

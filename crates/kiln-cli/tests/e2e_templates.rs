@@ -455,6 +455,12 @@ fn stale_templates_are_not_used() {
             }
         };
         let first = t.local_name(&name);
+        // A sandbox started from the first build keeps it through the
+        // upgrade (its memory is that build's file).
+        let out = t.run(&["run", "-d", "-v", &img, "--", "sleep", "600"]);
+        assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
+        assert_warm(&out, &name);
+        let holder = stdout(&out).trim().to_string();
         let second = rebuilt(&first, &other);
         let out = t.run(&["run", "--rm", "-v", &img, "--", "echo", "still runs"]);
         assert_eq!(code(&out), 0, "stderr: {}", stderr(&out));
@@ -470,6 +476,13 @@ fn stale_templates_are_not_used() {
                 std::thread::sleep(std::time::Duration::from_millis(200));
             }
         };
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        assert!(
+            t.k.state_dir().join("templates").join(&first).is_dir(),
+            "the first build went while {holder} used it"
+        );
+        assert_eq!(t.ok(&["exec", &holder, "--", "echo", "alive"]), "alive\n");
+        t.ok(&["rm", "-f", &holder]);
         gone(&first);
         // And back: made again with the guest it first had.
         let third = rebuilt(&second, &initramfs);

@@ -375,6 +375,31 @@ async fn rest_api_on_three_replicas() {
             "{m} {path}"
         );
     }
+    // A stop's grace time: 0-3600 s, anything else a 400 that changes
+    // nothing.
+    for q in [
+        "timeout_secs=3601",
+        "timeout_secs=x",
+        "timeout_secs=-1",
+        "grace=5",
+    ] {
+        let r = api
+            .call(
+                "POST",
+                &format!("{lead}/v1/sandboxes/{}/stop?{q}", sb.id),
+                &a,
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!((r.status, r.code()), (400, "invalid_query".into()), "{q}");
+    }
+    let r = api.get(&format!("{lead}/v1/sandboxes/{}", sb.id), &a).await;
+    assert_eq!(
+        r.json::<Sandbox>().desired,
+        kiln_api::cluster::DesiredState::Running
+    );
+
     // The node's automatic templates: a tenant sees those of images it
     // used (alpha ran busybox), never others'; the hour it was made, not
     // the moment. An admin sees all.

@@ -164,6 +164,10 @@ pub enum Command {
         /// existing template of the same image and resources).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         nodes: Vec<NodeName>,
+        /// Also on every node that registers later (the API's default
+        /// when no nodes are named).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        everywhere: bool,
     },
     /// A node built a template (`ready`), dropped it, or could not build
     /// it (`error`).

@@ -137,6 +137,18 @@ pub struct TemplateRecord {
     /// it ready).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub failed: BTreeMap<NodeName, String>,
+    /// Placed on every node: a node that registers later is added to
+    /// `placed`, with a pool of `pool_per_node` members.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub everywhere: bool,
+    /// The pool target last set on a node of an `everywhere` template:
+    /// what a node that joins later gets.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pool_per_node: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -139,7 +139,14 @@ impl Kiln {
                     nix::sys::signal::Signal::SIGKILL,
                 );
                 let t0 = std::time::Instant::now();
-                while Path::new(&format!("/proc/{pid}")).exists() {
+                // Gone, or a zombie nobody reaped yet (dead all the same).
+                let alive = |pid: u32| {
+                    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+                        st.rsplit_once(") ")
+                            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+                    })
+                };
+                while alive(pid) {
                     assert!(
                         t0.elapsed().as_secs() < 30,
                         "kiln up {pid} outlived kill -9"

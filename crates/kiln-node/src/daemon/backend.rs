@@ -626,6 +626,7 @@ mod tests {
             ("other/theirs", made("tpl-2")),
             ("acme/x", made("tpl-3")),
             ("common", made("tpl-4")),
+            ("retired:tpl-5", made("tpl-5")),
         ]
         .into_iter()
         .map(|(k, m)| (k.to_owned(), m))
@@ -638,6 +639,10 @@ mod tests {
         assert!(
             !names.contains_key("tpl-2"),
             "another tenant's name: {names:?}"
+        );
+        assert!(
+            !names.contains_key("tpl-5"),
+            "a replaced build is nobody's: {names:?}"
         );
     }
 }

@@ -553,6 +553,9 @@ async fn template_loop(
     let made = Arc::new(Mutex::new(templates::load_made(&node)));
     let errors: Arc<Mutex<BTreeMap<String, (String, std::time::Instant)>>> = Arc::default();
     let busy: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    // Pool sizings and removals that failed (a build still in use): not
+    // tried again before RETRY_FAILED, so a failure never spins the loop.
+    let held_back: Arc<Mutex<BTreeMap<String, std::time::Instant>>> = Arc::default();
     let done = Arc::new(Notify::new());
     let mut desired = sh.desired.clone();
     let mut tick = tokio::time::interval(CONVERGE_EVERY);
@@ -582,18 +585,20 @@ async fn template_loop(
                 .collect();
             e.iter().map(|(k, (m, _))| (k.clone(), m.clone())).collect()
         };
+        lock(&held_back).retain(|_, at| at.elapsed() < templates::RETRY_FAILED);
         for a in decide(&want, &local) {
             let lk = a.lock_key();
-            if !lock(&busy).insert(lk.clone()) {
+            if lock(&held_back).contains_key(&lk) || !lock(&busy).insert(lk.clone()) {
                 continue;
             }
-            let (node, made, errors, busy, done, insecure) = (
+            let (node, made, errors, busy, done, insecure, held_back) = (
                 node.clone(),
                 made.clone(),
                 errors.clone(),
                 busy.clone(),
                 done.clone(),
                 insecure.clone(),
+                held_back.clone(),
             );
             tokio::spawn(async move {
                 match &a {
@@ -636,12 +641,18 @@ async fn template_loop(
                                 tracing::info!(template = %local, size, ready = f.ready, started = f.started, removed = f.removed, "pool sized for the server")
                             }
                             Err(e) => {
-                                tracing::warn!(template = %local, error = %crate::error_chain(&e), "cannot size the pool")
+                                tracing::warn!(template = %local, error = %crate::error_chain(&e), "cannot size the pool");
+                                lock(&held_back).insert(lk.clone(), std::time::Instant::now());
                             }
                         }
                     }
                     TplAction::Drop { key, local, remove } => {
-                        let gone = if *remove {
+                        // Decided from a snapshot: a build another key
+                        // took meanwhile (a Create that found it) stays.
+                        let taken = lock(&made).iter().any(|(k, m)| {
+                            k != key && m.local == *local && !templates::is_retired(k)
+                        });
+                        let gone = if *remove && !taken {
                             match node.remove_template(local).await {
                                 Ok(()) | Err(crate::node::TemplateOpError::NotFound(_)) => {
                                     tracing::info!(template = %local, "template removed for the server");
@@ -649,6 +660,7 @@ async fn template_loop(
                                 }
                                 Err(e) => {
                                     tracing::warn!(template = %local, error = %crate::error_chain(&e), "cannot remove the template yet");
+                                    lock(&held_back).insert(lk.clone(), std::time::Instant::now());
                                     false
                                 }
                             }

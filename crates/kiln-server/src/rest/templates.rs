@@ -226,6 +226,8 @@ pub async fn create(
         auto: false,
         now_ms: now_ms(),
         nodes: nodes.clone(),
+        // No nodes named: on every node, those that join later too.
+        everywhere: req.nodes.is_none(),
     }];
     commands.extend(nodes.iter().map(|n| Command::SetPool {
         tenant: who.tenant.clone(),

@@ -14,6 +14,7 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             auto,
             now_ms,
             nodes,
+            everywhere,
         } => {
             check_name("name", name)?;
             check_resources(image, resources)?;
@@ -33,6 +34,7 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             if let Some(t) = st.templates.get_mut(&key) {
                 if t.image == *image && t.resources == *resources {
                     t.placed.extend(nodes.iter().cloned());
+                    t.everywhere |= *everywhere;
                     return Ok(Response::Done);
                 }
                 return Err(Rejection::exists(ObjectKind::Template, name));
@@ -64,6 +66,8 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                     nodes: Default::default(),
                     placed: nodes.iter().cloned().collect(),
                     failed: Default::default(),
+                    everywhere: *everywhere,
+                    pool_per_node: 0,
                 },
             );
             Ok(Response::Done)
@@ -164,6 +168,11 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                 && *target > before
             {
                 check_pool_quota(st, t, &key, node, *target)?;
+            }
+            if let Some(t) = st.templates.get_mut(&key)
+                && t.everywhere
+            {
+                t.pool_per_node = *target;
             }
             let pool = st.pools.entry(key.clone()).or_insert_with(|| PoolRecord {
                 tenant: tenant.clone(),
@@ -299,7 +308,7 @@ pub(super) const MAX_TENANT_TEMPLATES: usize = 64;
 /// Warm-pool members are VMs kept running for a tenant: with `key`'s pool
 /// on `node` at `target`, the tenant's pools (members × their template's
 /// resources) plus its sandboxes must fit its quotas.
-fn check_pool_quota(
+pub(super) fn check_pool_quota(
     st: &State,
     tenant: &TenantName,
     key: &str,

@@ -58,6 +58,7 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
                     NodeStatus::Ready
                 };
             }
+            place_everywhere(st, name);
             Ok(Response::Done)
         }
         Command::Heartbeat {
@@ -244,5 +245,45 @@ fn expire_nodes(st: &mut State, now_ms: u64, grace_ms: u64, meta: ApplyMeta) -> 
         nodes: expired,
         lost,
         unassigned,
+    }
+}
+
+/// Templates placed everywhere follow the nodes that join: `node` is added
+/// to each one's nodes, with its pool size per node when the template's
+/// tenant has room for it (else without a pool there).
+fn place_everywhere(st: &mut State, node: &NodeName) {
+    let keys: Vec<String> = st
+        .templates
+        .iter()
+        .filter(|(_, t)| t.everywhere && !t.placed.contains(node))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for key in keys {
+        let Some(t) = st.templates.get_mut(&key) else {
+            continue;
+        };
+        t.placed.insert(node.clone());
+        let (tenant, template, per_node) = (t.tenant.clone(), t.name.clone(), t.pool_per_node);
+        if per_node == 0 {
+            continue;
+        }
+        if let Some(tn) = &tenant
+            && super::artifacts::check_pool_quota(st, tn, &key, node, per_node).is_err()
+        {
+            continue;
+        }
+        let pool = st.pools.entry(key).or_insert_with(|| PoolRecord {
+            tenant,
+            template,
+            nodes: Default::default(),
+            members: Default::default(),
+        });
+        pool.nodes
+            .entry(node.clone())
+            .or_insert(PoolOnNode {
+                target: 0,
+                ready: 0,
+            })
+            .target = per_node;
     }
 }

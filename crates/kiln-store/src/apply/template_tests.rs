@@ -93,6 +93,7 @@ fn put(tenant: &str, name: &str, nodes: &[&str]) -> Command {
         auto: false,
         now_ms: 2,
         nodes: nodes.iter().map(|s| n(s)).collect(),
+        everywhere: false,
     }
 }
 
@@ -144,6 +145,77 @@ fn a_placed_template_reaches_its_nodes_with_the_pool_target() {
         sm.rejected(put("acme", "js", &["n9"])),
         Rejection::NotFound { .. }
     ));
+}
+
+#[test]
+fn a_template_placed_everywhere_follows_nodes_that_join() {
+    let mut sm = setup();
+    let mut everywhere = put("acme", "py", &["n1", "n2"]);
+    if let Command::PutTemplate { everywhere: e, .. } = &mut everywhere {
+        *e = true;
+    }
+    sm.ok(everywhere);
+    sm.ok(put("acme", "pinned", &["n1"]));
+    for node in ["n1", "n2"] {
+        sm.ok(Command::SetPool {
+            tenant: Some(t("acme")),
+            template: "py".into(),
+            node: n(node),
+            target: 2,
+        });
+    }
+    let join = |name: &str| Command::RegisterNode {
+        name: n(name),
+        address: format!("{name}:7000"),
+        capacity: Capacity {
+            cpus: 8,
+            memory_mib: 8192,
+            disk_mib: 100_000,
+        },
+        driver: DriverKind::QemuTcg,
+        labels: BTreeMap::new(),
+        images: BTreeSet::new(),
+        now_ms: 5,
+    };
+    sm.ok(join("n3"));
+    let d3 = query::node_desired(&sm.0, &n("n3")).expect("n3");
+    let keys: Vec<(&str, u32)> = d3
+        .templates
+        .iter()
+        .map(|a| (a.key.as_str(), a.pool))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![("acme/py", 2)],
+        "only the everywhere one, with its pool"
+    );
+    // Registering again changes nothing.
+    sm.ok(join("n3"));
+    assert_eq!(
+        query::node_desired(&sm.0, &n("n3"))
+            .expect("n3")
+            .templates
+            .len(),
+        1
+    );
+    // A pool beyond the tenant's quota is not given to a joining node:
+    // the template is, without a pool.
+    sm.ok(Command::SetQuotas {
+        name: t("acme"),
+        quotas: Quotas {
+            sandboxes: 6,
+            ..Quotas::default()
+        },
+    });
+    sm.ok(join("n4"));
+    let d4 = query::node_desired(&sm.0, &n("n4")).expect("n4");
+    assert_eq!(
+        d4.templates
+            .iter()
+            .map(|a| (a.key.as_str(), a.pool))
+            .collect::<Vec<_>>(),
+        vec![("acme/py", 0)]
+    );
 }
 
 #[test]

@@ -879,6 +879,7 @@ fn tenants_see_only_their_snapshots_and_their_or_shared_templates() {
             auto: false,
             now_ms: 1,
             nodes: vec![],
+            everywhere: false,
         });
     }
     let ta = t("a");
