@@ -615,6 +615,17 @@ impl T {
         line.split_whitespace().nth(10).unwrap_or("").to_string()
     }
 
+    /// No template is being made: no work or staging directory is left.
+    fn assert_no_work_dirs(&self) {
+        let works: Vec<_> = std::fs::read_dir(self.k.state_dir().join("templates"))
+            .expect("templates")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".work-") || n.starts_with(".staging-"))
+            .collect();
+        assert!(works.is_empty(), "work or staging dirs left: {works:?}");
+    }
+
     /// The IDs of the pool members of `name` that can be claimed.
     fn members(&self, name: &str) -> Vec<String> {
         let dir = self
@@ -909,13 +920,7 @@ fn a_killed_template_create_leaves_no_vm() {
         assert!(status.success(), "template create failed: {status:?}");
         let ls = t.ok(&["template", "ls"]);
         assert!(ls.contains("ready"), "template ls: {ls}");
-        let works: Vec<_> = std::fs::read_dir(t.k.state_dir().join("templates"))
-            .expect("templates")
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(".work-") || n.starts_with(".staging-"))
-            .collect();
-        assert!(works.is_empty(), "work or staging dirs left: {works:?}");
+        t.assert_no_work_dirs();
         let name = t.ok(&["template", "ls", "-q"]).trim().to_string();
         t.ok(&["template", "rm", &name]);
         t.k.assert_clean();
@@ -931,13 +936,7 @@ fn a_killed_template_create_leaves_no_vm() {
     );
     // The next kiln command that sweeps (ps, template ls/create) kills it.
     t.ok(&["ps"]);
-    let works: Vec<_> = std::fs::read_dir(t.k.state_dir().join("templates"))
-        .expect("templates")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".work-") || n.starts_with(".staging-"))
-        .collect();
-    assert!(works.is_empty(), "work or staging dirs left: {works:?}");
+    t.assert_no_work_dirs();
     t.k.assert_clean();
     // And a template can be made afterwards.
     let name = t.template_create(&["--memory", "288"]);

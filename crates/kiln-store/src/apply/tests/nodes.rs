@@ -1,4 +1,5 @@
-//! Node credentials and what a node is told to protect.
+//! Node credentials, what a node is told to protect, and what its
+//! records keep of it (stream key, automatic templates).
 
 use super::*;
 
@@ -116,4 +117,95 @@ fn a_node_is_told_the_other_nodes_addresses_to_protect() {
         d.cluster_addresses,
         vec!["10.1.0.1".parse::<std::net::Ipv4Addr>().expect("ip")]
     );
+}
+
+#[test]
+fn a_node_stream_key_is_validated_and_kept() {
+    let mut sm = Sm::new();
+    let key = "0123456789abcdef0123456789abcdef".to_string();
+    assert!(matches!(
+        sm.rejected(Command::SetNodeStreamKey {
+            name: n("a"),
+            key: key.clone(),
+            cert_sha256: None,
+        }),
+        Rejection::NotFound { .. }
+    ));
+    sm.ok(node("a", 4, 4096));
+    for bad in [
+        "short",
+        "has space 0123456789abcdef0123456789",
+        &"x".repeat(129),
+    ] {
+        assert!(matches!(
+            sm.rejected(Command::SetNodeStreamKey {
+                name: n("a"),
+                key: bad.to_string(),
+                cert_sha256: None,
+            }),
+            Rejection::Invalid { .. }
+        ));
+    }
+    let cert = "ab".repeat(32);
+    for bad in [
+        "AB".repeat(32),
+        "ab".repeat(31),
+        format!("{}zz", "ab".repeat(31)),
+    ] {
+        assert!(matches!(
+            sm.rejected(Command::SetNodeStreamKey {
+                name: n("a"),
+                key: key.clone(),
+                cert_sha256: Some(bad),
+            }),
+            Rejection::Invalid { .. }
+        ));
+    }
+    assert_eq!(sm.st.nodes[&n("a")].stream_key, None, "nothing half-set");
+    sm.ok(Command::SetNodeStreamKey {
+        name: n("a"),
+        key: key.clone(),
+        cert_sha256: Some(cert.clone()),
+    });
+    // Re-registration keeps the key until the node sends a new one.
+    sm.ok(node("a", 4, 4096));
+    assert_eq!(
+        sm.st.nodes[&n("a")].stream_key.as_deref(),
+        Some(key.as_str())
+    );
+    assert_eq!(
+        sm.st.nodes[&n("a")].stream_cert_sha256.as_deref(),
+        Some(cert.as_str())
+    );
+}
+
+#[test]
+fn a_heartbeat_replaces_the_automatic_templates_and_registering_clears_them() {
+    let mut sm = Sm::new();
+    sm.ok(node("h1", 4, 4096));
+    let tpl = kiln_api::templates::NodeTemplate {
+        name: "tpl-1".into(),
+        node: None,
+        image: "busybox".into(),
+        resources: kiln_api::sandbox::Resources::default(),
+        size_bytes: 1,
+        created_at_ms: 1,
+    };
+    let hb = |templates| Command::Heartbeat {
+        name: n("h1"),
+        now_ms: 10,
+        images: None,
+        templates,
+    };
+    sm.ok(hb(Some(vec![tpl.clone()])));
+    assert_eq!(sm.st.nodes[&n("h1")].templates, vec![tpl.clone()]);
+    sm.ok(hb(None));
+    assert_eq!(sm.st.nodes[&n("h1")].templates.len(), 1, "None keeps them");
+    let mut bad = tpl.clone();
+    bad.image = "x\u{7}".into();
+    sm.rejected(hb(Some(vec![bad])));
+    let too_many = vec![tpl; kiln_api::templates::MAX_NODE_TEMPLATES + 1];
+    sm.rejected(hb(Some(too_many)));
+    sm.ok(node("h1", 4, 4096));
+    assert!(sm.st.nodes[&n("h1")].templates.is_empty());
 }
