@@ -172,6 +172,9 @@ pub(super) fn apply(st: &mut State, cmd: &Command, meta: ApplyMeta) -> Applied {
             st.nodes.remove(name);
             for t in st.templates.values_mut() {
                 t.nodes.remove(name);
+                // Placement names existing nodes (one registering again
+                // gets the templates placed everywhere anew).
+                t.placed.remove(name);
             }
             for p in st.pools.values_mut() {
                 p.nodes.remove(name);

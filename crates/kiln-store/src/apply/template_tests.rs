@@ -67,21 +67,25 @@ fn setup() -> Sm {
         });
     }
     for name in ["n1", "n2"] {
-        sm.ok(Command::RegisterNode {
-            name: n(name),
-            address: format!("{name}:7000"),
-            capacity: Capacity {
-                cpus: 8,
-                memory_mib: 8192,
-                disk_mib: 100_000,
-            },
-            driver: DriverKind::QemuTcg,
-            labels: BTreeMap::new(),
-            images: BTreeSet::new(),
-            now_ms: 1,
-        });
+        sm.ok(register(name, 1));
     }
     sm
+}
+
+fn register(name: &str, now_ms: u64) -> Command {
+    Command::RegisterNode {
+        name: n(name),
+        address: format!("{name}:7000"),
+        capacity: Capacity {
+            cpus: 8,
+            memory_mib: 8192,
+            disk_mib: 100_000,
+        },
+        driver: DriverKind::QemuTcg,
+        labels: BTreeMap::new(),
+        images: BTreeSet::new(),
+        now_ms,
+    }
 }
 
 fn put(tenant: &str, name: &str, nodes: &[&str]) -> Command {
@@ -164,19 +168,7 @@ fn a_template_placed_everywhere_follows_nodes_that_join() {
             target: 2,
         });
     }
-    let join = |name: &str| Command::RegisterNode {
-        name: n(name),
-        address: format!("{name}:7000"),
-        capacity: Capacity {
-            cpus: 8,
-            memory_mib: 8192,
-            disk_mib: 100_000,
-        },
-        driver: DriverKind::QemuTcg,
-        labels: BTreeMap::new(),
-        images: BTreeSet::new(),
-        now_ms: 5,
-    };
+    let join = |name: &str| register(name, 5);
     sm.ok(join("n3"));
     let d3 = query::node_desired(&sm.0, &n("n3")).expect("n3");
     let keys: Vec<(&str, u32)> = d3
@@ -197,6 +189,18 @@ fn a_template_placed_everywhere_follows_nodes_that_join() {
             .templates
             .len(),
         1
+    );
+    // Removed and registered again: placed anew, with its pool.
+    sm.ok(Command::RemoveNode { name: n("n3") });
+    assert!(!sm.0.templates["acme/py"].placed.contains(&n("n3")));
+    sm.ok(join("n3"));
+    let d3 = query::node_desired(&sm.0, &n("n3")).expect("n3");
+    assert_eq!(
+        d3.templates
+            .iter()
+            .map(|a| (a.key.as_str(), a.pool))
+            .collect::<Vec<_>>(),
+        vec![("acme/py", 2)]
     );
     // A pool beyond the tenant's quota is not given to a joining node:
     // the template is, without a pool.
